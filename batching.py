@@ -1,0 +1,111 @@
+"""From dialogues to training batches, the same way for training and for every loss we report.
+
+A dialogue renders to tokens as its text-file lines, "Speaker: text\\n" per turn, then EOS: the EOS is a real target,
+so the model learns to stop. `mask` marks the tokens that are trained (all of them, or only TRAIN_SPEAKERS' turns).
+A dialogue longer than a block is cut into windows at turn boundaries (a turn longer than a block is cut too); each
+window is preceded by one context token (EOS for a dialogue's start, else the token before the window) that is never
+a target. Windows are packed several to a block by best-fit and batches group blocks of similar length, so padding stays
+around 2% of positions, and every token of the file is a target exactly once per epoch. Labels are -100 by position (padding, context, masked speakers), never by
+token id: GPT-2's pad would otherwise be its EOS, and the real EOS would never be learned.
+"""
+
+import torch
+
+IGNORE = -100  # cross_entropy's ignore_index
+
+
+def render(tokenizer, dialogues, train_speakers=None):
+    """Each dialogue as a list of turns, each turn (ids, mask); the last turn carries the EOS."""
+    turns = [t for d in dialogues for t in d]
+    enc = lambda texts: tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+    labels, bodies = enc([f"{s}:" for s, _ in turns]), enc([f" {t}\n" for _, t in turns])
+    eos, out, k = tokenizer.eos_token_id, [], 0
+    for d in dialogues:
+        rendered = []
+        for i, (speaker, _) in enumerate(d):
+            body = bodies[k] + ([eos] if i == len(d) - 1 else [])
+            if train_speakers is None:
+                mask = [1] * (len(labels[k]) + len(body))
+            else:  # the label is given at generation time; the reply, its line end and EOS are what we train
+                mask = [0] * len(labels[k]) + [int(speaker in train_speakers)] * len(body)
+            rendered.append((labels[k] + body, mask))
+            k += 1
+        out.append(rendered)
+    return out
+
+
+def windows(turns, block_size, eos):
+    """Cut one rendered dialogue into pieces of at most block_size targets plus one leading context token."""
+    ids = [t for tid, _ in turns for t in tid]
+    mask = [m for _, tm in turns for m in tm]
+    cuts, start, pos = [], 0, 0  # cut points in the dialogue's token stream, at turn boundaries where they can be
+    for tid, _ in turns:
+        end = pos + len(tid)
+        if end - start > block_size and pos > start:
+            cuts.append(pos)
+            start = pos
+        while end - start > block_size:  # a turn longer than a block
+            start += block_size
+            cuts.append(start)
+        pos = end
+    bounds = [0, *cuts, len(ids)]
+    stream = [eos, *ids]  # stream[j] is the token before ids[j]
+    return [(stream[a:b + 1], [0, *mask[a:b]]) for a, b in zip(bounds, bounds[1:])]
+
+
+def pack(pieces, block_size):
+    """Best-fit decreasing: each piece (longest first) goes into the fullest block it still fits. Deterministic."""
+    cap = block_size + 1  # a block holds block_size inputs; with the shifted-by-one targets that is block_size + 1 ids
+    by_free = [[] for _ in range(cap + 1)]  # by_free[f]: blocks with f ids of room left
+    blocks = []
+    for p in sorted(range(len(pieces)), key=lambda i: -len(pieces[i][0])):
+        n = len(pieces[p][0])
+        f = next((f for f in range(n, cap + 1) if by_free[f]), None)
+        if f is None:
+            blocks.append([])
+            b, f = len(blocks) - 1, cap
+        else:
+            b = by_free[f].pop()
+        blocks[b].append(p)
+        by_free[f - n].append(b)
+    out = []
+    for b in blocks:
+        ids = [t for p in b for t in pieces[p][0]]
+        mask = [m for p in b for m in pieces[p][1]]
+        out.append((ids, mask))
+    return out
+
+
+def make_blocks(tokenizer, dialogues, block_size, train_speakers=None):
+    """Dialogues -> packed blocks of (ids, mask), each at most block_size + 1 long."""
+    eos = tokenizer.eos_token_id
+    pieces = [w for turns in render(tokenizer, dialogues, train_speakers) for w in windows(turns, block_size, eos)]
+    return pack(pieces, block_size)
+
+
+def epoch_order(blocks, group, seed):
+    """A random order of the blocks in which neighbours have similar lengths: shuffle, then sort each run of `group`
+    blocks longest first. Batches cut from it pad little (packing leaves blocks of uneven length); the runs keep
+    the order random. A function of the seed alone, so a resumed run finds the same order."""
+    perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [j for i in range(0, len(perm), group) for j in sorted(perm[i:i + group], key=lambda j: -len(blocks[j][0]))]
+
+
+def collate(blocks, pad_id):
+    """Blocks -> (x, y) tensors, padded on the right to the longest block. y[t] is the target for x[t]: the next
+    token where it is trained, else IGNORE. With right padding and a causal model, real positions never attend to
+    padding, so no attention mask is needed and the fast causal attention path stays on."""
+    T = max(len(ids) for ids, _ in blocks) - 1
+    x = torch.full((len(blocks), T), pad_id, dtype=torch.long)
+    y = torch.full((len(blocks), T), IGNORE, dtype=torch.long)
+    for i, (ids, mask) in enumerate(blocks):
+        n = len(ids) - 1
+        x[i, :n] = torch.tensor(ids[:-1])
+        target = torch.tensor(ids[1:])
+        y[i, :n] = torch.where(torch.tensor(mask[1:], dtype=torch.bool), target, IGNORE)
+    return x, y
+
+
+def count(blocks):
+    """(trained tokens, real positions) of some blocks: a block of n ids fills n - 1 input positions."""
+    return sum(sum(m) for _, m in blocks), sum(len(ids) - 1 for ids, _ in blocks)

@@ -1,0 +1,91 @@
+"""What every script does at its edges: read config.py with --name=value overrides, turn a user's mistake into one
+line on stderr with exit code 2, and write files atomically so a failure never leaves a half-written one."""
+
+import ast
+import difflib
+import os
+import sys
+import tempfile
+import types
+from contextlib import contextmanager, suppress
+
+import config
+
+
+class UserError(Exception):
+    """A problem with the user's input or settings: reported as one line, exit code 2, no traceback."""
+
+
+def run(main):
+    """Call main(); a UserError becomes `error: ...` on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def defaults():
+    return {k: v for k, v in vars(config).items() if k.isupper()}
+
+
+def load_config(argv=None, doc=None):
+    """config.py's names as a namespace, with --name=value overrides from argv (sys.argv[1:] by default)."""
+    cfg = defaults()
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print((doc or "").strip() + "\n\nsettings (override with --name=value):")
+        for k, v in cfg.items():
+            print(f"  --{k.lower()}={v!r}")
+        sys.exit(0)
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise UserError(f"argument {arg!r}: expected --name=value, e.g. --epochs=1 (see --help)")
+        name, text = arg[2:].split("=", 1)
+        key = name.upper().replace("-", "_")
+        if key not in cfg:
+            close = difflib.get_close_matches(key, cfg, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join('--' + c.lower() for c in close)}?" if close else " (see --help)"
+            raise UserError(f"unknown setting --{name}{hint}")
+        cfg[key] = _parse_value(key, text, cfg[key])
+    return types.SimpleNamespace(**cfg)
+
+
+def _parse_value(key, text, default):
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        value = text  # a bare word like --model=gpt2 is a string
+    if default is None:
+        return value  # a setting that is off by default (TRAIN_SPEAKERS) takes any value; its user checks it
+    if type(default) is float and type(value) is int:
+        return float(value)  # --learning_rate=1 means 1.0
+    if type(value) is not type(default):
+        raise UserError(f"--{key.lower()}={text}: expected a {type(default).__name__} like {default!r}, "
+                        f"got a {type(value).__name__}")
+    return value
+
+
+@contextmanager
+def atomic_write(path, mode="w"):
+    """Open a temp file next to `path`; it replaces `path` only if the block finishes without an exception."""
+    d = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": "\n"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk, say, or an error while writing: the old file stays as it was
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path}: {e.strerror}") from None
+        raise

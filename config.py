@@ -1,0 +1,43 @@
+"""Every setting of the pipeline, in one place. Edit here, or override any name for one run on any script's command
+line as --name=value (case-insensitive), e.g. `python train.py --model=scratch --epochs=1`. `--help` lists them."""
+
+# data
+DATA_FILE = "llm_train_text.json"  # dialogues in: JSON array or JSON Lines, four record formats (see README)
+TRAIN_FILE = "train_data.txt"  # "Speaker: text" lines, a blank line between dialogues
+VAL_FILE = "val_data.txt"
+VAL_FRACTION = 0.2  # share of dialogues held out; decided per dialogue from a hash, so appending data moves none
+SEED = 1337  # one seed for the split, the data order, initialisation and sampling
+
+# model
+MODEL = "distilgpt2"  # a Hugging Face Hub id, a local model directory, or "scratch" (fully offline, see below)
+BLOCK_SIZE = 256  # tokens per training sequence; long dialogues are split into windows, short ones packed
+SCRATCH_LAYERS = 4  # MODEL="scratch": a small GPT-2 and a byte-level BPE tokenizer trained on TRAIN_FILE
+SCRATCH_HEADS = 4
+SCRATCH_EMBD = 128  # width; 4 layers x 128 wide is ~1.3M parameters besides the embeddings: minutes on a laptop CPU
+SCRATCH_VOCAB = 4096  # BPE vocabulary trained on TRAIN_FILE; small data wants a small vocabulary
+
+# optimization
+BATCH_SIZE = 8  # sequences per micro-batch
+GRAD_ACCUM_STEPS = 1  # micro-batches per optimizer step; the loss is token-weighted over all of them
+LEARNING_RATE = 5e-5  # peak lr; right for fine-tuning a pretrained model. Scratch models want ~1e-3
+MIN_LR_FRACTION = 0.1  # the decay ends at LEARNING_RATE * this
+LR_SCHEDULE = "cosine"  # "cosine" or "linear" decay after the warmup
+WARMUP_STEPS = 20  # optimizer steps of linear warmup from 0
+WEIGHT_DECAY = 0.01  # AdamW decay on matrices and embeddings; never on biases or LayerNorm weights
+BETAS = (0.9, 0.999)
+GRAD_CLIP = 1.0  # max global gradient norm; 0 turns clipping off
+EPOCHS = 3
+MAX_STEPS = 0  # when > 0, train exactly this many optimizer steps instead of EPOCHS
+TRAIN_SPEAKERS = None  # None trains on every turn; a list like ["Bob"] trains only on those speakers' turns
+DEVICE = "auto"  # "auto" takes CUDA when present, else CPU; or "cpu", "cuda", "cuda:1"
+COMPILE = False  # torch.compile the model (CUDA); a minute of compile time, then faster steps
+
+# evaluation and checkpoints
+EVAL_INTERVAL = 100  # optimizer steps between validation runs (also at the end of every epoch); 0 = only then
+CHECKPOINT_INTERVAL = 200  # optimizer steps between checkpoints (also at the end of every epoch); 0 = only then
+KEEP_CHECKPOINTS = 2  # older checkpoints are deleted once a newer one is complete
+LOG_INTERVAL = 10  # optimizer steps between lines in metrics.jsonl
+
+# output
+OUT_DIR = "out"  # best/ and final/ models, checkpoints/, metrics.jsonl, config.json
+RESUME = False  # continue the run in OUT_DIR from its latest complete checkpoint

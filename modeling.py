@@ -1,0 +1,142 @@
+"""Models: choosing the device, loading a model (Hub id, local directory, or a small offline "scratch" GPT-2),
+saving one atomically as a standard Hugging Face directory, and the token-weighted loss every stage reports."""
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.utils import logging
+
+from batching import IGNORE
+from cli import UserError
+
+EOS = "<|endoftext|>"
+logging.set_verbosity_error()  # transformers' warnings would break our one-line errors
+logging.disable_progress_bar()  # and its "writing shards" bars our own progress bar
+
+
+def pick_device(name):
+    """(device, autocast dtype or None, a line saying what was chosen and why). Decided once per run."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+        why = "CUDA found" if name == "cuda" else "no CUDA found"
+    else:
+        why = "DEVICE setting"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"DEVICE={name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"DEVICE={name!r}: no such CUDA device here (use --device=auto or --device=cpu)")
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return device, dtype, f"device: {device} ({why}), {str(dtype)[6:]} autocast, fp32 weights"
+    if device.type != "cpu":
+        raise UserError(f"DEVICE={name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    return device, None, f"device: cpu ({why}), fp32"
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# loading
+
+def load(name):
+    """A tokenizer and model from a Hub id or a local directory: safetensors only, no remote code."""
+    if os.path.isdir(name):
+        missing = [f for f in ("config.json", "model.safetensors", "tokenizer_config.json")
+                   if not os.path.exists(os.path.join(name, f))]
+        if missing:
+            raise UserError(f"model directory {name!r} is incomplete: no {', '.join(missing)} "
+                            f"(a directory written by save_pretrained, with safetensors weights, is expected)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, use_safetensors=True,
+                                                     dtype=torch.float32)
+    except (OSError, ValueError, EnvironmentError) as e:
+        if os.path.isdir(name):
+            raise UserError(f"model directory {name!r} could not be loaded: {str(e).splitlines()[0]}") from None
+        raise UserError(f"could not load MODEL={name!r}: it is not a local directory, and the Hugging Face Hub is "
+                        f"unreachable or has no such model with safetensors weights. Connect once so it is cached, "
+                        f"point MODEL at a local copy, or use --model=scratch to train a small model offline") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"model {name!r}: its tokenizer has no EOS token, which marks the end of a dialogue")
+    return tokenizer, model
+
+
+def build_scratch(cfg, texts):
+    """A small GPT-2 and a byte-level BPE tokenizer trained on `texts`: no network at all."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's own pre-tokenizer
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=cfg.SCRATCH_VOCAB, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, unk_token=EOS,
+                                        model_max_length=cfg.BLOCK_SIZE)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.BLOCK_SIZE, n_embd=cfg.SCRATCH_EMBD,
+                        n_layer=cfg.SCRATCH_LAYERS, n_head=cfg.SCRATCH_HEADS,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(cfg.SEED)
+    return tokenizer, GPT2LMHeadModel(config)
+
+
+def context_size(model):
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions")
+
+
+def save(model, tokenizer, path):
+    """save_pretrained into a temp directory beside `path`, then swap it in: `path` is always a complete model."""
+    parent = os.path.dirname(os.path.abspath(path))
+    tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(path) + ".")
+    try:
+        getattr(model, "_orig_mod", model).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(src, dst):
+    """Put directory src at dst, replacing what is there; dst is never missing or half-written in between for
+    longer than two renames."""
+    old = None
+    if os.path.exists(dst):
+        old = dst + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(dst, old)
+    os.rename(src, dst)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# loss
+
+def loss_sum(model, x, y):
+    """Summed cross-entropy over the trained targets of one batch (fp32), and how many there were."""
+    logits = model(input_ids=x).logits
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE, reduction="sum")
+    return loss, (y != IGNORE).sum()
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, dtype):
+    """Token-weighted mean NLL over all of a set's batches: sum of losses / number of targets, padding excluded."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for x, y in batches:
+        with autocast(device, dtype):
+            loss, count = loss_sum(model, x.to(device), y.to(device))
+        total += loss.item()
+        n += count.item()
+    model.train(was_training)
+    return total / max(n, 1)

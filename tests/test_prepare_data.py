@@ -1,0 +1,428 @@
+"""Tests for prepare_data.py and its helpers. Run: .venv/bin/python -m pytest -q tests/test_prepare_data.py"""
+
+import json
+import os
+import re
+
+import pytest
+
+import cli
+import config
+from conftest import ROOT
+from dialogues import format_dialogue, read_dialogues, write_dialogues
+
+SHIPPED = os.path.join(ROOT, "llm_train_text.json")
+
+HELLO = [("Alex", "Hi!"), ("Bob", "Hello.")]
+HOW = [("Alex", "How are you?"), ("Bob", "Fine, thanks.")]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# helpers
+
+def record(turns, fmt):
+    """One dialogue in one of the input formats."""
+    if fmt == "mapping":
+        return dict(turns)  # callers keep speakers unique per dialogue
+    if fmt == "bare":
+        return [{"speaker": s, "text": t} for s, t in turns]
+    if fmt in ("turns", "dialogue"):
+        return {fmt: [{"speaker": s, "text": t} for s, t in turns]}
+    if fmt == "messages":
+        return {"messages": [{"role": s, "content": t} for s, t in turns]}
+    if fmt == "sharegpt":
+        return {"conversations": [{"from": s, "value": t} for s, t in turns]}
+    raise ValueError(fmt)
+
+
+def write_array(path, records):
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def synthetic(n, start=0):
+    """n distinct dialogues; every turn text is unique, so a turn tells which dialogue it came from."""
+    return [[("Alex", f"Question number {i}?"), ("Bob", f"Answer number {i}."), ("Alex", f"Thanks for {i}.")]
+            for i in range(start, start + n)]
+
+
+def prepare(script, tmp_path, data_file, *args):
+    return script("prepare_data.py", f"--data_file={data_file}", *args, cwd=tmp_path)
+
+
+def outputs(tmp_path):
+    """(train, val) dialogues as lists of (speaker, text) tuples."""
+    return (read_dialogues(tmp_path / "train_data.txt"), read_dialogues(tmp_path / "val_data.txt"))
+
+
+def as_set(dialogues):
+    return {tuple(d) for d in dialogues}
+
+
+def everything(tmp_path):
+    """Every file in the directory, hidden ones included, with its bytes."""
+    return {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+
+
+def ok(result):
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def summary(result):
+    m = re.search(r"read (\d+) dialogues .*kept (\d+), dropped (\d+) \((\d+) empty, (\d+) duplicate\); "
+                  r"train (\d+) / val (\d+) dialogues", result.stdout)
+    assert m, result.stdout
+    return dict(zip(["read", "kept", "dropped", "empty", "duplicate", "train", "val"], map(int, m.groups())))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. input formats
+
+FORMATS = ["mapping", "bare", "turns", "dialogue", "messages", "sharegpt"]
+
+
+@pytest.mark.parametrize("writer", [write_array, write_jsonl], ids=["array", "jsonl"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_gives_the_same_turns(script, tmp_path, fmt, writer):
+    data = writer(tmp_path / "data.json", [record(HELLO, fmt), record(HOW, fmt)])
+    ok(prepare(script, tmp_path, data))
+    train, val = outputs(tmp_path)
+    assert sorted(train + val) == sorted([HELLO, HOW])
+
+
+def test_formats_can_be_mixed_in_one_file(script, tmp_path):
+    dialogues = [[("Alex", f"Hi {i}"), ("Bob", f"Yo {i}")] for i in range(len(FORMATS))]
+    data = write_jsonl(tmp_path / "data.jsonl", [record(d, f) for d, f in zip(dialogues, FORMATS)])
+    ok(prepare(script, tmp_path, data))
+    train, val = outputs(tmp_path)
+    assert sorted(train + val) == sorted(dialogues)
+
+
+def test_speakers_trimmed_colons_removed_and_whitespace_collapsed(script, tmp_path):
+    data = write_array(tmp_path / "data.json", [
+        {"  Alex:  ": "Hi\nthere,\t\tfriend  ", "Bob:": "  Hello\r\n\n  again. "},
+        [{"speaker": " Dr Who ", "text": "tab\tand\nnewline"}, {"speaker": "Bob", "text": "x"}],
+    ])
+    ok(prepare(script, tmp_path, data))
+    train, val = outputs(tmp_path)
+    assert sorted(train + val) == sorted([
+        [("Alex", "Hi there, friend"), ("Bob", "Hello again.")],
+        [("Dr Who", "tab and newline"), ("Bob", "x")],
+    ])
+
+
+@pytest.mark.parametrize("separator", [", ", "\n"], ids=["array", "jsonl"])
+def test_a_speaker_repeated_in_the_mapping_format_keeps_every_turn(script, tmp_path, separator):
+    raw = '{"Alex": "a", "Bob": "b", "Alex": "c"}' + separator + '{"Alex": "d", "Bob": "e"}'
+    data = tmp_path / "data.json"
+    data.write_text(f"[{raw}]" if separator == ", " else raw + "\n", encoding="utf-8")
+    ok(prepare(script, tmp_path, data))
+    train, val = outputs(tmp_path)
+    assert sorted(train + val) == sorted([[("Alex", "a"), ("Bob", "b"), ("Alex", "c")], [("Alex", "d"), ("Bob", "e")]])
+
+
+def test_byte_order_mark_is_accepted(script, tmp_path):
+    data = tmp_path / "data.json"
+    data.write_bytes(b"\xef\xbb\xbf" + json.dumps([record(HELLO, "mapping"), record(HOW, "bare")]).encode())
+    ok(prepare(script, tmp_path, data))
+    train, val = outputs(tmp_path)
+    assert sorted(train + val) == sorted([HELLO, HOW])
+
+
+def test_byte_order_mark_is_accepted_in_json_lines(script, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + f"{json.dumps(dict(HELLO))}\n{json.dumps(dict(HOW))}\n".encode())
+    ok(prepare(script, tmp_path, data))
+    train, val = outputs(tmp_path)
+    assert sorted(train + val) == sorted([HELLO, HOW])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. the text format
+
+def test_output_files_are_speaker_lines_with_one_blank_line_between_dialogues(script, tmp_path):
+    data = write_array(tmp_path / "data.json", [dict(HELLO), dict(HOW), {"Cy": "One: two", "Dee": "ünïcödé ✓"}])
+    ok(prepare(script, tmp_path, data))
+    expected = {"Alex: Hi!\nBob: Hello.\n", "Alex: How are you?\nBob: Fine, thanks.\n", "Cy: One: two\nDee: ünïcödé ✓\n"}
+    chunks = []
+    for name in ("train_data.txt", "val_data.txt"):
+        text = (tmp_path / name).read_bytes().decode("utf-8")
+        assert text and "\r" not in text and not text.startswith("\n") and not text.endswith("\n\n")
+        assert "\n\n\n" not in text
+        chunks += [c if c.endswith("\n") else c + "\n" for c in text.split("\n\n")]
+    assert sorted(chunks) == sorted(expected)
+
+
+def test_format_dialogue_writes_one_line_per_turn():
+    assert format_dialogue([("Alex", "Hi!"), ("Bob", "a: b")]) == "Alex: Hi!\nBob: a: b\n"
+
+
+def test_write_and_read_dialogues_round_trip(tmp_path):
+    dialogues = [
+        [("Alex", "Note: this has ': ' inside: twice"), ("Zoë", "héllo 🌍 — 日本語")],
+        [("Bob", "x")],
+        [("Dr Who", "time: and space"), ("Alex", "ok"), ("Dr Who", "bye")],
+    ]
+    path = tmp_path / "out.txt"
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        write_dialogues(f, dialogues)
+    assert path.read_text(encoding="utf-8").count("\n\n") == 2
+    assert read_dialogues(path) == dialogues
+
+
+def test_read_dialogues_rejects_a_line_without_a_speaker(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_text("Alex: hi\njust text\n", encoding="utf-8")
+    with pytest.raises(cli.UserError, match="line 2"):
+        read_dialogues(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. the split
+
+def test_val_share_is_close_to_val_fraction(script, tmp_path):
+    data = write_array(tmp_path / "data.json", [record(d, "bare") for d in synthetic(500)])
+    s = summary(ok(prepare(script, tmp_path, data, "--val_fraction=0.2")))
+    train, val = outputs(tmp_path)
+    assert (len(train), len(val)) == (s["train"], s["val"])
+    assert len(train) + len(val) == 500
+    assert 0.15 <= len(val) / 500 <= 0.25
+
+
+def test_split_is_by_whole_dialogue(script, tmp_path):
+    dialogues = synthetic(500)
+    data = write_array(tmp_path / "data.json", [record(d, "messages") for d in dialogues])
+    ok(prepare(script, tmp_path, data))
+    train, val = outputs(tmp_path)
+    assert as_set(train) | as_set(val) == as_set(dialogues)
+    assert not {t for d in train for t in d} & {t for d in val for t in d}
+
+
+def test_same_input_and_seed_give_identical_files(script, tmp_path):
+    data = write_array(tmp_path / "data.json", [record(d, "bare") for d in synthetic(200)])
+    ok(prepare(script, tmp_path, data))
+    first = everything(tmp_path)
+    ok(prepare(script, tmp_path, data))
+    assert everything(tmp_path) == first
+
+
+def test_a_different_seed_gives_a_different_split(script, tmp_path):
+    data = write_array(tmp_path / "data.json", [record(d, "bare") for d in synthetic(200)])
+    ok(prepare(script, tmp_path, data, "--seed=1"))
+    val_1 = as_set(outputs(tmp_path)[1])
+    ok(prepare(script, tmp_path, data, "--seed=2"))
+    assert as_set(outputs(tmp_path)[1]) != val_1
+
+
+def test_appending_dialogues_moves_none_across(script, tmp_path):
+    data = tmp_path / "data.jsonl"
+    write_jsonl(data, [record(d, "sharegpt") for d in synthetic(500)])
+    ok(prepare(script, tmp_path, data))
+    train_before, val_before = map(as_set, outputs(tmp_path))
+    write_jsonl(data, [record(d, "sharegpt") for d in synthetic(500) + synthetic(100, start=500)])
+    s = summary(ok(prepare(script, tmp_path, data)))
+    train_after, val_after = map(as_set, outputs(tmp_path))
+    assert s["kept"] == 600
+    assert train_before <= train_after
+    assert val_before <= val_after
+
+
+def test_exact_duplicates_are_dropped(script, tmp_path):
+    dialogues = synthetic(50)
+    # the same dialogue in another format, or with other whitespace, is still a duplicate once cleaned
+    extra = [record(dialogues[0], "bare"), record(dialogues[1], "messages"), {"Alex": "  Question\nnumber 2? "}]
+    dialogues.append([("Alex", "Question number 2?")])
+    data = write_array(tmp_path / "data.json", [record(d, "bare") for d in dialogues] + extra)
+    s = summary(ok(prepare(script, tmp_path, data)))
+    assert (s["read"], s["kept"], s["dropped"], s["duplicate"]) == (54, 51, 3, 3)
+    train, val = outputs(tmp_path)
+    assert len(train) + len(val) == len(as_set(train + val)) == 51
+    assert not as_set(train) & as_set(val)
+
+
+def test_empty_turns_are_skipped_and_empty_dialogues_dropped(script, tmp_path):
+    data = write_array(tmp_path / "data.json", [
+        [{"speaker": "Alex", "text": "Hi!"}, {"speaker": "Cy", "text": ""}, {"speaker": "Bob", "text": "Hello."}],
+        {"Alex": "How are you?", "Cy": " \n\t ", "Bob": "Fine, thanks."},
+        {"Alex": "", "Bob": "   "},
+        {"messages": [{"role": "user", "content": "\n"}]},
+        [],
+    ])
+    s = summary(ok(prepare(script, tmp_path, data)))
+    assert (s["read"], s["kept"], s["dropped"], s["empty"], s["duplicate"]) == (5, 2, 3, 3, 0)
+    train, val = outputs(tmp_path)
+    assert sorted(train + val) == sorted([HELLO, HOW])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. the summary line
+
+def test_summary_line_reports_counts(script, tmp_path):
+    data = write_array(tmp_path / "data.json", [dict(HELLO), dict(HOW), dict(HELLO), {"Alex": " "}, {"Cy": "Yo"}])
+    result = ok(prepare(script, tmp_path, data))
+    assert len(result.stdout.strip().splitlines()) == 1
+    s = summary(result)
+    assert s == {"read": 5, "kept": 3, "dropped": 2, "empty": 1, "duplicate": 1,
+                 "train": s["train"], "val": 3 - s["train"]}
+    train, val = outputs(tmp_path)
+    assert (len(train), len(val)) == (s["train"], s["val"])
+    assert s["train"] >= 1 and s["val"] >= 1
+
+
+def test_a_good_run_leaves_only_the_two_output_files(script, tmp_path):
+    data = write_array(tmp_path / "data.json", [dict(HELLO), dict(HOW)])
+    ok(prepare(script, tmp_path, data))
+    assert sorted(os.listdir(tmp_path)) == ["data.json", "train_data.txt", "val_data.txt"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. bad input
+
+TWO_GOOD = json.dumps([dict(HELLO), dict(HOW)])
+
+BAD = {
+    "missing file": (None, ["no such file"]),
+    "invalid json": (b'[{"Alex": "Hi"},\n {"Bob": }]', ["line 2", "column"]),
+    "broken second json line": (b'{"Alex": "Hi", "Bob": "Yo"}\n{"Alex": "oops"\n{"Alex": "x", "Bob": "y"}\n',
+                                ["line 2"]),
+    "top level object": (b'{"Alex": "Hi", "Bob": "Yo"}', ["top level", "object"]),
+    "top level number": (b"42", ["top level", "number"]),
+    "record is a number": (b'[{"Alex": "Hi"}, 7, {"Bob": "Yo"}]', ["record 2", "number", "expected", "speaker"]),
+    "record of no known format": (b'[{"Alex": "Hi"}, {"x": 1}, {"Bob": "Yo"}]', ["record 2", "expected", "messages"]),
+    "text is a number": (b'[{"Alex": "Hi", "Bob": 5}, {"Alex": "x", "Bob": "y"}]', ["record 1", "text", "string"]),
+    "text is null": (b'[{"Alex": "x", "Bob": "y"}, [{"speaker": "Alex", "text": null}]]',
+                     ["record 2", "text", "null", "string"]),
+    "content is a number": (b'[{"messages": [{"role": "user", "content": 1}]}, {"A": "x"}, {"B": "y"}]',
+                            ["record 1", "text", "string"]),
+    "one usable dialogue": (b'[{"Alex": "Hi", "Bob": "Yo"}, {"Alex": "  "}, {"Alex": "Hi", "Bob": "Yo"}]',
+                            ["at least 2"]),
+    "invalid utf-8": (b'[{"Alex": "caf\xe9"},\n{"Bob": "Yo"}]', ["UTF-8", "line 1"]),
+    "empty file": (b"  \n", ["empty"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_error_line_and_changes_nothing(script, tmp_path, case):
+    content, fragments = BAD[case]
+    (tmp_path / "good.json").write_text(TWO_GOOD, encoding="utf-8")
+    ok(prepare(script, tmp_path, "good.json"))
+    if content is not None:
+        (tmp_path / "bad.json").write_bytes(content)
+    before = everything(tmp_path)
+    assert "train_data.txt" in before and "val_data.txt" in before
+
+    result = prepare(script, tmp_path, "bad.json")
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert everything(tmp_path) == before
+
+
+def test_bad_input_with_no_earlier_run_creates_no_files(script, tmp_path):
+    (tmp_path / "bad.json").write_bytes(b"[1, 2]")
+    result = prepare(script, tmp_path, "bad.json")
+    assert result.returncode == 2
+    assert os.listdir(tmp_path) == ["bad.json"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. the shipped dataset
+
+@pytest.mark.skipif(not os.path.exists(SHIPPED), reason="llm_train_text.json not shipped yet")
+def test_shipped_dataset_prepares_cleanly(script, tmp_path):
+    result = ok(prepare(script, tmp_path, SHIPPED))
+    s = summary(result)
+    assert s["read"] >= 200
+    assert os.path.getsize(tmp_path / "train_data.txt") > 0 and os.path.getsize(tmp_path / "val_data.txt") > 0
+    train, val = outputs(tmp_path)
+    assert len(train) + len(val) == s["kept"]
+    assert 0.15 <= len(val) / s["kept"] <= 0.25
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 8. --name=value overrides
+
+@pytest.mark.parametrize("arg", ["--VAL_FRACTION=0.5", "--val_fraction=0.5", "--Val-Fraction=0.5"])
+def test_setting_names_are_case_insensitive(arg):
+    assert cli.load_config([arg]).VAL_FRACTION == 0.5
+
+
+def test_overrides_do_not_leak_into_the_next_load():
+    cli.load_config(["--seed=7"])
+    assert cli.load_config([]).SEED == config.SEED
+
+
+def test_values_are_python_literals():
+    cfg = cli.load_config(["--seed=42", "--compile=True", "--betas=(0.8, 0.95)", "--train_speakers=['Bob']",
+                           "--data_file='my data.json'"])
+    assert cfg.SEED == 42 and type(cfg.SEED) is int
+    assert cfg.COMPILE is True
+    assert cfg.BETAS == (0.8, 0.95)
+    assert cfg.TRAIN_SPEAKERS == ["Bob"]
+    assert cfg.DATA_FILE == "my data.json"
+
+
+@pytest.mark.parametrize("value", ["mydata", "dir/my data.jsonl", "x.json"])
+def test_a_bare_word_is_a_string(value):
+    assert cli.load_config([f"--data_file={value}"]).DATA_FILE == value
+
+
+def test_an_int_for_a_float_setting_becomes_a_float():
+    value = cli.load_config(["--val_fraction=1"]).VAL_FRACTION
+    assert value == 1.0 and type(value) is float
+
+
+@pytest.mark.parametrize("arg", ["--val_fraction=abc", "--seed=1.5", "--seed=True", "--compile=1", "--model=3"])
+def test_a_type_mismatch_is_rejected(arg):
+    with pytest.raises(cli.UserError, match="expected a"):
+        cli.load_config([arg])
+
+
+def test_an_unknown_name_suggests_the_closest():
+    with pytest.raises(cli.UserError, match="--val_fractoin") as e:
+        cli.load_config(["--val_fractoin=0.1"])
+    assert "--val_fraction" in str(e.value)
+
+
+@pytest.mark.parametrize("arg", ["--val_fraction", "val_fraction=0.5", "-seed=1"])
+def test_an_argument_without_name_equals_value_is_rejected(arg):
+    with pytest.raises(cli.UserError, match="--name=value"):
+        cli.load_config([arg])
+
+
+def test_overrides_through_the_script(script, tmp_path):
+    data = write_array(tmp_path / "data.json", [record(d, "bare") for d in synthetic(200)])
+    s = summary(ok(prepare(script, tmp_path, data, "--VAL_FRACTION=0.5", "--train_file=t.txt", "--Val_File=v.txt")))
+    assert 0.4 <= s["val"] / 200 <= 0.6
+    assert len(read_dialogues(tmp_path / "v.txt")) == s["val"]
+    assert not (tmp_path / "train_data.txt").exists()
+
+
+@pytest.mark.parametrize("arg, fragment", [
+    ("--val_fractoin=0.1", "--val_fraction"),
+    ("--seed=1.5", "int like"),
+    ("--val_fraction=abc", "float like"),
+    ("--val_fraction", "--name=value"),
+    ("--val_fraction=1.5", "between 0 and 1"),
+])
+def test_bad_overrides_through_the_script(script, tmp_path, arg, fragment):
+    (tmp_path / "good.json").write_text(TWO_GOOD, encoding="utf-8")
+    ok(prepare(script, tmp_path, "good.json"))
+    before = everything(tmp_path)
+    result = prepare(script, tmp_path, "good.json", arg)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], result.stderr
+    assert "Traceback" not in result.stdout
+    assert everything(tmp_path) == before

@@ -1,0 +1,295 @@
+"""Fine-tune MODEL on TRAIN_FILE with a hand-written PyTorch loop, on CUDA when present, else CPU.
+
+    python train.py                                        # distilgpt2 from the Hub (cached after the first run)
+    python train.py --model=scratch --learning_rate=1e-3   # fully offline: a small GPT-2 and a BPE trained here
+    python train.py --resume=True                          # continue the run in OUT_DIR from its latest checkpoint
+
+Reads TRAIN_FILE and VAL_FILE (written by prepare_data.py). Writes to OUT_DIR: best/ and final/ (Hugging Face model
+directories: AutoModelForCausalLM.from_pretrained(dir) loads them), checkpoints/step-NNNNNNNN/ (the model plus
+state.pt: optimizer, step, RNG states, config), metrics.jsonl and config.json.
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+
+import torch
+from tqdm import tqdm
+
+import modeling
+from batching import IGNORE, collate, count, epoch_order, make_blocks
+from cli import UserError, atomic_write, load_config, run
+from dialogues import format_dialogue, read_dialogues
+
+# Settings that shape the run's arithmetic: resuming with other values would not continue the same run.
+MUST_MATCH = ["MODEL", "BLOCK_SIZE", "BATCH_SIZE", "GRAD_ACCUM_STEPS", "LEARNING_RATE", "MIN_LR_FRACTION",
+              "LR_SCHEDULE", "WARMUP_STEPS", "WEIGHT_DECAY", "BETAS", "GRAD_CLIP", "TRAIN_SPEAKERS", "SEED",
+              "SCRATCH_LAYERS", "SCRATCH_HEADS", "SCRATCH_EMBD", "SCRATCH_VOCAB"]
+
+
+def get_lr(step, cfg, total_steps):
+    """Linear warmup to LEARNING_RATE, then cosine or linear decay to LEARNING_RATE * MIN_LR_FRACTION."""
+    if step < cfg.WARMUP_STEPS:
+        return cfg.LEARNING_RATE * (step + 1) / cfg.WARMUP_STEPS
+    min_lr = cfg.LEARNING_RATE * cfg.MIN_LR_FRACTION
+    progress = min(1.0, (step - cfg.WARMUP_STEPS) / max(1, total_steps - cfg.WARMUP_STEPS))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.LR_SCHEDULE == "cosine" else 1 - progress
+    return min_lr + (cfg.LEARNING_RATE - min_lr) * decay
+
+
+def check_config(cfg):
+    """Every setting problem we can see before any work starts."""
+    checks = [
+        (cfg.LEARNING_RATE > 0, f"LEARNING_RATE must be > 0, got {cfg.LEARNING_RATE}"),
+        (0 <= cfg.MIN_LR_FRACTION <= 1, f"MIN_LR_FRACTION must be in [0, 1], got {cfg.MIN_LR_FRACTION}"),
+        (cfg.LR_SCHEDULE in ("cosine", "linear"), f"LR_SCHEDULE must be 'cosine' or 'linear', got {cfg.LR_SCHEDULE!r}"),
+        (cfg.WARMUP_STEPS >= 0, f"WARMUP_STEPS must be >= 0, got {cfg.WARMUP_STEPS}"),
+        (cfg.BATCH_SIZE >= 1, f"BATCH_SIZE must be >= 1, got {cfg.BATCH_SIZE}"),
+        (cfg.GRAD_ACCUM_STEPS >= 1, f"GRAD_ACCUM_STEPS must be >= 1, got {cfg.GRAD_ACCUM_STEPS}"),
+        (cfg.BLOCK_SIZE >= 8, f"BLOCK_SIZE must be >= 8 tokens, got {cfg.BLOCK_SIZE}"),
+        (cfg.MAX_STEPS >= 0, f"MAX_STEPS must be >= 0, got {cfg.MAX_STEPS}"),
+        (cfg.MAX_STEPS > 0 or cfg.EPOCHS >= 1, f"EPOCHS must be >= 1 (or MAX_STEPS > 0), got {cfg.EPOCHS}"),
+        (cfg.WEIGHT_DECAY >= 0, f"WEIGHT_DECAY must be >= 0, got {cfg.WEIGHT_DECAY}"),
+        (cfg.GRAD_CLIP >= 0, f"GRAD_CLIP must be >= 0 (0 = off), got {cfg.GRAD_CLIP}"),
+        (len(cfg.BETAS) == 2 and all(0 <= b < 1 for b in cfg.BETAS), f"BETAS must be two numbers in [0, 1)"),
+        (min(cfg.EVAL_INTERVAL, cfg.CHECKPOINT_INTERVAL, cfg.LOG_INTERVAL) >= 0, "intervals must be >= 0"),
+        (cfg.KEEP_CHECKPOINTS >= 1, f"KEEP_CHECKPOINTS must be >= 1, got {cfg.KEEP_CHECKPOINTS}"),
+        (cfg.TRAIN_SPEAKERS is None or (isinstance(cfg.TRAIN_SPEAKERS, (list, tuple)) and cfg.TRAIN_SPEAKERS
+                                        and all(isinstance(s, str) for s in cfg.TRAIN_SPEAKERS)),
+         f"TRAIN_SPEAKERS must be None or a list of speaker names, got {cfg.TRAIN_SPEAKERS!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    for name in ("TRAIN_FILE", "VAL_FILE"):
+        path = getattr(cfg, name)
+        if not os.path.isfile(path):
+            raise UserError(f"{name} {path!r} does not exist: run prepare_data.py first")
+
+
+def find_checkpoints(out_dir):
+    """Complete checkpoints, oldest first. A checkpoint is written to a temp directory and renamed into place, so a
+    step-* directory with its state.pt is complete; temp directories are never picked."""
+    d = os.path.join(out_dir, "checkpoints")
+    names = sorted(n for n in os.listdir(d) if n.startswith("step-")) if os.path.isdir(d) else []
+    return [os.path.join(d, n) for n in names if os.path.isfile(os.path.join(d, n, "state.pt"))]
+
+
+def save_checkpoint(out_dir, model, tokenizer, state, keep):
+    d = os.path.join(out_dir, "checkpoints")
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".tmp-step-{state['step']:08d}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    getattr(model, "_orig_mod", model).save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    modeling.replace_dir(tmp, os.path.join(d, f"step-{state['step']:08d}"))
+    for old in find_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def main():
+    cfg = load_config(doc=__doc__)
+    check_config(cfg)
+    device, dtype, device_note = modeling.pick_device(cfg.DEVICE)
+    print(device_note)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # the run directory: a new run, or the latest complete checkpoint of an earlier one
+    with open(cfg.TRAIN_FILE, "rb") as f:
+        train_sha = hashlib.sha256(f.read()).hexdigest()
+    checkpoints = find_checkpoints(cfg.OUT_DIR)
+    state = None
+    if cfg.RESUME and checkpoints:
+        state = torch.load(os.path.join(checkpoints[-1], "state.pt"), map_location="cpu", weights_only=True)
+        differ = [k for k in MUST_MATCH if state["config"][k] != getattr(cfg, k)]
+        if differ:
+            flags = " ".join(f"--{k.lower()}={state['config'][k]!r}" for k in differ)
+            raise UserError(f"{checkpoints[-1]} was made with other settings; resume with the same ones ({flags}) "
+                            f"or start a new run in another OUT_DIR")
+        if state["train_sha256"] != train_sha:
+            raise UserError(f"{cfg.TRAIN_FILE} has changed since {checkpoints[-1]} was written; resuming would not "
+                            f"continue the same run (start a new one in another OUT_DIR)")
+    elif not cfg.RESUME and (checkpoints or os.path.exists(os.path.join(cfg.OUT_DIR, "final"))):
+        raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} already holds a run: continue it with --resume=True, or choose "
+                        f"another --out_dir (nothing there is overwritten)")
+    try:
+        os.makedirs(cfg.OUT_DIR, exist_ok=True)
+        with atomic_write(os.path.join(cfg.OUT_DIR, "config.json")) as f:
+            json.dump(vars(cfg), f, indent=2)
+    except OSError as e:
+        raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} is not writable: {e.strerror}") from None
+    shutil.rmtree(os.path.join(cfg.OUT_DIR, "checkpoints", f".tmp-step-{0:08d}"), ignore_errors=True)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # model, tokenizer and data
+    train_dialogues, val_dialogues = read_dialogues(cfg.TRAIN_FILE), read_dialogues(cfg.VAL_FILE)
+    if not train_dialogues or not val_dialogues:
+        raise UserError(f"{cfg.TRAIN_FILE if not train_dialogues else cfg.VAL_FILE} holds no dialogues: "
+                        f"run prepare_data.py first")
+    if cfg.TRAIN_SPEAKERS is not None:
+        speakers = {s for d in train_dialogues for s, _ in d}
+        unknown = [s for s in cfg.TRAIN_SPEAKERS if s not in speakers]
+        if unknown:
+            raise UserError(f"TRAIN_SPEAKERS {unknown} never speak in {cfg.TRAIN_FILE}")
+    if state is not None:
+        tokenizer, model = modeling.load(checkpoints[-1])
+        print(f"resuming from {checkpoints[-1]} (step {state['step']})")
+    elif cfg.MODEL == "scratch":
+        tokenizer, model = modeling.build_scratch(cfg, [format_dialogue(d) for d in train_dialogues])
+    else:
+        tokenizer, model = modeling.load(cfg.MODEL)
+    if cfg.BLOCK_SIZE > modeling.context_size(model):
+        raise UserError(f"BLOCK_SIZE={cfg.BLOCK_SIZE} is beyond the model's context of "
+                        f"{modeling.context_size(model)} tokens")
+    model.to(device).train()
+    n_params = sum(p.numel() for p in model.parameters())
+
+    train_blocks = make_blocks(tokenizer, train_dialogues, cfg.BLOCK_SIZE, cfg.TRAIN_SPEAKERS)
+    val_blocks = make_blocks(tokenizer, val_dialogues, cfg.BLOCK_SIZE, cfg.TRAIN_SPEAKERS)
+    if count(val_blocks)[0] == 0:
+        raise UserError(f"{cfg.VAL_FILE} has no turns by TRAIN_SPEAKERS {cfg.TRAIN_SPEAKERS}, so nothing to validate")
+    pad = tokenizer.eos_token_id  # any id will do: padded positions are never targets and never attended to
+    val_blocks.sort(key=lambda b: len(b[0]))  # order does not change a sum; sorted, the batches barely pad
+    val_batches = [collate(val_blocks[i:i + cfg.BATCH_SIZE], pad) for i in range(0, len(val_blocks), cfg.BATCH_SIZE)]
+    per_step = cfg.BATCH_SIZE * cfg.GRAD_ACCUM_STEPS
+    steps_per_epoch = math.ceil(len(train_blocks) / per_step)
+    total_steps = cfg.MAX_STEPS if cfg.MAX_STEPS > 0 else cfg.EPOCHS * steps_per_epoch
+    train_tokens = count(train_blocks)[0]
+    print(f"model: {cfg.MODEL} ({n_params / 1e6:.1f}M parameters); {len(train_dialogues)} train dialogues -> "
+          f"{train_tokens:,} tokens in {len(train_blocks)} blocks of <= {cfg.BLOCK_SIZE}; "
+          f"{steps_per_epoch} steps/epoch, {total_steps} steps")
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # optimizer: AdamW, decay on matrices and embeddings only, never on biases and LayerNorm weights
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.WEIGHT_DECAY},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=cfg.LEARNING_RATE, betas=cfg.BETAS, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None  # fp16 needs loss scaling; bf16 not
+    if cfg.COMPILE:
+        model = torch.compile(model)
+
+    step, best_val, best_step = 0, float("inf"), None
+    epoch_stats = [0, 0, 0]  # this epoch's trained tokens, real positions, positions processed (real + padding)
+    torch.manual_seed(cfg.SEED)  # dropout
+    metrics_path = os.path.join(cfg.OUT_DIR, "metrics.jsonl")
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, best_val, best_step, epoch_stats = state["step"], state["best_val"], state["best_step"], state["epoch_stats"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    lines = []  # metrics.jsonl keeps what came before this step; later lines are written again as the run redoes them
+    if state is not None and os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with atomic_write(metrics_path) as f:
+        f.writelines(lines)
+
+    def log(**record):
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # the loop: lr, micro-batches (forward, backward), clip, step; then evaluate and checkpoint when due
+    order, order_epoch = None, None
+    start_step, t_start, first_val = step, time.time(), None
+    tokens_trained, train_time = 0, 0.0
+    if state is None:  # the starting point, for "val loss X -> Y" and the loss curve
+        first_val = modeling.evaluate(model, val_batches, device, dtype)
+        log(step=0, epoch=0, val_loss=first_val, val_ppl=math.exp(min(first_val, 50)))
+        print(f"step 0: val loss {first_val:.4f} (ppl {math.exp(min(first_val, 50)):.2f})")
+    recent = []  # (loss, trained tokens, seconds) since the last log line
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    while step < total_steps:
+        epoch, i = divmod(step, steps_per_epoch)
+        if order_epoch != epoch:
+            order, order_epoch = epoch_order(train_blocks, 16 * per_step, cfg.SEED + epoch), epoch
+        chosen = [train_blocks[j] for j in order[i * per_step:(i + 1) * per_step]]
+        micro = [collate(chosen[m:m + cfg.BATCH_SIZE], pad) for m in range(0, len(chosen), cfg.BATCH_SIZE)]
+        n_targets = sum(int((y != IGNORE).sum()) for _, y in micro)  # the whole step's targets: token-weighted loss
+
+        t0 = time.time()
+        lr = get_lr(step, cfg, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_total = torch.zeros((), device=device)
+        for x, y in micro:
+            with modeling.autocast(device, dtype):
+                loss, _ = modeling.loss_sum(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            loss = loss / max(n_targets, 1)
+            (scaler.scale(loss) if scaler else loss).backward()
+            loss_total += loss.detach()
+        loss_value = loss_total.item()
+        if not math.isfinite(loss_value):
+            last = find_checkpoints(cfg.OUT_DIR)
+            raise UserError(f"step {step + 1}: the loss is {loss_value}; stopped before the update. The last good "
+                            f"checkpoint is {last[-1] if last else 'none'}; try a lower LEARNING_RATE")
+        if scaler:
+            scaler.unscale_(optimizer)
+        if cfg.GRAD_CLIP > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.GRAD_CLIP)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.time() - t0
+
+        tokens_trained, train_time = tokens_trained + n_targets, train_time + dt
+        epoch_stats[0] += n_targets
+        epoch_stats[1] += count(chosen)[1]
+        epoch_stats[2] += sum(x.numel() for x, _ in micro)
+        recent.append((loss_value, n_targets, dt))
+        tok_s = sum(r[1] for r in recent) / max(sum(r[2] for r in recent), 1e-9)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
+        if cfg.LOG_INTERVAL and step % cfg.LOG_INTERVAL == 0 or step == total_steps:
+            log(step=step, epoch=epoch + 1, loss=sum(r[0] for r in recent) / len(recent), lr=lr, tokens_per_s=tok_s)
+            recent = []
+
+        end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+        if end_of_epoch or (cfg.EVAL_INTERVAL and step % cfg.EVAL_INTERVAL == 0):
+            val_loss = modeling.evaluate(model, val_batches, device, dtype)
+            log(step=step, epoch=epoch + 1, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+            if val_loss < best_val:
+                best_val, best_step = val_loss, step
+                modeling.save(model, tokenizer, os.path.join(cfg.OUT_DIR, "best"))
+            tqdm.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})"
+                       f"{' best' if best_step == step else ''}")
+        if end_of_epoch and step % steps_per_epoch == 0:
+            tokens, real, processed = epoch_stats
+            tqdm.write(f"epoch {epoch + 1}: {tokens:,} tokens trained ({tokens / max(train_tokens, 1):.0%} of the "
+                       f"train set), padding {1 - real / max(processed, 1):.1%} of {processed:,} positions")
+            epoch_stats = [0, 0, 0]
+        if end_of_epoch or (cfg.CHECKPOINT_INTERVAL and step % cfg.CHECKPOINT_INTERVAL == 0):
+            save_checkpoint(cfg.OUT_DIR, model, tokenizer, {
+                "step": step, "epoch": epoch + (step % steps_per_epoch == 0), "batch_in_epoch": step % steps_per_epoch,
+                "best_val": best_val, "best_step": best_step, "epoch_stats": epoch_stats, "train_sha256": train_sha,
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+                "config": vars(cfg)}, cfg.KEEP_CHECKPOINTS)
+    bar.close()
+
+    # -----------------------------------------------------------------------------------------------------------------
+    modeling.save(model, tokenizer, os.path.join(cfg.OUT_DIR, "final"))
+    elapsed = time.time() - t_start
+    start_val = f"{first_val:.4f} -> " if first_val is not None else ""
+    print(f"trained steps {start_step}->{step} in {elapsed:.0f}s: {tokens_trained:,} tokens at "
+          f"{tokens_trained / max(train_time, 1e-9):,.0f} tok/s; val loss {start_val}best {best_val:.4f} "
+          f"(ppl {math.exp(min(best_val, 50)):.2f}) at step {best_step}; models in {cfg.OUT_DIR}/best and "
+          f"{cfg.OUT_DIR}/final")
+
+
+if __name__ == "__main__":
+    run(main)
