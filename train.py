@@ -122,7 +122,10 @@ def main():
             json.dump(vars(cfg), f, indent=2)
     except OSError as e:
         raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} is not writable: {e.strerror}") from None
-    shutil.rmtree(os.path.join(cfg.OUT_DIR, "checkpoints", f".tmp-step-{0:08d}"), ignore_errors=True)
+    ckpt_dir = os.path.join(cfg.OUT_DIR, "checkpoints")
+    for name in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []:
+        if name.startswith(".tmp-"):  # a checkpoint a killed run was writing: never complete, never loaded
+            shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
 
     # -----------------------------------------------------------------------------------------------------------------
     # model, tokenizer and data
