@@ -106,6 +106,12 @@ def collate(blocks, pad_id):
     return x, y
 
 
+def eval_batches(blocks, batch_size, pad_id):
+    """Batches for a loss over a whole set: sorted by length, since order does not change a sum and sorted barely pads."""
+    blocks = sorted(blocks, key=lambda b: len(b[0]))
+    return [collate(blocks[i:i + batch_size], pad_id) for i in range(0, len(blocks), batch_size)]
+
+
 def count(blocks):
     """(trained tokens, real positions) of some blocks: a block of n ids fills n - 1 input positions."""
     return sum(sum(m) for _, m in blocks), sum(len(ids) - 1 for ids, _ in blocks)

@@ -38,6 +38,19 @@ CHECKPOINT_INTERVAL = 200  # optimizer steps between checkpoints (also at the en
 KEEP_CHECKPOINTS = 2  # older checkpoints are deleted once a newer one is complete
 LOG_INTERVAL = 10  # optimizer steps between lines in metrics.jsonl
 
+# evaluate.py and chat.py
+CHECKPOINT = None  # the model directory evaluate.py and chat.py load; None = OUT_DIR/best
+NUM_REPLIES = 20  # validation dialogues whose last turn evaluate.py generates and compares
+TEMPERATURE = 0.8  # sampling; 0 = greedy
+TOP_K = 50  # sample among the k likeliest tokens; 0 = all
+TOP_P = 0.95  # ... and among the smallest set holding this much probability; 1.0 = all
+REPETITION_PENALTY = 1.1  # > 1 makes tokens already in the conversation less likely
+MAX_NEW_TOKENS = 60  # per reply; a reply that needs more did not end properly
+SAMPLE_PROMPT = "Alex: Hi, how are you?\nBob:"  # a conversation in the training format, ending with a label
+SAMPLE_MAX_NEW_TOKENS = 120  # the sample dialogue runs on until EOS or this many tokens
+USER_NAME = "Alex"  # chat.py: your speaker label
+BOT_NAME = "Bob"  # chat.py: the model's speaker label
+
 # output
 OUT_DIR = "out"  # best/ and final/ models, checkpoints/, metrics.jsonl, config.json
 RESUME = False  # continue the run in OUT_DIR from its latest complete checkpoint

@@ -137,6 +137,21 @@ def write_dialogues(f, dialogues):
     f.write("\n".join(format_dialogue(d) for d in dialogues))
 
 
+# The chat template saved with every model we write: apply_chat_template(messages) renders the training text exactly
+# (EOS, then "Speaker: text" lines, then EOS); with add_generation_prompt=True it ends with the next speaker's label
+# instead: `next_speaker` if given, else the one who spoke before the last message. A message's speaker is its "name",
+# else its "role".
+CHAT_TEMPLATE = (
+    "{{- eos_token -}}"
+    "{%- for m in messages -%}{{ (m.name or m.role) | replace(':', ' ') | trim }}: "
+    "{{ m.content.split() | join(' ') }}{{ '\\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{%- if next_speaker is defined and next_speaker -%}{{ next_speaker }}:"
+    "{%- elif messages | length > 1 -%}{{ messages[-2].name or messages[-2].role }}:"
+    "{%- else -%}assistant:{%- endif -%}"
+    "{%- else -%}{{ eos_token }}{%- endif -%}")
+
+
 def read_dialogues(path):
     """Read a text file written by prepare_data.py back into dialogues."""
     try:

@@ -20,9 +20,9 @@ import torch
 from tqdm import tqdm
 
 import modeling
-from batching import IGNORE, collate, count, epoch_order, make_blocks
+from batching import IGNORE, collate, count, epoch_order, eval_batches, make_blocks
 from cli import UserError, atomic_write, load_config, run
-from dialogues import format_dialogue, read_dialogues
+from dialogues import CHAT_TEMPLATE, format_dialogue, read_dialogues
 
 # Settings that shape the run's arithmetic: resuming with other values would not continue the same run.
 MUST_MATCH = ["MODEL", "BLOCK_SIZE", "BATCH_SIZE", "GRAD_ACCUM_STEPS", "LEARNING_RATE", "MIN_LR_FRACTION",
@@ -145,6 +145,7 @@ def main():
         tokenizer, model = modeling.build_scratch(cfg, [format_dialogue(d) for d in train_dialogues])
     else:
         tokenizer, model = modeling.load(cfg.MODEL)
+    tokenizer.chat_template = CHAT_TEMPLATE  # so apply_chat_template and pipeline() speak the training format
     if cfg.BLOCK_SIZE > modeling.context_size(model):
         raise UserError(f"BLOCK_SIZE={cfg.BLOCK_SIZE} is beyond the model's context of "
                         f"{modeling.context_size(model)} tokens")
@@ -156,8 +157,7 @@ def main():
     if count(val_blocks)[0] == 0:
         raise UserError(f"{cfg.VAL_FILE} has no turns by TRAIN_SPEAKERS {cfg.TRAIN_SPEAKERS}, so nothing to validate")
     pad = tokenizer.eos_token_id  # any id will do: padded positions are never targets and never attended to
-    val_blocks.sort(key=lambda b: len(b[0]))  # order does not change a sum; sorted, the batches barely pad
-    val_batches = [collate(val_blocks[i:i + cfg.BATCH_SIZE], pad) for i in range(0, len(val_blocks), cfg.BATCH_SIZE)]
+    val_batches = eval_batches(val_blocks, cfg.BATCH_SIZE, pad)
     per_step = cfg.BATCH_SIZE * cfg.GRAD_ACCUM_STEPS
     steps_per_epoch = math.ceil(len(train_blocks) / per_step)
     total_steps = cfg.MAX_STEPS if cfg.MAX_STEPS > 0 else cfg.EPOCHS * steps_per_epoch

@@ -1,0 +1,60 @@
+"""Talk to the trained model in the terminal: you are USER_NAME, the model is BOT_NAME.
+
+    python chat.py                                  # the best model in OUT_DIR
+    python chat.py --user_name=Maya --bot_name=Sam --checkpoint=out/final
+    printf 'Hi!\\nWhat now?\\n/quit\\n' | python chat.py    # scripted: one line of stdin per turn
+
+Type a line and press enter; /reset starts a new conversation, /quit (or end of input) leaves. The history is kept
+up to the model's context: the oldest turns are dropped first.
+"""
+
+import os
+import sys
+
+import torch
+
+import modeling
+from cli import UserError, load_config, run
+from dialogues import clean_speaker, clean_text
+from generation import reply
+
+
+def main():
+    cfg = load_config(doc=__doc__)
+    model_dir = cfg.CHECKPOINT or os.path.join(cfg.OUT_DIR, "best")
+    if not os.path.isdir(model_dir):
+        raise UserError(f"model directory {model_dir!r} does not exist: run train.py first, or pass --checkpoint=DIR")
+    user, bot = clean_speaker(cfg.USER_NAME), clean_speaker(cfg.BOT_NAME)
+    if not user or not bot or user == bot:
+        raise UserError(f"USER_NAME and BOT_NAME must be two different names, got {cfg.USER_NAME!r}, {cfg.BOT_NAME!r}")
+    device, _, device_note = modeling.pick_device(cfg.DEVICE)
+    tokenizer, model = modeling.load(model_dir)
+    model.to(device).eval()
+    context = modeling.context_size(model)
+    generator = torch.Generator().manual_seed(cfg.SEED)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"{device_note}; chatting with {model_dir} as {user}; the model is {bot}. /reset, /quit")
+
+    history = []
+    while True:
+        if interactive:
+            print(f"{user}: ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":
+            break
+        if line.strip() == "/reset":
+            history = []
+            print("(new conversation)")
+            continue
+        text = clean_text(line)
+        if not text:
+            continue
+        history.append((user, text))
+        answer, _, _ = reply(model, tokenizer, history, bot, cfg, generator, context)
+        history.append((bot, answer))
+        print(f"{bot}: {answer}", flush=True)
+
+
+if __name__ == "__main__":
+    run(main)

