@@ -127,6 +127,43 @@ def loss_sum(model, x, y):
     return loss, (y != IGNORE).sum()
 
 
+def make_optimizer(model, lr, weight_decay, betas, device):
+    """AdamW with decay on matrices and embeddings only, never on biases and LayerNorm weights; fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=lr, betas=betas, fused=device.type == "cuda")
+
+
+def forward_backward(model, micro, device, dtype, scaler=None):
+    """Forward and backward over one optimizer step's micro-batches. The loss is token-weighted over the whole step
+    (every micro-batch's summed loss / the step's target count), so K micro-batches of B equal one batch of K*B.
+    Returns the step's mean loss and its target count."""
+    n_targets = sum(int((y != IGNORE).sum()) for _, y in micro)
+    total = torch.zeros((), device=device)
+    for x, y in micro:
+        with autocast(device, dtype):
+            loss, _ = loss_sum(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        loss = loss / max(n_targets, 1)
+        (scaler.scale(loss) if scaler else loss).backward()
+        total += loss.detach()
+    return total.item(), n_targets
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """Clip (after unscaling fp16 gradients), step, zero the gradients."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 @torch.no_grad()
 def evaluate(model, batches, device, dtype):
     """Token-weighted mean NLL over all of a set's batches: sum of losses / number of targets, padding excluded."""

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 import modeling
-from batching import IGNORE, collate, count, epoch_order, eval_batches, make_blocks
+from batching import collate, count, epoch_order, eval_batches, make_blocks
 from cli import UserError, atomic_write, load_config, run
 from dialogues import CHAT_TEMPLATE, format_dialogue, read_dialogues
 
@@ -168,11 +168,7 @@ def main():
 
     # -----------------------------------------------------------------------------------------------------------------
     # optimizer: AdamW, decay on matrices and embeddings only, never on biases and LayerNorm weights
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.WEIGHT_DECAY},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=cfg.LEARNING_RATE, betas=cfg.BETAS, fused=device.type == "cuda")
+    optimizer = modeling.make_optimizer(model, cfg.LEARNING_RATE, cfg.WEIGHT_DECAY, cfg.BETAS, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None  # fp16 needs loss scaling; bf16 not
     if cfg.COMPILE:
         model = torch.compile(model)
@@ -217,34 +213,17 @@ def main():
             order, order_epoch = epoch_order(train_blocks, 16 * per_step, cfg.SEED + epoch), epoch
         chosen = [train_blocks[j] for j in order[i * per_step:(i + 1) * per_step]]
         micro = [collate(chosen[m:m + cfg.BATCH_SIZE], pad) for m in range(0, len(chosen), cfg.BATCH_SIZE)]
-        n_targets = sum(int((y != IGNORE).sum()) for _, y in micro)  # the whole step's targets: token-weighted loss
 
         t0 = time.time()
         lr = get_lr(step, cfg, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_total = torch.zeros((), device=device)
-        for x, y in micro:
-            with modeling.autocast(device, dtype):
-                loss, _ = modeling.loss_sum(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            loss = loss / max(n_targets, 1)
-            (scaler.scale(loss) if scaler else loss).backward()
-            loss_total += loss.detach()
-        loss_value = loss_total.item()
+        loss_value, n_targets = modeling.forward_backward(model, micro, device, dtype, scaler)
         if not math.isfinite(loss_value):
             last = find_checkpoints(cfg.OUT_DIR)
             raise UserError(f"step {step + 1}: the loss is {loss_value}; stopped before the update. The last good "
                             f"checkpoint is {last[-1] if last else 'none'}; try a lower LEARNING_RATE")
-        if scaler:
-            scaler.unscale_(optimizer)
-        if cfg.GRAD_CLIP > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.GRAD_CLIP)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        modeling.optimizer_step(model, optimizer, scaler, cfg.GRAD_CLIP)
         step += 1
         dt = time.time() - t0
 

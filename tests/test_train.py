@@ -1,0 +1,511 @@
+"""Tests for train.py and batching.py, offline, with tiny GPT-2 models from tests/tiny.py.
+
+Run: .venv/bin/python -m pytest -q tests/test_train.py
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+import cli
+import modeling
+import train
+from batching import IGNORE, collate, count, epoch_order, make_blocks, render, windows
+from conftest import ROOT, run_script
+from dialogues import format_dialogue
+from tiny import EOS_ID, gpt2_tokenizer, save_tiny_gpt2, synthetic, write_split
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# helpers
+
+def train_args(model, *extra):
+    return [f"--model={model}", "--device=cpu", "--out_dir=out", "--learning_rate=1e-3", "--warmup_steps=2", *extra]
+
+
+def run_all(jobs):
+    """Run train.py once per (cwd, args) at the same time: each run is mostly import time."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda job: run_script("train.py", *job[1], cwd=job[0]), jobs))
+
+
+def weights(out_dir, name="final"):
+    return load_file(os.path.join(out_dir, name, "model.safetensors"))
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def curve(out_dir):
+    """metrics.jsonl without the timing, flat (-1 for a field a line lacks): what a resumed run must reproduce."""
+    return [r.get(k, -1) for r in metrics(out_dir) for k in ("step", "loss", "lr", "val_loss")]
+
+
+def snapshot(path):
+    """Every file under path with its size, mtime and content hash; None when path does not exist."""
+    if not os.path.exists(path):
+        return None
+    out = {}
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            p = os.path.join(root, name)
+            st = os.stat(p)
+            digest = None if name in dirs else hashlib.sha256(open(p, "rb").read()).hexdigest()
+            out[os.path.relpath(p, path)] = (st.st_size if digest else None, st.st_mtime_ns, digest)
+    return out
+
+
+def one_error_line(p):
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_gpt2(str(tmp_path_factory.mktemp("models") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def dropout_model(tmp_path_factory):
+    return save_tiny_gpt2(str(tmp_path_factory.mktemp("models") / "dropout"), dropout=0.1)
+
+
+def test_tokenizer_is_real_gpt2():
+    tok = gpt2_tokenizer()
+    assert tok("Hello world")["input_ids"] == [15496, 995]
+    assert tok.eos_token_id == EOS_ID == 50256
+    assert len(tok) == 50257
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1 and 4: one real training run on a mixed set, one epoch
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model):
+    d = tmp_path_factory.mktemp("trained")
+    write_split(d, synthetic(100, seed=2, max_turns=12), synthetic(20, seed=3, max_turns=12))
+    # lr 1e-2: a 32-wide model moves its 50257 logits slowly at 1e-3
+    p = run_script("train.py", *train_args(tiny_model, "--learning_rate=1e-2", "--block_size=64", "--batch_size=4",
+                                           "--epochs=1",
+                                           "--log_interval=1", "--eval_interval=10", "--checkpoint_interval=10",
+                                           "--keep_checkpoints=10"), cwd=d)
+    assert p.returncode == 0, p.stderr
+    return d / "out", p
+
+
+def test_loss_goes_down(trained):
+    out, _ = trained
+    rows = metrics(out)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    vals = [r for r in rows if "val_loss" in r]
+    assert len(losses) >= 25
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert vals[0]["step"] == 0
+    assert vals[-1]["val_loss"] < 0.6 * vals[0]["val_loss"], vals
+
+
+def test_run_outputs(trained, tiny_model):
+    out, p = trained
+    total = int(re.search(r"(\d+) steps/epoch", p.stdout).group(1))
+    rows = metrics(out)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, total + 1))  # --log_interval=1
+    for r in train_rows:
+        assert {"step", "loss", "lr", "tokens_per_s"} <= r.keys() and r["tokens_per_s"] > 0
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, *range(10, total, 10), total]
+
+    with open(out / "config.json") as f:
+        saved = json.load(f)
+    assert saved["MODEL"] == tiny_model and saved["LEARNING_RATE"] == 1e-2 and saved["BLOCK_SIZE"] == 64
+    assert saved["EPOCHS"] == 1 and saved["BATCH_SIZE"] == 4
+
+    steps = sorted(os.listdir(out / "checkpoints"))
+    assert steps == [f"step-{s:08d}" for s in [*range(10, total, 10), total]]
+    for s in steps:
+        assert (out / "checkpoints" / s / "state.pt").is_file()
+    assert max_diff(weights(out), weights(out / "checkpoints", steps[-1])) == 0
+
+    for name in ("best", "final"):
+        model = AutoModelForCausalLM.from_pretrained(out / name)
+        tok = AutoTokenizer.from_pretrained(out / name)
+        assert model.config.n_positions == 256
+        assert tok("Hello world")["input_ids"] == [15496, 995] and tok.eos_token_id == EOS_ID
+    assert (out / "final" / "model.safetensors").is_file()
+    assert not (out / "final" / "pytorch_model.bin").exists()
+
+    last = p.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"trained steps 0->{total} in ") and "out/best" in last and "out/final" in last, last
+
+
+def test_epoch_line_reports_low_padding(trained):
+    _, p = trained
+    train_tokens = int(re.search(r"-> ([\d,]+) tokens in", p.stdout).group(1).replace(",", ""))
+    m = re.search(r"epoch 1: ([\d,]+) tokens trained \((\d+)% of the train set\), padding ([\d.]+)%", p.stdout)
+    assert m, p.stdout
+    assert int(m.group(1).replace(",", "")) == train_tokens and m.group(2) == "100"
+    assert float(m.group(3)) < 5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2, 3, 4, 6: batching with the real GPT-2 tokenizer
+
+def test_eos_ends_every_dialogue_and_is_a_target():
+    tok = gpt2_tokenizer()
+    dialogues = synthetic(30, seed=6, max_turns=8)
+    for d, turns in zip(dialogues, render(tok, dialogues)):
+        ids = [t for tid, _ in turns for t in tid]
+        assert ids[-1] == EOS_ID and EOS_ID not in ids[:-1]
+        assert tok.decode(ids[:-1]) == format_dialogue(d)
+    blocks = make_blocks(tok, dialogues, 64)
+    x, y = collate(blocks, tok.eos_token_id)
+    assert int((y == EOS_ID).sum()) == len(dialogues)  # the context EOS before each dialogue is never one
+
+
+def test_labels_by_position_and_padding_on_the_right():
+    tok = gpt2_tokenizer()
+    blocks = make_blocks(tok, synthetic(30, seed=6, max_turns=8), 64)
+    pad = tok.eos_token_id  # as train.py pads: the same id as the EOS that must be learned
+    x, y = collate(blocks, pad)
+    assert x.shape == y.shape == (len(blocks), max(len(ids) for ids, _ in blocks) - 1)
+    padded = 0
+    for i, (ids, mask) in enumerate(blocks):
+        n = len(ids) - 1
+        assert x[i, :n].tolist() == ids[:-1]
+        assert y[i, :n].tolist() == [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
+        assert (x[i, n:] == pad).all() and (y[i, n:] == IGNORE).all()
+        padded += x.shape[1] - n
+    assert padded > 0
+    assert (y == EOS_ID).any()
+
+
+def test_windows_cover_every_token_once():
+    tok = gpt2_tokenizer()
+    block = 32
+    long_turn = ("Bob", " ".join(["garden"] * 25 + ["table"] * 25) + ".")
+    dialogues = synthetic(40, seed=7, max_turns=10) + [[("Alex", "Short one."), long_turn, ("Cara", "Ok.")]]
+    rendered = render(tok, dialogues)
+    assert sum(sum(len(t) for t, _ in r) > block for r in rendered) >= 5
+    assert max(len(t) for r in rendered for t, _ in r) > block
+    for turns in rendered:
+        ids = [t for tid, _ in turns for t in tid]
+        starts, pos = {}, 0  # turn start offset -> turn length
+        for tid, mask in turns:
+            assert mask == [1] * len(tid)
+            starts[pos] = len(tid)
+            pos += len(tid)
+        pieces = windows(turns, block, EOS_ID)
+        assert [t for w, _ in pieces for t in w[1:]] == ids  # in order, nothing lost, nothing twice
+        a = 0
+        for w, m in pieces:
+            assert len(w) <= block + 1 and len(m) == len(w) and m[0] == 0
+            assert w[0] == (EOS_ID if a == 0 else ids[a - 1])
+            turn_start = max(s for s in starts if s <= a)
+            assert a == turn_start or starts[turn_start] > block, (a, starts)
+            a += len(w) - 1
+
+    blocks = make_blocks(tok, dialogues, block)
+    assert all(len(ids) <= block + 1 and len(ids) == len(m) for ids, m in blocks)
+    trained = Counter(t for ids, m in blocks for t, k in zip(ids, m) if k)
+    assert trained == Counter(t for r in rendered for tid, _ in r for t in tid)
+    assert count(blocks)[0] == sum(trained.values())
+
+
+def test_batches_pad_under_5_percent():
+    tok = gpt2_tokenizer()
+    blocks = make_blocks(tok, synthetic(300, seed=1, min_turns=1, max_turns=20), 128)
+    batch = 8
+    order = epoch_order(blocks, 16 * batch, seed=1337)
+    assert sorted(order) == list(range(len(blocks)))
+    real = total = 0
+    for i in range(0, len(order), batch):
+        chosen = [blocks[j] for j in order[i:i + batch]]
+        x, _ = collate(chosen, tok.eos_token_id)
+        real += count(chosen)[1]
+        total += x.numel()
+    assert 1 - real / total < 0.05
+
+
+def test_train_speakers_mask():
+    tok = gpt2_tokenizer()
+    bob_last = [("Alex", "Hi Bob."), ("Bob", "Hello Alex, how are you?"), ("Cara", "Fine."), ("Bob", "Bye now.")]
+    bob_first = [("Bob", "First."), ("Alex", "Last word.")]
+    for d, turns in zip([bob_last, bob_first], render(tok, [bob_last, bob_first], train_speakers=["Bob"])):
+        for i, ((speaker, text), (ids, mask)) in enumerate(zip(d, turns)):
+            last = i == len(d) - 1
+            trained = [t for t, m in zip(ids, mask) if m]
+            assert mask == sorted(mask)  # the label first, untrained; then the body
+            assert tok.decode([t for t, m in zip(ids, mask) if not m]) == (f"{speaker}:" if speaker == "Bob" else
+                                                                            tok.decode(ids))
+            if speaker == "Bob":
+                assert tok.decode(trained) == f" {text}\n" + ("<|endoftext|>" if last else "")
+                assert trained[-2:] == ([198, EOS_ID] if last else [trained[-2], 198])
+            else:
+                assert trained == []
+            assert (ids[-1] == EOS_ID) == last
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5: gradient accumulation is the same step as one big batch
+
+def test_accumulation_equals_one_batch_in_process():
+    tok = gpt2_tokenizer()
+    pieces = [w for turns in render(tok, synthetic(12, seed=8, max_turns=6)) for w in windows(turns, 32, EOS_ID)]
+    pieces.sort(key=lambda p: -len(p[0]))
+    four = [pieces[0], pieces[1], pieces[-2], pieces[-1]]  # two long, two short: the micro-batches differ in size
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).double().train()
+
+    def grads(micro_batches):
+        model.zero_grad(set_to_none=True)
+        batches = [collate(b, EOS_ID) for b in micro_batches]
+        n_targets = sum(int((y != IGNORE).sum()) for _, y in batches)
+        total = 0.0
+        for x, y in batches:
+            loss, _ = modeling.loss_sum(model, x, y)
+            (loss / n_targets).backward()
+            total += loss.item() / n_targets
+        return total, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    loss1, g1 = grads([four])
+    loss2, g2 = grads([four[:2], four[2:]])
+    assert loss1 == pytest.approx(loss2, rel=1e-6)  # loss_sum takes the cross-entropy in fp32
+    assert max((g1[k] - g2[k]).abs().max().item() for k in g1) < 1e-5
+
+    # the test can tell: averaging per micro-batch means would give another gradient
+    (x1, y1), (x2, y2) = collate(four[:2], EOS_ID), collate(four[2:], EOS_ID)
+    assert int((y1 != IGNORE).sum()) != int((y2 != IGNORE).sum())
+    model.zero_grad(set_to_none=True)
+    for x, y in ((x1, y1), (x2, y2)):
+        loss, n = modeling.loss_sum(model, x, y)
+        (loss / n / 2).backward()
+    assert max((g1[k] - p.grad).abs().max().item() for k, p in model.named_parameters()) > 1e-5
+
+
+def test_accumulation_equals_one_batch_in_train_py(tmp_path, tiny_model):
+    one, two = tmp_path / "one", tmp_path / "two"
+    for d in (one, two):
+        d.mkdir()
+        write_split(d, synthetic(24, seed=4, max_turns=8), synthetic(4, seed=9))
+    common = train_args(tiny_model, "--block_size=32", "--max_steps=3")
+    p1, p2 = run_all([(one, [*common, "--batch_size=4", "--grad_accum_steps=1"]),
+                      (two, [*common, "--batch_size=2", "--grad_accum_steps=2"])])
+    assert p1.returncode == 0 and p2.returncode == 0, p1.stderr + p2.stderr
+    w1, w2 = weights(one / "out"), weights(two / "out")
+    assert max_diff(w1, w2) < 1e-5
+    assert max_diff(w1, load_file(os.path.join(tiny_model, "model.safetensors"))) > 1e-4  # it did train
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7, 8: resuming continues the same run
+
+RESUME_DATA = (synthetic(12, seed=5, max_turns=4), synthetic(4, seed=6))  # 10 blocks of 32: 5 steps per epoch
+
+
+def resume_args(model):
+    return train_args(model, "--block_size=32", "--batch_size=2", "--max_steps=12", "--checkpoint_interval=4",
+                      "--keep_checkpoints=10", "--log_interval=1")
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory, dropout_model):
+    """An uninterrupted run, with dropout so that the RNG state matters."""
+    d = tmp_path_factory.mktemp("run_a")
+    write_split(d, *RESUME_DATA)
+    p = run_script("train.py", *resume_args(dropout_model), cwd=d)
+    assert p.returncode == 0, p.stderr
+    assert "5 steps/epoch, 12 steps" in p.stdout  # so resuming from step 8 crosses into epoch 3
+    return d / "out"
+
+
+def crash_after_step_8(out):
+    """The disk state of a run killed right after writing its step-8 checkpoint."""
+    for name in os.listdir(out / "checkpoints"):
+        if int(name.split("-")[1]) > 8:
+            shutil.rmtree(out / "checkpoints" / name)
+    for name in ("final", "best"):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+def test_resume_gives_the_same_weights(tmp_path, run_a, dropout_model):
+    # A copy of run A's directory is what a second, identical run would have written (test_resume_after_kill checks
+    # that a fresh run reproduces A); it then crashes after step 8 and is resumed.
+    write_split(tmp_path, *RESUME_DATA)
+    shutil.copytree(run_a, tmp_path / "out")
+    crash_after_step_8(tmp_path / "out")
+    p = run_script("train.py", *resume_args(dropout_model), "--resume=True", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "(step 8)" in p.stdout
+    assert max_diff(weights(tmp_path / "out"), weights(run_a)) < 1e-6
+    assert curve(tmp_path / "out") == pytest.approx(curve(run_a), rel=1e-5)
+    assert sorted(os.listdir(tmp_path / "out" / "checkpoints")) == sorted(os.listdir(run_a / "checkpoints"))
+
+
+def test_resume_after_kill(tmp_path, run_a, dropout_model):
+    write_split(tmp_path, *RESUME_DATA)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *resume_args(dropout_model)],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "out" / "checkpoints"
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if ckpts.is_dir() and any(n.startswith("step-") for n in os.listdir(ckpts)):
+            break
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait()
+    if proc.returncode == -signal.SIGKILL:
+        p = run_script("train.py", *resume_args(dropout_model), "--resume=True", cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+        assert "resuming from" in p.stdout
+    else:  # it finished before the kill landed
+        assert proc.returncode == 0
+    assert max_diff(weights(tmp_path / "out"), weights(run_a)) < 1e-6
+    assert curve(tmp_path / "out") == pytest.approx(curve(run_a), rel=1e-5)
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path, run_a, dropout_model):
+    write_split(tmp_path, *RESUME_DATA)
+    out = tmp_path / "out"
+    shutil.copytree(run_a, out)
+    crash_after_step_8(out)
+    (out / "checkpoints" / ".tmp-step-00000099").mkdir()
+    (out / "checkpoints" / ".tmp-step-00000099" / "state.pt").write_bytes(b"junk")
+    (out / "checkpoints" / "step-00000098").mkdir()  # renamed in place but no state.pt: not complete
+    (out / "checkpoints" / "step-00000098" / "config.json").write_text("{}")
+    p = run_script("train.py", *resume_args(dropout_model), "--resume=True", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"resuming from \S*step-00000008 \(step 8\)", p.stdout), p.stdout
+    assert not (out / "checkpoints" / ".tmp-step-00000099").exists()
+    assert max_diff(weights(out), weights(run_a)) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 9: scratch mode needs no network and no model files
+
+def test_scratch_end_to_end(tmp_path):
+    write_split(tmp_path, synthetic(30, seed=10), synthetic(5, seed=11))
+    p = run_script("train.py", "--model=scratch", "--scratch_layers=1", "--scratch_embd=32", "--scratch_heads=2",
+                   "--scratch_vocab=300", "--block_size=64", "--max_steps=5", "--device=cpu", "--out_dir=out",
+                   "--learning_rate=1e-3", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    final = tmp_path / "out" / "final"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    line = "Alex: The cat sat under the table today!\n"
+    assert tok.decode(tok(line, add_special_tokens=False)["input_ids"]) == line
+    assert tok.eos_token is not None and tok.eos_token_id is not None
+    assert model.config.vocab_size == len(tok) <= 300 and model.config.n_layer == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6, 10, 11: mistakes are one line on stderr, exit code 2, and leave OUT_DIR as it was
+
+def bad_setups(tiny_model, dropout_model, run_a):
+    """name -> (train.py arguments, what to do to the run directory first)."""
+    copy_a = lambda d: shutil.copytree(run_a, d / "out")
+    return {
+        "learning_rate_0": (train_args(tiny_model, "--learning_rate=0"), None),
+        "batch_size_0": (train_args(tiny_model, "--batch_size=0"), None),
+        "block_beyond_model": (train_args(tiny_model, "--block_size=100000"), None),  # the model has 256 positions
+        "no_train_file": (train_args(tiny_model), lambda d: os.remove(d / "train_data.txt")),
+        "empty_train_file": (train_args(tiny_model), lambda d: (d / "train_data.txt").write_text("")),
+        "resume_other_block_size": ([*resume_args(dropout_model), "--block_size=64", "--resume=True"], copy_a),
+        "existing_run": (resume_args(dropout_model), copy_a),
+    }
+
+
+@pytest.mark.parametrize("case", ["learning_rate_0", "batch_size_0", "block_beyond_model", "no_train_file",
+                                  "empty_train_file", "resume_other_block_size", "existing_run"])
+def test_bad_config(case, tmp_path, monkeypatch, capfd, tiny_model, dropout_model, run_a):
+    # In-process (train.py's own main() under cli.run, as its __main__ does) to save an interpreter start per case;
+    # test_unknown_train_speaker_is_rejected and test_missing_model go through the real script.
+    args, setup = bad_setups(tiny_model, dropout_model, run_a)[case]
+    write_split(tmp_path, *RESUME_DATA)
+    if setup:
+        setup(tmp_path)
+    before = snapshot(tmp_path / "out")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    with pytest.raises(SystemExit) as e:
+        cli.run(train.main)
+    out, err = capfd.readouterr()
+    line = one_error_line(subprocess.CompletedProcess(args, e.value.code, out, err))
+    if case in ("resume_other_block_size", "existing_run"):
+        assert before is not None
+    assert snapshot(tmp_path / "out") == before, f"OUT_DIR changed after: {line}"
+    expected = {"block_beyond_model": "100000", "resume_other_block_size": "--block_size=32",
+                "existing_run": "already holds a run", "no_train_file": "train_data.txt",
+                "empty_train_file": "train_data.txt"}
+    assert expected.get(case, "") in line
+
+
+@pytest.fixture(scope="module")
+def failed_runs(tmp_path_factory, tiny_model):
+    """Mistakes found after the imports and the model load, through the real script, all at once."""
+    cases = {
+        "nobody": (train_args(tiny_model, "--train_speakers=['Nobody']"), None),
+        "no_model": (train_args("no-such-org/no-such-model"), None),  # HF_HUB_OFFLINE=1: the Hub is unreachable
+        "empty_model_dir": (train_args("empty_model"), lambda d: (d / "empty_model").mkdir()),
+    }
+    jobs = []
+    for name, (args, setup) in cases.items():
+        d = tmp_path_factory.mktemp(name)
+        write_split(d, *RESUME_DATA)
+        if setup:
+            setup(d)
+        jobs.append((d, args))
+    return dict(zip(cases, run_all(jobs)))
+
+
+def test_unknown_train_speaker_is_rejected(failed_runs):
+    assert "Nobody" in one_error_line(failed_runs["nobody"])
+
+
+def test_missing_model(failed_runs):
+    assert "scratch" in one_error_line(failed_runs["no_model"])
+    assert "incomplete" in one_error_line(failed_runs["empty_model_dir"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 12: the learning-rate schedule
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_get_lr(schedule):
+    cfg = cli.load_config(["--learning_rate=1e-3", "--warmup_steps=10", "--min_lr_fraction=0.1",
+                           f"--lr_schedule={schedule}"])
+    total = 100
+    lrs = [train.get_lr(step, cfg, total) for step in range(total)]  # the steps of a 100-step run: 0..99
+    assert lrs[:10] == pytest.approx([1e-4 * (s + 1) for s in range(10)])
+    assert max(lrs) == pytest.approx(1e-3) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-2] > lrs[-1]
+    if schedule == "linear":
+        drops = [a - b for a, b in zip(lrs[10:], lrs[11:])]
+        assert max(drops) == pytest.approx(min(drops))
+    else:
+        assert lrs[10] - lrs[11] < lrs[50] - lrs[51]  # cosine: slow, fast, slow
+    assert lrs[-1] == pytest.approx(1e-3 * 0.1), "the last step's lr"
