@@ -91,6 +91,15 @@ def epoch_order(blocks, group, seed):
     return [j for i in range(0, len(perm), group) for j in sorted(perm[i:i + group], key=lambda j: -len(blocks[j][0]))]
 
 
+def step_batches(chunk, batch_size, world):
+    """One optimizer step's blocks as micro-batches per rank: [m][r] is micro-batch m of rank r, the blocks
+    chunk[(m * world + r) * batch_size:][:batch_size]. So N ranks of batch B see exactly the blocks that one process
+    of batch N*B sees. At an epoch's end a rank's list can be empty."""
+    per = batch_size * world
+    return [[chunk[m + r * batch_size:m + (r + 1) * batch_size] for r in range(world)]
+            for m in range(0, len(chunk), per)]
+
+
 def collate(blocks, pad_id):
     """Blocks -> (x, y) tensors, padded on the right to the longest block. y[t] is the target for x[t]: the next
     token where it is trained, else IGNORE. With right padding and a causal model, real positions never attend to

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from transformers.utils import logging
@@ -70,8 +71,17 @@ def load(name):
     return tokenizer, model
 
 
-def build_scratch(cfg, texts):
-    """A small GPT-2 and a byte-level BPE tokenizer trained on `texts`: no network at all."""
+def build_scratch(cfg, texts, tokenizer=None):
+    """A small GPT-2 and a byte-level BPE tokenizer trained on `texts` (unless one is given): no network at all."""
+    tokenizer = tokenizer or scratch_tokenizer(cfg, texts)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.BLOCK_SIZE, n_embd=cfg.SCRATCH_EMBD,
+                        n_layer=cfg.SCRATCH_LAYERS, n_head=cfg.SCRATCH_HEADS,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(cfg.SEED)
+    return tokenizer, GPT2LMHeadModel(config)
+
+
+def scratch_tokenizer(cfg, texts):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's own pre-tokenizer
@@ -79,13 +89,8 @@ def build_scratch(cfg, texts):
     trainer = trainers.BpeTrainer(vocab_size=cfg.SCRATCH_VOCAB, special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, unk_token=EOS,
-                                        model_max_length=cfg.BLOCK_SIZE)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.BLOCK_SIZE, n_embd=cfg.SCRATCH_EMBD,
-                        n_layer=cfg.SCRATCH_LAYERS, n_head=cfg.SCRATCH_HEADS,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(cfg.SEED)
-    return tokenizer, GPT2LMHeadModel(config)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, unk_token=EOS,
+                                   model_max_length=cfg.BLOCK_SIZE)
 
 
 def context_size(model):
@@ -97,7 +102,7 @@ def save(model, tokenizer, path):
     parent = os.path.dirname(os.path.abspath(path))
     tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(path) + ".")
     try:
-        getattr(model, "_orig_mod", model).save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         replace_dir(tmp, path)
     finally:
@@ -137,17 +142,27 @@ def make_optimizer(model, lr, weight_decay, betas, device):
 
 def forward_backward(model, micro, device, dtype, scaler=None):
     """Forward and backward over one optimizer step's micro-batches. The loss is token-weighted over the whole step
-    (every micro-batch's summed loss / the step's target count), so K micro-batches of B equal one batch of K*B.
-    Returns the step's mean loss and its target count."""
-    n_targets = sum(int((y != IGNORE).sum()) for _, y in micro)
+    (every micro-batch's summed loss / the step's target count, over all ranks), so K micro-batches of B, or N ranks
+    of B, equal one batch of K*B or N*B. Returns the step's mean loss and its target count, both over all ranks."""
+    n_targets = torch.tensor(sum(int((y != IGNORE).sum()) for _, y in micro), device=device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world > 1:
+        dist.all_reduce(n_targets)
+    n = max(int(n_targets), 1)
     total = torch.zeros((), device=device)
-    for x, y in micro:
-        with autocast(device, dtype):
-            loss, _ = loss_sum(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-        loss = loss / max(n_targets, 1)
-        (scaler.scale(loss) if scaler else loss).backward()
+    for m, (x, y) in enumerate(micro):
+        # DDP all-reduces gradients on every backward; only the step's last one needs it
+        last = m == len(micro) - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if last else model.no_sync():
+            with autocast(device, dtype):
+                loss, _ = loss_sum(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            loss = loss / n
+            scaled = loss * world  # DDP averages gradients over ranks; the loss is already divided by all targets
+            (scaler.scale(scaled) if scaler else scaled).backward()
         total += loss.detach()
-    return total.item(), n_targets
+    if world > 1:
+        dist.all_reduce(total)
+    return total.item(), int(n_targets)
 
 
 def optimizer_step(model, optimizer, scaler, grad_clip):

@@ -17,10 +17,13 @@ import shutil
 import time
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
 import modeling
-from batching import collate, count, epoch_order, eval_batches, make_blocks
+from batching import collate, count, epoch_order, eval_batches, make_blocks, step_batches
 from cli import UserError, atomic_write, load_config, run
 from dialogues import CHAT_TEMPLATE, format_dialogue, read_dialogues
 
@@ -83,7 +86,7 @@ def save_checkpoint(out_dir, model, tokenizer, state, keep):
     os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, f".tmp-step-{state['step']:08d}")
     shutil.rmtree(tmp, ignore_errors=True)
-    getattr(model, "_orig_mod", model).save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     torch.save(state, os.path.join(tmp, "state.pt"))
     modeling.replace_dir(tmp, os.path.join(d, f"step-{state['step']:08d}"))
@@ -94,8 +97,22 @@ def save_checkpoint(out_dir, model, tokenizer, state, keep):
 def main():
     cfg = load_config(doc=__doc__)
     check_config(cfg)
-    device, dtype, device_note = modeling.pick_device(cfg.DEVICE)
-    print(device_note)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # processes and device: `torchrun --nproc_per_node=N train.py` starts N ranks (DDP: nccl on CUDA, gloo on CPU);
+    # a plain `python train.py` is one. Rank 0 alone prints, evaluates and writes files.
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1:
+        if torch.cuda.is_available() and cfg.DEVICE in ("auto", "cuda"):
+            cfg_device, backend = f"cuda:{int(os.environ['LOCAL_RANK'])}", "nccl"
+            torch.cuda.set_device(cfg_device)
+        else:
+            cfg_device, backend = "cpu", "gloo"
+        dist.init_process_group(backend)
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    device, dtype, device_note = modeling.pick_device(cfg_device if world > 1 else cfg.DEVICE)
+    say(device_note + (f"; {world} processes ({backend})" if world > 1 else ""))
 
     # -----------------------------------------------------------------------------------------------------------------
     # the run directory: a new run, or the latest complete checkpoint of an earlier one
@@ -116,16 +133,17 @@ def main():
     elif not cfg.RESUME and (checkpoints or os.path.exists(os.path.join(cfg.OUT_DIR, "final"))):
         raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} already holds a run: continue it with --resume=True, or choose "
                         f"another --out_dir (nothing there is overwritten)")
-    try:
-        os.makedirs(cfg.OUT_DIR, exist_ok=True)
-        with atomic_write(os.path.join(cfg.OUT_DIR, "config.json")) as f:
-            json.dump(vars(cfg), f, indent=2)
-    except OSError as e:
-        raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} is not writable: {e.strerror}") from None
     ckpt_dir = os.path.join(cfg.OUT_DIR, "checkpoints")
-    for name in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []:
-        if name.startswith(".tmp-"):  # a checkpoint a killed run was writing: never complete, never loaded
-            shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+    if master:
+        try:
+            os.makedirs(cfg.OUT_DIR, exist_ok=True)
+            with atomic_write(os.path.join(cfg.OUT_DIR, "config.json")) as f:
+                json.dump(vars(cfg), f, indent=2)
+        except OSError as e:
+            raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} is not writable: {e.strerror}") from None
+        for name in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []:
+            if name.startswith(".tmp-"):  # a checkpoint a killed run was writing: never complete, never loaded
+                shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
 
     # -----------------------------------------------------------------------------------------------------------------
     # model, tokenizer and data
@@ -140,9 +158,17 @@ def main():
             raise UserError(f"TRAIN_SPEAKERS {unknown} never speak in {cfg.TRAIN_FILE}")
     if state is not None:
         tokenizer, model = modeling.load(checkpoints[-1])
-        print(f"resuming from {checkpoints[-1]} (step {state['step']})")
+        say(f"resuming from {checkpoints[-1]} (step {state['step']})")
     elif cfg.MODEL == "scratch":
-        tokenizer, model = modeling.build_scratch(cfg, [format_dialogue(d) for d in train_dialogues])
+        texts = [format_dialogue(d) for d in train_dialogues]
+        if world > 1:  # one tokenizer for all ranks: rank 0 trains it, the others load it
+            shared = os.path.join(cfg.OUT_DIR, ".scratch-tokenizer")
+            if master:
+                modeling.scratch_tokenizer(cfg, texts).save_pretrained(shared)
+            dist.barrier()
+            tokenizer, model = modeling.build_scratch(cfg, texts, AutoTokenizer.from_pretrained(shared))
+        else:
+            tokenizer, model = modeling.build_scratch(cfg, texts)
     else:
         tokenizer, model = modeling.load(cfg.MODEL)
     tokenizer.chat_template = CHAT_TEMPLATE  # so apply_chat_template and pipeline() speak the training format
@@ -158,39 +184,48 @@ def main():
         raise UserError(f"{cfg.VAL_FILE} has no turns by TRAIN_SPEAKERS {cfg.TRAIN_SPEAKERS}, so nothing to validate")
     pad = tokenizer.eos_token_id  # any id will do: padded positions are never targets and never attended to
     val_batches = eval_batches(val_blocks, cfg.BATCH_SIZE, pad)
-    per_step = cfg.BATCH_SIZE * cfg.GRAD_ACCUM_STEPS
-    steps_per_epoch = math.ceil(len(train_blocks) / per_step)
-    total_steps = cfg.MAX_STEPS if cfg.MAX_STEPS > 0 else cfg.EPOCHS * steps_per_epoch
     train_tokens = count(train_blocks)[0]
-    print(f"model: {cfg.MODEL} ({n_params / 1e6:.1f}M parameters); {len(train_dialogues)} train dialogues -> "
-          f"{train_tokens:,} tokens in {len(train_blocks)} blocks of <= {cfg.BLOCK_SIZE}; "
-          f"{steps_per_epoch} steps/epoch, {total_steps} steps")
 
     # -----------------------------------------------------------------------------------------------------------------
     # optimizer: AdamW, decay on matrices and embeddings only, never on biases and LayerNorm weights
     optimizer = modeling.make_optimizer(model, cfg.LEARNING_RATE, cfg.WEIGHT_DECAY, cfg.BETAS, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None  # fp16 needs loss scaling; bf16 not
-    if cfg.COMPILE:
-        model = torch.compile(model)
+    net = torch.compile(model) if cfg.COMPILE else model  # what the loop runs; `model` is what we evaluate and save
+    if world > 1:
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    step, best_val, best_step = 0, float("inf"), None
+    # where the run stands: optimizer steps taken, and the position in the data (epoch, blocks of it consumed)
+    step, epoch, offset, best_val, best_step = 0, 0, 0, float("inf"), None
     epoch_stats = [0, 0, 0]  # this epoch's trained tokens, real positions, positions processed (real + padding)
-    torch.manual_seed(cfg.SEED)  # dropout
+    torch.manual_seed(cfg.SEED + rank)  # dropout; each rank its own stream
     metrics_path = os.path.join(cfg.OUT_DIR, "metrics.jsonl")
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        step, best_val, best_step, epoch_stats = state["step"], state["best_val"], state["best_step"], state["epoch_stats"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    lines = []  # metrics.jsonl keeps what came before this step; later lines are written again as the run redoes them
-    if state is not None and os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with atomic_write(metrics_path) as f:
-        f.writelines(lines)
+        step, epoch, offset = state["step"], state["epoch"], state["offset"]
+        best_val, best_step, epoch_stats = state["best_val"], state["best_step"], state["epoch_stats"]
+        if len(state["rng"]) == world:  # same number of ranks: each continues its own random stream exactly
+            torch.set_rng_state(state["rng"][rank]["torch"])
+            if device.type == "cuda" and state["rng"][rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
+        else:
+            say(f"resuming a {len(state['rng'])}-process run with {world}: the global batch changes size")
+    blocks_per_step = cfg.BATCH_SIZE * cfg.GRAD_ACCUM_STEPS * world
+    steps_per_epoch = math.ceil(len(train_blocks) / blocks_per_step)
+    total_steps = cfg.MAX_STEPS if cfg.MAX_STEPS > 0 else (
+        step + math.ceil((len(train_blocks) - offset) / blocks_per_step) + (cfg.EPOCHS - epoch - 1) * steps_per_epoch)
+    say(f"model: {cfg.MODEL} ({n_params / 1e6:.1f}M parameters); {len(train_dialogues)} train dialogues -> "
+        f"{train_tokens:,} tokens in {len(train_blocks)} blocks of <= {cfg.BLOCK_SIZE}; "
+        f"{steps_per_epoch} steps/epoch of {blocks_per_step} blocks, {total_steps} steps")
+
+    if master:  # metrics.jsonl keeps what came before this step; the run writes later lines again as it redoes them
+        lines = []
+        if state is not None and os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with atomic_write(metrics_path) as f:
+            f.writelines(lines)
 
     def log(**record):
         with open(metrics_path, "a") as f:
@@ -201,24 +236,27 @@ def main():
     order, order_epoch = None, None
     start_step, t_start, first_val = step, time.time(), None
     tokens_trained, train_time = 0, 0.0
-    if state is None:  # the starting point, for "val loss X -> Y" and the loss curve
+    if state is None and master:  # the starting point, for "val loss X -> Y" and the loss curve
         first_val = modeling.evaluate(model, val_batches, device, dtype)
         log(step=0, epoch=0, val_loss=first_val, val_ppl=math.exp(min(first_val, 50)))
-        print(f"step 0: val loss {first_val:.4f} (ppl {math.exp(min(first_val, 50)):.2f})")
+        say(f"step 0: val loss {first_val:.4f} (ppl {math.exp(min(first_val, 50)):.2f})")
     recent = []  # (loss, trained tokens, seconds) since the last log line
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not master)
     while step < total_steps:
-        epoch, i = divmod(step, steps_per_epoch)
         if order_epoch != epoch:
-            order, order_epoch = epoch_order(train_blocks, 16 * per_step, cfg.SEED + epoch), epoch
-        chosen = [train_blocks[j] for j in order[i * per_step:(i + 1) * per_step]]
-        micro = [collate(chosen[m:m + cfg.BATCH_SIZE], pad) for m in range(0, len(chosen), cfg.BATCH_SIZE)]
+            order, order_epoch = epoch_order(train_blocks, 16 * blocks_per_step, cfg.SEED + epoch), epoch
+        chunk = [train_blocks[j] for j in order[offset:offset + blocks_per_step]]
+        slots = step_batches(chunk, cfg.BATCH_SIZE, world)
+        # a rank left without blocks at an epoch's end still runs forward/backward (DDP needs every rank's
+        # gradients) on a block whose targets are all masked: it adds nothing
+        dummy = (chunk[0][0], [0] * len(chunk[0][0]))
+        micro = [collate(slot[rank] or [dummy], pad) for slot in slots]
 
         t0 = time.time()
         lr = get_lr(step, cfg, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_value, n_targets = modeling.forward_backward(model, micro, device, dtype, scaler)
+        loss_value, n_targets = modeling.forward_backward(net, micro, device, dtype, scaler)
         if not math.isfinite(loss_value):
             last = find_checkpoints(cfg.OUT_DIR)
             raise UserError(f"step {step + 1}: the loss is {loss_value}; stopped before the update. The last good "
@@ -226,21 +264,23 @@ def main():
         modeling.optimizer_step(model, optimizer, scaler, cfg.GRAD_CLIP)
         step += 1
         dt = time.time() - t0
+        offset += len(chunk)
+        end_of_epoch = offset >= len(train_blocks)
 
         tokens_trained, train_time = tokens_trained + n_targets, train_time + dt
         epoch_stats[0] += n_targets
-        epoch_stats[1] += count(chosen)[1]
-        epoch_stats[2] += sum(x.numel() for x, _ in micro)
+        epoch_stats[1] += count(chunk)[1]
+        epoch_stats[2] += sum(len(b) * (max(len(ids) for ids, _ in b) - 1) for slot in slots for b in slot if b)
         recent.append((loss_value, n_targets, dt))
         tok_s = sum(r[1] for r in recent) / max(sum(r[2] for r in recent), 1e-9)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
-        if cfg.LOG_INTERVAL and step % cfg.LOG_INTERVAL == 0 or step == total_steps:
+        if master and (cfg.LOG_INTERVAL and step % cfg.LOG_INTERVAL == 0 or step == total_steps):
             log(step=step, epoch=epoch + 1, loss=sum(r[0] for r in recent) / len(recent), lr=lr, tokens_per_s=tok_s)
             recent = []
 
-        end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-        if end_of_epoch or (cfg.EVAL_INTERVAL and step % cfg.EVAL_INTERVAL == 0):
+        evaluate_now = end_of_epoch or step == total_steps or (cfg.EVAL_INTERVAL and step % cfg.EVAL_INTERVAL == 0)
+        if evaluate_now and master:
             val_loss = modeling.evaluate(model, val_batches, device, dtype)
             log(step=step, epoch=epoch + 1, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
             if val_loss < best_val:
@@ -248,29 +288,44 @@ def main():
                 modeling.save(model, tokenizer, os.path.join(cfg.OUT_DIR, "best"))
             tqdm.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})"
                        f"{' best' if best_step == step else ''}")
-        if end_of_epoch and step % steps_per_epoch == 0:
+        if end_of_epoch:
             tokens, real, processed = epoch_stats
-            tqdm.write(f"epoch {epoch + 1}: {tokens:,} tokens trained ({tokens / max(train_tokens, 1):.0%} of the "
-                       f"train set), padding {1 - real / max(processed, 1):.1%} of {processed:,} positions")
-            epoch_stats = [0, 0, 0]
-        if end_of_epoch or (cfg.CHECKPOINT_INTERVAL and step % cfg.CHECKPOINT_INTERVAL == 0):
-            save_checkpoint(cfg.OUT_DIR, model, tokenizer, {
-                "step": step, "epoch": epoch + (step % steps_per_epoch == 0), "batch_in_epoch": step % steps_per_epoch,
-                "best_val": best_val, "best_step": best_step, "epoch_stats": epoch_stats, "train_sha256": train_sha,
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
-                "config": vars(cfg)}, cfg.KEEP_CHECKPOINTS)
+            if master:
+                tqdm.write(f"epoch {epoch + 1}: {tokens:,} tokens trained ({tokens / max(train_tokens, 1):.0%} of "
+                           f"the train set), padding {1 - real / max(processed, 1):.1%} of {processed:,} positions")
+            epoch, offset, epoch_stats = epoch + 1, 0, [0, 0, 0]
+        checkpoint_now = end_of_epoch or step == total_steps or (
+            cfg.CHECKPOINT_INTERVAL and step % cfg.CHECKPOINT_INTERVAL == 0)
+        if checkpoint_now:
+            rng = {"torch": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+            rngs = [rng]
+            if world > 1:  # every rank's random state, so a resume with as many ranks continues each exactly
+                rngs = [None] * world
+                dist.all_gather_object(rngs, rng)
+            if master:
+                save_checkpoint(cfg.OUT_DIR, model, tokenizer, {
+                    "step": step, "epoch": epoch, "offset": offset, "best_val": best_val, "best_step": best_step,
+                    "epoch_stats": epoch_stats, "train_sha256": train_sha, "world_size": world,
+                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                    "rng": rngs, "config": vars(cfg)}, cfg.KEEP_CHECKPOINTS)
+        if world > 1 and (evaluate_now or checkpoint_now):
+            dist.barrier()  # the other ranks wait while rank 0 evaluates and writes
     bar.close()
 
     # -----------------------------------------------------------------------------------------------------------------
-    modeling.save(model, tokenizer, os.path.join(cfg.OUT_DIR, "final"))
+    if master:
+        modeling.save(model, tokenizer, os.path.join(cfg.OUT_DIR, "final"))
+        shutil.rmtree(os.path.join(cfg.OUT_DIR, ".scratch-tokenizer"), ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     elapsed = time.time() - t_start
     start_val = f"{first_val:.4f} -> " if first_val is not None else ""
-    print(f"trained steps {start_step}->{step} in {elapsed:.0f}s: {tokens_trained:,} tokens at "
-          f"{tokens_trained / max(train_time, 1e-9):,.0f} tok/s; val loss {start_val}best {best_val:.4f} "
-          f"(ppl {math.exp(min(best_val, 50)):.2f}) at step {best_step}; models in {cfg.OUT_DIR}/best and "
-          f"{cfg.OUT_DIR}/final")
+    say(f"trained steps {start_step}->{step} in {elapsed:.0f}s: {tokens_trained:,} tokens at "
+        f"{tokens_trained / max(train_time, 1e-9):,.0f} tok/s; val loss {start_val}best {best_val:.4f} "
+        f"(ppl {math.exp(min(best_val, 50)):.2f}) at step {best_step}; models in {cfg.OUT_DIR}/best and "
+        f"{cfg.OUT_DIR}/final")
 
 
 if __name__ == "__main__":

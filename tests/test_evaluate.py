@@ -18,6 +18,7 @@ import transformers
 import batching
 import chat
 import cli
+import evaluate
 import modeling
 from conftest import run_script
 from dialogues import clean_text, format_dialogue, read_dialogues
@@ -25,12 +26,15 @@ from generation import cut_reply, prompt_ids, reply
 from tiny import EOS_ID, gpt2_tokenizer, save_tiny_gpt2, synthetic, write_split
 
 FAST = ["--num_replies=4", "--max_new_tokens=12", "--sample_max_new_tokens=20"]
+# one thread per process: the processes run side by side on few cores, and torch's threads fighting over them made
+# token-by-token sampling several times slower
+ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def parallel(*calls):
     """Run script calls side by side: each is (script, args, kwargs). Most of a call is imports, so two overlap well."""
     with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = [pool.submit(run_script, s, *a, **kw) for s, a, kw in calls]
+        futures = [pool.submit(run_script, s, *a, env=ENV, **kw) for s, a, kw in calls]
         return [f.result() for f in futures]
 
 
@@ -49,24 +53,43 @@ def one_error_line(proc):
 def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
     write_split(d, synthetic(32, seed=1), synthetic(8, seed=2, min_turns=2))
-    proc = run_script("train.py", "--model=scratch", "--scratch_layers=2", "--scratch_heads=2", "--scratch_embd=32",
+    proc = run_script("train.py", "--device=cpu", "--model=scratch", "--scratch_layers=2", "--scratch_heads=2", "--scratch_embd=32",
                       "--scratch_vocab=512", "--block_size=128", "--batch_size=4", "--max_steps=6",
-                      "--eval_interval=2", "--learning_rate=1e-3", "--warmup_steps=1", "--log_interval=1", cwd=d)
+                      "--eval_interval=2", "--learning_rate=1e-3", "--warmup_steps=1", "--log_interval=1", cwd=d, env=ENV)
     assert proc.returncode == 0, proc.stderr
     return d
 
 
 @pytest.fixture(scope="module")
-def evaluated(run):
-    """evaluate.py on out/best, and on out/final with the run's records copied to another OUT_DIR (both write
-    eval_report.* into OUT_DIR, and they run at the same time)."""
-    final_out = run / "out_final"
-    final_out.mkdir()
+def tiny64(tmp_path_factory):
+    return save_tiny_gpt2(str(tmp_path_factory.mktemp("tiny64") / "model"), n_positions=64)
+
+
+LONG_CHAT = "".join(f"Line {i}: " + "the cat sat on the garden table today and was very happy " * 2 + "\n"
+                    for i in range(15)) + "/quit\n"
+
+
+@pytest.fixture(scope="module")
+def procs(run, tiny64):
+    """Every script run the tests look at, started side by side. evaluate.py on out/final writes its report into
+    another OUT_DIR holding a copy of the run's records, so the two evaluations can run at once."""
+    (run / "out_final").mkdir()
     for name in ("config.json", "metrics.jsonl"):
-        shutil.copy(run / "out" / name, final_out / name)
-    best, final = parallel(("evaluate.py", FAST, {"cwd": run}),
-                           ("evaluate.py", ["--checkpoint=out/final", "--out_dir=out_final", *FAST], {"cwd": run}))
-    return best, final
+        shutil.copy(run / "out" / name, run / "out_final" / name)
+    cpu = "--device=cpu"
+    calls = {
+        "evaluate": ("evaluate.py", [cpu, *FAST], {}),
+        "evaluate final": ("evaluate.py", [cpu, "--checkpoint=out/final", "--out_dir=out_final", *FAST], {}),
+        "chat": ("chat.py", [cpu, "--max_new_tokens=12"],
+                 {"stdin": "Hi there\nHow are you?\n/reset\nHello again\n/quit\n"}),
+        "chat sam": ("chat.py", [cpu, "--max_new_tokens=12", "--bot_name=Sam"], {"stdin": "Hi there\n\nHow are you?\n"}),
+        # greedy: this one is about the context, and sampling over GPT-2's 50k vocabulary is the slow part
+        "chat long": ("chat.py", [cpu, f"--checkpoint={tiny64}", "--max_new_tokens=12", "--temperature=0"],
+                      {"stdin": LONG_CHAT}),
+        "chat missing": ("chat.py", [cpu, "--out_dir=nowhere"], {"stdin": "Hi\n"}),
+        "evaluate missing": ("evaluate.py", [cpu, "--out_dir=fresh"], {}),
+    }
+    return dict(zip(calls, parallel(*[(s, a, {"cwd": run, **kw}) for s, a, kw in calls.values()])))
 
 
 def metrics(run):
@@ -101,15 +124,15 @@ def rendered_ids(tok, turns):
     return ids + [EOS_ID]
 
 
-def hand_loss(model, tok, dialogues):
-    total, n = 0.0, 0
+def hand_nll(model, tok, dialogues):
+    """-log p of every next token, each dialogue run on its own from its leading EOS."""
+    nll = []
     with torch.no_grad():
         for turns in dialogues:
             ids = tok(tok.eos_token + format_dialogue(turns) + tok.eos_token)["input_ids"]
             logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), -1)
-            total -= logp.gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
-            n += len(ids) - 1
-    return total / n
+            nll += (-logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]).tolist()
+    return nll
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3])
@@ -123,17 +146,18 @@ def test_loss_equals_hand_computation(lm, batch_size):
     # each dialogue fits a block and no two share one, so each is scored on its own as the hand computation does
     assert len(blocks) == len(DIALOGUES) and max(sizes) <= block_size < 2 * min(sizes)
     loss = modeling.evaluate(lm, batching.eval_batches(blocks, batch_size, EOS_ID), torch.device("cpu"), None)
-    expected = hand_loss(lm, tok, DIALOGUES)
+    nll = hand_nll(lm, tok, DIALOGUES)
+    expected = sum(nll) / len(nll)
     assert loss == pytest.approx(expected, abs=1e-4)
     assert math.exp(loss) == pytest.approx(math.exp(expected), rel=1e-4)
-    # the test can tell: one target fewer (the final EOS of the last dialogue) moves the mean by more than the tolerance
-    assert abs(hand_loss(lm, tok, DIALOGUES[:-1]) - expected) > 1e-3
+    # the test can tell: leaving out one target (the last EOS) moves the mean well beyond the tolerance
+    assert abs(sum(nll[:-1]) / (len(nll) - 1) - expected) > 1e-3
 
 
 def test_windowed_loss_covers_every_token_once(lm):
     tok = gpt2_tokenizer()
     everything = Counter(t for d in DIALOGUES for t in rendered_ids(tok, d))
-    for block_size in (8, 12):  # smaller than a turn, and a few turns
+    for block_size in (8, 12):  # cuts at turn boundaries and inside long turns
         blocks = batching.make_blocks(tok, DIALOGUES, block_size)
         assert len(blocks) > len(DIALOGUES)
         batches = batching.eval_batches(blocks, 4, EOS_ID)
@@ -316,46 +340,30 @@ def test_pipeline_generates(run):
 # ---------------------------------------------------------------------------------------------------------------------
 # 4. chat.py
 
-@pytest.fixture(scope="module")
-def tiny64(tmp_path_factory):
-    return save_tiny_gpt2(str(tmp_path_factory.mktemp("tiny64") / "model"), n_positions=64)
-
-
-@pytest.fixture(scope="module")
-def chats(run, tiny64):
-    long_lines = "".join(f"Line {i}: " + "the cat sat on the garden table today and was very happy " * 2 + "\n"
-                         for i in range(15))
-    return dict(zip(["default", "sam", "long", "missing"], parallel(
-        ("chat.py", ["--max_new_tokens=12"], {"cwd": run, "stdin": "Hi there\nHow are you?\n/reset\nHello again\n/quit\n"}),
-        ("chat.py", ["--max_new_tokens=12", "--bot_name=Sam"], {"cwd": run, "stdin": "Hi there\n\nHow are you?\n"}),
-        ("chat.py", [f"--checkpoint={tiny64}", "--max_new_tokens=12"], {"cwd": run, "stdin": long_lines + "/quit\n"}),
-        ("chat.py", ["--out_dir=nowhere"], {"cwd": run, "stdin": "Hi\n"}))))
-
-
-def test_chat_answers_each_line_and_resets(chats):
-    proc = chats["default"]
+def test_chat_answers_each_line_and_resets(procs):
+    proc = procs["chat"]
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.rstrip("\n").split("\n")
     assert [line.startswith("Bob: ") for line in lines] == [True, True, False, True]
     assert lines[2] == "(new conversation)"
 
 
-def test_chat_bot_name_and_end_of_input(chats):
-    proc = chats["sam"]
+def test_chat_bot_name_and_end_of_input(procs):
+    proc = procs["chat sam"]
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.rstrip("\n").split("\n")
     assert len(lines) == 2 and all(line.startswith("Sam: ") for line in lines)  # the blank line is no turn
 
 
-def test_chat_beyond_the_context_answers_every_line(chats):
-    proc = chats["long"]
+def test_chat_beyond_the_context_answers_every_line(procs):
+    proc = procs["chat long"]
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.rstrip("\n").split("\n")
     assert len(lines) == 15 and all(line.startswith("Bob: ") for line in lines)
 
 
-def test_chat_missing_model(chats):
-    assert "nowhere" in one_error_line(chats["missing"])
+def test_chat_missing_model(procs):
+    assert "nowhere" in one_error_line(procs["chat missing"])
 
 
 def test_chat_history(run, monkeypatch):
@@ -383,8 +391,8 @@ def test_chat_same_names(monkeypatch, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # 5. evaluate.py on the trained run
 
-def test_evaluate_report(run, evaluated):
-    proc = evaluated[0]
+def test_evaluate_report(run, procs):
+    proc = procs["evaluate"]
     assert proc.returncode == 0, proc.stderr
     report = json.loads((run / "out" / "eval_report.json").read_text())
     for key in ("val_loss", "val_ppl", "base_val_loss", "base_val_ppl", "mean_words", "distinct_1", "distinct_2",
@@ -411,7 +419,7 @@ def test_evaluate_report(run, evaluated):
     assert last.startswith("fine-tuning took validation perplexity from") and "eval_report.md" in last
 
 
-def test_evaluate_loss_matches_training(run, evaluated):
+def test_evaluate_loss_matches_training(run, procs):
     report = json.loads((run / "out" / "eval_report.json").read_text())
     vals = [m for m in metrics(run) if "val_loss" in m]
     best = min((m for m in vals if m["step"] > 0), key=lambda m: m["val_loss"])
@@ -425,8 +433,8 @@ def test_evaluate_loss_matches_training(run, evaluated):
     assert report["val_tokens"] == sum(len(ids) for d in rendered for ids, _ in d)
 
 
-def test_evaluate_final_checkpoint(run, evaluated):
-    proc = evaluated[1]
+def test_evaluate_final_checkpoint(run, procs):
+    proc = procs["evaluate final"]
     assert proc.returncode == 0, proc.stderr
     report = json.loads((run / "out_final" / "eval_report.json").read_text())
     assert report["model"] == "out/final"
@@ -437,28 +445,35 @@ def test_evaluate_final_checkpoint(run, evaluated):
 # ---------------------------------------------------------------------------------------------------------------------
 # 6. bad input
 
+def test_evaluate_missing_model(procs):
+    assert "fresh" in one_error_line(procs["evaluate missing"])
+
+
 @pytest.fixture(scope="module")
-def errors(run, tiny64, tmp_path_factory):
+def bad(tiny64, tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
     (d / "half").mkdir()
     shutil.copy(os.path.join(tiny64, "config.json"), d / "half" / "config.json")
     (d / "empty.txt").write_text("")
-    val = str(run / "val_data.txt")
-    long_prompt = "Alex: " + "word " * 200 + "\nBob:"
-    cases = {
-        "missing model": ("evaluate.py", ["--out_dir=fresh", f"--val_file={val}"]),
-        "incomplete model": ("evaluate.py", [f"--checkpoint={d / 'half'}", f"--val_file={val}"]),
-        "missing val": ("evaluate.py", [f"--checkpoint={tiny64}", "--val_file=nope.txt"]),
-        "empty val": ("evaluate.py", [f"--checkpoint={tiny64}", "--val_file=empty.txt"]),
-        "long prompt": ("evaluate.py", [f"--checkpoint={tiny64}", f"--model={tiny64}", f"--val_file={val}",
-                                        "--num_replies=1", "--max_new_tokens=4", "--sample_max_new_tokens=8",
-                                        f"--sample_prompt={long_prompt}"]),
-    }
-    return dict(zip(cases, parallel(*[(s, a, {"cwd": d}) for s, a in cases.values()])))
+    write_split(d, synthetic(2, seed=3), synthetic(4, seed=4, min_turns=2))
+    return d
 
 
-@pytest.mark.parametrize("case, mentions", [("missing model", "fresh"), ("incomplete model", "incomplete"),
-                                            ("missing val", "nope.txt"), ("empty val", "empty.txt"),
-                                            ("long prompt", "SAMPLE_PROMPT")])
-def test_evaluate_bad_input(errors, case, mentions):
-    assert mentions in one_error_line(errors[case])
+LONG_PROMPT = "Alex: " + "word " * 200 + "\nBob:"
+
+
+# In-process through cli.run, which is all `python evaluate.py` adds around main(): a process each costs seconds.
+@pytest.mark.parametrize("case, args, mentions", [
+    ("incomplete model", ["--checkpoint=half"], "incomplete"),
+    ("missing val", ["--checkpoint=TINY", "--val_file=nope.txt"], "nope.txt"),
+    ("empty val", ["--checkpoint=TINY", "--val_file=empty.txt"], "empty.txt"),
+    ("long prompt", ["--checkpoint=TINY", "--model=TINY", "--num_replies=1", "--max_new_tokens=4",
+                     "--sample_max_new_tokens=8", f"--sample_prompt={LONG_PROMPT}"], "SAMPLE_PROMPT"),
+])
+def test_evaluate_bad_input(bad, tiny64, monkeypatch, capsys, case, args, mentions):
+    monkeypatch.chdir(bad)
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--device=cpu", *[a.replace("TINY", tiny64) for a in args]])
+    with pytest.raises(SystemExit) as e:
+        cli.run(evaluate.main)
+    proc = types.SimpleNamespace(returncode=e.value.code, stderr=capsys.readouterr().err)
+    assert mentions in one_error_line(proc)

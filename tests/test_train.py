@@ -32,6 +32,10 @@ from tiny import EOS_ID, gpt2_tokenizer, save_tiny_gpt2, synthetic, write_split
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers
 
+# One thread: tiny models gain nothing from a second one, and runs started together would fight over the cores.
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
 def train_args(model, *extra):
     return [f"--model={model}", "--device=cpu", "--out_dir=out", "--learning_rate=1e-3", "--warmup_steps=2", *extra]
 
@@ -39,7 +43,7 @@ def train_args(model, *extra):
 def run_all(jobs):
     """Run train.py once per (cwd, args) at the same time: each run is mostly import time."""
     with ThreadPoolExecutor(max_workers=4) as pool:
-        return list(pool.map(lambda job: run_script("train.py", *job[1], cwd=job[0]), jobs))
+        return list(pool.map(lambda job: run_script("train.py", *job[1], cwd=job[0], env=ENV), jobs))
 
 
 def weights(out_dir, name="final"):
@@ -109,9 +113,8 @@ def trained(tmp_path_factory, tiny_model):
     write_split(d, synthetic(100, seed=2, max_turns=12), synthetic(20, seed=3, max_turns=12))
     # lr 1e-2: a 32-wide model moves its 50257 logits slowly at 1e-3
     p = run_script("train.py", *train_args(tiny_model, "--learning_rate=1e-2", "--block_size=64", "--batch_size=4",
-                                           "--epochs=1",
-                                           "--log_interval=1", "--eval_interval=10", "--checkpoint_interval=10",
-                                           "--keep_checkpoints=10"), cwd=d)
+                                           "--epochs=1", "--log_interval=1", "--eval_interval=10",
+                                           "--checkpoint_interval=10", "--keep_checkpoints=10"), cwd=d, env=ENV)
     assert p.returncode == 0, p.stderr
     return d / "out", p
 
@@ -278,31 +281,38 @@ def test_accumulation_equals_one_batch_in_process():
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2,
                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).double().train()
+    cpu = torch.device("cpu")
 
-    def grads(micro_batches):
+    def step_grads(micro_batches, per_micro_mean=False):
+        """Gradients of one optimizer step, as train.py takes it: every micro-batch's summed loss over the whole
+        step's target count, backward per micro-batch (or, per_micro_mean, the naive mean of means)."""
         model.zero_grad(set_to_none=True)
         batches = [collate(b, EOS_ID) for b in micro_batches]
         n_targets = sum(int((y != IGNORE).sum()) for _, y in batches)
         total = 0.0
         for x, y in batches:
-            loss, _ = modeling.loss_sum(model, x, y)
-            (loss / n_targets).backward()
-            total += loss.item() / n_targets
+            loss, n = modeling.loss_sum(model, x, y)
+            loss = loss / (int(n) * len(batches) if per_micro_mean else n_targets)
+            loss.backward()
+            total += loss.item()
         return total, {k: p.grad.clone() for k, p in model.named_parameters()}
 
-    loss1, g1 = grads([four])
-    loss2, g2 = grads([four[:2], four[2:]])
-    assert loss1 == pytest.approx(loss2, rel=1e-6)  # loss_sum takes the cross-entropy in fp32
-    assert max((g1[k] - g2[k]).abs().max().item() for k in g1) < 1e-5
+    def grad_diff(g1, g2):
+        return max((g1[k] - g2[k]).abs().max().item() for k in g1)
 
-    # the test can tell: averaging per micro-batch means would give another gradient
-    (x1, y1), (x2, y2) = collate(four[:2], EOS_ID), collate(four[2:], EOS_ID)
-    assert int((y1 != IGNORE).sum()) != int((y2 != IGNORE).sum())
-    model.zero_grad(set_to_none=True)
-    for x, y in ((x1, y1), (x2, y2)):
-        loss, n = modeling.loss_sum(model, x, y)
-        (loss / n / 2).backward()
-    assert max((g1[k] - p.grad).abs().max().item() for k, p in model.named_parameters()) > 1e-5
+    loss1, g1 = step_grads([four])
+    loss2, g2 = step_grads([four[:2], four[2:]])
+    assert loss1 == pytest.approx(loss2, rel=1e-6)  # loss_sum takes the cross-entropy in fp32
+    assert grad_diff(g1, g2) < 1e-5
+    assert grad_diff(g1, step_grads([four[:2], four[2:]], per_micro_mean=True)[1]) > 1e-3  # the test can tell
+
+    # train.py's own step function, on the same micro-batches
+    for micro_batches in ([four], [four[:2], four[2:]]):
+        model.zero_grad(set_to_none=True)
+        loss, n_targets = modeling.forward_backward(model, [collate(b, EOS_ID) for b in micro_batches], cpu, None)
+        assert loss == pytest.approx(loss1, rel=1e-6)
+        assert n_targets == sum(len(ids) - 1 for ids, _ in four)  # every position of these pieces is a target
+        assert grad_diff(g1, {k: p.grad for k, p in model.named_parameters()}) < 1e-5
 
 
 def test_accumulation_equals_one_batch_in_train_py(tmp_path, tiny_model):
@@ -335,9 +345,9 @@ def run_a(tmp_path_factory, dropout_model):
     """An uninterrupted run, with dropout so that the RNG state matters."""
     d = tmp_path_factory.mktemp("run_a")
     write_split(d, *RESUME_DATA)
-    p = run_script("train.py", *resume_args(dropout_model), cwd=d)
+    p = run_script("train.py", *resume_args(dropout_model), cwd=d, env=ENV)
     assert p.returncode == 0, p.stderr
-    assert "5 steps/epoch, 12 steps" in p.stdout  # so resuming from step 8 crosses into epoch 3
+    assert re.search(r"\b5 steps/epoch\b", p.stdout), p.stdout  # so resuming from step 8 crosses into epoch 3
     return d / "out"
 
 
@@ -356,7 +366,7 @@ def test_resume_gives_the_same_weights(tmp_path, run_a, dropout_model):
     write_split(tmp_path, *RESUME_DATA)
     shutil.copytree(run_a, tmp_path / "out")
     crash_after_step_8(tmp_path / "out")
-    p = run_script("train.py", *resume_args(dropout_model), "--resume=True", cwd=tmp_path)
+    p = run_script("train.py", *resume_args(dropout_model), "--resume=True", cwd=tmp_path, env=ENV)
     assert p.returncode == 0, p.stderr
     assert "(step 8)" in p.stdout
     assert max_diff(weights(tmp_path / "out"), weights(run_a)) < 1e-6
@@ -366,7 +376,7 @@ def test_resume_gives_the_same_weights(tmp_path, run_a, dropout_model):
 
 def test_resume_after_kill(tmp_path, run_a, dropout_model):
     write_split(tmp_path, *RESUME_DATA)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **ENV}
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *resume_args(dropout_model)],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = tmp_path / "out" / "checkpoints"
@@ -378,7 +388,7 @@ def test_resume_after_kill(tmp_path, run_a, dropout_model):
     proc.kill()
     proc.wait()
     if proc.returncode == -signal.SIGKILL:
-        p = run_script("train.py", *resume_args(dropout_model), "--resume=True", cwd=tmp_path)
+        p = run_script("train.py", *resume_args(dropout_model), "--resume=True", cwd=tmp_path, env=ENV)
         assert p.returncode == 0, p.stderr
         assert "resuming from" in p.stdout
     else:  # it finished before the kill landed
@@ -396,7 +406,7 @@ def test_half_written_checkpoint_is_ignored(tmp_path, run_a, dropout_model):
     (out / "checkpoints" / ".tmp-step-00000099" / "state.pt").write_bytes(b"junk")
     (out / "checkpoints" / "step-00000098").mkdir()  # renamed in place but no state.pt: not complete
     (out / "checkpoints" / "step-00000098" / "config.json").write_text("{}")
-    p = run_script("train.py", *resume_args(dropout_model), "--resume=True", cwd=tmp_path)
+    p = run_script("train.py", *resume_args(dropout_model), "--resume=True", cwd=tmp_path, env=ENV)
     assert p.returncode == 0, p.stderr
     assert re.search(r"resuming from \S*step-00000008 \(step 8\)", p.stdout), p.stdout
     assert not (out / "checkpoints" / ".tmp-step-00000099").exists()
@@ -410,7 +420,7 @@ def test_scratch_end_to_end(tmp_path):
     write_split(tmp_path, synthetic(30, seed=10), synthetic(5, seed=11))
     p = run_script("train.py", "--model=scratch", "--scratch_layers=1", "--scratch_embd=32", "--scratch_heads=2",
                    "--scratch_vocab=300", "--block_size=64", "--max_steps=5", "--device=cpu", "--out_dir=out",
-                   "--learning_rate=1e-3", cwd=tmp_path)
+                   "--learning_rate=1e-3", cwd=tmp_path, env=ENV)
     assert p.returncode == 0, p.stderr
     final = tmp_path / "out" / "final"
     model = AutoModelForCausalLM.from_pretrained(final)
