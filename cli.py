@@ -3,6 +3,7 @@ line on stderr with exit code 2, and write files atomically so a failure never l
 
 import ast
 import difflib
+import json
 import os
 import sys
 import tempfile
@@ -90,3 +91,19 @@ def atomic_write(path, mode="w"):
         if isinstance(e, OSError):
             raise UserError(f"cannot write {path}: {e.strerror}") from None
         raise
+
+
+def read_jsonl(path):
+    """The records of a JSON Lines log such as metrics.jsonl; a missing file is empty, and a line a killed process
+    left half-written is skipped."""
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    pass
+    except FileNotFoundError:
+        pass
+    return records

@@ -20,7 +20,7 @@ import torch
 
 import modeling
 from batching import eval_batches, make_blocks
-from cli import UserError, atomic_write, load_config, run
+from cli import UserError, atomic_write, load_config, read_jsonl, run
 from dialogues import read_dialogues
 from generation import reply, sample
 
@@ -86,13 +86,11 @@ def main():
     val_dialogues = read_dialogues(cfg.VAL_FILE)
     if not val_dialogues:
         raise UserError(f"VAL_FILE {cfg.VAL_FILE!r} holds no dialogues: run prepare_data.py first")
-    run_cfg, metrics = {}, []  # what train.py recorded, where it ran
+    run_cfg = {}  # what train.py recorded, where it ran
     if os.path.isfile(os.path.join(cfg.OUT_DIR, "config.json")):
         with open(os.path.join(cfg.OUT_DIR, "config.json")) as f:
             run_cfg = json.load(f)
-    if os.path.isfile(os.path.join(cfg.OUT_DIR, "metrics.jsonl")):
-        with open(os.path.join(cfg.OUT_DIR, "metrics.jsonl")) as f:
-            metrics = [json.loads(line) for line in f if line.strip()]
+    metrics = read_jsonl(os.path.join(cfg.OUT_DIR, "metrics.jsonl"))
     device, dtype, device_note = modeling.pick_device(cfg.DEVICE)
     print(device_note)
     tokenizer, model = modeling.load(model_dir)

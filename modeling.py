@@ -2,6 +2,8 @@
 saving one atomically as a standard Hugging Face directory, and the token-weighted loss every stage reports."""
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -56,6 +58,9 @@ def load(name):
         if missing:
             raise UserError(f"model directory {name!r} is incomplete: no {', '.join(missing)} "
                             f"(a directory written by save_pretrained, with safetensors weights, is expected)")
+        problem = check_manifest(name)
+        if problem:
+            raise UserError(f"model directory {name!r} is damaged: {problem}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, use_safetensors=True,
@@ -97,29 +102,89 @@ def context_size(model):
     return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions")
 
 
-def save(model, tokenizer, path):
-    """save_pretrained into a temp directory beside `path`, then swap it in: `path` is always a complete model."""
+MANIFEST = "manifest.json"
+
+
+def save(model, tokenizer, path, state=None):
+    """save_pretrained (and `state` as state.pt, for a checkpoint) into a temp directory beside `path`, with a
+    manifest of every file's size and sha256, then swap it in: `path` is always a complete model. A failed write
+    (a full disk, say) leaves what was at `path` as it was."""
     parent = os.path.dirname(os.path.abspath(path))
-    tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(path) + ".")
+    tmp = None
     try:
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(path) + "-")
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if state is not None:
+            torch.save(state, os.path.join(tmp, "state.pt"))
+        files = sorted(os.listdir(tmp))
+        manifest = {f: {"size": os.path.getsize(os.path.join(tmp, f)), "sha256": sha256(os.path.join(tmp, f))}
+                    for f in files}
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
         replace_dir(tmp, path)
+    except OSError as e:
+        raise UserError(f"could not write {path}: {e.strerror}; what was there before is intact") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_manifest(path, required=False):
+    """What is wrong with a directory we saved (a file missing, truncated or changed since), or None if nothing.
+    A directory without a manifest (a model from elsewhere) passes unless `required`."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        return "no manifest.json" if required else None
+    except (OSError, ValueError):
+        return "manifest.json is unreadable"
+    for name, want in manifest.items():
+        p = os.path.join(path, name)
+        if not os.path.isfile(p):
+            return f"{name} is missing"
+        if os.path.getsize(p) != want["size"]:
+            return f"{name} is {os.path.getsize(p):,} bytes, the manifest says {want['size']:,} (truncated?)"
+        if sha256(p) != want["sha256"]:
+            return f"{name} does not match its sha256 in the manifest (corrupted or replaced)"
+    return None
 
 
 def replace_dir(src, dst):
-    """Put directory src at dst, replacing what is there; dst is never missing or half-written in between for
-    longer than two renames."""
-    old = None
+    """Put directory src at dst, replacing what is there: two renames, and `recover_dirs` mends a kill between."""
+    old = os.path.join(os.path.dirname(dst), ".tmp-old-" + os.path.basename(dst))
     if os.path.exists(dst):
-        old = dst + ".old"
         shutil.rmtree(old, ignore_errors=True)
         os.rename(dst, old)
     os.rename(src, dst)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_dir(path):
+    """Delete a directory so it is never seen half-deleted: rename it to a temp name first."""
+    tmp = os.path.join(os.path.dirname(path), ".tmp-del-" + os.path.basename(path))
+    os.rename(path, tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_dirs(parent):
+    """After a kill: put back a directory that replace_dir had moved aside but not yet replaced, and delete every
+    other temp directory (unfinished saves, unfinished deletes)."""
+    names = os.listdir(parent) if os.path.isdir(parent) else []
+    for name in names:
+        if name.startswith(".tmp-old-") and not os.path.exists(os.path.join(parent, name[len(".tmp-old-"):])):
+            os.rename(os.path.join(parent, name), os.path.join(parent, name[len(".tmp-old-"):]))
+        elif name.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 import modeling
 from batching import collate, count, epoch_order, eval_batches, make_blocks, step_batches
-from cli import UserError, atomic_write, load_config, run
+from cli import UserError, atomic_write, load_config, read_jsonl, run
 from dialogues import CHAT_TEMPLATE, format_dialogue, read_dialogues
 
 # Settings that shape the run's arithmetic: resuming with other values would not continue the same run.
@@ -74,24 +74,33 @@ def check_config(cfg):
 
 
 def find_checkpoints(out_dir):
-    """Complete checkpoints, oldest first. A checkpoint is written to a temp directory and renamed into place, so a
-    step-* directory with its state.pt is complete; temp directories are never picked."""
+    """Checkpoint directories, oldest first. Each is written to a temp directory and renamed into place when
+    complete, so a half-written one never has a step-* name; its manifest catches later damage."""
     d = os.path.join(out_dir, "checkpoints")
     names = sorted(n for n in os.listdir(d) if n.startswith("step-")) if os.path.isdir(d) else []
     return [os.path.join(d, n) for n in names if os.path.isfile(os.path.join(d, n, "state.pt"))]
 
 
+def load_latest_state(checkpoints, say):
+    """The newest checkpoint whose files match its manifest and whose state loads without running code, and its
+    state; damaged ones are reported and passed over."""
+    for path in reversed(checkpoints):
+        problem = modeling.check_manifest(path, required=True)
+        if problem is None:
+            try:  # weights_only: tensors and plain data only; a pickle that would run code is refused
+                return path, torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+            except Exception as e:
+                problem = f"state.pt cannot be loaded safely ({type(e).__name__})"
+        say(f"skipping damaged checkpoint {path}: {problem}")
+    return None, None
+
+
 def save_checkpoint(out_dir, model, tokenizer, state, keep):
     d = os.path.join(out_dir, "checkpoints")
     os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".tmp-step-{state['step']:08d}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    modeling.replace_dir(tmp, os.path.join(d, f"step-{state['step']:08d}"))
+    modeling.save(model, tokenizer, os.path.join(d, f"step-{state['step']:08d}"), state)
     for old in find_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        modeling.remove_dir(old)
 
 
 def main():
@@ -118,32 +127,36 @@ def main():
     # the run directory: a new run, or the latest complete checkpoint of an earlier one
     with open(cfg.TRAIN_FILE, "rb") as f:
         train_sha = hashlib.sha256(f.read()).hexdigest()
+    if master:  # mend what a killed run left: a model directory moved aside mid-swap, unfinished temp directories
+        modeling.recover_dirs(cfg.OUT_DIR)
+        modeling.recover_dirs(os.path.join(cfg.OUT_DIR, "checkpoints"))
+    if world > 1:
+        dist.barrier()
     checkpoints = find_checkpoints(cfg.OUT_DIR)
     state = None
     if cfg.RESUME and checkpoints:
-        state = torch.load(os.path.join(checkpoints[-1], "state.pt"), map_location="cpu", weights_only=True)
-        differ = [k for k in MUST_MATCH if state["config"][k] != getattr(cfg, k)]
-        if differ:
-            flags = " ".join(f"--{k.lower()}={state['config'][k]!r}" for k in differ)
-            raise UserError(f"{checkpoints[-1]} was made with other settings; resume with the same ones ({flags}) "
-                            f"or start a new run in another OUT_DIR")
-        if state["train_sha256"] != train_sha:
-            raise UserError(f"{cfg.TRAIN_FILE} has changed since {checkpoints[-1]} was written; resuming would not "
-                            f"continue the same run (start a new one in another OUT_DIR)")
+        resume_from, state = load_latest_state(checkpoints, say)
+        if state is None:
+            say(f"no intact checkpoint in {cfg.OUT_DIR}: starting the run again")
     elif not cfg.RESUME and (checkpoints or os.path.exists(os.path.join(cfg.OUT_DIR, "final"))):
         raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} already holds a run: continue it with --resume=True, or choose "
                         f"another --out_dir (nothing there is overwritten)")
-    ckpt_dir = os.path.join(cfg.OUT_DIR, "checkpoints")
+    if state is not None:
+        differ = [k for k in MUST_MATCH if state["config"][k] != getattr(cfg, k)]
+        if differ:
+            flags = " ".join(f"--{k.lower()}={state['config'][k]!r}" for k in differ)
+            raise UserError(f"{resume_from} was made with other settings; resume with the same ones ({flags}) "
+                            f"or start a new run in another OUT_DIR")
+        if state["train_sha256"] != train_sha:
+            raise UserError(f"{cfg.TRAIN_FILE} has changed since {resume_from} was written; resuming would not "
+                            f"continue the same run (start a new one in another OUT_DIR)")
     if master:
         try:
             os.makedirs(cfg.OUT_DIR, exist_ok=True)
             with atomic_write(os.path.join(cfg.OUT_DIR, "config.json")) as f:
                 json.dump(vars(cfg), f, indent=2)
-        except OSError as e:
-            raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} is not writable: {e.strerror}") from None
-        for name in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []:
-            if name.startswith(".tmp-"):  # a checkpoint a killed run was writing: never complete, never loaded
-                shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+        except (OSError, UserError) as e:
+            raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} is not writable: {getattr(e, 'strerror', None) or e}") from None
 
     # -----------------------------------------------------------------------------------------------------------------
     # model, tokenizer and data
@@ -157,8 +170,8 @@ def main():
         if unknown:
             raise UserError(f"TRAIN_SPEAKERS {unknown} never speak in {cfg.TRAIN_FILE}")
     if state is not None:
-        tokenizer, model = modeling.load(checkpoints[-1])
-        say(f"resuming from {checkpoints[-1]} (step {state['step']})")
+        tokenizer, model = modeling.load(resume_from)
+        say(f"resuming from {resume_from} (step {state['step']})")
     elif cfg.MODEL == "scratch":
         texts = [format_dialogue(d) for d in train_dialogues]
         if world > 1:  # one tokenizer for all ranks: rank 0 trains it, the others load it
@@ -177,6 +190,13 @@ def main():
                         f"{modeling.context_size(model)} tokens")
     model.to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
+    # a checkpoint is the model and AdamW's two moments (12 bytes a parameter in fp32); KEEP_CHECKPOINTS of them,
+    # one being written, best/ and final/: better to say so now than to fill the disk an hour in
+    need = n_params * (12 * (cfg.KEEP_CHECKPOINTS + 1) + 8)
+    free = shutil.disk_usage(cfg.OUT_DIR if os.path.isdir(cfg.OUT_DIR) else ".").free
+    if master and free < need:
+        raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} has {free / 1e9:.1f} GB free; this run's checkpoints and models "
+                        f"need about {need / 1e9:.1f} GB (free space, or lower KEEP_CHECKPOINTS)")
 
     train_blocks = make_blocks(tokenizer, train_dialogues, cfg.BLOCK_SIZE, cfg.TRAIN_SPEAKERS)
     val_blocks = make_blocks(tokenizer, val_dialogues, cfg.BLOCK_SIZE, cfg.TRAIN_SPEAKERS)
@@ -221,9 +241,8 @@ def main():
 
     if master:  # metrics.jsonl keeps what came before this step; the run writes later lines again as it redoes them
         lines = []
-        if state is not None and os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        if state is not None:
+            lines = [json.dumps(m) + "\n" for m in read_jsonl(metrics_path) if m["step"] <= step]
         with atomic_write(metrics_path) as f:
             f.writelines(lines)
 

@@ -20,6 +20,7 @@ import chat
 import cli
 import evaluate
 import modeling
+import train
 from conftest import run_script
 from dialogues import clean_text, format_dialogue, read_dialogues
 from generation import cut_reply, prompt_ids, reply
@@ -51,12 +52,32 @@ def one_error_line(proc):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """The tiny GPT-2 fine-tuned for 6 steps. BLOCK_SIZE=64 is below the model's context of 256 and below the longest
+    dialogues, so evaluate.py must take the run's block size from OUT_DIR/config.json to score what training scored."""
     d = tmp_path_factory.mktemp("run")
+    save_tiny_gpt2(str(d / "base"))
     write_split(d, synthetic(32, seed=1), synthetic(8, seed=2, min_turns=2))
-    proc = run_script("train.py", "--device=cpu", "--model=scratch", "--scratch_layers=2", "--scratch_heads=2", "--scratch_embd=32",
-                      "--scratch_vocab=512", "--block_size=128", "--batch_size=4", "--max_steps=6",
+    proc = run_script("train.py", "--device=cpu", "--model=base", "--block_size=64", "--batch_size=4", "--max_steps=6",
                       "--eval_interval=2", "--learning_rate=1e-3", "--warmup_steps=1", "--log_interval=1", cwd=d, env=ENV)
     assert proc.returncode == 0, proc.stderr
+    return d
+
+
+@pytest.fixture(scope="module")
+def scratch_run(tmp_path_factory):
+    """A scratch model trained, then evaluated as evaluate.py --checkpoint=out/final, both in-process: no start-up."""
+    d = tmp_path_factory.mktemp("scratch")
+    write_split(d, synthetic(24, seed=5), synthetic(6, seed=6, min_turns=2))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(d)
+        mp.setenv("TOKENIZERS_PARALLELISM", "false")  # scripts are forked later; tokenizers would warn in them
+        mp.setattr(sys, "argv", ["train.py", "--device=cpu", "--model=scratch", "--scratch_layers=2",
+                                 "--scratch_heads=2", "--scratch_embd=32", "--scratch_vocab=512", "--block_size=128",
+                                 "--batch_size=4", "--max_steps=4", "--eval_interval=2", "--learning_rate=1e-3",
+                                 "--warmup_steps=1"])
+        train.main()
+        mp.setattr(sys, "argv", ["evaluate.py", "--device=cpu", "--checkpoint=out/final", *FAST])
+        evaluate.main()
     return d
 
 
@@ -71,15 +92,10 @@ LONG_CHAT = "".join(f"Line {i}: " + "the cat sat on the garden table today and w
 
 @pytest.fixture(scope="module")
 def procs(run, tiny64):
-    """Every script run the tests look at, started side by side. evaluate.py on out/final writes its report into
-    another OUT_DIR holding a copy of the run's records, so the two evaluations can run at once."""
-    (run / "out_final").mkdir()
-    for name in ("config.json", "metrics.jsonl"):
-        shutil.copy(run / "out" / name, run / "out_final" / name)
+    """The script runs the tests look at, started side by side."""
     cpu = "--device=cpu"
     calls = {
         "evaluate": ("evaluate.py", [cpu, *FAST], {}),
-        "evaluate final": ("evaluate.py", [cpu, "--checkpoint=out/final", "--out_dir=out_final", *FAST], {}),
         "chat": ("chat.py", [cpu, "--max_new_tokens=12"],
                  {"stdin": "Hi there\nHow are you?\n/reset\nHello again\n/quit\n"}),
         "chat sam": ("chat.py", [cpu, "--max_new_tokens=12", "--bot_name=Sam"], {"stdin": "Hi there\n\nHow are you?\n"}),
@@ -92,8 +108,8 @@ def procs(run, tiny64):
     return dict(zip(calls, parallel(*[(s, a, {"cwd": run, **kw}) for s, a, kw in calls.values()])))
 
 
-def metrics(run):
-    with open(run / "out" / "metrics.jsonl") as f:
+def metrics(d):
+    with open(d / "out" / "metrics.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -424,7 +440,7 @@ def test_evaluate_loss_matches_training(run, procs):
     vals = [m for m in metrics(run) if "val_loss" in m]
     best = min((m for m in vals if m["step"] > 0), key=lambda m: m["val_loss"])
     assert report["val_loss"] == pytest.approx(best["val_loss"], abs=1e-4)
-    # scratch: the base model is rebuilt from the run's seed, so it is the model train.py scored at step 0
+    # the base model, loaded from the run's MODEL, is the model train.py scored at step 0
     step0 = next(m for m in vals if m["step"] == 0)
     assert report["base_val_loss"] == pytest.approx(step0["val_loss"], abs=1e-4)
     # the whole validation set is scored: every rendered token is a target once
@@ -433,13 +449,14 @@ def test_evaluate_loss_matches_training(run, procs):
     assert report["val_tokens"] == sum(len(ids) for d in rendered for ids, _ in d)
 
 
-def test_evaluate_final_checkpoint(run, procs):
-    proc = procs["evaluate final"]
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads((run / "out_final" / "eval_report.json").read_text())
-    assert report["model"] == "out/final"
-    last_val = max((m for m in metrics(run) if "val_loss" in m), key=lambda m: m["step"])
-    assert report["val_loss"] == pytest.approx(last_val["val_loss"], abs=1e-4)
+def test_evaluate_final_checkpoint_of_a_scratch_run(scratch_run):
+    report = json.loads((scratch_run / "out" / "eval_report.json").read_text())
+    assert report["model"] == "out/final" and report["base_model"] == "scratch"
+    vals = [m for m in metrics(scratch_run) if "val_loss" in m]
+    assert report["val_loss"] == pytest.approx(max(vals, key=lambda m: m["step"])["val_loss"], abs=1e-4)
+    # the base is rebuilt from the run's seed: it must be the very model train.py scored at step 0
+    assert report["base_val_loss"] == pytest.approx(next(m for m in vals if m["step"] == 0)["val_loss"], abs=1e-4)
+    assert "fine-tuning took validation perplexity from" in (scratch_run / "out" / "eval_report.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -360,18 +360,32 @@ def crash_after_step_8(out):
         shutil.rmtree(out / name, ignore_errors=True)
 
 
-def test_resume_gives_the_same_weights(tmp_path, run_a, dropout_model):
-    # A copy of run A's directory is what a second, identical run would have written (test_resume_after_kill checks
-    # that a fresh run reproduces A); it then crashes after step 8 and is resumed.
-    write_split(tmp_path, *RESUME_DATA)
-    shutil.copytree(run_a, tmp_path / "out")
-    crash_after_step_8(tmp_path / "out")
-    p = run_script("train.py", *resume_args(dropout_model), "--resume=True", cwd=tmp_path, env=ENV)
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, run_a, dropout_model):
+    """Two copies of run A's directory crashed after step 8 (a copy is what a second, identical run would have
+    written; test_resume_after_kill checks a fresh run), one also holding half-written checkpoints; both resumed,
+    at the same time. name -> (OUT_DIR, CompletedProcess)."""
+    dirs = {name: tmp_path_factory.mktemp(name) for name in ("plain", "half_written")}
+    for d in dirs.values():
+        write_split(d, *RESUME_DATA)
+        shutil.copytree(run_a, d / "out")
+        crash_after_step_8(d / "out")
+    ckpts = dirs["half_written"] / "out" / "checkpoints"
+    (ckpts / ".tmp-step-00000099").mkdir()
+    (ckpts / ".tmp-step-00000099" / "state.pt").write_bytes(b"junk")
+    (ckpts / "step-00000098").mkdir()  # renamed into place but without state.pt: not complete
+    (ckpts / "step-00000098" / "config.json").write_text("{}")
+    results = run_all([(d, [*resume_args(dropout_model), "--resume=True"]) for d in dirs.values()])
+    return {name: (d / "out", p) for (name, d), p in zip(dirs.items(), results)}
+
+
+def test_resume_gives_the_same_weights(resumed, run_a):
+    out, p = resumed["plain"]
     assert p.returncode == 0, p.stderr
     assert "(step 8)" in p.stdout
-    assert max_diff(weights(tmp_path / "out"), weights(run_a)) < 1e-6
-    assert curve(tmp_path / "out") == pytest.approx(curve(run_a), rel=1e-5)
-    assert sorted(os.listdir(tmp_path / "out" / "checkpoints")) == sorted(os.listdir(run_a / "checkpoints"))
+    assert max_diff(weights(out), weights(run_a)) < 1e-6
+    assert curve(out) == pytest.approx(curve(run_a), rel=1e-5)
+    assert sorted(os.listdir(out / "checkpoints")) == sorted(os.listdir(run_a / "checkpoints"))
 
 
 def test_resume_after_kill(tmp_path, run_a, dropout_model):
@@ -397,16 +411,8 @@ def test_resume_after_kill(tmp_path, run_a, dropout_model):
     assert curve(tmp_path / "out") == pytest.approx(curve(run_a), rel=1e-5)
 
 
-def test_half_written_checkpoint_is_ignored(tmp_path, run_a, dropout_model):
-    write_split(tmp_path, *RESUME_DATA)
-    out = tmp_path / "out"
-    shutil.copytree(run_a, out)
-    crash_after_step_8(out)
-    (out / "checkpoints" / ".tmp-step-00000099").mkdir()
-    (out / "checkpoints" / ".tmp-step-00000099" / "state.pt").write_bytes(b"junk")
-    (out / "checkpoints" / "step-00000098").mkdir()  # renamed in place but no state.pt: not complete
-    (out / "checkpoints" / "step-00000098" / "config.json").write_text("{}")
-    p = run_script("train.py", *resume_args(dropout_model), "--resume=True", cwd=tmp_path, env=ENV)
+def test_half_written_checkpoint_is_ignored(resumed, run_a):
+    out, p = resumed["half_written"]
     assert p.returncode == 0, p.stderr
     assert re.search(r"resuming from \S*step-00000008 \(step 8\)", p.stdout), p.stdout
     assert not (out / "checkpoints" / ".tmp-step-00000099").exists()
@@ -434,26 +440,35 @@ def test_scratch_end_to_end(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # 6, 10, 11: mistakes are one line on stderr, exit code 2, and leave OUT_DIR as it was
 
-def bad_setups(tiny_model, dropout_model, run_a):
-    """name -> (train.py arguments, what to do to the run directory first)."""
+def error_cases(tiny_model, dropout_model, run_a):
+    """name -> (train.py arguments, what to do to the run directory first, a word the error line must hold)."""
     copy_a = lambda d: shutil.copytree(run_a, d / "out")
     return {
-        "learning_rate_0": (train_args(tiny_model, "--learning_rate=0"), None),
-        "batch_size_0": (train_args(tiny_model, "--batch_size=0"), None),
-        "block_beyond_model": (train_args(tiny_model, "--block_size=100000"), None),  # the model has 256 positions
-        "no_train_file": (train_args(tiny_model), lambda d: os.remove(d / "train_data.txt")),
-        "empty_train_file": (train_args(tiny_model), lambda d: (d / "train_data.txt").write_text("")),
-        "resume_other_block_size": ([*resume_args(dropout_model), "--block_size=64", "--resume=True"], copy_a),
-        "existing_run": (resume_args(dropout_model), copy_a),
+        # 10: bad configuration
+        "learning_rate_0": (train_args(tiny_model, "--learning_rate=0"), None, "LEARNING_RATE"),
+        "batch_size_0": (train_args(tiny_model, "--batch_size=0"), None, "BATCH_SIZE"),
+        "block_beyond_model": (train_args(tiny_model, "--block_size=100000"), None, "100000"),  # 256 positions
+        "no_train_file": (train_args(tiny_model), lambda d: os.remove(d / "train_data.txt"), "train_data.txt"),
+        "empty_train_file": (train_args(tiny_model), lambda d: (d / "train_data.txt").write_text(""),
+                             "train_data.txt"),
+        "resume_other_block_size": ([*resume_args(dropout_model), "--block_size=64", "--resume=True"], copy_a,
+                                    "--block_size=32"),  # how to resume it right
+        "existing_run": (resume_args(dropout_model), copy_a, "already holds a run"),
+        # 6 and 11
+        "unknown_train_speaker": (train_args(tiny_model, "--train_speakers=['Nobody']"), None, "Nobody"),
+        "empty_model_dir": (train_args("empty_model"), lambda d: (d / "empty_model").mkdir(), "incomplete"),
     }
 
 
-@pytest.mark.parametrize("case", ["learning_rate_0", "batch_size_0", "block_beyond_model", "no_train_file",
-                                  "empty_train_file", "resume_other_block_size", "existing_run"])
-def test_bad_config(case, tmp_path, monkeypatch, capfd, tiny_model, dropout_model, run_a):
-    # In-process (train.py's own main() under cli.run, as its __main__ does) to save an interpreter start per case;
-    # test_unknown_train_speaker_is_rejected and test_missing_model go through the real script.
-    args, setup = bad_setups(tiny_model, dropout_model, run_a)[case]
+BAD_CONFIG = ["learning_rate_0", "batch_size_0", "block_beyond_model", "no_train_file", "empty_train_file",
+              "resume_other_block_size", "existing_run"]
+
+
+@pytest.mark.parametrize("case", [*BAD_CONFIG, "unknown_train_speaker", "empty_model_dir"])
+def test_rejected_in_one_line(case, tmp_path, monkeypatch, capfd, tiny_model, dropout_model, run_a):
+    # In-process (train.py's main() under cli.run, as its __main__ runs it) to save an interpreter start per case;
+    # test_missing_model goes through the real script.
+    args, setup, word = error_cases(tiny_model, dropout_model, run_a)[case]
     write_split(tmp_path, *RESUME_DATA)
     if setup:
         setup(tmp_path)
@@ -464,40 +479,18 @@ def test_bad_config(case, tmp_path, monkeypatch, capfd, tiny_model, dropout_mode
         cli.run(train.main)
     out, err = capfd.readouterr()
     line = one_error_line(subprocess.CompletedProcess(args, e.value.code, out, err))
-    if case in ("resume_other_block_size", "existing_run"):
-        assert before is not None
-    assert snapshot(tmp_path / "out") == before, f"OUT_DIR changed after: {line}"
-    expected = {"block_beyond_model": "100000", "resume_other_block_size": "--block_size=32",
-                "existing_run": "already holds a run", "no_train_file": "train_data.txt",
-                "empty_train_file": "train_data.txt"}
-    assert expected.get(case, "") in line
+    assert word in line
+    if case in BAD_CONFIG:
+        if case in ("resume_other_block_size", "existing_run"):
+            assert before is not None
+        assert snapshot(tmp_path / "out") == before, f"OUT_DIR changed after: {line}"
 
 
-@pytest.fixture(scope="module")
-def failed_runs(tmp_path_factory, tiny_model):
-    """Mistakes found after the imports and the model load, through the real script, all at once."""
-    cases = {
-        "nobody": (train_args(tiny_model, "--train_speakers=['Nobody']"), None),
-        "no_model": (train_args("no-such-org/no-such-model"), None),  # HF_HUB_OFFLINE=1: the Hub is unreachable
-        "empty_model_dir": (train_args("empty_model"), lambda d: (d / "empty_model").mkdir()),
-    }
-    jobs = []
-    for name, (args, setup) in cases.items():
-        d = tmp_path_factory.mktemp(name)
-        write_split(d, *RESUME_DATA)
-        if setup:
-            setup(d)
-        jobs.append((d, args))
-    return dict(zip(cases, run_all(jobs)))
-
-
-def test_unknown_train_speaker_is_rejected(failed_runs):
-    assert "Nobody" in one_error_line(failed_runs["nobody"])
-
-
-def test_missing_model(failed_runs):
-    assert "scratch" in one_error_line(failed_runs["no_model"])
-    assert "incomplete" in one_error_line(failed_runs["empty_model_dir"])
+def test_missing_model(tmp_path):
+    write_split(tmp_path, *RESUME_DATA)
+    # the fixture's HF_HUB_OFFLINE=1 makes the Hub unreachable
+    p = run_script("train.py", *train_args("no-such-org/no-such-model"), cwd=tmp_path, env=ENV)
+    assert "scratch" in one_error_line(p)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
