@@ -146,9 +146,10 @@ CHAT_TEMPLATE = (
     "{%- for m in messages -%}{{ (m.name or m.role) | replace(':', ' ') | trim }}: "
     "{{ m.content.split() | join(' ') }}{{ '\\n' }}{%- endfor -%}"
     "{%- if add_generation_prompt -%}"
-    "{%- if next_speaker is defined and next_speaker -%}{{ next_speaker }}:"
-    "{%- elif messages | length > 1 -%}{{ messages[-2].name or messages[-2].role }}:"
-    "{%- else -%}assistant:{%- endif -%}"
+    "{%- if next_speaker is defined and next_speaker -%}{%- set label = next_speaker -%}"
+    "{%- elif messages | length > 1 -%}{%- set label = messages[-2].name or messages[-2].role -%}"
+    "{%- else -%}{%- set label = 'assistant' -%}{%- endif -%}"
+    "{{ label | replace(':', ' ') | trim }}:"
     "{%- else -%}{{ eos_token }}{%- endif -%}")
 
 

@@ -38,7 +38,7 @@ def get_lr(step, cfg, total_steps):
     if step < cfg.WARMUP_STEPS:
         return cfg.LEARNING_RATE * (step + 1) / cfg.WARMUP_STEPS
     min_lr = cfg.LEARNING_RATE * cfg.MIN_LR_FRACTION
-    progress = min(1.0, (step - cfg.WARMUP_STEPS) / max(1, total_steps - cfg.WARMUP_STEPS))
+    progress = min(1.0, (step - cfg.WARMUP_STEPS) / max(1, total_steps - 1 - cfg.WARMUP_STEPS))  # 1 at the last
     decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.LR_SCHEDULE == "cosine" else 1 - progress
     return min_lr + (cfg.LEARNING_RATE - min_lr) * decay
 
@@ -150,13 +150,11 @@ def main():
         if state["train_sha256"] != train_sha:
             raise UserError(f"{cfg.TRAIN_FILE} has changed since {resume_from} was written; resuming would not "
                             f"continue the same run (start a new one in another OUT_DIR)")
-    if master:
-        try:
-            os.makedirs(cfg.OUT_DIR, exist_ok=True)
-            with atomic_write(os.path.join(cfg.OUT_DIR, "config.json")) as f:
-                json.dump(vars(cfg), f, indent=2)
-        except (OSError, UserError) as e:
-            raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} is not writable: {getattr(e, 'strerror', None) or e}") from None
+    existing = cfg.OUT_DIR
+    while not os.path.isdir(existing):  # OUT_DIR, or the nearest folder above it that exists, must take writes
+        existing = os.path.dirname(os.path.abspath(existing))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} is not writable ({existing} does not take writes)")
 
     # -----------------------------------------------------------------------------------------------------------------
     # model, tokenizer and data
@@ -175,7 +173,7 @@ def main():
     elif cfg.MODEL == "scratch":
         texts = [format_dialogue(d) for d in train_dialogues]
         if world > 1:  # one tokenizer for all ranks: rank 0 trains it, the others load it
-            shared = os.path.join(cfg.OUT_DIR, ".scratch-tokenizer")
+            shared = os.path.join(cfg.OUT_DIR, ".tmp-scratch-tokenizer")
             if master:
                 modeling.scratch_tokenizer(cfg, texts).save_pretrained(shared)
             dist.barrier()
@@ -193,7 +191,7 @@ def main():
     # a checkpoint is the model and AdamW's two moments (12 bytes a parameter in fp32); KEEP_CHECKPOINTS of them,
     # one being written, best/ and final/: better to say so now than to fill the disk an hour in
     need = n_params * (12 * (cfg.KEEP_CHECKPOINTS + 1) + 8)
-    free = shutil.disk_usage(cfg.OUT_DIR if os.path.isdir(cfg.OUT_DIR) else ".").free
+    free = shutil.disk_usage(existing).free
     if master and free < need:
         raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} has {free / 1e9:.1f} GB free; this run's checkpoints and models "
                         f"need about {need / 1e9:.1f} GB (free space, or lower KEEP_CHECKPOINTS)")
@@ -239,7 +237,14 @@ def main():
         f"{train_tokens:,} tokens in {len(train_blocks)} blocks of <= {cfg.BLOCK_SIZE}; "
         f"{steps_per_epoch} steps/epoch of {blocks_per_step} blocks, {total_steps} steps")
 
-    if master:  # metrics.jsonl keeps what came before this step; the run writes later lines again as it redoes them
+    if master:  # every check passed: the run's files begin here
+        try:
+            os.makedirs(cfg.OUT_DIR, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} cannot be made: {e.strerror}") from None
+        with atomic_write(os.path.join(cfg.OUT_DIR, "config.json")) as f:
+            json.dump(vars(cfg), f, indent=2)
+        # metrics.jsonl keeps what came before this step; the run writes later lines again as it redoes them
         lines = []
         if state is not None:
             lines = [json.dumps(m) + "\n" for m in read_jsonl(metrics_path) if m["step"] <= step]
@@ -335,7 +340,7 @@ def main():
     # -----------------------------------------------------------------------------------------------------------------
     if master:
         modeling.save(model, tokenizer, os.path.join(cfg.OUT_DIR, "final"))
-        shutil.rmtree(os.path.join(cfg.OUT_DIR, ".scratch-tokenizer"), ignore_errors=True)
+        shutil.rmtree(os.path.join(cfg.OUT_DIR, ".tmp-scratch-tokenizer"), ignore_errors=True)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -58,7 +58,8 @@ def run(tmp_path_factory):
     save_tiny_gpt2(str(d / "base"))
     write_split(d, synthetic(32, seed=1), synthetic(8, seed=2, min_turns=2))
     proc = run_script("train.py", "--device=cpu", "--model=base", "--block_size=64", "--batch_size=4", "--max_steps=6",
-                      "--eval_interval=2", "--learning_rate=1e-3", "--warmup_steps=1", "--log_interval=1", cwd=d, env=ENV)
+                      "--eval_interval=2", "--learning_rate=1e-3", "--warmup_steps=1", "--log_interval=1",
+                      cwd=d, env=ENV)
     assert proc.returncode == 0, proc.stderr
     return d
 
@@ -98,7 +99,8 @@ def procs(run, tiny64):
         "evaluate": ("evaluate.py", [cpu, *FAST], {}),
         "chat": ("chat.py", [cpu, "--max_new_tokens=12"],
                  {"stdin": "Hi there\nHow are you?\n/reset\nHello again\n/quit\n"}),
-        "chat sam": ("chat.py", [cpu, "--max_new_tokens=12", "--bot_name=Sam"], {"stdin": "Hi there\n\nHow are you?\n"}),
+        "chat sam": ("chat.py", [cpu, "--max_new_tokens=12", "--bot_name=Sam"],
+                     {"stdin": "Hi there\n\nHow are you?\n"}),
         # greedy: this one is about the context, and sampling over GPT-2's 50k vocabulary is the slow part
         "chat long": ("chat.py", [cpu, f"--checkpoint={tiny64}", "--max_new_tokens=12", "--temperature=0"],
                       {"stdin": LONG_CHAT}),
@@ -136,7 +138,8 @@ def rendered_ids(tok, turns):
     """A dialogue's tokens as training renders them: label and text tokenized apart, EOS at the end."""
     ids = []
     for s, t in turns:
-        ids += tok(f"{s}:", add_special_tokens=False)["input_ids"] + tok(f" {t}\n", add_special_tokens=False)["input_ids"]
+        for piece in (f"{s}:", f" {t}\n"):
+            ids += tok(piece, add_special_tokens=False)["input_ids"]
     return ids + [EOS_ID]
 
 
@@ -338,7 +341,8 @@ def test_chat_template_collapses_multiline_content(trained_tok):
 def test_chat_template_prompt_label_matches_the_speakers_line(trained_tok):
     # A name is cleaned (":" to space, trimmed) where the message is written; the label the generation prompt asks
     # for must be that same speaker, or the model is prompted with a label it never saw.
-    messages = [{"role": "user", "name": "Alex ", "content": "Hi"}, {"role": "assistant", "name": "Bob", "content": "Yo"}]
+    messages = [{"role": "user", "name": "Alex ", "content": "Hi"},
+                {"role": "assistant", "name": "Bob", "content": "Yo"}]
     text = trained_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text.startswith(trained_tok.eos_token + "Alex: Hi\n")
     assert text.endswith("\nAlex:")
