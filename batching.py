@@ -14,11 +14,18 @@ import torch
 IGNORE = -100  # cross_entropy's ignore_index
 
 
+def encode(tokenizer, texts):
+    """Token ids of a list of texts, as plain text: a dialogue that mentions "<|endoftext|>" must not get a real EOS
+    (the model would learn to stop there), so special tokens are never parsed out of it."""
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+
+
 def render(tokenizer, dialogues, train_speakers=None):
     """Each dialogue as a list of turns, each turn (ids, mask); the last turn carries the EOS."""
     turns = [t for d in dialogues for t in d]
-    enc = lambda texts: tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
-    labels, bodies = enc([f"{s}:" for s, _ in turns]), enc([f" {t}\n" for _, t in turns])
+    labels, bodies = encode(tokenizer, [f"{s}:" for s, _ in turns]), encode(tokenizer, [f" {t}\n" for _, t in turns])
     eos, out, k = tokenizer.eos_token_id, [], 0
     for d in dialogues:
         rendered = []

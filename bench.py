@@ -24,7 +24,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import modeling
-from batching import collate, count, epoch_order, make_blocks, render
+from batching import collate, count, encode, epoch_order, make_blocks, render
 from cli import UserError, atomic_write, run
 from dialogues import format_dialogue, load_records, parse_record, read_dialogues
 from generation import sample
@@ -117,7 +117,7 @@ def bench_hf(model, dialogues, tokenizer, args, device):
     except ImportError:
         return None
     eos = tokenizer.eos_token_id
-    stream = [t for d in dialogues for t in tokenizer(format_dialogue(d))["input_ids"] + [eos]]
+    stream = [t for ids in encode(tokenizer, [format_dialogue(d) for d in dialogues]) for t in ids + [eos]]
     n = len(stream) // args.block_size
     data = [{"input_ids": torch.tensor(stream[i * args.block_size:(i + 1) * args.block_size]),
              "labels": torch.tensor(stream[i * args.block_size:(i + 1) * args.block_size])} for i in range(n)]
@@ -199,7 +199,7 @@ def main():
 
     model.eval()
     first = dialogues[0]
-    prompt = tokenizer(tokenizer.eos_token + format_dialogue(first[:-1]) + f"{first[-1][0]}:")["input_ids"]
+    prompt = [tokenizer.eos_token_id] + encode(tokenizer, [format_dialogue(first[:-1]) + f"{first[-1][0]}:"])[0]
     sample(model, prompt, 4, 1.0, 0, 1.0, 1.0, torch.Generator().manual_seed(0))  # warm-up, untimed
     sync(device)
     t = time.perf_counter()

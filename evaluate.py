@@ -19,7 +19,7 @@ import re
 import torch
 
 import modeling
-from batching import eval_batches, make_blocks
+from batching import encode, eval_batches, make_blocks
 from cli import UserError, atomic_write, load_config, read_jsonl, run
 from dialogues import read_dialogues
 from generation import reply, sample
@@ -150,8 +150,7 @@ def main():
     }
 
     # the sample dialogue: SAMPLE_PROMPT continued until EOS
-    prompt = tokenizer.eos_token + cfg.SAMPLE_PROMPT
-    ids = tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
+    ids = [tokenizer.eos_token_id] + encode(tokenizer, [cfg.SAMPLE_PROMPT])[0]
     if len(ids) + cfg.SAMPLE_MAX_NEW_TOKENS > context:
         raise UserError(f"SAMPLE_PROMPT is {len(ids)} tokens; with SAMPLE_MAX_NEW_TOKENS={cfg.SAMPLE_MAX_NEW_TOKENS} "
                         f"it does not fit the model's context of {context} tokens")

@@ -7,6 +7,7 @@ import re
 
 import torch
 
+from batching import encode
 from cli import UserError
 from dialogues import format_dialogue
 
@@ -14,8 +15,7 @@ def prompt_ids(tokenizer, turns, speaker, context, max_new_tokens):
     """The token ids asking `speaker` to reply after `turns`, dropping the oldest turns until the prompt and the
     reply fit in the model's context."""
     for start in range(len(turns) + 1):
-        text = tokenizer.eos_token + format_dialogue(turns[start:]) + f"{speaker}:"
-        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        ids = [tokenizer.eos_token_id] + encode(tokenizer, [format_dialogue(turns[start:]) + f"{speaker}:"])[0]
         if len(ids) + max_new_tokens <= context:
             return ids, start
     raise UserError(f"the prompt for {speaker!r} alone is {len(ids)} tokens; with MAX_NEW_TOKENS={max_new_tokens} "

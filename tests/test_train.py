@@ -187,6 +187,13 @@ def test_eos_ends_every_dialogue_and_is_a_target():
     assert int((y == EOS_ID).sum()) == len(dialogues)  # the context EOS before each dialogue is never one
 
 
+def test_text_that_spells_eos_is_not_eos():
+    # A dialogue that quotes GPT-2's special token (scraped text does) must not end there: only the real end is EOS.
+    d = [("Alex", "Models end text with <|endoftext|> usually."), ("Bob", "I see.")]
+    ids = [t for tid, _ in render(gpt2_tokenizer(), [d])[0] for t in tid]
+    assert ids.count(EOS_ID) == 1 and ids[-1] == EOS_ID, ids
+
+
 def test_labels_by_position_and_padding_on_the_right():
     tok = gpt2_tokenizer()
     blocks = make_blocks(tok, synthetic(30, seed=6, max_turns=8), 64)
