@@ -107,11 +107,15 @@ def step_batches(chunk, batch_size, world):
             for m in range(0, len(chunk), per)]
 
 
-def collate(blocks, pad_id):
+def collate(blocks, pad_id, block_size=None):
     """Blocks -> (x, y) tensors, padded on the right to the longest block. y[t] is the target for x[t]: the next
     token where it is trained, else IGNORE. With right padding and a causal model, real positions never attend to
-    padding, so no attention mask is needed and the fast causal attention path stays on."""
+    padding, so no attention mask is needed and the fast causal attention path stays on.
+    Given block_size, the width is rounded up to a multiple of 8 (at most block_size): a handful of shapes instead of
+    one per length, so kernels chosen or compiled per shape (oneDNN on CPU, torch.compile) are reused, not rebuilt."""
     T = max(len(ids) for ids, _ in blocks) - 1
+    if block_size:
+        T = min(-(-T // 8) * 8, block_size)
     x = torch.full((len(blocks), T), pad_id, dtype=torch.long)
     y = torch.full((len(blocks), T), IGNORE, dtype=torch.long)
     for i, (ids, mask) in enumerate(blocks):
@@ -122,10 +126,10 @@ def collate(blocks, pad_id):
     return x, y
 
 
-def eval_batches(blocks, batch_size, pad_id):
+def eval_batches(blocks, batch_size, pad_id, block_size=None):
     """Batches for a loss over a whole set: sorted by length, since order does not change a sum and sorted barely pads."""
     blocks = sorted(blocks, key=lambda b: len(b[0]))
-    return [collate(blocks[i:i + batch_size], pad_id) for i in range(0, len(blocks), batch_size)]
+    return [collate(blocks[i:i + batch_size], pad_id, block_size) for i in range(0, len(blocks), batch_size)]
 
 
 def count(blocks):

@@ -61,9 +61,10 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def matmul_peak(device, n, seconds=2.0):
-    """The best FLOP/s a large square matmul reaches here: fp32 on CPU, bf16 on CUDA (what training runs in)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def matmul_peak(device, dtype, n, seconds=2.0):
+    """The best FLOP/s a large square matmul reaches here, in the precision training runs in (fp32 on CPU, bf16 on
+    CUDA, unless --precision says otherwise)."""
+    dtype = dtype or torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best, t_end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < t_end:
@@ -82,35 +83,48 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
 
 
-def bench_ours(model, blocks, args, device, dtype):
-    """train.py's loop, timed: epoch_order batches, collate, forward_backward (token-weighted), optimizer_step."""
-    optimizer = modeling.make_optimizer(model, 1e-4, 0.01, (0.9, 0.999), device)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    order = epoch_order(blocks, 16 * args.batch_size, 0)
-    trained = processed = real = 0
-    elapsed = 0.0
-    model.train()
-    for step in range(args.warmup + args.steps):
-        i = (step * args.batch_size) % max(len(order) - args.batch_size + 1, 1)
-        chosen = [blocks[j] for j in order[i:i + args.batch_size]]
-        micro = [collate(chosen, args.pad)]
-        sync(device)
-        t = time.perf_counter()
-        _, n = modeling.forward_backward(model, micro, device, dtype, scaler)
-        modeling.optimizer_step(model, optimizer, scaler, 1.0)
-        sync(device)
-        if step >= args.warmup:  # steady state: the first steps pay for allocation and kernel selection
-            elapsed += time.perf_counter() - t
-            trained += n
-            processed += micro[0][0].numel()
-            real += count(chosen)[1]
-    return {"train_tokens_per_s": trained / elapsed, "all_tokens_per_s": processed / elapsed,
-            "padding": 1 - real / processed}
+class OurLoop:
+    """train.py's loop: epoch_order batches, collate, forward_backward (token-weighted), optimizer_step. run() takes
+    more steps, timed or not, so that they can alternate with the Hugging Face Trainer's: both then see the same
+    machine (a shared CPU's speed can drift by half within minutes)."""
+
+    def __init__(self, model, blocks, args, device, dtype):
+        self.model, self.blocks, self.args, self.device, self.dtype = model, blocks, args, device, dtype
+        self.optimizer = modeling.make_optimizer(model, 1e-4, 0.01, (0.9, 0.999), device)
+        self.scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+        self.order = epoch_order(blocks, 16 * args.batch_size, 0)
+        self.step = 0
+        self.trained = self.processed = self.real = 0
+        self.elapsed = 0.0
+
+    def run(self, steps, timed=True):
+        b = self.args.batch_size
+        self.model.train()
+        for _ in range(steps):
+            i = (self.step * b) % max(len(self.order) - b + 1, 1)
+            chosen = [self.blocks[j] for j in self.order[i:i + b]]
+            micro = [collate(chosen, self.args.pad, self.args.block_size)]
+            sync(self.device)
+            t = time.perf_counter()
+            _, n = modeling.forward_backward(self.model, micro, self.device, self.dtype, self.scaler)
+            modeling.optimizer_step(self.model, self.optimizer, self.scaler, 1.0)
+            sync(self.device)
+            self.step += 1
+            if timed:  # untimed warm-up steps pay for allocation, page faults and kernel selection
+                self.elapsed += time.perf_counter() - t
+                self.trained += n
+                self.processed += micro[0][0].numel()
+                self.real += count(chosen)[1]
+
+    def figures(self):
+        return {"train_tokens_per_s": self.trained / self.elapsed, "all_tokens_per_s": self.processed / self.elapsed,
+                "padding": 1 - self.real / self.processed}
 
 
-def bench_hf(model, dialogues, tokenizer, args, device):
+def bench_hf(model, dialogues, tokenizer, args, device, dtype, between):
     """A standard Hugging Face Trainer on packed sequences (concatenate everything, cut into blocks: no padding),
-    same model, block size, batch and data; timed by a callback over the same steady-state steps."""
+    same model, block size, batch and data; timed by a callback over the same steady-state steps. After each of its
+    steps, between(step) runs one of ours."""
     try:
         from transformers import Trainer, TrainerCallback, TrainingArguments
         import accelerate  # noqa: F401  (the Trainer needs it)
@@ -132,13 +146,14 @@ def bench_hf(model, dialogues, tokenizer, args, device):
         def on_step_end(self, *a, **k):
             sync(device)
             self.times.append(time.perf_counter() - self.t)
+            between(len(self.times))
 
     with tempfile.TemporaryDirectory() as tmp:
         targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=args.batch_size,
                                   max_steps=args.warmup + args.steps, learning_rate=1e-4, weight_decay=0.01,
                                   max_grad_norm=1.0, save_strategy="no", report_to=[], logging_strategy="no",
                                   disable_tqdm=True, use_cpu=device.type == "cpu",
-                                  bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
+                                  bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
                                   dataloader_num_workers=0, seed=0)
         timer = Timer()
         with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its own metrics dict
@@ -154,13 +169,14 @@ def main():
     p.add_argument("--data", default="llm_train_text.json", help="dialogues: a JSON dataset or a train_data.txt")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10, help="timed steps, after --warmup untimed ones")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20, help="timed steps, after --warmup untimed ones")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps: allocation, page faults, kernel choice")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--embd", type=int, default=768)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", help="as PRECISION in config.py: auto, fp32, bf16, fp16 (CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (as COMPILE=True does)")
     p.add_argument("--compare-hf", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny model, 2 + 3 steps: does it run?")
@@ -171,7 +187,7 @@ def main():
     if min(args.block_size, args.batch_size, args.steps) < 1 or args.warmup < 0:
         raise UserError("--block-size, --batch-size and --steps must be >= 1, --warmup >= 0")
 
-    device, dtype, note = modeling.pick_device(args.device)
+    device, dtype, note = modeling.pick_device(args.device, args.precision)
     torch.manual_seed(0)
     dialogues = read_any(args.data)
     if not dialogues:
@@ -184,18 +200,37 @@ def main():
                         n_positions=max(1024, args.block_size), bos_token_id=args.pad, eos_token_id=args.pad)
     model = GPT2LMHeadModel(config).to(device)
     init = {k: v.clone() for k, v in model.state_dict().items()}
+    modeling.fused_gelu(model)  # as modeling.load does for train.py
     n_params = sum(q.numel() for q in model.parameters())
     print(f"{note}; {n_params / 1e6:.1f}M parameters ({args.layers} layers, {args.embd} wide, {args.heads} heads); "
           f"{tok_note}; {len(dialogues)} dialogues, {dataset_tokens:,} tokens -> {len(blocks)} blocks of "
           f"<= {args.block_size}; batch {args.batch_size}; {args.warmup} + {args.steps} steps", file=sys.stderr)
 
-    peak = matmul_peak(device, 512 if args.smoke else (8192 if device.type == "cuda" else 2048),
+    peak = matmul_peak(device, dtype, 512 if args.smoke else (8192 if device.type == "cuda" else 2048),
                        seconds=0.5 if args.smoke else 3.0)
-    train_model = torch.compile(model) if args.compile else model
-    ours = bench_ours(train_model, blocks, args, device, dtype)
+    loop = OurLoop(torch.compile(model) if args.compile else model, blocks, args, device, dtype)
+    loop.run(args.warmup, timed=False)
+    memory = peak_memory_mb(device)  # before the Trainer's model exists
+
+    hf = None
+    if args.compare_hf:
+        standard = GPT2LMHeadModel(config).to(device)  # the standard model, with the same starting weights
+        standard.load_state_dict(init)
+        # step by step: one of the Trainer's, one of ours, ...
+        hf = bench_hf(standard, dialogues, tokenizer, args, device, dtype,
+                      between=lambda step: loop.run(1, timed=step > args.warmup))
+        del standard
+        if hf is None:
+            print("--compare-hf skipped: the Hugging Face Trainer needs `pip install accelerate`", file=sys.stderr)
+        else:
+            hf["mfu"] = 6 * n_params * hf["all_tokens_per_s"] / peak
+            hf["dataset_trained_per_epoch"] = 1.0  # packing drops the stream's tail (< one block)
+    if hf is None:
+        loop.run(args.steps)
+    ours = loop.figures()
     ours["dataset_trained_per_epoch"] = count(blocks)[0] / dataset_tokens
     ours["mfu"] = 6 * n_params * ours["all_tokens_per_s"] / peak
-    ours["peak_memory_mb"] = peak_memory_mb(device)
+    ours["peak_memory_mb"] = memory
 
     model.eval()
     first = dialogues[0]
@@ -207,18 +242,6 @@ def main():
     sync(device)
     ours["generation_tokens_per_s"] = len(new) / (time.perf_counter() - t)
 
-    hf = None
-    if args.compare_hf:
-        model.load_state_dict(init)  # the same starting weights
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        hf = bench_hf(model, dialogues, tokenizer, args, device)
-        if hf is None:
-            print("--compare-hf skipped: the Hugging Face Trainer needs `pip install accelerate`", file=sys.stderr)
-        else:
-            hf["mfu"] = 6 * n_params * hf["all_tokens_per_s"] / peak
-            hf["dataset_trained_per_epoch"] = 1.0  # packing drops the stream's tail (< one block)
-
     rows = [("train tokens/s (trained)", "train_tokens_per_s", "{:,.0f}"),
             ("train tokens/s (all positions)", "all_tokens_per_s", "{:,.0f}"),
             ("padding", "padding", "{:.1%}"),
@@ -226,14 +249,16 @@ def main():
             ("MFU (6 x params x tokens/s / peak)", "mfu", "{:.2f}"),
             ("peak memory (MB)", "peak_memory_mb", "{:,.0f}"),
             ("generation tokens/s (KV cache)", "generation_tokens_per_s", "{:,.1f}")]
-    print(f"\nmatmul peak measured here: {peak / 1e9:,.1f} GFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'})")
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    print(f"\nmatmul peak measured here: {peak / 1e9:,.1f} GFLOP/s ({precision})")
     print(f"{'':36}{'ours':>14}" + (f"{'HF Trainer':>14}" if hf else ""))
     for label, key, fmt in rows:
         cells = [fmt.format(ours[key])] + ([fmt.format(hf[key]) if key in hf else "-"] if hf else [])
         print(f"{label:36}" + "".join(f"{c:>14}" for c in cells))
     result = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
               else f"cpu x{torch.get_num_threads()} threads", "parameters": n_params, "block_size": args.block_size,
-              "batch_size": args.batch_size, "steps": args.steps, "matmul_peak_flops": peak, "ours": ours, "hf": hf}
+              "batch_size": args.batch_size, "steps": args.steps, "precision": precision, "matmul_peak_flops": peak,
+              "ours": ours, "hf": hf}
     if hf:
         result["ratio"] = ours["train_tokens_per_s"] / hf["train_tokens_per_s"]
         print(f"ratio ours / HF Trainer (trained tokens/s): {result['ratio']:.2f}")

@@ -27,7 +27,7 @@ def main():
     user, bot = clean_speaker(cfg.USER_NAME), clean_speaker(cfg.BOT_NAME)
     if not user or not bot or user == bot:
         raise UserError(f"USER_NAME and BOT_NAME must be two different names, got {cfg.USER_NAME!r}, {cfg.BOT_NAME!r}")
-    device, _, device_note = modeling.pick_device(cfg.DEVICE)
+    device, _, device_note = modeling.pick_device(cfg.DEVICE, cfg.PRECISION)
     tokenizer, model = modeling.load(model_dir)
     model.to(device).eval()
     context = modeling.context_size(model)

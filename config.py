@@ -30,6 +30,7 @@ EPOCHS = 3
 MAX_STEPS = 0  # when > 0, train exactly this many optimizer steps instead of EPOCHS
 TRAIN_SPEAKERS = None  # None trains on every turn; a list like ["Bob"] trains only on those speakers' turns
 DEVICE = "auto"  # "auto" takes CUDA when present, else CPU; or "cpu", "cuda", "cuda:1"
+PRECISION = "auto"  # "auto": bf16 autocast on CUDA (fp16 without bf16), fp32 on CPU; or "fp32", "bf16", "fp16" (CUDA)
 COMPILE = False  # torch.compile the model (CUDA); a minute of compile time, then faster steps
 
 # evaluation and checkpoints

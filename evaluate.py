@@ -91,7 +91,7 @@ def main():
         with open(os.path.join(cfg.OUT_DIR, "config.json")) as f:
             run_cfg = json.load(f)
     metrics = read_jsonl(os.path.join(cfg.OUT_DIR, "metrics.jsonl"))
-    device, dtype, device_note = modeling.pick_device(cfg.DEVICE)
+    device, dtype, device_note = modeling.pick_device(cfg.DEVICE, cfg.PRECISION)
     print(device_note)
     tokenizer, model = modeling.load(model_dir)
     model.to(device).eval()
@@ -102,7 +102,7 @@ def main():
     block_size = min(run_cfg.get("BLOCK_SIZE", cfg.BLOCK_SIZE), context)
     train_speakers = run_cfg.get("TRAIN_SPEAKERS", cfg.TRAIN_SPEAKERS)
     batches = lambda speakers: eval_batches(make_blocks(tokenizer, val_dialogues, block_size, speakers),
-                                            cfg.BATCH_SIZE, tokenizer.eos_token_id)
+                                            cfg.BATCH_SIZE, tokenizer.eos_token_id, block_size)
     val = batches(train_speakers)
     n_tokens = sum(int((y != -100).sum()) for _, y in val)
     val_loss = modeling.evaluate(model, val, device, dtype)

@@ -120,7 +120,7 @@ def main():
         dist.init_process_group(backend)
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
-    device, dtype, device_note = modeling.pick_device(cfg_device if world > 1 else cfg.DEVICE)
+    device, dtype, device_note = modeling.pick_device(cfg_device if world > 1 else cfg.DEVICE, cfg.PRECISION)
     say(device_note + (f"; {world} processes ({backend})" if world > 1 else ""))
 
     # -----------------------------------------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def main():
     if count(val_blocks)[0] == 0:
         raise UserError(f"{cfg.VAL_FILE} has no turns by TRAIN_SPEAKERS {cfg.TRAIN_SPEAKERS}, so nothing to validate")
     pad = tokenizer.eos_token_id  # any id will do: padded positions are never targets and never attended to
-    val_batches = eval_batches(val_blocks, cfg.BATCH_SIZE, pad)
+    val_batches = eval_batches(val_blocks, cfg.BATCH_SIZE, pad, cfg.BLOCK_SIZE)
     train_tokens = count(train_blocks)[0]
 
     # -----------------------------------------------------------------------------------------------------------------
@@ -274,7 +274,7 @@ def main():
         # a rank left without blocks at an epoch's end still runs forward/backward (DDP needs every rank's
         # gradients) on a block whose targets are all masked: it adds nothing
         dummy = (chunk[0][0], [0] * len(chunk[0][0]))
-        micro = [collate(slot[rank] or [dummy], pad) for slot in slots]
+        micro = [collate(slot[rank] or [dummy], pad, cfg.BLOCK_SIZE) for slot in slots]
 
         t0 = time.time()
         lr = get_lr(step, cfg, total_steps)

@@ -252,10 +252,21 @@ def test_batches_pad_under_5_percent():
     real = total = 0
     for i in range(0, len(order), batch):
         chosen = [blocks[j] for j in order[i:i + batch]]
-        x, _ = collate(chosen, tok.eos_token_id)
+        x, _ = collate(chosen, tok.eos_token_id, 128)  # as train.py collates: widths rounded up to 8
         real += count(chosen)[1]
         total += x.numel()
     assert 1 - real / total < 0.05
+
+
+@pytest.mark.parametrize("longest, block_size, width", [(41, 64, 40), (42, 64, 48), (9, 64, 8), (100, 100, 100),
+                                                        (90, 100, 96), (60, 60, 60)])
+def test_collate_rounds_the_width_up_to_8_within_the_block(longest, block_size, width):
+    # a few shapes instead of one per length (kernels picked or compiled per shape are reused), never past the block
+    blocks = [([1] * longest, [True] * longest), ([2] * 5, [True] * 5)]
+    x, y = collate(blocks, EOS_ID, block_size)
+    assert x.shape == y.shape == (2, width)
+    assert (y[0, longest - 1:] == IGNORE).all() and (y[1, 4:] == IGNORE).all() and (y[1, :4] == 2).all()
+    assert collate(blocks, EOS_ID)[0].shape == (2, longest - 1)  # without a block size: the longest, exactly
 
 
 def test_train_speakers_mask():

@@ -1,0 +1,91 @@
+"""bench.py and the speed-ups train.py relies on: a smoke run of the benchmark (figures present and sane, not timed),
+and checks that each speed-up computes what the plain version does.
+
+Run: .venv/bin/python -m pytest -q tests/test_bench.py
+"""
+
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.activations import NewGELUActivation
+
+import modeling
+from cli import UserError
+from conftest import ROOT
+
+
+def test_bench_smoke_prints_the_table_and_sane_figures(tmp_path, script):
+    result = script("bench.py", "--smoke", f"--json={tmp_path / 'bench.json'}", "--device=cpu", cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    for row in ("train tokens/s (trained)", "padding", "dataset trained per epoch", "MFU", "peak memory",
+                "generation tokens/s"):
+        assert row in result.stdout
+    with open(tmp_path / "bench.json") as f:
+        figures = json.load(f)
+    ours = figures["ours"]
+    assert figures["matmul_peak_flops"] > 0 and figures["precision"] == "fp32"
+    for key in ("train_tokens_per_s", "all_tokens_per_s", "mfu", "peak_memory_mb", "generation_tokens_per_s"):
+        assert ours[key] > 0, key
+    assert ours["all_tokens_per_s"] >= ours["train_tokens_per_s"]  # padding and context are processed, not trained
+    assert 0 <= ours["padding"] < 0.05
+    assert ours["dataset_trained_per_epoch"] == pytest.approx(1.0)
+
+
+def test_bench_bad_arguments_are_one_line(script):
+    result = script("bench.py", "--smoke", "--block-size=0", cwd=ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "--block-size" in result.stderr
+
+
+def test_fused_gelu_computes_what_gelu_new_does():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100)).eval()
+    x = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+        assert any(isinstance(m, NewGELUActivation) for m in model.modules())
+        modeling.fused_gelu(model)
+        assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+        after = model(input_ids=x).logits
+    assert (before - after).abs().max().item() < 1e-5
+    assert model.config.activation_function == "gelu_new"  # what is saved is unchanged
+
+
+def test_fused_adamw_matches_the_plain_one():
+    torch.manual_seed(0)
+    plain = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, resid_pdrop=0.0,
+                                       embd_pdrop=0.0, attn_pdrop=0.0)).double()  # float64: only real
+    fused = GPT2LMHeadModel(plain.config).double()                                # differences show
+    fused.load_state_dict(plain.state_dict())
+    cpu = torch.device("cpu")
+    opt_fused = modeling.make_optimizer(fused, 1e-2, 0.1, (0.9, 0.99), cpu)
+    assert all(group["fused"] for group in opt_fused.param_groups)
+    groups = [{"params": [p for p in plain.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in plain.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    opt_plain = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.99), foreach=False)
+    x = torch.randint(0, 100, (2, 16))
+    for _ in range(3):
+        for model, opt in ((plain, opt_plain), (fused, opt_fused)):
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    diff = max((a - b).abs().max().item() for a, b in zip(plain.parameters(), fused.parameters()))
+    assert diff < 1e-9
+    moved = max((a - b).abs().max().item() for a, b in zip(plain.parameters(),
+                                                            GPT2LMHeadModel(plain.config).parameters()))
+    assert moved > 1e-3  # the steps did something
+
+
+@pytest.mark.parametrize("precision, dtype", [("auto", None), ("fp32", None), ("bf16", torch.bfloat16)])
+def test_precision_on_cpu(precision, dtype):
+    device, chosen, note = modeling.pick_device("cpu", precision)
+    assert device.type == "cpu" and chosen == dtype
+    assert ("autocast" in note) == (dtype is not None)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "half", "FP32"])
+def test_unsupported_precision_is_a_user_error(precision):
+    with pytest.raises(UserError, match="PRECISION"):
+        modeling.pick_device("cpu", precision)
