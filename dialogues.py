@@ -3,7 +3,6 @@ on, and the hash split. A dialogue is a list of (speaker, text) turns."""
 
 import hashlib
 import json
-import re
 
 from cli import UserError
 

