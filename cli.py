@@ -80,6 +80,9 @@ def atomic_write(path, mode="w"):
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror}") from None
     try:
+        # mkstemp makes the file private (0600); the result should look like any file written here: the old file's
+        # permissions, or the usual ones under the umask
+        os.chmod(fd, os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o666 & ~umask())
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": "\n"})) as f:
             yield f
             f.flush()
@@ -91,6 +94,13 @@ def atomic_write(path, mode="w"):
         if isinstance(e, OSError):
             raise UserError(f"cannot write {path}: {e.strerror}") from None
         raise
+
+
+def umask():
+    """The process's umask (reading it means setting it: put it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_jsonl(path):

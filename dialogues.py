@@ -3,6 +3,7 @@ on, and the hash split. A dialogue is a list of (speaker, text) turns."""
 
 import hashlib
 import json
+import re
 
 from cli import UserError
 
@@ -12,6 +13,9 @@ FORMATS = ('an object mapping speaker to text, a list of {"speaker", "text"} tur
 # Control characters (C0, DEL, C1) that are not whitespace carry no text: removed. The whitespace ones (newline, tab,
 # ...) are folded into spaces by split().
 _CONTROL = dict.fromkeys(c for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)] if not chr(c).isspace())
+
+# Half of a \ud83d\ude00-style escape pair: valid JSON, but no character, and UTF-8 can't write it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def clean_text(text):
@@ -48,14 +52,16 @@ def load_records(path):
     try:
         text = raw.decode("utf-8-sig")  # -sig: a byte-order mark some editors write is not part of the JSON
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise UserError(f"{path}: line {line}: not valid UTF-8 (byte {e.start})") from None
+        start = e.start + len(raw) - len(e.object)  # utf-8-sig counts from after the byte-order mark
+        line = raw[:start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line}: not valid UTF-8 (byte {start})") from None
     if not text.strip():
         raise UserError(f"{path}: the file is empty")
     try:
-        data = json.loads(text, object_pairs_hook=_Object)
+        # parse_int=float: a number is never dialogue text, and int() refuses one of over 4300 digits (ValueError)
+        data = json.loads(text, object_pairs_hook=_Object, parse_int=float)
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # one value, then more: JSON Lines
+        if e.msg == "Extra data" and "\n" not in text[:e.pos].strip():  # one value on line 1, then more: JSON Lines
             return _load_json_lines(path, text)
         raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except RecursionError:
@@ -72,7 +78,7 @@ def _load_json_lines(path, text):
         if not line.strip():
             continue
         try:
-            records.append((json.loads(line, object_pairs_hook=_Object), f"{path}: line {n}"))
+            records.append((json.loads(line, object_pairs_hook=_Object, parse_int=float), f"{path}: line {n}"))
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: line {n}: invalid JSON at column {e.colno}: {e.msg}") from None
         except RecursionError:
@@ -95,16 +101,22 @@ def parse_record(record, where):
         pairs, keys = record["conversations"], ("from", "value")
     elif isinstance(record, dict) and isinstance(record.get("turns", record.get("dialogue")), list):
         pairs, keys = record.get("turns", record.get("dialogue")), ("speaker", "text")
-    elif isinstance(record, dict) and record and any(isinstance(v, str) for v in record.values()):
-        return [t for t in (_turn(s, v, where, f"speaker {s!r}") for s, v in getattr(record, "pairs", record.items())) if t]
+    elif isinstance(record, dict) and any(isinstance(v, str) for _, v in getattr(record, "pairs", record.items())):
+        pairs = getattr(record, "pairs", record.items())  # every turn, a repeated speaker's too
+        return [t for t in (_turn(s, v, where, f"speaker {s[:60]!r}") for s, v in pairs) if t]
     else:
         raise UserError(f"{where}: {_kind(record)} is not a dialogue; expected {FORMATS}")
     turns = []
     for i, item in enumerate(pairs, 1):
-        if not isinstance(item, dict) or keys[0] not in item or keys[1] not in item:
+        missing = [k for k in keys if not isinstance(item, dict) or k not in item]
+        if missing:
             raise UserError(f"{where}: turn {i} is {_kind(item)}"
-                            f"{' without ' + repr(keys[0]) + ' and ' + repr(keys[1]) if isinstance(item, dict) else ''}"
+                            f"{' without ' + ' and '.join(map(repr, missing)) if isinstance(item, dict) else ''}"
                             f"; expected {{{keys[0]!r}: ..., {keys[1]!r}: ...}}")
+        given = [k for k, _ in getattr(item, "pairs", ())]
+        for k in keys:
+            if given.count(k) > 1:  # a dict keeps the last and drops the rest; which one did the writer mean?
+                raise UserError(f"{where}: turn {i}: {k!r} appears {given.count(k)} times; expected once")
         turn = _turn(item[keys[0]], item[keys[1]], where, f"turn {i}")
         if turn:
             turns.append(turn)
@@ -122,6 +134,9 @@ def _turn(speaker, text, where, which):
     name = clean_speaker(speaker)
     if not name:
         raise UserError(f"{where}: {which}: empty speaker name")
+    for part, s in (("speaker", name), ("text", text)):
+        if m := _SURROGATE.search(s):
+            raise UserError(f"{where}: {which}: the {part} holds an unpaired surrogate {m.group()!r}, not a character")
     return name, text
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import stat
 
 import pytest
 
@@ -280,6 +281,17 @@ def test_a_good_run_leaves_only_the_two_output_files(script, tmp_path):
     data = write_array(tmp_path / "data.json", [dict(HELLO), dict(HOW)])
     ok(prepare(script, tmp_path, data))
     assert sorted(os.listdir(tmp_path)) == ["data.json", "train_data.txt", "val_data.txt"]
+
+
+def test_outputs_get_the_usual_permissions_and_keep_changed_ones(script, tmp_path):
+    # written through a private temp file, the outputs must still end up like any file written here
+    data = write_array(tmp_path / "data.json", [dict(HELLO), dict(HOW)])
+    ok(prepare(script, tmp_path, data))
+    mode = lambda name: stat.S_IMODE(os.stat(tmp_path / name).st_mode)
+    assert mode("train_data.txt") == mode("val_data.txt") == 0o666 & ~cli.umask()
+    os.chmod(tmp_path / "val_data.txt", 0o640)
+    ok(prepare(script, tmp_path, data))
+    assert mode("val_data.txt") == 0o640  # a file the user made private stays private
 
 
 # ---------------------------------------------------------------------------------------------------------------------
