@@ -14,6 +14,8 @@ FORMATS = ('an object mapping speaker to text, a list of {"speaker", "text"} tur
 # ...) are folded into spaces by split().
 _CONTROL = dict.fromkeys(c for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)] if not chr(c).isspace())
 
+LIST_KEYS = ("messages", "conversations", "turns", "dialogue")  # keys that name a format, never a speaker
+
 # Half of a \ud83d\ude00-style escape pair: valid JSON, but no character, and UTF-8 can't write it.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -101,6 +103,9 @@ def parse_record(record, where):
         pairs, keys = record["conversations"], ("from", "value")
     elif isinstance(record, dict) and isinstance(record.get("turns", record.get("dialogue")), list):
         pairs, keys = record.get("turns", record.get("dialogue")), ("speaker", "text")
+    elif isinstance(record, dict) and (key := next((k for k in LIST_KEYS if k in record), None)):
+        # {"messages": "hi"} is not one turn by a speaker called "messages": the format is right, the value wrong
+        raise UserError(f"{where}: {key!r} is {_kind(record[key])}; expected a list of turns")
     elif isinstance(record, dict) and any(isinstance(v, str) for _, v in getattr(record, "pairs", record.items())):
         pairs = getattr(record, "pairs", record.items())  # every turn, a repeated speaker's too
         return [t for t in (_turn(s, v, where, f"speaker {s[:60]!r}") for s, v in pairs) if t]

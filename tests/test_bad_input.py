@@ -109,9 +109,8 @@ def generated():
             good = record(PING, fmt)
             if key:
                 add(f"{fmt}: list of turns is {name}", spoiled(good, at, value),
-                    accept(HELLO, HOW) if value == [] else
-                    accept(HELLO, HOW, [(key, "oops")]) if isinstance(value, str) else  # the mapping format: valid
-                    reject("an object is not a dialogue; expected"))
+                    accept(HELLO, HOW) if value == [] else  # no turns: an empty dialogue, dropped
+                    reject(f"{key!r} is {kind}; expected a list of turns"))  # not a speaker called {key}
             add(f"{fmt}: turn is {name}", spoiled(good, at + (1,), value), reject(
                 f"turn 2 is an object without {spk!r} and {txt!r}; expected" if isinstance(value, dict) else
                 f"turn 2 is {kind}; expected {{{spk!r}: ..., {txt!r}: ...}}"))
