@@ -4,9 +4,10 @@ A dialogue renders to tokens as its text-file lines, "Speaker: text\\n" per turn
 so the model learns to stop. `mask` marks the tokens that are trained (all of them, or only TRAIN_SPEAKERS' turns).
 A dialogue longer than a block is cut into windows at turn boundaries (a turn longer than a block is cut too); each
 window is preceded by one context token (EOS for a dialogue's start, else the token before the window) that is never
-a target. Windows are packed several to a block by best-fit and batches group blocks of similar length, so padding stays
-around 2% of positions, and every token of the file is a target exactly once per epoch. Labels are -100 by position (padding, context, masked speakers), never by
-token id: GPT-2's pad would otherwise be its EOS, and the real EOS would never be learned.
+a target. Windows are packed several to a block by best-fit and batches group blocks of similar length, so padding
+stays around 3% of positions, and every token of the file is a target exactly once per epoch. Labels are -100 by
+position (padding, context, masked speakers), never by token id: GPT-2's pad would otherwise be its EOS, and the real
+EOS would never be learned.
 """
 
 import torch
@@ -127,7 +128,7 @@ def collate(blocks, pad_id, block_size=None):
 
 
 def eval_batches(blocks, batch_size, pad_id, block_size=None):
-    """Batches for a loss over a whole set: sorted by length, since order does not change a sum and sorted barely pads."""
+    """Batches for a loss over a whole set: sorted by length (order does not change a sum, and sorted barely pads)."""
     blocks = sorted(blocks, key=lambda b: len(b[0]))
     return [collate(blocks[i:i + batch_size], pad_id, block_size) for i in range(0, len(blocks), batch_size)]
 

@@ -12,13 +12,14 @@ import tempfile
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast,
                           PreTrainedTokenizerFast)
 from transformers.activations import GELUTanh, NewGELUActivation
 from transformers.utils import logging
 
 from batching import IGNORE
-from cli import UserError
+from cli import UserError, umask
 
 EOS = "<|endoftext|>"
 logging.set_verbosity_error()  # transformers' warnings would break our one-line errors
@@ -157,6 +158,7 @@ def save(model, tokenizer, path, state=None):
     tmp = None
     try:
         tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(path) + "-")
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's directory is private (0700); a saved model is not
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if state is not None:
@@ -167,8 +169,9 @@ def save(model, tokenizer, path, state=None):
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         replace_dir(tmp, path)
-    except OSError as e:
-        raise UserError(f"could not write {path}: {e.strerror}; what was there before is intact") from None
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: safetensors and torch.save raise their own
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split("\n")[0] + " (disk full?)"
+        raise UserError(f"could not write {path}: {why}; what was there before is intact") from None
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -276,17 +279,22 @@ def forward_backward(model, micro, device, dtype, scaler=None):
 
 
 def optimizer_step(model, optimizer, scaler, grad_clip):
-    """Clip (after unscaling fp16 gradients), step, zero the gradients."""
+    """Clip (after unscaling fp16 gradients), step, zero the gradients. False, with no step taken, where clipping
+    finds gradients that are not finite (fp32 and bf16; fp16's scaler skips such steps itself)."""
     if scaler:
         scaler.unscale_(optimizer)
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if not scaler and not torch.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            return False
     if scaler:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return True
 
 
 @torch.no_grad()

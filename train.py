@@ -99,8 +99,11 @@ def load_latest_state(checkpoints, say):
 def save_checkpoint(out_dir, model, tokenizer, state, keep):
     d = os.path.join(out_dir, "checkpoints")
     os.makedirs(d, exist_ok=True)
-    modeling.save(model, tokenizer, os.path.join(d, f"step-{state['step']:08d}"), state)
-    for old in find_checkpoints(out_dir)[:-keep]:
+    path = os.path.join(d, f"step-{state['step']:08d}")
+    modeling.save(model, tokenizer, path, state)
+    # prune this run's own only: newer, damaged ones that the resume passed over must not crowd out the new ones (each
+    # is replaced when the run gets there)
+    for old in [c for c in find_checkpoints(out_dir) if c <= path][:-keep]:
         modeling.remove_dir(old)
 
 
@@ -139,6 +142,8 @@ def main():
         resume_from, state = load_latest_state(checkpoints, say)
         if state is None:
             say(f"no intact checkpoint in {cfg.OUT_DIR}: starting the run again")
+    elif cfg.RESUME:
+        say(f"no checkpoint in {cfg.OUT_DIR} to resume from: starting the run")
     elif not cfg.RESUME and (checkpoints or os.path.exists(os.path.join(cfg.OUT_DIR, "final"))):
         raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} already holds a run: continue it with --resume=True, or choose "
                         f"another --out_dir (nothing there is overwritten)")
@@ -253,8 +258,11 @@ def main():
             f.writelines(lines)
 
     def log(**record):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk, say: a torn last line is skipped when the file is read back
+            raise UserError(f"cannot write {metrics_path}: {e.strerror}") from None
 
     # -----------------------------------------------------------------------------------------------------------------
     # the loop: lr, micro-batches (forward, backward), clip, step; then evaluate and checkpoint when due
@@ -267,76 +275,79 @@ def main():
         say(f"step 0: val loss {first_val:.4f} (ppl {math.exp(min(first_val, 50)):.2f})")
     recent = []  # (loss, trained tokens, seconds) since the last log line
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not master)
-    while step < total_steps:
-        if order_epoch != epoch:
-            order, order_epoch = epoch_order(train_blocks, 16 * blocks_per_step, cfg.SEED + epoch), epoch
-        chunk = [train_blocks[j] for j in order[offset:offset + blocks_per_step]]
-        slots = step_batches(chunk, cfg.BATCH_SIZE, world)
-        # a rank left without blocks at an epoch's end still runs forward/backward (DDP needs every rank's
-        # gradients) on a block whose targets are all masked: it adds nothing
-        dummy = (chunk[0][0], [0] * len(chunk[0][0]))
-        micro = [collate(slot[rank] or [dummy], pad, cfg.BLOCK_SIZE) for slot in slots]
+    with bar:  # closed on an error too: else the error line would go on after the bar's
+        while step < total_steps:
+            if order_epoch != epoch:
+                order, order_epoch = epoch_order(train_blocks, 16 * blocks_per_step, cfg.SEED + epoch), epoch
+            chunk = [train_blocks[j] for j in order[offset:offset + blocks_per_step]]
+            slots = step_batches(chunk, cfg.BATCH_SIZE, world)
+            # a rank left without blocks at an epoch's end still runs forward/backward (DDP needs every rank's
+            # gradients) on a block whose targets are all masked: it adds nothing
+            dummy = (chunk[0][0], [0] * len(chunk[0][0]))
+            micro = [collate(slot[rank] or [dummy], pad, cfg.BLOCK_SIZE) for slot in slots]
 
-        t0 = time.time()
-        lr = get_lr(step, cfg, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_value, n_targets = modeling.forward_backward(net, micro, device, dtype, scaler)
-        if not math.isfinite(loss_value):
-            last = find_checkpoints(cfg.OUT_DIR)
-            raise UserError(f"step {step + 1}: the loss is {loss_value}; stopped before the update. The last good "
-                            f"checkpoint is {last[-1] if last else 'none'}; try a lower LEARNING_RATE")
-        modeling.optimizer_step(model, optimizer, scaler, cfg.GRAD_CLIP)
-        step += 1
-        dt = time.time() - t0
-        offset += len(chunk)
-        end_of_epoch = offset >= len(train_blocks)
+            t0 = time.time()
+            lr = get_lr(step, cfg, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_value, n_targets = modeling.forward_backward(net, micro, device, dtype, scaler)
+            problem = None if math.isfinite(loss_value) else f"the loss is {loss_value}"
+            if not problem and not modeling.optimizer_step(model, optimizer, scaler, cfg.GRAD_CLIP):
+                problem = "the gradients are not finite"
+            if problem:
+                checkpoints = find_checkpoints(cfg.OUT_DIR)
+                good = next((c for c in reversed(checkpoints) if not modeling.check_manifest(c)), None)
+                raise UserError(f"step {step + 1}: {problem}; stopped before the update. The last good checkpoint "
+                                f"is {good or 'none'}; try a lower LEARNING_RATE")
+            step += 1
+            dt = time.time() - t0
+            offset += len(chunk)
+            end_of_epoch = offset >= len(train_blocks)
 
-        tokens_trained, train_time = tokens_trained + n_targets, train_time + dt
-        epoch_stats[0] += n_targets
-        epoch_stats[1] += count(chunk)[1]
-        epoch_stats[2] += sum(len(b) * (max(len(ids) for ids, _ in b) - 1) for slot in slots for b in slot if b)
-        recent.append((loss_value, n_targets, dt))
-        tok_s = sum(r[1] for r in recent) / max(sum(r[2] for r in recent), 1e-9)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
-        if master and (cfg.LOG_INTERVAL and step % cfg.LOG_INTERVAL == 0 or step == total_steps):
-            log(step=step, epoch=epoch + 1, loss=sum(r[0] for r in recent) / len(recent), lr=lr, tokens_per_s=tok_s)
-            recent = []
+            tokens_trained, train_time = tokens_trained + n_targets, train_time + dt
+            epoch_stats[0] += n_targets
+            epoch_stats[1] += count(chunk)[1]
+            epoch_stats[2] += sum(len(b) * (max(len(ids) for ids, _ in b) - 1) for slot in slots for b in slot if b)
+            recent.append((loss_value, n_targets, dt))
+            tok_s = sum(r[1] for r in recent) / max(sum(r[2] for r in recent), 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
+            if master and (cfg.LOG_INTERVAL and step % cfg.LOG_INTERVAL == 0 or step == total_steps):
+                log(step=step, epoch=epoch + 1, loss=sum(r[0] for r in recent) / len(recent), lr=lr, tokens_per_s=tok_s)
+                recent = []
 
-        evaluate_now = end_of_epoch or step == total_steps or (cfg.EVAL_INTERVAL and step % cfg.EVAL_INTERVAL == 0)
-        if evaluate_now and master:
-            val_loss = modeling.evaluate(model, val_batches, device, dtype)
-            log(step=step, epoch=epoch + 1, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
-            if val_loss < best_val:
-                best_val, best_step = val_loss, step
-                modeling.save(model, tokenizer, os.path.join(cfg.OUT_DIR, "best"))
-            tqdm.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})"
-                       f"{' best' if best_step == step else ''}")
-        if end_of_epoch:
-            tokens, real, processed = epoch_stats
-            if master:
-                tqdm.write(f"epoch {epoch + 1}: {tokens:,} tokens trained ({tokens / max(train_tokens, 1):.0%} of "
-                           f"the train set), padding {1 - real / max(processed, 1):.1%} of {processed:,} positions")
-            epoch, offset, epoch_stats = epoch + 1, 0, [0, 0, 0]
-        checkpoint_now = end_of_epoch or step == total_steps or (
-            cfg.CHECKPOINT_INTERVAL and step % cfg.CHECKPOINT_INTERVAL == 0)
-        if checkpoint_now:
-            rng = {"torch": torch.get_rng_state(),
-                   "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-            rngs = [rng]
-            if world > 1:  # every rank's random state, so a resume with as many ranks continues each exactly
-                rngs = [None] * world
-                dist.all_gather_object(rngs, rng)
-            if master:
-                save_checkpoint(cfg.OUT_DIR, model, tokenizer, {
-                    "step": step, "epoch": epoch, "offset": offset, "best_val": best_val, "best_step": best_step,
-                    "epoch_stats": epoch_stats, "train_sha256": train_sha, "world_size": world,
-                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                    "rng": rngs, "config": vars(cfg)}, cfg.KEEP_CHECKPOINTS)
-        if world > 1 and (evaluate_now or checkpoint_now):
-            dist.barrier()  # the other ranks wait while rank 0 evaluates and writes
-    bar.close()
+            evaluate_now = end_of_epoch or step == total_steps or (cfg.EVAL_INTERVAL and step % cfg.EVAL_INTERVAL == 0)
+            if evaluate_now and master:
+                val_loss = modeling.evaluate(model, val_batches, device, dtype)
+                log(step=step, epoch=epoch + 1, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+                if val_loss < best_val:
+                    best_val, best_step = val_loss, step
+                    modeling.save(model, tokenizer, os.path.join(cfg.OUT_DIR, "best"))
+                tqdm.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})"
+                           f"{' best' if best_step == step else ''}")
+            if end_of_epoch:
+                tokens, real, processed = epoch_stats
+                if master:
+                    tqdm.write(f"epoch {epoch + 1}: {tokens:,} tokens trained ({tokens / max(train_tokens, 1):.0%} of "
+                               f"the train set), padding {1 - real / max(processed, 1):.1%} of {processed:,} positions")
+                epoch, offset, epoch_stats = epoch + 1, 0, [0, 0, 0]
+            checkpoint_now = end_of_epoch or step == total_steps or (
+                cfg.CHECKPOINT_INTERVAL and step % cfg.CHECKPOINT_INTERVAL == 0)
+            if checkpoint_now:
+                rng = {"torch": torch.get_rng_state(),
+                       "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+                rngs = [rng]
+                if world > 1:  # every rank's random state, so a resume with as many ranks continues each exactly
+                    rngs = [None] * world
+                    dist.all_gather_object(rngs, rng)
+                if master:
+                    save_checkpoint(cfg.OUT_DIR, model, tokenizer, {
+                        "step": step, "epoch": epoch, "offset": offset, "best_val": best_val, "best_step": best_step,
+                        "epoch_stats": epoch_stats, "train_sha256": train_sha, "world_size": world,
+                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                        "rng": rngs, "config": vars(cfg)}, cfg.KEEP_CHECKPOINTS)
+            if world > 1 and (evaluate_now or checkpoint_now):
+                dist.barrier()  # the other ranks wait while rank 0 evaluates and writes
 
     # -----------------------------------------------------------------------------------------------------------------
     if master:

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -152,6 +153,7 @@ def test_run_outputs(trained, tiny_model):
     assert max_diff(weights(out), weights(out / "checkpoints", steps[-1])) == 0
 
     for name in ("best", "final"):
+        assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o777 & ~cli.umask()  # not the temp dir's private 0700
         model = AutoModelForCausalLM.from_pretrained(out / name)
         tok = AutoTokenizer.from_pretrained(out / name)
         assert model.config.n_positions == 256

@@ -1,0 +1,452 @@
+"""Faults a long training run meets (issue 7), offline, with a tiny GPT-2 from tests/tiny.py: SIGKILLs at random
+moments and in the middle of checkpoint writes, damaged checkpoints and model files, a non-finite loss, an OUT_DIR
+that takes no writes, a disk that fills up during a save, and checkpoints holding a pickle that would run code.
+Whatever happens, a resumed run ends with the weights of an uninterrupted one, and nothing half-written or unsafe is
+ever loaded.
+
+Run: .venv/bin/python -m pytest -q tests/test_faults.py
+"""
+
+import hashlib
+import json
+import os
+import random
+import re
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cli
+import evaluate
+import modeling
+import train
+from conftest import ROOT, run_script
+from tiny import save_tiny_gpt2, synthetic, write_split
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one run's settings, and the uninterrupted run every faulty one must end up equal to
+
+DATA = (synthetic(12, seed=5, max_turns=4), synthetic(4, seed=6))  # 10 blocks of 32: 5 steps per epoch
+STEPS = 24
+ENV = {"OMP_NUM_THREADS": "1"}  # one thread: the same arithmetic in every process, and no fight over the cores
+FULL_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false", **ENV}
+
+
+def train_args(model, *extra):
+    # a checkpoint every step, two kept: many writes and many deletions to be killed in
+    return [f"--model={model}", "--device=cpu", "--out_dir=out", "--learning_rate=1e-3", "--warmup_steps=2",
+            "--block_size=32", "--batch_size=2", f"--max_steps={STEPS}", "--checkpoint_interval=1",
+            "--keep_checkpoints=2", "--eval_interval=0", "--log_interval=1", *extra]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    # dropout, so that a resume must also restore the random state to give the same weights
+    return save_tiny_gpt2(str(tmp_path_factory.mktemp("models") / "tiny"), dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, model):
+    d = tmp_path_factory.mktemp("reference")
+    write_split(d, *DATA)
+    p = run_script("train.py", *train_args(model), cwd=d, env=ENV)
+    assert p.returncode == 0, p.stderr
+    return d / "out"
+
+
+def ckpt(out, step):
+    return out / "checkpoints" / f"step-{step:08d}"
+
+
+def weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def curve(out):
+    """metrics.jsonl without the timing: what a resumed run must reproduce."""
+    with open(out / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r.get(k, -1) for r in rows for k in ("step", "loss", "lr", "val_loss")]
+
+
+def assert_same_run(out, reference):
+    assert max_diff(weights(out / "final"), weights(reference / "final")) < 1e-6
+    assert max_diff(weights(out / "best"), weights(reference / "best")) < 1e-6
+    assert curve(out) == pytest.approx(curve(reference), rel=1e-5)
+    assert sorted(os.listdir(out / "checkpoints")) == sorted(os.listdir(reference / "checkpoints"))
+
+
+def intact(d):
+    """Whether directory d holds exactly the files its manifest.json lists, each of the recorded size and sha256.
+    Checked here independently of modeling.check_manifest, which is under test."""
+    try:
+        with open(d / "manifest.json") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if set(os.listdir(d)) != {*manifest, "manifest.json"}:
+        return False
+    return all((d / name).stat().st_size == m["size"] and
+               hashlib.sha256((d / name).read_bytes()).hexdigest() == m["sha256"] for name, m in manifest.items())
+
+
+def refresh_manifest(d, name):
+    """Record file `name` in d's manifest as it is now: damage the manifest cannot see."""
+    with open(d / "manifest.json") as f:
+        manifest = json.load(f)
+    data = (d / name).read_bytes()
+    manifest[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+
+
+def crashed_copy(reference, d, last=STEPS):
+    """In d: the data and a copy of the reference run as a kill right after its step-`last` checkpoint left it."""
+    write_split(d, *DATA)
+    shutil.copytree(reference, d / "out")
+    shutil.rmtree(d / "out" / "final")
+    for step in range(last + 1, STEPS + 1):
+        shutil.rmtree(ckpt(d / "out", step))
+    return d / "out"
+
+
+def in_process(main, cwd, args, monkeypatch, capfd):
+    """A script's main() under cli.run, as its __main__ runs it (no interpreter start-up): CompletedProcess-like."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["script.py", *args])
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # later subprocesses would warn about the fork
+    capfd.readouterr()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses run: the same arithmetic as the reference run
+    try:
+        cli.run(main)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def error_line(p):
+    """The one `error: ...` line a failed run ends with: exit code 2, no traceback, on a line of its own (after any
+    progress bar)."""
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = p.stderr.splitlines()
+    assert lines and lines[-1].startswith("error: "), p.stderr
+    assert sum("error:" in line for line in lines) == 1, p.stderr
+    return lines[-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SIGKILL at random moments and during checkpoint writes
+
+def new_entries(path, before, prefix):
+    return [n for n in (os.listdir(path) if path.is_dir() else []) if n.startswith(prefix) and n not in before]
+
+
+def test_sigkill_at_random_moments(tmp_path, model, reference):
+    write_split(tmp_path, *DATA)
+    out, ckpts = tmp_path / "out", tmp_path / "out" / "checkpoints"
+    rng = random.Random(7)
+    # What each start waits for before its SIGKILL: "write" = the k-th checkpoint write it starts (k random, 1 for
+    # the very first start, so that a start is killed before any checkpoint is complete); "random" = a random delay
+    # after set-up; "final" = the write of final/. The start after the last kill runs to the end.
+    plan = ["write", "random", "write", "random", "write", "random", "final", None]
+    kills, starts = [], []
+    for n, kind in enumerate(plan):
+        before_ckpts = set(os.listdir(ckpts)) if ckpts.is_dir() else set()
+        before_out = set(os.listdir(out)) if out.is_dir() else set()
+        log_path = tmp_path / f"start-{n}.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *train_args(model),
+                                     *(["--resume=True"] if n else [])],
+                                    cwd=tmp_path, env=FULL_ENV, stdout=log, stderr=subprocess.STDOUT)
+        k = 1 if n == 0 else rng.randint(1, 3)
+        delay = rng.uniform(0, 0.5)
+        writes, set_up, deadline = set(), None, time.time() + 120
+        while kind and proc.poll() is None and time.time() < deadline:
+            writes.update(new_entries(ckpts, before_ckpts, ".tmp-step-"))  # each write has its own temp name
+            if kind == "write" and len(writes) >= k:
+                break
+            if kind == "final" and (new_entries(out, before_out, ".tmp-final-") or (out / "final").exists()):
+                break  # final/ being written (or, after a slow poll, just written)
+            if kind == "random":
+                if set_up is None and re.search(r"^model: ", log_path.read_text(), re.M):
+                    set_up = time.time()
+                # at most two new checkpoints per start, so that the run outlasts the plan however fast it goes
+                if (set_up and time.time() > set_up + delay) or len(new_entries(ckpts, before_ckpts, "step-")) >= 2:
+                    break
+            time.sleep(0.001)
+        if kind:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=120)
+        starts.append(log_path.read_text())
+        if kind is None:
+            assert proc.returncode == 0, starts[-1]
+            break
+        assert proc.returncode == -signal.SIGKILL, f"start {n} ({kind}) ended before its kill:\n{starts[-1]}"
+        steps = sorted(s for s in os.listdir(ckpts) if s.startswith("step-")) if ckpts.is_dir() else []
+        # renamed into place only when complete: a kill never leaves a step-* directory half-written or half-deleted
+        assert all(intact(ckpts / s) for s in steps), (kind, steps)
+        if (out / "final").exists():
+            assert intact(out / "final")
+        kills.append({"kind": kind, "complete": steps,
+                      "in_write": bool(new_entries(ckpts, before_ckpts, ".tmp-step-"))})
+
+    assert len(kills) >= 5
+    # the "write" kills landed while a checkpoint was half-written (its temp directory was left behind)
+    assert sum(k["in_write"] for k in kills if k["kind"] == "write") >= 2, kills
+    assert not kills[0]["complete"]  # the first start died before its first checkpoint was complete
+    for kill, log in zip(kills, starts[1:]):
+        assert "skipping damaged checkpoint" not in log, log
+        resumed = re.findall(r"resuming from (\S+) \(step (\d+)\)", log)
+        if kill["complete"]:
+            # the newest checkpoint complete when the previous start died: never a half-written one
+            assert len(resumed) == 1 and os.path.basename(resumed[0][0]) == kill["complete"][-1], (kill, log)
+            assert int(resumed[0][1]) == int(kill["complete"][-1][5:])
+        else:
+            assert not resumed, log  # nothing complete yet: --resume=True starts the run from the beginning
+    assert "resuming from" in starts[-1] and f"(step {STEPS})" in starts[-1]  # killed while writing final/
+    assert not [n for d in (out, ckpts) for n in os.listdir(d) if n.startswith(".tmp-")]  # leftovers cleared
+    assert_same_run(out, reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# damaged checkpoints are reported and passed over; a crafted pickle never runs
+
+class Payload:
+    """Unpickling this runs a shell command, as a malicious state.pt or pytorch_model.bin would."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+@pytest.fixture
+def evil(tmp_path_factory):
+    """A torch.save file whose loading runs code (creates the returned marker), checked live here; one per test."""
+    d = tmp_path_factory.mktemp("evil")
+    marker, path = d / "MARKER", d / "evil.pt"
+    torch.save({"step": STEPS, "optimizer": Payload(marker)}, path)
+    torch.load(path, weights_only=False)  # the unsafe way: the payload must really run, or the tests prove nothing
+    assert marker.exists()
+    marker.unlink()
+    return path.read_bytes(), marker
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the tensor data: torch.load itself would load it without complaint
+    path.write_bytes(bytes(data))
+
+
+def put_pickle(d, evil, name="state.pt", refresh=True):
+    (d / name).write_bytes(evil[0])
+    if refresh:  # the manifest matches: only loading with weights_only stands in the way
+        refresh_manifest(d, name)
+
+
+DAMAGE = {  # case -> (what to do to the newest checkpoint, what the message must say)
+    "truncated_model": (lambda d, evil: truncate(d / "model.safetensors"), r"model.safetensors is .* \(truncated\?\)"),
+    "flipped_byte_in_state": (lambda d, evil: flip_byte(d / "state.pt"), "state.pt does not match its sha256"),
+    "no_manifest": (lambda d, evil: (d / "manifest.json").unlink(), "no manifest.json"),
+    "pickle_matching_manifest": (put_pickle, r"state.pt cannot be loaded safely \(UnpicklingError\)"),
+    "pickle_stale_manifest": (lambda d, evil: put_pickle(d, evil, refresh=False), "state.pt is [0-9,]+ bytes, the"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_damaged_checkpoint_is_skipped(case, tmp_path, monkeypatch, capfd, model, reference, evil):
+    out = crashed_copy(reference, tmp_path)
+    damage, message = DAMAGE[case]
+    damage(ckpt(out, STEPS), evil)
+    p = in_process(train.main, tmp_path, [*train_args(model), "--resume=True"], monkeypatch, capfd)
+    assert p.returncode == 0, p.stderr
+    assert not evil[1].exists(), "unpickling state.pt ran code"
+    assert re.search(rf"skipping damaged checkpoint \S*step-{STEPS:08d}: {message}", p.stdout), p.stdout
+    assert re.search(rf"resuming from \S*step-{STEPS - 1:08d} \(step {STEPS - 1}\)", p.stdout), p.stdout
+    assert intact(ckpt(out, STEPS))  # written again
+    assert_same_run(out, reference)
+
+
+def test_no_intact_checkpoint_starts_again(tmp_path, monkeypatch, capfd, model, reference):
+    out = crashed_copy(reference, tmp_path)
+    truncate(ckpt(out, STEPS) / "model.safetensors")
+    flip_byte(ckpt(out, STEPS - 1) / "state.pt")
+    # the new run's own checkpoints must outlive the damaged newer ones: a crash after step 3 resumes from step 3
+    real_save = train.save_checkpoint
+
+    def save_then_crash(out_dir, model, tokenizer, state, keep):
+        real_save(out_dir, model, tokenizer, state, keep)
+        if state["step"] == 3:
+            raise KeyboardInterrupt  # a Ctrl-C right after the step-3 checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    p = in_process(train.main, tmp_path, [*train_args(model), "--resume=True"], monkeypatch, capfd)
+    assert p.returncode == 130, p.stderr
+    assert "no intact checkpoint in out: starting the run again" in p.stdout
+    assert len(re.findall("skipping damaged checkpoint", p.stdout)) == 2
+    assert intact(ckpt(out, 3))
+
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    p = in_process(train.main, tmp_path, [*train_args(model), "--resume=True"], monkeypatch, capfd)
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"resuming from \S*step-00000003 \(step 3\)", p.stdout), p.stdout
+    assert_same_run(out, reference)
+
+
+EVAL_FAST = ["--device=cpu", "--num_replies=1", "--max_new_tokens=4", "--sample_max_new_tokens=4"]
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json"])
+def test_evaluate_refuses_a_truncated_model(name, tmp_path, monkeypatch, capfd, reference):
+    write_split(tmp_path, *DATA)
+    shutil.copytree(reference, tmp_path / "out")
+    truncate(tmp_path / "out" / "best" / name)
+    p = in_process(evaluate.main, tmp_path, [*EVAL_FAST, "--checkpoint=out/best"], monkeypatch, capfd)
+    line = error_line(p)
+    assert len(p.stderr.splitlines()) == 1
+    assert "'out/best'" in line and f"{name} is" in line and "truncated" in line, line
+    assert not (tmp_path / "out" / "eval_report.json").exists()
+
+
+def test_evaluate_never_unpickles(tmp_path, monkeypatch, capfd, reference, evil):
+    write_split(tmp_path, *DATA)
+    shutil.copytree(reference, tmp_path / "out")
+    d = ckpt(tmp_path / "out", STEPS)
+    put_pickle(d, evil)
+    put_pickle(d, evil, "pytorch_model.bin")  # weights as a pickle beside model.safetensors: never the ones read
+    p = in_process(evaluate.main, tmp_path, [*EVAL_FAST, f"--checkpoint={d}"], monkeypatch, capfd)
+    assert p.returncode == 0, p.stderr
+    assert not evil[1].exists(), "evaluate.py unpickled a file of the checkpoint"
+    assert json.loads((tmp_path / "out" / "eval_report.json").read_text())["model"] == str(d)
+
+    (d / "model.safetensors").unlink()  # only the pickle left: refused, not loaded
+    p = in_process(evaluate.main, tmp_path, [*EVAL_FAST, f"--checkpoint={d}"], monkeypatch, capfd)
+    assert "no model.safetensors" in error_line(p)
+    assert not evil[1].exists(), "evaluate.py unpickled pytorch_model.bin"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a non-finite loss
+
+def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, capfd, model):
+    write_split(tmp_path, *DATA)
+    # lr 1e6, reached after a warmup so that checkpoints come first, throws the weights beyond float32's range
+    args = train_args(model, "--learning_rate=1e6", "--warmup_steps=4")
+    p = in_process(train.main, tmp_path, args, monkeypatch, capfd)
+    line = error_line(p)
+    m = re.fullmatch(r"error: step (\d+): the loss is (nan|inf|-inf); stopped before the update\. The last good "
+                     r"checkpoint is (\S+); try a lower LEARNING_RATE", line)
+    assert m, line
+    step, last = int(m.group(1)), tmp_path / m.group(3)
+    assert step > 1 and last == ckpt(tmp_path / "out", step - 1)
+    assert intact(last)
+    assert all(torch.isfinite(t).all() for t in weights(last).values())  # a good checkpoint: finite weights
+    assert not (tmp_path / "out" / "final").exists()
+
+    # the same settings resume from it and meet the same loss at the same step: it loaded, and nothing was lost
+    p = in_process(train.main, tmp_path, [*args, "--resume=True"], monkeypatch, capfd)
+    assert f"resuming from {os.path.join('out', 'checkpoints', last.name)} (step {step - 1})" in p.stdout
+    assert error_line(p) == line
+    assert intact(last)
+
+
+def test_non_finite_gradients_are_not_applied():
+    # a finite loss can still give an infinite gradient: the step must not write it into the weights (nor into a
+    # checkpoint after it)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    optimizer = modeling.make_optimizer(layer, 1e-2, 0.0, (0.9, 0.999), torch.device("cpu"))
+    layer(torch.ones(1, 4)).sum().backward()
+    layer.weight.grad[0, 0] = float("inf")
+    assert modeling.optimizer_step(layer, optimizer, None, grad_clip=1.0) is False
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+    assert layer.weight.grad is None  # and nothing is left to add to the next step's
+    layer(torch.ones(1, 4)).sum().backward()
+    assert modeling.optimizer_step(layer, optimizer, None, grad_clip=1.0) is True
+    assert not torch.equal(before["weight"], layer.weight)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# OUT_DIR takes no writes; the disk fills up during a save
+
+@pytest.mark.parametrize("out_dir", ["blocker", "blocker/out"])
+def test_out_dir_cannot_be_made(out_dir, tmp_path, monkeypatch, capfd, model):
+    # a regular file where OUT_DIR or a folder above it would be: refused even as root, which chmod does not stop
+    write_split(tmp_path, *DATA)
+    (tmp_path / "blocker").write_text("not a directory")
+    p = in_process(train.main, tmp_path, train_args(model, f"--out_dir={out_dir}"), monkeypatch, capfd)
+    line = error_line(p)
+    assert len(p.stderr.splitlines()) == 1
+    assert f"OUT_DIR {out_dir!r}" in line, line
+    assert "step 0" not in p.stdout  # stopped before training
+    assert sorted(os.listdir(tmp_path)) == ["blocker", "train_data.txt", "val_data.txt"]
+    assert (tmp_path / "blocker").read_text() == "not a directory"
+
+
+def test_out_dir_read_only(tmp_path, monkeypatch, capfd, model):
+    write_split(tmp_path, *DATA)
+    (tmp_path / "out").mkdir(mode=0o500)
+    if os.access(tmp_path / "out", os.W_OK):
+        pytest.skip("chmod 0o500 does not stop this user's writes (root); test_out_dir_cannot_be_made covers root")
+    try:
+        p = in_process(train.main, tmp_path, train_args(model), monkeypatch, capfd)
+    finally:
+        (tmp_path / "out").chmod(0o700)
+    line = error_line(p)
+    assert len(p.stderr.splitlines()) == 1 and "'out' is not writable" in line, line
+    assert os.listdir(tmp_path / "out") == []
+
+
+# A full disk, for real: RLIMIT_FSIZE makes the kernel fail any write past the limit (EFBIG) inside the libraries'
+# own writers, as ENOSPC would; root is bound by it too. model.safetensors is ~6.5 MB, state.pt ~13 MB.
+@pytest.mark.parametrize("limit_mb, fails", [(1, "model.safetensors"), (9, "state.pt")])
+def test_disk_full_during_a_checkpoint(limit_mb, fails, tmp_path, monkeypatch, capfd, model, reference):
+    out = crashed_copy(reference, tmp_path, last=STEPS - 1)
+    sizes = {f.name: f.stat().st_size for f in ckpt(reference, STEPS).iterdir()}
+    over = sorted(f for f, size in sizes.items() if size > limit_mb << 20)
+    assert fails in over and (fails == "model.safetensors" or over == [fails]), sizes  # model.safetensors goes first
+    real_save = train.save_checkpoint
+
+    def save_on_a_full_disk(*args):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_mb << 20, hard))
+        try:
+            real_save(*args)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    monkeypatch.setattr(train, "save_checkpoint", save_on_a_full_disk)
+    p = in_process(train.main, tmp_path, [*train_args(model), "--resume=True"], monkeypatch, capfd)
+    line = error_line(p)
+    assert f"could not write out/checkpoints/step-{STEPS:08d}" in line and "intact" in line, line
+    assert sorted(os.listdir(out / "checkpoints")) == [f"step-{STEPS - 1:08d}"]  # no leftovers, the last one kept
+    assert intact(ckpt(out, STEPS - 1))
+
+    monkeypatch.setattr(train, "save_checkpoint", real_save)  # space again
+    p = in_process(train.main, tmp_path, [*train_args(model), "--resume=True"], monkeypatch, capfd)
+    assert p.returncode == 0, p.stderr
+    assert re.search(rf"resuming from \S*step-{STEPS - 1:08d} ", p.stdout), p.stdout
+    assert_same_run(out, reference)
