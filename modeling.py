@@ -12,6 +12,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from huggingface_hub.utils import logging as hub_logging
 from safetensors import SafetensorError
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast,
                           PreTrainedTokenizerFast)
@@ -23,6 +24,7 @@ from cli import UserError, umask
 
 EOS = "<|endoftext|>"
 logging.set_verbosity_error()  # transformers' warnings would break our one-line errors
+hub_logging.set_verbosity_error()  # as would the Hub client's ("... thrown while requesting HEAD ...") when offline
 logging.disable_progress_bar()  # and its "writing shards" bars our own progress bar
 
 
