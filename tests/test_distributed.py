@@ -6,22 +6,16 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file
 
-from conftest import ROOT
-from tiny import save_tiny_gpt2, synthetic, write_split
+from conftest import ROOT, script_env
+from tiny import max_diff, save_tiny_gpt2, synthetic, weights, write_split
 
 
 def torchrun(n, *args, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = script_env({"OMP_NUM_THREADS": "1"})
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                            os.path.join(ROOT, "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
-
-
-def max_diff(a, b):
-    wa, wb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
-    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +36,7 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(run_dir, script):
     assert one.returncode == 0, one.stderr
     two = torchrun(2, *common(run_dir), "--batch_size=2", "--out_dir=two", cwd=run_dir)
     assert two.returncode == 0, two.stderr
-    assert max_diff(run_dir / "one" / "final", run_dir / "two" / "final") < 1e-5
+    assert max_diff(weights(run_dir / "one" / "final"), weights(run_dir / "two" / "final")) < 1e-5
     # one set of outputs: rank 0 alone writes, each step is logged once, and one summary line is printed
     steps = [json.loads(line)["step"] for line in open(run_dir / "two" / "metrics.jsonl") if "val_loss" in line]
     assert steps == sorted(set(steps))

@@ -22,14 +22,13 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import cli
 import evaluate
 import modeling
 import train
-from conftest import ROOT, run_script
-from tiny import save_tiny_gpt2, synthetic, write_split
+from conftest import ROOT, run_script, script_env
+from tiny import curve, max_diff, save_tiny_gpt2, synthetic, weights, write_split
 
 # ---------------------------------------------------------------------------------------------------------------------
 # one run's settings, and the uninterrupted run every faulty one must end up equal to
@@ -37,8 +36,6 @@ from tiny import save_tiny_gpt2, synthetic, write_split
 DATA = (synthetic(12, seed=5, max_turns=4), synthetic(4, seed=6))  # 10 blocks of 32: 5 steps per epoch
 STEPS = 24
 ENV = {"OMP_NUM_THREADS": "1"}  # one thread: the same arithmetic in every process, and no fight over the cores
-FULL_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-            "TOKENIZERS_PARALLELISM": "false", **ENV}
 
 
 def train_args(model, *extra):
@@ -65,22 +62,6 @@ def reference(tmp_path_factory, model):
 
 def ckpt(out, step):
     return out / "checkpoints" / f"step-{step:08d}"
-
-
-def weights(path):
-    return load_file(os.path.join(path, "model.safetensors"))
-
-
-def max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
-
-
-def curve(out):
-    """metrics.jsonl without the timing: what a resumed run must reproduce."""
-    with open(out / "metrics.jsonl") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [r.get(k, -1) for r in rows for k in ("step", "loss", "lr", "val_loss")]
 
 
 def assert_same_run(out, reference):
@@ -176,7 +157,7 @@ def test_sigkill_at_random_moments(tmp_path, model, reference):
         with open(log_path, "w") as log:
             proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *train_args(model),
                                      *(["--resume=True"] if n else [])],
-                                    cwd=tmp_path, env=FULL_ENV, stdout=log, stderr=subprocess.STDOUT)
+                                    cwd=tmp_path, env=script_env(ENV), stdout=log, stderr=subprocess.STDOUT)
         k = 1 if n == 0 else rng.randint(1, 3)
         delay = rng.uniform(0, 0.5)
         writes, set_up, deadline = set(), None, time.time() + 120

@@ -25,9 +25,9 @@ import cli
 import modeling
 import train
 from batching import IGNORE, collate, count, epoch_order, make_blocks, render, windows
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, script_env
 from dialogues import format_dialogue
-from tiny import EOS_ID, gpt2_tokenizer, save_tiny_gpt2, synthetic, write_split
+from tiny import EOS_ID, curve, gpt2_tokenizer, max_diff, metrics, save_tiny_gpt2, synthetic, weights, write_split
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -45,25 +45,6 @@ def run_all(jobs):
     """Run train.py once per (cwd, args) at the same time: each run is mostly import time."""
     with ThreadPoolExecutor(max_workers=4) as pool:
         return list(pool.map(lambda job: run_script("train.py", *job[1], cwd=job[0], env=ENV), jobs))
-
-
-def weights(out_dir, name="final"):
-    return load_file(os.path.join(out_dir, name, "model.safetensors"))
-
-
-def max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
-
-
-def metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def curve(out_dir):
-    """metrics.jsonl without the timing, flat (-1 for a field a line lacks): what a resumed run must reproduce."""
-    return [r.get(k, -1) for r in metrics(out_dir) for k in ("step", "loss", "lr", "val_loss")]
 
 
 def snapshot(path):
@@ -150,7 +131,7 @@ def test_run_outputs(trained, tiny_model):
     assert steps == [f"step-{s:08d}" for s in [*range(10, total, 10), total]]
     for s in steps:
         assert (out / "checkpoints" / s / "state.pt").is_file()
-    assert max_diff(weights(out), weights(out / "checkpoints", steps[-1])) == 0
+    assert max_diff(weights(out / "final"), weights(out / "checkpoints" / steps[-1])) == 0
 
     for name in ("best", "final"):
         assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o777 & ~cli.umask()  # not the temp dir's private 0700
@@ -344,7 +325,7 @@ def test_accumulation_equals_one_batch_in_train_py(tmp_path, tiny_model):
     p1, p2 = run_all([(one, [*common, "--batch_size=4", "--grad_accum_steps=1"]),
                       (two, [*common, "--batch_size=2", "--grad_accum_steps=2"])])
     assert p1.returncode == 0 and p2.returncode == 0, p1.stderr + p2.stderr
-    w1, w2 = weights(one / "out"), weights(two / "out")
+    w1, w2 = weights(one / "out" / "final"), weights(two / "out" / "final")
     assert max_diff(w1, w2) < 1e-5
     assert max_diff(w1, load_file(os.path.join(tiny_model, "model.safetensors"))) > 1e-4  # it did train
 
@@ -403,16 +384,15 @@ def test_resume_gives_the_same_weights(resumed, run_a):
     out, p = resumed["plain"]
     assert p.returncode == 0, p.stderr
     assert "(step 8)" in p.stdout
-    assert max_diff(weights(out), weights(run_a)) < 1e-6
+    assert max_diff(weights(out / "final"), weights(run_a / "final")) < 1e-6
     assert curve(out) == pytest.approx(curve(run_a), rel=1e-5)
     assert sorted(os.listdir(out / "checkpoints")) == sorted(os.listdir(run_a / "checkpoints"))
 
 
 def test_resume_after_kill(tmp_path, run_a, dropout_model):
     write_split(tmp_path, *RESUME_DATA)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **ENV}
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *resume_args(dropout_model)],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=tmp_path, env=script_env(ENV), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = tmp_path / "out" / "checkpoints"
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:
@@ -427,7 +407,7 @@ def test_resume_after_kill(tmp_path, run_a, dropout_model):
         assert "resuming from" in p.stdout
     else:  # it finished before the kill landed
         assert proc.returncode == 0
-    assert max_diff(weights(tmp_path / "out"), weights(run_a)) < 1e-6
+    assert max_diff(weights(tmp_path / "out" / "final"), weights(run_a / "final")) < 1e-6
     assert curve(tmp_path / "out") == pytest.approx(curve(run_a), rel=1e-5)
 
 
@@ -436,7 +416,7 @@ def test_half_written_checkpoint_is_ignored(resumed, run_a):
     assert p.returncode == 0, p.stderr
     assert re.search(r"resuming from \S*step-00000008 \(step 8\)", p.stdout), p.stdout
     assert not (out / "checkpoints" / ".tmp-step-00000099").exists()
-    assert max_diff(weights(out), weights(run_a)) < 1e-6
+    assert max_diff(weights(out / "final"), weights(run_a / "final")) < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------------------------------

