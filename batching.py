@@ -1,7 +1,8 @@
 """From dialogues to training batches, the same way for training and for every loss we report.
 
-A dialogue renders to tokens as its text-file lines, "Speaker: text\\n" per turn, then EOS: the EOS is a real target,
-so the model learns to stop. `mask` marks the tokens that are trained (all of them, or only TRAIN_SPEAKERS' turns).
+A dialogue renders to tokens in one of two formats: as its text-file lines, "Speaker: text\\n" per turn, then EOS
+(`render`, FORMAT="speaker"), or through the model's own chat template with speakers as roles (`render_chat`,
+FORMAT="chat_template"). Either way the dialogue ends with EOS, a real target, so the model learns to stop. `mask` marks the tokens that are trained (all of them, or only TRAIN_SPEAKERS' turns).
 A dialogue longer than a block is cut into windows at turn boundaries (a turn longer than a block is cut too); each
 window is preceded by one context token (EOS for a dialogue's start, else the token before the window) that is never
 a target. Windows are packed several to a block by best-fit and batches group blocks of similar length, so padding
@@ -12,7 +13,15 @@ EOS would never be learned.
 
 import torch
 
+from cli import UserError
+
 IGNORE = -100  # cross_entropy's ignore_index
+
+
+def start_id(tokenizer):
+    """The token a dialogue starts after: BOS where the model has one (Llama-family models are trained with it
+    there), else EOS (GPT-2 and Pythia separate documents with it)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
 def encode(tokenizer, texts):
@@ -42,8 +51,107 @@ def render(tokenizer, dialogues, train_speakers=None):
     return out
 
 
-def windows(turns, block_size, eos):
-    """Cut one rendered dialogue into pieces of at most block_size targets plus one leading context token."""
+# ---------------------------------------------------------------------------------------------------------------------
+# FORMAT="chat_template": the model's own template renders the dialogue, each speaker as a role
+
+MARK = "\ue000{}\ue001"  # a stand-in for turn i's text while the template renders: private-use characters
+
+
+def role_map(roles=None, train_speakers=None):
+    """A function from a dialogue's turns to each turn's chat role. ROLES maps speakers to roles ("*": everyone
+    else). Without it, TRAIN_SPEAKERS are the assistant and everyone else the user; without either, in a two-speaker
+    dialogue whoever speaks first is the user and the other the assistant."""
+    def assign(turns):
+        speakers = list(dict.fromkeys(s for s, _ in turns))
+        if roles is not None:
+            missing = [s for s in speakers if s not in roles and "*" not in roles]
+            if missing:
+                raise UserError(f"speaker {missing[0]!r} has no role in ROLES (add it, or a '*' entry for everyone "
+                                f"else)")
+            return [roles.get(s, roles.get("*")) for s, _ in turns]
+        if train_speakers is not None:
+            return ["assistant" if s in train_speakers else "user" for s, _ in turns]
+        if len(speakers) > 2:
+            raise UserError(f"{len(speakers)} speakers ({', '.join(speakers)}); without ROLES or TRAIN_SPEAKERS only "
+                            f"two-speaker dialogues get roles: set ROLES, e.g. --roles='{{\"{speakers[1]}\": "
+                            f"\"assistant\", \"*\": \"user\"}}'")
+        return ["user" if s == speakers[0] else "assistant" for s, _ in turns]
+    return assign
+
+
+def _template(tokenizer, messages):
+    """The chat template's text for some messages, each of whose content is MARK.format(i); split at the marks."""
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as e:  # a template's own raise_exception ("roles must alternate ...") or a jinja error
+        raise UserError(f"the model's chat template refused it: {str(e).splitlines()[0] if str(e) else type(e)}")
+    parts, pos = [], 0
+    for i, m in enumerate(messages):
+        at = text.find(MARK.format(i), pos)
+        if at < 0:
+            raise UserError(f"the model's chat template does not write turn {i + 1}'s text as given "
+                            f"(role {m['role']!r}): that role may not exist in this template")
+        parts.append(text[pos:at])
+        pos = at + len(MARK.format(i))
+    return parts + [text[pos:]]
+
+
+def chat_pieces(tokenizer, dialogues, roles, source="data"):
+    """Each dialogue rendered by the model's chat template, as turns (speaker, header, text, footer) of token ids:
+    what the template writes before the turn's text (its role header; before the first turn also any preamble, such
+    as a default system prompt), the text, tokenized as plain text as in the speaker format, and what the template
+    writes to end the turn. Which of the template's text between two turns ends one and which begins the next is
+    what it writes after a turn when that turn is the last one. A BOS at the very start is dropped (the context
+    token is that BOS), and EOS ends the last turn where the template did not write it."""
+    gaps, lasts = [], []  # per dialogue: the template's text before, between and after the turns; and after each
+    for n, turns in enumerate(dialogues):  # turn but the last when that turn ends the conversation
+        try:
+            messages = [{"role": r, "content": MARK.format(i)} for i, r in enumerate(roles(turns))]
+            gaps.append(_template(tokenizer, messages))
+            lasts.append([_template(tokenizer, messages[:i + 1])[-1] for i in range(len(messages) - 1)])
+        except UserError as e:
+            raise UserError(f"{source}: dialogue {n + 1}: {e}") from None
+    flat = [t for g, l in zip(gaps, lasts) for t in g + l]
+    special = iter(tokenizer(flat, add_special_tokens=False, verbose=False)["input_ids"] if flat else [])
+    texts = iter(encode(tokenizer, [t for d in dialogues for _, t in d]))
+    bos, eos, out = tokenizer.bos_token_id, tokenizer.eos_token_id, []
+    for turns, g, l in zip(dialogues, gaps, lasts):
+        between, after = [next(special) for _ in g], [next(special) for _ in l]
+        header = between[0][1:] if bos is not None and between[0][:1] == [bos] else between[0]
+        rendered = []
+        for i, (speaker, _) in enumerate(turns):
+            if i < len(turns) - 1:  # the longest common start of "after turn i, at the end" and "between i and i+1"
+                gap, alone = between[i + 1], after[i]
+                k = next((j for j, (a, b) in enumerate(zip(gap, alone)) if a != b), min(len(gap), len(alone)))
+                footer, next_header = gap[:k], gap[k:]
+            else:
+                footer, next_header = between[-1] + ([eos] if eos not in between[-1] else []), []
+            rendered.append((speaker, header, next(texts), footer))
+            header = next_header
+        out.append(rendered)
+    return out
+
+
+def render_chat(tokenizer, dialogues, roles, train_speakers=None, source="data"):
+    """As render, through the chat template: each turn is (header + text + footer, mask). Trained: everything, or
+    with TRAIN_SPEAKERS, their turns' text and footer (the end-of-turn token, so the model learns to stop), never a
+    header: the header is the prompt at generation time."""
+    out = []
+    for d in chat_pieces(tokenizer, dialogues, roles, source):
+        rendered = []
+        for speaker, header, text, footer in d:
+            if train_speakers is None:
+                mask = [1] * (len(header) + len(text) + len(footer))
+            else:
+                mask = [0] * len(header) + [int(speaker in train_speakers)] * (len(text) + len(footer))
+            rendered.append((header + text + footer, mask))
+        out.append(rendered)
+    return out
+
+
+def windows(turns, block_size, first):
+    """Cut one rendered dialogue into pieces of at most block_size targets plus one leading context token: `first`
+    (start_id) for the first piece, the token before it for the others."""
     ids = [t for tid, _ in turns for t in tid]
     mask = [m for _, tm in turns for m in tm]
     cuts, start, pos = [], 0, 0  # cut points in the dialogue's token stream, at turn boundaries where they can be
@@ -57,7 +165,7 @@ def windows(turns, block_size, eos):
             cuts.append(start)
         pos = end
     bounds = [0, *cuts, len(ids)]
-    stream = [eos, *ids]  # stream[j] is the token before ids[j]
+    stream = [first, *ids]  # stream[j] is the token before ids[j]
     return [(stream[a:b + 1], [0, *mask[a:b]]) for a, b in zip(bounds, bounds[1:])]
 
 
@@ -84,11 +192,19 @@ def pack(pieces, block_size):
     return out
 
 
-def make_blocks(tokenizer, dialogues, block_size, train_speakers=None):
-    """Dialogues -> packed blocks of (ids, mask), each at most block_size + 1 long."""
-    eos = tokenizer.eos_token_id
-    pieces = [w for turns in render(tokenizer, dialogues, train_speakers) for w in windows(turns, block_size, eos)]
-    return pack(pieces, block_size)
+def make_blocks(tokenizer, dialogues, block_size, train_speakers=None, roles=None, source="data"):
+    """Dialogues -> packed blocks of (ids, mask), each at most block_size + 1 long. With `roles` (see role_map) they
+    are rendered with the model's chat template, else in the speaker format."""
+    start = start_id(tokenizer)
+    rendered = render_any(tokenizer, dialogues, train_speakers, roles, source)
+    return pack([w for turns in rendered for w in windows(turns, block_size, start)], block_size)
+
+
+def render_any(tokenizer, dialogues, train_speakers=None, roles=None, source="data"):
+    """render_chat with `roles` (FORMAT="chat_template"), else render."""
+    if roles is None:
+        return render(tokenizer, dialogues, train_speakers)
+    return render_chat(tokenizer, dialogues, roles, train_speakers, source)
 
 
 def epoch_order(blocks, group, seed):

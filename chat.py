@@ -16,7 +16,7 @@ import torch
 import modeling
 from cli import UserError, load_config, run
 from dialogues import clean_speaker, clean_text
-from generation import reply
+from generation import chat_roles, reply
 
 
 def main():
@@ -31,6 +31,7 @@ def main():
     tokenizer, model = modeling.load(model_dir)
     model.to(device).eval()
     context = modeling.context_size(model)
+    roles = chat_roles(tokenizer, {user: "user", bot: "assistant"})  # None: the model speaks the speaker format
     generator = torch.Generator().manual_seed(cfg.SEED)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -51,7 +52,7 @@ def main():
         if not text:
             continue
         history.append((user, text))
-        answer, _, _ = reply(model, tokenizer, history, bot, cfg, generator, context)
+        answer, _, _ = reply(model, tokenizer, history, bot, cfg, generator, context, roles)
         history.append((bot, answer))
         print(f"{bot}: {answer}", flush=True)
 

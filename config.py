@@ -7,6 +7,10 @@ TRAIN_FILE = "train_data.txt"  # "Speaker: text" lines, a blank line between dia
 VAL_FILE = "val_data.txt"
 VAL_FRACTION = 0.2  # share of dialogues held out; decided per dialogue from a hash, so appending data moves none
 SEED = 1337  # one seed for the split, the data order, initialisation and sampling
+FORMAT = "speaker"  # how a dialogue becomes tokens: "speaker" ("Name: text" lines) or "chat_template" (the model's own)
+ROLES = None  # chat_template: speaker -> role, e.g. {"Bob": "assistant", "*": "user"}; None: TRAIN_SPEAKERS are the
+#               assistant, else in each two-speaker dialogue whoever speaks first is the user
+SHOW_EXAMPLE = False  # train.py: print the first training example as the model sees it (trained parts marked), exit
 
 # model
 MODEL = "distilgpt2"  # a Hugging Face Hub id, a local model directory, or "scratch" (fully offline, see below)
@@ -15,6 +19,11 @@ SCRATCH_LAYERS = 4  # MODEL="scratch": a small GPT-2 and a byte-level BPE tokeni
 SCRATCH_HEADS = 4
 SCRATCH_EMBD = 128  # width; 4 layers x 128 wide is ~1.3M parameters besides the embeddings: minutes on a laptop CPU
 SCRATCH_VOCAB = 4096  # BPE vocabulary trained on TRAIN_FILE; small data wants a small vocabulary
+LORA_R = 0  # > 0 trains rank-r LoRA adapters (peft) instead of every weight: 8-64 is usual; 0 = full fine-tuning
+LORA_ALPHA = 32  # adapter scale is LORA_ALPHA / LORA_R; LoRA wants a higher LEARNING_RATE, ~1e-4 to 2e-4
+LORA_DROPOUT = 0.05
+LORA_TARGETS = None  # module names to adapt, e.g. ["q_proj", "v_proj"]; None = every linear layer but the output head
+GRADIENT_CHECKPOINTING = False  # recompute activations in the backward pass: far less memory, ~30% more compute
 
 # optimization
 BATCH_SIZE = 8  # sequences per micro-batch

@@ -156,12 +156,12 @@ def write_dialogues(f, dialogues):
     f.write("\n".join(format_dialogue(d) for d in dialogues))
 
 
-# The chat template saved with every model we write: apply_chat_template(messages) renders the training text exactly
-# (EOS, then "Speaker: text" lines, then EOS); with add_generation_prompt=True it ends with the next speaker's label
-# instead: `next_speaker` if given, else the one who spoke before the last message. A message's speaker is its "name",
-# else its "role".
+# The chat template saved with every model trained in the speaker format: apply_chat_template(messages) renders the
+# training text exactly (BOS, or EOS where the model has no BOS, then "Speaker: text" lines, then EOS); with
+# add_generation_prompt=True it ends with the next speaker's label instead: `next_speaker` if given, else the one who
+# spoke before the last message. A message's speaker is its "name", else its "role".
 CHAT_TEMPLATE = (
-    "{{- eos_token -}}"
+    "{{- bos_token or eos_token -}}"
     "{%- for m in messages -%}{{ (m.name or m.role) | replace(':', ' ') | trim }}: "
     "{{ m.content.split() | join(' ') }}{{ '\\n' }}{%- endfor -%}"
     "{%- if add_generation_prompt -%}"

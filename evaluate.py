@@ -19,10 +19,10 @@ import re
 import torch
 
 import modeling
-from batching import encode, eval_batches, make_blocks
+from batching import encode, eval_batches, make_blocks, start_id
 from cli import UserError, atomic_write, load_config, read_jsonl, run
 from dialogues import read_dialogues
-from generation import reply, sample
+from generation import chat_roles, prompt_ids, reply, sample
 
 RECURRING = 3  # a speaker in at least this many validation dialogues gets a loss of their own
 
@@ -101,7 +101,10 @@ def main():
     # validation loss: the fine-tuned model, the base model, and per recurring speaker
     block_size = min(run_cfg.get("BLOCK_SIZE", cfg.BLOCK_SIZE), context)
     train_speakers = run_cfg.get("TRAIN_SPEAKERS", cfg.TRAIN_SPEAKERS)
-    batches = lambda speakers: eval_batches(make_blocks(tokenizer, val_dialogues, block_size, speakers),
+    # a model trained in its own chat template is evaluated and prompted in it, with the run's roles
+    roles = chat_roles(tokenizer, run_cfg.get("ROLES", cfg.ROLES), train_speakers)
+    batches = lambda speakers: eval_batches(make_blocks(tokenizer, val_dialogues, block_size, speakers, roles,
+                                                        cfg.VAL_FILE),
                                             cfg.BATCH_SIZE, tokenizer.eos_token_id, block_size)
     val = batches(train_speakers)
     n_tokens = sum(int((y != -100).sum()) for _, y in val)
@@ -137,7 +140,7 @@ def main():
     replies = []
     for d in chosen:
         speaker, real = d[-1]
-        text, ended, n_new = reply(model, tokenizer, d[:-1], speaker, cfg, generator, context)
+        text, ended, n_new = reply(model, tokenizer, d[:-1], speaker, cfg, generator, context, roles)
         replies.append({"context": d[:-1], "speaker": speaker, "real": real, "generated": text, "ended": ended,
                         "new_tokens": n_new, "f1": token_f1(text, real)})
     texts = [r["generated"] for r in replies]
@@ -149,14 +152,20 @@ def main():
         "token_f1": sum(r["f1"] for r in replies) / max(len(replies), 1),
     }
 
-    # the sample dialogue: SAMPLE_PROMPT continued until EOS
-    ids = [tokenizer.eos_token_id] + encode(tokenizer, [cfg.SAMPLE_PROMPT])[0]
+    # the sample dialogue: SAMPLE_PROMPT continued until EOS (in a chat template: its turns, then the last label's)
+    if roles is None:
+        ids = [start_id(tokenizer)] + encode(tokenizer, [cfg.SAMPLE_PROMPT])[0]
+    else:
+        *lines, label = cfg.SAMPLE_PROMPT.rstrip().split("\n")
+        turns = [(s.strip(), t.strip()) for s, _, t in (line.partition(":") for line in lines)]
+        ids = prompt_ids(tokenizer, turns, label.rstrip(":").strip(), context, 0, roles)[0]
     if len(ids) + cfg.SAMPLE_MAX_NEW_TOKENS > context:
         raise UserError(f"SAMPLE_PROMPT is {len(ids)} tokens; with SAMPLE_MAX_NEW_TOKENS={cfg.SAMPLE_MAX_NEW_TOKENS} "
                         f"it does not fit the model's context of {context} tokens")
     new = sample(model, ids, cfg.SAMPLE_MAX_NEW_TOKENS, cfg.TEMPERATURE, cfg.TOP_K, cfg.TOP_P,
                  cfg.REPETITION_PENALTY, generator, stop=lambda new: new[-1] == tokenizer.eos_token_id)
-    sample_text = cfg.SAMPLE_PROMPT + tokenizer.decode(new, skip_special_tokens=True)
+    sample_text = (cfg.SAMPLE_PROMPT + tokenizer.decode(new, skip_special_tokens=True) if roles is None else
+                   tokenizer.decode(ids + new))  # the template's special tokens shown: what the model sees
 
     # -----------------------------------------------------------------------------------------------------------------
     # report

@@ -1,21 +1,40 @@
-"""Generating one speaker's reply: the prompt is the conversation in the training format plus the speaker's label;
-sampling runs with the KV cache; the reply ends at the end of that speaker's turn (line end, EOS, or another
-speaker's label) and never runs into the next turn."""
+"""Generating one speaker's reply: the prompt is the conversation in the training format plus the speaker's label (or,
+for a model trained in its own chat template, the template's turns plus the header of the speaker's role); sampling
+runs with the KV cache; the reply ends at the end of that speaker's turn (line end, EOS, or another speaker's label;
+in a chat template, the token that ends a turn) and never runs into the next turn."""
 
 import inspect
 import re
 
 import torch
 
-from batching import encode
+from batching import chat_pieces, encode, role_map, start_id
 from cli import UserError
-from dialogues import format_dialogue
+from dialogues import CHAT_TEMPLATE, format_dialogue
 
-def prompt_ids(tokenizer, turns, speaker, context, max_new_tokens):
+
+def chat_roles(tokenizer, roles=None, train_speakers=None):
+    """None for a model that speaks the speaker format (our template, or none), else the role map its own chat
+    template is prompted with: a model saved by train.py keeps its own template only when FORMAT="chat_template"."""
+    if not tokenizer.chat_template or tokenizer.chat_template == CHAT_TEMPLATE:
+        return None
+    return role_map(roles, train_speakers)
+
+
+def end_ids(tokenizer):
+    """In a chat template, turn text is plain text: any special token (EOS, <|im_end|>, <|eot_id|>, ...) ends it."""
+    return {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
+
+
+def prompt_ids(tokenizer, turns, speaker, context, max_new_tokens, roles=None):
     """The token ids asking `speaker` to reply after `turns`, dropping the oldest turns until the prompt and the
     reply fit in the model's context."""
     for start in range(len(turns) + 1):
-        ids = [tokenizer.eos_token_id] + encode(tokenizer, [format_dialogue(turns[start:]) + f"{speaker}:"])[0]
+        if roles is None:
+            ids = [start_id(tokenizer)] + encode(tokenizer, [format_dialogue(turns[start:]) + f"{speaker}:"])[0]
+        else:  # the turns as trained, then the header of the speaker's turn
+            *before, (_, header, _, _) = chat_pieces(tokenizer, [turns[start:] + [(speaker, ".")]], roles)[0]
+            ids = [start_id(tokenizer)] + [t for _, h, x, f in before for t in h + x + f] + header
         if len(ids) + max_new_tokens <= context:
             return ids, start
     raise UserError(f"the prompt for {speaker!r} alone is {len(ids)} tokens; with MAX_NEW_TOKENS={max_new_tokens} "
@@ -76,9 +95,16 @@ def sample(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_pen
     return new
 
 
-def reply(model, tokenizer, turns, speaker, cfg, generator, context):
-    """Generate `speaker`'s next turn after `turns`: (text, ended properly, number of new tokens)."""
-    ids, _ = prompt_ids(tokenizer, turns, speaker, context, cfg.MAX_NEW_TOKENS)
+def reply(model, tokenizer, turns, speaker, cfg, generator, context, roles=None):
+    """Generate `speaker`'s next turn after `turns`: (text, ended properly, number of new tokens). With `roles`, in
+    the model's own chat template."""
+    ids, _ = prompt_ids(tokenizer, turns, speaker, context, cfg.MAX_NEW_TOKENS, roles)
+    if roles is not None:
+        ends = end_ids(tokenizer)
+        new = sample(model, ids, cfg.MAX_NEW_TOKENS, cfg.TEMPERATURE, cfg.TOP_K, cfg.TOP_P, cfg.REPETITION_PENALTY,
+                     generator, lambda new: new[-1] in ends)
+        ended = bool(new) and new[-1] in ends
+        return tokenizer.decode(new[:-1] if ended else new, skip_special_tokens=True).strip(), ended, len(new)
     speakers = sorted({s for s, _ in turns} | {speaker})
     eos = tokenizer.eos_token_id
 

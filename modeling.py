@@ -1,5 +1,6 @@
-"""Models: choosing the device, loading a model (Hub id, local directory, or a small offline "scratch" GPT-2),
-saving one atomically as a standard Hugging Face directory, and the token-weighted loss every stage reports."""
+"""Models: choosing the device, loading a model (Hub id, local directory, or a small offline "scratch" GPT-2), LoRA
+adapters and gradient checkpointing, saving one atomically as a standard Hugging Face directory, and the
+token-weighted loss every stage reports."""
 
 import contextlib
 import ctypes
@@ -76,27 +77,75 @@ def autocast(device, dtype):
 def load(name):
     """A tokenizer and model from a Hub id or a local directory: safetensors only, no remote code."""
     if os.path.isdir(name):
-        missing = [f for f in ("config.json", "model.safetensors", "tokenizer_config.json")
-                   if not os.path.exists(os.path.join(name, f))]
+        missing = [f for f in ("config.json", "model.safetensors") if not os.path.exists(os.path.join(name, f))]
         if missing:
             raise UserError(f"model directory {name!r} is incomplete: no {', '.join(missing)} "
+                            f"(a directory written by save_pretrained, with safetensors weights, is expected)")
+    tokenizer = load_tokenizer(name)
+    with _load_errors(name):
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, use_safetensors=True,
+                                                     dtype=torch.float32)
+    return tokenizer, fused_gelu(model)
+
+
+def load_tokenizer(name):
+    """The tokenizer alone (all that --show_example needs), checked: it must have an EOS to end dialogues with."""
+    if os.path.isdir(name):
+        if not os.path.exists(os.path.join(name, "tokenizer_config.json")):
+            raise UserError(f"model directory {name!r} is incomplete: no tokenizer_config.json "
                             f"(a directory written by save_pretrained, with safetensors weights, is expected)")
         problem = check_manifest(name)
         if problem:
             raise UserError(f"model directory {name!r} is damaged: {problem}")
-    try:
+    with _load_errors(name):
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, use_safetensors=True,
-                                                     dtype=torch.float32)
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"model {name!r}: its tokenizer has no EOS token, which marks the end of a dialogue")
+    return tokenizer
+
+
+@contextlib.contextmanager
+def _load_errors(name):
+    try:
+        yield
     except (OSError, ValueError, EnvironmentError) as e:
         if os.path.isdir(name):
             raise UserError(f"model directory {name!r} could not be loaded: {str(e).splitlines()[0]}") from None
         raise UserError(f"could not load MODEL={name!r}: it is not a local directory, and the Hugging Face Hub is "
                         f"unreachable or has no such model with safetensors weights. Connect once so it is cached, "
                         f"point MODEL at a local copy, or use --model=scratch to train a small model offline") from None
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"model {name!r}: its tokenizer has no EOS token, which marks the end of a dialogue")
-    return tokenizer, fused_gelu(model)
+
+
+def adapt(model, cfg, adapter=None):
+    """What the run trains: gradient checkpointing when asked, and with LORA_R > 0 the model wrapped by peft with
+    LoRA adapters (initialised from SEED, or given as `adapter`, a state dict from a checkpoint); every other weight
+    is frozen, so it gets no gradient and no optimizer state."""
+    if cfg.GRADIENT_CHECKPOINTING:
+        if not model.supports_gradient_checkpointing:
+            raise UserError(f"GRADIENT_CHECKPOINTING: {type(model).__name__} does not support it")
+        # non-reentrant: recomputes exactly (the RNG state too, so dropout masks match) and needs no input grads;
+        # transformers 5.x renamed gradient_checkpointing_enable to activation_checkpointing_enable
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not cfg.LORA_R:
+        return model
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    targets = cfg.LORA_TARGETS or "all-linear"  # peft's name for every linear layer but the output head
+    torch.manual_seed(cfg.SEED)
+    try:
+        model = get_peft_model(model, LoraConfig(r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
+    except ValueError as e:  # "Target modules {...} not found in the base model"
+        raise UserError(f"LORA_TARGETS={targets!r}: {str(e).splitlines()[0]}") from None
+    if adapter is not None:
+        set_peft_model_state_dict(model, adapter)
+    return model
+
+
+def is_lora(model):
+    return hasattr(model, "peft_config")
 
 
 def fused_gelu(model):
@@ -161,11 +210,15 @@ def save(model, tokenizer, path, state=None):
     try:
         tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(path) + "-")
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's directory is private (0700); a saved model is not
-        model.save_pretrained(tmp, safe_serialization=True)
+        if is_lora(model) and state is None:  # a model directory: the merged model, and the adapter beside it
+            model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(model))
+            model.save_pretrained(os.path.join(tmp, "adapter"))
+        else:  # a LoRA checkpoint holds the adapter alone: the base is MODEL, unchanged
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if state is not None:
             torch.save(state, os.path.join(tmp, "state.pt"))
-        files = sorted(os.listdir(tmp))
+        files = sorted(os.path.relpath(os.path.join(d, f), tmp) for d, _, names in os.walk(tmp) for f in names)
         manifest = {f: {"size": os.path.getsize(os.path.join(tmp, f)), "sha256": sha256(os.path.join(tmp, f))}
                     for f in files}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
@@ -177,6 +230,19 @@ def save(model, tokenizer, path, state=None):
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@torch.no_grad()
+def merged_state_dict(model):
+    """A LoRA model's weights as a plain model of the base architecture: W + scale * B @ A for every adapted layer,
+    computed into new tensors. Merging in place (peft's merge_and_unload) would change the weights the run goes on
+    training, and unmerging does not restore them bit for bit."""
+    from peft.tuners.lora import LoraLayer
+    base = model.get_base_model()
+    delta = {f"{name}.base_layer.weight": m.get_delta_weight(m.active_adapters[0])
+             for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    return {k.replace(".base_layer.", "."): (v + delta[k] if k in delta else v).detach()
+            for k, v in base.state_dict().items() if "lora_" not in k}
 
 
 def sha256(path):

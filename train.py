@@ -3,6 +3,8 @@
     python train.py                                        # distilgpt2 from the Hub (cached after the first run)
     python train.py --model=scratch --learning_rate=1e-3   # fully offline: a small GPT-2 and a BPE trained here
     python train.py --resume=True                          # continue the run in OUT_DIR from its latest checkpoint
+    python train.py --model=DIR --format=chat_template --lora_r=16 --learning_rate=2e-4   # an instruct model, LoRA
+    python train.py --show_example=True                    # print the first example as the model sees it; exit
 
 Reads TRAIN_FILE and VAL_FILE (written by prepare_data.py). Writes to OUT_DIR: best/ and final/ (Hugging Face model
 directories: AutoModelForCausalLM.from_pretrained(dir) loads them), checkpoints/step-NNNNNNNN/ (the model plus
@@ -20,17 +22,22 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+import config
+
 import modeling
-from batching import collate, count, epoch_order, eval_batches, make_blocks, step_batches
+from batching import (collate, count, epoch_order, eval_batches, make_blocks, render_any, role_map, start_id,
+                      step_batches)
 from cli import UserError, atomic_write, load_config, read_jsonl, run
 from dialogues import CHAT_TEMPLATE, format_dialogue, read_dialogues
 
 # Settings that shape the run's arithmetic: resuming with other values would not continue the same run.
 MUST_MATCH = ["MODEL", "BLOCK_SIZE", "BATCH_SIZE", "GRAD_ACCUM_STEPS", "LEARNING_RATE", "MIN_LR_FRACTION",
               "LR_SCHEDULE", "WARMUP_STEPS", "WEIGHT_DECAY", "BETAS", "GRAD_CLIP", "TRAIN_SPEAKERS", "SEED",
-              "SCRATCH_LAYERS", "SCRATCH_HEADS", "SCRATCH_EMBD", "SCRATCH_VOCAB"]
+              "SCRATCH_LAYERS", "SCRATCH_HEADS", "SCRATCH_EMBD", "SCRATCH_VOCAB", "FORMAT", "ROLES",
+              "LORA_R", "LORA_ALPHA", "LORA_DROPOUT", "LORA_TARGETS"]
 
 
 def get_lr(step, cfg, total_steps):
@@ -64,6 +71,20 @@ def check_config(cfg):
         (cfg.TRAIN_SPEAKERS is None or (isinstance(cfg.TRAIN_SPEAKERS, (list, tuple)) and cfg.TRAIN_SPEAKERS
                                         and all(isinstance(s, str) for s in cfg.TRAIN_SPEAKERS)),
          f"TRAIN_SPEAKERS must be None or a list of speaker names, got {cfg.TRAIN_SPEAKERS!r}"),
+        (cfg.FORMAT in ("speaker", "chat_template"), f"FORMAT must be 'speaker' or 'chat_template', got {cfg.FORMAT!r}"),
+        (cfg.ROLES is None or (isinstance(cfg.ROLES, dict) and cfg.ROLES
+                               and all(isinstance(v, str) and isinstance(k, str) for k, v in cfg.ROLES.items())),
+         f"ROLES must be None or a dict of speaker -> role, like {{'Bob': 'assistant', '*': 'user'}}, "
+         f"got {cfg.ROLES!r}"),
+        (cfg.ROLES is None or cfg.FORMAT == "chat_template", "ROLES is for FORMAT='chat_template' only"),
+        (isinstance(cfg.LORA_R, int) and cfg.LORA_R >= 0, f"LORA_R must be >= 0 (0 = off), got {cfg.LORA_R!r}"),
+        (cfg.LORA_ALPHA > 0, f"LORA_ALPHA must be > 0, got {cfg.LORA_ALPHA}"),
+        (0 <= cfg.LORA_DROPOUT < 1, f"LORA_DROPOUT must be in [0, 1), got {cfg.LORA_DROPOUT}"),
+        (cfg.LORA_TARGETS is None or (isinstance(cfg.LORA_TARGETS, (list, tuple)) and cfg.LORA_TARGETS
+                                      and all(isinstance(t, str) for t in cfg.LORA_TARGETS)),
+         f"LORA_TARGETS must be None or a list of module names like ['q_proj', 'v_proj'], got {cfg.LORA_TARGETS!r}"),
+        (not (cfg.LORA_R and cfg.MODEL == "scratch"),
+         "LORA_R > 0 adapts a pretrained MODEL; a scratch model has nothing to keep frozen (use LORA_R=0)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -107,9 +128,73 @@ def save_checkpoint(out_dir, model, tokenizer, state, keep):
         modeling.remove_dir(old)
 
 
+def prepare_tokenizer(tokenizer, cfg, name):
+    """The tokenizer as the run uses and saves it: FORMAT="speaker" gives it our template (so apply_chat_template
+    and pipeline() speak the training format); "chat_template" keeps the model's own, which it must have."""
+    if cfg.FORMAT == "chat_template" and not tokenizer.chat_template:
+        raise UserError(f"MODEL {name!r} has no chat template of its own; FORMAT='chat_template' renders dialogues "
+                        f"with it (use FORMAT='speaker', or an instruct model)")
+    if cfg.FORMAT == "speaker":
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return role_map(cfg.ROLES, cfg.TRAIN_SPEAKERS) if cfg.FORMAT == "chat_template" else None
+
+
+def show_example(cfg):
+    """--show_example=True: the first training dialogue as the model sees it, with what is trained marked."""
+    dialogues = read_dialogues(cfg.TRAIN_FILE)
+    if not dialogues:
+        raise UserError(f"{cfg.TRAIN_FILE} holds no dialogues: run prepare_data.py first")
+    if cfg.MODEL == "scratch":
+        tokenizer = modeling.scratch_tokenizer(cfg, [format_dialogue(d) for d in dialogues])
+    else:
+        tokenizer = modeling.load_tokenizer(cfg.MODEL)
+    roles = prepare_tokenizer(tokenizer, cfg, cfg.MODEL)
+    turns = render_any(tokenizer, dialogues[:1], cfg.TRAIN_SPEAKERS, roles, cfg.TRAIN_FILE)[0]
+    ids = [start_id(tokenizer)] + [t for tid, _ in turns for t in tid]
+    mask = [0] + [m for _, tm in turns for m in tm]  # mask[j]: is ids[j] a target (the context token never is)
+    runs, j = [], 0
+    while j < len(ids):  # decode runs of equal mask: a character can span tokens
+        k = next((k for k in range(j, len(ids)) if mask[k] != mask[j]), len(ids))
+        text = tokenizer.decode(ids[j:k], skip_special_tokens=False)
+        runs.append(f"\u27e6{text}\u27e7" if mask[j] else text)
+        j = k
+    print(f"the first training example of {cfg.TRAIN_FILE}, FORMAT={cfg.FORMAT!r}, as the model sees it "
+          f"(trained tokens between \u27e6 and \u27e7):\n")
+    print("".join(runs))
+    windows = f"; longer than BLOCK_SIZE={cfg.BLOCK_SIZE}, so trained in windows" if len(ids) - 1 > cfg.BLOCK_SIZE else ""
+    print(f"\n{len(ids)} tokens, {sum(mask)} trained ({sum(mask) / len(ids):.0%}){windows}")
+
+
+def open_model(cfg, resume_from, world, master, train_dialogues):
+    """The tokenizer and model the run trains: from the checkpoint it resumes (a LoRA checkpoint holds the adapter
+    alone, applied to MODEL), else MODEL, else a scratch model; with the adapters and gradient checkpointing of
+    modeling.adapt."""
+    if resume_from and os.path.exists(os.path.join(resume_from, "adapter_model.safetensors")):
+        tokenizer = modeling.load_tokenizer(resume_from)
+        adapter = load_file(os.path.join(resume_from, "adapter_model.safetensors"))
+        return tokenizer, modeling.adapt(modeling.load(cfg.MODEL)[1], cfg, adapter)
+    if resume_from:
+        tokenizer, model = modeling.load(resume_from)
+    elif cfg.MODEL == "scratch":
+        texts = [format_dialogue(d) for d in train_dialogues]
+        if world > 1:  # one tokenizer for all ranks: rank 0 trains it, the others load it
+            shared = os.path.join(cfg.OUT_DIR, ".tmp-scratch-tokenizer")
+            if master:
+                modeling.scratch_tokenizer(cfg, texts).save_pretrained(shared)
+            dist.barrier()
+            tokenizer, model = modeling.build_scratch(cfg, texts, AutoTokenizer.from_pretrained(shared))
+        else:
+            tokenizer, model = modeling.build_scratch(cfg, texts)
+    else:
+        tokenizer, model = modeling.load(cfg.MODEL)
+    return tokenizer, modeling.adapt(model, cfg)
+
+
 def main():
     cfg = load_config(doc=__doc__)
     check_config(cfg)
+    if cfg.SHOW_EXAMPLE:
+        return show_example(cfg)
 
     # -----------------------------------------------------------------------------------------------------------------
     # processes and device: `torchrun --nproc_per_node=N train.py` starts N ranks (DDP: nccl on CUDA, gloo on CPU);
@@ -148,9 +233,14 @@ def main():
         raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} already holds a run: continue it with --resume=True, or choose "
                         f"another --out_dir (nothing there is overwritten)")
     if state is not None:
-        differ = [k for k in MUST_MATCH if state["config"][k] != getattr(cfg, k)]
+        made_with = {k: state["config"].get(k, getattr(config, k)) for k in MUST_MATCH}  # older runs lack newer keys
+        if bool(made_with["LORA_R"]) != bool(cfg.LORA_R):
+            raise UserError(f"{resume_from} is a {'LoRA' if made_with['LORA_R'] else 'full fine-tuning'} checkpoint; "
+                            f"it resumes only as one (--lora_r={made_with['LORA_R']}), or start a new run in "
+                            f"another OUT_DIR")
+        differ = [k for k in MUST_MATCH if made_with[k] != getattr(cfg, k)]
         if differ:
-            flags = " ".join(f"--{k.lower()}={state['config'][k]!r}" for k in differ)
+            flags = " ".join(f"--{k.lower()}={made_with[k]!r}" for k in differ)
             raise UserError(f"{resume_from} was made with other settings; resume with the same ones ({flags}) "
                             f"or start a new run in another OUT_DIR")
         if state["train_sha256"] != train_sha:
@@ -173,37 +263,26 @@ def main():
         unknown = [s for s in cfg.TRAIN_SPEAKERS if s not in speakers]
         if unknown:
             raise UserError(f"TRAIN_SPEAKERS {unknown} never speak in {cfg.TRAIN_FILE}")
+    tokenizer, model = open_model(cfg, resume_from if state is not None else None, world, master, train_dialogues)
     if state is not None:
-        tokenizer, model = modeling.load(resume_from)
         say(f"resuming from {resume_from} (step {state['step']})")
-    elif cfg.MODEL == "scratch":
-        texts = [format_dialogue(d) for d in train_dialogues]
-        if world > 1:  # one tokenizer for all ranks: rank 0 trains it, the others load it
-            shared = os.path.join(cfg.OUT_DIR, ".tmp-scratch-tokenizer")
-            if master:
-                modeling.scratch_tokenizer(cfg, texts).save_pretrained(shared)
-            dist.barrier()
-            tokenizer, model = modeling.build_scratch(cfg, texts, AutoTokenizer.from_pretrained(shared))
-        else:
-            tokenizer, model = modeling.build_scratch(cfg, texts)
-    else:
-        tokenizer, model = modeling.load(cfg.MODEL)
-    tokenizer.chat_template = CHAT_TEMPLATE  # so apply_chat_template and pipeline() speak the training format
+    roles = prepare_tokenizer(tokenizer, cfg, cfg.MODEL)
     if cfg.BLOCK_SIZE > modeling.context_size(model):
         raise UserError(f"BLOCK_SIZE={cfg.BLOCK_SIZE} is beyond the model's context of "
                         f"{modeling.context_size(model)} tokens")
     model.to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
-    # a checkpoint is the model and AdamW's two moments (12 bytes a parameter in fp32); KEEP_CHECKPOINTS of them,
-    # one being written, best/ and final/: better to say so now than to fill the disk an hour in
-    need = n_params * (12 * (cfg.KEEP_CHECKPOINTS + 1) + 8)
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # a checkpoint is the trained weights and AdamW's two moments (12 bytes a parameter in fp32); KEEP_CHECKPOINTS of
+    # them, one being written, best/ and final/: better to say so now than to fill the disk an hour in
+    need = n_trained * 12 * (cfg.KEEP_CHECKPOINTS + 1) + n_params * 8
     free = shutil.disk_usage(existing).free
     if master and free < need:
         raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} has {free / 1e9:.1f} GB free; this run's checkpoints and models "
                         f"need about {need / 1e9:.1f} GB (free space, or lower KEEP_CHECKPOINTS)")
 
-    train_blocks = make_blocks(tokenizer, train_dialogues, cfg.BLOCK_SIZE, cfg.TRAIN_SPEAKERS)
-    val_blocks = make_blocks(tokenizer, val_dialogues, cfg.BLOCK_SIZE, cfg.TRAIN_SPEAKERS)
+    train_blocks = make_blocks(tokenizer, train_dialogues, cfg.BLOCK_SIZE, cfg.TRAIN_SPEAKERS, roles, cfg.TRAIN_FILE)
+    val_blocks = make_blocks(tokenizer, val_dialogues, cfg.BLOCK_SIZE, cfg.TRAIN_SPEAKERS, roles, cfg.VAL_FILE)
     if count(val_blocks)[0] == 0:
         raise UserError(f"{cfg.VAL_FILE} has no turns by TRAIN_SPEAKERS {cfg.TRAIN_SPEAKERS}, so nothing to validate")
     pad = tokenizer.eos_token_id  # any id will do: padded positions are never targets and never attended to
@@ -239,7 +318,10 @@ def main():
     steps_per_epoch = math.ceil(len(train_blocks) / blocks_per_step)
     total_steps = cfg.MAX_STEPS if cfg.MAX_STEPS > 0 else (
         step + math.ceil((len(train_blocks) - offset) / blocks_per_step) + (cfg.EPOCHS - epoch - 1) * steps_per_epoch)
-    say(f"model: {cfg.MODEL} ({n_params / 1e6:.1f}M parameters); {len(train_dialogues)} train dialogues -> "
+    lora = f"LoRA r={cfg.LORA_R} on {cfg.LORA_TARGETS or 'all linear layers'}, " if cfg.LORA_R else ""
+    say(f"model: {cfg.MODEL} ({n_params / 1e6:.1f}M parameters, {lora}{n_trained / 1e6:.2f}M trained"
+        f"{', gradient checkpointing' if cfg.GRADIENT_CHECKPOINTING else ''}); FORMAT={cfg.FORMAT}; "
+        f"{len(train_dialogues)} train dialogues -> "
         f"{train_tokens:,} tokens in {len(train_blocks)} blocks of <= {cfg.BLOCK_SIZE}; "
         f"{steps_per_epoch} steps/epoch of {blocks_per_step} blocks, {total_steps} steps")
 
@@ -360,8 +442,9 @@ def main():
     start_val = f"{first_val:.4f} -> " if first_val is not None else ""
     say(f"trained steps {start_step}->{step} in {elapsed:.0f}s: {tokens_trained:,} tokens at "
         f"{tokens_trained / max(train_time, 1e-9):,.0f} tok/s; val loss {start_val}best {best_val:.4f} "
-        f"(ppl {math.exp(min(best_val, 50)):.2f}) at step {best_step}; models in {cfg.OUT_DIR}/best and "
-        f"{cfg.OUT_DIR}/final")
+        f"(ppl {math.exp(min(best_val, 50)):.2f}) at step {best_step}; {n_trained:,} of {n_params:,} parameters "
+        f"trained; models in {cfg.OUT_DIR}/best and {cfg.OUT_DIR}/final"
+        f"{' (merged; the LoRA adapter in adapter/ of each)' if cfg.LORA_R else ''}")
 
 
 if __name__ == "__main__":

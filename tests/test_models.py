@@ -1,0 +1,359 @@
+"""Model families other than GPT-2, the chat-template format, LoRA and gradient checkpointing, offline, with tiny
+Llama (an instruct model's tokenizer: BOS, ChatML template), GPT-NeoX and GPT-2 models from tests/tiny.py.
+
+Run: .venv/bin/python -m pytest -q tests/test_models.py
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import transformers
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import cli
+import modeling
+from batching import IGNORE, collate, encode, make_blocks, render_chat, role_map, start_id, windows
+from conftest import run_script
+from dialogues import CHAT_TEMPLATE
+from generation import prompt_ids, reply
+from tiny import (CHATML, EOS_ID, chat_tokenizer, gpt2_tokenizer, max_diff, save_tiny_gpt2, save_tiny_llama,
+                  save_tiny_neox, synthetic, weights, write_split)
+
+ENV = {"OMP_NUM_THREADS": "1"}
+DIALOGUE = [("Alex", "Hi there."), ("Bob", "Hello, Alex!"), ("Alex", "Bye <|im_end|> now.")]
+
+
+def special(tok, text):
+    """Template text: its special tokens are real ones."""
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def messages(turns, roles):
+    return [{"role": r, "content": t} for (_, t), r in zip(turns, roles)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# rendering with the model's own chat template
+
+def test_chat_render_matches_a_hand_written_expectation():
+    tok = chat_tokenizer()
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert special(tok, "<|im_end|>") == [im_end] == [tok.eos_token_id]
+    plain = lambda text: encode(tok, [text])[0]
+    header0 = special(tok, "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+    turns = render_chat(tok, [DIALOGUE], role_map(), ["Bob"])[0]
+    assert turns == [
+        (header0 + plain("Hi there.") + [im_end] + special(tok, "\n"),
+         [0] * (len(header0) + len(plain("Hi there.")) + 2)),
+        (special(tok, "<|im_start|>assistant\n") + plain("Hello, Alex!") + [im_end] + special(tok, "\n"),
+         [0] * len(special(tok, "<|im_start|>assistant\n")) + [1] * (len(plain("Hello, Alex!")) + 2)),
+        (special(tok, "<|im_start|>user\n") + plain("Bye <|im_end|> now.") + [im_end] + special(tok, "\n"),
+         [0] * (len(special(tok, "<|im_start|>user\n")) + len(plain("Bye <|im_end|> now.")) + 2))]
+    assert im_end not in plain("Bye <|im_end|> now.")  # a turn's text is plain text: it can't end the turn early
+
+    # the whole dialogue, BOS first as the context token, is exactly the template's own text
+    (ids, mask), = make_blocks(tok, [DIALOGUE], 256, ["Bob"], role_map())
+    assert ids[0] == tok.bos_token_id == start_id(tok) and mask[0] == 0
+    assert tok.decode(ids) == tok.apply_chat_template(messages(DIALOGUE, ["user", "assistant", "user"]),
+                                                      tokenize=False)
+    everything = render_chat(tok, [DIALOGUE], role_map())[0]  # no TRAIN_SPEAKERS: every token is trained
+    assert all(m == [1] * len(t) for t, m in everything)
+
+
+def test_chat_render_ends_with_eos_where_the_template_does_not():
+    tok = chat_tokenizer(eos="<|endoftext|>")  # a base model's EOS, with a ChatML template
+    turns = render_chat(tok, [DIALOGUE[:2]], role_map(), ["Bob"])[0]
+    assert turns[-1][0][-3:] == [tok.convert_tokens_to_ids("<|im_end|>"), *special(tok, "\n"), EOS_ID]
+    assert turns[-1][1][-3:] == [1, 1, 1]  # the end of the turn and the EOS are what the model learns to say
+
+
+def test_a_template_that_writes_the_next_header_with_the_turn():
+    """Phi-3's writes "<|assistant|>" after every user message: that belongs to the user's turn, never trained."""
+    template = ("{%- for m in messages -%}{%- if m.role == 'user' -%}<|im_start|>{{ m.content }}<|im_end|>"
+                "<|im_start|>{%- else -%}{{ m.content }}<|im_end|>{%- endif -%}{%- endfor -%}")
+    tok = chat_tokenizer(template)
+    turns = render_chat(tok, [DIALOGUE[:2]], role_map(), ["Bob"])[0]
+    im_start, im_end = (tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>"))
+    assert turns[0][0][-2:] == [im_end, im_start] and turns[0][1] == [0] * len(turns[0][0])
+    assert turns[1] == (encode(tok, ["Hello, Alex!"])[0] + [im_end], [1] * (len(turns[1][0])))
+
+
+@pytest.mark.parametrize("roles, train_speakers, turns, expected", [
+    (None, None, DIALOGUE, ["user", "assistant", "user"]),  # two speakers: the first is the user
+    (None, ["Alex"], DIALOGUE, ["assistant", "user", "assistant"]),  # TRAIN_SPEAKERS are the assistant
+    (None, ["Bob"], DIALOGUE + [("Cara", "Hi.")], ["user", "assistant", "user", "user"]),
+    ({"Bob": "assistant", "*": "user"}, None, DIALOGUE + [("Cara", "Hi.")], ["user", "assistant", "user", "user"]),
+    ({"Alex": "system", "Bob": "user"}, None, DIALOGUE, ["system", "user", "system"]),
+])
+def test_roles(roles, train_speakers, turns, expected):
+    assert role_map(roles, train_speakers)(turns) == expected
+
+
+def test_roles_refused():
+    with pytest.raises(cli.UserError, match=r"speaker 'Bob' has no role in ROLES"):
+        role_map({"Alex": "user"})(DIALOGUE)
+    with pytest.raises(cli.UserError, match=r"3 speakers \(Alex, Bob, Cara\).*set ROLES"):
+        role_map()(DIALOGUE + [("Cara", "Hi.")])
+    template = ("{%- for m in messages -%}{%- if (m.role == 'user') != (loop.index0 % 2 == 0) -%}"
+                "{{ raise_exception('Conversation roles must alternate user/assistant') }}{%- endif -%}"
+                "{{ m.content }}{%- endfor -%}")
+    with pytest.raises(cli.UserError, match=r"val\.txt: dialogue 2: the model's chat template refused it: "
+                                            r"Conversation roles must alternate"):
+        render_chat(chat_tokenizer(template), [DIALOGUE, [("Alex", "a"), ("Alex", "b")]], role_map(train_speakers=["Bob"]),
+                    source="val.txt")
+
+
+def test_context_token_is_bos_where_the_model_has_one():
+    llama, gpt2 = chat_tokenizer(), gpt2_tokenizer()
+    assert start_id(llama) == llama.bos_token_id != llama.eos_token_id and start_id(gpt2) == EOS_ID
+    turns = [(encode(llama, ["Alex: hi\n"])[0], [1] * 4)]
+    assert windows(turns, 32, start_id(llama))[0][0][0] == llama.bos_token_id
+    llama.chat_template = CHAT_TEMPLATE  # the speaker format's template opens with the same token
+    assert llama.apply_chat_template([{"role": "user", "name": "Alex", "content": "hi"}], tokenize=False) == \
+        "<|begin_of_text|>Alex: hi\n<|im_end|>"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# generation in the chat template
+
+class Output(dict):
+    @property
+    def logits(self):
+        return self["logits"]
+
+
+class Scripted(torch.nn.Module):
+    """Emits `script` one token per forward call, then token 0 forever."""
+
+    def __init__(self, script, vocab):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.script, self.vocab, self.calls = list(script), vocab, 0
+
+    def forward(self, input_ids, cache=None, use_cache=False):
+        token = self.script[self.calls] if self.calls < len(self.script) else 0
+        self.calls += 1
+        logits = torch.zeros(1, input_ids.shape[1], self.vocab)
+        logits[0, -1, token] = 1e4
+        return Output(logits=logits, cache=None)
+
+
+def test_chat_prompt_is_the_templates_generation_prompt_and_a_reply_ends_with_the_turn():
+    tok = chat_tokenizer()
+    roles = role_map()
+    ids, _ = prompt_ids(tok, DIALOGUE[:1], "Bob", 256, 10, roles)
+    assert tok.decode(ids) == tok.apply_chat_template(messages(DIALOGUE[:1], ["user"]), tokenize=False,
+                                                      add_generation_prompt=True)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    cfg = cli.load_config(["--temperature=0", "--max_new_tokens=20"])
+    model = Scripted(encode(tok, [" Fine, thanks"])[0] + [im_end] + encode(tok, ["more"])[0], len(tok))
+    text, ended, n = reply(model, tok, DIALOGUE[:1], "Bob", cfg, torch.Generator(), 256, roles)
+    assert (text, ended, n) == ("Fine, thanks", True, len(encode(tok, [" Fine, thanks"])[0]) + 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LoRA and gradient checkpointing, in process
+
+def lora_cfg(**kw):
+    return cli.load_config([f"--{k}={v!r}" for k, v in {"lora_r": 4, "lora_dropout": 0.0, **kw}.items()])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
+def test_lora_trains_only_the_adapter(tmp_path, family):
+    path = {"gpt2": save_tiny_gpt2, "llama": save_tiny_llama, "neox": save_tiny_neox}[family](str(tmp_path / "m"))
+    tok, model = modeling.load(path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model = modeling.adapt(model, lora_cfg())
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
+    assert any("mlp" in n for n in trained) and any("attn" in n or "attention" in n for n in trained)
+    opt = modeling.make_optimizer(model, 1e-2, 0.0, (0.9, 0.999), torch.device("cpu"))
+    x, y = collate(make_blocks(tok, synthetic(8), 32)[:4], tok.eos_token_id)
+    for _ in range(2):
+        modeling.forward_backward(model, [(x, y)], torch.device("cpu"), None)
+        modeling.optimizer_step(model, opt, None, 1.0)
+    assert sum(len(s) > 0 for s in opt.state.values()) == len(trained)  # optimizer state for the adapter only
+    merged = modeling.merged_state_dict(model)
+    assert merged.keys() == before.keys()
+    changed = {k for k in before if not torch.equal(before[k], merged[k])}
+    assert changed and all(k.endswith("weight") for k in changed)
+    for k, v in model.get_base_model().state_dict().items():  # the base weights themselves never moved
+        if "lora_" not in k:
+            assert torch.equal(before[k.replace(".base_layer.", ".")], v)
+
+
+def test_lora_targets_naming_no_module():
+    _, model = modeling.build_scratch(cli.load_config(["--scratch_layers=1", "--scratch_embd=16"]), ["a b"],
+                                      gpt2_tokenizer())
+    with pytest.raises(cli.UserError, match=r"LORA_TARGETS=\['q_proj'\]: .*not found"):
+        modeling.adapt(model, lora_cfg(lora_targets=["q_proj"]))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path, family):
+    path = {"gpt2": save_tiny_gpt2, "llama": save_tiny_llama, "neox": save_tiny_neox}[family](str(tmp_path / "m"))
+    grads = []
+    for on in (False, True):
+        tok, model = modeling.load(path)
+        model = modeling.adapt(model, cli.load_config([f"--gradient_checkpointing={on}"])).train()
+        assert getattr(model, "is_activation_checkpointing", model.is_gradient_checkpointing) == on
+        x, y = collate(make_blocks(tok, synthetic(8), 32)[:4], tok.eos_token_id)
+        loss, _ = modeling.forward_backward(model, [(x, y)], torch.device("cpu"), None)
+        grads.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = grads
+    assert l0 == pytest.approx(l1, rel=1e-6)
+    assert max((g0[n] - g1[n]).abs().max().item() for n in g0) < 1e-6
+
+
+@pytest.mark.parametrize("family", ["llama", "neox"])
+def test_architecture_specific_code_leaves_other_families_alone(tmp_path, family):
+    path = {"llama": save_tiny_llama, "neox": save_tiny_neox}[family](str(tmp_path / "m"))
+    x = torch.randint(0, 50257, (2, 16))
+    ours, plain = modeling.load(path)[1].eval(), AutoModelForCausalLM.from_pretrained(path).eval()
+    assert torch.equal(ours(x).logits, plain(x).logits)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# three families end to end: prepare -> train -> resume -> evaluate -> chat
+
+FAMILIES = {
+    # an instruct Llama in its own template, LoRA (with dropout, so resuming must restore the RNG)
+    "llama": (save_tiny_llama, ["--format=chat_template", "--lora_r=4", "--lora_dropout=0.1",
+                                "--train_speakers=['Bob']", "--learning_rate=1e-2"]),
+    "neox": (save_tiny_neox, ["--gradient_checkpointing=True", "--learning_rate=1e-3"]),
+    "gpt2": (lambda p: save_tiny_gpt2(p, dropout=0.1), ["--lora_r=4", "--learning_rate=1e-2"]),
+}
+
+
+def family_args(model, extra):
+    return [f"--model={model}", "--device=cpu", "--block_size=64", "--batch_size=4", "--max_steps=6",
+            "--checkpoint_interval=3", "--eval_interval=3", "--log_interval=1", "--warmup_steps=2",
+            "--keep_checkpoints=5", "--max_new_tokens=8", "--sample_max_new_tokens=8", "--num_replies=3", *extra]
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    """One family's run: prepared data, an uninterrupted run in out/, and a copy of it crashed after step 3 and
+    resumed in resumed/. Returns (directory, model path, args, {stage: CompletedProcess})."""
+    name = request.param
+    save, extra = FAMILIES[name]
+    d = tmp_path_factory.mktemp(name)
+    model = save(str(d / "model"))
+    speakers = ["Alex", "Bob"]
+    with open(d / "data.json", "w") as f:
+        json.dump([[{"speaker": s, "text": t} for s, t in turns] for turns in synthetic(60, 4, 2, speakers=speakers)],
+                  f)
+    args = family_args(model, extra)
+    procs = {"prepare": run_script("prepare_data.py", "--data_file=data.json", cwd=d, env=ENV)}
+    procs["train"] = run_script("train.py", *args, cwd=d, env=ENV)
+    assert procs["train"].returncode == 0, procs["train"].stderr
+    shutil.copytree(d / "out", d / "resumed")
+    for sub in ("best", "final", "checkpoints/step-00000006"):
+        shutil.rmtree(d / "resumed" / sub)
+    procs["resume"] = run_script("train.py", *args, "--out_dir=resumed", "--resume=True", cwd=d, env=ENV)
+    procs["evaluate"] = run_script("evaluate.py", *args, cwd=d, env=ENV)
+    procs["chat"] = run_script("chat.py", *args, "--user_name=Alex", "--bot_name=Bob", cwd=d, env=ENV,
+                               stdin="Hi there!\nHow are you?\n/quit\n")
+    return d, model, name, procs
+
+
+def test_family_end_to_end(family):
+    d, model, name, procs = family
+    for stage, p in procs.items():
+        assert p.returncode == 0, (stage, p.stdout + p.stderr)
+    assert "(step 3)" in procs["resume"].stdout
+    # resumed: the same weights, bit for bit, and the same metrics
+    assert max_diff(weights(d / "out" / "final"), weights(d / "resumed" / "final")) == 0
+    with open(d / "out" / "metrics.jsonl") as a, open(d / "resumed" / "metrics.jsonl") as b:
+        strip = lambda f: [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in f]
+        assert strip(a) == strip(b)
+    report = json.loads((d / "out" / "eval_report.json").read_text())
+    assert report["val_loss"] < report["base_val_loss"]  # it learned something
+    assert procs["chat"].stdout.count("Bob:") == 2
+    tok = AutoTokenizer.from_pretrained(d / "out" / "best")
+    if name == "llama":  # its own template, kept and used
+        assert tok.chat_template == CHATML
+        assert "<|im_start|>assistant\n" in report["sample_dialogue"]
+        assert "FORMAT=chat_template" in procs["train"].stdout
+    else:
+        assert tok.chat_template == CHAT_TEMPLATE
+
+
+@pytest.mark.parametrize("which", ["best", "final"])
+def test_lora_saves_merged_models_that_load_without_peft(family, which):
+    d, model, name, procs = family
+    if "--lora_r=4" not in FAMILIES[name][1]:
+        pytest.skip("full fine-tuning")
+    out = d / "out"
+    assert not (out / which / "adapter_config.json").exists()  # else transformers would load it as an adapter
+    assert (out / which / "adapter" / "adapter_model.safetensors").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out / which).eval()
+    base = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), out / which / "adapter").eval()
+    x = torch.randint(0, 50257, (2, 16))
+    assert (merged(x).logits - base(x).logits).abs().max().item() < 1e-5
+    pipe = transformers.pipeline("text-generation", model=str(out / which), device="cpu")
+    assert pipe("Alex: hi\nBob:", max_new_tokens=2, do_sample=False)[0]["generated_text"].startswith("Alex: hi")
+    m = [line for line in procs["train"].stdout.splitlines() if line.startswith("trained steps")][0]
+    assert " of " in m and "parameters trained" in m and "adapter/" in m
+    n_trained = int(m.split(" of ")[0].split("; ")[-1].replace(",", ""))
+    assert 0 < n_trained < sum(p.numel() for p in merged.parameters()) / 10
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --show_example and bad input: one line, exit 2, nothing written
+
+def test_show_example(tmp_path):
+    model = save_tiny_llama(str(tmp_path / "m"))
+    write_split(tmp_path, [DIALOGUE[:2]], [DIALOGUE])
+    before = sorted(os.listdir(tmp_path))
+    p = run_script("train.py", f"--model={model}", "--format=chat_template", "--train_speakers=['Bob']",
+                   "--show_example=True", cwd=tmp_path, env=ENV)
+    assert p.returncode == 0, p.stderr
+    assert sorted(os.listdir(tmp_path)) == before
+    assert "<|begin_of_text|><|im_start|>system\n" in p.stdout
+    assert "<|im_start|>assistant\n\u27e6Hello, Alex!<|im_end|>\n\u27e7" in p.stdout
+    ids = make_blocks(chat_tokenizer(), [DIALOGUE[:2]], 256, ["Bob"], role_map())[0]
+    assert f"{len(ids[0])} tokens, {sum(ids[1])} trained (" in p.stdout
+
+
+def one_error_line(p):
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
+    return p.stderr
+
+
+@pytest.mark.parametrize("case, args, mentions", [
+    ("roles", ["--format=chat_template", "--roles={'Alex': 'user'}"], "speaker 'Bob' has no role in ROLES"),
+    ("no template", ["--format=chat_template"], "has no chat template"),
+    ("targets", ["--lora_r=4", "--lora_targets=['nope']"], "LORA_TARGETS=['nope']"),
+    ("format", ["--format=chatml"], "FORMAT must be"),
+    ("scratch", ["--lora_r=4", "--model=scratch"], "a scratch model"),
+])
+def test_bad_settings(tmp_path, case, args, mentions):
+    model = (save_tiny_gpt2 if case == "no template" else save_tiny_llama)(str(tmp_path / "m"))
+    write_split(tmp_path, synthetic(6, speakers=["Alex", "Bob"]), synthetic(2, speakers=["Alex", "Bob"]))
+    p = run_script("train.py", f"--model={model}", "--device=cpu", *args, cwd=tmp_path, env=ENV)
+    assert mentions in one_error_line(p)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("resume_with", ["lora", "full"])
+def test_lora_and_full_checkpoints_do_not_mix(family, tmp_path, resume_with):
+    d, model, name, _ = family
+    lora = "--lora_r=4" in FAMILIES[name][1]
+    if lora == (resume_with == "lora"):
+        pytest.skip("the same kind")
+    shutil.copytree(d / "resumed", tmp_path / "out")
+    shutil.copy(d / "train_data.txt", tmp_path)
+    shutil.copy(d / "val_data.txt", tmp_path)
+    before = sorted(str(p.stat().st_mtime_ns) + str(p) for p in (tmp_path / "out").rglob("*"))
+    extra = [a for a in FAMILIES[name][1] if not a.startswith("--lora_r")]
+    p = run_script("train.py", *family_args(model, extra), f"--lora_r={4 if resume_with == 'lora' else 0}",
+                   "--resume=True", cwd=tmp_path, env=ENV)
+    line = one_error_line(p)
+    assert ("a LoRA checkpoint" if lora else "a full fine-tuning checkpoint") in line and "--lora_r=" in line
+    assert sorted(str(p.stat().st_mtime_ns) + str(p) for p in (tmp_path / "out").rglob("*")) == before
