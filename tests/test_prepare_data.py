@@ -1,5 +1,6 @@
 """Tests for prepare_data.py and its helpers. Run: .venv/bin/python -m pytest -q tests/test_prepare_data.py"""
 
+import hashlib
 import json
 import os
 import re
@@ -10,7 +11,7 @@ import pytest
 import cli
 import config
 from conftest import ROOT
-from dialogues import format_dialogue, read_dialogues, write_dialogues
+from dialogues import format_dialogue, read_dialogues, split_key, write_dialogues
 
 SHIPPED = os.path.join(ROOT, "llm_train_text.json")
 
@@ -346,6 +347,71 @@ def test_bad_input_with_no_earlier_run_creates_no_files(script, tmp_path):
     result = prepare(script, tmp_path, "bad.json")
     assert result.returncode == 2
     assert os.listdir(tmp_path) == ["bad.json"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. streaming: the same files as before it streamed
+
+def corpus(n):
+    """n generated records, the same on every run: five formats, a third speaker now and then, unicode, and every tenth
+    one a duplicate of an earlier dialogue (in another format, with other whitespace) or empty."""
+    def turns(i):
+        speakers = ["Alex", "Bob", "Zoë"][:2 + (i % 3 == 0)]
+        return [(speakers[j % len(speakers)], f"Turn {j} of dialogue {i}: {'ü✓ ' * (i % 4)}ok") for j in range(2 + i % 7)]
+
+    records = []
+    for i in range(n):
+        dialogue = turns(i)
+        if i % 10 == 3:  # an empty dialogue, or an earlier one again
+            dialogue = [(s, f"  {t.replace(' ', chr(10))} ") for s, t in turns(i // 2)] if i % 20 == 3 else []
+        fmt = FORMATS[1 + i % (len(FORMATS) - 1)]  # not the mapping format: a speaker repeats within a dialogue
+        records.append(record(dialogue, fmt))
+    return records
+
+
+# sha256 of train_data.txt and val_data.txt as prepare_data.py wrote them before it streamed (commit 341f248, which
+# read the whole file, kept every dialogue, split the list and wrote it at the end); streaming must not move a byte.
+BEFORE_STREAMING = {
+    "shipped": ("4e811cbe662e1dc1", "eab37b16356f3125"),
+    "corpus": ("d57a7281bdb56068", "91e3975cb5b9e8db"),
+    "corpus --val_fraction=0.05 --seed=7": ("b0b051f4d249d426", "2779a547b2c7bb18"),
+    "all train": ("e03d6a527ede4334", "a0d23a51329ed48c"),
+    "all val": ("9ceedf4b0cfd797c", "9c5dc1215b6b3974"),
+}
+
+
+def digests(tmp_path, train="train_data.txt", val="val_data.txt"):
+    return tuple(hashlib.sha256((tmp_path / n).read_bytes()).hexdigest()[:16] for n in (train, val))
+
+
+@pytest.mark.skipif(not os.path.exists(SHIPPED), reason="llm_train_text.json not shipped yet")
+def test_shipped_dataset_gives_the_same_files_as_before_streaming(script, tmp_path):
+    ok(prepare(script, tmp_path, SHIPPED))
+    assert digests(tmp_path) == BEFORE_STREAMING["shipped"]
+
+
+@pytest.mark.parametrize("writer", [write_array, write_jsonl], ids=["array", "jsonl"])
+@pytest.mark.parametrize("args", [(), ("--val_fraction=0.05", "--seed=7")], ids=["default", "small-val"])
+def test_generated_corpus_gives_the_same_files_as_before_streaming(script, tmp_path, writer, args):
+    data = writer(tmp_path / "data.json", corpus(3000))
+    s = summary(ok(prepare(script, tmp_path, data, *args)))
+    assert s["duplicate"] > 100 and s["empty"] > 0  # the corpus tests dropping as well as splitting
+    assert digests(tmp_path) == BEFORE_STREAMING[" ".join(("corpus",) + args)]
+
+
+# On a tiny file the hash can leave one side empty; then the dialogue closest to the threshold crosses over.
+CROSSING = {"all train": (synthetic(3), "--seed=10"), "all val": (synthetic(3, start=100), "--seed=18")}
+
+
+@pytest.mark.parametrize("case", CROSSING)
+def test_a_tiny_file_crosses_over_as_before_streaming(script, tmp_path, case):
+    dialogues, seed = CROSSING[case]
+    keys = [split_key(d, int(seed.split("=")[1])) for d in dialogues]
+    assert all(k < 0.5 for k in keys) if case == "all val" else all(k >= 0.5 for k in keys)  # the premise holds
+    data = write_jsonl(tmp_path / "data.jsonl", [record(d, "bare") for d in dialogues])
+    s = summary(ok(prepare(script, tmp_path, data, "--val_fraction=0.5", seed)))
+    assert (s["train"], s["val"]) == ((2, 1) if case == "all train" else (1, 2))
+    assert digests(tmp_path) == BEFORE_STREAMING[case]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
