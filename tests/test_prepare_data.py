@@ -5,12 +5,14 @@ import json
 import os
 import re
 import stat
+import subprocess
+import sys
 
 import pytest
 
 import cli
 import config
-from conftest import ROOT
+from conftest import ROOT, script_env
 from dialogues import format_dialogue, read_dialogues, split_key, write_dialogues
 
 SHIPPED = os.path.join(ROOT, "llm_train_text.json")
@@ -342,6 +344,18 @@ def test_bad_input_is_one_error_line_and_changes_nothing(script, tmp_path, case)
     assert everything(tmp_path) == before
 
 
+def test_a_missing_file_is_named_by_its_full_path(script, tmp_path):
+    # a relative path is the usual surprise (the script was run from elsewhere): the error says where it looked
+    here = os.path.realpath(tmp_path)
+    result = prepare(script, tmp_path, "nope.json")
+    assert result.returncode == 2
+    assert result.stderr == (f"error: {os.path.join(here, 'nope.json')}: no such file (paths are relative to the "
+                             f"current directory, {here}; set DATA_FILE or pass --data_file=PATH)\n")
+    gone = os.path.join(here, "gone", "x.json")
+    result = prepare(script, tmp_path, gone)
+    assert result.stderr == f"error: {gone}: no such file (set DATA_FILE or pass --data_file=PATH)\n"
+
+
 def test_bad_input_with_no_earlier_run_creates_no_files(script, tmp_path):
     (tmp_path / "bad.json").write_bytes(b"[1, 2]")
     result = prepare(script, tmp_path, "bad.json")
@@ -397,6 +411,37 @@ def test_generated_corpus_gives_the_same_files_as_before_streaming(script, tmp_p
     s = summary(ok(prepare(script, tmp_path, data, *args)))
     assert s["duplicate"] > 100 and s["empty"] > 0  # the corpus tests dropping as well as splitting
     assert digests(tmp_path) == BEFORE_STREAMING[" ".join(("corpus",) + args)]
+
+
+# prepare_data.py as __main__, then its peak resident memory (VmHWM, in KiB) to peak_kb.txt. Read in the process itself:
+# the kernel's count for a child (wait4's ru_maxrss) includes the memory of the test process that forked it.
+PEAK = """import atexit, os, runpy, sys
+atexit.register(lambda: open("peak_kb.txt", "w").write(
+    next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))))
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def peak_mb(tmp_path, data):
+    """Run prepare_data.py on data; its peak resident memory in MB."""
+    result = subprocess.run([sys.executable, "-c", PEAK, os.path.join(ROOT, "prepare_data.py"), f"--data_file={data}"],
+                            cwd=tmp_path, env=script_env(), capture_output=True, text=True)
+    ok(result)
+    return int((tmp_path / "peak_kb.txt").read_text()) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux's /proc")
+def test_memory_grows_with_the_longest_record_not_the_file(tmp_path):
+    # 24 MB of JSON Lines. Read whole, it took 105 MB more than a small file; streamed, what stays per dialogue is a
+    # 16-byte digest (about 1 MB for these 12,000)
+    write = lambda name, n: write_jsonl(tmp_path / name, [{"Alex": f"{i} " + "words " * 330, "Bob": "ok"}
+                                                          for i in range(n)])
+    small = peak_mb(tmp_path, write("small.jsonl", 100))
+    big = peak_mb(tmp_path, write("big.jsonl", 12_000))
+    assert os.path.getsize(tmp_path / "big.jsonl") > 20e6
+    assert big - small < 20, (small, big)
 
 
 # On a tiny file the hash can leave one side empty; then the dialogue closest to the threshold crosses over.
