@@ -89,7 +89,7 @@ class _Lines:
 
 def load_records(path, bar=None):
     """The records of a JSON array or JSON Lines file, one at a time, each with a label saying where it is. JSON Lines
-    is read line by line; an array is read whole. `bar`, a tqdm, shows how far the reading has got."""
+    is read line by line; an array is read whole. `bar`, a tqdm, counts the bytes read."""
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -101,13 +101,13 @@ def load_records(path, bar=None):
         raise UserError(f"{path}: cannot read: {e.strerror}") from None
     with f:
         if bar is not None:
-            bar.reset(total=os.fstat(f.fileno()).st_size)
+            bar.total = os.fstat(f.fileno()).st_size  # not reset(), which draws the bar at once, however small the file
         lines = _Lines(f, path, bar)
         kind, read = _sniff(path, lines)
         if kind == "lines":
             yield from _json_lines(path, lines, read)
         elif kind == "one value":
-            yield from _array(path, read, bar)
+            yield from _array(path, read)
         else:
             yield from _whole(f, path, bar)
 
@@ -160,28 +160,21 @@ def _whole(f, path, bar):
         if e.msg == "Extra data" and "\n" not in text[:e.pos].strip():  # one value on line 1, then more: JSON Lines
             raw = text = None  # read it again line by line, not from this copy
             f.seek(0)
-            if bar is not None:
-                bar.reset()
-            yield from _json_lines(path, _Lines(f, path, bar), [])
+            yield from _json_lines(path, _Lines(f, path, None), [])
             return
         raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except RecursionError:
         raise UserError(f"{path}: JSON nested too deeply") from None
     raw = text = None
-    yield from _array(path, data, bar)
+    yield from _array(path, data)
 
 
-def _array(path, data, bar):
+def _array(path, data):
     if not isinstance(data, list):
         raise UserError(f"{path}: the top level is {_kind(data)}; expected a list of dialogues (a JSON array) "
                         f"or one dialogue per line (JSON Lines)")
-    if bar is not None:  # all read already; count the records as they are used instead
-        bar.unit, bar.unit_scale = "record", False
-        bar.reset(total=len(data))
     for i, r in enumerate(data):
         yield r, f"{path}: record {i + 1}"
-        if bar is not None:
-            bar.update()
 
 
 def _json_lines(path, lines, read):
