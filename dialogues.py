@@ -155,18 +155,20 @@ def _whole(f, path, bar):
     if not text.strip():
         raise UserError(f"{path}: the file is empty")
     try:
-        data = _loads(text)
+        data, json_lines = _loads(text), False
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data" and "\n" not in text[:e.pos].strip():  # one value on line 1, then more: JSON Lines
-            raw = text = None  # read it again line by line, not from this copy
-            f.seek(0)
-            yield from _json_lines(path, _Lines(f, path, None), [])
-            return
-        raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        # one value on line 1, then more: JSON Lines (_sniff sends one here only when its line 1 is too long)
+        if e.msg != "Extra data" or "\n" in text[:e.pos].strip():
+            raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        data, json_lines = None, True
     except RecursionError:
         raise UserError(f"{path}: JSON nested too deeply") from None
-    raw = text = None
-    yield from _array(path, data)
+    raw = text = None  # free both copies before the records are used (a JSON error holds one until its block ends)
+    if json_lines:
+        f.seek(0)
+        yield from _json_lines(path, _Lines(f, path, None), [])
+    else:
+        yield from _array(path, data)
 
 
 def _array(path, data):
