@@ -371,7 +371,8 @@ def corpus(n):
     one a duplicate of an earlier dialogue (in another format, with other whitespace) or empty."""
     def turns(i):
         speakers = ["Alex", "Bob", "Zoë"][:2 + (i % 3 == 0)]
-        return [(speakers[j % len(speakers)], f"Turn {j} of dialogue {i}: {'ü✓ ' * (i % 4)}ok") for j in range(2 + i % 7)]
+        said = lambda j: f"Turn {j} of dialogue {i}: {'ü✓ ' * (i % 4)}ok"
+        return [(speakers[j % len(speakers)], said(j)) for j in range(2 + i % 7)]
 
     records = []
     for i in range(n):
@@ -383,8 +384,9 @@ def corpus(n):
     return records
 
 
-# sha256 of train_data.txt and val_data.txt as prepare_data.py wrote them before it streamed (commit 341f248, which
-# read the whole file, kept every dialogue, split the list and wrote it at the end); streaming must not move a byte.
+# sha256 (first 16 hex digits) of train_data.txt and val_data.txt as prepare_data.py wrote them before it streamed
+# (commit 341f248, which read the whole file, kept every dialogue, split the list and wrote it at the end); streaming
+# must not move a byte.
 BEFORE_STREAMING = {
     "shipped": ("4e811cbe662e1dc1", "eab37b16356f3125"),
     "corpus": ("d57a7281bdb56068", "91e3975cb5b9e8db"),
@@ -394,8 +396,9 @@ BEFORE_STREAMING = {
 }
 
 
-def digests(tmp_path, train="train_data.txt", val="val_data.txt"):
-    return tuple(hashlib.sha256((tmp_path / n).read_bytes()).hexdigest()[:16] for n in (train, val))
+def digests(tmp_path):
+    return tuple(hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()[:16]
+                 for name in ("train_data.txt", "val_data.txt"))
 
 
 @pytest.mark.skipif(not os.path.exists(SHIPPED), reason="llm_train_text.json not shipped yet")
