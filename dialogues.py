@@ -2,7 +2,9 @@
 on, and the hash split. A dialogue is a list of (speaker, text) turns."""
 
 import hashlib
+import itertools
 import json
+import os
 import re
 
 from cli import UserError
@@ -42,17 +44,110 @@ class _Object(dict):
         self.pairs = pairs
 
 
-def load_records(path):
-    """The records of a JSON array or JSON Lines file, and for each a label saying where it is."""
+# A JSON Lines file is read a line at a time, so memory is bounded by its longest line, not by the file. A line longer
+# than this is refused with its number rather than read: parsing costs several times its bytes in Python objects,
+# and a line that size is more likely a file that isn't JSON Lines at all. A JSON array is read whole, as always.
+MAX_RECORD_MB = 64
+_MAX_LINE = MAX_RECORD_MB * 2 ** 20
+
+_BOM = b"\xef\xbb\xbf"  # a byte-order mark some editors write first; not part of the JSON
+_JSON_SPACE = " \t\r\n"  # the whitespace JSON itself allows between values
+
+
+class _TooLong(Exception):
+    """A line over MAX_RECORD_MB; args: its number."""
+
+
+class _Lines:
+    """The file's lines one at a time as (line number, text without its newline), each checked for UTF-8; the
+    byte-order mark at the start of the file dropped. `bar`, a tqdm, counts the bytes."""
+
+    def __init__(self, f, path, bar):
+        self.f, self.path, self.bar, self.n, self.pos = f, path, bar, 0, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        raw = self.f.readline(_MAX_LINE + 1)
+        if not raw:
+            raise StopIteration
+        self.n += 1
+        start, self.pos = self.pos, self.pos + len(raw)
+        if self.bar is not None:
+            self.bar.update(len(raw))
+        raw = raw[:-1] if raw.endswith(b"\n") else raw
+        if len(raw) > _MAX_LINE:
+            raise _TooLong(self.n)
+        if self.n == 1 and raw.startswith(_BOM):
+            raw, start = raw[len(_BOM):], start + len(_BOM)
+        try:
+            return self.n, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{self.path}: line {self.n}: not valid UTF-8 (byte {start + e.start})") from None
+
+
+def load_records(path, bar=None):
+    """The records of a JSON array or JSON Lines file, one at a time, each with a label saying where it is. JSON Lines
+    is read line by line; an array is read whole. `bar`, a tqdm, counts the bytes read."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        f = open(path, "rb")
     except FileNotFoundError:
-        raise UserError(f"{path}: no such file (set DATA_FILE, or pass --data_file=PATH)") from None
+        # a relative path is the usual surprise: the script was run from another directory
+        full = os.path.abspath(path)
+        hint = "" if os.path.isabs(path) else f"paths are relative to the current directory, {os.getcwd()}; "
+        raise UserError(f"{full}: no such file ({hint}set DATA_FILE or pass --data_file=PATH)") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read: {e.strerror}") from None
+    with f:
+        if bar is not None:
+            bar.total = os.fstat(f.fileno()).st_size  # not reset(), which draws the bar at once, however small the file
+        lines = _Lines(f, path, bar)
+        kind, read = _sniff(path, lines)
+        if kind == "lines":
+            yield from _json_lines(path, lines, read)
+        elif kind == "one value":
+            yield from _array(path, read)
+        else:
+            yield from _whole(f, path, bar)
+
+
+def _sniff(path, lines):
+    """Which kind of file this is, by the rule of old: one value on line 1 (the first line with any JSON), then more,
+    is JSON Lines. The first lines settle it: ("lines", the lines read so far) or ("one value", the value that is the
+    whole file). What they can't settle (a value over several lines, broken JSON, deep nesting, a huge first line) is
+    ("whole", None): read the file whole and judge it as before."""
     try:
-        text = raw.decode("utf-8-sig")  # -sig: a byte-order mark some editors write is not part of the JSON
+        first = next((line for line in lines if line[1].strip(_JSON_SPACE)), None)
+        if first is None:
+            raise UserError(f"{path}: the file is empty")
+        try:
+            value = _loads(first[1])
+        except json.JSONDecodeError as e:
+            # two values on line 1 is JSON Lines with a broken line 1; any other error may be JSON over several lines
+            return ("lines", [first]) if e.msg == "Extra data" else ("whole", None)
+        except RecursionError:
+            return "whole", None
+        more = next((line for line in lines if line[1].strip(_JSON_SPACE)), None)
+    except _TooLong:
+        return "whole", None
+    return ("one value", value) if more is None else ("lines", [first, more])
+
+
+def _loads(text):
+    # parse_int=float: a number is never dialogue text, and int() refuses one of over 4300 digits (ValueError)
+    return json.loads(text, object_pairs_hook=_Object, parse_int=float)
+
+
+def _whole(f, path, bar):
+    """The file read whole and parsed as one JSON value; JSON Lines after all if the value on line 1 is followed by
+    more."""
+    f.seek(0)
+    raw = f.read()
+    if bar is not None:
+        bar.update(len(raw) - bar.n)
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: drop the byte-order mark
     except UnicodeDecodeError as e:
         start = e.start + len(raw) - len(e.object)  # utf-8-sig counts from after the byte-order mark
         line = raw[:start].count(b"\n") + 1
@@ -60,32 +155,46 @@ def load_records(path):
     if not text.strip():
         raise UserError(f"{path}: the file is empty")
     try:
-        # parse_int=float: a number is never dialogue text, and int() refuses one of over 4300 digits (ValueError)
-        data = json.loads(text, object_pairs_hook=_Object, parse_int=float)
+        data, json_lines = _loads(text), False
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data" and "\n" not in text[:e.pos].strip():  # one value on line 1, then more: JSON Lines
-            return _load_json_lines(path, text)
-        raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        # one value on line 1, then more: JSON Lines (_sniff sends one here only when its line 1 is too long)
+        if e.msg != "Extra data" or "\n" in text[:e.pos].strip():
+            raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        data, json_lines = None, True
     except RecursionError:
         raise UserError(f"{path}: JSON nested too deeply") from None
+    raw = text = None  # free both copies before the records are used (a JSON error holds one until its block ends)
+    if json_lines:
+        f.seek(0)
+        yield from _json_lines(path, _Lines(f, path, None), [])
+    else:
+        yield from _array(path, data)
+
+
+def _array(path, data):
     if not isinstance(data, list):
         raise UserError(f"{path}: the top level is {_kind(data)}; expected a list of dialogues (a JSON array) "
                         f"or one dialogue per line (JSON Lines)")
-    return [(r, f"{path}: record {i + 1}") for i, r in enumerate(data)]
+    for i, r in enumerate(data):
+        yield r, f"{path}: record {i + 1}"
 
 
-def _load_json_lines(path, text):
-    records = []
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append((json.loads(line, object_pairs_hook=_Object, parse_int=float), f"{path}: line {n}"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {n}: invalid JSON at column {e.colno}: {e.msg}") from None
-        except RecursionError:
-            raise UserError(f"{path}: line {n}: JSON nested too deeply") from None
-    return records
+def _json_lines(path, lines, read):
+    """One record per line, starting with the lines already `read`; blank lines skipped."""
+    try:
+        for n, line in itertools.chain(read, lines):
+            if not line.strip():
+                continue
+            try:
+                record = _loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}: line {n}: invalid JSON at column {e.colno}: {e.msg}") from None
+            except RecursionError:
+                raise UserError(f"{path}: line {n}: JSON nested too deeply") from None
+            yield record, f"{path}: line {n}"
+    except _TooLong as e:
+        raise UserError(f"{path}: line {e.args[0]}: a record of over {MAX_RECORD_MB} MiB, too large to read one "
+                        f"line at a time (the limit is dialogues.MAX_RECORD_MB)") from None
 
 
 def _kind(v):
@@ -202,17 +311,7 @@ def read_dialogues(path):
 
 def split_key(turns, seed):
     """A number in [0, 1) fixed by the dialogue's content and the seed alone: a dialogue's side of the split never
-    depends on what else is in the file."""
+    depends on what else is in the file. Below VAL_FRACTION is val (prepare_data.py)."""
     h = hashlib.sha256(f"{seed}\n{format_dialogue(turns)}".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2 ** 64
 
-
-def split(dialogues, val_fraction, seed):
-    """(train, val) in file order. Both sides get at least one dialogue: on a tiny file where the hash left one side
-    empty, the dialogue closest to the threshold crosses over."""
-    keys = [split_key(d, seed) for d in dialogues]
-    is_val = [k < val_fraction for k in keys]
-    if len(dialogues) >= 2 and (all(is_val) or not any(is_val)):
-        i = (max if all(is_val) else min)(range(len(keys)), key=keys.__getitem__)
-        is_val[i] = not is_val[i]
-    return ([d for d, v in zip(dialogues, is_val) if not v], [d for d, v in zip(dialogues, is_val) if v])

@@ -6,12 +6,19 @@
 Reads DATA_FILE (a JSON array or JSON Lines; four record formats, see README.md). Writes TRAIN_FILE and VAL_FILE:
 one turn per line as "Speaker: text", a blank line between dialogues. Each dialogue's side is fixed by a hash of its
 content and SEED, so adding dialogues later never moves an existing one across. Exact duplicates are dropped first.
+
+It streams: JSON Lines is read a record at a time and each dialogue written as soon as it is read, so memory grows only
+by a 16-byte digest per dialogue (to spot duplicates), about 100 bytes each in a Python set. A JSON array is read whole.
 """
 
+import hashlib
 import os
+from collections import Counter
+
+from tqdm import tqdm
 
 from cli import UserError, atomic_write, load_config, run
-from dialogues import load_records, parse_record, split, write_dialogues
+from dialogues import format_dialogue, load_records, parse_record, split_key
 
 
 def main():
@@ -23,35 +30,58 @@ def main():
         raise UserError(f"DATA_FILE, TRAIN_FILE and VAL_FILE must be three different files "
                         f"({cfg.DATA_FILE}, {cfg.TRAIN_FILE}, {cfg.VAL_FILE})")
 
-    # -----------------------------------------------------------------------------------------------------------------
-    # read, clean, drop empties and exact duplicates
-    records = load_records(cfg.DATA_FILE)
-    dialogues, seen, empty, duplicate = [], set(), 0, 0
-    for record, where in records:
-        turns = parse_record(record, where)
-        key = tuple(turns)
-        if not turns:
-            empty += 1
-        elif key in seen:
-            duplicate += 1
-        else:
-            seen.add(key)
-            dialogues.append(turns)
-    if len(dialogues) < 2:
-        raise UserError(f"{cfg.DATA_FILE}: {len(dialogues)} usable dialogue(s) of {len(records)} records "
-                        f"({empty} empty, {duplicate} duplicate); need at least 2 to make a train and a val split")
-
-    # -----------------------------------------------------------------------------------------------------------------
-    # split and write; both files appear together or not at all
-    train, val = split(dialogues, cfg.VAL_FRACTION, cfg.SEED)
+    # both files appear together or not at all: a bad record halfway leaves the old ones as they were
     with atomic_write(cfg.TRAIN_FILE) as ft, atomic_write(cfg.VAL_FILE) as fv:
-        write_dialogues(ft, train)
-        write_dialogues(fv, val)
+        n, lowest, highest = write_split(cfg, ft, fv)
+        if n["kept"] < 2:
+            raise UserError(f"{cfg.DATA_FILE}: {n['kept']} usable dialogue(s) of {n['read']} records "
+                            f"({n['empty']} empty, {n['duplicate']} duplicate); need at least 2 to make a train and "
+                            f"a val split")
+        if not n["train"] or not n["val"]:
+            # The hash left one side empty, which happens on a tiny file: the dialogue closest to the threshold
+            # crosses over. Which one that is is known only now, so both files are written again with it moved.
+            for f in (ft, fv):
+                f.seek(0)
+                f.truncate()
+            n, _, _ = write_split(cfg, ft, fv, cross=lowest if n["train"] else highest)
 
-    n_turns = lambda ds: sum(map(len, ds))
-    print(f"read {len(records)} dialogues from {cfg.DATA_FILE}: kept {len(dialogues)}, dropped "
-          f"{empty + duplicate} ({empty} empty, {duplicate} duplicate); train {len(train)} / val {len(val)} dialogues, "
-          f"{n_turns(train):,} / {n_turns(val):,} turns -> {cfg.TRAIN_FILE}, {cfg.VAL_FILE}")
+    print(f"read {n['read']} dialogues from {cfg.DATA_FILE}: kept {n['kept']}, dropped {n['empty'] + n['duplicate']} "
+          f"({n['empty']} empty, {n['duplicate']} duplicate); train {n['train']} / val {n['val']} dialogues, "
+          f"{n['train turns']:,} / {n['val turns']:,} turns -> {cfg.TRAIN_FILE}, {cfg.VAL_FILE}")
+
+
+def write_split(cfg, ft, fv, cross=None):
+    """Read DATA_FILE, clean it, drop empties and exact duplicates, and write each dialogue to the train file ft or
+    the val file fv as its hash says, in file order; the kept dialogue numbered `cross` (from 0) goes to the other
+    side. Returns the counts and the numbers of the dialogues with the lowest and the highest split key."""
+    n = Counter()
+    seen = set()  # a digest of each kept dialogue, not the dialogue: memory per dialogue is fixed
+    lowest, highest = (2.0, None), (-1.0, None)  # (split key, number); keys are in [0, 1)
+    with tqdm(desc="prepare", unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True, delay=1,
+              disable=None) as bar:  # disable=None: no bar when stderr is not a terminal
+        for record, where in load_records(cfg.DATA_FILE, bar):
+            n["read"] += 1
+            turns = parse_record(record, where)
+            if not turns:
+                n["empty"] += 1
+                continue
+            text = format_dialogue(turns)  # one string per dialogue: "Speaker: text" can't be read two ways
+            digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+            if digest in seen:
+                n["duplicate"] += 1
+                continue
+            seen.add(digest)
+            key = split_key(turns, cfg.SEED)
+            # strictly lower or higher: on a tie the first one wins, as min() and max() did when this kept a list
+            lowest = (key, n["kept"]) if key < lowest[0] else lowest
+            highest = (key, n["kept"]) if key > highest[0] else highest
+            side = "val" if (key < cfg.VAL_FRACTION) != (n["kept"] == cross) else "train"
+            f = fv if side == "val" else ft
+            f.write("\n" + text if n[side] else text)  # a blank line between dialogues, none at the end
+            n[side] += 1
+            n[side + " turns"] += len(turns)
+            n["kept"] += 1
+    return n, lowest[1], highest[1]
 
 
 if __name__ == "__main__":

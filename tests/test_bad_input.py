@@ -5,9 +5,10 @@ train/val files of an earlier good run left byte for byte as they were, and no o
     .venv/bin/python -m pytest -q tests/test_bad_input.py
 
 The cases: a generator that puts each wrong-typed value at each node of a valid record of each format, and hand-written
-ones (deep nesting, huge strings, control characters, bad UTF-8, byte-order marks, duplicate keys, empty speaker names,
-mixed formats, broken JSON Lines). Each case states its outcome. prepare_data.py runs once per case, all cases
-concurrently in a module fixture; the tests then check each result. The basic bad inputs are in test_prepare_data.py.
+ones (deep nesting, huge strings, JSON Lines records over the size limit, control characters, bad UTF-8, byte-order
+marks, duplicate keys, empty speaker names, mixed formats, broken JSON Lines). Each case states its outcome.
+prepare_data.py runs once per case, all cases concurrently in a module fixture; the tests then check each result. The
+basic bad inputs are in test_prepare_data.py.
 """
 
 import copy
@@ -22,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import run_script
-from dialogues import read_dialogues
+from dialogues import MAX_RECORD_MB, read_dialogues
 from test_prepare_data import FORMATS, HELLO, HOW, record
 
 OUTPUTS = {"train_data.txt", "val_data.txt"}
@@ -133,6 +134,15 @@ def write_huge_text(path):
         f.write(array({"Alex": "x", "Bob": "Long."}, dict(HOW)).replace(b'"x"', b'"' + HUGE.encode() + b'"'))
 
 
+def write_long_line(at):
+    """JSON Lines whose line `at` (1 or 3) is one record just over the limit on a record read a line at a time."""
+    def write(path):
+        long = b'{"Alex": "' + b"x" * (MAX_RECORD_MB * 2 ** 20) + b'", "Bob": "Long."}\n'
+        with open(path, "wb") as f:
+            f.write(long + lines(dict(HELLO), dict(HOW)) if at == 1 else lines(dict(HELLO), dict(HOW)) + long)
+    return write
+
+
 def write_huge_speaker(path):
     with open(path, "wb") as f:
         f.write(raw_around(b'{"' + HUGE.encode() + b'": 5, "Bob": "Hi"}'))
@@ -161,6 +171,10 @@ HAND = {
         write_huge_text, accept([("Alex", HUGE), ("Bob", "Long.")], HOW)),
     "50 MB speaker name with a number for text": (  # the error quotes only the start of the name
         write_huge_speaker, reject("record 2: speaker '0123456789", "': the text is a number, expected a string")),
+    "JSON Lines line 3 over the record limit": (
+        write_long_line(3), reject(f"data.json: line 3: a record of over {MAX_RECORD_MB} MiB")),
+    "JSON Lines line 1 over the record limit": (  # too long to tell JSON Lines from an array: read whole, then refused
+        write_long_line(1), reject(f"data.json: line 1: a record of over {MAX_RECORD_MB} MiB")),
     "5000-digit number as text": (  # int() refuses over 4300 digits
         raw_around(b'{"Alex": "Hi", "Bob": ' + b"9" * 5000 + b"}"),
         reject("record 2: speaker 'Bob': the text is a number")),

@@ -1,16 +1,19 @@
 """Tests for prepare_data.py and its helpers. Run: .venv/bin/python -m pytest -q tests/test_prepare_data.py"""
 
+import hashlib
 import json
 import os
 import re
 import stat
+import subprocess
+import sys
 
 import pytest
 
 import cli
 import config
-from conftest import ROOT
-from dialogues import format_dialogue, read_dialogues, write_dialogues
+from conftest import ROOT, script_env
+from dialogues import format_dialogue, read_dialogues, split_key, write_dialogues
 
 SHIPPED = os.path.join(ROOT, "llm_train_text.json")
 
@@ -341,11 +344,122 @@ def test_bad_input_is_one_error_line_and_changes_nothing(script, tmp_path, case)
     assert everything(tmp_path) == before
 
 
+def test_a_missing_file_is_named_by_its_full_path(script, tmp_path):
+    # a relative path is the usual surprise (the script was run from elsewhere): the error says where it looked
+    here = os.path.realpath(tmp_path)
+    result = prepare(script, tmp_path, "nope.json")
+    assert result.returncode == 2
+    assert result.stderr == (f"error: {os.path.join(here, 'nope.json')}: no such file (paths are relative to the "
+                             f"current directory, {here}; set DATA_FILE or pass --data_file=PATH)\n")
+    gone = os.path.join(here, "gone", "x.json")
+    result = prepare(script, tmp_path, gone)
+    assert result.stderr == f"error: {gone}: no such file (set DATA_FILE or pass --data_file=PATH)\n"
+
+
 def test_bad_input_with_no_earlier_run_creates_no_files(script, tmp_path):
     (tmp_path / "bad.json").write_bytes(b"[1, 2]")
     result = prepare(script, tmp_path, "bad.json")
     assert result.returncode == 2
     assert os.listdir(tmp_path) == ["bad.json"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. streaming: the same files as before it streamed
+
+def corpus(n):
+    """n generated records, the same on every run: five formats, a third speaker now and then, unicode, and every tenth
+    one a duplicate of an earlier dialogue (in another format, with other whitespace) or empty."""
+    def turns(i):
+        speakers = ["Alex", "Bob", "Zoë"][:2 + (i % 3 == 0)]
+        said = lambda j: f"Turn {j} of dialogue {i}: {'ü✓ ' * (i % 4)}ok"
+        return [(speakers[j % len(speakers)], said(j)) for j in range(2 + i % 7)]
+
+    records = []
+    for i in range(n):
+        dialogue = turns(i)
+        if i % 10 == 3:  # an empty dialogue, or an earlier one again
+            dialogue = [(s, f"  {t.replace(' ', chr(10))} ") for s, t in turns(i // 2)] if i % 20 == 3 else []
+        fmt = FORMATS[1 + i % (len(FORMATS) - 1)]  # not the mapping format: a speaker repeats within a dialogue
+        records.append(record(dialogue, fmt))
+    return records
+
+
+# sha256 (first 16 hex digits) of train_data.txt and val_data.txt as prepare_data.py wrote them before it streamed
+# (commit 341f248, which read the whole file, kept every dialogue, split the list and wrote it at the end); streaming
+# must not move a byte.
+BEFORE_STREAMING = {
+    "shipped": ("4e811cbe662e1dc1", "eab37b16356f3125"),
+    "corpus": ("d57a7281bdb56068", "91e3975cb5b9e8db"),
+    "corpus --val_fraction=0.05 --seed=7": ("b0b051f4d249d426", "2779a547b2c7bb18"),
+    "all train": ("e03d6a527ede4334", "a0d23a51329ed48c"),
+    "all val": ("9ceedf4b0cfd797c", "9c5dc1215b6b3974"),
+}
+
+
+def digests(tmp_path):
+    return tuple(hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()[:16]
+                 for name in ("train_data.txt", "val_data.txt"))
+
+
+@pytest.mark.skipif(not os.path.exists(SHIPPED), reason="llm_train_text.json not shipped yet")
+def test_shipped_dataset_gives_the_same_files_as_before_streaming(script, tmp_path):
+    ok(prepare(script, tmp_path, SHIPPED))
+    assert digests(tmp_path) == BEFORE_STREAMING["shipped"]
+
+
+@pytest.mark.parametrize("writer", [write_array, write_jsonl], ids=["array", "jsonl"])
+@pytest.mark.parametrize("args", [(), ("--val_fraction=0.05", "--seed=7")], ids=["default", "small-val"])
+def test_generated_corpus_gives_the_same_files_as_before_streaming(script, tmp_path, writer, args):
+    data = writer(tmp_path / "data.json", corpus(3000))
+    s = summary(ok(prepare(script, tmp_path, data, *args)))
+    assert s["duplicate"] > 100 and s["empty"] > 0  # the corpus tests dropping as well as splitting
+    assert digests(tmp_path) == BEFORE_STREAMING[" ".join(("corpus",) + args)]
+
+
+# prepare_data.py as __main__, then its peak resident memory (VmHWM, in KiB) to peak_kb.txt. Read in the process itself:
+# the kernel's count for a child (wait4's ru_maxrss) includes the memory of the test process that forked it.
+PEAK = """import atexit, os, runpy, sys
+atexit.register(lambda: open("peak_kb.txt", "w").write(
+    next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))))
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def peak_mb(tmp_path, data):
+    """Run prepare_data.py on data; its peak resident memory in MB."""
+    result = subprocess.run([sys.executable, "-c", PEAK, os.path.join(ROOT, "prepare_data.py"), f"--data_file={data}"],
+                            cwd=tmp_path, env=script_env(), capture_output=True, text=True)
+    ok(result)
+    return int((tmp_path / "peak_kb.txt").read_text()) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux's /proc")
+def test_memory_grows_with_the_longest_record_not_the_file(tmp_path):
+    # 24 MB of JSON Lines. Read whole, it took 105 MB more than a small file; streamed, what stays per dialogue is a
+    # 16-byte digest (about 1 MB for these 12,000)
+    write = lambda name, n: write_jsonl(tmp_path / name, [{"Alex": f"{i} " + "words " * 330, "Bob": "ok"}
+                                                          for i in range(n)])
+    small = peak_mb(tmp_path, write("small.jsonl", 100))
+    big = peak_mb(tmp_path, write("big.jsonl", 12_000))
+    assert os.path.getsize(tmp_path / "big.jsonl") > 20e6
+    assert big - small < 20, (small, big)
+
+
+# On a tiny file the hash can leave one side empty; then the dialogue closest to the threshold crosses over.
+CROSSING = {"all train": (synthetic(3), "--seed=10"), "all val": (synthetic(3, start=100), "--seed=18")}
+
+
+@pytest.mark.parametrize("case", CROSSING)
+def test_a_tiny_file_crosses_over_as_before_streaming(script, tmp_path, case):
+    dialogues, seed = CROSSING[case]
+    keys = [split_key(d, int(seed.split("=")[1])) for d in dialogues]
+    assert all(k < 0.5 for k in keys) if case == "all val" else all(k >= 0.5 for k in keys)  # the premise holds
+    data = write_jsonl(tmp_path / "data.jsonl", [record(d, "bare") for d in dialogues])
+    s = summary(ok(prepare(script, tmp_path, data, "--val_fraction=0.5", seed)))
+    assert (s["train"], s["val"]) == ((2, 1) if case == "all train" else (1, 2))
+    assert digests(tmp_path) == BEFORE_STREAMING[case]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
