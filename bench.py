@@ -8,7 +8,7 @@
 Measures, with train.py's own batching and step code: steady-state training tokens/s (trained tokens, and all
 positions processed), padding fraction, the share of the dataset's tokens trained per epoch, MFU (6 x parameters x
 tokens/s over the matmul peak this machine reaches, measured here: fp32 on CPU, bf16 on CUDA), peak memory, and
-generation tokens/s with the KV cache. --compare-hf needs `pip install accelerate` (the Trainer's dependency).
+generation tokens/s with the KV cache, and peak memory with GRADIENT_CHECKPOINTING as well as without. --compare-hf needs `pip install accelerate` (the Trainer's dependency).
 """
 
 import argparse
@@ -69,9 +69,25 @@ def matmul_peak(device, dtype, n, seconds=2.0):
 
 
 def peak_memory_mb(device):
+    """The peak since reset_peak_memory: allocated on CUDA, resident (VmHWM) on a Linux CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux, bytes on macOS
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: "5" resets the process's peak resident size to its current size
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
 
 
 class OurLoop:
@@ -199,6 +215,15 @@ def main():
 
     peak = matmul_peak(device, dtype, 512 if args.smoke else (8192 if device.type == "cuda" else 2048),
                        seconds=0.5 if args.smoke else 3.0)
+    # peak memory with gradient checkpointing first: with keep_freed_memory the heap keeps its high-water mark,
+    # so the run that needs more must come second
+    modeling.adapt(model, argparse.Namespace(GRADIENT_CHECKPOINTING=True, LORA_R=0))
+    reset_peak_memory(device)
+    OurLoop(model, blocks, args, device, dtype).run(2, timed=False)
+    memory_gc = peak_memory_mb(device)
+    getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
+    model.load_state_dict(init)
+    reset_peak_memory(device)
     loop = OurLoop(torch.compile(model) if args.compile else model, blocks, args, device, dtype)
     loop.run(args.warmup, timed=False)
     memory = peak_memory_mb(device)  # before the Trainer's model exists
@@ -221,7 +246,7 @@ def main():
     ours = loop.figures()
     ours["dataset_trained_per_epoch"] = count(blocks)[0] / dataset_tokens
     ours["mfu"] = 6 * n_params * ours["all_tokens_per_s"] / peak
-    ours["peak_memory_mb"] = memory
+    ours["peak_memory_mb"], ours["peak_memory_gc_mb"] = memory, memory_gc
 
     model.eval()
     first = dialogues[0]
@@ -239,6 +264,7 @@ def main():
             ("dataset trained per epoch", "dataset_trained_per_epoch", "{:.1%}"),
             ("MFU (6 x params x tokens/s / peak)", "mfu", "{:.2f}"),
             ("peak memory (MB)", "peak_memory_mb", "{:,.0f}"),
+            ("... with GRADIENT_CHECKPOINTING", "peak_memory_gc_mb", "{:,.0f}"),
             ("generation tokens/s (KV cache)", "generation_tokens_per_s", "{:,.1f}")]
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     print(f"\nmatmul peak measured here: {peak / 1e9:,.1f} GFLOP/s ({precision})")
