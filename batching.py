@@ -2,13 +2,14 @@
 
 A dialogue renders to tokens in one of two formats: as its text-file lines, "Speaker: text\\n" per turn, then EOS
 (`render`, FORMAT="speaker"), or through the model's own chat template with speakers as roles (`render_chat`,
-FORMAT="chat_template"). Either way the dialogue ends with EOS, a real target, so the model learns to stop. `mask` marks the tokens that are trained (all of them, or only TRAIN_SPEAKERS' turns).
-A dialogue longer than a block is cut into windows at turn boundaries (a turn longer than a block is cut too); each
-window is preceded by one context token (EOS for a dialogue's start, else the token before the window) that is never
-a target. Windows are packed several to a block by best-fit and batches group blocks of similar length, so padding
-stays around 3% of positions, and every token of the file is a target exactly once per epoch. Labels are -100 by
-position (padding, context, masked speakers), never by token id: GPT-2's pad would otherwise be its EOS, and the real
-EOS would never be learned.
+FORMAT="chat_template"). Either way the dialogue ends with EOS, a real target, so the model learns to stop. `mask`
+marks the tokens that are trained (all of them, or only TRAIN_SPEAKERS' turns). A dialogue longer than a block is
+cut into windows at turn boundaries (a turn longer than a block is cut too); each window is preceded by one context
+token (at a dialogue's start the tokenizer's BOS, or EOS where it has none; else the token before the window) that
+is never a target. Windows are packed several to a block by best-fit and batches group blocks of similar length, so
+padding stays around 3% of positions, and every token of the file is a target exactly once per epoch. Labels are
+-100 by position (padding, context, masked speakers), never by token id: GPT-2's pad would otherwise be its EOS, and
+the real EOS would never be learned.
 """
 
 import torch

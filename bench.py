@@ -7,8 +7,9 @@
 
 Measures, with train.py's own batching and step code: steady-state training tokens/s (trained tokens, and all
 positions processed), padding fraction, the share of the dataset's tokens trained per epoch, MFU (6 x parameters x
-tokens/s over the matmul peak this machine reaches, measured here: fp32 on CPU, bf16 on CUDA), peak memory, and
-generation tokens/s with the KV cache, and peak memory with GRADIENT_CHECKPOINTING as well as without. --compare-hf needs `pip install accelerate` (the Trainer's dependency).
+tokens/s over the matmul peak this machine reaches, measured here: fp32 on CPU, bf16 on CUDA), peak memory with and
+without GRADIENT_CHECKPOINTING, and generation tokens/s with the KV cache. --compare-hf needs `pip install accelerate`
+(the Trainer's dependency).
 """
 
 import argparse

@@ -20,13 +20,12 @@ import time
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
-from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 import config
-
 import modeling
 from batching import (collate, count, epoch_order, eval_batches, make_blocks, render_any, role_map, start_id,
                       step_batches)
@@ -71,7 +70,8 @@ def check_config(cfg):
         (cfg.TRAIN_SPEAKERS is None or (isinstance(cfg.TRAIN_SPEAKERS, (list, tuple)) and cfg.TRAIN_SPEAKERS
                                         and all(isinstance(s, str) for s in cfg.TRAIN_SPEAKERS)),
          f"TRAIN_SPEAKERS must be None or a list of speaker names, got {cfg.TRAIN_SPEAKERS!r}"),
-        (cfg.FORMAT in ("speaker", "chat_template"), f"FORMAT must be 'speaker' or 'chat_template', got {cfg.FORMAT!r}"),
+        (cfg.FORMAT in ("speaker", "chat_template"),
+         f"FORMAT must be 'speaker' or 'chat_template', got {cfg.FORMAT!r}"),
         (cfg.ROLES is None or (isinstance(cfg.ROLES, dict) and cfg.ROLES
                                and all(isinstance(v, str) and isinstance(k, str) for k, v in cfg.ROLES.items())),
          f"ROLES must be None or a dict of speaker -> role, like {{'Bob': 'assistant', '*': 'user'}}, "
@@ -161,8 +161,8 @@ def show_example(cfg):
     print(f"the first training example of {cfg.TRAIN_FILE}, FORMAT={cfg.FORMAT!r}, as the model sees it "
           f"(trained tokens between \u27e6 and \u27e7):\n")
     print("".join(runs))
-    windows = f"; longer than BLOCK_SIZE={cfg.BLOCK_SIZE}, so trained in windows" if len(ids) - 1 > cfg.BLOCK_SIZE else ""
-    print(f"\n{len(ids)} tokens, {sum(mask)} trained ({sum(mask) / len(ids):.0%}){windows}")
+    cut = f"; longer than BLOCK_SIZE={cfg.BLOCK_SIZE}, so trained in windows" if len(ids) - 1 > cfg.BLOCK_SIZE else ""
+    print(f"\n{len(ids)} tokens, {sum(mask)} trained ({sum(mask) / len(ids):.0%}){cut}")
 
 
 def open_model(cfg, resume_from, world, master, train_dialogues):

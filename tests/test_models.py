@@ -103,8 +103,8 @@ def test_roles_refused():
                 "{{ m.content }}{%- endfor -%}")
     with pytest.raises(cli.UserError, match=r"val\.txt: dialogue 2: the model's chat template refused it: "
                                             r"Conversation roles must alternate"):
-        render_chat(chat_tokenizer(template), [DIALOGUE, [("Alex", "a"), ("Alex", "b")]], role_map(train_speakers=["Bob"]),
-                    source="val.txt")
+        render_chat(chat_tokenizer(template), [DIALOGUE, [("Alex", "a"), ("Alex", "b")]],
+                    role_map(train_speakers=["Bob"]), source="val.txt")
 
 
 def test_context_token_is_bos_where_the_model_has_one():

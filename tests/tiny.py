@@ -52,8 +52,8 @@ def chat_tokenizer(template=CHATML, eos="<|im_end|>"):
     backend = Tokenizer.from_str(gpt2_tokenizer().backend_tokenizer.to_str())
     backend.add_special_tokens(["<|begin_of_text|>", "<|im_start|>", "<|im_end|>"])
     bos = backend.token_to_id("<|begin_of_text|>")
-    backend.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
-                                                           special_tokens=[("<|begin_of_text|>", bos)])
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", bos)])
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token=eos,
                                                 chat_template=template)
 
