@@ -19,6 +19,7 @@ import batching
 import chat
 import cli
 import evaluate
+import generation
 import modeling
 import train
 from conftest import run_script
@@ -393,7 +394,7 @@ def test_chat_history(run, monkeypatch):
         seen.append((list(turns), speaker))
         return f"answer {len(seen)}", True, 3
 
-    monkeypatch.setattr(chat, "reply", fake_reply)
+    monkeypatch.setattr(generation, "reply", fake_reply)  # chat.main imports it when it starts
     monkeypatch.setattr(sys, "argv", ["chat.py", f"--checkpoint={run / 'out' / 'best'}", "--user_name=Maya"])
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi  there\n   \nMore\tthings\n/reset\nAgain\n"))
     chat.main()
@@ -460,7 +461,7 @@ def test_evaluate_final_checkpoint_of_a_scratch_run(scratch_run):
     assert report["val_loss"] == pytest.approx(max(vals, key=lambda m: m["step"])["val_loss"], abs=1e-4)
     # the base is rebuilt from the run's seed: it must be the very model train.py scored at step 0
     assert report["base_val_loss"] == pytest.approx(next(m for m in vals if m["step"] == 0)["val_loss"], abs=1e-4)
-    assert "fine-tuning took validation perplexity from" in (scratch_run / "out" / "eval_report.md").read_text()
+    assert "trained from scratch: validation perplexity went from" in (scratch_run / "out" / "eval_report.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
