@@ -72,7 +72,8 @@ def plot_loss_curve(metrics, path, title):
 
 
 def main():
-    cfg = load_config(doc=__doc__)
+    given = set()
+    cfg = load_config(doc=__doc__, given=given)
     model_dir = cfg.CHECKPOINT or os.path.join(cfg.OUT_DIR, "best")
     if cfg.CHECKPOINT and not os.path.isdir(model_dir):
         raise UserError(no_such("CHECKPOINT", model_dir))
@@ -102,17 +103,22 @@ def main():
     tokenizer, model = modeling.load(model_dir)
     model.to(device).eval()
     context = modeling.context_size(model)
+    sample_ids = [tokenizer.eos_token_id] + encode(tokenizer, [cfg.SAMPLE_PROMPT])[0]  # checked before the passes
+    if len(sample_ids) + cfg.SAMPLE_MAX_NEW_TOKENS > context:
+        raise UserError(f"SAMPLE_PROMPT is {len(sample_ids)} tokens; with SAMPLE_MAX_NEW_TOKENS={cfg.SAMPLE_MAX_NEW_TOKENS} "
+                        f"it does not fit the model's context of {context} tokens")
 
     # -----------------------------------------------------------------------------------------------------------------
     # validation loss: the fine-tuned model and the base model, on what training validated on (the same cap); per
     # recurring speaker from the fine-tuned model's same pass, its targets split by whose turn they are in
     block_size = min(run_cfg.get("BLOCK_SIZE", cfg.BLOCK_SIZE), context)
     train_speakers = run_cfg.get("TRAIN_SPEAKERS", cfg.TRAIN_SPEAKERS)
-    scored = first_dialogues(tokenizer, val_dialogues, run_cfg.get("VAL_MAX_TOKENS", cfg.VAL_MAX_TOKENS))
+    cap = cfg.VAL_MAX_TOKENS if "VAL_MAX_TOKENS" in given else run_cfg.get("VAL_MAX_TOKENS", cfg.VAL_MAX_TOKENS)
+    scored = first_dialogues(tokenizer, val_dialogues, cap)
     seen = collections.Counter(s for d in scored for s in {s for s, _ in d})
     speakers = [s for s, n in seen.most_common(5)
                 if n >= RECURRING and (train_speakers is None or s in train_speakers)]
-    blocks = make_blocks(tokenizer, scored, block_size, train_speakers, speakers=speakers + ["(others)"])
+    blocks = make_blocks(tokenizer, scored, block_size, train_speakers, speakers=speakers)  # anyone else: last tag
     val = eval_batches(blocks, cfg.BATCH_SIZE, tokenizer.eos_token_id, block_size)
     n_tokens = sum(int((y != -100).sum()) for _, y in val)
     print(f"validation: {len(scored)} of {len(val_dialogues)} dialogues in {cfg.VAL_FILE}, {n_tokens:,} tokens")
@@ -159,12 +165,8 @@ def main():
         "token_f1": sum(r["f1"] for r in replies) / max(len(replies), 1),
     }
 
-    # the sample dialogue: SAMPLE_PROMPT continued until EOS
-    ids = [tokenizer.eos_token_id] + encode(tokenizer, [cfg.SAMPLE_PROMPT])[0]
-    if len(ids) + cfg.SAMPLE_MAX_NEW_TOKENS > context:
-        raise UserError(f"SAMPLE_PROMPT is {len(ids)} tokens; with SAMPLE_MAX_NEW_TOKENS={cfg.SAMPLE_MAX_NEW_TOKENS} "
-                        f"it does not fit the model's context of {context} tokens")
-    new = sample(model, ids, cfg.SAMPLE_MAX_NEW_TOKENS, cfg.TEMPERATURE, cfg.TOP_K, cfg.TOP_P,
+    # the sample dialogue: SAMPLE_PROMPT (checked above) continued until EOS
+    new = sample(model, sample_ids, cfg.SAMPLE_MAX_NEW_TOKENS, cfg.TEMPERATURE, cfg.TOP_K, cfg.TOP_P,
                  cfg.REPETITION_PENALTY, generator, stop=lambda new: new[-1] == tokenizer.eos_token_id)
     sample_text = cfg.SAMPLE_PROMPT + tokenizer.decode(new, skip_special_tokens=True)
 

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from huggingface_hub import constants as hub_constants
+from huggingface_hub import utils as hub_utils
 from huggingface_hub.utils import logging as hub_logging
 from safetensors import SafetensorError
 from tqdm import tqdm
@@ -31,6 +32,7 @@ EOS = "<|endoftext|>"
 logging.set_verbosity_error()  # transformers' warnings would break our one-line errors
 hub_logging.set_verbosity_error()  # as would the Hub client's ("... thrown while requesting HEAD ...") when offline
 logging.disable_progress_bar()  # and its "writing shards" bars our own progress bar
+hub_utils.enable_progress_bars()  # ... but not the Hub client's download bars: a first download takes minutes
 
 
 def pick_device(name, precision="auto"):

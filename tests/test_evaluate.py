@@ -174,6 +174,26 @@ def test_loss_equals_hand_computation(lm, batch_size):
     assert abs(sum(nll[:-1]) / (len(nll) - 1) - expected) > 1e-3
 
 
+@pytest.mark.parametrize("block_size", [16, 64])  # 16: dialogues cut into windows; 64: several packed in a block
+def test_per_speaker_losses_come_from_the_same_pass(lm, block_size):
+    tok, cpu, speakers = gpt2_tokenizer(), torch.device("cpu"), ["Alex", "Cara"]
+    blocks = batching.make_blocks(tok, DIALOGUES, block_size, speakers=speakers)
+    groups = batching.eval_groups(blocks, 2, block_size)
+    overall, per = modeling.evaluate(lm, batching.eval_batches(blocks, 2, EOS_ID, block_size), cpu, None,
+                                     groups=groups)
+    plain = batching.eval_batches(batching.make_blocks(tok, DIALOGUES, block_size), 2, EOS_ID, block_size)
+    assert overall == pytest.approx(modeling.evaluate(lm, plain, cpu, None), rel=1e-6)
+    # each group's loss by hand: the same blocks, trained only where a turn is that speaker's (or no listed one's)
+    for tag, name in enumerate([*speakers, None], 1):
+        keep = lambda s: s == name or (name is None and s not in speakers)
+        only = [[(ids, mask if keep(s) else [0] * len(mask)) for (ids, mask), (s, _) in zip(turns, d)]
+                for turns, d in zip(batching.render(tok, DIALOGUES), DIALOGUES)]
+        pieces = [w for turns in only for w in batching.windows(turns, block_size, EOS_ID)]
+        by_hand = batching.eval_batches(batching.pack(pieces, block_size), 2, EOS_ID, block_size)
+        assert per[tag] == pytest.approx(modeling.evaluate(lm, by_hand, cpu, None), rel=1e-5), name
+    assert sorted(per) == [1, 2, 3]
+
+
 def test_windowed_loss_covers_every_token_once(lm):
     tok = gpt2_tokenizer()
     everything = Counter(t for d in DIALOGUES for t in rendered_ids(tok, d))
@@ -401,6 +421,23 @@ def test_chat_history(run, monkeypatch):
     assert seen == [([("Maya", "Hi there")], "Bob"),
                     ([("Maya", "Hi there"), ("Bob", "answer 1"), ("Maya", "More things")], "Bob"),
                     ([("Maya", "Again")], "Bob")]
+
+
+def test_chat_commands_and_seed(run, monkeypatch, capsys):
+    seeds = []
+
+    def fake_reply(model, tokenizer, turns, speaker, cfg, generator, context):
+        seeds.append(generator.initial_seed())
+        return "fine", True, 1
+
+    monkeypatch.setattr(generation, "reply", fake_reply)
+    for args in ([], [], ["--seed=5"]):
+        monkeypatch.setattr(sys, "argv", ["chat.py", f"--checkpoint={run / 'out' / 'best'}", *args])
+        monkeypatch.setattr(sys, "stdin", io.StringIO("/help\nHi\n/quit\n"))
+        chat.main()
+    out = capsys.readouterr().out
+    assert out.count("(unknown command /help; commands: /reset") == 3 and out.count("Bob: fine") == 3
+    assert seeds[2] == 5 and seeds[0] != seeds[1]  # each session its own sampling, unless SEED is given
 
 
 def test_chat_same_names(monkeypatch, tmp_path):
