@@ -2,7 +2,7 @@
 
     python train.py                                        # distilgpt2 from the Hub (cached after the first run)
     python train.py --model=scratch --learning_rate=1e-3   # fully offline: a small GPT-2 and a BPE trained here
-    python train.py --resume=True                          # continue the run in OUT_DIR from its latest checkpoint
+    python train.py --resume=True                          # continue the run in OUT_DIR, with its own settings
 
 Reads TRAIN_FILE and VAL_FILE (written by prepare_data.py). Writes to OUT_DIR: best/ and final/ (Hugging Face model
 directories: AutoModelForCausalLM.from_pretrained(dir) loads them), checkpoints/step-NNNNNNNN/ (the model plus
@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 
-from cli import UserError, atomic_write, load_config, no_such, read_jsonl, run
+from cli import UserError, atomic_write, defaults, load_config, no_such, read_jsonl, run
 
 # Settings a resume may change: how long the run goes on, what it logs and keeps, where it runs, and the other
 # scripts' own settings. None of them changes the arithmetic of a step. Every other setting is the run's own: a
@@ -70,22 +70,22 @@ def check_config(cfg):
 
 
 def resume_config(cfg, given, saved, source):
-    """The settings of a resumed run: the run's own (`saved`, from its checkpoint or config.json), except OUT_DIR and
-    RESUME, and those of MAY_CHANGE_ON_RESUME set on the command line. Any other setting given there with a value
-    other than the run's is refused, all of them named. Returns (settings, the run's settings that differ from
-    config.py's and so were taken from the run)."""
+    """The settings of a resumed run: the run's own (`saved`, from its checkpoint or config.json; config.py's for a
+    setting newer than the run), but OUT_DIR and RESUME, and those of MAY_CHANGE_ON_RESUME set on the command line.
+    Any other setting given there with a value other than the run's is refused, all of them named. Returns (the
+    settings, the names of those taken from the run that differ from config.py or the command line)."""
     plain = lambda v: json.loads(json.dumps(v))  # config.json has lists where config.py has tuples
     current = vars(cfg)
-    refused = [k for k in sorted(given) if k in saved and k not in MAY_CHANGE_ON_RESUME
-               and plain(saved[k]) != plain(current[k])]
+    run_has = {**defaults(), **{k: v for k, v in saved.items() if k in current}}
+    refused = [k for k in sorted(given) if k not in MAY_CHANGE_ON_RESUME and plain(run_has[k]) != plain(current[k])]
     if refused:
-        flags = ", ".join(f"--{k.lower()}={current[k]!r} (the run has --{k.lower()}={saved[k]!r})" for k in refused)
-        raise UserError(f"{source} belongs to a run with other settings, and only {', '.join(MAY_CHANGE_ON_RESUME[:6])}"
-                        f" and DEVICE may change on resume: {flags}. Resume without them (the run's own settings "
-                        f"are taken), or start a new run in another OUT_DIR")
+        flags = ", ".join(f"--{k.lower()}={current[k]!r} (the run has --{k.lower()}={run_has[k]!r})" for k in refused)
+        raise UserError(f"{source} belongs to a run with other settings, and only EPOCHS, MAX_STEPS, the intervals, "
+                        f"KEEP_CHECKPOINTS and DEVICE may change on resume: {flags}. Resume without them (the run's "
+                        f"own settings are taken), or start a new run in another OUT_DIR")
     merged = dict(current)
-    for k, v in saved.items():
-        if k in current and k not in given and k not in ("OUT_DIR", "RESUME"):
+    for k, v in run_has.items():
+        if k not in given and k not in ("OUT_DIR", "RESUME"):
             merged[k] = tuple(v) if isinstance(current[k], tuple) and isinstance(v, list) else v
     taken = [k for k in merged if plain(merged[k]) != plain(current[k])]
     return type(cfg)(**merged), taken

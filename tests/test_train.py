@@ -644,3 +644,21 @@ def test_validation_is_capped(tmp_path, monkeypatch, capfd, tiny_model):
     assert first["step"] == 0 and first["val_loss"] == pytest.approx(
         modeling.evaluate(model, batches, torch.device("cpu"), None), rel=1e-5)
     assert re.search(r"epoch 1 \(the run ends inside it\): [\d,]+ tokens trained .* padding", p.stdout), p.stdout
+
+
+def test_resume_config_the_run_of_the_issue():
+    """A 10-epoch run resumed with `--resume=True` alone stays a 10-epoch run (config.py says EPOCHS=3); --epochs may
+    extend it; a setting newer than the run is protected too: the run had config.py's value."""
+    saved = {**cli.defaults(), "EPOCHS": 10, "BETAS": [0.9, 0.98], "RESUME": False, "OUT_DIR": "elsewhere"}
+    del saved["VAL_MAX_TOKENS"]  # as if the run were older than this setting
+    given = set()
+    cfg, taken = train.resume_config(cli.load_config(["--resume=True"], given=given), given, saved, "ckpt")
+    assert cfg.EPOCHS == 10 and cfg.BETAS == (0.9, 0.98) and cfg.RESUME is True and cfg.OUT_DIR == "out"
+    assert taken == ["BETAS", "EPOCHS"]
+    given = set()
+    cfg, _ = train.resume_config(cli.load_config(["--resume=True", "--epochs=12", "--log_interval=1"], given=given),
+                                 given, saved, "ckpt")
+    assert cfg.EPOCHS == 12 and cfg.LOG_INTERVAL == 1
+    given = set()
+    with pytest.raises(cli.UserError, match=r"--val_max_tokens=5 \(the run has --val_max_tokens=100000\)"):
+        train.resume_config(cli.load_config(["--resume=True", "--val_max_tokens=5"], given=given), given, saved, "ckpt")
