@@ -6,7 +6,8 @@
 Reads the model (CHECKPOINT, else OUT_DIR/best), VAL_FILE, and OUT_DIR's config.json and metrics.jsonl from train.py.
 Computes validation loss and perplexity exactly as training does (token-weighted, padding excluded, the same
 VAL_MAX_TOKENS cap) for the fine-tuned model and the base model it started from, per-speaker loss where speakers recur
-(from the same pass), and generated replies for the last turn of NUM_REPLIES validation dialogues. Writes OUT_DIR/eval_report.json, eval_report.md and loss_curve.png.
+(from the same pass), and generated replies for the last turn of NUM_REPLIES validation dialogues. Writes
+OUT_DIR/eval_report.json, eval_report.md and loss_curve.png.
 """
 
 import collections
@@ -105,8 +106,8 @@ def main():
     context = modeling.context_size(model)
     sample_ids = [tokenizer.eos_token_id] + encode(tokenizer, [cfg.SAMPLE_PROMPT])[0]  # checked before the passes
     if len(sample_ids) + cfg.SAMPLE_MAX_NEW_TOKENS > context:
-        raise UserError(f"SAMPLE_PROMPT is {len(sample_ids)} tokens; with SAMPLE_MAX_NEW_TOKENS={cfg.SAMPLE_MAX_NEW_TOKENS} "
-                        f"it does not fit the model's context of {context} tokens")
+        raise UserError(f"SAMPLE_PROMPT is {len(sample_ids)} tokens; with SAMPLE_MAX_NEW_TOKENS="
+                        f"{cfg.SAMPLE_MAX_NEW_TOKENS} it does not fit the model's context of {context} tokens")
 
     # -----------------------------------------------------------------------------------------------------------------
     # validation loss: the fine-tuned model and the base model, on what training validated on (the same cap); per

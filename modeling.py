@@ -115,11 +115,12 @@ def hub_reachable(timeout=3.0):
                                                                             "all_proxy")):
         return True
     url = urlparse(hub_constants.ENDPOINT)
+    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
     result = []
 
     def connect():  # in a thread: a name lookup has no timeout of its own
         try:
-            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+            socket.create_connection(address, timeout).close()
             result.append(True)
         except OSError:
             pass

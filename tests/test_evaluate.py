@@ -498,7 +498,8 @@ def test_evaluate_final_checkpoint_of_a_scratch_run(scratch_run):
     assert report["val_loss"] == pytest.approx(max(vals, key=lambda m: m["step"])["val_loss"], abs=1e-4)
     # the base is rebuilt from the run's seed: it must be the very model train.py scored at step 0
     assert report["base_val_loss"] == pytest.approx(next(m for m in vals if m["step"] == 0)["val_loss"], abs=1e-4)
-    assert "trained from scratch: validation perplexity went from" in (scratch_run / "out" / "eval_report.md").read_text()
+    md = (scratch_run / "out" / "eval_report.md").read_text()
+    assert "trained from scratch: validation perplexity went from" in md
 
 
 # ---------------------------------------------------------------------------------------------------------------------

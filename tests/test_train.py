@@ -495,6 +495,20 @@ def test_missing_model(tmp_path):
     assert "scratch" in one_error_line(p)
 
 
+def test_an_unreachable_hub_is_asked_once(tmp_path, monkeypatch):
+    """Offline, the Hub client retries for most of a minute; a connect that is refused (nothing listens on port 9)
+    is noticed at once, and the model then comes from the local cache or not at all: the same one-line error."""
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(modeling.hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(modeling.hub_constants, "ENDPOINT", "http://127.0.0.1:9")
+    assert modeling.hub_reachable() is False
+    write_split(tmp_path, *RESUME_DATA)
+    env = {**ENV, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    p = run_script("train.py", *train_args("no-such-org/no-such-model"), cwd=tmp_path, env=env, timeout=40)
+    assert "scratch" in one_error_line(p)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 12: the learning-rate schedule
 
