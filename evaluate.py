@@ -191,7 +191,7 @@ def main():
           "| model | val loss | val perplexity |", "|---|---|---|",
           f"| base `{base_name}` | {base_loss:.4f} | {ppl(base_loss):.2f} |" if base_loss is not None else
           f"| base `{base_name}` | - | - |",
-          f"| fine-tuned | {val_loss:.4f} | {ppl(val_loss):.2f} |", "",
+          f"| {'trained' if base_name == 'scratch' else 'fine-tuned'} | {val_loss:.4f} | {ppl(val_loss):.2f} |", "",
           f"Over {n_tokens:,} validation tokens of {cfg.VAL_FILE}, token-weighted, padding excluded.", ""]
     if per_speaker:
         md += ["Per speaker, the fine-tuned model's loss over the same targets, split by whose turn each is in (label, "
