@@ -62,7 +62,7 @@ def main():
             history = []
             print("(new conversation)")
             continue
-        if re.match(r"/\w+(\s|$)", line.strip()):  # a command we don't know: a typo of ours, not a turn
+        if re.match(r"/\w+(\s|$)", line.strip()):  # an unknown command (a typo?) gets help, not a reply
             print(f"(unknown command {line.split()[0]}; {HELP})")
             continue
         text = clean_text(line)
