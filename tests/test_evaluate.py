@@ -440,6 +440,18 @@ def test_chat_commands_and_seed(run, monkeypatch, capsys):
     assert seeds[2] == 5 and seeds[0] != seeds[1]  # each session its own sampling, unless SEED is given
 
 
+def test_chat_ctrl_d_ends_the_prompt_line(run, monkeypatch, capsys):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(generation, "reply", lambda *a: ("fine", True, 1))
+    monkeypatch.setattr(sys, "argv", ["chat.py", f"--checkpoint={run / 'out' / 'best'}"])
+    monkeypatch.setattr(sys, "stdin", Terminal("Hi\n"))  # then Ctrl-D: end of input
+    chat.main()
+    assert capsys.readouterr().out.endswith("Bob: fine\nAlex: \n")
+
+
 def test_chat_same_names(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", ["chat.py", f"--checkpoint={tmp_path}", "--user_name=Bob"])
     with pytest.raises(cli.UserError, match="two different names"):
