@@ -193,19 +193,45 @@ def pack(pieces, block_size):
     return out
 
 
-def make_blocks(tokenizer, dialogues, block_size, train_speakers=None, roles=None, source="data"):
+def make_blocks(tokenizer, dialogues, block_size, train_speakers=None, roles=None, source="data", speakers=None):
     """Dialogues -> packed blocks of (ids, mask), each at most block_size + 1 long. With `roles` (see role_map) they
-    are rendered with the model's chat template, else in the speaker format."""
-    start = start_id(tokenizer)
+    are rendered with the model's chat template, else in the speaker format. With `speakers`, the mask says whose
+    turn each trained token is in (see tag_speakers)."""
     rendered = render_any(tokenizer, dialogues, train_speakers, roles, source)
+    if speakers:
+        rendered = tag_speakers(rendered, dialogues, speakers)
+    start = start_id(tokenizer)
     return pack([w for turns in rendered for w in windows(turns, block_size, start)], block_size)
 
 
 def render_any(tokenizer, dialogues, train_speakers=None, roles=None, source="data"):
-    """render_chat with `roles` (FORMAT="chat_template"), else render."""
+    """render_chat with `roles` (FORMAT="chat_template"), else render. Either way one (ids, mask) per turn."""
     if roles is None:
         return render(tokenizer, dialogues, train_speakers)
     return render_chat(tokenizer, dialogues, roles, train_speakers, source)
+
+
+def tag_speakers(rendered, dialogues, speakers):
+    """Rendered dialogues whose mask is, for each trained token, 1 + the index in `speakers` of the speaker whose
+    turn it is in (label, text, line end, EOS), or 1 + len(speakers) for anyone else; 0 stays 0. Blocks made from
+    them train the same tokens (any non-zero is a target), and eval_groups reads off whose they are: per-speaker
+    losses from the one pass that gives the overall loss."""
+    tag = {s: i + 1 for i, s in enumerate(speakers)}
+    return [[(ids, [m and tag.get(speaker, len(speakers) + 1) for m in mask]) for (ids, mask), (speaker, _) in
+             zip(turns, d)] for turns, d in zip(rendered, dialogues)]
+
+
+def first_dialogues(tokenizer, dialogues, max_tokens, roles=None):
+    """The leading dialogues that hold at most max_tokens rendered tokens (at least one; all where max_tokens is 0):
+    what caps the cost of a validation pass (VAL_MAX_TOKENS), the same subset in train.py and evaluate.py."""
+    if not max_tokens:
+        return dialogues
+    total = 0
+    for n, turns in enumerate(render_any(tokenizer, dialogues, roles=roles)):
+        total += sum(len(ids) for ids, _ in turns)
+        if total > max_tokens:
+            return dialogues[:max(n, 1)]
+    return dialogues
 
 
 def epoch_order(blocks, group, seed):
@@ -248,6 +274,17 @@ def eval_batches(blocks, batch_size, pad_id, block_size=None):
     """Batches for a loss over a whole set: sorted by length (order does not change a sum, and sorted barely pads)."""
     blocks = sorted(blocks, key=lambda b: len(b[0]))
     return [collate(blocks[i:i + batch_size], pad_id, block_size) for i in range(0, len(blocks), batch_size)]
+
+
+def eval_groups(blocks, batch_size, block_size=None):
+    """For eval_batches' batches of the same blocks (made with `speakers`), a tensor per batch shaped like its y
+    holding each target's speaker tag (0 where no target)."""
+    blocks = sorted(blocks, key=lambda b: len(b[0]))
+    out = []
+    for i in range(0, len(blocks), batch_size):
+        # collate's y for blocks whose ids are their tags: the tag where there is a target, else IGNORE (-> 0)
+        out.append(collate([(mask, mask) for _, mask in blocks[i:i + batch_size]], 0, block_size)[1].clamp(min=0))
+    return out
 
 
 def count(blocks):

@@ -4,49 +4,67 @@
     python chat.py --user_name=Maya --bot_name=Sam --checkpoint=out/final
     printf 'Hi!\\nWhat now?\\n/quit\\n' | python chat.py    # scripted: one line of stdin per turn
 
-Type a line and press enter; /reset starts a new conversation, /quit (or end of input) leaves. The history is kept
-up to the model's context: the oldest turns are dropped first.
+Type a line and press enter; /reset starts a new conversation, /quit (or end of input) leaves; any other line that
+starts with a /command is not sent to the model. The history is kept up to the model's context: the oldest turns are
+dropped first. Replies differ from one session to the next; --seed=N makes them repeatable.
 """
 
 import os
+import re
 import sys
 
-import torch
-
-import modeling
-from cli import UserError, load_config, run
+from cli import UserError, load_config, no_such, run
 from dialogues import clean_speaker, clean_text
-from generation import chat_roles, reply
+
+HELP = "commands: /reset starts a new conversation, /quit leaves"
 
 
 def main():
-    cfg = load_config(doc=__doc__)
+    given = set()
+    cfg = load_config(doc=__doc__, given=given)
     model_dir = cfg.CHECKPOINT or os.path.join(cfg.OUT_DIR, "best")
+    if cfg.CHECKPOINT and not os.path.isdir(model_dir):
+        raise UserError(no_such("CHECKPOINT", model_dir))
     if not os.path.isdir(model_dir):
-        raise UserError(f"model directory {model_dir!r} does not exist: run train.py first, or pass --checkpoint=DIR")
+        raise UserError(f"{no_such('model directory', model_dir)}: run train.py first, or pass --checkpoint=DIR")
     user, bot = clean_speaker(cfg.USER_NAME), clean_speaker(cfg.BOT_NAME)
     if not user or not bot or user == bot:
         raise UserError(f"USER_NAME and BOT_NAME must be two different names, got {cfg.USER_NAME!r}, {cfg.BOT_NAME!r}")
+    # the heavy imports wait until the settings are checked: --help and a mistyped setting answer at once
+    import torch
+
+    import modeling
+    from generation import chat_roles, reply
+
     device, _, device_note = modeling.pick_device(cfg.DEVICE, cfg.PRECISION)
     tokenizer, model = modeling.load(model_dir)
     model.to(device).eval()
     context = modeling.context_size(model)
     roles = chat_roles(tokenizer, {user: "user", bot: "assistant"})  # None: the model speaks the speaker format
-    generator = torch.Generator().manual_seed(cfg.SEED)
+    generator = torch.Generator()
+    if "SEED" in given:  # --seed=N replays a session; without it, each session samples afresh
+        generator.manual_seed(cfg.SEED)
+    else:
+        generator.seed()
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"{device_note}; chatting with {model_dir} as {user}; the model is {bot}. /reset, /quit")
+        print(f"{device_note}; chatting with {model_dir} as {user}; the model is {bot}. {HELP}")
 
     history = []
     while True:
         if interactive:
             print(f"{user}: ", end="", flush=True)
         line = sys.stdin.readline()
+        if not line and interactive:  # Ctrl-D: end the prompt's line
+            print()
         if not line or line.strip() == "/quit":
             break
         if line.strip() == "/reset":
             history = []
             print("(new conversation)")
+            continue
+        if re.match(r"/\w+(\s|$)", line.strip()):  # an unknown command (a typo?) gets help, not a reply
+            print(f"(unknown command {line.split()[0]}; {HELP})")
             continue
         text = clean_text(line)
         if not text:

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 import types
 from contextlib import contextmanager, suppress
 
@@ -22,20 +23,46 @@ def run(main):
     try:
         main()
     except UserError as e:
-        if os.environ.get("LOCAL_RANK", "0") == "0":  # under torchrun every rank meets the same error: say it once
-            print(f"error: {e}", file=sys.stderr)
+        say_once(f"error: {e}")
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
 
 
+def say_once(line):
+    """Print `line` on stderr, once per machine under torchrun. There every rank meets the same error, and the first
+    to exit makes torchrun stop the others (SIGTERM): leaving it to rank 0 lost the line whenever another rank was
+    quicker. So the first rank to get here prints it; it claims the job with a file that only one process can create,
+    in torchrun's directory for this attempt. The others wait until the line is out, then exit."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")  # torchrun's .../attempt_N/<local rank>/error.json
+    if not error_file:  # not under torchrun, or it keeps no files: a launcher's rank 0 speaks for all
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(line, file=sys.stderr, flush=True)
+        return
+    flag = os.path.join(os.path.dirname(os.path.dirname(error_file)), "error-reported")
+    try:
+        fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:  # another rank says it; it writes a byte once the line is out
+        deadline = time.time() + 10
+        while os.path.getsize(flag) == 0 and time.time() < deadline:
+            time.sleep(0.01)
+        return
+    except OSError:
+        fd = None
+    print(line, file=sys.stderr, flush=True)
+    if fd is not None:
+        os.write(fd, b"1")
+        os.close(fd)
+
+
 def defaults():
     return {k: v for k, v in vars(config).items() if k.isupper()}
 
 
-def load_config(argv=None, doc=None):
-    """config.py's names as a namespace, with --name=value overrides from argv (sys.argv[1:] by default)."""
+def load_config(argv=None, doc=None, given=None):
+    """config.py's names as a namespace, with --name=value overrides from argv (sys.argv[1:] by default). `given`, a
+    set, receives the names set on the command line: a resumed run and chat.py's seed need to tell them apart."""
     cfg = defaults()
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
@@ -53,6 +80,8 @@ def load_config(argv=None, doc=None):
             hint = f"; did you mean {', '.join('--' + c.lower() for c in close)}?" if close else " (see --help)"
             raise UserError(f"unknown setting --{name}{hint}")
         cfg[key] = _parse_value(key, text, cfg[key])
+        if given is not None:
+            given.add(key)
     return types.SimpleNamespace(**cfg)
 
 
@@ -66,9 +95,20 @@ def _parse_value(key, text, default):
     if type(default) is float and type(value) is int:
         return float(value)  # --learning_rate=1 means 1.0
     if type(value) is not type(default):
-        raise UserError(f"--{key.lower()}={text}: expected a {type(default).__name__} like {default!r}, "
-                        f"got a {type(value).__name__}")
+        raise UserError(f"--{key.lower()}={text}: expected {_a(type(default).__name__)} like {default!r}, "
+                        f"got {_a(type(value).__name__)}")
     return value
+
+
+def _a(noun):
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def no_such(what, path):
+    """The start of an error about a file or directory that is not there: the path as given and, since paths are
+    relative to the current directory, where that is."""
+    where = "" if os.path.isabs(path) else f" ({os.path.abspath(path)}: paths are relative to the current directory)"
+    return f"{what} {path!r} does not exist{where}"
 
 
 @contextmanager

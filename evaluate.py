@@ -4,9 +4,10 @@
     python evaluate.py --checkpoint=out/final   # another model directory
 
 Reads the model (CHECKPOINT, else OUT_DIR/best), VAL_FILE, and OUT_DIR's config.json and metrics.jsonl from train.py.
-Computes validation loss and perplexity exactly as training does (token-weighted, padding excluded) for the fine-tuned
-model and the base model it started from, per-speaker loss where speakers recur, and generated replies for the last
-turn of NUM_REPLIES validation dialogues. Writes OUT_DIR/eval_report.json, eval_report.md and loss_curve.png.
+Computes validation loss and perplexity exactly as training does (token-weighted, padding excluded, the same
+VAL_MAX_TOKENS cap) for the fine-tuned model and the base model it started from, per-speaker loss where speakers recur
+(from the same pass), and generated replies for the last turn of NUM_REPLIES validation dialogues. Writes
+OUT_DIR/eval_report.json, eval_report.md and loss_curve.png.
 """
 
 import collections
@@ -16,13 +17,7 @@ import os
 import random
 import re
 
-import torch
-
-import modeling
-from batching import encode, eval_batches, make_blocks, start_id
-from cli import UserError, atomic_write, load_config, read_jsonl, run
-from dialogues import read_dialogues
-from generation import chat_roles, prompt_ids, reply, sample
+from cli import UserError, atomic_write, load_config, no_such, read_jsonl, run
 
 RECURRING = 3  # a speaker in at least this many validation dialogues gets a loss of their own
 
@@ -51,7 +46,7 @@ def ppl(loss):
     return math.exp(min(loss, 50))
 
 
-def plot_loss_curve(metrics, path):
+def plot_loss_curve(metrics, path, title):
     """Train and validation loss over steps; returns a note when matplotlib is missing."""
     try:
         import matplotlib
@@ -67,6 +62,7 @@ def plot_loss_curve(metrics, path):
             ax.plot(*zip(*points), style, label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats / token)")
+    ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -77,12 +73,24 @@ def plot_loss_curve(metrics, path):
 
 
 def main():
-    cfg = load_config(doc=__doc__)
+    given = set()
+    cfg = load_config(doc=__doc__, given=given)
     model_dir = cfg.CHECKPOINT or os.path.join(cfg.OUT_DIR, "best")
+    if cfg.CHECKPOINT and not os.path.isdir(model_dir):
+        raise UserError(no_such("CHECKPOINT", model_dir))
     if not os.path.isdir(model_dir):
-        raise UserError(f"model directory {model_dir!r} does not exist: run train.py first, or pass --checkpoint=DIR")
+        raise UserError(f"{no_such('model directory', model_dir)}: run train.py first, or pass --checkpoint=DIR")
     if not os.path.isfile(cfg.VAL_FILE):
-        raise UserError(f"VAL_FILE {cfg.VAL_FILE!r} does not exist: run prepare_data.py first")
+        raise UserError(f"{no_such('VAL_FILE', cfg.VAL_FILE)}: run prepare_data.py first")
+    # the heavy imports wait until the settings are checked: --help and a mistyped setting answer at once
+    import torch
+    from tqdm import tqdm
+
+    import modeling
+    from batching import encode, eval_batches, eval_groups, first_dialogues, make_blocks, start_id
+    from dialogues import read_dialogues
+    from generation import chat_roles, prompt_ids, reply, sample
+
     val_dialogues = read_dialogues(cfg.VAL_FILE)
     if not val_dialogues:
         raise UserError(f"VAL_FILE {cfg.VAL_FILE!r} holds no dialogues: run prepare_data.py first")
@@ -96,19 +104,38 @@ def main():
     tokenizer, model = modeling.load(model_dir)
     model.to(device).eval()
     context = modeling.context_size(model)
-
-    # -----------------------------------------------------------------------------------------------------------------
-    # validation loss: the fine-tuned model, the base model, and per recurring speaker
-    block_size = min(run_cfg.get("BLOCK_SIZE", cfg.BLOCK_SIZE), context)
     train_speakers = run_cfg.get("TRAIN_SPEAKERS", cfg.TRAIN_SPEAKERS)
     # a model trained in its own chat template is evaluated and prompted in it, with the run's roles
     roles = chat_roles(tokenizer, run_cfg.get("ROLES", cfg.ROLES), train_speakers)
-    batches = lambda speakers: eval_batches(make_blocks(tokenizer, val_dialogues, block_size, speakers, roles,
-                                                        cfg.VAL_FILE),
-                                            cfg.BATCH_SIZE, tokenizer.eos_token_id, block_size)
-    val = batches(train_speakers)
+    if roles is None:  # the sample dialogue's prompt, checked before the passes
+        sample_ids = [start_id(tokenizer)] + encode(tokenizer, [cfg.SAMPLE_PROMPT])[0]
+    else:  # in the template: SAMPLE_PROMPT's turns, then the header of its last label's role
+        *lines, label = cfg.SAMPLE_PROMPT.rstrip().split("\n")
+        turns = [(s.strip(), t.strip()) for s, _, t in (line.partition(":") for line in lines)]
+        sample_ids = prompt_ids(tokenizer, turns, label.rstrip(":").strip(), context, 0, roles)[0]
+    if len(sample_ids) + cfg.SAMPLE_MAX_NEW_TOKENS > context:
+        raise UserError(f"SAMPLE_PROMPT is {len(sample_ids)} tokens; with SAMPLE_MAX_NEW_TOKENS="
+                        f"{cfg.SAMPLE_MAX_NEW_TOKENS} it does not fit the model's context of {context} tokens")
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # validation loss: the fine-tuned model and the base model, on what training validated on (the same cap); per
+    # recurring speaker from the fine-tuned model's same pass, its targets split by whose turn they are in
+    block_size = min(run_cfg.get("BLOCK_SIZE", cfg.BLOCK_SIZE), context)
+    cap = cfg.VAL_MAX_TOKENS if "VAL_MAX_TOKENS" in given else run_cfg.get("VAL_MAX_TOKENS", cfg.VAL_MAX_TOKENS)
+    scored = first_dialogues(tokenizer, val_dialogues, cap, roles)
+    seen = collections.Counter(s for d in scored for s in {s for s, _ in d})
+    speakers = [s for s, n in seen.most_common(5)
+                if n >= RECURRING and (train_speakers is None or s in train_speakers)]
+    blocks = make_blocks(tokenizer, scored, block_size, train_speakers, roles, cfg.VAL_FILE,
+                         speakers=speakers)  # anyone else: the last tag
+    val = eval_batches(blocks, cfg.BATCH_SIZE, tokenizer.eos_token_id, block_size)
     n_tokens = sum(int((y != -100).sum()) for _, y in val)
-    val_loss = modeling.evaluate(model, val, device, dtype)
+    print(f"validation: {len(scored)} of {len(val_dialogues)} dialogues in {cfg.VAL_FILE}, {n_tokens:,} tokens")
+    val_loss, by_tag = modeling.evaluate(model, val, device, dtype, desc="validation (model)",
+                                         groups=eval_groups(blocks, cfg.BATCH_SIZE, block_size))
+    per_speaker = {name: by_tag[i + 1] for i, name in enumerate(speakers + ["(others)"]) if i + 1 in by_tag}
+    if len(per_speaker) < 2:
+        per_speaker = {}  # one speaker's loss is the overall loss
 
     base_name, base_loss, base_note = run_cfg.get("MODEL", cfg.MODEL), None, ""
     try:
@@ -117,7 +144,7 @@ def main():
             base = type(model)(model.config)
         else:
             base = modeling.load(base_name)[1]
-        base_loss = modeling.evaluate(base.to(device), val, device, dtype)
+        base_loss = modeling.evaluate(base.to(device), val, device, dtype, desc="validation (base)")
         del base
     except UserError as e:
         step0 = [m["val_loss"] for m in metrics if m.get("step") == 0 and "val_loss" in m]
@@ -126,11 +153,6 @@ def main():
         else:
             base_note = f" (base not evaluated: {e})"
 
-    per_speaker = {}
-    seen = collections.Counter(s for d in val_dialogues for s in {s for s, _ in d})
-    for speaker, n in seen.most_common(5):
-        if n >= RECURRING and (train_speakers is None or speaker in train_speakers):
-            per_speaker[speaker] = modeling.evaluate(model, batches([speaker]), device, dtype)
 
     # -----------------------------------------------------------------------------------------------------------------
     # replies: the last turn of NUM_REPLIES validation dialogues, generated and compared with the real one
@@ -138,7 +160,7 @@ def main():
     candidates = [d for d in val_dialogues if len(d) >= 2]
     chosen = random.Random(cfg.SEED).sample(candidates, min(cfg.NUM_REPLIES, len(candidates)))
     replies = []
-    for d in chosen:
+    for d in tqdm(chosen, desc="replies", leave=False, unit="reply", dynamic_ncols=True):
         speaker, real = d[-1]
         text, ended, n_new = reply(model, tokenizer, d[:-1], speaker, cfg, generator, context, roles)
         replies.append({"context": d[:-1], "speaker": speaker, "real": real, "generated": text, "ended": ended,
@@ -152,20 +174,11 @@ def main():
         "token_f1": sum(r["f1"] for r in replies) / max(len(replies), 1),
     }
 
-    # the sample dialogue: SAMPLE_PROMPT continued until EOS (in a chat template: its turns, then the last label's)
-    if roles is None:
-        ids = [start_id(tokenizer)] + encode(tokenizer, [cfg.SAMPLE_PROMPT])[0]
-    else:
-        *lines, label = cfg.SAMPLE_PROMPT.rstrip().split("\n")
-        turns = [(s.strip(), t.strip()) for s, _, t in (line.partition(":") for line in lines)]
-        ids = prompt_ids(tokenizer, turns, label.rstrip(":").strip(), context, 0, roles)[0]
-    if len(ids) + cfg.SAMPLE_MAX_NEW_TOKENS > context:
-        raise UserError(f"SAMPLE_PROMPT is {len(ids)} tokens; with SAMPLE_MAX_NEW_TOKENS={cfg.SAMPLE_MAX_NEW_TOKENS} "
-                        f"it does not fit the model's context of {context} tokens")
-    new = sample(model, ids, cfg.SAMPLE_MAX_NEW_TOKENS, cfg.TEMPERATURE, cfg.TOP_K, cfg.TOP_P,
+    # the sample dialogue: SAMPLE_PROMPT (checked above) continued until EOS
+    new = sample(model, sample_ids, cfg.SAMPLE_MAX_NEW_TOKENS, cfg.TEMPERATURE, cfg.TOP_K, cfg.TOP_P,
                  cfg.REPETITION_PENALTY, generator, stop=lambda new: new[-1] == tokenizer.eos_token_id)
     sample_text = (cfg.SAMPLE_PROMPT + tokenizer.decode(new, skip_special_tokens=True) if roles is None else
-                   tokenizer.decode(ids + new))  # the template's special tokens shown: what the model sees
+                   tokenizer.decode(sample_ids + new))  # the template's special tokens shown: what the model sees
 
     # -----------------------------------------------------------------------------------------------------------------
     # report
@@ -173,18 +186,27 @@ def main():
               "val_loss": val_loss, "val_ppl": ppl(val_loss), "base_val_loss": base_loss,
               "base_val_ppl": ppl(base_loss) if base_loss is not None else None,
               "per_speaker_loss": per_speaker, **figures, "samples": replies, "sample_dialogue": sample_text}
-    plot_note = plot_loss_curve(metrics, os.path.join(cfg.OUT_DIR, "loss_curve.png")) if metrics else \
+    title = f"{os.path.abspath(cfg.OUT_DIR)}: {base_name} on {run_cfg.get('TRAIN_FILE', cfg.TRAIN_FILE)}"
+    plot_note = plot_loss_curve(metrics, os.path.join(cfg.OUT_DIR, "loss_curve.png"), title) if metrics else \
         "loss_curve.png not written: no metrics.jsonl in OUT_DIR"
-    headline = (f"fine-tuning took validation perplexity from {ppl(base_loss):.2f} to {ppl(val_loss):.2f}"
-                f"{base_note}" if base_loss is not None else f"validation perplexity {ppl(val_loss):.2f}{base_note}")
+    if base_loss is None:
+        headline = f"validation perplexity {ppl(val_loss):.2f}{base_note}"
+    elif base_name == "scratch":  # nothing was fine-tuned: the base is the untrained model
+        headline = (f"trained from scratch: validation perplexity went from {ppl(base_loss):.2f} (untrained) to "
+                    f"{ppl(val_loss):.2f}{base_note}")
+    else:
+        headline = f"fine-tuning took validation perplexity from {ppl(base_loss):.2f} to {ppl(val_loss):.2f}{base_note}"
     md = [f"# Evaluation of `{model_dir}`", "", headline + ".", "",
           "| model | val loss | val perplexity |", "|---|---|---|",
           f"| base `{base_name}` | {base_loss:.4f} | {ppl(base_loss):.2f} |" if base_loss is not None else
           f"| base `{base_name}` | - | - |",
-          f"| fine-tuned | {val_loss:.4f} | {ppl(val_loss):.2f} |", "",
+          f"| {'trained' if base_name == 'scratch' else 'fine-tuned'} | {val_loss:.4f} | {ppl(val_loss):.2f} |", "",
           f"Over {n_tokens:,} validation tokens of {cfg.VAL_FILE}, token-weighted, padding excluded.", ""]
     if per_speaker:
-        md += ["| speaker | val loss | perplexity |", "|---|---|---|",
+        md += ["Per speaker, the fine-tuned model's loss over the same targets, split by whose turn each is in (label, "
+               "text, line end, EOS). The overall loss is their token-weighted mean, so some speakers are above it "
+               "and some below.", "",
+               "| speaker | val loss | perplexity |", "|---|---|---|",
                *[f"| {s} | {v:.4f} | {ppl(v):.2f} |" for s, v in per_speaker.items()], ""]
     md += [f"## Replies ({figures['replies']} validation dialogues)", "",
            f"stop rate {figures['stop_rate']:.0%}, mean length {figures['mean_words']:.1f} words, "

@@ -4,17 +4,24 @@ token-weighted loss every stage reports."""
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import threading
+from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import utils as hub_utils
 from huggingface_hub.utils import logging as hub_logging
 from safetensors import SafetensorError
+from tqdm import tqdm
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast,
                           PreTrainedTokenizerFast)
 from transformers.activations import GELUTanh, NewGELUActivation
@@ -27,6 +34,7 @@ EOS = "<|endoftext|>"
 logging.set_verbosity_error()  # transformers' warnings would break our one-line errors
 hub_logging.set_verbosity_error()  # as would the Hub client's ("... thrown while requesting HEAD ...") when offline
 logging.disable_progress_bar()  # and its "writing shards" bars our own progress bar
+hub_utils.enable_progress_bars()  # ... but not the Hub client's download bars: a first download takes minutes
 
 
 def pick_device(name, precision="auto"):
@@ -84,7 +92,7 @@ def load(name):
     tokenizer = load_tokenizer(name)
     with _load_errors(name):
         model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, use_safetensors=True,
-                                                     dtype=torch.float32)
+                                                     dtype=torch.float32, local_files_only=cache_only(name))
     return tokenizer, fused_gelu(model)
 
 
@@ -98,7 +106,7 @@ def load_tokenizer(name):
         if problem:
             raise UserError(f"model directory {name!r} is damaged: {problem}")
     with _load_errors(name):
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False, local_files_only=cache_only(name))
     if tokenizer.eos_token_id is None:
         raise UserError(f"model {name!r}: its tokenizer has no EOS token, which marks the end of a dialogue")
     return tokenizer
@@ -146,6 +154,36 @@ def adapt(model, cfg, adapter=None):
 
 def is_lora(model):
     return hasattr(model, "peft_config")
+
+
+def cache_only(name):
+    """Offline, a Hub model loads from the local cache at once, or not at all (the client's retries take a minute)."""
+    return not os.path.isdir(name) and not hub_reachable()
+
+
+@functools.lru_cache(maxsize=None)  # asked once a run: the tokenizer's load and the model's
+def hub_reachable(timeout=3.0):
+    """Whether the Hugging Face Hub answers a connection within `timeout` seconds. Offline, the Hub client retries
+    for most of a minute before it gives up; this asks once. True where HF_HUB_OFFLINE is set (the client then never
+    asks) or a proxy is set (only the client knows how to go through it)."""
+    if hub_constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                                                                            "all_proxy")):
+        return True
+    url = urlparse(hub_constants.ENDPOINT)
+    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    result = []
+
+    def connect():  # in a thread: a name lookup has no timeout of its own
+        try:
+            socket.create_connection(address, timeout).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result)
 
 
 def fused_gelu(model):
@@ -366,15 +404,33 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, dtype):
-    """Token-weighted mean NLL over all of a set's batches: sum of losses / number of targets, padding excluded."""
+def evaluate(model, batches, device, dtype, desc=None, groups=None):
+    """Token-weighted mean NLL over all of a set's batches: sum of losses / number of targets, padding excluded.
+    With `desc`, a progress bar of that name. With `groups` (batching.eval_groups: each target's group number, 0 for
+    none), also each group's mean from the same pass: (loss, {group: loss})."""
     was_training = model.training
     model.eval()
-    total, n = 0.0, 0
-    for x, y in batches:
+    total, n, by_group = 0.0, 0, {}
+    bar = tqdm(batches, desc=desc, disable=desc is None, leave=False, unit="batch", dynamic_ncols=True)
+    for i, (x, y) in enumerate(bar):
         with autocast(device, dtype):
-            loss, count = loss_sum(model, x.to(device), y.to(device))
+            if groups is None:
+                loss, count = loss_sum(model, x.to(device), y.to(device))
+            else:
+                logits = model(input_ids=x.to(device)).logits
+                losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.to(device).view(-1),
+                                         ignore_index=IGNORE, reduction="none")
+                g = groups[i].to(device).view(-1)
+                loss, count = losses.sum(), (y != IGNORE).sum()
+                sums = torch.zeros(int(g.max()) + 1, device=device).index_add_(0, g, losses)
+                counts = torch.bincount(g, minlength=len(sums))
+                for k in range(1, len(sums)):
+                    if counts[k]:
+                        s, c = by_group.get(k, (0.0, 0))
+                        by_group[k] = (s + sums[k].item(), c + counts[k].item())
         total += loss.item()
         n += count.item()
     model.train(was_training)
-    return total / max(n, 1)
+    if groups is None:
+        return total / max(n, 1)
+    return total / max(n, 1), {k: s / c for k, (s, c) in sorted(by_group.items())}

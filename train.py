@@ -2,7 +2,7 @@
 
     python train.py                                        # distilgpt2 from the Hub (cached after the first run)
     python train.py --model=scratch --learning_rate=1e-3   # fully offline: a small GPT-2 and a BPE trained here
-    python train.py --resume=True                          # continue the run in OUT_DIR from its latest checkpoint
+    python train.py --resume=True                          # continue the run in OUT_DIR, with its own settings
     python train.py --model=DIR --format=chat_template --lora_r=16 --learning_rate=2e-4   # an instruct model, LoRA
     python train.py --show_example=True                    # print the first example as the model sees it; exit
 
@@ -18,25 +18,18 @@ import os
 import shutil
 import time
 
-import torch
-import torch.distributed as dist
-from safetensors.torch import load_file
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
-from transformers import AutoTokenizer
-
-import config
-import modeling
-from batching import (collate, count, epoch_order, eval_batches, make_blocks, render_any, role_map, start_id,
-                      step_batches)
-from cli import UserError, atomic_write, load_config, read_jsonl, run
+from cli import UserError, atomic_write, defaults, load_config, no_such, read_jsonl, run
 from dialogues import CHAT_TEMPLATE, format_dialogue, read_dialogues
 
-# Settings that shape the run's arithmetic: resuming with other values would not continue the same run.
-MUST_MATCH = ["MODEL", "BLOCK_SIZE", "BATCH_SIZE", "GRAD_ACCUM_STEPS", "LEARNING_RATE", "MIN_LR_FRACTION",
-              "LR_SCHEDULE", "WARMUP_STEPS", "WEIGHT_DECAY", "BETAS", "GRAD_CLIP", "TRAIN_SPEAKERS", "SEED",
-              "SCRATCH_LAYERS", "SCRATCH_HEADS", "SCRATCH_EMBD", "SCRATCH_VOCAB", "FORMAT", "ROLES",
-              "LORA_R", "LORA_ALPHA", "LORA_DROPOUT", "LORA_TARGETS"]
+# Settings a resume may change: how long the run goes on, what it logs and keeps, where it runs, and the other
+# scripts' own settings. None of them changes the arithmetic of a step. Every other setting is the run's own: a
+# resume takes it from the checkpoint, so a setting added to config.py is protected without being listed anywhere.
+MAY_CHANGE_ON_RESUME = ["EPOCHS", "MAX_STEPS", "EVAL_INTERVAL", "CHECKPOINT_INTERVAL", "KEEP_CHECKPOINTS",
+                        "LOG_INTERVAL", "DEVICE", "OUT_DIR", "RESUME", "SHOW_EXAMPLE",
+                        "GRADIENT_CHECKPOINTING",  # recomputing activations gives the same loss and gradients
+                        "DATA_FILE", "VAL_FRACTION",  # prepare_data.py's
+                        "CHECKPOINT", "NUM_REPLIES", "TEMPERATURE", "TOP_K", "TOP_P", "REPETITION_PENALTY",
+                        "MAX_NEW_TOKENS", "SAMPLE_PROMPT", "SAMPLE_MAX_NEW_TOKENS", "USER_NAME", "BOT_NAME"]
 
 
 def get_lr(step, cfg, total_steps):
@@ -92,7 +85,29 @@ def check_config(cfg):
     for name in ("TRAIN_FILE", "VAL_FILE"):
         path = getattr(cfg, name)
         if not os.path.isfile(path):
-            raise UserError(f"{name} {path!r} does not exist: run prepare_data.py first")
+            raise UserError(f"{no_such(name, path)}: run prepare_data.py first")
+
+
+def resume_config(cfg, given, saved, source):
+    """The settings of a resumed run: the run's own (`saved`, from its checkpoint or config.json; config.py's for a
+    setting newer than the run), but OUT_DIR and RESUME, and those of MAY_CHANGE_ON_RESUME set on the command line.
+    Any other setting given there with a value other than the run's is refused, all of them named. Returns (the
+    settings, the names of those taken from the run that differ from config.py or the command line)."""
+    plain = lambda v: json.loads(json.dumps(v))  # config.json has lists where config.py has tuples
+    current = vars(cfg)
+    run_has = {**defaults(), **{k: v for k, v in saved.items() if k in current}}
+    refused = [k for k in sorted(given) if k not in MAY_CHANGE_ON_RESUME and plain(run_has[k]) != plain(current[k])]
+    if refused:
+        flags = ", ".join(f"--{k.lower()}={current[k]!r} (the run has --{k.lower()}={run_has[k]!r})" for k in refused)
+        raise UserError(f"{source} belongs to a run with other settings, and only EPOCHS, MAX_STEPS, the intervals, "
+                        f"KEEP_CHECKPOINTS, DEVICE and GRADIENT_CHECKPOINTING may change on resume: {flags}. Resume "
+                        f"without them (the run's own settings are taken), or start a new run in another OUT_DIR")
+    merged = dict(current)
+    for k, v in run_has.items():
+        if k not in given and k not in ("OUT_DIR", "RESUME"):
+            merged[k] = tuple(v) if isinstance(current[k], tuple) and isinstance(v, list) else v
+    taken = [k for k in merged if plain(merged[k]) != plain(current[k])]
+    return type(cfg)(**merged), taken
 
 
 def find_checkpoints(out_dir):
@@ -106,6 +121,8 @@ def find_checkpoints(out_dir):
 def load_latest_state(checkpoints, say):
     """The newest checkpoint whose files match its manifest and whose state loads without running code, and its
     state; damaged ones are reported and passed over."""
+    import torch
+    import modeling
     for path in reversed(checkpoints):
         problem = modeling.check_manifest(path, required=True)
         if problem is None:
@@ -118,6 +135,7 @@ def load_latest_state(checkpoints, say):
 
 
 def save_checkpoint(out_dir, model, tokenizer, state, keep):
+    import modeling
     d = os.path.join(out_dir, "checkpoints")
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, f"step-{state['step']:08d}")
@@ -128,9 +146,17 @@ def save_checkpoint(out_dir, model, tokenizer, state, keep):
         modeling.remove_dir(old)
 
 
+def epoch_line(epoch, stats, train_tokens, ended=True):
+    tokens, real, processed = stats
+    return (f"epoch {epoch + 1}{'' if ended else ' (the run ends inside it)'}: {tokens:,} tokens trained "
+            f"({tokens / max(train_tokens, 1):.0%} of the train set), padding {1 - real / max(processed, 1):.1%} of "
+            f"{processed:,} positions")
+
+
 def prepare_tokenizer(tokenizer, cfg, name):
     """The tokenizer as the run uses and saves it: FORMAT="speaker" gives it our template (so apply_chat_template
     and pipeline() speak the training format); "chat_template" keeps the model's own, which it must have."""
+    from batching import role_map
     if cfg.FORMAT == "chat_template" and not tokenizer.chat_template:
         raise UserError(f"MODEL {name!r} has no chat template of its own; FORMAT='chat_template' renders dialogues "
                         f"with it (use FORMAT='speaker', or an instruct model)")
@@ -141,6 +167,8 @@ def prepare_tokenizer(tokenizer, cfg, name):
 
 def show_example(cfg):
     """--show_example=True: the first training dialogue as the model sees it, with what is trained marked."""
+    import modeling
+    from batching import render_any, start_id
     dialogues = read_dialogues(cfg.TRAIN_FILE)
     if not dialogues:
         raise UserError(f"{cfg.TRAIN_FILE} holds no dialogues: run prepare_data.py first")
@@ -169,6 +197,11 @@ def open_model(cfg, resume_from, world, master, train_dialogues):
     """The tokenizer and model the run trains: from the checkpoint it resumes (a LoRA checkpoint holds the adapter
     alone, applied to MODEL), else MODEL, else a scratch model; with the adapters and gradient checkpointing of
     modeling.adapt."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    import modeling
     if resume_from and os.path.exists(os.path.join(resume_from, "adapter_model.safetensors")):
         tokenizer = modeling.load_tokenizer(resume_from)
         adapter = load_file(os.path.join(resume_from, "adapter_model.safetensors"))
@@ -191,10 +224,19 @@ def open_model(cfg, resume_from, world, master, train_dialogues):
 
 
 def main():
-    cfg = load_config(doc=__doc__)
+    given = set()
+    cfg = load_config(doc=__doc__, given=given)
     check_config(cfg)
     if cfg.SHOW_EXAMPLE:
         return show_example(cfg)
+    # the heavy imports wait until the settings are checked: --help and a mistyped setting answer at once
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from tqdm import tqdm
+
+    import modeling
+    from batching import collate, count, epoch_order, eval_batches, first_dialogues, make_blocks, step_batches
 
     # -----------------------------------------------------------------------------------------------------------------
     # processes and device: `torchrun --nproc_per_node=N train.py` starts N ranks (DDP: nccl on CUDA, gloo on CPU);
@@ -209,13 +251,9 @@ def main():
         dist.init_process_group(backend)
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
-    device, dtype, device_note = modeling.pick_device(cfg_device if world > 1 else cfg.DEVICE, cfg.PRECISION)
-    say(device_note + (f"; {world} processes ({backend})" if world > 1 else ""))
 
     # -----------------------------------------------------------------------------------------------------------------
     # the run directory: a new run, or the latest complete checkpoint of an earlier one
-    with open(cfg.TRAIN_FILE, "rb") as f:
-        train_sha = hashlib.sha256(f.read()).hexdigest()
     if master:  # mend what a killed run left: a model directory moved aside mid-swap, unfinished temp directories
         modeling.recover_dirs(cfg.OUT_DIR)
         modeling.recover_dirs(os.path.join(cfg.OUT_DIR, "checkpoints"))
@@ -232,17 +270,23 @@ def main():
     elif not cfg.RESUME and (checkpoints or os.path.exists(os.path.join(cfg.OUT_DIR, "final"))):
         raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} already holds a run: continue it with --resume=True, or choose "
                         f"another --out_dir (nothing there is overwritten)")
+    config_json = os.path.join(cfg.OUT_DIR, "config.json")
+    if cfg.RESUME and (state is not None or os.path.isfile(config_json)):  # the run's settings, not config.py's
+        if state is not None:
+            source, saved = resume_from, state["config"]
+        else:
+            with open(config_json) as f:
+                source, saved = config_json, json.load(f)
+        cfg, taken = resume_config(cfg, given, saved, source)
+        check_config(cfg)
+        if taken:
+            say(f"the run's own settings, from {source}: " + " ".join(f"--{k.lower()}={getattr(cfg, k)!r}"
+                                                                    for k in taken))
+    device, dtype, device_note = modeling.pick_device(cfg_device if world > 1 else cfg.DEVICE, cfg.PRECISION)
+    say(device_note + (f"; {world} processes ({backend})" if world > 1 else ""))
+    with open(cfg.TRAIN_FILE, "rb") as f:
+        train_sha = hashlib.sha256(f.read()).hexdigest()
     if state is not None:
-        made_with = {k: state["config"].get(k, getattr(config, k)) for k in MUST_MATCH}  # older runs lack newer keys
-        if bool(made_with["LORA_R"]) != bool(cfg.LORA_R):
-            raise UserError(f"{resume_from} is a {'LoRA' if made_with['LORA_R'] else 'full fine-tuning'} checkpoint; "
-                            f"it resumes only as one (--lora_r={made_with['LORA_R']}), or start a new run in "
-                            f"another OUT_DIR")
-        differ = [k for k in MUST_MATCH if made_with[k] != getattr(cfg, k)]
-        if differ:
-            flags = " ".join(f"--{k.lower()}={made_with[k]!r}" for k in differ)
-            raise UserError(f"{resume_from} was made with other settings; resume with the same ones ({flags}) "
-                            f"or start a new run in another OUT_DIR")
         if state["train_sha256"] != train_sha:
             raise UserError(f"{cfg.TRAIN_FILE} has changed since {resume_from} was written; resuming would not "
                             f"continue the same run (start a new one in another OUT_DIR)")
@@ -282,6 +326,7 @@ def main():
                         f"need about {need / 1e9:.1f} GB (free space, or lower KEEP_CHECKPOINTS)")
 
     train_blocks = make_blocks(tokenizer, train_dialogues, cfg.BLOCK_SIZE, cfg.TRAIN_SPEAKERS, roles, cfg.TRAIN_FILE)
+    val_dialogues = first_dialogues(tokenizer, val_dialogues, cfg.VAL_MAX_TOKENS, roles)
     val_blocks = make_blocks(tokenizer, val_dialogues, cfg.BLOCK_SIZE, cfg.TRAIN_SPEAKERS, roles, cfg.VAL_FILE)
     if count(val_blocks)[0] == 0:
         raise UserError(f"{cfg.VAL_FILE} has no turns by TRAIN_SPEAKERS {cfg.TRAIN_SPEAKERS}, so nothing to validate")
@@ -323,15 +368,28 @@ def main():
         f"{', gradient checkpointing' if cfg.GRADIENT_CHECKPOINTING else ''}); FORMAT={cfg.FORMAT}; "
         f"{len(train_dialogues)} train dialogues -> "
         f"{train_tokens:,} tokens in {len(train_blocks)} blocks of <= {cfg.BLOCK_SIZE}; "
-        f"{steps_per_epoch} steps/epoch of {blocks_per_step} blocks, {total_steps} steps")
+        f"{steps_per_epoch} steps/epoch of {blocks_per_step} blocks, {total_steps} steps; validation on "
+        f"{len(val_dialogues)} dialogues, {count(val_blocks)[0]:,} tokens")
+    if state is not None and step >= total_steps:  # nothing left to train: say so, and touch nothing
+        end = f"MAX_STEPS={cfg.MAX_STEPS}" if cfg.MAX_STEPS > 0 else f"EPOCHS={cfg.EPOCHS}"
+        if step > total_steps:
+            raise UserError(f"{resume_from} is at step {step}, past the end of this run at step {total_steps} ({end})"
+                            f"; nothing was changed. To train on, resume with a larger --epochs or --max_steps")
+        if os.path.isdir(os.path.join(cfg.OUT_DIR, "final")):
+            say(f"the run in {cfg.OUT_DIR} is complete (step {step} of {total_steps}, {end}); nothing to do. To "
+                f"train on, resume with a larger --epochs or --max_steps")
+            if world > 1:
+                dist.destroy_process_group()
+            return
 
     if master:  # every check passed: the run's files begin here
         try:
             os.makedirs(cfg.OUT_DIR, exist_ok=True)
         except OSError as e:
             raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} cannot be made: {e.strerror}") from None
-        with atomic_write(os.path.join(cfg.OUT_DIR, "config.json")) as f:
-            json.dump(vars(cfg), f, indent=2)
+        if state is None:  # a new run; a resumed one keeps its config.json (its checkpoints carry what changed)
+            with atomic_write(config_json) as f:
+                json.dump(vars(cfg), f, indent=2)
         # metrics.jsonl keeps what came before this step; the run writes later lines again as it redoes them
         lines = []
         if state is not None:
@@ -352,10 +410,10 @@ def main():
     start_step, t_start, first_val = step, time.time(), None
     tokens_trained, train_time = 0, 0.0
     if state is None and master:  # the starting point, for "val loss X -> Y" and the loss curve
-        first_val = modeling.evaluate(model, val_batches, device, dtype)
+        first_val = modeling.evaluate(model, val_batches, device, dtype, desc="validation")
         log(step=0, epoch=0, val_loss=first_val, val_ppl=math.exp(min(first_val, 50)))
         say(f"step 0: val loss {first_val:.4f} (ppl {math.exp(min(first_val, 50)):.2f})")
-    recent = []  # (loss, trained tokens, seconds) since the last log line
+    recent = state.get("recent", []) if state else []  # (loss, trained tokens, seconds) since the last log line
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not master)
     with bar:  # closed on an error too: else the error line would go on after the bar's
         while step < total_steps:
@@ -400,7 +458,7 @@ def main():
 
             evaluate_now = end_of_epoch or step == total_steps or (cfg.EVAL_INTERVAL and step % cfg.EVAL_INTERVAL == 0)
             if evaluate_now and master:
-                val_loss = modeling.evaluate(model, val_batches, device, dtype)
+                val_loss = modeling.evaluate(model, val_batches, device, dtype, desc="validation")
                 log(step=step, epoch=epoch + 1, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
                 if val_loss < best_val:
                     best_val, best_step = val_loss, step
@@ -408,10 +466,8 @@ def main():
                 tqdm.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})"
                            f"{' best' if best_step == step else ''}")
             if end_of_epoch:
-                tokens, real, processed = epoch_stats
                 if master:
-                    tqdm.write(f"epoch {epoch + 1}: {tokens:,} tokens trained ({tokens / max(train_tokens, 1):.0%} of "
-                               f"the train set), padding {1 - real / max(processed, 1):.1%} of {processed:,} positions")
+                    tqdm.write(epoch_line(epoch, epoch_stats, train_tokens))
                 epoch, offset, epoch_stats = epoch + 1, 0, [0, 0, 0]
             checkpoint_now = end_of_epoch or step == total_steps or (
                 cfg.CHECKPOINT_INTERVAL and step % cfg.CHECKPOINT_INTERVAL == 0)
@@ -427,11 +483,13 @@ def main():
                         "step": step, "epoch": epoch, "offset": offset, "best_val": best_val, "best_step": best_step,
                         "epoch_stats": epoch_stats, "train_sha256": train_sha, "world_size": world,
                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                        "rng": rngs, "config": vars(cfg)}, cfg.KEEP_CHECKPOINTS)
+                        "rng": rngs, "config": vars(cfg), "recent": recent}, cfg.KEEP_CHECKPOINTS)
             if world > 1 and (evaluate_now or checkpoint_now):
                 dist.barrier()  # the other ranks wait while rank 0 evaluates and writes
 
     # -----------------------------------------------------------------------------------------------------------------
+    if offset > 0 and epoch_stats[2]:  # a run that ends inside an epoch: its figures too
+        say(epoch_line(epoch, epoch_stats, train_tokens, ended=False))
     if master:
         modeling.save(model, tokenizer, os.path.join(cfg.OUT_DIR, "final"))
         shutil.rmtree(os.path.join(cfg.OUT_DIR, ".tmp-scratch-tokenizer"), ignore_errors=True)

@@ -11,11 +11,10 @@ from conftest import ROOT, script_env
 from tiny import max_diff, save_tiny_gpt2, synthetic, weights, write_split
 
 
-def torchrun(n, *args, cwd):
+def torchrun(n, *args, cwd, script=os.path.join(ROOT, "train.py")):
     env = script_env({"OMP_NUM_THREADS": "1"})
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                           os.path.join(ROOT, "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+                           script, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +64,33 @@ def test_an_error_is_reported_once(run_dir):
     assert r.returncode != 0
     assert r.stderr.count("error: LEARNING_RATE must be > 0") == 1
     assert not (run_dir / "bad").exists()
+
+
+# Each rank of this script fails after its own delay (None: it never does, and waits to be stopped). The first to
+# exit makes torchrun stop the others with SIGTERM: its error line must be out by then, whichever rank it is.
+RANKS_FAIL = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import cli
+
+def main():
+    delay = {delays!r}[int(os.environ["RANK"])]
+    time.sleep(60 if delay is None else delay)
+    raise cli.UserError("rank " + os.environ["RANK"] + " failed")
+
+cli.run(main)
+"""
+
+
+@pytest.mark.parametrize("delays, expected", [
+    ((None, 0), "rank 1 failed"),  # rank 0 never gets to say anything: rank 1 must
+    ((1.0, 0), "rank 1 failed"),   # the case seen in a full run: rank 1 first, rank 0 stopped before its turn
+    ((0, 1.0), "rank 0 failed"),
+])
+def test_the_first_error_reaches_the_user_whichever_rank_it_is(delays, expected, tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text(RANKS_FAIL.format(root=ROOT, delays=delays))
+    r = torchrun(2, cwd=tmp_path, script=str(script))
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {expected}"], r.stderr

@@ -19,6 +19,7 @@ import batching
 import chat
 import cli
 import evaluate
+import generation
 import modeling
 import train
 from conftest import run_script
@@ -171,6 +172,26 @@ def test_loss_equals_hand_computation(lm, batch_size):
     assert math.exp(loss) == pytest.approx(math.exp(expected), rel=1e-4)
     # the test can tell: leaving out one target (the last EOS) moves the mean well beyond the tolerance
     assert abs(sum(nll[:-1]) / (len(nll) - 1) - expected) > 1e-3
+
+
+@pytest.mark.parametrize("block_size", [16, 64])  # 16: dialogues cut into windows; 64: several packed in a block
+def test_per_speaker_losses_come_from_the_same_pass(lm, block_size):
+    tok, cpu, speakers = gpt2_tokenizer(), torch.device("cpu"), ["Alex", "Cara"]
+    blocks = batching.make_blocks(tok, DIALOGUES, block_size, speakers=speakers)
+    groups = batching.eval_groups(blocks, 2, block_size)
+    overall, per = modeling.evaluate(lm, batching.eval_batches(blocks, 2, EOS_ID, block_size), cpu, None,
+                                     groups=groups)
+    plain = batching.eval_batches(batching.make_blocks(tok, DIALOGUES, block_size), 2, EOS_ID, block_size)
+    assert overall == pytest.approx(modeling.evaluate(lm, plain, cpu, None), rel=1e-6)
+    # each group's loss by hand: the same blocks, trained only where a turn is that speaker's (or no listed one's)
+    for tag, name in enumerate([*speakers, None], 1):
+        keep = lambda s: s == name or (name is None and s not in speakers)
+        only = [[(ids, mask if keep(s) else [0] * len(mask)) for (ids, mask), (s, _) in zip(turns, d)]
+                for turns, d in zip(batching.render(tok, DIALOGUES), DIALOGUES)]
+        pieces = [w for turns in only for w in batching.windows(turns, block_size, EOS_ID)]
+        by_hand = batching.eval_batches(batching.pack(pieces, block_size), 2, EOS_ID, block_size)
+        assert per[tag] == pytest.approx(modeling.evaluate(lm, by_hand, cpu, None), rel=1e-5), name
+    assert sorted(per) == [1, 2, 3]
 
 
 def test_windowed_loss_covers_every_token_once(lm):
@@ -394,13 +415,42 @@ def test_chat_history(run, monkeypatch):
         seen.append((list(turns), speaker))
         return f"answer {len(seen)}", True, 3
 
-    monkeypatch.setattr(chat, "reply", fake_reply)
+    monkeypatch.setattr(generation, "reply", fake_reply)  # chat.main imports it when it starts
     monkeypatch.setattr(sys, "argv", ["chat.py", f"--checkpoint={run / 'out' / 'best'}", "--user_name=Maya"])
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi  there\n   \nMore\tthings\n/reset\nAgain\n"))
     chat.main()
     assert seen == [([("Maya", "Hi there")], "Bob"),
                     ([("Maya", "Hi there"), ("Bob", "answer 1"), ("Maya", "More things")], "Bob"),
                     ([("Maya", "Again")], "Bob")]
+
+
+def test_chat_commands_and_seed(run, monkeypatch, capsys):
+    seeds = []
+
+    def fake_reply(model, tokenizer, turns, speaker, cfg, generator, context):
+        seeds.append(generator.initial_seed())
+        return "fine", True, 1
+
+    monkeypatch.setattr(generation, "reply", fake_reply)
+    for args in ([], [], ["--seed=5"]):
+        monkeypatch.setattr(sys, "argv", ["chat.py", f"--checkpoint={run / 'out' / 'best'}", *args])
+        monkeypatch.setattr(sys, "stdin", io.StringIO("/help\nHi\n/quit\n"))
+        chat.main()
+    out = capsys.readouterr().out
+    assert out.count("(unknown command /help; commands: /reset") == 3 and out.count("Bob: fine") == 3
+    assert seeds[2] == 5 and seeds[0] != seeds[1]  # each session its own sampling, unless SEED is given
+
+
+def test_chat_ctrl_d_ends_the_prompt_line(run, monkeypatch, capsys):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(generation, "reply", lambda *a: ("fine", True, 1))
+    monkeypatch.setattr(sys, "argv", ["chat.py", f"--checkpoint={run / 'out' / 'best'}"])
+    monkeypatch.setattr(sys, "stdin", Terminal("Hi\n"))  # then Ctrl-D: end of input
+    chat.main()
+    assert capsys.readouterr().out.endswith("Bob: fine\nAlex: \n")
 
 
 def test_chat_same_names(monkeypatch, tmp_path):
@@ -461,7 +511,8 @@ def test_evaluate_final_checkpoint_of_a_scratch_run(scratch_run):
     assert report["val_loss"] == pytest.approx(max(vals, key=lambda m: m["step"])["val_loss"], abs=1e-4)
     # the base is rebuilt from the run's seed: it must be the very model train.py scored at step 0
     assert report["base_val_loss"] == pytest.approx(next(m for m in vals if m["step"] == 0)["val_loss"], abs=1e-4)
-    assert "fine-tuning took validation perplexity from" in (scratch_run / "out" / "eval_report.md").read_text()
+    md = (scratch_run / "out" / "eval_report.md").read_text()
+    assert "trained from scratch: validation perplexity went from" in md
 
 
 # ---------------------------------------------------------------------------------------------------------------------

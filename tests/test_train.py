@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 import cli
 import modeling
 import train
-from batching import IGNORE, collate, count, epoch_order, make_blocks, render, windows
+from batching import IGNORE, collate, count, epoch_order, eval_batches, first_dialogues, make_blocks, render, windows
 from conftest import ROOT, run_script, script_env
 from dialogues import format_dialogue
 from tiny import EOS_ID, curve, gpt2_tokenizer, max_diff, metrics, save_tiny_gpt2, synthetic, weights, write_split
@@ -337,8 +337,10 @@ RESUME_DATA = (synthetic(12, seed=5, max_turns=4), synthetic(4, seed=6))  # 10 b
 
 
 def resume_args(model):
+    # a log line every 3 steps and a checkpoint every 4: the step-8 checkpoint falls inside a log window (steps 7-9),
+    # which the resumed run must average as the uninterrupted one does
     return train_args(model, "--block_size=32", "--batch_size=2", "--max_steps=12", "--checkpoint_interval=4",
-                      "--keep_checkpoints=10", "--log_interval=1")
+                      "--keep_checkpoints=10", "--log_interval=3")
 
 
 @pytest.fixture(scope="module")
@@ -493,6 +495,20 @@ def test_missing_model(tmp_path):
     assert "scratch" in one_error_line(p)
 
 
+def test_an_unreachable_hub_is_asked_once(tmp_path, monkeypatch):
+    """Offline, the Hub client retries for most of a minute; a connect that is refused (nothing listens on port 9)
+    is noticed at once, and the model then comes from the local cache or not at all: the same one-line error."""
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(modeling.hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(modeling.hub_constants, "ENDPOINT", "http://127.0.0.1:9")
+    assert modeling.hub_reachable() is False
+    write_split(tmp_path, *RESUME_DATA)
+    env = {**ENV, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    p = run_script("train.py", *train_args("no-such-org/no-such-model"), cwd=tmp_path, env=env, timeout=40)
+    assert "scratch" in one_error_line(p)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 12: the learning-rate schedule
 
@@ -513,3 +529,150 @@ def test_get_lr(schedule):
         assert lrs[10] - lrs[11] < lrs[50] - lrs[51]  # cosine: slow, fast, slow
     # the last optimizer step of the run (step index total - 1) decays all the way to LEARNING_RATE * MIN_LR_FRACTION
     assert lrs[-1] == pytest.approx(1e-3 * 0.1), f"lr at the last step {total - 1}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# issue 12: a resume continues the run it names, with the run's own settings
+
+@pytest.fixture(scope="module")
+def resume_cases(tmp_path_factory, run_a):
+    """Copies of run A resumed with few or no settings, side by side. name -> (OUT_DIR, CompletedProcess, config.json
+    before)."""
+    cases = {
+        # nothing retyped: config.py's defaults (another model, block 256, EPOCHS=3 instead of MAX_STEPS=12) unused
+        "alone": (["--resume=True"], crash_after_step_8),
+        # settings that may change on resume: how often to validate and keep checkpoints
+        "allowed": (["--resume=True", "--eval_interval=5", "--checkpoint_interval=3", "--keep_checkpoints=3"],
+                    crash_after_step_8),
+        # a finished run extended by two steps
+        "extend": (["--resume=True", "--max_steps=14"], lambda out: None),
+    }
+    jobs, dirs = [], {}
+    for name, (args, crash) in cases.items():
+        d = tmp_path_factory.mktemp(name)
+        write_split(d, *RESUME_DATA)
+        shutil.copytree(run_a, d / "out")
+        crash(d / "out")
+        dirs[name] = (d, (d / "out" / "config.json").read_bytes())
+        jobs.append((d, args))
+    results = run_all(jobs)
+    return {name: (d / "out", p, config) for (name, (d, config)), p in zip(dirs.items(), results)}
+
+
+def test_resume_takes_the_run_settings(resume_cases, run_a):
+    out, p, config = resume_cases["alone"]
+    assert p.returncode == 0, p.stderr
+    assert "(step 8)" in p.stdout and "the run's own settings" in p.stdout
+    assert max_diff(weights(out / "final"), weights(run_a / "final")) < 1e-6
+    assert curve(out) == pytest.approx(curve(run_a), rel=1e-5)
+    assert (out / "config.json").read_bytes() == config
+
+
+def test_resume_may_change_intervals(resume_cases, run_a):
+    out, p, config = resume_cases["allowed"]
+    assert p.returncode == 0, p.stderr
+    assert max_diff(weights(out / "final"), weights(run_a / "final")) < 1e-6  # the same arithmetic
+    assert sorted(os.listdir(out / "checkpoints")) == [f"step-{s:08d}" for s in (9, 10, 12)]  # every 3, 3 kept
+    assert [m["step"] for m in metrics(out) if "val_loss" in m and m["step"] > 8] == [10, 12]  # 10: epoch 2's end
+    assert (out / "config.json").read_bytes() == config  # config.json is the run's, never rewritten
+
+
+def test_resume_extends_a_finished_run(resume_cases):
+    out, p, _ = resume_cases["extend"]
+    assert p.returncode == 0, p.stderr
+    assert "(step 12)" in p.stdout
+    assert [m["step"] for m in metrics(out) if "loss" in m][-1] == 14
+    assert (out / "checkpoints" / "step-00000014").is_dir()
+
+
+def in_process(args, cwd, monkeypatch, capfd):
+    """train.py's main() under cli.run, as its __main__ runs it: CompletedProcess-like."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    capfd.readouterr()
+    try:
+        cli.run(train.main)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def test_resume_refuses_other_settings_naming_them_all(tmp_path, monkeypatch, capfd, run_a, dropout_model):
+    write_split(tmp_path, *RESUME_DATA)
+    shutil.copytree(run_a, tmp_path / "out")
+    crash_after_step_8(tmp_path / "out")
+    before = snapshot(tmp_path / "out")
+    # --max_steps may change; --device=cpu and --batch_size=2 are the run's own values: none of them is refused
+    p = in_process([*resume_args(dropout_model), "--resume=True", "--block_size=64", "--seed=7",
+                    "--lr_schedule=linear", "--max_steps=13"], tmp_path, monkeypatch, capfd)
+    line = one_error_line(p)
+    for flag in ("--block_size=64 (the run has --block_size=32)", "--seed=7 (the run has --seed=1337)",
+                 "--lr_schedule='linear' (the run has --lr_schedule='cosine')"):
+        assert flag in line
+    assert "max_steps=13" not in line and "batch_size" not in line and "--device=" not in line
+    assert snapshot(tmp_path / "out") == before
+
+
+@pytest.mark.parametrize("case", ["past_the_end", "complete"])
+def test_resume_with_nothing_left_changes_nothing(case, tmp_path, monkeypatch, capfd, run_a):
+    write_split(tmp_path, *RESUME_DATA)
+    shutil.copytree(run_a, tmp_path / "out")  # finished: its last checkpoint is step 12, of MAX_STEPS=12
+    before = snapshot(tmp_path / "out")
+    if case == "past_the_end":  # the run's end moved before its checkpoint: say so, train nothing, exit 2
+        p = in_process(["--resume=True", "--max_steps=10"], tmp_path, monkeypatch, capfd)
+        assert "is at step 12, past the end of this run at step 10" in one_error_line(p)
+    else:
+        p = in_process(["--resume=True"], tmp_path, monkeypatch, capfd)
+        assert p.returncode == 0 and "is complete (step 12 of 12" in p.stdout, p.stdout + p.stderr
+    assert snapshot(tmp_path / "out") == before
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# issue 12: VAL_MAX_TOKENS caps what validation costs, the same way in train.py and evaluate.py
+
+def test_first_dialogues():
+    tok = gpt2_tokenizer()
+    dialogues = synthetic(10, seed=3)
+    sizes = [sum(len(ids) for ids, _ in turns) for turns in render(tok, dialogues)]
+    assert first_dialogues(tok, dialogues, 0) == dialogues
+    assert first_dialogues(tok, dialogues, sum(sizes)) == dialogues
+    assert first_dialogues(tok, dialogues, sum(sizes[:4])) == dialogues[:4]
+    assert first_dialogues(tok, dialogues, sum(sizes[:4]) + sizes[4] - 1) == dialogues[:4]
+    assert first_dialogues(tok, dialogues, 1) == dialogues[:1]  # never nothing
+
+
+def test_validation_is_capped(tmp_path, monkeypatch, capfd, tiny_model):
+    val = synthetic(8, seed=6)
+    write_split(tmp_path, synthetic(12, seed=5, max_turns=4), val)
+    tok = gpt2_tokenizer()
+    cap = sum(len(ids) for turns in render(tok, val[:3]) for ids, _ in turns)
+    p = in_process(train_args(tiny_model, "--block_size=32", "--max_steps=1", f"--val_max_tokens={cap}"),
+                   tmp_path, monkeypatch, capfd)
+    assert p.returncode == 0, p.stderr
+    assert "validation on 3 dialogues" in p.stdout
+    first = metrics(tmp_path / "out")[0]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    batches = eval_batches(make_blocks(tok, val[:3], 32), 8, EOS_ID, 32)
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(
+        modeling.evaluate(model, batches, torch.device("cpu"), None), rel=1e-5)
+    assert re.search(r"epoch 1 \(the run ends inside it\): [\d,]+ tokens trained .* padding", p.stdout), p.stdout
+
+
+def test_resume_config_the_run_of_the_issue():
+    """A 10-epoch run resumed with `--resume=True` alone stays a 10-epoch run (config.py says EPOCHS=3); --epochs may
+    extend it; a setting newer than the run is protected too: the run had config.py's value."""
+    saved = {**cli.defaults(), "EPOCHS": 10, "BETAS": [0.9, 0.98], "RESUME": False, "OUT_DIR": "elsewhere"}
+    del saved["VAL_MAX_TOKENS"]  # as if the run were older than this setting
+    given = set()
+    cfg, taken = train.resume_config(cli.load_config(["--resume=True"], given=given), given, saved, "ckpt")
+    assert cfg.EPOCHS == 10 and cfg.BETAS == (0.9, 0.98) and cfg.RESUME is True and cfg.OUT_DIR == "out"
+    assert taken == ["BETAS", "EPOCHS"]
+    given = set()
+    cfg, _ = train.resume_config(cli.load_config(["--resume=True", "--epochs=12", "--log_interval=1"], given=given),
+                                 given, saved, "ckpt")
+    assert cfg.EPOCHS == 12 and cfg.LOG_INTERVAL == 1
+    given = set()
+    with pytest.raises(cli.UserError, match=r"--val_max_tokens=5 \(the run has --val_max_tokens=100000\)"):
+        train.resume_config(cli.load_config(["--resume=True", "--val_max_tokens=5"], given=given), given, saved, "ckpt")
