@@ -427,7 +427,7 @@ def test_chat_history(run, monkeypatch):
 def test_chat_commands_and_seed(run, monkeypatch, capsys):
     seeds = []
 
-    def fake_reply(model, tokenizer, turns, speaker, cfg, generator, context):
+    def fake_reply(model, tokenizer, turns, speaker, cfg, generator, context, roles):
         seeds.append(generator.initial_seed())
         return "fine", True, 1
 
