@@ -12,6 +12,7 @@ padding stays around 3% of positions, and every token of the file is a target ex
 the real EOS would never be learned.
 """
 
+import numpy as np
 import torch
 
 from cli import UserError
@@ -150,14 +151,12 @@ def render_chat(tokenizer, dialogues, roles, train_speakers=None, source="data")
     return out
 
 
-def windows(turns, block_size, first):
-    """Cut one rendered dialogue into pieces of at most block_size targets plus one leading context token: `first`
-    (start_id) for the first piece, the token before it for the others."""
-    ids = [t for tid, _ in turns for t in tid]
-    mask = [m for _, tm in turns for m in tm]
-    cuts, start, pos = [], 0, 0  # cut points in the dialogue's token stream, at turn boundaries where they can be
-    for tid, _ in turns:
-        end = pos + len(tid)
+def cut_points(lengths, block_size):
+    """Where a dialogue whose turns have these token counts is cut into windows of at most block_size targets:
+    [0, ..., total], at turn boundaries where they can be (a turn longer than a block is cut too)."""
+    cuts, start, pos = [0], 0, 0
+    for n in lengths:
+        end = pos + n
         if end - start > block_size and pos > start:
             cuts.append(pos)
             start = pos
@@ -165,18 +164,27 @@ def windows(turns, block_size, first):
             start += block_size
             cuts.append(start)
         pos = end
-    bounds = [0, *cuts, len(ids)]
+    return cuts + [pos]
+
+
+def windows(turns, block_size, first):
+    """Cut one rendered dialogue into pieces of at most block_size targets plus one leading context token: `first`
+    (start_id) for the first piece, the token before it for the others."""
+    ids = [t for tid, _ in turns for t in tid]
+    mask = [m for _, tm in turns for m in tm]
+    bounds = cut_points([len(tid) for tid, _ in turns], block_size)
     stream = [first, *ids]  # stream[j] is the token before ids[j]
     return [(stream[a:b + 1], [0, *mask[a:b]]) for a, b in zip(bounds, bounds[1:])]
 
 
-def pack(pieces, block_size):
-    """Best-fit decreasing: each piece (longest first) goes into the fullest block it still fits. Deterministic."""
+def best_fit(lengths, block_size):
+    """Best-fit decreasing: each piece (longest first) goes into the fullest block it still fits. Returns the blocks
+    as lists of piece indices. Deterministic."""
     cap = block_size + 1  # a block holds block_size inputs; with the shifted-by-one targets that is block_size + 1 ids
     by_free = [[] for _ in range(cap + 1)]  # by_free[f]: blocks with f ids of room left
     blocks = []
-    for p in sorted(range(len(pieces)), key=lambda i: -len(pieces[i][0])):
-        n = len(pieces[p][0])
+    for p in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[p]
         f = next((f for f in range(n, cap + 1) if by_free[f]), None)
         if f is None:
             blocks.append([])
@@ -185,23 +193,21 @@ def pack(pieces, block_size):
             b = by_free[f].pop()
         blocks[b].append(p)
         by_free[f - n].append(b)
-    out = []
-    for b in blocks:
-        ids = [t for p in b for t in pieces[p][0]]
-        mask = [m for p in b for m in pieces[p][1]]
-        out.append((ids, mask))
-    return out
+    return blocks
+
+
+def pack(pieces, block_size):
+    """Pieces (ids, mask) packed by best_fit into blocks (ids, mask)."""
+    return [([t for p in b for t in pieces[p][0]], [m for p in b for m in pieces[p][1]])
+            for b in best_fit([len(ids) for ids, _ in pieces], block_size)]
 
 
 def make_blocks(tokenizer, dialogues, block_size, train_speakers=None, roles=None, source="data", speakers=None):
-    """Dialogues -> packed blocks of (ids, mask), each at most block_size + 1 long. With `roles` (see role_map) they
+    """Dialogues -> packed Blocks of (ids, mask), each at most block_size + 1 long. With `roles` (see role_map) they
     are rendered with the model's chat template, else in the speaker format. With `speakers`, the mask says whose
-    turn each trained token is in (see tag_speakers)."""
-    rendered = render_any(tokenizer, dialogues, train_speakers, roles, source)
-    if speakers:
-        rendered = tag_speakers(rendered, dialogues, speakers)
-    start = start_id(tokenizer)
-    return pack([w for turns in rendered for w in windows(turns, block_size, start)], block_size)
+    turn each trained token is in (see Tokens.tagged)."""
+    tokens = tokenize(tokenizer, dialogues, train_speakers, roles, source)
+    return pack_tokens(tokens.tagged(speakers) if speakers else tokens, block_size)
 
 
 def render_any(tokenizer, dialogues, train_speakers=None, roles=None, source="data"):
@@ -211,27 +217,141 @@ def render_any(tokenizer, dialogues, train_speakers=None, roles=None, source="da
     return render_chat(tokenizer, dialogues, roles, train_speakers, source)
 
 
-def tag_speakers(rendered, dialogues, speakers):
-    """Rendered dialogues whose mask is, for each trained token, 1 + the index in `speakers` of the speaker whose
-    turn it is in (label, text, line end, EOS), or 1 + len(speakers) for anyone else; 0 stays 0. Blocks made from
-    them train the same tokens (any non-zero is a target), and eval_groups reads off whose they are: per-speaker
-    losses from the one pass that gives the overall loss."""
-    tag = {s: i + 1 for i, s in enumerate(speakers)}
-    return [[(ids, [m and tag.get(speaker, len(speakers) + 1) for m in mask]) for (ids, mask), (speaker, _) in
-             zip(turns, d)] for turns, d in zip(rendered, dialogues)]
+# ---------------------------------------------------------------------------------------------------------------------
+# Flat arrays: what the token cache holds and memory-maps, and blocks as offsets into them
+
+class Tokens:
+    """Rendered dialogues as flat arrays, in memory or memory-mapped from the token cache: every turn's ids and mask
+    one after another (`ids`, `mask`), where each turn ends in them (`turn_ends`), where each dialogue's turns end
+    (`dialogue_ends`, in turns), who speaks each turn (`turn_speaker`, an index into `speakers`), and the token a
+    dialogue starts after (`start`). `trained` is the number of trained tokens where known."""
+
+    def __init__(self, ids, mask, turn_ends, dialogue_ends, turn_speaker, speakers, start, trained=None, path=None):
+        self.ids, self.mask, self.turn_ends, self.dialogue_ends = ids, mask, turn_ends, dialogue_ends
+        self.turn_speaker, self.speakers, self.start, self.trained = turn_speaker, speakers, start, trained
+        self.path = path  # the cache directory it is mapped from, if any
+
+    def __len__(self):
+        return len(self.dialogue_ends)
+
+    def count_trained(self):
+        return self.trained if self.trained is not None else int(np.count_nonzero(self.mask))
+
+    def head(self, max_tokens):
+        """The leading dialogues that hold at most max_tokens tokens (at least one; all where max_tokens is 0): what
+        caps the cost of a validation pass (VAL_MAX_TOKENS), the same subset in train.py and evaluate.py."""
+        ends = self.turn_ends[self.dialogue_ends - 1]  # each dialogue's last token, +1
+        k = len(self) if not max_tokens else max(int(np.searchsorted(ends, max_tokens, side="right")), 1)
+        turns = int(self.dialogue_ends[k - 1])
+        n = int(self.turn_ends[turns - 1])
+        return Tokens(self.ids[:n], self.mask[:n], self.turn_ends[:turns], self.dialogue_ends[:k],
+                      self.turn_speaker[:turns], self.speakers, self.start,
+                      self.trained if k == len(self) else None)
+
+    def tagged(self, speakers):
+        """These tokens with a mask that says, for each trained token, whose turn it is in: 1 + the speaker's index in
+        `speakers`, or 1 + len(speakers) for anyone else; 0 stays 0. Blocks made from them train the same tokens (any
+        non-zero is a target), and eval_groups reads off whose they are: per-speaker losses from the one pass that
+        gives the overall loss."""
+        tag = np.array([1 + speakers.index(s) if s in speakers else 1 + len(speakers) for s in self.speakers] or [0],
+                       dtype=np.uint8)
+        lengths = np.diff(self.turn_ends, prepend=0)
+        mask = np.where(np.asarray(self.mask) != 0, np.repeat(tag[self.turn_speaker], lengths), 0).astype(np.uint8)
+        return Tokens(self.ids, mask, self.turn_ends, self.dialogue_ends, self.turn_speaker, self.speakers,
+                      self.start, self.trained)
+
+
+def token_dtype(tokenizer):
+    """The smallest dtype that holds every token id."""
+    return np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
+
+
+def render_arrays(tokenizer, dialogues, train_speakers=None, roles=None, source="data"):
+    """Some dialogues rendered (render_any) as flat arrays: (ids, mask, tokens per turn, turns per dialogue, each
+    turn's speaker)."""
+    rendered = render_any(tokenizer, dialogues, train_speakers, roles, source)
+    ids = np.fromiter((t for d in rendered for tid, _ in d for t in tid), dtype=np.int64)
+    mask = np.fromiter((m for d in rendered for _, tm in d for m in tm), dtype=np.uint8, count=len(ids))
+    lengths = np.fromiter((len(tid) for d in rendered for tid, _ in d), dtype=np.int64)
+    turns = np.fromiter((len(d) for d in dialogues), dtype=np.int64, count=len(dialogues))
+    return ids.astype(token_dtype(tokenizer)), mask, lengths, turns, [s for d in dialogues for s, _ in d]
+
+
+def tokenize(tokenizer, dialogues, train_speakers=None, roles=None, source="data"):
+    """Dialogues (a list) as Tokens in memory."""
+    ids, mask, lengths, turns, names = render_arrays(tokenizer, dialogues, train_speakers, roles, source)
+    speakers = list(dict.fromkeys(names))
+    index = {s: i for i, s in enumerate(speakers)}
+    return Tokens(ids, mask, np.cumsum(lengths), np.cumsum(turns), np.array([index[s] for s in names], np.int32),
+                  speakers, start_id(tokenizer))
+
+
+def pieces(tokens, block_size, chunk=10000):
+    """The windows of every dialogue (cut_points) as (a, b, ctx) arrays: targets ids[a:b], after the context token
+    ctx (the dialogue's start token for its first window, else the token before a)."""
+    a_out, b_out = [], []
+    for lo in range(0, len(tokens), chunk):  # a chunk of dialogues at a time: Python lists of ints cost 30x arrays
+        d_ends = tokens.dialogue_ends[lo:lo + chunk].tolist()
+        t_lo = int(tokens.dialogue_ends[lo - 1]) if lo else 0
+        t_ends = tokens.turn_ends[t_lo:d_ends[-1]].tolist()
+        pos = int(tokens.turn_ends[t_lo - 1]) if t_lo else 0
+        k = 0
+        for d_end in d_ends:
+            ends = t_ends[k:d_end - t_lo]
+            k = d_end - t_lo
+            bounds = cut_points([e - s for s, e in zip([pos] + ends[:-1], ends)], block_size)
+            a_out += [pos + x for x in bounds[:-1]]
+            b_out += [pos + x for x in bounds[1:]]
+            pos = ends[-1]
+    a, b = np.array(a_out, dtype=np.int64), np.array(b_out, dtype=np.int64)
+    starts = np.zeros(len(a), dtype=bool)
+    starts[np.searchsorted(a, np.concatenate([[0], tokens.turn_ends[tokens.dialogue_ends[:-1] - 1]]))] = True
+    ctx = np.where(starts, tokens.start, np.asarray(tokens.ids[np.maximum(a - 1, 0)], dtype=np.int64))
+    return a, b, ctx
+
+
+class Blocks:
+    """Packed blocks as offsets into a Tokens' arrays: block j is pieces ends[j - 1]:ends[j], piece p the context
+    token ctx[p], then ids[a[p]:b[p]] (mask 0, then mask[a[p]:b[p]]). A block is sliced from the arrays, as Python
+    lists (ids, mask), only when it is asked for."""
+
+    def __init__(self, tokens, a, b, ctx, ends):
+        self.tokens, self.a, self.b, self.ctx, self.ends = tokens, a, b, ctx, ends
+        cum = np.concatenate([np.zeros(1, np.int64), np.cumsum(np.asarray(b) - np.asarray(a) + 1)])
+        self.lengths = cum[ends] - cum[np.concatenate([np.zeros(1, np.int64), ends[:-1]])[:len(ends)]]
+
+    def __len__(self):
+        return len(self.ends)
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self[i] for i in range(*j.indices(len(self)))]
+        if not -len(self) <= j < len(self):
+            raise IndexError(j)
+        j %= len(self)
+        ids, mask = [], []
+        for p in range(int(self.ends[j - 1]) if j else 0, int(self.ends[j])):
+            a, b = int(self.a[p]), int(self.b[p])
+            ids += [int(self.ctx[p]), *self.tokens.ids[a:b].tolist()]
+            mask += [0, *self.tokens.mask[a:b].tolist()]
+        return ids, mask
+
+    def __iter__(self):
+        return (self[j] for j in range(len(self)))
+
+
+def pack_tokens(tokens, block_size):
+    """Tokens -> Blocks: the pieces of every dialogue packed by best_fit, exactly as make_blocks packs lists."""
+    a, b, ctx = pieces(tokens, block_size)
+    order = best_fit((b - a + 1).tolist(), block_size)
+    ends = np.cumsum([len(block) for block in order], dtype=np.int64)
+    flat = np.fromiter((p for block in order for p in block), dtype=np.int64, count=int(ends[-1]) if len(ends) else 0)
+    return Blocks(tokens, a[flat], b[flat], ctx[flat], ends)
 
 
 def first_dialogues(tokenizer, dialogues, max_tokens, roles=None):
-    """The leading dialogues that hold at most max_tokens rendered tokens (at least one; all where max_tokens is 0):
-    what caps the cost of a validation pass (VAL_MAX_TOKENS), the same subset in train.py and evaluate.py."""
-    if not max_tokens:
-        return dialogues
-    total = 0
-    for n, turns in enumerate(render_any(tokenizer, dialogues, roles=roles)):
-        total += sum(len(ids) for ids, _ in turns)
-        if total > max_tokens:
-            return dialogues[:max(n, 1)]
-    return dialogues
+    """The leading dialogues that hold at most max_tokens rendered tokens: Tokens.head for a list of dialogues."""
+    return dialogues[:len(tokenize(tokenizer, dialogues, roles=roles).head(max_tokens))] if max_tokens else dialogues
 
 
 def epoch_order(blocks, group, seed):
@@ -239,7 +359,8 @@ def epoch_order(blocks, group, seed):
     blocks longest first. Batches cut from it pad little (packing leaves blocks of uneven length); the runs keep
     the order random. A function of the seed alone, so a resumed run finds the same order."""
     perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [j for i in range(0, len(perm), group) for j in sorted(perm[i:i + group], key=lambda j: -len(blocks[j][0]))]
+    lengths = blocks.lengths.tolist()
+    return [j for i in range(0, len(perm), group) for j in sorted(perm[i:i + group], key=lambda j: -lengths[j])]
 
 
 def step_batches(chunk, batch_size, world):
@@ -288,5 +409,8 @@ def eval_groups(blocks, batch_size, block_size=None):
 
 
 def count(blocks):
-    """(trained tokens, real positions) of some blocks: a block of n ids fills n - 1 input positions."""
-    return sum(sum(m) for _, m in blocks), sum(len(ids) - 1 for ids, _ in blocks)
+    """(trained tokens, real positions) of some blocks: a block of n ids fills n - 1 input positions. For all the
+    Blocks of some Tokens, without slicing a single block: every token is in exactly one of them."""
+    if isinstance(blocks, Blocks):
+        return blocks.tokens.count_trained(), int(blocks.lengths.sum()) - len(blocks)
+    return sum(sum(1 for x in m if x) for _, m in blocks), sum(len(ids) - 1 for ids, _ in blocks)

@@ -11,6 +11,7 @@ FORMAT = "speaker"  # how a dialogue becomes tokens: "speaker" ("Name: text" lin
 ROLES = None  # chat_template: speaker -> role, e.g. {"Bob": "assistant", "*": "user"}; None: TRAIN_SPEAKERS are the
 #               assistant, else in each two-speaker dialogue whoever speaks first is the user
 SHOW_EXAMPLE = False  # train.py: print the first training example as the model sees it (trained parts marked), exit
+CACHE_DIR = "cache"  # token cache: each text file tokenized once, memory-mapped by later runs; safe to delete
 
 # model
 MODEL = "distilgpt2"  # a Hugging Face Hub id, a local model directory, or "scratch" (fully offline, see below)

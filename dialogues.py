@@ -283,27 +283,36 @@ CHAT_TEMPLATE = (
 
 def read_dialogues(path):
     """Read a text file written by prepare_data.py back into dialogues."""
+    return list(iter_dialogues(path))
+
+
+def iter_dialogues(path, progress=None):
+    """The dialogues of a text file written by prepare_data.py, one at a time: memory holds one dialogue, never the
+    file. `progress(n)` is told of every n bytes read."""
     try:
-        with open(path, encoding="utf-8", newline="\n") as f:
-            text = f.read()
+        f = open(path, "rb")
     except FileNotFoundError:
         raise UserError(f"{path}: no such file (run prepare_data.py first)") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not valid UTF-8") from None
-    dialogues, turns = [], []
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            if turns:
-                dialogues.append(turns)
-            turns = []
-            continue
-        speaker, sep, said = line.partition(": ")
-        if not sep or not speaker.strip() or ":" in speaker:
-            raise UserError(f"{path}: line {n}: expected 'Speaker: text', got {line[:60]!r}")
-        turns.append((speaker, said))
-    if turns:
-        dialogues.append(turns)
-    return dialogues
+    with f:
+        turns = []
+        for n, raw in enumerate(f, 1):
+            if progress:
+                progress(len(raw))
+            try:
+                line = raw.decode("utf-8").rstrip("\n")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}: line {n}: not valid UTF-8") from None
+            if not line.strip():
+                if turns:
+                    yield turns
+                turns = []
+                continue
+            speaker, sep, said = line.partition(": ")
+            if not sep or not speaker.strip() or ":" in speaker:
+                raise UserError(f"{path}: line {n}: expected 'Speaker: text', got {line[:60]!r}")
+            turns.append((speaker, said))
+        if turns:
+            yield turns
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -11,11 +11,13 @@ OUT_DIR/eval_report.json, eval_report.md and loss_curve.png.
 """
 
 import collections
+import itertools
 import json
 import math
 import os
 import random
 import re
+import types
 
 from cli import UserError, atomic_write, load_config, no_such, read_jsonl, run
 
@@ -86,13 +88,13 @@ def main():
     import torch
     from tqdm import tqdm
 
+    import cache
     import modeling
-    from batching import encode, eval_batches, eval_groups, first_dialogues, make_blocks, start_id
-    from dialogues import read_dialogues
+    from batching import encode, eval_batches, eval_groups, pack_tokens, start_id
+    from dialogues import iter_dialogues
     from generation import chat_roles, prompt_ids, reply, sample
 
-    val_dialogues = read_dialogues(cfg.VAL_FILE)
-    if not val_dialogues:
+    if next(iter_dialogues(cfg.VAL_FILE), None) is None:
         raise UserError(f"VAL_FILE {cfg.VAL_FILE!r} holds no dialogues: run prepare_data.py first")
     run_cfg = {}  # what train.py recorded, where it ran
     if os.path.isfile(os.path.join(cfg.OUT_DIR, "config.json")):
@@ -121,16 +123,20 @@ def main():
     # validation loss: the fine-tuned model and the base model, on what training validated on (the same cap); per
     # recurring speaker from the fine-tuned model's same pass, its targets split by whose turn they are in
     block_size = min(run_cfg.get("BLOCK_SIZE", cfg.BLOCK_SIZE), context)
-    cap = cfg.VAL_MAX_TOKENS if "VAL_MAX_TOKENS" in given else run_cfg.get("VAL_MAX_TOKENS", cfg.VAL_MAX_TOKENS)
-    scored = first_dialogues(tokenizer, val_dialogues, cap, roles)
+    run = lambda key: getattr(cfg, key) if key in given else run_cfg.get(key, getattr(cfg, key))
+    # the token cache train.py made (same tokenizer, rendering and file: same key), or a new one
+    rendering = types.SimpleNamespace(FORMAT="speaker" if roles is None else "chat_template", ROLES=run("ROLES"),
+                                      TRAIN_SPEAKERS=train_speakers, CACHE_DIR=run("CACHE_DIR"))
+    all_val = cache.tokens(cfg.VAL_FILE, modeling.sha256(cfg.VAL_FILE), tokenizer, rendering, roles, print)
+    val_tok = all_val.head(run("VAL_MAX_TOKENS"))
+    scored = list(itertools.islice(iter_dialogues(cfg.VAL_FILE), len(val_tok)))  # the same dialogues, as text
     seen = collections.Counter(s for d in scored for s in {s for s, _ in d})
     speakers = [s for s, n in seen.most_common(5)
                 if n >= RECURRING and (train_speakers is None or s in train_speakers)]
-    blocks = make_blocks(tokenizer, scored, block_size, train_speakers, roles, cfg.VAL_FILE,
-                         speakers=speakers)  # anyone else: the last tag
+    blocks = pack_tokens(val_tok.tagged(speakers) if speakers else val_tok, block_size)  # anyone else: the last tag
     val = eval_batches(blocks, cfg.BATCH_SIZE, tokenizer.eos_token_id, block_size)
     n_tokens = sum(int((y != -100).sum()) for _, y in val)
-    print(f"validation: {len(scored)} of {len(val_dialogues)} dialogues in {cfg.VAL_FILE}, {n_tokens:,} tokens")
+    print(f"validation: {len(scored)} of {len(all_val)} dialogues in {cfg.VAL_FILE}, {n_tokens:,} tokens")
     val_loss, by_tag = modeling.evaluate(model, val, device, dtype, desc="validation (model)",
                                          groups=eval_groups(blocks, cfg.BATCH_SIZE, block_size))
     per_speaker = {name: by_tag[i + 1] for i, name in enumerate(speakers + ["(others)"]) if i + 1 in by_tag}
@@ -157,7 +163,7 @@ def main():
     # -----------------------------------------------------------------------------------------------------------------
     # replies: the last turn of NUM_REPLIES validation dialogues, generated and compared with the real one
     generator = torch.Generator().manual_seed(cfg.SEED)
-    candidates = [d for d in val_dialogues if len(d) >= 2]
+    candidates = [d for d in scored if len(d) >= 2]  # the validated dialogues: VAL_MAX_TOKENS caps this too
     chosen = random.Random(cfg.SEED).sample(candidates, min(cfg.NUM_REPLIES, len(candidates)))
     replies = []
     for d in tqdm(chosen, desc="replies", leave=False, unit="reply", dynamic_ncols=True):

@@ -256,11 +256,7 @@ def save(model, tokenizer, path, state=None):
         tokenizer.save_pretrained(tmp)
         if state is not None:
             torch.save(state, os.path.join(tmp, "state.pt"))
-        files = sorted(os.path.relpath(os.path.join(d, f), tmp) for d, _, names in os.walk(tmp) for f in names)
-        manifest = {f: {"size": os.path.getsize(os.path.join(tmp, f)), "sha256": sha256(os.path.join(tmp, f))}
-                    for f in files}
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1)
+        write_manifest(tmp)
         replace_dir(tmp, path)
     except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: safetensors and torch.save raise their own
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split("\n")[0] + " (disk full?)"
@@ -281,6 +277,14 @@ def merged_state_dict(model):
              for name, m in base.named_modules() if isinstance(m, LoraLayer)}
     return {k.replace(".base_layer.", "."): (v + delta[k] if k in delta else v).detach()
             for k, v in base.state_dict().items() if "lora_" not in k}
+
+
+def write_manifest(d):
+    """manifest.json in directory d: every file's size and sha256, subdirectories' too, so damage is detected."""
+    files = sorted(os.path.relpath(os.path.join(p, f), d) for p, _, names in os.walk(d) for f in names)
+    manifest = {f: {"size": os.path.getsize(os.path.join(d, f)), "sha256": sha256(os.path.join(d, f))} for f in files}
+    with open(os.path.join(d, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
 
 
 def sha256(path):

@@ -11,7 +11,6 @@ directories: AutoModelForCausalLM.from_pretrained(dir) loads them), checkpoints/
 state.pt: optimizer, step, RNG states, config), metrics.jsonl and config.json.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -19,13 +18,13 @@ import shutil
 import time
 
 from cli import UserError, atomic_write, defaults, load_config, no_such, read_jsonl, run
-from dialogues import CHAT_TEMPLATE, format_dialogue, read_dialogues
+from dialogues import CHAT_TEMPLATE, format_dialogue, iter_dialogues
 
 # Settings a resume may change: how long the run goes on, what it logs and keeps, where it runs, and the other
 # scripts' own settings. None of them changes the arithmetic of a step. Every other setting is the run's own: a
 # resume takes it from the checkpoint, so a setting added to config.py is protected without being listed anywhere.
 MAY_CHANGE_ON_RESUME = ["EPOCHS", "MAX_STEPS", "EVAL_INTERVAL", "CHECKPOINT_INTERVAL", "KEEP_CHECKPOINTS",
-                        "LOG_INTERVAL", "DEVICE", "OUT_DIR", "RESUME", "SHOW_EXAMPLE",
+                        "LOG_INTERVAL", "DEVICE", "OUT_DIR", "RESUME", "SHOW_EXAMPLE", "CACHE_DIR",
                         "GRADIENT_CHECKPOINTING",  # recomputing activations gives the same loss and gradients
                         "DATA_FILE", "VAL_FRACTION",  # prepare_data.py's
                         "CHECKPOINT", "NUM_REPLIES", "TEMPERATURE", "TOP_K", "TOP_P", "REPETITION_PENALTY",
@@ -169,15 +168,15 @@ def show_example(cfg):
     """--show_example=True: the first training dialogue as the model sees it, with what is trained marked."""
     import modeling
     from batching import render_any, start_id
-    dialogues = read_dialogues(cfg.TRAIN_FILE)
-    if not dialogues:
+    first = next(iter_dialogues(cfg.TRAIN_FILE), None)
+    if first is None:
         raise UserError(f"{cfg.TRAIN_FILE} holds no dialogues: run prepare_data.py first")
     if cfg.MODEL == "scratch":
-        tokenizer = modeling.scratch_tokenizer(cfg, [format_dialogue(d) for d in dialogues])
+        tokenizer = modeling.scratch_tokenizer(cfg, (format_dialogue(d) for d in iter_dialogues(cfg.TRAIN_FILE)))
     else:
         tokenizer = modeling.load_tokenizer(cfg.MODEL)
     roles = prepare_tokenizer(tokenizer, cfg, cfg.MODEL)
-    turns = render_any(tokenizer, dialogues[:1], cfg.TRAIN_SPEAKERS, roles, cfg.TRAIN_FILE)[0]
+    turns = render_any(tokenizer, [first], cfg.TRAIN_SPEAKERS, roles, cfg.TRAIN_FILE)[0]
     ids = [start_id(tokenizer)] + [t for tid, _ in turns for t in tid]
     mask = [0] + [m for _, tm in turns for m in tm]  # mask[j]: is ids[j] a target (the context token never is)
     runs, j = [], 0
@@ -193,7 +192,7 @@ def show_example(cfg):
     print(f"\n{len(ids)} tokens, {sum(mask)} trained ({sum(mask) / len(ids):.0%}){cut}")
 
 
-def open_model(cfg, resume_from, world, master, train_dialogues):
+def open_model(cfg, resume_from, world, master):
     """The tokenizer and model the run trains: from the checkpoint it resumes (a LoRA checkpoint holds the adapter
     alone, applied to MODEL), else MODEL, else a scratch model; with the adapters and gradient checkpointing of
     modeling.adapt."""
@@ -209,7 +208,7 @@ def open_model(cfg, resume_from, world, master, train_dialogues):
     if resume_from:
         tokenizer, model = modeling.load(resume_from)
     elif cfg.MODEL == "scratch":
-        texts = [format_dialogue(d) for d in train_dialogues]
+        texts = (format_dialogue(d) for d in iter_dialogues(cfg.TRAIN_FILE))
         if world > 1:  # one tokenizer for all ranks: rank 0 trains it, the others load it
             shared = os.path.join(cfg.OUT_DIR, ".tmp-scratch-tokenizer")
             if master:
@@ -224,6 +223,7 @@ def open_model(cfg, resume_from, world, master, train_dialogues):
 
 
 def main():
+    t_main = time.time()
     given = set()
     cfg = load_config(doc=__doc__, given=given)
     check_config(cfg)
@@ -236,7 +236,8 @@ def main():
     from tqdm import tqdm
 
     import modeling
-    from batching import collate, count, epoch_order, eval_batches, first_dialogues, make_blocks, step_batches
+    import cache
+    from batching import collate, count, epoch_order, eval_batches, pack_tokens, step_batches
 
     # -----------------------------------------------------------------------------------------------------------------
     # processes and device: `torchrun --nproc_per_node=N train.py` starts N ranks (DDP: nccl on CUDA, gloo on CPU);
@@ -284,8 +285,7 @@ def main():
                                                                     for k in taken))
     device, dtype, device_note = modeling.pick_device(cfg_device if world > 1 else cfg.DEVICE, cfg.PRECISION)
     say(device_note + (f"; {world} processes ({backend})" if world > 1 else ""))
-    with open(cfg.TRAIN_FILE, "rb") as f:
-        train_sha = hashlib.sha256(f.read()).hexdigest()
+    train_sha = modeling.sha256(cfg.TRAIN_FILE)  # read in pieces: never the whole file in memory
     if state is not None:
         if state["train_sha256"] != train_sha:
             raise UserError(f"{cfg.TRAIN_FILE} has changed since {resume_from} was written; resuming would not "
@@ -298,16 +298,10 @@ def main():
 
     # -----------------------------------------------------------------------------------------------------------------
     # model, tokenizer and data
-    train_dialogues, val_dialogues = read_dialogues(cfg.TRAIN_FILE), read_dialogues(cfg.VAL_FILE)
-    if not train_dialogues or not val_dialogues:
-        raise UserError(f"{cfg.TRAIN_FILE if not train_dialogues else cfg.VAL_FILE} holds no dialogues: "
-                        f"run prepare_data.py first")
-    if cfg.TRAIN_SPEAKERS is not None:
-        speakers = {s for d in train_dialogues for s, _ in d}
-        unknown = [s for s in cfg.TRAIN_SPEAKERS if s not in speakers]
-        if unknown:
-            raise UserError(f"TRAIN_SPEAKERS {unknown} never speak in {cfg.TRAIN_FILE}")
-    tokenizer, model = open_model(cfg, resume_from if state is not None else None, world, master, train_dialogues)
+    for path in (cfg.TRAIN_FILE, cfg.VAL_FILE):
+        if next(iter_dialogues(path), None) is None:
+            raise UserError(f"{path} holds no dialogues: run prepare_data.py first")
+    tokenizer, model = open_model(cfg, resume_from if state is not None else None, world, master)
     if state is not None:
         say(f"resuming from {resume_from} (step {state['step']})")
     roles = prepare_tokenizer(tokenizer, cfg, cfg.MODEL)
@@ -325,9 +319,27 @@ def main():
         raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} has {free / 1e9:.1f} GB free; this run's checkpoints and models "
                         f"need about {need / 1e9:.1f} GB (free space, or lower KEEP_CHECKPOINTS)")
 
-    train_blocks = make_blocks(tokenizer, train_dialogues, cfg.BLOCK_SIZE, cfg.TRAIN_SPEAKERS, roles, cfg.TRAIN_FILE)
-    val_dialogues = first_dialogues(tokenizer, val_dialogues, cfg.VAL_MAX_TOKENS, roles)
-    val_blocks = make_blocks(tokenizer, val_dialogues, cfg.BLOCK_SIZE, cfg.TRAIN_SPEAKERS, roles, cfg.VAL_FILE)
+    # the token cache: tokenized once (rank 0 builds it, the others wait), memory-mapped by every later start
+    t_data = time.time()
+
+    def cached(build):
+        train_tok = cache.tokens(cfg.TRAIN_FILE, train_sha, tokenizer, cfg, roles, say, build)
+        val_tok = cache.tokens(cfg.VAL_FILE, modeling.sha256(cfg.VAL_FILE), tokenizer, cfg, roles, say, build)
+        return train_tok, val_tok, cache.blocks(train_tok, cfg.BLOCK_SIZE, say, build)
+
+    if master:
+        train_tok, val_tok, train_blocks = cached(build=True)
+    if world > 1:  # the other ranks map what rank 0 built or checked
+        dist.barrier()
+        if not master:
+            train_tok, val_tok, train_blocks = cached(build=False)
+    if cfg.TRAIN_SPEAKERS is not None:
+        unknown = [s for s in cfg.TRAIN_SPEAKERS if s not in train_tok.speakers]
+        if unknown:
+            raise UserError(f"TRAIN_SPEAKERS {unknown} never speak in {cfg.TRAIN_FILE}")
+    val_tok = val_tok.head(cfg.VAL_MAX_TOKENS)
+    val_blocks = pack_tokens(val_tok, cfg.BLOCK_SIZE)
+    t_data = time.time() - t_data
     if count(val_blocks)[0] == 0:
         raise UserError(f"{cfg.VAL_FILE} has no turns by TRAIN_SPEAKERS {cfg.TRAIN_SPEAKERS}, so nothing to validate")
     pad = tokenizer.eos_token_id  # any id will do: padded positions are never targets and never attended to
@@ -366,10 +378,11 @@ def main():
     lora = f"LoRA r={cfg.LORA_R} on {cfg.LORA_TARGETS or 'all linear layers'}, " if cfg.LORA_R else ""
     say(f"model: {cfg.MODEL} ({n_params / 1e6:.1f}M parameters, {lora}{n_trained / 1e6:.2f}M trained"
         f"{', gradient checkpointing' if cfg.GRADIENT_CHECKPOINTING else ''}); FORMAT={cfg.FORMAT}; "
-        f"{len(train_dialogues)} train dialogues -> "
+        f"{len(train_tok):,} train dialogues -> "
         f"{train_tokens:,} tokens in {len(train_blocks)} blocks of <= {cfg.BLOCK_SIZE}; "
         f"{steps_per_epoch} steps/epoch of {blocks_per_step} blocks, {total_steps} steps; validation on "
-        f"{len(val_dialogues)} dialogues, {count(val_blocks)[0]:,} tokens")
+        f"{len(val_tok):,} dialogues, {count(val_blocks)[0]:,} tokens")
+    say(f"start-up: {time.time() - t_main:.1f}s (data {t_data:.1f}s, the rest mostly imports and the model)")
     if state is not None and step >= total_steps:  # nothing left to train: say so, and touch nothing
         end = f"MAX_STEPS={cfg.MAX_STEPS}" if cfg.MAX_STEPS > 0 else f"EPOCHS={cfg.EPOCHS}"
         if step > total_steps:

@@ -1,0 +1,179 @@
+"""The token cache: a text file of dialogues tokenized once, in batches, and kept on disk as flat arrays that later
+runs, resumes, every rank and evaluate.py memory-map (nanoGPT's uint16 token file, with the loss mask and the
+turn and dialogue offsets beside it).
+
+    CACHE_DIR/train_data.txt-<key>/            ids.bin (the smallest dtype that holds the vocabulary), mask.bin,
+                                               turn_ends.bin, dialogue_ends.bin, turn_speaker.bin, meta.json
+    CACHE_DIR/train_data.txt-<key>/blocks-256/ the packed blocks for BLOCK_SIZE=256, as offsets into the above
+
+The key is a hash of the file's content, the tokenizer and every setting that changes the rendering (FORMAT,
+TRAIN_SPEAKERS, ROLES): a cache made from another version of the file or another tokenizer is never used. Each
+directory is written to a temp directory and renamed into place when complete, with a manifest of every file's size
+and sha256 (as our checkpoints have); one that does not match it is rebuilt, never trusted. Delete CACHE_DIR at any
+time: the next run rebuilds what it needs.
+"""
+
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+import modeling
+from batching import Blocks, Tokens, pack_tokens, render_arrays, start_id, token_dtype
+from cli import UserError, umask
+from dialogues import iter_dialogues
+
+VERSION = 1  # bumped when what is stored, or how it is rendered, changes
+ARRAYS = {"ids": None, "mask": np.uint8, "turn_ends": np.int64, "dialogue_ends": np.int64, "turn_speaker": np.int32}
+BLOCK_ARRAYS = {"a": np.int64, "b": np.int64, "ctx": np.int64, "ends": np.int64}
+CHUNK = 2048  # dialogues tokenized per batch: big enough for the fast tokenizer's batching, small in memory
+
+
+def fingerprint(tokenizer):
+    """What makes a tokenizer produce the ids it does: its whole definition, special tokens and chat template."""
+    h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(json.dumps([type(tokenizer).__name__, tokenizer.chat_template, tokenizer.bos_token_id,
+                         tokenizer.eos_token_id, len(tokenizer)]).encode())
+    return h.hexdigest()[:16]
+
+
+def tokens(path, file_sha, tokenizer, cfg, roles, say, build=True):
+    """The Tokens of a text file, memory-mapped from CACHE_DIR; built first where missing, damaged or made from
+    something else (unless `build` is False: the other ranks under torchrun, for which rank 0 built it)."""
+    meta = {"version": VERSION, "file": os.path.basename(path), "file_sha256": file_sha,
+            "tokenizer": fingerprint(tokenizer), "format": cfg.FORMAT, "train_speakers": cfg.TRAIN_SPEAKERS,
+            "roles": cfg.ROLES}
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    d = os.path.join(cfg.CACHE_DIR, f"{meta['file']}-{key}")
+    if build:
+        problem = modeling.check_manifest(d, required=True) if os.path.isdir(d) else None
+        if problem:
+            say(f"token cache {d} is damaged ({problem}): tokenizing {path} again")
+        elif not os.path.isdir(d) and (other := _other_version(cfg.CACHE_DIR, meta)):
+            say(f"token cache for {path}: {other}; tokenizing it for this run")
+        if problem or not os.path.isdir(d):
+            _build(d, path, meta, tokenizer, cfg.TRAIN_SPEAKERS, roles)
+    with open(os.path.join(d, "meta.json")) as f:
+        meta = json.load(f)
+    dtype = np.dtype(meta["dtype"])
+    arrays = {name: _map(os.path.join(d, name + ".bin"), dtype if t is None else t) for name, t in ARRAYS.items()}
+    return Tokens(**arrays, speakers=meta["speakers"], start=meta["start"], trained=meta["trained"], path=d)
+
+
+def blocks(t, block_size, say, build=True):
+    """Packed Blocks of some cached Tokens for BLOCK_SIZE, memory-mapped from the cache (packed and stored first
+    where missing or damaged): best fit over millions of windows takes a while, and every start would redo it."""
+    d = os.path.join(t.path, f"blocks-{block_size}")
+    problem = modeling.check_manifest(d, required=True) if build and os.path.isdir(d) else None
+    if problem:
+        say(f"token cache {d} is damaged ({problem}): packing it again")
+    if build and (problem or not os.path.isdir(d)):
+        packed = pack_tokens(t, block_size)
+        with _new_dir(d) as tmp:
+            for name in BLOCK_ARRAYS:
+                getattr(packed, name).astype(BLOCK_ARRAYS[name]).tofile(os.path.join(tmp, name + ".bin"))
+    return Blocks(t, *(_map(os.path.join(d, name + ".bin"), dtype) for name, dtype in BLOCK_ARRAYS.items()))
+
+
+def _map(path, dtype):
+    """A read-only memory map (an empty array for an empty file, which numpy cannot map)."""
+    if os.path.getsize(path) == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _other_version(cache_dir, meta):
+    """Why a cache of the same file name does not serve this run, if there is one: the file, the tokenizer or the
+    settings differ."""
+    others = []
+    for name in os.listdir(cache_dir) if os.path.isdir(cache_dir) else []:
+        if name.startswith(meta["file"] + "-") and os.path.isfile(os.path.join(cache_dir, name, "meta.json")):
+            try:
+                with open(os.path.join(cache_dir, name, "meta.json")) as f:
+                    others.append(json.load(f))
+            except (OSError, ValueError):
+                continue
+    if not others:
+        return None
+    differ = {"file_sha256": "another version of the file", "tokenizer": "another tokenizer",
+              "format": "another FORMAT", "train_speakers": "other TRAIN_SPEAKERS", "roles": "other ROLES",
+              "version": "an older cache format"}
+    why = [text for k, text in differ.items() if all(o.get(k) != meta[k] for o in others)]
+    return "the one in the cache is for " + (" and ".join(why) if why else "other settings")
+
+
+def _build(d, path, meta, tokenizer, train_speakers, roles):
+    """Tokenize the file CHUNK dialogues at a time, appending each batch's arrays to the files as it goes."""
+    from tqdm import tqdm
+    dtype = token_dtype(tokenizer)
+    speakers, n = {}, {"tokens": 0, "turns": 0, "dialogues": 0, "trained": 0}
+    t0 = time.time()
+    with _new_dir(d) as tmp, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, dynamic_ncols=True,
+                                  desc=f"tokenizing {os.path.basename(path)}", leave=False) as bar:
+        files = {name: open(os.path.join(tmp, name + ".bin"), "wb") for name in ARRAYS}
+        with contextlib.ExitStack() as closing:
+            for f in files.values():
+                closing.enter_context(f)
+            chunk = []
+            for dialogue in itertools.chain(iter_dialogues(path, bar.update), [None]):
+                if dialogue is not None:
+                    chunk.append(dialogue)
+                if chunk and (dialogue is None or len(chunk) == CHUNK):
+                    ids, mask, lengths, turns, names = render_arrays(tokenizer, chunk, train_speakers, roles, path)
+                    ids.tofile(files["ids"])
+                    mask.tofile(files["mask"])
+                    (n["tokens"] + np.cumsum(lengths)).tofile(files["turn_ends"])
+                    (n["turns"] + np.cumsum(turns)).tofile(files["dialogue_ends"])
+                    np.array([speakers.setdefault(s, len(speakers)) for s in names], np.int32).tofile(
+                        files["turn_speaker"])
+                    n["tokens"] += len(ids)
+                    n["turns"] += len(lengths)
+                    n["dialogues"] += len(turns)
+                    n["trained"] += int(np.count_nonzero(mask))
+                    chunk = []
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({**meta, "dtype": np.dtype(dtype).name, "speakers": list(speakers), "start": start_id(tokenizer),
+                       **n}, f)
+    seconds = time.time() - t0
+    print(f"tokenized {path}: {n['tokens']:,} tokens in {seconds:.1f}s ({n['tokens'] / max(seconds, 1e-9):,.0f} "
+          f"tokens/s)", flush=True)
+
+
+class _new_dir:
+    """Write a cache directory in a temp directory beside `d`; on success, add the manifest and rename it into place.
+    On any failure (a full disk) the temp directory goes, and nothing a later run could map is left."""
+
+    def __init__(self, d):
+        self.d = d
+
+    def __enter__(self):
+        parent = os.path.dirname(os.path.abspath(self.d))
+        try:
+            os.makedirs(parent, exist_ok=True)
+            self.tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(self.d) + "-")
+            os.chmod(self.tmp, 0o777 & ~umask())
+        except OSError as e:
+            raise UserError(f"cannot write the token cache in {parent}: {e.strerror}") from None
+        return self.tmp
+
+    def __exit__(self, kind, error, tb):
+        try:
+            if kind is None:
+                modeling.write_manifest(self.tmp)
+                if os.path.isdir(self.d):  # a damaged one: replaced
+                    modeling.remove_dir(self.d)
+                os.rename(self.tmp, self.d)
+        except OSError as e:
+            error = e
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise UserError(f"cannot write the token cache {self.d}: {error.strerror or error}; nothing was kept "
+                            f"(free some space, or point CACHE_DIR elsewhere)") from None
+        return False

@@ -1,0 +1,175 @@
+"""The token cache and the array-backed blocks: the same training as in memory, invalidated by a changed file or
+tokenizer, rebuilt when damaged, never left half-written, and memory flat in the corpus size.
+
+Run: .venv/bin/python -m pytest -q tests/test_cache.py
+"""
+
+import errno
+import os
+import random
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import batching
+import cache
+import cli
+from batching import make_blocks, pack, pack_tokens, render, start_id, windows
+from conftest import ROOT, run_script, script_env
+from dialogues import load_records, parse_record, read_dialogues, write_dialogues
+from tiny import chat_tokenizer, gpt2_tokenizer, max_diff, save_tiny_gpt2, synthetic, weights, write_split
+
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def rendering(tmp_path, **kw):
+    return types.SimpleNamespace(**{"FORMAT": "speaker", "TRAIN_SPEAKERS": None, "ROLES": None,
+                                    "CACHE_DIR": str(tmp_path / "cache"), **kw})
+
+
+def cached_tokens(tmp_path, tokenizer, dialogues=None, said=None, **kw):
+    path = tmp_path / "train_data.txt"
+    if dialogues is not None:
+        with open(path, "w", encoding="utf-8") as f:
+            write_dialogues(f, dialogues)
+    cfg = rendering(tmp_path, **kw)
+    roles = batching.role_map(cfg.ROLES, cfg.TRAIN_SPEAKERS) if cfg.FORMAT == "chat_template" else None
+    return cache.tokens(str(path), cache.modeling.sha256(path), tokenizer, cfg, roles,
+                        (said if said is not None else []).append)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the arrays give exactly what the lists gave
+
+@pytest.mark.parametrize("block_size, train_speakers", [(16, None), (64, ["Alex"]), (128, None)])
+def test_cached_blocks_are_the_in_memory_blocks(tmp_path, block_size, train_speakers):
+    tok = gpt2_tokenizer()
+    dialogues = synthetic(200, seed=block_size, max_turns=12, max_words=30) + [[("Bob", "long " * 90)]]
+    t = cached_tokens(tmp_path, tok, dialogues, TRAIN_SPEAKERS=train_speakers)
+    assert isinstance(t.ids, np.memmap) and t.ids.dtype == np.uint16  # GPT-2's 50,257 ids fit in 16 bits
+    blocks = cache.blocks(t, block_size, print)
+    by_lists = pack([w for turns in render(tok, dialogues, train_speakers) for w in windows(turns, block_size, 50256)],
+                    block_size)
+    assert list(blocks) == list(make_blocks(tok, dialogues, block_size, train_speakers)) == by_lists
+    assert batching.count(blocks) == batching.count(by_lists)
+    assert batching.epoch_order(blocks, 16, 3) == batching.epoch_order(pack_tokens(t, block_size), 16, 3)
+    assert len(t.head(500)) == len(batching.first_dialogues(tok, dialogues, 500))
+
+
+def test_chat_template_tokens_need_32_bits_only_beyond_65536_ids(tmp_path):
+    tok = chat_tokenizer()
+    dialogues = synthetic(30, speakers=["Alex", "Bob"])
+    t = cached_tokens(tmp_path, tok, dialogues, FORMAT="chat_template", TRAIN_SPEAKERS=["Bob"])
+    assert t.ids.dtype == np.uint16 and t.start == start_id(tok)
+    roles = batching.role_map(None, ["Bob"])
+    assert list(cache.blocks(t, 64, print)) == list(make_blocks(tok, dialogues, 64, ["Bob"], roles))
+
+
+def test_the_cached_pipeline_trains_the_same_weights(tmp_path):
+    """Cold (tokenizes and packs into the cache), warm (maps it), and with the cache deleted half way (resumed)."""
+    model = save_tiny_gpt2(str(tmp_path / "tiny"), dropout=0.1)
+    write_split(tmp_path, synthetic(40, seed=5, max_turns=8), synthetic(8, seed=6))
+    args = [f"--model={model}", "--device=cpu", "--block_size=32", "--batch_size=2", "--max_steps=6",
+            "--checkpoint_interval=3", "--learning_rate=1e-3", "--log_interval=1"]
+    cold = run_script("train.py", *args, "--out_dir=cold", cwd=tmp_path, env=ENV)
+    assert cold.returncode == 0, cold.stderr
+    assert "tokenized train_data.txt: " in cold.stdout and "start-up: " in cold.stdout
+    warm = run_script("train.py", *args, "--out_dir=warm", cwd=tmp_path, env=ENV)
+    assert warm.returncode == 0, warm.stderr
+    assert "tokenized" not in warm.stdout
+    assert max_diff(weights(tmp_path / "cold" / "final"), weights(tmp_path / "warm" / "final")) == 0
+    # in memory: make_blocks over the dialogues, the loop as train.py runs it (test_train checks that loop further)
+    t = cached_tokens(tmp_path, cache.modeling.load_tokenizer(model))
+    assert list(cache.blocks(t, 32, print)) == list(make_blocks(gpt2_tokenizer(), read_dialogues(
+        tmp_path / "train_data.txt"), 32))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# what invalidates it, what damages it
+
+def test_a_changed_file_or_tokenizer_is_never_used(tmp_path):
+    said = []
+    first = cached_tokens(tmp_path, gpt2_tokenizer(), synthetic(20, seed=1), said)
+    assert said == [] and len(first) == 20
+    again = cached_tokens(tmp_path, gpt2_tokenizer(), None, said)
+    assert again.path == first.path and said == []
+    changed = cached_tokens(tmp_path, gpt2_tokenizer(), synthetic(21, seed=1), said)
+    assert changed.path != first.path and len(changed) == 21
+    assert said == [f"token cache for {tmp_path / 'train_data.txt'}: the one in the cache is for another version of "
+                    f"the file; tokenizing it for this run"]
+    other = chat_tokenizer()
+    said.clear()
+    cached_tokens(tmp_path, other, None, said)
+    assert len(said) == 1 and "another tokenizer" in said[0], said
+    said.clear()
+    cached_tokens(tmp_path, gpt2_tokenizer(), None, said, TRAIN_SPEAKERS=["Alex"])
+    assert len(said) == 1 and "other TRAIN_SPEAKERS" in said[0], said
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "delete", "blocks"])
+def test_a_damaged_cache_is_rebuilt(tmp_path, damage):
+    tok = gpt2_tokenizer()
+    t = cached_tokens(tmp_path, tok, synthetic(30, seed=2))
+    good = list(cache.blocks(t, 32, print))
+    target = os.path.join(t.path, "blocks-32", "a.bin") if damage == "blocks" else os.path.join(t.path, "ids.bin")
+    data = bytearray(open(target, "rb").read())
+    del t
+    if damage == "delete":
+        os.unlink(target)
+    else:
+        with open(target, "wb") as f:
+            f.write(data[:-3] if damage == "truncate" else bytes([data[0] ^ 1]) + data[1:])
+    said = []
+    t = cached_tokens(tmp_path, tok, None, said)
+    assert list(cache.blocks(t, 32, said.append)) == good
+    assert len(said) == 1 and "is damaged" in said[0] and ("packing" if damage == "blocks" else "tokenizing") in said[0]
+    assert cached_tokens(tmp_path, tok, None, said) is not None and len(said) == 1  # now intact: no more lines
+
+
+def test_a_full_disk_leaves_no_cache_behind(tmp_path, monkeypatch):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(cache, "render_arrays", full)
+    with pytest.raises(cli.UserError, match=r"cannot write the token cache .*No space left on device; nothing "):
+        cached_tokens(tmp_path, gpt2_tokenizer(), synthetic(5))
+    assert os.listdir(tmp_path / "cache") == []  # no directory, not even a temp one, that a later run could map
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# memory: flat in the corpus size
+
+def corpus(n, seed):
+    """n distinct dialogues in the shipped data's style: its dialogues, each turn numbered."""
+    shipped = [parse_record(r, where) for r, where in load_records(os.path.join(ROOT, "llm_train_text.json"))]
+    rng = random.Random(seed)
+    return [[(s, f"{t} ({i})") for s, t in rng.choice(shipped)] for i in range(n)]
+
+
+def peak_rss_mb(cmd, cwd):
+    """The peak resident memory of one child process, from its own rusage (not the maximum over all children)."""
+    p = subprocess.Popen(cmd, cwd=cwd, env=script_env(ENV), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(p.pid, 0)
+    out, err = p.stdout.read().decode(), p.stderr.read().decode()
+    assert os.waitstatus_to_exitcode(status) == 0, err
+    return usage.ru_maxrss / 1024, out
+
+
+def test_start_up_memory_does_not_grow_with_the_corpus(tmp_path):
+    model = save_tiny_gpt2(str(tmp_path / "tiny"))
+    rss = {}
+    for scale in (1, 20):
+        d = tmp_path / f"x{scale}"
+        d.mkdir()
+        dialogues = corpus(216 * scale, seed=scale)
+        write_split(d, dialogues, dialogues[:20])
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--model={model}", "--device=cpu", "--max_steps=1",
+               "--eval_interval=0", "--checkpoint_interval=0", "--block_size=128"]
+        peak_rss_mb([*cmd, "--out_dir=cold"], d)  # builds the cache
+        rss[scale], out = peak_rss_mb([*cmd, "--out_dir=warm"], d)
+        assert "tokenized" not in out and "start-up: " in out
+    tokens = os.path.getsize(next((tmp_path / "x20" / "cache").glob("train_data.txt-*")) / "ids.bin") // 2
+    assert tokens > 800_000  # 20x the shipped data: the old in-memory lists took ~250 bytes a token, ~200 MB here
+    assert rss[20] - rss[1] < 40, rss
