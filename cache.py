@@ -114,8 +114,10 @@ def _build(d, path, meta, tokenizer, train_speakers, roles):
     dtype = token_dtype(tokenizer)
     speakers, n = {}, {"tokens": 0, "turns": 0, "dialogues": 0, "trained": 0}
     t0 = time.time()
+    print(f"tokenizing {path} ({os.path.getsize(path) / 1e6:,.1f} MB) into {d}", flush=True)
+    # the bar on a terminal only: piped or under test, stderr stays for the one line of an error
     with _new_dir(d) as tmp, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, dynamic_ncols=True,
-                                  desc=f"tokenizing {os.path.basename(path)}", leave=False) as bar:
+                                  desc=f"tokenizing {os.path.basename(path)}", leave=False, disable=None) as bar:
         files = {name: open(os.path.join(tmp, name + ".bin"), "wb") for name in ARRAYS}
         with contextlib.ExitStack() as closing:
             for f in files.values():

@@ -14,6 +14,7 @@ state.pt: optimizer, step, RNG states, config), metrics.jsonl and config.json.
 import json
 import math
 import os
+import resource
 import shutil
 import time
 
@@ -291,8 +292,10 @@ def main():
             raise UserError(f"{cfg.TRAIN_FILE} has changed since {resume_from} was written; resuming would not "
                             f"continue the same run (start a new one in another OUT_DIR)")
     existing = cfg.OUT_DIR
-    while not os.path.isdir(existing):  # OUT_DIR, or the nearest folder above it that exists, must take writes
+    while not os.path.exists(existing):  # OUT_DIR, or the nearest folder above it that exists, must take writes
         existing = os.path.dirname(os.path.abspath(existing))
+    if not os.path.isdir(existing):  # said now, before the token cache is built for a run that cannot be written
+        raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} cannot be made: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} is not writable ({existing} does not take writes)")
 
@@ -382,7 +385,8 @@ def main():
         f"{train_tokens:,} tokens in {len(train_blocks)} blocks of <= {cfg.BLOCK_SIZE}; "
         f"{steps_per_epoch} steps/epoch of {blocks_per_step} blocks, {total_steps} steps; validation on "
         f"{len(val_tok):,} dialogues, {count(val_blocks)[0]:,} tokens")
-    say(f"start-up: {time.time() - t_main:.1f}s (data {t_data:.1f}s, the rest mostly imports and the model)")
+    say(f"start-up: {time.time() - t_main:.1f}s (data {t_data:.1f}s, the rest mostly imports and the model); "
+        f"peak memory so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
     if state is not None and step >= total_steps:  # nothing left to train: say so, and touch nothing
         end = f"MAX_STEPS={cfg.MAX_STEPS}" if cfg.MAX_STEPS > 0 else f"EPOCHS={cfg.EPOCHS}"
         if step > total_steps:

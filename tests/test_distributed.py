@@ -94,3 +94,15 @@ def test_the_first_error_reaches_the_user_whichever_rank_it_is(delays, expected,
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [f"error: {expected}"], r.stderr
+
+
+def test_two_ranks_share_one_token_cache(tmp_path):
+    """Rank 0 tokenizes; the other waits, then maps the same files."""
+    write_split(tmp_path, synthetic(30, seed=3), synthetic(6, seed=4))
+    save_tiny_gpt2(tmp_path / "tiny")
+    r = torchrun(2, f"--model={tmp_path / 'tiny'}", "--max_steps=2", "--block_size=64", "--eval_interval=0",
+                 cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("tokenized train_data.txt") == 1 and r.stdout.count("tokenized val_data.txt") == 1
+    assert len(list((tmp_path / "cache").glob("train_data.txt-*"))) == 1
+    assert len(list((tmp_path / "cache").glob("*/blocks-64"))) == 1
