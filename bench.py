@@ -4,18 +4,32 @@
     python bench.py --compare-hf          # also a standard packed-sequence Hugging Face Trainer run, side by side
     python bench.py --data=mine.json --block-size=256 --json=bench.json
     python bench.py --smoke               # a tiny model and a few steps: checks the bench runs (CI)
+    python bench.py --data-scale          # prepare_data.py and train.py on a synthetic corpus 1x, 10x, 100x chitchat
+    python bench.py --data-scale --scales=1,10 --workdir=scale   # chosen scales; keep the files in scale/
+    python bench.py --data-scale --smoke  # scales 0.01 and 0.02: checks the data-scale bench runs (CI)
 
 Measures, with train.py's own batching and step code: steady-state training tokens/s (trained tokens, and all
 positions processed), padding fraction, the share of the dataset's tokens trained per epoch, MFU (6 x parameters x
 tokens/s over the matmul peak this machine reaches, measured here: fp32 on CPU, bf16 on CUDA), peak memory with and
 without GRADIENT_CHECKPOINTING, and generation tokens/s with the KV cache. --compare-hf needs `pip install accelerate`
 (the Trainer's dependency).
+
+--data-scale runs the pipeline's scripts as a user does, as subprocesses, on a synthetic corpus the size of a public
+chitchat corpus (5,356 dialogues, ~3.1M tokens) times each scale, with a tiny GPT-2 so the data is what costs: the
+time prepare_data.py takes; the tokens/s of train.py's first run, which tokenizes the data into its cache, against the
+tokenizer's own batch throughput; the start-up of a second run, which finds the cache warm; and that run's peak
+resident memory above what loading the model alone takes. Each process's peak is its own, from os.wait4.
 """
 
 import argparse
 import contextlib
 import json
+import os
+import random
+import re
 import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +39,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import modeling
 from batching import collate, count, encode, epoch_order, make_blocks, render
-from cli import UserError, atomic_write, run
+from cli import UserError, atomic_write, defaults, run
 from dialogues import format_dialogue, load_records, parse_record, read_dialogues
 from generation import sample
 
@@ -172,6 +186,225 @@ def bench_hf(model, dialogues, tokenizer, args, device, dtype, between):
             "padding": 0.0}
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# --data-scale: how prepare_data.py and train.py's start-up grow with the data
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHITCHAT_DIALOGUES = 5356  # 1x: a public chitchat corpus, 5,356 dialogues and ~3.1M GPT-2 tokens (~580 a dialogue)
+STARTUP_TARGET_S = 10  # a warm cache's train.py start-up, at any scale
+RSS_TARGET_MB = 2048  # peak RSS above the loaded model, at any scale ...
+RSS_FLAT_MB = 256  # ... and flat: at 100x, anything held per token would be 600 MB or more (2 bytes a token)
+TOKENIZE_RATIO = 2  # the first run tokenizes at no less than 1 / this of the tokenizer's own batch throughput
+
+
+def write_corpus(path, n, seed=0):
+    """n distinct synthetic dialogues as JSON Lines, written as they are made: 8-12 turns of 24-44 words (~600 GPT-2
+    tokens a dialogue) from the 6,000 words of the shipped dialogues, between two of their speakers. Deterministic from
+    the seed, and a larger n starts with a smaller one's dialogues. Two dialogues of some 340 random words alike is
+    too unlikely to happen: prepare_data.py, which drops exact duplicates, drops none."""
+    with open(os.path.join(HERE, "llm_train_text.json"), encoding="utf-8") as f:
+        shipped = json.load(f)
+    words = sorted({w for r in shipped for t in r["turns"] for w in t["text"].split()})
+    names = sorted({t["speaker"] for r in shipped for t in r["turns"]})
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            pair = rng.sample(names, 2)
+            turns = [{"speaker": pair[i % 2], "text": " ".join(rng.choices(words, k=rng.randint(24, 44)))}
+                     for i in range(rng.randint(8, 12))]
+            f.write(json.dumps(turns) + "\n")
+
+
+def save_tiny_gpt2(path):
+    """A 2-layer, 64-wide GPT-2 with GPT-2's vocabulary and tokenizer, as a model directory: small enough that what
+    train.py's start-up and memory show is the data's cost."""
+    tokenizer = modeling.gpt2_bpe()
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=50257, n_positions=1024,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+# Linux starts a process's peak resident size at its parent's (it carries across fork and exec), and this process
+# holds torch and a tokenizer: so each script is started by this small launcher, which reports that script's own peak
+# (os.wait4 gives one child's rusage; RUSAGE_CHILDREN is a max over every child) and wall time. Its floor: ~10 MB.
+LAUNCHER = """import json, os, sys, time
+t = time.perf_counter()
+pid = os.posix_spawn(sys.executable, [sys.executable] + sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"s": time.perf_counter() - t, "rss_kb": usage.ru_maxrss, "rc": os.waitstatus_to_exitcode(status)}, f)
+"""
+
+
+def measure(argv, cwd, log):
+    """Run `python argv...` from cwd, its stdout and stderr to log.out and log.err. Returns its wall time, its own
+    peak RSS (ru_maxrss: KB on Linux), its exit code and what it printed."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # the model is local: ask no Hub
+    with open(log + ".out", "w") as out, open(log + ".err", "w") as err:
+        subprocess.run([sys.executable, "-c", LAUNCHER, log + ".json", *argv], cwd=cwd, stdout=out, stderr=err,
+                       env=env)
+    try:
+        with open(log + ".json") as f:
+            r = json.load(f)
+    except (OSError, ValueError):
+        raise UserError(f"could not run {' '.join(argv)[:200]} (see {log}.err)") from None
+    with open(log + ".out") as out, open(log + ".err") as err:
+        return {"s": r["s"], "rss_mb": r["rss_kb"] / 1024, "rc": r["rc"], "stdout": out.read(), "stderr": err.read()}
+
+
+def last_line(text):
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def number(text):
+    return float(text.replace(",", ""))
+
+
+def parse_train(stdout, train_file="train_data.txt"):
+    """What train.py says about its data: the tokenization of the train file on a cold cache (`tokenized PATH: N
+    tokens in Ts (R tokens/s)`, the line for train_file, else the largest) and `start-up: Ss (...)`. None for a
+    line it did not print."""
+    tokenized = [{"path": m[1], "tokens": number(m[2]), "s": number(m[3]), "tokens_per_s": number(m[4])}
+                 for m in re.finditer(r"^tokenized (.+): ([\d,]+) tokens in ([\d.,]+)s \(([\d.,]+) tokens/s\)",
+                                      stdout, re.M)]
+    train = next((t for t in tokenized if os.path.basename(t["path"]) == train_file),
+                 max(tokenized, key=lambda t: t["tokens"], default=None))
+    startup = re.search(r"^start-up: ([\d.,]+)s", stdout, re.M)
+    return train, number(startup[1]) if startup else None
+
+
+def tokenizer_throughput(tokenizer, path, max_dialogues, batch=1000):
+    """tokens/s of the tokenizer itself, in batches of `batch` dialogues as "Speaker: text" lines, over the first
+    max_dialogues of a train file (read as far as needed: the 100x file is gigabytes). Returns (tokens/s, tokens,
+    dialogues)."""
+    texts, turns = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                turns.append(line if line.endswith("\n") else line + "\n")
+            elif turns:
+                texts.append("".join(turns))  # format_dialogue's text: a turn a line
+                turns = []
+                if len(texts) == max_dialogues:
+                    break
+    if turns and len(texts) < max_dialogues:
+        texts.append("".join(turns))
+    tokens, t = 0, time.perf_counter()
+    for i in range(0, len(texts), batch):
+        tokens += sum(len(ids) for ids in encode(tokenizer, texts[i:i + batch]))
+    return tokens / (time.perf_counter() - t), tokens, len(texts)
+
+
+def data_scale(args):
+    try:
+        scales = sorted({float(s) for s in (args.scales or ("0.01,0.02" if args.smoke else "1,10,100")).split(",")})
+    except ValueError:
+        raise UserError(f"--scales={args.scales}: expected multiples of the chitchat corpus, like 1,10,100") from None
+    if not scales or scales[0] <= 0:
+        raise UserError(f"--scales={args.scales}: each scale must be > 0")
+    workdir = os.path.abspath(args.workdir) if args.workdir else tempfile.mkdtemp(prefix="bench-data-scale-")
+    os.makedirs(workdir, exist_ok=True)
+    # train.py's cache goes where each scale's files are; a train.py without CACHE_DIR still runs, without a cache
+    has_cache = "CACHE_DIR" in defaults()
+    if not has_cache:
+        print("note: train.py has no CACHE_DIR setting yet: both runs tokenize, and figures it does not print are "
+              "shown as -", file=sys.stderr)
+    say = lambda line: print(line, file=sys.stderr, flush=True)
+    rows = []
+    try:
+        model_dir = os.path.join(workdir, "model")
+        tokenizer = save_tiny_gpt2(model_dir)
+        say("model alone: loading it in a fresh process ...")
+        base = measure(["-c", f"import modeling; modeling.load({model_dir!r})"], HERE, os.path.join(workdir, "load"))
+        if base["rc"]:
+            raise UserError(f"loading {model_dir} failed: {last_line(base['stderr'])}")
+        say(f"model alone: peak RSS {base['rss_mb']:,.0f} MB")
+        for scale in scales:
+            name, n = f"{scale:g}x", max(10, round(CHITCHAT_DIALOGUES * scale))
+            d = os.path.join(workdir, f"scale-{name}")
+            shutil.rmtree(d, ignore_errors=True)  # a cache left from an earlier bench would make the cold run warm
+            os.makedirs(d)
+            row = {"scale": scale, "dialogues": n}
+            t = time.perf_counter()
+            write_corpus(os.path.join(d, "corpus.jsonl"), n)
+            say(f"[{name}] wrote corpus.jsonl: {n:,} dialogues in {time.perf_counter() - t:.1f}s")
+            prep = measure([os.path.join(HERE, "prepare_data.py"), "--data_file=corpus.jsonl"], d,
+                           os.path.join(d, "prepare"))
+            if prep["rc"]:
+                raise UserError(f"[{name}] prepare_data.py failed: {last_line(prep['stderr'])}")
+            row["prepare_s"], row["prepare_rss_mb"] = prep["s"], prep["rss_mb"]
+            say(f"[{name}] prepare_data.py: {prep['s']:.1f}s, peak RSS {prep['rss_mb']:,.0f} MB; "
+                f"{last_line(prep['stdout'])}")
+            rate, tokens, dialogues = tokenizer_throughput(tokenizer, os.path.join(d, "train_data.txt"),
+                                                           CHITCHAT_DIALOGUES)
+            row["tokenizer_tokens_per_s"] = rate
+            say(f"[{name}] tokenizer alone, batches of 1000: {rate:,.0f} tokens/s over the first {dialogues:,} "
+                f"train dialogues ({tokens:,} tokens)")
+            out = os.path.join(d, "out")
+            train = [os.path.join(HERE, "train.py"), f"--model={model_dir}", "--device=cpu", "--max_steps=1",
+                     "--eval_interval=0", "--checkpoint_interval=0", f"--out_dir={out}", "--val_max_tokens=20000"]
+            train += [f"--cache_dir={os.path.join(d, 'cache')}"] if has_cache else []
+            runs = {}
+            for run_name in ("cold", "warm"):
+                shutil.rmtree(out, ignore_errors=True)  # a new run each time; the cache stays
+                r = runs[run_name] = measure(train, d, os.path.join(d, f"train-{run_name}"))
+                say(f"[{name}] train.py, {run_name} cache: {r['s']:.1f}s, peak RSS {r['rss_mb']:,.0f} MB"
+                    + (f"; FAILED (exit {r['rc']}): {last_line(r['stderr'])}" if r["rc"] else ""))
+            cold, cold_startup = parse_train(runs["cold"]["stdout"]) if not runs["cold"]["rc"] else (None, None)
+            _, warm_startup = parse_train(runs["warm"]["stdout"]) if not runs["warm"]["rc"] else (None, None)
+            row["train_tokens"] = cold and cold["tokens"]
+            row["cold_tokens_per_s"] = cold and cold["tokens_per_s"]
+            row["cold_startup_s"], row["warm_startup_s"] = cold_startup, warm_startup
+            row["rss_above_model_mb"] = None if runs["warm"]["rc"] else runs["warm"]["rss_mb"] - base["rss_mb"]
+            rows.append(row)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    columns = [("scale", "", "{:g}x"), ("dialogues", "", "{:,}"), ("train", "tokens", "{:,.0f}"),
+               ("prepare", "s", "{:.1f}"), ("cold tokenize", "tokens/s", "{:,.0f}"),
+               ("tokenizer batch", "tokens/s", "{:,.0f}"), ("warm start-up", "s", "{:.1f}"),
+               ("peak RSS above", "model, MB", "{:,.0f}")]
+    keys = ["scale", "dialogues", "train_tokens", "prepare_s", "cold_tokens_per_s", "tokenizer_tokens_per_s",
+            "warm_startup_s", "rss_above_model_mb"]
+    print(f"\nmodel alone (2 layers, 64 wide, GPT-2 vocabulary): peak RSS {base['rss_mb']:,.0f} MB")
+    for line in (0, 1):
+        print("".join(f"{c[line]:>16}" for c in columns))
+    for r in rows:
+        cells = ["-" if r[k] is None else fmt.format(r[k])
+                 for (_, _, fmt), k in zip(columns, keys)]
+        print("".join(f"{c:>16}" for c in cells))
+
+    def verdict(values, ok, detail):
+        if not values or None in values:
+            return None, "not measured (train.py printed no such figure)"
+        return ok(values), detail(values)
+
+    startup = verdict([r["warm_startup_s"] for r in rows], lambda v: max(v) < STARTUP_TARGET_S,
+                      lambda v: f"at most {max(v):.1f}s")
+    rss = verdict([r["rss_above_model_mb"] for r in rows],
+                  lambda v: max(v) < RSS_TARGET_MB and max(v) - min(v) < RSS_FLAT_MB,
+                  lambda v: f"{min(v):,.0f} to {max(v):,.0f} MB")
+    ratios = [r["tokenizer_tokens_per_s"] / r["cold_tokens_per_s"] if r["cold_tokens_per_s"] else None for r in rows]
+    tokenize = verdict(ratios, lambda v: max(v) <= TOKENIZE_RATIO, lambda v: f"the tokenizer at most {max(v):.2f}x")
+    targets = {"warm_startup": startup, "rss_above_model": rss, "cold_tokenization": tokenize}
+    print()
+    for (ok, detail), target in zip(targets.values(), (
+            f"warm-cache start-up under {STARTUP_TARGET_S}s at every scale",
+            f"peak RSS above the model under {RSS_TARGET_MB:,} MB, flat (spread under {RSS_FLAT_MB} MB)",
+            f"cold tokenization within {TOKENIZE_RATIO}x of the tokenizer's batch throughput")):
+        print(f"{'-' if ok is None else 'PASS' if ok else 'FAIL':>4}  {target}: {detail}")
+    if args.json:
+        with atomic_write(args.json) as f:
+            json.dump({"cpu_threads": torch.get_num_threads(), "model_rss_mb": base["rss_mb"],
+                       "train_has_cache_dir": has_cache, "rows": rows,
+                       "targets": {k: ok for k, (ok, _) in targets.items()}}, f, indent=2)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="llm_train_text.json", help="dialogues: a JSON dataset or a train_data.txt")
@@ -189,7 +422,16 @@ def main():
     p.add_argument("--compare-hf", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny model, 2 + 3 steps: does it run?")
     p.add_argument("--json", help="also write the figures here")
+    p.add_argument("--data-scale", action="store_true",
+                   help="time prepare_data.py and train.py's start-up on a synthetic corpus at several scales")
+    p.add_argument("--scales", help="--data-scale: multiples of the chitchat corpus (default 1,10,100; --smoke: "
+                                    "0.01,0.02)")
+    p.add_argument("--workdir", help="--data-scale: keep its files here (default: a temp dir, removed at the end)")
     args = p.parse_args()
+    if args.data_scale:
+        return data_scale(args)
+    if args.scales or args.workdir:
+        raise UserError("--scales and --workdir go with --data-scale")
     if args.smoke:
         args.layers, args.embd, args.heads, args.steps, args.warmup, args.gen_tokens = 2, 64, 2, 3, 2, 8
     if min(args.block_size, args.batch_size, args.steps) < 1 or args.warmup < 0:

@@ -1,4 +1,4 @@
-"""bench.py and the speed-ups train.py relies on: a smoke run of the benchmark (figures present and sane, not timed),
+"""bench.py and the speed-ups train.py relies on: smoke runs of the benchmarks (figures present and sane, not timed),
 and checks that each speed-up computes what the plain version does.
 
 Run: .venv/bin/python -m pytest -q tests/test_bench.py
@@ -11,6 +11,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.activations import NewGELUActivation
 
+import bench
 import modeling
 from cli import UserError
 from conftest import ROOT
@@ -37,6 +38,42 @@ def test_bench_bad_arguments_are_one_line(script):
     result = script("bench.py", "--smoke", "--block-size=0", cwd=ROOT)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "--block-size" in result.stderr
+
+
+def test_data_scale_smoke_prints_the_table(tmp_path, script):
+    # one scale: each train.py run costs ~15 s here. train.py may not print its cache's lines yet (those figures are
+    # then "-"), so only what bench.py measures itself is checked
+    result = script("bench.py", "--data-scale", "--smoke", "--scales=0.01", f"--json={tmp_path / 'scale.json'}",
+                    f"--workdir={tmp_path / 'work'}", cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    for header in ("prepare", "cold tokenize", "tokenizer batch", "warm start-up", "peak RSS above", "0.01x"):
+        assert header in result.stdout
+    assert "[0.01x] prepare_data.py" in result.stderr  # progress, a line a stage
+    with open(tmp_path / "scale.json") as f:
+        rows = json.load(f)["rows"]
+    assert [r["dialogues"] for r in rows] == [54]
+    assert rows[0]["prepare_s"] > 0 and rows[0]["tokenizer_tokens_per_s"] > 0
+    assert "dropped 0 " in (tmp_path / "work" / "scale-0.01x" / "prepare.out").read_text()  # all distinct
+
+
+def test_data_scale_reads_train_pys_lines():
+    out = ("cpu; fp32\ntokenized val_data.txt: 61,203 tokens in 0.3s (204,010 tokens/s)\n"
+           "tokenized /tmp/x/train_data.txt: 3,141,592 tokens in 12.3s (255,412 tokens/s)\n"
+           "start-up: 2.4s (data 1.1s, model 0.8s)\nstep 1 ...\n")
+    train, startup = bench.parse_train(out)
+    assert train == {"path": "/tmp/x/train_data.txt", "tokens": 3141592, "s": 12.3, "tokens_per_s": 255412}
+    assert startup == 2.4
+    assert bench.parse_train("start-up: 0.5s (data 0.1s, model 0.4s)\n") == (None, 0.5)  # a warm cache
+    assert bench.parse_train("an older train.py\n") == (None, None)
+
+
+def test_synthetic_corpus_is_deterministic_and_nested(tmp_path):
+    bench.write_corpus(tmp_path / "a.jsonl", 20, seed=3)
+    bench.write_corpus(tmp_path / "b.jsonl", 30, seed=3)
+    a, b = (tmp_path / "a.jsonl").read_text().splitlines(), (tmp_path / "b.jsonl").read_text().splitlines()
+    assert b[:20] == a and len(set(b)) == 30
+    turns = json.loads(a[0])
+    assert 8 <= len(turns) <= 12 and len({t["speaker"] for t in turns}) == 2
 
 
 def test_fused_gelu_computes_what_gelu_new_does():
