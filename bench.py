@@ -273,8 +273,9 @@ def parse_train(stdout, train_file="train_data.txt"):
                                       stdout, re.M)]
     train = next((t for t in tokenized if os.path.basename(t["path"]) == train_file),
                  max(tokenized, key=lambda t: t["tokens"], default=None))
-    startup = re.search(r"^start-up: ([\d.,]+)s", stdout, re.M)
-    return train, number(startup[1]) if startup else None
+    startup = re.search(r"^start-up: ([\d.,]+)s.*?(?:peak memory so far ([\d.,]+) MB)?$", stdout, re.M)
+    return (train, number(startup[1]) if startup else None,
+            number(startup[2]) if startup and startup[2] else None)
 
 
 def tokenizer_throughput(tokenizer, path, max_dialogues, batch=1000):
@@ -354,12 +355,16 @@ def data_scale(args):
                 r = runs[run_name] = measure(train, d, os.path.join(d, f"train-{run_name}"))
                 say(f"[{name}] train.py, {run_name} cache: {r['s']:.1f}s, peak RSS {r['rss_mb']:,.0f} MB"
                     + (f"; FAILED (exit {r['rc']}): {last_line(r['stderr'])}" if r["rc"] else ""))
-            cold, cold_startup = parse_train(runs["cold"]["stdout"]) if not runs["cold"]["rc"] else (None, None)
-            _, warm_startup = parse_train(runs["warm"]["stdout"]) if not runs["warm"]["rc"] else (None, None)
+            cold, cold_startup, _ = parse_train(runs["cold"]["stdout"]) if not runs["cold"]["rc"] else (None,) * 3
+            warm = parse_train(runs["warm"]["stdout"]) if not runs["warm"]["rc"] else (None,) * 3
+            _, warm_startup, warm_rss = warm
             row["train_tokens"] = cold and cold["tokens"]
             row["cold_tokens_per_s"] = cold and cold["tokens_per_s"]
             row["cold_startup_s"], row["warm_startup_s"] = cold_startup, warm_startup
-            row["rss_above_model_mb"] = None if runs["warm"]["rc"] else runs["warm"]["rss_mb"] - base["rss_mb"]
+            # at the end of start-up (train.py's own figure): the training step's logits and activations are the
+            # model's and the batch's cost, the same at any scale, not the data's
+            row["rss_above_model_mb"] = warm_rss - base["rss_mb"] if warm_rss is not None else None
+            row["warm_run_rss_mb"] = None if runs["warm"]["rc"] else runs["warm"]["rss_mb"]
             rows.append(row)
     finally:
         if not args.workdir:

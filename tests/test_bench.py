@@ -59,12 +59,12 @@ def test_data_scale_smoke_prints_the_table(tmp_path, script):
 def test_data_scale_reads_train_pys_lines():
     out = ("cpu; fp32\ntokenized val_data.txt: 61,203 tokens in 0.3s (204,010 tokens/s)\n"
            "tokenized /tmp/x/train_data.txt: 3,141,592 tokens in 12.3s (255,412 tokens/s)\n"
-           "start-up: 2.4s (data 1.1s, model 0.8s)\nstep 1 ...\n")
-    train, startup = bench.parse_train(out)
+           "start-up: 2.4s (data 1.1s, the rest mostly imports and the model); peak memory so far 1,234 MB\nstep 1\n")
+    train, startup, rss = bench.parse_train(out)
     assert train == {"path": "/tmp/x/train_data.txt", "tokens": 3141592, "s": 12.3, "tokens_per_s": 255412}
-    assert startup == 2.4
-    assert bench.parse_train("start-up: 0.5s (data 0.1s, model 0.4s)\n") == (None, 0.5)  # a warm cache
-    assert bench.parse_train("an older train.py\n") == (None, None)
+    assert (startup, rss) == (2.4, 1234)
+    assert bench.parse_train("start-up: 0.5s (data 0.1s)\n") == (None, 0.5, None)  # a warm cache, no memory figure
+    assert bench.parse_train("an older train.py\n") == (None, None, None)
 
 
 def test_synthetic_corpus_is_deterministic_and_nested(tmp_path):
