@@ -37,7 +37,9 @@ CHUNK = 2048  # dialogues tokenized per batch: big enough for the fast tokenizer
 
 def fingerprint(tokenizer):
     """What makes a tokenizer produce the ids it does: its whole definition, special tokens and chat template."""
-    h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a slow (Python) tokenizer has none: its vocabulary
+    h = hashlib.sha256(backend.to_str().encode() if backend else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+                       .encode())
     h.update(json.dumps([type(tokenizer).__name__, tokenizer.chat_template, tokenizer.bos_token_id,
                          tokenizer.eos_token_id, len(tokenizer)]).encode())
     return h.hexdigest()[:16]
