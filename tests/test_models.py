@@ -283,11 +283,10 @@ def test_family_end_to_end(family):
         assert tok.chat_template == CHAT_TEMPLATE
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"], indirect=True)  # the LoRA runs
 @pytest.mark.parametrize("which", ["best", "final"])
 def test_lora_saves_merged_models_that_load_without_peft(family, which):
     d, model, name, procs = family
-    if "--lora_r=4" not in FAMILIES[name][1]:
-        pytest.skip("full fine-tuning")
     out = d / "out"
     assert not (out / which / "adapter_config.json").exists()  # else transformers would load it as an adapter
     assert (out / which / "adapter" / "adapter_model.safetensors").is_file()
@@ -341,12 +340,11 @@ def test_bad_settings(tmp_path, case, args, mentions):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("resume_with", ["lora", "full"])
+@pytest.mark.parametrize("family, resume_with", [("gpt2", "full"), ("llama", "full"), ("neox", "lora")],
+                         indirect=["family"])
 def test_lora_and_full_checkpoints_do_not_mix(family, tmp_path, resume_with):
     d, model, name, _ = family
-    lora = "--lora_r=4" in FAMILIES[name][1]
-    if lora == (resume_with == "lora"):
-        pytest.skip("the same kind")
+    lora = resume_with == "full"  # the run was the other kind
     shutil.copytree(d / "resumed", tmp_path / "out")
     shutil.copy(d / "train_data.txt", tmp_path)
     shutil.copy(d / "val_data.txt", tmp_path)
