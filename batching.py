@@ -181,7 +181,8 @@ def cut_points(lengths, block_size):
 
 def windows(turns, block_size, first):
     """Cut one rendered dialogue into pieces of at most block_size targets plus one leading context token: `first`
-    (start_id) for the first piece, the token before it for the others."""
+    (start_id) for the first piece, the token before it for the others. The list form of `pieces`, which the
+    pipeline uses: the readable reference the tests hold the arrays to."""
     ids = [t for tid, _ in turns for t in tid]
     mask = [m for _, tm in turns for m in tm]
     bounds = cut_points([len(tid) for tid, _ in turns], block_size)
@@ -209,7 +210,7 @@ def best_fit(lengths, block_size):
 
 
 def pack(pieces, block_size):
-    """Pieces (ids, mask) packed by best_fit into blocks (ids, mask)."""
+    """Pieces (ids, mask) packed by best_fit into blocks (ids, mask): the list form of pack_tokens (see windows)."""
     return [([t for p in b for t in pieces[p][0]], [m for p in b for m in pieces[p][1]])
             for b in best_fit([len(ids) for ids, _ in pieces], block_size)]
 
@@ -359,11 +360,6 @@ def pack_tokens(tokens, block_size):
     ends = np.cumsum([len(block) for block in order], dtype=np.int64)
     flat = np.fromiter((p for block in order for p in block), dtype=np.int64, count=int(ends[-1]) if len(ends) else 0)
     return Blocks(tokens, a[flat], b[flat], ctx[flat], ends)
-
-
-def first_dialogues(tokenizer, dialogues, max_tokens, roles=None):
-    """The leading dialogues that hold at most max_tokens rendered tokens: Tokens.head for a list of dialogues."""
-    return dialogues[:len(tokenize(tokenizer, dialogues, roles=roles).head(max_tokens))] if max_tokens else dialogues
 
 
 def epoch_order(blocks, group, seed):

@@ -55,7 +55,6 @@ def test_cached_blocks_are_the_in_memory_blocks(tmp_path, block_size, train_spea
     assert list(blocks) == list(make_blocks(tok, dialogues, block_size, train_speakers)) == by_lists
     assert batching.count(blocks) == batching.count(by_lists)
     assert batching.epoch_order(blocks, 16, 3) == batching.epoch_order(pack_tokens(t, block_size), 16, 3)
-    assert len(t.head(500)) == len(batching.first_dialogues(tok, dialogues, 500))
 
 
 def test_chat_template_tokens_need_32_bits_only_beyond_65536_ids(tmp_path):

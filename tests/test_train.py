@@ -21,10 +21,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+import batching
 import cli
 import modeling
 import train
-from batching import IGNORE, collate, count, epoch_order, eval_batches, first_dialogues, make_blocks, render, windows
+from batching import IGNORE, collate, count, epoch_order, eval_batches, make_blocks, render, tokenize, windows
 from conftest import ROOT, run_script, script_env
 from dialogues import format_dialogue
 from tiny import EOS_ID, curve, gpt2_tokenizer, max_diff, metrics, save_tiny_gpt2, synthetic, weights, write_split
@@ -632,15 +633,19 @@ def test_resume_with_nothing_left_changes_nothing(case, tmp_path, monkeypatch, c
 # ---------------------------------------------------------------------------------------------------------------------
 # issue 12: VAL_MAX_TOKENS caps what validation costs, the same way in train.py and evaluate.py
 
-def test_first_dialogues():
+def test_the_first_dialogues_within_a_token_cap():
     tok = gpt2_tokenizer()
     dialogues = synthetic(10, seed=3)
     sizes = [sum(len(ids) for ids, _ in turns) for turns in render(tok, dialogues)]
-    assert first_dialogues(tok, dialogues, 0) == dialogues
-    assert first_dialogues(tok, dialogues, sum(sizes)) == dialogues
-    assert first_dialogues(tok, dialogues, sum(sizes[:4])) == dialogues[:4]
-    assert first_dialogues(tok, dialogues, sum(sizes[:4]) + sizes[4] - 1) == dialogues[:4]
-    assert first_dialogues(tok, dialogues, 1) == dialogues[:1]  # never nothing
+    first = lambda cap: len(tokenize(tok, dialogues).head(cap))
+    assert first(0) == 10
+    assert first(sum(sizes)) == 10
+    assert first(sum(sizes[:4])) == 4
+    assert first(sum(sizes[:4]) + sizes[4] - 1) == 4
+    assert first(1) == 1  # never nothing
+    head = tokenize(tok, dialogues).head(sum(sizes[:4]))
+    assert len(head.ids) == sum(sizes[:4]) and list(make_blocks(tok, dialogues[:4], 64)) == list(
+        batching.pack_tokens(head, 64))
 
 
 def test_validation_is_capped(tmp_path, monkeypatch, capfd, tiny_model):
