@@ -236,8 +236,8 @@ def main():
     from torch.nn.parallel import DistributedDataParallel as DDP
     from tqdm import tqdm
 
-    import modeling
     import cache
+    import modeling
     from batching import collate, count, epoch_order, eval_batches, pack_tokens, step_batches
 
     # -----------------------------------------------------------------------------------------------------------------
@@ -304,6 +304,14 @@ def main():
     for path in (cfg.TRAIN_FILE, cfg.VAL_FILE):
         if next(iter_dialogues(path), None) is None:
             raise UserError(f"{path} holds no dialogues: run prepare_data.py first")
+    if cfg.TRAIN_SPEAKERS is not None:  # before the model and the cache: a typo must not cost a tokenizing pass
+        unknown = set(cfg.TRAIN_SPEAKERS)
+        for d in iter_dialogues(cfg.TRAIN_FILE):  # read only until each has been seen once
+            unknown -= {s for s, _ in d}
+            if not unknown:
+                break
+        if unknown:
+            raise UserError(f"TRAIN_SPEAKERS {sorted(unknown)} never speak in {cfg.TRAIN_FILE}")
     tokenizer, model = open_model(cfg, resume_from if state is not None else None, world, master)
     if state is not None:
         say(f"resuming from {resume_from} (step {state['step']})")
@@ -336,10 +344,6 @@ def main():
         dist.barrier()
         if not master:
             train_tok, val_tok, train_blocks = cached(build=False)
-    if cfg.TRAIN_SPEAKERS is not None:
-        unknown = [s for s in cfg.TRAIN_SPEAKERS if s not in train_tok.speakers]
-        if unknown:
-            raise UserError(f"TRAIN_SPEAKERS {unknown} never speak in {cfg.TRAIN_FILE}")
     val_tok = val_tok.head(cfg.VAL_MAX_TOKENS)
     val_blocks = pack_tokens(val_tok, cfg.BLOCK_SIZE)
     t_data = time.time() - t_data

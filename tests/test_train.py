@@ -487,6 +487,8 @@ def test_rejected_in_one_line(case, tmp_path, monkeypatch, capfd, tiny_model, dr
         if case in ("resume_other_block_size", "existing_run"):
             assert before is not None
         assert snapshot(tmp_path / "out") == before, f"OUT_DIR changed after: {line}"
+    if case == "unknown_train_speaker":
+        assert not (tmp_path / "cache").exists()  # said before anything was tokenized
 
 
 def test_missing_model(tmp_path):
