@@ -61,6 +61,8 @@ def tokens(path, file_sha, tokenizer, cfg, roles, say, build=True):
             say(f"token cache for {path}: {other}; tokenizing it for this run")
         if problem or not os.path.isdir(d):
             _build(d, path, meta, tokenizer, cfg.TRAIN_SPEAKERS, roles)
+    elif not os.path.isfile(os.path.join(d, "meta.json")):
+        raise UserError(_unshared(d))
     with open(os.path.join(d, "meta.json")) as f:
         meta = json.load(f)
     dtype = np.dtype(meta["dtype"])
@@ -80,7 +82,14 @@ def blocks(t, block_size, say, build=True):
         with _new_dir(d) as tmp:
             for name in BLOCK_ARRAYS:
                 getattr(packed, name).astype(BLOCK_ARRAYS[name]).tofile(os.path.join(tmp, name + ".bin"))
+    if not build and not os.path.isdir(d):
+        raise UserError(_unshared(d))
     return Blocks(t, *(_map(os.path.join(d, name + ".bin"), dtype) for name, dtype in BLOCK_ARRAYS.items()))
+
+
+def _unshared(d):
+    return (f"rank {os.environ.get('RANK', '?')} finds no token cache at {os.path.abspath(d)}, which rank 0 has "
+            f"just written: on more than one machine, CACHE_DIR (like OUT_DIR) must be on a filesystem they share")
 
 
 def _map(path, dtype):

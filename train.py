@@ -27,6 +27,7 @@ from dialogues import CHAT_TEMPLATE, format_dialogue, iter_dialogues
 MAY_CHANGE_ON_RESUME = ["EPOCHS", "MAX_STEPS", "EVAL_INTERVAL", "CHECKPOINT_INTERVAL", "KEEP_CHECKPOINTS",
                         "LOG_INTERVAL", "DEVICE", "OUT_DIR", "RESUME", "SHOW_EXAMPLE", "CACHE_DIR",
                         "GRADIENT_CHECKPOINTING",  # recomputing activations gives the same loss and gradients
+                        "BATCH_SIZE", "GRAD_ACCUM_STEPS",  # how the global batch is split; it is kept (split_batch)
                         "DATA_FILE", "VAL_FRACTION",  # prepare_data.py's
                         "CHECKPOINT", "NUM_REPLIES", "TEMPERATURE", "TOP_K", "TOP_P", "REPETITION_PENALTY",
                         "MAX_NEW_TOKENS", "SAMPLE_PROMPT", "SAMPLE_MAX_NEW_TOKENS", "USER_NAME", "BOT_NAME"]
@@ -100,7 +101,8 @@ def resume_config(cfg, given, saved, source):
     if refused:
         flags = ", ".join(f"--{k.lower()}={current[k]!r} (the run has --{k.lower()}={run_has[k]!r})" for k in refused)
         raise UserError(f"{source} belongs to a run with other settings, and only EPOCHS, MAX_STEPS, the intervals, "
-                        f"KEEP_CHECKPOINTS, DEVICE and GRADIENT_CHECKPOINTING may change on resume: {flags}. Resume "
+                        f"KEEP_CHECKPOINTS, DEVICE, GRADIENT_CHECKPOINTING and the split of the global batch "
+                        f"(BATCH_SIZE, GRAD_ACCUM_STEPS) may change on resume: {flags}. Resume "
                         f"without them (the run's own settings are taken), or start a new run in another OUT_DIR")
     merged = dict(current)
     for k, v in run_has.items():
@@ -108,6 +110,43 @@ def resume_config(cfg, given, saved, source):
             merged[k] = tuple(v) if isinstance(current[k], tuple) and isinstance(v, list) else v
     taken = [k for k in merged if plain(merged[k]) != plain(current[k])]
     return type(cfg)(**merged), taken
+
+
+def split_batch(cfg, given, global_batch, was, world):
+    """BATCH_SIZE and GRAD_ACCUM_STEPS that make the run's global batch (`global_batch` blocks a step, `was` = its
+    (BATCH_SIZE, GRAD_ACCUM_STEPS, processes)) on `world` processes. BATCH_SIZE, the memory a rank needs, is kept
+    (or taken from the command line); GRAD_ACCUM_STEPS makes up the rest. Only GRAD_ACCUM_STEPS given: BATCH_SIZE
+    makes up the rest. Where no whole numbers do, one line says which settings or process counts would."""
+    run = (f"the run's global batch of {global_batch} blocks a step (BATCH_SIZE={was[0]} x GRAD_ACCUM_STEPS={was[1]}"
+           f" x {was[2]} process{'es' if was[2] > 1 else ''})")
+    per_rank, left = divmod(global_batch, world)
+    if left:
+        counts = [str(n) for n in range(1, global_batch + 1) if global_batch % n == 0]
+        raise UserError(f"{run} does not divide over {world} processes; resume it on "
+                        f"{', '.join(counts[:-1])} or {counts[-1]} processes" if len(counts) > 1 else
+                        f"{run} does not divide over {world} processes; resume it in one process")
+    if "GRAD_ACCUM_STEPS" in given and "BATCH_SIZE" not in given:
+        batch = per_rank // cfg.GRAD_ACCUM_STEPS if per_rank % cfg.GRAD_ACCUM_STEPS == 0 else 0
+    else:
+        batch = cfg.BATCH_SIZE
+    if batch and per_rank % batch == 0 and (
+            "GRAD_ACCUM_STEPS" not in given or cfg.GRAD_ACCUM_STEPS == per_rank // batch):
+        return batch, per_rank // batch
+    pairs = [f"--batch_size={b} --grad_accum_steps={per_rank // b}"
+             for b in range(per_rank, 0, -1) if per_rank % b == 0][:4]
+    asked = " ".join(f"--{k.lower()}={getattr(cfg, k)}" for k in ("BATCH_SIZE", "GRAD_ACCUM_STEPS") if k in given)
+    raise UserError(f"{run} cannot be kept on {world} process{'es' if world > 1 else ''} with "
+                    f"{asked or f'BATCH_SIZE={cfg.BATCH_SIZE}'}: each process takes {per_rank} blocks a step; "
+                    f"use {' or '.join(pairs)}")
+
+
+def read_config(path):
+    """A run's config.json as a dict ({} where there is none or it cannot be read)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def find_checkpoints(out_dir):
@@ -193,6 +232,21 @@ def show_example(cfg):
     print(f"\n{len(ids)} tokens, {sum(mask)} trained ({sum(mask) / len(ids):.0%}){cut}")
 
 
+def init_processes(backend, rank, world):
+    """torch.distributed's process group, from torchrun's environment. Under --max-restarts, the store torchrun
+    shares with its workers outlives a restart and still holds the dead attempt's addresses, which the new one can
+    read before they are replaced (pytorch/pytorch#135712: a restart fails at random). On one machine every rank has
+    the same restart count, so each attempt takes keys of its own; across machines the counts can differ, and the
+    README's elastic command turns the sharing off instead (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)."""
+    import torch.distributed as dist
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.get("LOCAL_WORLD_SIZE") != str(world):
+        return dist.init_process_group(backend)
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False)
+    attempt = dist.PrefixStore(f"dialogue-finetune/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend, store=attempt, rank=rank, world_size=world)
+
+
 def open_model(cfg, resume_from, world, master):
     """The tokenizer and model the run trains: from the checkpoint it resumes (a LoRA checkpoint holds the adapter
     alone, applied to MODEL), else MODEL, else a scratch model; with the adapters and gradient checkpointing of
@@ -250,7 +304,7 @@ def main():
             torch.cuda.set_device(cfg_device)
         else:
             cfg_device, backend = "cpu", "gloo"
-        dist.init_process_group(backend)
+        init_processes(backend, rank, world)
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
 
@@ -262,24 +316,52 @@ def main():
     if world > 1:
         dist.barrier()
     checkpoints = find_checkpoints(cfg.OUT_DIR)
+    config_json = os.path.join(cfg.OUT_DIR, "config.json")
+    # torchrun --max-restarts=N restarts every rank after one fails (and when machines join or leave a
+    # --nnodes=MIN:MAX job). A run that this torchrun job began (config.json has its id) is continued, not refused.
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # "none": torchrun was given no job id
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    automatic = not cfg.RESUME and job != "none" and read_config(config_json).get("torchrun_job") == job
+    if automatic:
+        cfg.RESUME = True
+        say(f"torchrun restarted this run ({restarts} restart{'s' if restarts != 1 else ''}, {world} "
+            f"process{'es' if world > 1 else ''}): continuing it from its latest intact checkpoint")
     state = None
     if cfg.RESUME and checkpoints:
         resume_from, state = load_latest_state(checkpoints, say)
+        if state is None and automatic:  # starting over is for a user to decide, not a restart
+            raise UserError(f"torchrun restarted the run in {cfg.OUT_DIR}, and none of its {len(checkpoints)} "
+                            f"checkpoints is intact; nothing was changed. To start the run again from step 0, run "
+                            f"train.py with --resume=True")
         if state is None:
             say(f"no intact checkpoint in {cfg.OUT_DIR}: starting the run again")
     elif cfg.RESUME:
         say(f"no checkpoint in {cfg.OUT_DIR} to resume from: starting the run")
     elif not cfg.RESUME and (checkpoints or os.path.exists(os.path.join(cfg.OUT_DIR, "final"))):
-        raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} already holds a run: continue it with --resume=True, or choose "
-                        f"another --out_dir (nothing there is overwritten)")
-    config_json = os.path.join(cfg.OUT_DIR, "config.json")
+        restarted = (f" torchrun restarted the workers, but it continues a run only where the same job began it "
+                     f"(--standalone, or the same --rdzv-id)." if restarts else "")
+        raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} already holds a run:{restarted} continue it with --resume=True, or "
+                        f"choose another --out_dir (nothing there is overwritten)")
     if cfg.RESUME and (state is not None or os.path.isfile(config_json)):  # the run's settings, not config.py's
         if state is not None:
             source, saved = resume_from, state["config"]
+            # the run's global batch: recorded since it is kept across a change in processes, else as it was made
+            global_batch = state.get("global_batch") or (
+                saved["BATCH_SIZE"] * saved["GRAD_ACCUM_STEPS"] * state["world_size"])
         else:
-            with open(config_json) as f:
-                source, saved = config_json, json.load(f)
+            source, saved = config_json, read_config(config_json)
+            global_batch = saved.get("global_batch")
         cfg, taken = resume_config(cfg, given, saved, source)
+        if global_batch:  # BATCH_SIZE x GRAD_ACCUM_STEPS x processes stays what it was
+            was = (saved["BATCH_SIZE"], saved["GRAD_ACCUM_STEPS"], global_batch // (
+                saved["BATCH_SIZE"] * saved["GRAD_ACCUM_STEPS"]))
+            cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS = split_batch(cfg, given, global_batch, was, world)
+            if (cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS, world) != was:
+                say(f"the run's global batch of {global_batch} blocks a step (BATCH_SIZE={was[0]} x "
+                    f"GRAD_ACCUM_STEPS={was[1]} x {was[2]} process{'es' if was[2] > 1 else ''}) is kept: "
+                    f"BATCH_SIZE={cfg.BATCH_SIZE} x GRAD_ACCUM_STEPS={cfg.GRAD_ACCUM_STEPS} x {world} "
+                    f"process{'es' if world > 1 else ''}")
+                taken = [k for k in taken if k not in ("BATCH_SIZE", "GRAD_ACCUM_STEPS")]
         check_config(cfg)
         if taken:
             say(f"the run's own settings, from {source}: " + " ".join(f"--{k.lower()}={getattr(cfg, k)!r}"
@@ -376,8 +458,8 @@ def main():
             torch.set_rng_state(state["rng"][rank]["torch"])
             if device.type == "cuda" and state["rng"][rank]["cuda"] is not None:
                 torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
-        else:
-            say(f"resuming a {len(state['rng'])}-process run with {world}: the global batch changes size")
+        else:  # streams that cannot be split or merged: new ones, not a repeat of the run's first steps'
+            torch.manual_seed(cfg.SEED + rank + 1_000_003 * step)
     blocks_per_step = cfg.BATCH_SIZE * cfg.GRAD_ACCUM_STEPS * world
     steps_per_epoch = math.ceil(len(train_blocks) / blocks_per_step)
     total_steps = cfg.MAX_STEPS if cfg.MAX_STEPS > 0 else (
@@ -409,8 +491,8 @@ def main():
         except OSError as e:
             raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} cannot be made: {e.strerror}") from None
         if state is None:  # a new run; a resumed one keeps its config.json (its checkpoints carry what changed)
-            with atomic_write(config_json) as f:
-                json.dump(vars(cfg), f, indent=2)
+            with atomic_write(config_json) as f:  # the settings, and (lower case) what a restart needs to know
+                json.dump({**vars(cfg), "global_batch": blocks_per_step, "torchrun_job": job}, f, indent=2)
         # metrics.jsonl keeps what came before this step; the run writes later lines again as it redoes them
         lines = []
         if state is not None:
@@ -503,6 +585,7 @@ def main():
                     save_checkpoint(cfg.OUT_DIR, model, tokenizer, {
                         "step": step, "epoch": epoch, "offset": offset, "best_val": best_val, "best_step": best_step,
                         "epoch_stats": epoch_stats, "train_sha256": train_sha, "world_size": world,
+                        "global_batch": blocks_per_step,
                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                         "rng": rngs, "config": vars(cfg), "recent": recent}, cfg.KEEP_CHECKPOINTS)
             if world > 1 and (evaluate_now or checkpoint_now):

@@ -2,19 +2,23 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 
-from conftest import ROOT, script_env
-from tiny import max_diff, save_tiny_gpt2, synthetic, weights, write_split
+from cli import UserError
+from conftest import ROOT, run_script, script_env
+from tiny import curve, max_diff, metrics, save_tiny_gpt2, synthetic, weights, write_split
+from train import split_batch
 
 
-def torchrun(n, *args, cwd, script=os.path.join(ROOT, "train.py")):
+def torchrun(n, *args, cwd, script=os.path.join(ROOT, "train.py"), launcher=()):
     env = script_env({"OMP_NUM_THREADS": "1"})
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                           script, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+                           *launcher, script, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +34,19 @@ def common(run_dir):
             "--max_steps=4", "--checkpoint_interval=2", "--keep_checkpoints=5"]
 
 
-def test_two_ranks_equal_one_process_with_twice_the_batch(run_dir, script):
-    one = script("train.py", *common(run_dir), "--batch_size=4", "--out_dir=one", cwd=run_dir)
+@pytest.fixture(scope="module")
+def runs(run_dir):
+    """The uninterrupted runs the others are held to: one process of BATCH_SIZE=4 (out_dir one), and two ranks of
+    BATCH_SIZE=2 (two); 8 blocks a step either way."""
+    one = run_script("train.py", *common(run_dir), "--batch_size=4", "--out_dir=one", cwd=run_dir)
     assert one.returncode == 0, one.stderr
     two = torchrun(2, *common(run_dir), "--batch_size=2", "--out_dir=two", cwd=run_dir)
     assert two.returncode == 0, two.stderr
+    return one, two
+
+
+def test_two_ranks_equal_one_process_with_twice_the_batch(run_dir, runs):
+    one, two = runs
     assert max_diff(weights(run_dir / "one" / "final"), weights(run_dir / "two" / "final")) < 1e-5
     # one set of outputs: rank 0 alone writes, each step is logged once, and one summary line is printed
     steps = [json.loads(line)["step"] for line in open(run_dir / "two" / "metrics.jsonl") if "val_loss" in line]
@@ -44,19 +56,128 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(run_dir, script):
     assert "2 processes (gloo)" in two.stdout
 
 
-def test_two_process_checkpoint_resumes_in_one_process(run_dir, script):
-    out = run_dir / "two"
-    if not (out / "checkpoints" / "step-00000002").is_dir():
-        pytest.skip("needs the 2-process run of the test above")
-    resumed = run_dir / "resumed"
-    os.makedirs(resumed / "checkpoints")
-    os.rename(out / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
-    r = script("train.py", *common(run_dir), "--batch_size=2", "--out_dir=resumed", "--resume=True", cwd=run_dir)
+def resume_from(run_dir, source, step, name):
+    """A new OUT_DIR holding only checkpoint `step` of run `source` (copied): a run stopped there."""
+    out = run_dir / name
+    shutil.copytree(run_dir / source / "checkpoints" / f"step-{step:08d}", out / "checkpoints" / f"step-{step:08d}")
+    return out
+
+
+def test_a_two_process_run_finishes_in_one_process_with_its_global_batch(run_dir, runs, script):
+    """2 ranks x BATCH_SIZE=2 x GRAD_ACCUM_STEPS=2, stopped at step 2, resumed by one process: 2 x 4 x 1. It takes
+    the same 8 blocks a step and ends where the 1-process run of batch 4 x 2 does."""
+    out = resume_from(run_dir, "two", 2, "two_then_one")
+    r = script("train.py", "--out_dir=two_then_one", "--resume=True", cwd=run_dir)
     assert r.returncode == 0, r.stderr
-    assert "resuming from" in r.stdout and "step-00000002" in r.stdout
-    assert "resuming a 2-process run with 1" in r.stdout
-    assert (resumed / "final" / "model.safetensors").exists()
-    assert [json.loads(line)["step"] for line in open(resumed / "metrics.jsonl")][-1] == 4
+    assert ("the run's global batch of 8 blocks a step (BATCH_SIZE=2 x GRAD_ACCUM_STEPS=2 x 2 processes) is kept: "
+            "BATCH_SIZE=2 x GRAD_ACCUM_STEPS=4 x 1 process") in r.stdout
+    assert "4 steps" in r.stdout  # the schedule is the run's: the same number of steps
+    assert max_diff(weights(run_dir / "one" / "final"), weights(out / "final")) < 1e-5
+    # the logged loss (steps 1-4: the checkpoint carries the two before it) and validation are the run's too
+    for got, want in zip(curve(out), curve(run_dir / "one")[-8:], strict=True):
+        assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_a_one_process_run_finishes_on_two_ranks_with_its_global_batch(run_dir, runs):
+    out = resume_from(run_dir, "one", 2, "one_then_two")
+    r = torchrun(2, "--out_dir=one_then_two", "--resume=True", cwd=run_dir)
+    assert r.returncode == 0, r.stderr
+    assert "is kept: BATCH_SIZE=4 x GRAD_ACCUM_STEPS=1 x 2 processes" in r.stdout
+    assert max_diff(weights(run_dir / "one" / "final"), weights(out / "final")) < 1e-5
+
+
+def test_a_global_batch_that_cannot_be_kept_is_refused(run_dir, runs, script):
+    out = resume_from(run_dir, "one", 2, "cannot")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    r = script("train.py", "--out_dir=cannot", "--resume=True", "--batch_size=3", cwd=run_dir)
+    assert r.returncode == 2
+    assert r.stderr == ("error: the run's global batch of 8 blocks a step (BATCH_SIZE=4 x GRAD_ACCUM_STEPS=2 x 1 "
+                        "process) cannot be kept on 1 process with --batch_size=3: each process takes 8 blocks a "
+                        "step; use --batch_size=8 --grad_accum_steps=1 or --batch_size=4 --grad_accum_steps=2 or "
+                        "--batch_size=2 --grad_accum_steps=4 or --batch_size=1 --grad_accum_steps=8\n")
+    r = torchrun(3, "--out_dir=cannot", "--resume=True", cwd=run_dir)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: the run's global batch of 8 blocks a step (BATCH_SIZE=4 x GRAD_ACCUM_STEPS=2 x 1 "
+                      "process) does not divide over 3 processes; resume it on 1, 2, 4 or 8 processes"], r.stderr
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+# train.py, with rank KILL of torchrun's first attempt killed by SIGKILL as it begins step 3, after the checkpoint
+# of step 2: torchrun stops the other rank and starts both again.
+KILLED = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+sys.argv[0] = os.path.join({root!r}, "train.py")
+import cli, modeling, train
+
+calls, forward_backward = [0], modeling.forward_backward
+
+def dying(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 3 and os.environ["RANK"] == "{kill}" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return forward_backward(*args, **kwargs)
+
+modeling.forward_backward = dying
+cli.run(train.main)
+"""
+
+
+@pytest.mark.parametrize("kill", [1, 0])
+def test_torchrun_restarts_continue_the_run_exactly(run_dir, runs, tmp_path, kill):
+    wrapper = tmp_path / "killed.py"
+    wrapper.write_text(KILLED.format(root=ROOT, kill=kill))
+    r = torchrun(2, *common(run_dir), "--batch_size=2", f"--out_dir=killed{kill}", cwd=run_dir,
+                 script=str(wrapper), launcher=["--max-restarts=2"])
+    assert r.returncode == 0, r.stderr
+    assert "torchrun restarted this run (1 restart, 2 processes): continuing it" in r.stdout
+    assert "step-00000002 (step 2)" in r.stdout
+    out = run_dir / f"killed{kill}"
+    assert max_diff(weights(run_dir / "two" / "final"), weights(out / "final")) < 1e-5
+    assert curve(out) == curve(run_dir / "two")
+
+
+def restart_env(job, restarts="1"):
+    return {"TORCHELASTIC_RUN_ID": job, "TORCHELASTIC_RESTART_COUNT": restarts}
+
+
+def test_a_restart_finding_no_intact_checkpoint_stops(run_dir, runs, script):
+    out = resume_from(run_dir, "one", 2, "damaged")
+    config = json.loads((run_dir / "one" / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "torchrun_job": "job-7"}))
+    with open(out / "checkpoints" / "step-00000002" / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    before = {p: p.stat().st_size for p in out.rglob("*")}
+    r = script("train.py", "--out_dir=damaged", cwd=run_dir, env=restart_env("job-7"))
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: torchrun restarted the run in damaged, and none of its 1 checkpoints is "
+                               "intact; nothing was changed. To start the run again from step 0, run train.py with "
+                               "--resume=True\n"), r.stderr
+    assert {p: p.stat().st_size for p in out.rglob("*")} == before
+    # a restart of another torchrun job (or of one without a job id) never takes the run for its own
+    for env in (restart_env("job-8"), restart_env("none")):
+        r = script("train.py", "--out_dir=damaged", cwd=run_dir, env=env)
+        assert r.returncode == 2
+        assert "already holds a run: torchrun restarted the workers, but it continues a run only where" in r.stderr
+    assert {p: p.stat().st_size for p in out.rglob("*")} == before
+
+
+def test_split_batch():
+    cfg = types.SimpleNamespace(BATCH_SIZE=4, GRAD_ACCUM_STEPS=2)
+    assert split_batch(cfg, set(), 16, (4, 2, 2), 1) == (4, 4)
+    assert split_batch(cfg, set(), 16, (4, 2, 2), 4) == (4, 1)
+    assert split_batch(types.SimpleNamespace(BATCH_SIZE=2, GRAD_ACCUM_STEPS=2), {"BATCH_SIZE"}, 16, (4, 2, 2), 2) \
+        == (2, 4)
+    assert split_batch(types.SimpleNamespace(BATCH_SIZE=4, GRAD_ACCUM_STEPS=8), {"GRAD_ACCUM_STEPS"}, 16,
+                       (4, 2, 2), 1) == (2, 8)
+    with pytest.raises(UserError, match=r"cannot be kept on 8 processes with BATCH_SIZE=4: each process takes 2 "
+                                        r"blocks a step; use --batch_size=2 --grad_accum_steps=1 or --batch_size=1"):
+        split_batch(cfg, set(), 16, (4, 2, 2), 8)
+    with pytest.raises(UserError, match=r"with --batch_size=4 --grad_accum_steps=2: each process takes 16"):
+        split_batch(cfg, {"BATCH_SIZE", "GRAD_ACCUM_STEPS"}, 16, (4, 2, 2), 1)
+    with pytest.raises(UserError, match=r"does not divide over 3 processes; resume it on 1, 2, 4, 8 or 16 processes"):
+        split_batch(cfg, set(), 16, (4, 2, 2), 3)
 
 
 def test_an_error_is_reported_once(run_dir):
