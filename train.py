@@ -338,8 +338,8 @@ def main():
     elif cfg.RESUME:
         say(f"no checkpoint in {cfg.OUT_DIR} to resume from: starting the run")
     elif not cfg.RESUME and (checkpoints or os.path.exists(os.path.join(cfg.OUT_DIR, "final"))):
-        restarted = (f" torchrun restarted the workers, but it continues a run only where the same job began it "
-                     f"(--standalone, or the same --rdzv-id)." if restarts else "")
+        restarted = (" torchrun restarted the workers, but it continues a run only where the same job began it "
+                     "(--standalone, or the same --rdzv-id)." if restarts else "")
         raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} already holds a run:{restarted} continue it with --resume=True, or "
                         f"choose another --out_dir (nothing there is overwritten)")
     if cfg.RESUME and (state is not None or os.path.isfile(config_json)):  # the run's settings, not config.py's

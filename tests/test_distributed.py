@@ -11,7 +11,7 @@ import pytest
 
 from cli import UserError
 from conftest import ROOT, run_script, script_env
-from tiny import curve, max_diff, metrics, save_tiny_gpt2, synthetic, weights, write_split
+from tiny import curve, max_diff, save_tiny_gpt2, synthetic, weights, write_split
 from train import split_batch
 
 
