@@ -115,8 +115,10 @@ def resume_config(cfg, given, saved, source):
 def split_batch(cfg, given, global_batch, was, world):
     """BATCH_SIZE and GRAD_ACCUM_STEPS that make the run's global batch (`global_batch` blocks a step, `was` = its
     (BATCH_SIZE, GRAD_ACCUM_STEPS, processes)) on `world` processes. BATCH_SIZE, the memory a rank needs, is kept
-    (or taken from the command line); GRAD_ACCUM_STEPS makes up the rest. Only GRAD_ACCUM_STEPS given: BATCH_SIZE
-    makes up the rest. Where no whole numbers do, one line says which settings or process counts would."""
+    (or taken from the command line) and GRAD_ACCUM_STEPS makes up the rest, even where the command line gives it:
+    an elastic job restarts with the command line it began with, on however many processes are left. Only
+    GRAD_ACCUM_STEPS given: BATCH_SIZE makes up the rest. Where no whole numbers do, one line says which settings or
+    process counts would."""
     run = (f"the run's global batch of {global_batch} blocks a step (BATCH_SIZE={was[0]} x GRAD_ACCUM_STEPS={was[1]}"
            f" x {was[2]} process{'es' if was[2] > 1 else ''})")
     per_rank, left = divmod(global_batch, world)
@@ -129,14 +131,14 @@ def split_batch(cfg, given, global_batch, was, world):
         batch = per_rank // cfg.GRAD_ACCUM_STEPS if per_rank % cfg.GRAD_ACCUM_STEPS == 0 else 0
     else:
         batch = cfg.BATCH_SIZE
-    if batch and per_rank % batch == 0 and (
-            "GRAD_ACCUM_STEPS" not in given or cfg.GRAD_ACCUM_STEPS == per_rank // batch):
+    if batch and per_rank % batch == 0:
         return batch, per_rank // batch
     pairs = [f"--batch_size={b} --grad_accum_steps={per_rank // b}"
              for b in range(per_rank, 0, -1) if per_rank % b == 0][:4]
-    asked = " ".join(f"--{k.lower()}={getattr(cfg, k)}" for k in ("BATCH_SIZE", "GRAD_ACCUM_STEPS") if k in given)
-    raise UserError(f"{run} cannot be kept on {world} process{'es' if world > 1 else ''} with "
-                    f"{asked or f'BATCH_SIZE={cfg.BATCH_SIZE}'}: each process takes {per_rank} blocks a step; "
+    asked = next(f"--{k.lower()}={getattr(cfg, k)}" for k in ("BATCH_SIZE", "GRAD_ACCUM_STEPS") if k in given) \
+        if given & {"BATCH_SIZE", "GRAD_ACCUM_STEPS"} else f"BATCH_SIZE={cfg.BATCH_SIZE}"
+    raise UserError(f"{run} cannot be kept on {world} process{'es' if world > 1 else ''} with {asked}: each "
+                    f"process takes {per_rank} blocks a step; "
                     f"use {' or '.join(pairs)}")
 
 
@@ -342,6 +344,12 @@ def main():
                      "(--standalone, or the same --rdzv-id)." if restarts else "")
         raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} already holds a run:{restarted} continue it with --resume=True, or "
                         f"choose another --out_dir (nothing there is overwritten)")
+    if world > 1:  # every rank must take up the run where rank 0 does; on machines that do not share OUT_DIR, not so
+        steps = [None] * world
+        dist.all_gather_object(steps, state and state["step"])
+        if len(set(steps)) > 1:
+            raise UserError(f"the ranks find different checkpoints in OUT_DIR {cfg.OUT_DIR!r} (steps {steps}): on "
+                            f"more than one machine, OUT_DIR must be on a filesystem they share")
     if cfg.RESUME and (state is not None or os.path.isfile(config_json)):  # the run's settings, not config.py's
         if state is not None:
             source, saved = resume_from, state["config"]
@@ -350,6 +358,9 @@ def main():
                 saved["BATCH_SIZE"] * saved["GRAD_ACCUM_STEPS"] * state["world_size"])
         else:
             source, saved = config_json, read_config(config_json)
+            if not saved:
+                raise UserError(f"{config_json} cannot be read as JSON, and there is no checkpoint to take the "
+                                f"run's settings from; start a new run in another OUT_DIR")
             global_batch = saved.get("global_batch")
         cfg, taken = resume_config(cfg, given, saved, source)
         if global_batch:  # BATCH_SIZE x GRAD_ACCUM_STEPS x processes stays what it was

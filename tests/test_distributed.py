@@ -138,6 +138,31 @@ def test_torchrun_restarts_continue_the_run_exactly(run_dir, runs, tmp_path, kil
     assert curve(out) == curve(run_dir / "two")
 
 
+# train.py, with rank 1 seeing no checkpoints: as on a machine that does not share OUT_DIR with rank 0's
+UNSHARED = """
+import os, sys
+sys.path.insert(0, {root!r})
+sys.argv[0] = os.path.join({root!r}, "train.py")
+import cli, train
+
+find_checkpoints = train.find_checkpoints
+train.find_checkpoints = lambda out_dir: [] if os.environ["RANK"] == "1" else find_checkpoints(out_dir)
+cli.run(train.main)
+"""
+
+
+def test_ranks_that_see_different_checkpoints_stop(run_dir, runs, tmp_path):
+    out = resume_from(run_dir, "one", 2, "unshared")
+    wrapper = tmp_path / "unshared.py"
+    wrapper.write_text(UNSHARED.format(root=ROOT))
+    r = torchrun(2, "--out_dir=unshared", "--resume=True", cwd=run_dir, script=str(wrapper))
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: the ranks find different checkpoints in OUT_DIR 'unshared' (steps [2, None]): on more "
+                      "than one machine, OUT_DIR must be on a filesystem they share"], r.stderr
+    assert sorted(os.listdir(out)) == ["checkpoints"]
+
+
 def restart_env(job, restarts="1"):
     return {"TORCHELASTIC_RUN_ID": job, "TORCHELASTIC_RESTART_COUNT": restarts}
 
@@ -174,8 +199,11 @@ def test_split_batch():
     with pytest.raises(UserError, match=r"cannot be kept on 8 processes with BATCH_SIZE=4: each process takes 2 "
                                         r"blocks a step; use --batch_size=2 --grad_accum_steps=1 or --batch_size=1"):
         split_batch(cfg, set(), 16, (4, 2, 2), 8)
-    with pytest.raises(UserError, match=r"with --batch_size=4 --grad_accum_steps=2: each process takes 16"):
-        split_batch(cfg, {"BATCH_SIZE", "GRAD_ACCUM_STEPS"}, 16, (4, 2, 2), 1)
+    # an elastic job's command line stays as it began: BATCH_SIZE is kept, GRAD_ACCUM_STEPS made up
+    assert split_batch(cfg, {"BATCH_SIZE", "GRAD_ACCUM_STEPS"}, 16, (4, 2, 2), 1) == (4, 4)
+    with pytest.raises(UserError, match=r"with --grad_accum_steps=3: each process takes 16 blocks a step; use "
+                                        r"--batch_size=16 --grad_accum_steps=1 or --batch_size=8"):
+        split_batch(types.SimpleNamespace(BATCH_SIZE=4, GRAD_ACCUM_STEPS=3), {"GRAD_ACCUM_STEPS"}, 16, (4, 2, 2), 1)
     with pytest.raises(UserError, match=r"does not divide over 3 processes; resume it on 1, 2, 4, 8 or 16 processes"):
         split_batch(cfg, set(), 16, (4, 2, 2), 3)
 
