@@ -143,6 +143,18 @@ def umask():
     return mask
 
 
+def read_run_config(path):
+    """A run's config.json (train.py writes it once, atomically) as a dict; {} where there is none."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__}): it holds the run's settings; restore it, or "
+                        f"start a new run in another OUT_DIR") from None
+
+
 def read_jsonl(path):
     """The records of a JSON Lines log such as metrics.jsonl; a missing file is empty, and a line a killed process
     left half-written is skipped."""

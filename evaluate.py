@@ -19,7 +19,7 @@ import random
 import re
 import types
 
-from cli import UserError, atomic_write, load_config, no_such, read_jsonl, run
+from cli import UserError, atomic_write, load_config, no_such, read_jsonl, read_run_config, run
 
 RECURRING = 3  # a speaker in at least this many validation dialogues gets a loss of their own
 
@@ -96,10 +96,7 @@ def main():
 
     if next(iter_dialogues(cfg.VAL_FILE), None) is None:
         raise UserError(f"VAL_FILE {cfg.VAL_FILE!r} holds no dialogues: run prepare_data.py first")
-    run_cfg = {}  # what train.py recorded, where it ran
-    if os.path.isfile(os.path.join(cfg.OUT_DIR, "config.json")):
-        with open(os.path.join(cfg.OUT_DIR, "config.json")) as f:
-            run_cfg = json.load(f)
+    run_cfg = read_run_config(os.path.join(cfg.OUT_DIR, "config.json"))  # what train.py recorded, where it ran
     metrics = read_jsonl(os.path.join(cfg.OUT_DIR, "metrics.jsonl"))
     device, dtype, device_note = modeling.pick_device(cfg.DEVICE, cfg.PRECISION)
     print(device_note)

@@ -18,7 +18,7 @@ import resource
 import shutil
 import time
 
-from cli import UserError, atomic_write, defaults, load_config, no_such, read_jsonl, run
+from cli import UserError, atomic_write, defaults, load_config, no_such, read_jsonl, read_run_config, run
 from dialogues import CHAT_TEMPLATE, format_dialogue, iter_dialogues
 
 # Settings a resume may change: how long the run goes on, what it logs and keeps, where it runs, and the other
@@ -140,15 +140,6 @@ def split_batch(cfg, given, global_batch, was, world):
     raise UserError(f"{run} cannot be kept on {world} process{'es' if world > 1 else ''} with {asked}: each "
                     f"process takes {per_rank} blocks a step; "
                     f"use {' or '.join(pairs)}")
-
-
-def read_config(path):
-    """A run's config.json as a dict ({} where there is none or it cannot be read)."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
 
 
 def find_checkpoints(out_dir):
@@ -323,7 +314,7 @@ def main():
     # --nnodes=MIN:MAX job). A run that this torchrun job began (config.json has its id) is continued, not refused.
     job = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # "none": torchrun was given no job id
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    automatic = not cfg.RESUME and job != "none" and read_config(config_json).get("torchrun_job") == job
+    automatic = not cfg.RESUME and job != "none" and read_run_config(config_json).get("torchrun_job") == job
     if automatic:
         cfg.RESUME = True
         say(f"torchrun restarted this run ({restarts} restart{'s' if restarts != 1 else ''}, {world} "
@@ -357,10 +348,7 @@ def main():
             global_batch = state.get("global_batch") or (
                 saved["BATCH_SIZE"] * saved["GRAD_ACCUM_STEPS"] * state["world_size"])
         else:
-            source, saved = config_json, read_config(config_json)
-            if not saved:
-                raise UserError(f"{config_json} cannot be read as JSON, and there is no checkpoint to take the "
-                                f"run's settings from; start a new run in another OUT_DIR")
+            source, saved = config_json, read_run_config(config_json)
             global_batch = saved.get("global_batch")
         cfg, taken = resume_config(cfg, given, saved, source)
         if global_batch:  # BATCH_SIZE x GRAD_ACCUM_STEPS x processes stays what it was

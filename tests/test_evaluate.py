@@ -528,6 +528,8 @@ def bad(tiny64, tmp_path_factory):
     (d / "half").mkdir()
     shutil.copy(os.path.join(tiny64, "config.json"), d / "half" / "config.json")
     (d / "empty.txt").write_text("")
+    (d / "torn").mkdir()
+    (d / "torn" / "config.json").write_text('{"BATCH_SIZE": 4, "BLOCK_')
     write_split(d, synthetic(2, seed=3), synthetic(4, seed=4, min_turns=2))
     return d
 
@@ -540,6 +542,7 @@ LONG_PROMPT = "Alex: " + "word " * 200 + "\nBob:"
     ("incomplete model", ["--checkpoint=half"], "incomplete"),
     ("missing val", ["--checkpoint=TINY", "--val_file=nope.txt"], "nope.txt"),
     ("empty val", ["--checkpoint=TINY", "--val_file=empty.txt"], "empty.txt"),
+    ("torn run settings", ["--checkpoint=TINY", "--out_dir=torn"], "torn/config.json cannot be read (JSONDecodeError)"),
     ("long prompt", ["--checkpoint=TINY", "--model=TINY", "--num_replies=1", "--max_new_tokens=4",
                      "--sample_max_new_tokens=8", f"--sample_prompt={LONG_PROMPT}"], "SAMPLE_PROMPT"),
 ])
