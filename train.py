@@ -112,15 +112,19 @@ def resume_config(cfg, given, saved, source):
     return type(cfg)(**merged), taken
 
 
-def split_batch(cfg, given, global_batch, was, world):
-    """BATCH_SIZE and GRAD_ACCUM_STEPS that make the run's global batch (`global_batch` blocks a step, `was` = its
-    (BATCH_SIZE, GRAD_ACCUM_STEPS, processes)) on `world` processes. BATCH_SIZE, the memory a rank needs, is kept
-    (or taken from the command line) and GRAD_ACCUM_STEPS makes up the rest, even where the command line gives it:
-    an elastic job restarts with the command line it began with, on however many processes are left. Only
-    GRAD_ACCUM_STEPS given: BATCH_SIZE makes up the rest. Where no whole numbers do, one line says which settings or
-    process counts would."""
-    run = (f"the run's global batch of {global_batch} blocks a step (BATCH_SIZE={was[0]} x GRAD_ACCUM_STEPS={was[1]}"
-           f" x {was[2]} process{'es' if was[2] > 1 else ''})")
+def layout(batch, accum, processes):
+    """How a global batch is made, in words: 'BATCH_SIZE=2 x GRAD_ACCUM_STEPS=4 x 1 process'."""
+    return f"BATCH_SIZE={batch} x GRAD_ACCUM_STEPS={accum} x {processes} process{'es' if processes > 1 else ''}"
+
+
+def split_batch(cfg, given, was, world):
+    """BATCH_SIZE and GRAD_ACCUM_STEPS that make the run's global batch (`was`: its BATCH_SIZE, GRAD_ACCUM_STEPS and
+    processes) on `world` processes. BATCH_SIZE, the memory a rank needs, is kept (or taken from the command line)
+    and GRAD_ACCUM_STEPS makes up the rest, even where the command line gives it: an elastic job restarts with the
+    command line it began with, on however many processes are left. Only GRAD_ACCUM_STEPS given: BATCH_SIZE makes
+    up the rest. Where no whole numbers do, one line says which settings or process counts would."""
+    global_batch = math.prod(was)
+    run = f"the run's global batch of {global_batch} blocks a step ({layout(*was)})"
     per_rank, left = divmod(global_batch, world)
     if left:
         counts = [str(n) for n in range(1, global_batch + 1) if global_batch % n == 0]
@@ -128,18 +132,17 @@ def split_batch(cfg, given, global_batch, was, world):
                         f"{', '.join(counts[:-1])} or {counts[-1]} processes" if len(counts) > 1 else
                         f"{run} does not divide over {world} processes; resume it in one process")
     if "GRAD_ACCUM_STEPS" in given and "BATCH_SIZE" not in given:
-        batch = per_rank // cfg.GRAD_ACCUM_STEPS if per_rank % cfg.GRAD_ACCUM_STEPS == 0 else 0
+        accum = cfg.GRAD_ACCUM_STEPS
+        batch, asked = per_rank // accum if per_rank % accum == 0 else 0, f"--grad_accum_steps={accum}"
     else:
         batch = cfg.BATCH_SIZE
+        asked = f"--batch_size={batch}" if "BATCH_SIZE" in given else f"BATCH_SIZE={batch}"
     if batch and per_rank % batch == 0:
         return batch, per_rank // batch
     pairs = [f"--batch_size={b} --grad_accum_steps={per_rank // b}"
              for b in range(per_rank, 0, -1) if per_rank % b == 0][:4]
-    asked = next(f"--{k.lower()}={getattr(cfg, k)}" for k in ("BATCH_SIZE", "GRAD_ACCUM_STEPS") if k in given) \
-        if given & {"BATCH_SIZE", "GRAD_ACCUM_STEPS"} else f"BATCH_SIZE={cfg.BATCH_SIZE}"
     raise UserError(f"{run} cannot be kept on {world} process{'es' if world > 1 else ''} with {asked}: each "
-                    f"process takes {per_rank} blocks a step; "
-                    f"use {' or '.join(pairs)}")
+                    f"process takes {per_rank} blocks a step; use {' or '.join(pairs)}")
 
 
 def find_checkpoints(out_dir):
@@ -354,12 +357,10 @@ def main():
         if global_batch:  # BATCH_SIZE x GRAD_ACCUM_STEPS x processes stays what it was
             was = (saved["BATCH_SIZE"], saved["GRAD_ACCUM_STEPS"], global_batch // (
                 saved["BATCH_SIZE"] * saved["GRAD_ACCUM_STEPS"]))
-            cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS = split_batch(cfg, given, global_batch, was, world)
+            cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS = split_batch(cfg, given, was, world)
             if (cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS, world) != was:
-                say(f"the run's global batch of {global_batch} blocks a step (BATCH_SIZE={was[0]} x "
-                    f"GRAD_ACCUM_STEPS={was[1]} x {was[2]} process{'es' if was[2] > 1 else ''}) is kept: "
-                    f"BATCH_SIZE={cfg.BATCH_SIZE} x GRAD_ACCUM_STEPS={cfg.GRAD_ACCUM_STEPS} x {world} "
-                    f"process{'es' if world > 1 else ''}")
+                say(f"the run's global batch of {global_batch} blocks a step ({layout(*was)}) is kept: "
+                    f"{layout(cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS, world)}")
                 taken = [k for k in taken if k not in ("BATCH_SIZE", "GRAD_ACCUM_STEPS")]
         check_config(cfg)
         if taken:

@@ -98,14 +98,19 @@ def test_a_global_batch_that_cannot_be_kept_is_refused(run_dir, runs, script):
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
-# train.py, with rank KILL of torchrun's first attempt killed by SIGKILL as it begins step 3, after the checkpoint
-# of step 2: torchrun stops the other rank and starts both again.
-KILLED = """
-import os, signal, sys
-sys.path.insert(0, {root!r})
-sys.argv[0] = os.path.join({root!r}, "train.py")
-import cli, modeling, train
+def patched_train(tmp_path, name, patch):
+    """A script that runs train.py's main after `patch` (Python, with os, cli, modeling and train imported)."""
+    script = tmp_path / name
+    script.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\n"
+                      f"sys.argv[0] = {os.path.join(ROOT, 'train.py')!r}\n"
+                      f"import cli, modeling, train\n{patch}\ncli.run(train.main)\n")
+    return str(script)
 
+
+# Rank KILL of torchrun's first attempt is killed by SIGKILL as it begins step 3, after the checkpoint of step 2:
+# torchrun stops the other rank and starts both again.
+KILLED = """
+import signal
 calls, forward_backward = [0], modeling.forward_backward
 
 def dying(*args, **kwargs):
@@ -115,15 +120,13 @@ def dying(*args, **kwargs):
     return forward_backward(*args, **kwargs)
 
 modeling.forward_backward = dying
-cli.run(train.main)
 """
 
 
 def test_torchrun_restarts_continue_the_run_exactly(run_dir, runs, tmp_path, kill=1):
-    wrapper = tmp_path / "killed.py"
-    wrapper.write_text(KILLED.format(root=ROOT, kill=kill))
+    wrapper = patched_train(tmp_path, "killed.py", KILLED.format(kill=kill))
     r = torchrun(2, *common(run_dir), "--batch_size=2", f"--out_dir=killed{kill}", cwd=run_dir,
-                 script=str(wrapper), launcher=["--max-restarts=2"])
+                 script=wrapper, launcher=["--max-restarts=2"])
     assert r.returncode == 0, r.stderr
     assert "torchrun restarted this run (1 restart, 2 processes): continuing it" in r.stdout
     assert "step-00000002 (step 2)" in r.stdout
@@ -132,24 +135,17 @@ def test_torchrun_restarts_continue_the_run_exactly(run_dir, runs, tmp_path, kil
     assert curve(out) == curve(run_dir / "two")
 
 
-# train.py, with rank 1 seeing no checkpoints: as on a machine that does not share OUT_DIR with rank 0's
+# Rank 1 sees no checkpoints: as on a machine that does not share OUT_DIR with rank 0's.
 UNSHARED = """
-import os, sys
-sys.path.insert(0, {root!r})
-sys.argv[0] = os.path.join({root!r}, "train.py")
-import cli, train
-
 find_checkpoints = train.find_checkpoints
 train.find_checkpoints = lambda out_dir: [] if os.environ["RANK"] == "1" else find_checkpoints(out_dir)
-cli.run(train.main)
 """
 
 
 def test_ranks_that_see_different_checkpoints_stop(run_dir, runs, tmp_path):
     out = resume_from(run_dir, "one", 2, "unshared")
-    wrapper = tmp_path / "unshared.py"
-    wrapper.write_text(UNSHARED.format(root=ROOT))
-    r = torchrun(2, "--out_dir=unshared", "--resume=True", cwd=run_dir, script=str(wrapper))
+    wrapper = patched_train(tmp_path, "unshared.py", UNSHARED)
+    r = torchrun(2, "--out_dir=unshared", "--resume=True", cwd=run_dir, script=wrapper)
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: the ranks find different checkpoints in OUT_DIR 'unshared' (steps [2, None]): on more "
@@ -185,22 +181,22 @@ def test_a_restart_finding_no_intact_checkpoint_stops(run_dir, runs, script):
 
 def test_split_batch():
     cfg = types.SimpleNamespace(BATCH_SIZE=4, GRAD_ACCUM_STEPS=2)
-    assert split_batch(cfg, set(), 16, (4, 2, 2), 1) == (4, 4)
-    assert split_batch(cfg, set(), 16, (4, 2, 2), 4) == (4, 1)
-    assert split_batch(types.SimpleNamespace(BATCH_SIZE=2, GRAD_ACCUM_STEPS=2), {"BATCH_SIZE"}, 16, (4, 2, 2), 2) \
+    assert split_batch(cfg, set(), (4, 2, 2), 1) == (4, 4)
+    assert split_batch(cfg, set(), (4, 2, 2), 4) == (4, 1)
+    assert split_batch(types.SimpleNamespace(BATCH_SIZE=2, GRAD_ACCUM_STEPS=2), {"BATCH_SIZE"}, (4, 2, 2), 2) \
         == (2, 4)
-    assert split_batch(types.SimpleNamespace(BATCH_SIZE=4, GRAD_ACCUM_STEPS=8), {"GRAD_ACCUM_STEPS"}, 16,
+    assert split_batch(types.SimpleNamespace(BATCH_SIZE=4, GRAD_ACCUM_STEPS=8), {"GRAD_ACCUM_STEPS"},
                        (4, 2, 2), 1) == (2, 8)
     with pytest.raises(UserError, match=r"cannot be kept on 8 processes with BATCH_SIZE=4: each process takes 2 "
                                         r"blocks a step; use --batch_size=2 --grad_accum_steps=1 or --batch_size=1"):
-        split_batch(cfg, set(), 16, (4, 2, 2), 8)
+        split_batch(cfg, set(), (4, 2, 2), 8)
     # an elastic job's command line stays as it began: BATCH_SIZE is kept, GRAD_ACCUM_STEPS made up
-    assert split_batch(cfg, {"BATCH_SIZE", "GRAD_ACCUM_STEPS"}, 16, (4, 2, 2), 1) == (4, 4)
+    assert split_batch(cfg, {"BATCH_SIZE", "GRAD_ACCUM_STEPS"}, (4, 2, 2), 1) == (4, 4)
     with pytest.raises(UserError, match=r"with --grad_accum_steps=3: each process takes 16 blocks a step; use "
                                         r"--batch_size=16 --grad_accum_steps=1 or --batch_size=8"):
-        split_batch(types.SimpleNamespace(BATCH_SIZE=4, GRAD_ACCUM_STEPS=3), {"GRAD_ACCUM_STEPS"}, 16, (4, 2, 2), 1)
+        split_batch(types.SimpleNamespace(BATCH_SIZE=4, GRAD_ACCUM_STEPS=3), {"GRAD_ACCUM_STEPS"}, (4, 2, 2), 1)
     with pytest.raises(UserError, match=r"does not divide over 3 processes; resume it on 1, 2, 4, 8 or 16 processes"):
-        split_batch(cfg, set(), 16, (4, 2, 2), 3)
+        split_batch(cfg, set(), (4, 2, 2), 3)
 
 
 def test_an_error_is_reported_once(run_dir):
