@@ -13,7 +13,6 @@ OUT_DIR/eval_report.json, eval_report.md and loss_curve.png.
 import collections
 import itertools
 import json
-import math
 import os
 import random
 import re
@@ -42,10 +41,6 @@ def distinct(texts, n):
     """Unique n-grams / all n-grams over all replies: low means the model repeats itself."""
     grams = [tuple(w[i:i + n]) for w in map(words, texts) for i in range(len(w) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def ppl(loss):
-    return math.exp(min(loss, 50))
 
 
 def plot_loss_curve(metrics, path, title):
@@ -93,6 +88,7 @@ def main():
     from batching import encode, eval_batches, eval_groups, pack_tokens, start_id
     from dialogues import iter_dialogues
     from generation import chat_roles, prompt_ids, reply, sample
+    from modeling import ppl
 
     if next(iter_dialogues(cfg.VAL_FILE), None) is None:
         raise UserError(f"VAL_FILE {cfg.VAL_FILE!r} holds no dialogues: run prepare_data.py first")

@@ -7,6 +7,7 @@ import ctypes
 import functools
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -352,6 +353,11 @@ def loss_sum(model, x, y):
     logits = model(input_ids=x).logits
     loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE, reduction="sum")
     return loss, (y != IGNORE).sum()
+
+
+def ppl(loss):
+    """Perplexity of a mean loss in nats; capped so a diverged run prints a number, not an overflow."""
+    return math.exp(min(loss, 50))
 
 
 def make_optimizer(model, lr, weight_decay, betas, device):

@@ -514,8 +514,8 @@ def main():
     tokens_trained, train_time = 0, 0.0
     if state is None and master:  # the starting point, for "val loss X -> Y" and the loss curve
         first_val = modeling.evaluate(model, val_batches, device, dtype, desc="validation")
-        log(step=0, epoch=0, val_loss=first_val, val_ppl=math.exp(min(first_val, 50)))
-        say(f"step 0: val loss {first_val:.4f} (ppl {math.exp(min(first_val, 50)):.2f})")
+        log(step=0, epoch=0, val_loss=first_val, val_ppl=modeling.ppl(first_val))
+        say(f"step 0: val loss {first_val:.4f} (ppl {modeling.ppl(first_val):.2f})")
     recent = state.get("recent", []) if state else []  # (loss, trained tokens, seconds) since the last log line
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not master)
     with bar:  # closed on an error too: else the error line would go on after the bar's
@@ -562,11 +562,11 @@ def main():
             evaluate_now = end_of_epoch or step == total_steps or (cfg.EVAL_INTERVAL and step % cfg.EVAL_INTERVAL == 0)
             if evaluate_now and master:
                 val_loss = modeling.evaluate(model, val_batches, device, dtype, desc="validation")
-                log(step=step, epoch=epoch + 1, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+                log(step=step, epoch=epoch + 1, val_loss=val_loss, val_ppl=modeling.ppl(val_loss))
                 if val_loss < best_val:
                     best_val, best_step = val_loss, step
                     modeling.save(model, tokenizer, os.path.join(cfg.OUT_DIR, "best"))
-                tqdm.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})"
+                tqdm.write(f"step {step}: val loss {val_loss:.4f} (ppl {modeling.ppl(val_loss):.2f})"
                            f"{' best' if best_step == step else ''}")
             if end_of_epoch:
                 if master:
@@ -604,7 +604,7 @@ def main():
     start_val = f"{first_val:.4f} -> " if first_val is not None else ""
     say(f"trained steps {start_step}->{step} in {elapsed:.0f}s: {tokens_trained:,} tokens at "
         f"{tokens_trained / max(train_time, 1e-9):,.0f} tok/s; val loss {start_val}best {best_val:.4f} "
-        f"(ppl {math.exp(min(best_val, 50)):.2f}) at step {best_step}; {n_trained:,} of {n_params:,} parameters "
+        f"(ppl {modeling.ppl(best_val):.2f}) at step {best_step}; {n_trained:,} of {n_params:,} parameters "
         f"trained; models in {cfg.OUT_DIR}/best and {cfg.OUT_DIR}/final"
         f"{' (merged; the LoRA adapter in adapter/ of each)' if cfg.LORA_R else ''}")
 
