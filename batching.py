@@ -386,9 +386,7 @@ def collate(blocks, pad_id, block_size=None):
     padding, so no attention mask is needed and the fast causal attention path stays on.
     Given block_size, the width is rounded up to a multiple of 8 (at most block_size): a handful of shapes instead of
     one per length, so kernels chosen or compiled per shape (oneDNN on CPU, torch.compile) are reused, not rebuilt."""
-    T = max(len(ids) for ids, _ in blocks) - 1
-    if block_size:
-        T = min(-(-T // 8) * 8, block_size)
+    T = width(blocks, block_size)
     x = torch.full((len(blocks), T), pad_id, dtype=torch.long)
     y = torch.full((len(blocks), T), IGNORE, dtype=torch.long)
     for i, (ids, mask) in enumerate(blocks):
@@ -397,6 +395,13 @@ def collate(blocks, pad_id, block_size=None):
         target = torch.tensor(ids[1:])
         y[i, :n] = torch.where(torch.tensor(mask[1:], dtype=torch.bool), target, IGNORE)
     return x, y
+
+
+def width(blocks, block_size=None):
+    """The input positions of collate's batch of these blocks: the longest block's, rounded up to a multiple of 8 (at
+    most block_size) given block_size."""
+    T = max(len(ids) for ids, _ in blocks) - 1
+    return min(-(-T // 8) * 8, block_size) if block_size else T
 
 
 def eval_batches(blocks, batch_size, pad_id, block_size=None):

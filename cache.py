@@ -18,15 +18,13 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
-import tempfile
 import time
 
 import numpy as np
 
-import modeling
 from batching import Blocks, Tokens, pack_tokens, render_arrays, start_id, token_dtype
-from cli import UserError, umask
+from checkpoints import atomic_dir, check_manifest
+from cli import UserError
 from dialogues import iter_dialogues
 
 VERSION = 1  # bumped when what is stored, or how it is rendered, changes
@@ -54,7 +52,7 @@ def tokens(path, file_sha, tokenizer, cfg, roles, say, build=True):
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     d = os.path.join(cfg.CACHE_DIR, f"{meta['file']}-{key}")
     if build:
-        problem = modeling.check_manifest(d, required=True) if os.path.isdir(d) else None
+        problem = check_manifest(d, required=True) if os.path.isdir(d) else None
         if problem:
             say(f"token cache {d} is damaged ({problem}): tokenizing {path} again")
         elif not os.path.isdir(d) and (other := _other_version(cfg.CACHE_DIR, meta)):
@@ -74,12 +72,12 @@ def blocks(t, block_size, say, build=True):
     """Packed Blocks of some cached Tokens for BLOCK_SIZE, memory-mapped from the cache (packed and stored first
     where missing or damaged): best fit over millions of windows takes a while, and every start would redo it."""
     d = os.path.join(t.path, f"blocks-{block_size}")
-    problem = modeling.check_manifest(d, required=True) if build and os.path.isdir(d) else None
+    problem = check_manifest(d, required=True) if build and os.path.isdir(d) else None
     if problem:
         say(f"token cache {d} is damaged ({problem}): packing it again")
     if build and (problem or not os.path.isdir(d)):
         packed = pack_tokens(t, block_size)
-        with _new_dir(d) as tmp:
+        with new_dir(d) as tmp:
             for name in BLOCK_ARRAYS:
                 getattr(packed, name).astype(BLOCK_ARRAYS[name]).tofile(os.path.join(tmp, name + ".bin"))
     if not build and not os.path.isdir(d):
@@ -127,7 +125,7 @@ def _build(d, path, meta, tokenizer, train_speakers, roles):
     t0 = time.time()
     print(f"tokenizing {path} ({os.path.getsize(path) / 1e6:,.1f} MB) into {d}", flush=True)
     # the bar on a terminal only: piped or under test, stderr stays for the one line of an error
-    with _new_dir(d) as tmp, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, dynamic_ncols=True,
+    with new_dir(d) as tmp, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, dynamic_ncols=True,
                                   desc=f"tokenizing {os.path.basename(path)}", leave=False, disable=None) as bar:
         files = {name: open(os.path.join(tmp, name + ".bin"), "wb") for name in ARRAYS}
         with contextlib.ExitStack() as closing:
@@ -158,35 +156,13 @@ def _build(d, path, meta, tokenizer, train_speakers, roles):
           f"tokens/s)", flush=True)
 
 
-class _new_dir:
-    """Write a cache directory in a temp directory beside `d`; on success, add the manifest and rename it into place.
-    On any failure (a full disk) the temp directory goes, and nothing a later run could map is left."""
-
-    def __init__(self, d):
-        self.d = d
-
-    def __enter__(self):
-        parent = os.path.dirname(os.path.abspath(self.d))
-        try:
-            os.makedirs(parent, exist_ok=True)
-            self.tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(self.d) + "-")
-            os.chmod(self.tmp, 0o777 & ~umask())
-        except OSError as e:
-            raise UserError(f"cannot write the token cache in {parent}: {e.strerror}") from None
-        return self.tmp
-
-    def __exit__(self, kind, error, tb):
-        try:
-            if kind is None:
-                modeling.write_manifest(self.tmp)
-                if os.path.isdir(self.d):  # a damaged one: replaced
-                    modeling.remove_dir(self.d)
-                os.rename(self.tmp, self.d)
-        except OSError as e:
-            error = e
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        if isinstance(error, OSError):
-            raise UserError(f"cannot write the token cache {self.d}: {error.strerror or error}; nothing was kept "
-                            f"(free some space, or point CACHE_DIR elsewhere)") from None
-        return False
+@contextlib.contextmanager
+def new_dir(d):
+    """checkpoints.atomic_dir for a cache directory: on any failure (a full disk) nothing a later run could map is
+    left, and one line says so."""
+    try:
+        with atomic_dir(d) as tmp:
+            yield tmp
+    except OSError as e:
+        raise UserError(f"cannot write the token cache {d}: {e.strerror or e}; nothing was kept (free some space, or "
+                        f"point CACHE_DIR elsewhere)") from None

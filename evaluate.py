@@ -84,6 +84,7 @@ def main():
     from tqdm import tqdm
 
     import cache
+    import checkpoints
     import modeling
     from batching import encode, eval_batches, eval_groups, pack_tokens, start_id
     from dialogues import iter_dialogues
@@ -120,7 +121,7 @@ def main():
     # the token cache train.py made (same tokenizer, rendering and file: same key), or a new one
     rendering = types.SimpleNamespace(FORMAT="speaker" if roles is None else "chat_template", ROLES=run("ROLES"),
                                       TRAIN_SPEAKERS=train_speakers, CACHE_DIR=run("CACHE_DIR"))
-    all_val = cache.tokens(cfg.VAL_FILE, modeling.sha256(cfg.VAL_FILE), tokenizer, rendering, roles, print)
+    all_val = cache.tokens(cfg.VAL_FILE, checkpoints.sha256(cfg.VAL_FILE), tokenizer, rendering, roles, print)
     val_tok = all_val.head(run("VAL_MAX_TOKENS"))
     scored = list(itertools.islice(iter_dialogues(cfg.VAL_FILE), len(val_tok)))  # the same dialogues, as text
     seen = collections.Counter(s for d in scored for s in {s for s, _ in d})

@@ -1,17 +1,14 @@
 """Models: choosing the device, loading a model (Hub id, local directory, or a small offline "scratch" GPT-2), LoRA
-adapters and gradient checkpointing, saving one atomically as a standard Hugging Face directory, and the
-token-weighted loss every stage reports."""
+adapters and gradient checkpointing, the token-weighted loss every stage reports, and the optimizer and its step.
+Saving a model, like every directory we write, is checkpoints.py's."""
 
 import contextlib
 import ctypes
 import functools
-import hashlib
 import json
 import math
 import os
-import shutil
 import socket
-import tempfile
 import threading
 from urllib.parse import urlparse
 
@@ -21,7 +18,6 @@ import torch.nn.functional as F
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import utils as hub_utils
 from huggingface_hub.utils import logging as hub_logging
-from safetensors import SafetensorError
 from tqdm import tqdm
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast,
                           PreTrainedTokenizerFast)
@@ -29,7 +25,8 @@ from transformers.activations import GELUTanh, NewGELUActivation
 from transformers.utils import logging
 
 from batching import IGNORE
-from cli import UserError, umask
+from checkpoints import check_manifest
+from cli import UserError
 
 EOS = "<|endoftext|>"
 logging.set_verbosity_error()  # transformers' warnings would break our one-line errors
@@ -153,10 +150,6 @@ def adapt(model, cfg, adapter=None):
     return model
 
 
-def is_lora(model):
-    return hasattr(model, "peft_config")
-
-
 def cache_only(name):
     """Offline, a Hub model loads from the local cache at once, or not at all (the client's retries take a minute)."""
     return not os.path.isdir(name) and not hub_reachable()
@@ -235,114 +228,6 @@ def scratch_tokenizer(cfg, texts):
 
 def context_size(model):
     return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions")
-
-
-MANIFEST = "manifest.json"
-
-
-def save(model, tokenizer, path, state=None):
-    """save_pretrained (and `state` as state.pt, for a checkpoint) into a temp directory beside `path`, with a
-    manifest of every file's size and sha256, then swap it in: `path` is always a complete model. A failed write
-    (a full disk, say) leaves what was at `path` as it was."""
-    parent = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(path) + "-")
-        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's directory is private (0700); a saved model is not
-        if is_lora(model) and state is None:  # a model directory: the merged model, and the adapter beside it
-            model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(model))
-            model.save_pretrained(os.path.join(tmp, "adapter"))
-        else:  # a LoRA checkpoint holds the adapter alone: the base is MODEL, unchanged
-            model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if state is not None:
-            torch.save(state, os.path.join(tmp, "state.pt"))
-        write_manifest(tmp)
-        replace_dir(tmp, path)
-    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: safetensors and torch.save raise their own
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split("\n")[0] + " (disk full?)"
-        raise UserError(f"could not write {path}: {why}; what was there before is intact") from None
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-@torch.no_grad()
-def merged_state_dict(model):
-    """A LoRA model's weights as a plain model of the base architecture: W + scale * B @ A for every adapted layer,
-    computed into new tensors. Merging in place (peft's merge_and_unload) would change the weights the run goes on
-    training, and unmerging does not restore them bit for bit."""
-    from peft.tuners.lora import LoraLayer
-    base = model.get_base_model()
-    delta = {f"{name}.base_layer.weight": m.get_delta_weight(m.active_adapters[0])
-             for name, m in base.named_modules() if isinstance(m, LoraLayer)}
-    return {k.replace(".base_layer.", "."): (v + delta[k] if k in delta else v).detach()
-            for k, v in base.state_dict().items() if "lora_" not in k}
-
-
-def write_manifest(d):
-    """manifest.json in directory d: every file's size and sha256, subdirectories' too, so damage is detected."""
-    files = sorted(os.path.relpath(os.path.join(p, f), d) for p, _, names in os.walk(d) for f in names)
-    manifest = {f: {"size": os.path.getsize(os.path.join(d, f)), "sha256": sha256(os.path.join(d, f))} for f in files}
-    with open(os.path.join(d, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=1)
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def check_manifest(path, required=False):
-    """What is wrong with a directory we saved (a file missing, truncated or changed since), or None if nothing.
-    A directory without a manifest (a model from elsewhere) passes unless `required`."""
-    try:
-        with open(os.path.join(path, MANIFEST)) as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        return "no manifest.json" if required else None
-    except (OSError, ValueError):
-        return "manifest.json is unreadable"
-    for name, want in manifest.items():
-        p = os.path.join(path, name)
-        if not os.path.isfile(p):
-            return f"{name} is missing"
-        if os.path.getsize(p) != want["size"]:
-            return f"{name} is {os.path.getsize(p):,} bytes, the manifest says {want['size']:,} (truncated?)"
-        if sha256(p) != want["sha256"]:
-            return f"{name} does not match its sha256 in the manifest (corrupted or replaced)"
-    return None
-
-
-def replace_dir(src, dst):
-    """Put directory src at dst, replacing what is there: two renames, and `recover_dirs` mends a kill between."""
-    old = os.path.join(os.path.dirname(dst), ".tmp-old-" + os.path.basename(dst))
-    if os.path.exists(dst):
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(dst, old)
-    os.rename(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def remove_dir(path):
-    """Delete a directory so it is never seen half-deleted: rename it to a temp name first."""
-    tmp = os.path.join(os.path.dirname(path), ".tmp-del-" + os.path.basename(path))
-    os.rename(path, tmp)
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def recover_dirs(parent):
-    """After a kill: put back a directory that replace_dir had moved aside but not yet replaced, and delete every
-    other temp directory (unfinished saves, unfinished deletes)."""
-    names = os.listdir(parent) if os.path.isdir(parent) else []
-    for name in names:
-        if name.startswith(".tmp-old-") and not os.path.exists(os.path.join(parent, name[len(".tmp-old-"):])):
-            os.rename(os.path.join(parent, name), os.path.join(parent, name[len(".tmp-old-"):]))
-        elif name.startswith(".tmp-"):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

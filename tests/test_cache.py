@@ -15,7 +15,9 @@ import pytest
 
 import batching
 import cache
+import checkpoints
 import cli
+import modeling
 from batching import make_blocks, pack, pack_tokens, render, start_id, windows
 from conftest import ROOT, run_script
 from dialogues import load_records, parse_record, read_dialogues, write_dialogues
@@ -36,7 +38,7 @@ def cached_tokens(tmp_path, tokenizer, dialogues=None, said=None, **kw):
             write_dialogues(f, dialogues)
     cfg = rendering(tmp_path, **kw)
     roles = batching.role_map(cfg.ROLES, cfg.TRAIN_SPEAKERS) if cfg.FORMAT == "chat_template" else None
-    return cache.tokens(str(path), cache.modeling.sha256(path), tokenizer, cfg, roles,
+    return cache.tokens(str(path), checkpoints.sha256(path), tokenizer, cfg, roles,
                         (said if said is not None else []).append)
 
 
@@ -80,7 +82,7 @@ def test_the_cached_pipeline_trains_the_same_weights(tmp_path):
     assert "tokenized" not in warm.stdout
     assert max_diff(weights(tmp_path / "cold" / "final"), weights(tmp_path / "warm" / "final")) == 0
     # in memory: make_blocks over the dialogues, the loop as train.py runs it (test_train checks that loop further)
-    t = cached_tokens(tmp_path, cache.modeling.load_tokenizer(model))
+    t = cached_tokens(tmp_path, modeling.load_tokenizer(model))
     assert list(cache.blocks(t, 32, print)) == list(make_blocks(gpt2_tokenizer(), read_dialogues(
         tmp_path / "train_data.txt"), 32))
 

@@ -103,7 +103,7 @@ def patched_train(tmp_path, name, patch):
     script = tmp_path / name
     script.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\n"
                       f"sys.argv[0] = {os.path.join(ROOT, 'train.py')!r}\n"
-                      f"import cli, modeling, train\n{patch}\ncli.run(train.main)\n")
+                      f"import checkpoints, cli, modeling, train\n{patch}\ncli.run(train.main)\n")
     return str(script)
 
 
@@ -137,8 +137,8 @@ def test_torchrun_restarts_continue_the_run_exactly(run_dir, runs, tmp_path, kil
 
 # Rank 1 sees no checkpoints: as on a machine that does not share OUT_DIR with rank 0's.
 UNSHARED = """
-find_checkpoints = train.find_checkpoints
-train.find_checkpoints = lambda out_dir: [] if os.environ["RANK"] == "1" else find_checkpoints(out_dir)
+find = checkpoints.find
+checkpoints.find = lambda out_dir: [] if os.environ["RANK"] == "1" else find(out_dir)
 """
 
 

@@ -23,6 +23,7 @@ import time
 import pytest
 import torch
 
+import checkpoints
 import cli
 import evaluate
 import modeling
@@ -73,7 +74,7 @@ def assert_same_run(out, reference):
 
 def intact(d):
     """Whether directory d holds exactly the files its manifest.json lists, each of the recorded size and sha256.
-    Checked here independently of modeling.check_manifest, which is under test."""
+    Checked here independently of checkpoints.check_manifest, which is under test."""
     try:
         with open(d / "manifest.json") as f:
             manifest = json.load(f)
@@ -277,20 +278,20 @@ def test_no_intact_checkpoint_starts_again(tmp_path, monkeypatch, capfd, model, 
     truncate(ckpt(out, STEPS) / "model.safetensors")
     flip_byte(ckpt(out, STEPS - 1) / "state.pt")
     # the new run's own checkpoints must outlive the damaged newer ones: a crash after step 3 resumes from step 3
-    real_save = train.save_checkpoint
+    real_save = checkpoints.save
 
     def save_then_crash(out_dir, model, tokenizer, state, keep):
         real_save(out_dir, model, tokenizer, state, keep)
         if state["step"] == 3:
             raise KeyboardInterrupt  # a Ctrl-C right after the step-3 checkpoint
-    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(checkpoints, "save", save_then_crash)
     p = in_process(train.main, tmp_path, [*train_args(model), "--resume=True"], monkeypatch, capfd)
     assert p.returncode == 130, p.stderr
     assert "no intact checkpoint in out: starting the run again" in p.stdout
     assert len(re.findall("skipping damaged checkpoint", p.stdout)) == 2
     assert intact(ckpt(out, 3))
 
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoints, "save", real_save)
     p = in_process(train.main, tmp_path, [*train_args(model), "--resume=True"], monkeypatch, capfd)
     assert p.returncode == 0, p.stderr
     assert re.search(r"resuming from \S*step-00000003 \(step 3\)", p.stdout), p.stdout
@@ -410,7 +411,7 @@ def test_disk_full_during_a_checkpoint(limit_mb, fails, tmp_path, monkeypatch, c
     sizes = {f.name: f.stat().st_size for f in ckpt(reference, STEPS).iterdir()}
     over = sorted(f for f, size in sizes.items() if size > limit_mb << 20)
     assert fails in over and (fails == "model.safetensors" or over == [fails]), sizes  # model.safetensors goes first
-    real_save = train.save_checkpoint
+    real_save = checkpoints.save
 
     def save_on_a_full_disk(*args):
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -419,14 +420,14 @@ def test_disk_full_during_a_checkpoint(limit_mb, fails, tmp_path, monkeypatch, c
             real_save(*args)
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    monkeypatch.setattr(train, "save_checkpoint", save_on_a_full_disk)
+    monkeypatch.setattr(checkpoints, "save", save_on_a_full_disk)
     p = in_process(train.main, tmp_path, [*train_args(model), "--resume=True"], monkeypatch, capfd)
     line = error_line(p)
     assert f"could not write out/checkpoints/step-{STEPS:08d}" in line and "intact" in line, line
     assert sorted(os.listdir(out / "checkpoints")) == [f"step-{STEPS - 1:08d}"]  # no leftovers, the last one kept
     assert intact(ckpt(out, STEPS - 1))
 
-    monkeypatch.setattr(train, "save_checkpoint", real_save)  # space again
+    monkeypatch.setattr(checkpoints, "save", real_save)  # space again
     p = in_process(train.main, tmp_path, [*train_args(model), "--resume=True"], monkeypatch, capfd)
     assert p.returncode == 0, p.stderr
     assert re.search(rf"resuming from \S*step-{STEPS - 1:08d} ", p.stdout), p.stdout

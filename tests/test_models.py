@@ -14,6 +14,7 @@ import transformers
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import checkpoints
 import cli
 import modeling
 from batching import collate, encode, make_blocks, render_chat, role_map, start_id, windows
@@ -177,7 +178,7 @@ def test_lora_trains_only_the_adapter(tmp_path, family):
         modeling.forward_backward(model, [(x, y)], torch.device("cpu"), None)
         modeling.optimizer_step(model, opt, None, 1.0)
     assert sum(len(s) > 0 for s in opt.state.values()) == len(trained)  # optimizer state for the adapter only
-    merged = modeling.merged_state_dict(model)
+    merged = checkpoints.merged_state_dict(model)
     assert merged.keys() == before.keys()
     changed = {k for k in before if not torch.equal(before[k], merged[k])}
     assert changed and all(k.endswith("weight") for k in changed)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 import batching
+import checkpoints
 import cli
 import modeling
 import train
@@ -673,13 +674,13 @@ def test_resume_config_the_run_of_the_issue():
     saved = {**cli.defaults(), "EPOCHS": 10, "BETAS": [0.9, 0.98], "RESUME": False, "OUT_DIR": "elsewhere"}
     del saved["VAL_MAX_TOKENS"]  # as if the run were older than this setting
     given = set()
-    cfg, taken = train.resume_config(cli.load_config(["--resume=True"], given=given), given, saved, "ckpt")
+    cfg, taken = checkpoints.resume_config(cli.load_config(["--resume=True"], given=given), given, saved, "ckpt")
     assert cfg.EPOCHS == 10 and cfg.BETAS == (0.9, 0.98) and cfg.RESUME is True and cfg.OUT_DIR == "out"
     assert taken == ["BETAS", "EPOCHS"]
     given = set()
-    cfg, _ = train.resume_config(cli.load_config(["--resume=True", "--epochs=12", "--log_interval=1"], given=given),
+    cfg, _ = checkpoints.resume_config(cli.load_config(["--resume=True", "--epochs=12", "--log_interval=1"], given=given),
                                  given, saved, "ckpt")
     assert cfg.EPOCHS == 12 and cfg.LOG_INTERVAL == 1
     given = set()
     with pytest.raises(cli.UserError, match=r"--val_max_tokens=5 \(the run has --val_max_tokens=100000\)"):
-        train.resume_config(cli.load_config(["--resume=True", "--val_max_tokens=5"], given=given), given, saved, "ckpt")
+        checkpoints.resume_config(cli.load_config(["--resume=True", "--val_max_tokens=5"], given=given), given, saved, "ckpt")

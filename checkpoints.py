@@ -1,0 +1,398 @@
+"""Durable storage: every directory the pipeline writes (model directories, checkpoints, the token cache) is written
+whole or not at all, with a manifest that later reads verify; and a training run's directory: its checkpoints (save,
+find the latest intact one, load it, prune), and the rules for starting a run in OUT_DIR or resuming the one there.
+
+    OUT_DIR/config.json                    the run's settings, written once when it starts
+    OUT_DIR/checkpoints/step-NNNNNNNN/     the model (a LoRA run: the adapter alone), state.pt, manifest.json
+    OUT_DIR/best/, OUT_DIR/final/          Hugging Face model directories, with manifest.json
+
+A directory is written in a temp directory beside its place, gets a manifest of every file's size and sha256, and is
+renamed into place: a kill at any moment leaves the old directory or the new one, and `recover_dirs` clears what a
+kill left behind. Only the standard library is imported here at the top: the token cache uses the writer without
+torch; what saves or loads a model imports torch when it is called.
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+
+from cli import UserError, defaults, read_jsonl, read_run_config, umask, atomic_write
+
+MANIFEST = "manifest.json"
+before_rename = None  # tests: called with a directory's temp path once its files are written, before it is put in place
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# writing a directory whole, with a manifest; checking it; mending what a kill left
+
+@contextmanager
+def atomic_dir(path):
+    """A temp directory beside `path` to write into; when the block ends without an exception it gets its manifest
+    and replaces `path`. On any failure (a full disk) the temp directory goes, and `path` is as it was. OSError and
+    the writers' own errors pass through: the caller says what could not be written."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(path) + "-")
+    try:
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's directory is private (0700); what we write is not
+        yield tmp
+        write_manifest(tmp)
+        if before_rename:
+            before_rename(tmp)
+        replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_manifest(d):
+    """manifest.json in directory d: every file's size and sha256, subdirectories' too, so damage is detected."""
+    files = sorted(os.path.relpath(os.path.join(p, f), d) for p, _, names in os.walk(d) for f in names)
+    manifest = {f: {"size": os.path.getsize(os.path.join(d, f)), "sha256": sha256(os.path.join(d, f))} for f in files}
+    with open(os.path.join(d, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+
+
+def sha256(path):
+    """A file's sha256, read in pieces: never the whole file in memory."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_manifest(path, required=False):
+    """What is wrong with a directory we saved (a file missing, truncated or changed since), or None if nothing.
+    A directory without a manifest (a model from elsewhere) passes unless `required`."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        return "no manifest.json" if required else None
+    except (OSError, ValueError):
+        return "manifest.json is unreadable"
+    for name, want in manifest.items():
+        p = os.path.join(path, name)
+        if not os.path.isfile(p):
+            return f"{name} is missing"
+        if os.path.getsize(p) != want["size"]:
+            return f"{name} is {os.path.getsize(p):,} bytes, the manifest says {want['size']:,} (truncated?)"
+        if sha256(p) != want["sha256"]:
+            return f"{name} does not match its sha256 in the manifest (corrupted or replaced)"
+    return None
+
+
+def replace_dir(src, dst):
+    """Put directory src at dst, replacing what is there: two renames, and `recover_dirs` mends a kill between."""
+    old = os.path.join(os.path.dirname(dst), ".tmp-old-" + os.path.basename(dst))
+    if os.path.exists(dst):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(dst, old)
+    os.rename(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_dir(path):
+    """Delete a directory so it is never seen half-deleted: rename it to a temp name first."""
+    tmp = os.path.join(os.path.dirname(path), ".tmp-del-" + os.path.basename(path))
+    os.rename(path, tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_dirs(parent):
+    """After a kill: put back a directory that replace_dir had moved aside but not yet replaced, and delete every
+    other temp directory (unfinished saves, unfinished deletes)."""
+    names = os.listdir(parent) if os.path.isdir(parent) else []
+    for name in names:
+        if name.startswith(".tmp-old-") and not os.path.exists(os.path.join(parent, name[len(".tmp-old-"):])):
+            os.rename(os.path.join(parent, name), os.path.join(parent, name[len(".tmp-old-"):]))
+        elif name.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# model directories and checkpoints
+
+def save_model(model, tokenizer, path, state=None):
+    """The model as a Hugging Face directory at `path` (save_pretrained, safetensors), written whole; with `state`
+    (a checkpoint) also state.pt. A LoRA model's directory holds the merged model and the adapter in adapter/; a LoRA
+    checkpoint holds the adapter alone, its base being MODEL, unchanged. A failed write (a full disk, say) leaves
+    what was at `path` as it was."""
+    import torch
+    from safetensors import SafetensorError
+    try:
+        with atomic_dir(path) as tmp:
+            if hasattr(model, "peft_config") and state is None:
+                model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(model))
+                model.save_pretrained(os.path.join(tmp, "adapter"))
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if state is not None:
+                torch.save(state, os.path.join(tmp, "state.pt"))
+            for p, _, names in os.walk(tmp):  # safetensors writes its files private (0600); the rest is not
+                for name in names:
+                    os.chmod(os.path.join(p, name), 0o666 & ~umask())
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: safetensors and torch.save raise their own
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split("\n")[0] + " (disk full?)"
+        raise UserError(f"could not write {path}: {why}; what was there before is intact") from None
+
+
+def merged_state_dict(model):
+    """A LoRA model's weights as a plain model of the base architecture: W + scale * B @ A for every adapted layer,
+    computed into new tensors. Merging in place (peft's merge_and_unload) would change the weights the run goes on
+    training, and unmerging does not restore them bit for bit."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+    base = model.get_base_model()
+    with torch.no_grad():
+        delta = {f"{name}.base_layer.weight": m.get_delta_weight(m.active_adapters[0])
+                 for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+        return {k.replace(".base_layer.", "."): (v + delta[k] if k in delta else v).detach()
+                for k, v in base.state_dict().items() if "lora_" not in k}
+
+
+def find(out_dir):
+    """A run's checkpoint directories, oldest first. Each is renamed into place when complete, so a half-written one
+    never has a step-* name; its manifest catches later damage."""
+    d = os.path.join(out_dir, "checkpoints")
+    names = sorted(n for n in os.listdir(d) if n.startswith("step-")) if os.path.isdir(d) else []
+    return [os.path.join(d, n) for n in names if os.path.isfile(os.path.join(d, n, "state.pt"))]
+
+
+def last_good(out_dir):
+    """The newest checkpoint whose files match its manifest, or None."""
+    return next((c for c in reversed(find(out_dir)) if not check_manifest(c)), None)
+
+
+def load_latest(checkpoints, say):
+    """The newest checkpoint whose files match its manifest and whose state loads without running code, and its
+    state; damaged ones are reported and passed over. (None, None) where there is none."""
+    import torch
+    for path in reversed(checkpoints):
+        problem = check_manifest(path, required=True)
+        if problem is None:
+            try:  # weights_only: tensors and plain data only; a pickle that would run code is refused
+                return path, torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+            except Exception as e:
+                problem = f"state.pt cannot be loaded safely ({type(e).__name__})"
+        say(f"skipping damaged checkpoint {path}: {problem}")
+    return None, None
+
+
+def save(out_dir, model, tokenizer, state, keep):
+    """The checkpoint of step state['step'], then the oldest of this run's pruned down to `keep`."""
+    d = os.path.join(out_dir, "checkpoints")
+    path = os.path.join(d, f"step-{state['step']:08d}")
+    save_model(model, tokenizer, path, state)
+    # prune this run's own only: newer, damaged ones that the resume passed over must not crowd out the new ones (each
+    # is replaced when the run gets there)
+    for old in [c for c in find(out_dir) if c <= path][:-keep]:
+        remove_dir(old)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a run in OUT_DIR: a new one, or the one there resumed with its own settings
+
+# Settings a resume may change: how long the run goes on, what it logs and keeps, where it runs, and the other
+# scripts' own settings. None of them changes the arithmetic of a step. Every other setting is the run's own: a
+# resume takes it from the checkpoint, so a setting added to config.py is protected without being listed anywhere.
+MAY_CHANGE_ON_RESUME = ["EPOCHS", "MAX_STEPS", "EVAL_INTERVAL", "CHECKPOINT_INTERVAL", "KEEP_CHECKPOINTS",
+                        "LOG_INTERVAL", "DEVICE", "OUT_DIR", "RESUME", "SHOW_EXAMPLE", "CACHE_DIR",
+                        "GRADIENT_CHECKPOINTING",  # recomputing activations gives the same loss and gradients
+                        "BATCH_SIZE", "GRAD_ACCUM_STEPS",  # how the global batch is split; it is kept (split_batch)
+                        "DATA_FILE", "VAL_FRACTION",  # prepare_data.py's
+                        "CHECKPOINT", "NUM_REPLIES", "TEMPERATURE", "TOP_K", "TOP_P", "REPETITION_PENALTY",
+                        "MAX_NEW_TOKENS", "SAMPLE_PROMPT", "SAMPLE_MAX_NEW_TOKENS", "USER_NAME", "BOT_NAME"]
+
+
+class Run:
+    """Where a run starts: its settings (`cfg`: a resumed run's own), the checkpoint it resumes (`resume_from`, with
+    its `state`; None for a new run) and torchrun's job id (`job`), recorded so that a restart continues the run."""
+
+    def __init__(self, cfg, state=None, resume_from=None, job="none"):
+        self.cfg, self.state, self.resume_from, self.job = cfg, state, resume_from, job
+        self.config_json = os.path.join(cfg.OUT_DIR, "config.json")
+        self.metrics = os.path.join(cfg.OUT_DIR, "metrics.jsonl")
+
+
+def open_run(cfg, given, world, say):
+    """The run in OUT_DIR that train.py starts or continues: a new one (refused where OUT_DIR holds a run that was not
+    asked to be resumed), or the latest intact checkpoint of the one there with the run's own settings. Under torchrun
+    every rank calls this and all agree; rank 0 alone mends what a killed run left."""
+    import torch.distributed as dist
+    if os.environ.get("RANK", "0") == "0":  # a model directory moved aside mid-swap, unfinished temp directories
+        recover_dirs(cfg.OUT_DIR)
+        recover_dirs(os.path.join(cfg.OUT_DIR, "checkpoints"))
+    if world > 1:
+        dist.barrier()
+    checkpoints = find(cfg.OUT_DIR)
+    job, automatic = torchrun_restart(cfg, world, say)
+    state, resume_from = None, None
+    if cfg.RESUME and checkpoints:
+        resume_from, state = load_latest(checkpoints, say)
+        if state is None and automatic:  # starting over is for a user to decide, not a restart
+            raise UserError(f"torchrun restarted the run in {cfg.OUT_DIR}, and none of its {len(checkpoints)} "
+                            f"checkpoints is intact; nothing was changed. To start the run again from step 0, run "
+                            f"train.py with --resume=True")
+        if state is None:
+            say(f"no intact checkpoint in {cfg.OUT_DIR}: starting the run again")
+    elif cfg.RESUME:
+        say(f"no checkpoint in {cfg.OUT_DIR} to resume from: starting the run")
+    elif checkpoints or os.path.exists(os.path.join(cfg.OUT_DIR, "final")):
+        restarted = (" torchrun restarted the workers, but it continues a run only where the same job began it "
+                     "(--standalone, or the same --rdzv-id)." if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+                     != "0" else "")
+        raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} already holds a run:{restarted} continue it with --resume=True, or "
+                        f"choose another --out_dir (nothing there is overwritten)")
+    if world > 1:  # every rank must take up the run where rank 0 does; on machines that do not share OUT_DIR, not so
+        steps = [None] * world
+        dist.all_gather_object(steps, state and state["step"])
+        if len(set(steps)) > 1:
+            raise UserError(f"the ranks find different checkpoints in OUT_DIR {cfg.OUT_DIR!r} (steps {steps}): on "
+                            f"more than one machine, OUT_DIR must be on a filesystem they share")
+    config_json = os.path.join(cfg.OUT_DIR, "config.json")
+    if cfg.RESUME and (state is not None or os.path.isfile(config_json)):  # the run's settings, not config.py's
+        cfg = resumed_settings(cfg, given, state, resume_from, config_json, world, say)
+    return Run(cfg, state, resume_from, job)
+
+
+def torchrun_restart(cfg, world, say):
+    """torchrun --max-restarts=N restarts every rank after one fails (and when machines join or leave a
+    --nnodes=MIN:MAX job). A run that this torchrun job began (config.json has its id) is continued, not refused:
+    sets RESUME. Returns (the job id, whether it was such a restart)."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # "none": torchrun was given no job id
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    config_json = os.path.join(cfg.OUT_DIR, "config.json")
+    automatic = not cfg.RESUME and job != "none" and read_run_config(config_json).get("torchrun_job") == job
+    if automatic:
+        cfg.RESUME = True
+        say(f"torchrun restarted this run ({restarts} restart{'s' if restarts != 1 else ''}, {world} "
+            f"process{'es' if world > 1 else ''}): continuing it from its latest intact checkpoint")
+    return job, automatic
+
+
+def resumed_settings(cfg, given, state, resume_from, config_json, world, say):
+    """A resumed run's settings: its own (resume_config), with its global batch split over `world` processes."""
+    if state is not None:
+        source, saved = resume_from, state["config"]
+        # the run's global batch: recorded since it is kept across a change in processes, else as it was made
+        global_batch = state.get("global_batch") or (
+            saved["BATCH_SIZE"] * saved["GRAD_ACCUM_STEPS"] * state["world_size"])
+    else:
+        source, saved = config_json, read_run_config(config_json)
+        global_batch = saved.get("global_batch")
+    cfg, taken = resume_config(cfg, given, saved, source)
+    if global_batch:  # BATCH_SIZE x GRAD_ACCUM_STEPS x processes stays what it was
+        was = (saved["BATCH_SIZE"], saved["GRAD_ACCUM_STEPS"],
+               global_batch // (saved["BATCH_SIZE"] * saved["GRAD_ACCUM_STEPS"]))
+        cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS = split_batch(cfg, given, was, world)
+        if (cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS, world) != was:
+            say(f"the run's global batch of {global_batch} blocks a step ({layout(*was)}) is kept: "
+                f"{layout(cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS, world)}")
+            taken = [k for k in taken if k not in ("BATCH_SIZE", "GRAD_ACCUM_STEPS")]
+    if taken:
+        say(f"the run's own settings, from {source}: " + " ".join(f"--{k.lower()}={getattr(cfg, k)!r}"
+                                                                for k in taken))
+    return cfg
+
+
+def resume_config(cfg, given, saved, source):
+    """The settings of a resumed run: the run's own (`saved`, from its checkpoint or config.json; config.py's for a
+    setting newer than the run), but OUT_DIR and RESUME, and those of MAY_CHANGE_ON_RESUME set on the command line.
+    Any other setting given there with a value other than the run's is refused, all of them named. Returns (the
+    settings, the names of those taken from the run that differ from config.py or the command line)."""
+    plain = lambda v: json.loads(json.dumps(v))  # config.json has lists where config.py has tuples
+    current = vars(cfg)
+    run_has = {**defaults(), **{k: v for k, v in saved.items() if k in current}}
+    refused = [k for k in sorted(given) if k not in MAY_CHANGE_ON_RESUME and plain(run_has[k]) != plain(current[k])]
+    if refused:
+        flags = ", ".join(f"--{k.lower()}={current[k]!r} (the run has --{k.lower()}={run_has[k]!r})" for k in refused)
+        raise UserError(f"{source} belongs to a run with other settings, and only EPOCHS, MAX_STEPS, the intervals, "
+                        f"KEEP_CHECKPOINTS, DEVICE, GRADIENT_CHECKPOINTING and the split of the global batch "
+                        f"(BATCH_SIZE, GRAD_ACCUM_STEPS) may change on resume: {flags}. Resume "
+                        f"without them (the run's own settings are taken), or start a new run in another OUT_DIR")
+    merged = dict(current)
+    for k, v in run_has.items():
+        if k not in given and k not in ("OUT_DIR", "RESUME"):
+            merged[k] = tuple(v) if isinstance(current[k], tuple) and isinstance(v, list) else v
+    taken = [k for k in merged if plain(merged[k]) != plain(current[k])]
+    return type(cfg)(**merged), taken
+
+
+def layout(batch, accum, processes):
+    """How a global batch is made, in words: 'BATCH_SIZE=2 x GRAD_ACCUM_STEPS=4 x 1 process'."""
+    return f"BATCH_SIZE={batch} x GRAD_ACCUM_STEPS={accum} x {processes} process{'es' if processes > 1 else ''}"
+
+
+def split_batch(cfg, given, was, world):
+    """BATCH_SIZE and GRAD_ACCUM_STEPS that make the run's global batch (`was`: its BATCH_SIZE, GRAD_ACCUM_STEPS and
+    processes) on `world` processes. BATCH_SIZE, the memory a rank needs, is kept (or taken from the command line)
+    and GRAD_ACCUM_STEPS makes up the rest, even where the command line gives it: an elastic job restarts with the
+    command line it began with, on however many processes are left. Only GRAD_ACCUM_STEPS given: BATCH_SIZE makes
+    up the rest. Where no whole numbers do, one line says which settings or process counts would."""
+    global_batch = math.prod(was)
+    run = f"the run's global batch of {global_batch} blocks a step ({layout(*was)})"
+    per_rank, left = divmod(global_batch, world)
+    if left:
+        counts = [str(n) for n in range(1, global_batch + 1) if global_batch % n == 0]
+        raise UserError(f"{run} does not divide over {world} processes; resume it on "
+                        f"{', '.join(counts[:-1])} or {counts[-1]} processes" if len(counts) > 1 else
+                        f"{run} does not divide over {world} processes; resume it in one process")
+    if "GRAD_ACCUM_STEPS" in given and "BATCH_SIZE" not in given:
+        accum = cfg.GRAD_ACCUM_STEPS
+        batch, asked = per_rank // accum if per_rank % accum == 0 else 0, f"--grad_accum_steps={accum}"
+    else:
+        batch = cfg.BATCH_SIZE
+        asked = f"--batch_size={batch}" if "BATCH_SIZE" in given else f"BATCH_SIZE={batch}"
+    if batch and per_rank % batch == 0:
+        return batch, per_rank // batch
+    pairs = [f"--batch_size={b} --grad_accum_steps={per_rank // b}"
+             for b in range(per_rank, 0, -1) if per_rank % b == 0][:4]
+    raise UserError(f"{run} cannot be kept on {world} process{'es' if world > 1 else ''} with {asked}: each "
+                    f"process takes {per_rank} blocks a step; use {' or '.join(pairs)}")
+
+
+def check_writable(out_dir):
+    """OUT_DIR, or the nearest folder above it that exists, must take writes: said before the token cache is built
+    for a run that could not be written. Returns that folder."""
+    existing = out_dir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(os.path.abspath(existing))
+    if not os.path.isdir(existing):
+        raise UserError(f"OUT_DIR {out_dir!r} cannot be made: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"OUT_DIR {out_dir!r} is not writable ({existing} does not take writes)")
+    return existing
+
+
+def check_space(out_dir, n_trained, n_params, keep):
+    """A checkpoint is the trained weights and AdamW's two moments (12 bytes a parameter in fp32); KEEP_CHECKPOINTS of
+    them, one being written, best/ and final/: better to say so now than to fill the disk an hour in."""
+    need = n_trained * 12 * (keep + 1) + n_params * 8
+    free = shutil.disk_usage(check_writable(out_dir)).free
+    if free < need:
+        raise UserError(f"OUT_DIR {out_dir!r} has {free / 1e9:.1f} GB free; this run's checkpoints and models "
+                        f"need about {need / 1e9:.1f} GB (free space, or lower KEEP_CHECKPOINTS)")
+
+
+def begin(run, extra):
+    """Every check has passed: the run's files begin here (rank 0). A new run writes config.json (its settings, and in
+    lower case `extra`: what a restart needs to know); a resumed one keeps its own. metrics.jsonl keeps what came
+    before the resumed step; the run writes later lines again as it redoes them."""
+    cfg = run.cfg
+    try:
+        os.makedirs(cfg.OUT_DIR, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} cannot be made: {e.strerror}") from None
+    if run.state is None:
+        with atomic_write(run.config_json) as f:
+            json.dump({**vars(cfg), **extra}, f, indent=2)
+    step = run.state["step"] if run.state is not None else 0
+    lines = [json.dumps(m) + "\n" for m in read_jsonl(run.metrics) if m["step"] <= step] if run.state else []
+    with atomic_write(run.metrics) as f:
+        f.writelines(lines)
