@@ -42,6 +42,7 @@ from batching import collate, count, encode, epoch_order, make_blocks, render
 from cli import UserError, atomic_write, defaults, run
 from dialogues import format_dialogue, load_records, parse_record, read_dialogues
 from generation import sample
+from train import train_step
 
 
 def read_any(path):
@@ -106,7 +107,8 @@ def reset_peak_memory(device):
 
 
 class OurLoop:
-    """train.py's loop: epoch_order batches, collate, forward_backward (token-weighted), optimizer_step. run() takes
+    """train.py's step on epoch_order batches: collate, then train.train_step itself (token-weighted forward and
+    backward, clip, update). run() takes
     more steps, timed or not, so that they can alternate with the Hugging Face Trainer's: both then see the same
     machine (a shared CPU's speed can drift by half within minutes)."""
 
@@ -128,8 +130,8 @@ class OurLoop:
             micro = [collate(chosen, self.args.pad, self.args.block_size)]
             sync(self.device)
             t = time.perf_counter()
-            _, n = modeling.forward_backward(self.model, micro, self.device, self.dtype, self.scaler)
-            modeling.optimizer_step(self.model, self.optimizer, self.scaler, 1.0)
+            _, n, _ = train_step(self.model, self.model, self.optimizer, self.scaler, micro, self.device, self.dtype,
+                                 1.0)
             sync(self.device)
             self.step += 1
             if timed:  # untimed warm-up steps pay for allocation, page faults and kernel selection

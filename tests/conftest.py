@@ -25,3 +25,51 @@ def run_script(script, *args, cwd, env=None, timeout=600, stdin=None):
 @pytest.fixture
 def script():
     return run_script
+
+
+def train_args(model, *extra):
+    """train.py's arguments for a short offline run of `model` (a directory from tests/tiny.py) into out/."""
+    return [f"--model={model}", "--device=cpu", "--out_dir=out", "--learning_rate=1e-3", "--warmup_steps=2", *extra]
+
+
+def one_error_line(p):
+    """The one line a refused run prints: exit code 2, no traceback, nothing else on stderr. Returns the line."""
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    return lines[0]
+
+
+def last_error_line(p):
+    """The `error: ...` line a failed run ends with (after any progress bar): exit code 2, no traceback, one such
+    line on a line of its own."""
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = p.stderr.splitlines()
+    assert lines and lines[-1].startswith("error: "), p.stderr
+    assert sum("error:" in line for line in lines) == 1, p.stderr
+    return lines[-1]
+
+
+def in_process(main, cwd, args, monkeypatch, capfd):
+    """A script's main() under cli.run, as its __main__ runs it (no interpreter start-up), on one thread as the
+    subprocesses run (ENV): the same arithmetic as theirs. CompletedProcess-like."""
+    import torch
+
+    import cli
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["script.py", *args])
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # later subprocesses would warn about the fork
+    capfd.readouterr()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cli.run(main)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)

@@ -12,7 +12,7 @@ import pytest
 from cli import UserError
 from conftest import ROOT, run_script, script_env
 from tiny import curve, max_diff, save_tiny_gpt2, synthetic, weights, write_split
-from train import split_batch
+from checkpoints import split_batch
 
 
 def torchrun(n, *args, cwd, script=os.path.join(ROOT, "train.py"), launcher=()):

@@ -22,7 +22,7 @@ import evaluate
 import generation
 import modeling
 import train
-from conftest import run_script
+from conftest import one_error_line, run_script
 from dialogues import clean_text, format_dialogue, read_dialogues
 from generation import cut_reply, prompt_ids, reply
 from tiny import EOS_ID, gpt2_tokenizer, save_tiny_gpt2, synthetic, write_split
@@ -38,14 +38,6 @@ def parallel(*calls):
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = [pool.submit(run_script, s, *a, env=ENV, **kw) for s, a, kw in calls]
         return [f.result() for f in futures]
-
-
-def one_error_line(proc):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

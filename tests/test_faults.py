@@ -24,11 +24,10 @@ import pytest
 import torch
 
 import checkpoints
-import cli
 import evaluate
 import modeling
 import train
-from conftest import ROOT, run_script, script_env
+from conftest import ROOT, in_process, last_error_line, run_script, script_env, train_args
 from tiny import curve, max_diff, save_tiny_gpt2, synthetic, weights, write_split
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -39,11 +38,13 @@ STEPS = 24
 ENV = {"OMP_NUM_THREADS": "1"}  # one thread: the same arithmetic in every process, and no fight over the cores
 
 
-def train_args(model, *extra):
-    # a checkpoint every step, two kept: many writes and many deletions to be killed in
-    return [f"--model={model}", "--device=cpu", "--out_dir=out", "--learning_rate=1e-3", "--warmup_steps=2",
-            "--block_size=32", "--batch_size=2", f"--max_steps={STEPS}", "--checkpoint_interval=1",
-            "--keep_checkpoints=2", "--eval_interval=0", "--log_interval=1", *extra]
+# a checkpoint every step, two kept: many writes and many deletions to be killed in
+FAULT_ARGS = ["--block_size=32", "--batch_size=2", f"--max_steps={STEPS}", "--checkpoint_interval=1",
+              "--keep_checkpoints=2", "--eval_interval=0", "--log_interval=1"]
+
+
+def fault_args(model, *extra):
+    return train_args(model, *FAULT_ARGS, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def model(tmp_path_factory):
 def reference(tmp_path_factory, model):
     d = tmp_path_factory.mktemp("reference")
     write_split(d, *DATA)
-    p = run_script("train.py", *train_args(model), cwd=d, env=ENV)
+    p = run_script("train.py", *fault_args(model), cwd=d, env=ENV)
     assert p.returncode == 0, p.stderr
     return d / "out"
 
@@ -105,36 +106,6 @@ def crashed_copy(reference, d, last=STEPS):
     return d / "out"
 
 
-def in_process(main, cwd, args, monkeypatch, capfd):
-    """A script's main() under cli.run, as its __main__ runs it (no interpreter start-up): CompletedProcess-like."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["script.py", *args])
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # later subprocesses would warn about the fork
-    capfd.readouterr()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the subprocesses run: the same arithmetic as the reference run
-    try:
-        cli.run(main)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        torch.set_num_threads(threads)
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
-
-
-def error_line(p):
-    """The one `error: ...` line a failed run ends with: exit code 2, no traceback, on a line of its own (after any
-    progress bar)."""
-    assert p.returncode == 2, p.stdout + p.stderr
-    assert "Traceback" not in p.stderr, p.stderr
-    lines = p.stderr.splitlines()
-    assert lines and lines[-1].startswith("error: "), p.stderr
-    assert sum("error:" in line for line in lines) == 1, p.stderr
-    return lines[-1]
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # SIGKILL at random moments and during checkpoint writes
 
@@ -156,7 +127,7 @@ def test_sigkill_at_random_moments(tmp_path, model, reference):
         before_out = set(os.listdir(out)) if out.is_dir() else set()
         log_path = tmp_path / f"start-{n}.log"
         with open(log_path, "w") as log:
-            proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *train_args(model),
+            proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *fault_args(model),
                                      *(["--resume=True"] if n else [])],
                                     cwd=tmp_path, env=script_env(ENV), stdout=log, stderr=subprocess.STDOUT)
         k = 1 if n == 0 else rng.randint(1, 3)
@@ -264,7 +235,7 @@ def test_damaged_checkpoint_is_skipped(case, tmp_path, monkeypatch, capfd, model
     out = crashed_copy(reference, tmp_path)
     damage, message = DAMAGE[case]
     damage(ckpt(out, STEPS), evil)
-    p = in_process(train.main, tmp_path, [*train_args(model), "--resume=True"], monkeypatch, capfd)
+    p = in_process(train.main, tmp_path, [*fault_args(model), "--resume=True"], monkeypatch, capfd)
     assert p.returncode == 0, p.stderr
     assert not evil[1].exists(), "unpickling state.pt ran code"
     assert re.search(rf"skipping damaged checkpoint \S*step-{STEPS:08d}: {message}", p.stdout), p.stdout
@@ -285,14 +256,14 @@ def test_no_intact_checkpoint_starts_again(tmp_path, monkeypatch, capfd, model, 
         if state["step"] == 3:
             raise KeyboardInterrupt  # a Ctrl-C right after the step-3 checkpoint
     monkeypatch.setattr(checkpoints, "save", save_then_crash)
-    p = in_process(train.main, tmp_path, [*train_args(model), "--resume=True"], monkeypatch, capfd)
+    p = in_process(train.main, tmp_path, [*fault_args(model), "--resume=True"], monkeypatch, capfd)
     assert p.returncode == 130, p.stderr
     assert "no intact checkpoint in out: starting the run again" in p.stdout
     assert len(re.findall("skipping damaged checkpoint", p.stdout)) == 2
     assert intact(ckpt(out, 3))
 
     monkeypatch.setattr(checkpoints, "save", real_save)
-    p = in_process(train.main, tmp_path, [*train_args(model), "--resume=True"], monkeypatch, capfd)
+    p = in_process(train.main, tmp_path, [*fault_args(model), "--resume=True"], monkeypatch, capfd)
     assert p.returncode == 0, p.stderr
     assert re.search(r"resuming from \S*step-00000003 \(step 3\)", p.stdout), p.stdout
     assert_same_run(out, reference)
@@ -307,7 +278,7 @@ def test_evaluate_refuses_a_truncated_model(name, tmp_path, monkeypatch, capfd, 
     shutil.copytree(reference, tmp_path / "out")
     truncate(tmp_path / "out" / "best" / name)
     p = in_process(evaluate.main, tmp_path, [*EVAL_FAST, "--checkpoint=out/best"], monkeypatch, capfd)
-    line = error_line(p)
+    line = last_error_line(p)
     assert len(p.stderr.splitlines()) == 1
     assert "'out/best'" in line and f"{name} is" in line and "truncated" in line, line
     assert not (tmp_path / "out" / "eval_report.json").exists()
@@ -326,7 +297,7 @@ def test_evaluate_never_unpickles(tmp_path, monkeypatch, capfd, reference, evil)
 
     (d / "model.safetensors").unlink()  # only the pickle left: refused, not loaded
     p = in_process(evaluate.main, tmp_path, [*EVAL_FAST, f"--checkpoint={d}"], monkeypatch, capfd)
-    assert "no model.safetensors" in error_line(p)
+    assert "no model.safetensors" in last_error_line(p)
     assert not evil[1].exists(), "evaluate.py unpickled pytorch_model.bin"
 
 
@@ -336,9 +307,9 @@ def test_evaluate_never_unpickles(tmp_path, monkeypatch, capfd, reference, evil)
 def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, capfd, model):
     write_split(tmp_path, *DATA)
     # lr 1e6, reached after a warmup so that checkpoints come first, throws the weights beyond float32's range
-    args = train_args(model, "--learning_rate=1e6", "--warmup_steps=4")
+    args = fault_args(model, "--learning_rate=1e6", "--warmup_steps=4")
     p = in_process(train.main, tmp_path, args, monkeypatch, capfd)
-    line = error_line(p)
+    line = last_error_line(p)
     m = re.fullmatch(r"error: step (\d+): the loss is (nan|inf|-inf); stopped before the update\. The last good "
                      r"checkpoint is (\S+); try a lower LEARNING_RATE", line)
     assert m, line
@@ -351,7 +322,7 @@ def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, capfd, model):
     # the same settings resume from it and meet the same loss at the same step: it loaded, and nothing was lost
     p = in_process(train.main, tmp_path, [*args, "--resume=True"], monkeypatch, capfd)
     assert f"resuming from {os.path.join('out', 'checkpoints', last.name)} (step {step - 1})" in p.stdout
-    assert error_line(p) == line
+    assert last_error_line(p) == line
     assert intact(last)
 
 
@@ -380,8 +351,8 @@ def test_out_dir_cannot_be_made(out_dir, tmp_path, monkeypatch, capfd, model):
     # a regular file where OUT_DIR or a folder above it would be: refused even as root, which chmod does not stop
     write_split(tmp_path, *DATA)
     (tmp_path / "blocker").write_text("not a directory")
-    p = in_process(train.main, tmp_path, train_args(model, f"--out_dir={out_dir}"), monkeypatch, capfd)
-    line = error_line(p)
+    p = in_process(train.main, tmp_path, fault_args(model, f"--out_dir={out_dir}"), monkeypatch, capfd)
+    line = last_error_line(p)
     assert len(p.stderr.splitlines()) == 1
     assert f"OUT_DIR {out_dir!r}" in line, line
     assert "step 0" not in p.stdout  # stopped before training
@@ -395,10 +366,10 @@ def test_out_dir_read_only(tmp_path, monkeypatch, capfd, model):
     if os.access(tmp_path / "out", os.W_OK):
         pytest.skip("chmod 0o500 does not stop this user's writes (root); test_out_dir_cannot_be_made covers root")
     try:
-        p = in_process(train.main, tmp_path, train_args(model), monkeypatch, capfd)
+        p = in_process(train.main, tmp_path, fault_args(model), monkeypatch, capfd)
     finally:
         (tmp_path / "out").chmod(0o700)
-    line = error_line(p)
+    line = last_error_line(p)
     assert len(p.stderr.splitlines()) == 1 and "'out' is not writable" in line, line
     assert os.listdir(tmp_path / "out") == []
 
@@ -421,14 +392,14 @@ def test_disk_full_during_a_checkpoint(limit_mb, fails, tmp_path, monkeypatch, c
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     monkeypatch.setattr(checkpoints, "save", save_on_a_full_disk)
-    p = in_process(train.main, tmp_path, [*train_args(model), "--resume=True"], monkeypatch, capfd)
-    line = error_line(p)
+    p = in_process(train.main, tmp_path, [*fault_args(model), "--resume=True"], monkeypatch, capfd)
+    line = last_error_line(p)
     assert f"could not write out/checkpoints/step-{STEPS:08d}" in line and "intact" in line, line
     assert sorted(os.listdir(out / "checkpoints")) == [f"step-{STEPS - 1:08d}"]  # no leftovers, the last one kept
     assert intact(ckpt(out, STEPS - 1))
 
     monkeypatch.setattr(checkpoints, "save", real_save)  # space again
-    p = in_process(train.main, tmp_path, [*train_args(model), "--resume=True"], monkeypatch, capfd)
+    p = in_process(train.main, tmp_path, [*fault_args(model), "--resume=True"], monkeypatch, capfd)
     assert p.returncode == 0, p.stderr
     assert re.search(rf"resuming from \S*step-{STEPS - 1:08d} ", p.stdout), p.stdout
     assert_same_run(out, reference)

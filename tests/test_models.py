@@ -18,7 +18,7 @@ import checkpoints
 import cli
 import modeling
 from batching import collate, encode, make_blocks, render_chat, role_map, start_id, windows
-from conftest import run_script
+from conftest import one_error_line, run_script
 from dialogues import CHAT_TEMPLATE
 from generation import prompt_ids, reply
 from tiny import (CHATML, EOS_ID, chat_tokenizer, gpt2_tokenizer, max_diff, save_tiny_gpt2, save_tiny_llama,
@@ -320,12 +320,6 @@ def test_show_example(tmp_path):
     assert "<|im_start|>assistant\n\u27e6Hello, Alex!<|im_end|>\n\u27e7" in p.stdout
     ids = make_blocks(chat_tokenizer(), [DIALOGUE[:2]], 256, ["Bob"], role_map())[0]
     assert f"{len(ids[0])} tokens, {sum(ids[1])} trained (" in p.stdout
-
-
-def one_error_line(p):
-    assert p.returncode == 2, p.stdout + p.stderr
-    assert "Traceback" not in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
-    return p.stderr
 
 
 @pytest.mark.parametrize("case, args, mentions", [

@@ -27,7 +27,7 @@ import cli
 import modeling
 import train
 from batching import IGNORE, collate, count, epoch_order, eval_batches, make_blocks, render, tokenize, windows
-from conftest import ROOT, run_script, script_env
+from conftest import ROOT, in_process, one_error_line, run_script, script_env, train_args
 from dialogues import format_dialogue
 from tiny import EOS_ID, curve, gpt2_tokenizer, max_diff, metrics, save_tiny_gpt2, synthetic, weights, write_split
 
@@ -37,10 +37,6 @@ from tiny import EOS_ID, curve, gpt2_tokenizer, max_diff, metrics, save_tiny_gpt
 
 # One thread: tiny models gain nothing from a second one, and runs started together would fight over the cores.
 ENV = {"OMP_NUM_THREADS": "1"}
-
-
-def train_args(model, *extra):
-    return [f"--model={model}", "--device=cpu", "--out_dir=out", "--learning_rate=1e-3", "--warmup_steps=2", *extra]
 
 
 def run_all(jobs):
@@ -61,14 +57,6 @@ def snapshot(path):
             digest = None if name in dirs else hashlib.sha256(open(p, "rb").read()).hexdigest()
             out[os.path.relpath(p, path)] = (st.st_size if digest else None, st.st_mtime_ns, digest)
     return out
-
-
-def one_error_line(p):
-    assert p.returncode == 2, p.stdout + p.stderr
-    assert "Traceback" not in p.stdout + p.stderr
-    lines = p.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -589,28 +577,14 @@ def test_resume_extends_a_finished_run(resume_cases):
     assert (out / "checkpoints" / "step-00000014").is_dir()
 
 
-def in_process(args, cwd, monkeypatch, capfd):
-    """train.py's main() under cli.run, as its __main__ runs it: CompletedProcess-like."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["train.py", *args])
-    capfd.readouterr()
-    try:
-        cli.run(train.main)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
-
-
 def test_resume_refuses_other_settings_naming_them_all(tmp_path, monkeypatch, capfd, run_a, dropout_model):
     write_split(tmp_path, *RESUME_DATA)
     shutil.copytree(run_a, tmp_path / "out")
     crash_after_step_8(tmp_path / "out")
     before = snapshot(tmp_path / "out")
     # --max_steps may change; --device=cpu and --batch_size=2 are the run's own values: none of them is refused
-    p = in_process([*resume_args(dropout_model), "--resume=True", "--block_size=64", "--seed=7",
-                    "--lr_schedule=linear", "--max_steps=13"], tmp_path, monkeypatch, capfd)
+    p = in_process(train.main, tmp_path, [*resume_args(dropout_model), "--resume=True", "--block_size=64",
+                                          "--seed=7", "--lr_schedule=linear", "--max_steps=13"], monkeypatch, capfd)
     line = one_error_line(p)
     for flag in ("--block_size=64 (the run has --block_size=32)", "--seed=7 (the run has --seed=1337)",
                  "--lr_schedule='linear' (the run has --lr_schedule='cosine')"):
@@ -625,10 +599,10 @@ def test_resume_with_nothing_left_changes_nothing(case, tmp_path, monkeypatch, c
     shutil.copytree(run_a, tmp_path / "out")  # finished: its last checkpoint is step 12, of MAX_STEPS=12
     before = snapshot(tmp_path / "out")
     if case == "past_the_end":  # the run's end moved before its checkpoint: say so, train nothing, exit 2
-        p = in_process(["--resume=True", "--max_steps=10"], tmp_path, monkeypatch, capfd)
+        p = in_process(train.main, tmp_path, ["--resume=True", "--max_steps=10"], monkeypatch, capfd)
         assert "is at step 12, past the end of this run at step 10" in one_error_line(p)
     else:
-        p = in_process(["--resume=True"], tmp_path, monkeypatch, capfd)
+        p = in_process(train.main, tmp_path, ["--resume=True"], monkeypatch, capfd)
         assert p.returncode == 0 and "is complete (step 12 of 12" in p.stdout, p.stdout + p.stderr
     assert snapshot(tmp_path / "out") == before
 
@@ -656,8 +630,8 @@ def test_validation_is_capped(tmp_path, monkeypatch, capfd, tiny_model):
     write_split(tmp_path, synthetic(12, seed=5, max_turns=4), val)
     tok = gpt2_tokenizer()
     cap = sum(len(ids) for turns in render(tok, val[:3]) for ids, _ in turns)
-    p = in_process(train_args(tiny_model, "--block_size=32", "--max_steps=1", f"--val_max_tokens={cap}"),
-                   tmp_path, monkeypatch, capfd)
+    p = in_process(train.main, tmp_path, train_args(tiny_model, "--block_size=32", "--max_steps=1",
+                                                    f"--val_max_tokens={cap}"), monkeypatch, capfd)
     assert p.returncode == 0, p.stderr
     assert "validation on 3 dialogues" in p.stdout
     first = metrics(tmp_path / "out")[0]
