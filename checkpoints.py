@@ -202,7 +202,7 @@ def save(out_dir, model, tokenizer, state, keep):
 # scripts' own settings. None of them changes the arithmetic of a step. Every other setting is the run's own: a
 # resume takes it from the checkpoint, so a setting added to config.py is protected without being listed anywhere.
 MAY_CHANGE_ON_RESUME = ["EPOCHS", "MAX_STEPS", "EVAL_INTERVAL", "CHECKPOINT_INTERVAL", "KEEP_CHECKPOINTS",
-                        "LOG_INTERVAL", "DEVICE", "OUT_DIR", "RESUME", "SHOW_EXAMPLE", "CACHE_DIR",
+                        "LOG_INTERVAL", "REPORT_TO", "DEVICE", "OUT_DIR", "RESUME", "SHOW_EXAMPLE", "CACHE_DIR",
                         "GRADIENT_CHECKPOINTING",  # recomputing activations gives the same loss and gradients
                         "BATCH_SIZE", "GRAD_ACCUM_STEPS",  # how the global batch is split; it is kept (split_batch)
                         "DATA_FILE", "VAL_FRACTION",  # prepare_data.py's
@@ -218,6 +218,7 @@ class Run:
         self.cfg, self.state, self.resume_from, self.job = cfg, state, resume_from, job
         self.config_json = os.path.join(cfg.OUT_DIR, "config.json")
         self.metrics = os.path.join(cfg.OUT_DIR, "metrics.jsonl")
+        self.board = None  # REPORT_TO="tensorboard": rank 0's SummaryWriter
 
 
 def open_run(cfg, given, world, say):
@@ -241,7 +242,11 @@ def open_run(cfg, given, world, say):
                             f"train.py with --resume=True")
         if state is None:
             say(f"no intact checkpoint in {cfg.OUT_DIR}: starting the run again")
-    elif cfg.RESUME:
+    elif cfg.RESUME and not os.path.isfile(os.path.join(cfg.OUT_DIR, "config.json")):
+        raise UserError(f"--resume=True, but OUT_DIR {cfg.OUT_DIR!r} holds no run to resume (no checkpoint, no "
+                        f"config.json); nothing was written. Start a new run without --resume=True, or point "
+                        f"--out_dir at the run")
+    elif cfg.RESUME:  # a run killed before its first checkpoint: it starts again, with its own settings
         say(f"no checkpoint in {cfg.OUT_DIR} to resume from: starting the run")
     elif checkpoints or os.path.exists(os.path.join(cfg.OUT_DIR, "final")):
         restarted = (" torchrun restarted the workers, but it continues a run only where the same job began it "
@@ -290,10 +295,10 @@ def resumed_settings(cfg, given, state, resume_from, config_json, world, say):
     if global_batch:  # BATCH_SIZE x GRAD_ACCUM_STEPS x processes stays what it was
         was = (saved["BATCH_SIZE"], saved["GRAD_ACCUM_STEPS"],
                global_batch // (saved["BATCH_SIZE"] * saved["GRAD_ACCUM_STEPS"]))
-        cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS = split_batch(cfg, given, was, world)
+        cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS, note = split_batch(cfg, given, was, world)
         if (cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS, world) != was:
             say(f"the run's global batch of {global_batch} blocks a step ({layout(*was)}) is kept: "
-                f"{layout(cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS, world)}")
+                f"{layout(cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS, world)}{note}")
             taken = [k for k in taken if k not in ("BATCH_SIZE", "GRAD_ACCUM_STEPS")]
     if taken:
         say(f"the run's own settings, from {source}: " + " ".join(f"--{k.lower()}={getattr(cfg, k)!r}"
@@ -331,30 +336,31 @@ def layout(batch, accum, processes):
 
 def split_batch(cfg, given, was, world):
     """BATCH_SIZE and GRAD_ACCUM_STEPS that make the run's global batch (`was`: its BATCH_SIZE, GRAD_ACCUM_STEPS and
-    processes) on `world` processes. BATCH_SIZE, the memory a rank needs, is kept (or taken from the command line)
-    and GRAD_ACCUM_STEPS makes up the rest, even where the command line gives it: an elastic job restarts with the
-    command line it began with, on however many processes are left. Only GRAD_ACCUM_STEPS given: BATCH_SIZE makes
-    up the rest. Where no whole numbers do, one line says which settings or process counts would."""
+    processes) on `world` processes, and a note where BATCH_SIZE had to change. BATCH_SIZE, the memory a rank needs,
+    is kept (or taken from the command line) and GRAD_ACCUM_STEPS makes up the rest, even where the command line
+    gives it: an elastic job restarts with the command line it began with, on however many processes there are now.
+    Where BATCH_SIZE does not divide a process's share, the largest that does and is no larger is taken: a smaller
+    batch always fits in memory, so a machine that joins an elastic job never ends it. Only GRAD_ACCUM_STEPS given:
+    BATCH_SIZE makes up the rest. Refused only where the global batch does not divide over the processes."""
     global_batch = math.prod(was)
-    run = f"the run's global batch of {global_batch} blocks a step ({layout(*was)})"
     per_rank, left = divmod(global_batch, world)
     if left:
         counts = [str(n) for n in range(1, global_batch + 1) if global_batch % n == 0]
+        run = f"the run's global batch of {global_batch} blocks a step ({layout(*was)})"
         raise UserError(f"{run} does not divide over {world} processes; resume it on "
                         f"{', '.join(counts[:-1])} or {counts[-1]} processes" if len(counts) > 1 else
                         f"{run} does not divide over {world} processes; resume it in one process")
+    accum = cfg.GRAD_ACCUM_STEPS
+    if "GRAD_ACCUM_STEPS" in given and "BATCH_SIZE" not in given and per_rank % accum == 0:
+        return per_rank // accum, accum, ""
+    batch = max(b for b in range(1, min(cfg.BATCH_SIZE, per_rank) + 1) if per_rank % b == 0)
+    note = "" if batch == cfg.BATCH_SIZE else (
+        f" (BATCH_SIZE={cfg.BATCH_SIZE} does not divide a process's {per_rank} blocks; {batch} is the largest that "
+        f"does)")
     if "GRAD_ACCUM_STEPS" in given and "BATCH_SIZE" not in given:
-        accum = cfg.GRAD_ACCUM_STEPS
-        batch, asked = per_rank // accum if per_rank % accum == 0 else 0, f"--grad_accum_steps={accum}"
-    else:
-        batch = cfg.BATCH_SIZE
-        asked = f"--batch_size={batch}" if "BATCH_SIZE" in given else f"BATCH_SIZE={batch}"
-    if batch and per_rank % batch == 0:
-        return batch, per_rank // batch
-    pairs = [f"--batch_size={b} --grad_accum_steps={per_rank // b}"
-             for b in range(per_rank, 0, -1) if per_rank % b == 0][:4]
-    raise UserError(f"{run} cannot be kept on {world} process{'es' if world > 1 else ''} with {asked}: each "
-                    f"process takes {per_rank} blocks a step; use {' or '.join(pairs)}")
+        note = (f" (GRAD_ACCUM_STEPS={accum} does not divide a process's {per_rank} blocks, so BATCH_SIZE is kept"
+                f"{note and ', as near ' + str(cfg.BATCH_SIZE) + ' as divides them'})")
+    return batch, per_rank // batch, note
 
 
 def check_writable(out_dir):

@@ -48,6 +48,8 @@ EVAL_INTERVAL = 100  # optimizer steps between validation runs (also at the end 
 CHECKPOINT_INTERVAL = 200  # optimizer steps between checkpoints (also at the end of every epoch); 0 = only then
 KEEP_CHECKPOINTS = 2  # older checkpoints are deleted once a newer one is complete
 LOG_INTERVAL = 10  # optimizer steps between lines in metrics.jsonl
+REPORT_TO = "none"  # "tensorboard": the same figures as TensorBoard events in OUT_DIR/tensorboard as training goes
+#                     (pip install tensorboard; then tensorboard --logdir OUT_DIR)
 VAL_MAX_TOKENS = 100_000  # validation scores the first VAL_FILE dialogues up to this many tokens, in train.py and
 # evaluate.py alike: a cap on each pass's cost (750k tokens took 3.5 min a pass with distilgpt2 on a CPU). 0 = all
 

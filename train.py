@@ -15,7 +15,10 @@ import json
 import math
 import os
 import resource
+import shlex
 import shutil
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -61,6 +64,7 @@ def check_config(cfg):
          f"ROLES must be None or a dict of speaker -> role, like {{'Bob': 'assistant', '*': 'user'}}, "
          f"got {cfg.ROLES!r}"),
         (cfg.ROLES is None or cfg.FORMAT == "chat_template", "ROLES is for FORMAT='chat_template' only"),
+        (cfg.REPORT_TO in ("none", "tensorboard"), f"REPORT_TO must be 'none' or 'tensorboard', got {cfg.REPORT_TO!r}"),
         (isinstance(cfg.LORA_R, int) and cfg.LORA_R >= 0, f"LORA_R must be >= 0 (0 = off), got {cfg.LORA_R!r}"),
         (cfg.LORA_ALPHA > 0, f"LORA_ALPHA must be > 0, got {cfg.LORA_ALPHA}"),
         (0 <= cfg.LORA_DROPOUT < 1, f"LORA_DROPOUT must be in [0, 1), got {cfg.LORA_DROPOUT}"),
@@ -181,6 +185,8 @@ class RunState:
     real: int = 0  # its real input positions,
     positions: int = 0  # and all the positions processed, padding included
     recent: list = field(default_factory=list)
+    trained: int = 0  # tokens trained and seconds spent on steps since this process started: its summary line
+    train_time: float = 0.0
 
     @classmethod
     def restore(cls, state):
@@ -194,6 +200,15 @@ class RunState:
                 "best_step": self.best_step, "epoch_stats": [self.tokens, self.real, self.positions],
                 "recent": self.recent}
 
+    def advance(self, chunk, positions, loss, n_targets, seconds):
+        """One step taken on the blocks `chunk`: the position in the data moves on, and the figures add up."""
+        from batching import count
+        self.step, self.offset = self.step + 1, self.offset + len(chunk)
+        self.tokens, self.real, self.positions = self.tokens + n_targets, self.real + count(chunk)[1], \
+            self.positions + positions
+        self.recent.append((loss, n_targets, seconds))
+        self.trained, self.train_time = self.trained + n_targets, self.train_time + seconds
+
     def epoch_line(self, train_tokens, ended=True):
         return (f"epoch {self.epoch + 1}{'' if ended else ' (the run ends inside it)'}: {self.tokens:,} tokens trained "
                 f"({self.tokens / max(train_tokens, 1):.0%} of the train set), padding "
@@ -206,6 +221,8 @@ class Data:
     train: object  # batching.Blocks: what an epoch trains on
     val_tokens: object  # the validation dialogues that VAL_MAX_TOKENS keeps
     val: list  # their (x, y) batches
+    sha256: str  # TRAIN_FILE's: a resume must find the same file
+    seconds: float  # what loading them took at start-up
 
 
 class Steps:
@@ -254,6 +271,55 @@ def set_lr(optimizer, lr):
     return lr
 
 
+class Interrupt:
+    """Ctrl-C (SIGINT), and SIGTERM, which clusters and spot machines send before they take a machine away: the first
+    asks the run to stop once the current optimizer step is done, with a checkpoint; a second stops it at once."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt  # the second: at once
+        self.signal = signum
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (again to stop at "
+                  f"once)", file=sys.stderr, flush=True)
+
+    def asked(self, world, device):
+        """The signal that stops the run now, or None. Under torchrun each rank gets its own signal, maybe a step
+        apart: all stop after the step in which any rank got one."""
+        if world == 1:
+            return self.signal
+        import torch
+        import torch.distributed as dist
+        flag = torch.tensor([self.signal or 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag) or None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def interrupted(run, s, signum, world):
+    """The run stopped by a signal after step s.step, with its checkpoint written: the line that says so and how to
+    go on, and the exit code of a process ended by that signal (130 for Ctrl-C, 143 for SIGTERM)."""
+    args = [a for a in sys.argv[1:] if not a.lower().startswith("--resume=")] + ["--resume=True"]
+    command = shlex.join([os.path.basename(sys.argv[0]), *args])
+    how = (f"python {command}" if world == 1 else
+           f"the same torchrun command with --resume=True (... {command})")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"interrupted ({signal.Signals(signum).name}) after step {s.step}: checkpoint "
+              f"{os.path.join(run.cfg.OUT_DIR, 'checkpoints', f'step-{s.step:08d}')}. Resume with: {how}",
+              file=sys.stderr, flush=True)
+    return SystemExit(128 + signum)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # setting up: processes, model, data, optimizer
 
@@ -292,6 +358,7 @@ def check_data(cfg):
 def load_data(cfg, tokenizer, roles, train_sha, world, say):
     """The token cache: tokenized once (rank 0 builds it, the others wait), memory-mapped by every later start."""
     import torch.distributed as dist
+    t0 = time.time()
 
     import cache
     from batching import count, eval_batches, pack_tokens
@@ -314,7 +381,7 @@ def load_data(cfg, tokenizer, roles, train_sha, world, say):
         raise UserError(f"{cfg.VAL_FILE} has no turns by TRAIN_SPEAKERS {cfg.TRAIN_SPEAKERS}, so nothing to validate")
     # any pad id will do: padded positions are never targets and never attended to
     val = eval_batches(val_blocks, cfg.BATCH_SIZE, tokenizer.eos_token_id, cfg.BLOCK_SIZE)
-    return Data(train_tok, train_blocks, val_tok, val)
+    return Data(train_tok, train_blocks, val_tok, val, train_sha, time.time() - t0)
 
 
 def restore(run, optimizer, scaler, device, world, rank):
@@ -363,12 +430,30 @@ def nothing_left(run, s, end_step, say):
 # what the loop does besides the step: log, validate, checkpoint
 
 def log(run, **record):
-    """A line of metrics.jsonl (rank 0)."""
+    """A line of metrics.jsonl (rank 0), and with REPORT_TO="tensorboard" the same figures as events."""
     try:
         with open(run.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
     except OSError as e:  # a full disk, say: a torn last line is skipped when the file is read back
         raise UserError(f"cannot write {run.metrics}: {e.strerror}") from None
+    if run.board is not None:
+        for key, value in record.items():
+            if key not in ("step", "epoch"):
+                run.board.add_scalar(f"{'val' if key.startswith('val') else 'train'}/{key}", value, record["step"])
+
+
+def open_board(run, step):
+    """REPORT_TO="tensorboard": a SummaryWriter in OUT_DIR/tensorboard (rank 0), or the line that says what is missing
+    (`run` None: only check, before anything is written). The events after the step a run starts from are purged,
+    as its metrics.jsonl lines are (all of them where it starts again): the curves go on without duplicates."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("REPORT_TO='tensorboard' needs the tensorboard package: pip install tensorboard (or "
+                        "--report_to=none)") from None
+    if run is not None:
+        return SummaryWriter(os.path.join(run.cfg.OUT_DIR, "tensorboard"), flush_secs=10,
+                             purge_step=step + 1 if run.state is not None else 0)
 
 
 def log_train(run, s, lr):
@@ -428,33 +513,10 @@ def main():
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import modeling
-    from batching import IGNORE, count
     run, world, rank, device, dtype = setup(cfg, given)
     cfg, master = run.cfg, rank == 0
     say = print if master else (lambda *a, **k: None)
-    train_sha = checkpoints.sha256(cfg.TRAIN_FILE)  # read in pieces: never the whole file in memory
-    if run.state is not None and run.state["train_sha256"] != train_sha:
-        raise UserError(f"{cfg.TRAIN_FILE} has changed since {run.resume_from} was written; resuming would not "
-                        f"continue the same run (start a new one in another OUT_DIR)")
-    checkpoints.check_writable(cfg.OUT_DIR)
-
-    # model, tokenizer and data
-    check_data(cfg)
-    tokenizer, model = open_model(cfg, run.resume_from, world, master)
-    if run.state is not None:
-        say(f"resuming from {run.resume_from} (step {run.state['step']})")
-    roles = prepare_tokenizer(tokenizer, cfg, cfg.MODEL)
-    if cfg.BLOCK_SIZE > modeling.context_size(model):
-        raise UserError(f"BLOCK_SIZE={cfg.BLOCK_SIZE} is beyond the model's context of "
-                        f"{modeling.context_size(model)} tokens")
-    model.to(device).train()
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if master:
-        checkpoints.check_space(cfg.OUT_DIR, n_trained, n_params, cfg.KEEP_CHECKPOINTS)
-    t_data = time.time()
-    data = load_data(cfg, tokenizer, roles, train_sha, world, say)
-    t_data = time.time() - t_data
+    tokenizer, model, data = build(run, world, device, say)
 
     # optimizer: AdamW, decay on matrices and embeddings only, never on biases and LayerNorm weights
     optimizer = modeling.make_optimizer(model, cfg.LEARNING_RATE, cfg.WEIGHT_DECAY, cfg.BETAS, device)
@@ -465,14 +527,8 @@ def main():
     s = restore(run, optimizer, scaler, device, world, rank)
     steps = Steps(data.train, cfg, world, rank, tokenizer.eos_token_id)
     end_step = total_steps(cfg, s, steps, len(data.train))
-    train_tokens = count(data.train)[0]
-    lora = f"LoRA r={cfg.LORA_R} on {cfg.LORA_TARGETS or 'all linear layers'}, " if cfg.LORA_R else ""
-    say(f"model: {cfg.MODEL} ({n_params / 1e6:.1f}M parameters, {lora}{n_trained / 1e6:.2f}M trained"
-        f"{', gradient checkpointing' if cfg.GRADIENT_CHECKPOINTING else ''}); FORMAT={cfg.FORMAT}; "
-        f"{len(data.train_tokens):,} train dialogues -> {train_tokens:,} tokens in {len(data.train)} blocks of <= "
-        f"{cfg.BLOCK_SIZE}; {steps.per_epoch} steps/epoch of {steps.per_step} blocks, {end_step} steps; validation "
-        f"on {len(data.val_tokens):,} dialogues, {sum(int((y != IGNORE).sum()) for _, y in data.val):,} tokens")
-    say(f"start-up: {time.time() - t_main:.1f}s (data {t_data:.1f}s, the rest mostly imports and the model); "
+    say(describe(cfg, model, data, steps, end_step))
+    say(f"start-up: {time.time() - t_main:.1f}s (data {data.seconds:.1f}s, the rest mostly imports and the model); "
         f"peak memory so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
     if nothing_left(run, s, end_step, say):
         if world > 1:
@@ -480,15 +536,17 @@ def main():
         return
     if master:  # every check passed: the run's files begin here
         checkpoints.begin(run, {"global_batch": steps.per_step, "torchrun_job": run.job})
-    extra = {"train_sha256": train_sha, "global_batch": steps.per_step}  # what each checkpoint also records
+        run.board = open_board(run, s.step) if cfg.REPORT_TO == "tensorboard" else None
+    extra = {"train_sha256": data.sha256, "global_batch": steps.per_step}  # what each checkpoint also records
 
     # -----------------------------------------------------------------------------------------------------------------
     # the loop: lr, micro-batches (forward, backward), clip, step, log; then validate and checkpoint when due
-    start_step, t_start, first_val, trained, train_time = s.step, time.time(), None, 0, 0.0
+    start_step, t_start, first_val = s.step, time.time(), None
     if run.state is None and master:  # the starting point, for "val loss X -> Y" and the loss curve
         first_val, line = validate(run, s, model, tokenizer, data, device, dtype)
         say(line)
-    with progress(end_step, s.step, master) as bar:  # closed on an error too: the error line comes after the bar's
+    # closed on an error too: the error line comes after the bar's, and Ctrl-C is Python's again
+    with Interrupt() as stop, progress(end_step, s.step, master) as bar:
         while s.step < end_step:
             lr = set_lr(optimizer, get_lr(s.step, cfg, end_step))
             chunk, micro, positions = steps.at(s.epoch, s.offset)
@@ -496,14 +554,10 @@ def main():
             loss, n, problem = train_step(net, model, optimizer, scaler, micro, device, dtype, cfg.GRAD_CLIP)
             if problem:
                 raise stopped(run, s, problem)
-            dt = time.time() - t0
-            s.step, s.offset = s.step + 1, s.offset + len(chunk)
-            s.tokens, s.real, s.positions = s.tokens + n, s.real + count(chunk)[1], s.positions + positions
-            s.recent.append((loss, n, dt))
-            trained, train_time = trained + n, train_time + dt
+            s.advance(chunk, positions, loss, n, time.time() - t0)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s(s.recent):,.0f}")
-            if master and (cfg.LOG_INTERVAL and s.step % cfg.LOG_INTERVAL == 0 or s.step == end_step):
+            if master and (due(s.step, cfg.LOG_INTERVAL) or s.step == end_step):
                 log_train(run, s, lr)
 
             end_of_epoch = s.offset >= len(data.train)
@@ -512,28 +566,80 @@ def main():
                 bar.write(validate(run, s, model, tokenizer, data, device, dtype)[1])
             if end_of_epoch:
                 if master:
-                    bar.write(s.epoch_line(train_tokens))
+                    bar.write(s.epoch_line(data.train_tokens.count_trained()))
                 s.epoch, s.offset, s.tokens, s.real, s.positions = s.epoch + 1, 0, 0, 0, 0
-            if last or due(s.step, cfg.CHECKPOINT_INTERVAL):
+            signum = stop.asked(world, device)
+            if last or due(s.step, cfg.CHECKPOINT_INTERVAL) or signum:
                 save_checkpoint(run, s, model, tokenizer, optimizer, scaler, device, world, extra)
-            if world > 1 and (last or due(s.step, cfg.EVAL_INTERVAL) or due(s.step, cfg.CHECKPOINT_INTERVAL)):
+            if world > 1 and (last or due(s.step, cfg.EVAL_INTERVAL) or due(s.step, cfg.CHECKPOINT_INTERVAL) or signum):
                 dist.barrier()  # the other ranks wait while rank 0 evaluates and writes
+            if signum and s.step < end_step:
+                raise interrupted(run, s, signum, world)
 
     # -----------------------------------------------------------------------------------------------------------------
     if s.offset > 0 and s.positions:  # a run that ends inside an epoch: its figures too
-        say(s.epoch_line(train_tokens, ended=False))
+        say(s.epoch_line(data.train_tokens.count_trained(), ended=False))
     if master:
         checkpoints.save_model(model, tokenizer, os.path.join(cfg.OUT_DIR, "final"))
+        if run.board is not None:
+            run.board.close()
         shutil.rmtree(os.path.join(cfg.OUT_DIR, ".tmp-scratch-tokenizer"), ignore_errors=True)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+    say(summary(cfg, model, s, start_step, time.time() - t_start, first_val))
+
+
+def build(run, world, device, say):
+    """The model and tokenizer the run trains, on its device, and its data: (tokenizer, model, Data)."""
+    import modeling
+    cfg, master = run.cfg, int(os.environ.get("RANK", 0)) == 0
+    train_sha = checkpoints.sha256(cfg.TRAIN_FILE)  # read in pieces: never the whole file in memory
+    if run.state is not None and run.state["train_sha256"] != train_sha:
+        raise UserError(f"{cfg.TRAIN_FILE} has changed since {run.resume_from} was written; resuming would not "
+                        f"continue the same run (start a new one in another OUT_DIR)")
+    checkpoints.check_writable(cfg.OUT_DIR)
+    check_data(cfg)
+    tokenizer, model = open_model(cfg, run.resume_from, world, master)
+    if run.state is not None:
+        say(f"resuming from {run.resume_from} (step {run.state['step']})")
+    roles = prepare_tokenizer(tokenizer, cfg, cfg.MODEL)
+    if cfg.BLOCK_SIZE > modeling.context_size(model):
+        raise UserError(f"BLOCK_SIZE={cfg.BLOCK_SIZE} is beyond the model's context of "
+                        f"{modeling.context_size(model)} tokens")
+    model.to(device).train()
+    if master:
+        checkpoints.check_space(cfg.OUT_DIR, sum(p.numel() for p in model.parameters() if p.requires_grad),
+                                sum(p.numel() for p in model.parameters()), cfg.KEEP_CHECKPOINTS)
+    return tokenizer, model, load_data(cfg, tokenizer, roles, train_sha, world, say)
+
+
+def describe(cfg, model, data, steps, end_step):
+    """The start-up line: the model, what it trains, and the data."""
+    from batching import IGNORE
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora = f"LoRA r={cfg.LORA_R} on {cfg.LORA_TARGETS or 'all linear layers'}, " if cfg.LORA_R else ""
+    return (f"model: {cfg.MODEL} ({n_params / 1e6:.1f}M parameters, {lora}{n_trained / 1e6:.2f}M trained"
+            f"{', gradient checkpointing' if cfg.GRADIENT_CHECKPOINTING else ''}); FORMAT={cfg.FORMAT}; "
+            f"{len(data.train_tokens):,} train dialogues -> {data.train_tokens.count_trained():,} tokens in "
+            f"{len(data.train)} blocks of <= {cfg.BLOCK_SIZE}; {steps.per_epoch} steps/epoch of {steps.per_step} "
+            f"blocks, {end_step} steps; validation on {len(data.val_tokens):,} dialogues, "
+            f"{sum(int((y != IGNORE).sum()) for _, y in data.val):,} tokens")
+
+
+def summary(cfg, model, s, start_step, seconds, first_val):
+    """The last line: what was trained, how fast, and how validation went."""
+    import modeling
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trained, train_time = s.trained, s.train_time
     start_val = f"{first_val:.4f} -> " if first_val is not None else ""
-    say(f"trained steps {start_step}->{s.step} in {time.time() - t_start:.0f}s: {trained:,} tokens at "
-        f"{trained / max(train_time, 1e-9):,.0f} tok/s; val loss {start_val}best {s.best_val:.4f} "
-        f"(ppl {modeling.ppl(s.best_val):.2f}) at step {s.best_step}; {n_trained:,} of {n_params:,} parameters "
-        f"trained; models in {cfg.OUT_DIR}/best and {cfg.OUT_DIR}/final"
-        f"{' (merged; the LoRA adapter in adapter/ of each)' if cfg.LORA_R else ''}")
+    return (f"trained steps {start_step}->{s.step} in {seconds:.0f}s: {trained:,} tokens at "
+            f"{trained / max(train_time, 1e-9):,.0f} tok/s; val loss {start_val}best {s.best_val:.4f} "
+            f"(ppl {modeling.ppl(s.best_val):.2f}) at step {s.best_step}; {n_trained:,} of {n_params:,} parameters "
+            f"trained; models in {cfg.OUT_DIR}/best and {cfg.OUT_DIR}/final"
+            f"{' (merged; the LoRA adapter in adapter/ of each)' if cfg.LORA_R else ''}")
 
 
 def tokens_per_s(recent):
@@ -556,6 +662,8 @@ def setup(cfg, given):
     say = print if rank == 0 else (lambda *a, **k: None)
     run = checkpoints.open_run(cfg, given, world, say)
     check_config(run.cfg)
+    if run.cfg.REPORT_TO == "tensorboard":
+        open_board(None, 0)
     device, dtype, device_note = modeling.pick_device(device_name, run.cfg.PRECISION)
     say(device_note + (f"; {world} processes ({backend})" if world > 1 else ""))
     return run, world, rank, device, dtype

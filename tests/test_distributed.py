@@ -10,7 +10,7 @@ import types
 import pytest
 
 from cli import UserError
-from conftest import ROOT, run_script, script_env
+from conftest import ROOT, patched_train, run_script, script_env
 from tiny import curve, max_diff, save_tiny_gpt2, synthetic, weights, write_split
 from checkpoints import split_batch
 
@@ -78,33 +78,27 @@ def test_a_two_process_run_finishes_in_one_process_with_its_global_batch(run_dir
         assert got == pytest.approx(want, abs=1e-5)
 
 
-def test_a_one_process_run_finishes_on_two_ranks_with_its_global_batch(run_dir, runs):
-    out = resume_from(run_dir, "one", 2, "one_then_two")
-    r = torchrun(2, "--out_dir=one_then_two", "--resume=True", cwd=run_dir)
+@pytest.mark.parametrize("ranks, kept", [
+    (2, "BATCH_SIZE=4 x GRAD_ACCUM_STEPS=1 x 2 processes"),
+    # scale-up: BATCH_SIZE=4 does not divide a rank's 2 blocks, and the job goes on with the largest batch that does
+    (4, "BATCH_SIZE=2 x GRAD_ACCUM_STEPS=1 x 4 processes (BATCH_SIZE=4 does not divide a process's 2 blocks; 2 is "
+        "the largest that does)")])
+def test_a_one_process_run_finishes_on_more_ranks_with_its_global_batch(ranks, kept, run_dir, runs):
+    out = resume_from(run_dir, "one", 2, f"one_then_{ranks}")
+    r = torchrun(ranks, f"--out_dir=one_then_{ranks}", "--resume=True", cwd=run_dir)  # no batch flags
     assert r.returncode == 0, r.stderr
-    assert "is kept: BATCH_SIZE=4 x GRAD_ACCUM_STEPS=1 x 2 processes" in r.stdout
+    assert f"is kept: {kept}" in r.stdout
     assert max_diff(weights(run_dir / "one" / "final"), weights(out / "final")) < 1e-5
 
 
-def test_a_global_batch_that_cannot_be_kept_is_refused(run_dir, runs, script):
-    out = resume_from(run_dir, "one", 2, "cannot")
-    before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    r = script("train.py", "--out_dir=cannot", "--resume=True", "--batch_size=3", cwd=run_dir)
-    assert r.returncode == 2
-    assert r.stderr == ("error: the run's global batch of 8 blocks a step (BATCH_SIZE=4 x GRAD_ACCUM_STEPS=2 x 1 "
-                        "process) cannot be kept on 1 process with --batch_size=3: each process takes 8 blocks a "
-                        "step; use --batch_size=8 --grad_accum_steps=1 or --batch_size=4 --grad_accum_steps=2 or "
-                        "--batch_size=2 --grad_accum_steps=4 or --batch_size=1 --grad_accum_steps=8\n")
-    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
-
-
-def patched_train(tmp_path, name, patch):
-    """A script that runs train.py's main after `patch` (Python, with os, cli, modeling and train imported)."""
-    script = tmp_path / name
-    script.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\n"
-                      f"sys.argv[0] = {os.path.join(ROOT, 'train.py')!r}\n"
-                      f"import checkpoints, cli, modeling, train\n{patch}\ncli.run(train.main)\n")
-    return str(script)
+def test_a_batch_size_that_does_not_divide_takes_the_largest_that_does(run_dir, runs, script):
+    out = resume_from(run_dir, "one", 2, "smaller")
+    r = script("train.py", "--out_dir=smaller", "--resume=True", "--batch_size=3", "--max_steps=3", cwd=run_dir)
+    assert r.returncode == 0, r.stderr
+    assert ("the run's global batch of 8 blocks a step (BATCH_SIZE=4 x GRAD_ACCUM_STEPS=2 x 1 process) is kept: "
+            "BATCH_SIZE=2 x GRAD_ACCUM_STEPS=4 x 1 process (BATCH_SIZE=3 does not divide a process's 8 blocks; 2 is "
+            "the largest that does)") in r.stdout
+    assert (out / "checkpoints" / "step-00000003").is_dir()
 
 
 # Rank KILL of torchrun's first attempt is killed by SIGKILL as it begins step 3, after the checkpoint of step 2:
@@ -181,20 +175,21 @@ def test_a_restart_finding_no_intact_checkpoint_stops(run_dir, runs, script):
 
 def test_split_batch():
     cfg = types.SimpleNamespace(BATCH_SIZE=4, GRAD_ACCUM_STEPS=2)
-    assert split_batch(cfg, set(), (4, 2, 2), 1) == (4, 4)
-    assert split_batch(cfg, set(), (4, 2, 2), 4) == (4, 1)
+    assert split_batch(cfg, set(), (4, 2, 2), 1) == (4, 4, "")
+    assert split_batch(cfg, set(), (4, 2, 2), 4) == (4, 1, "")
     assert split_batch(types.SimpleNamespace(BATCH_SIZE=2, GRAD_ACCUM_STEPS=2), {"BATCH_SIZE"}, (4, 2, 2), 2) \
-        == (2, 4)
+        == (2, 4, "")
     assert split_batch(types.SimpleNamespace(BATCH_SIZE=4, GRAD_ACCUM_STEPS=8), {"GRAD_ACCUM_STEPS"},
-                       (4, 2, 2), 1) == (2, 8)
-    with pytest.raises(UserError, match=r"cannot be kept on 8 processes with BATCH_SIZE=4: each process takes 2 "
-                                        r"blocks a step; use --batch_size=2 --grad_accum_steps=1 or --batch_size=1"):
-        split_batch(cfg, set(), (4, 2, 2), 8)
+                       (4, 2, 2), 1) == (2, 8, "")
+    # scale-up: a 1-process run of BATCH_SIZE=4 on 8 ranks takes 2 blocks a rank; the largest batch that divides it
+    assert split_batch(cfg, set(), (4, 2, 2), 8) == (2, 1, " (BATCH_SIZE=4 does not divide a process's 2 blocks; 2 "
+                                                          "is the largest that does)")
+    assert split_batch(types.SimpleNamespace(BATCH_SIZE=3, GRAD_ACCUM_STEPS=1), set(), (4, 1, 1), 1)[:2] == (2, 2)
     # an elastic job's command line stays as it began: BATCH_SIZE is kept, GRAD_ACCUM_STEPS made up
-    assert split_batch(cfg, {"BATCH_SIZE", "GRAD_ACCUM_STEPS"}, (4, 2, 2), 1) == (4, 4)
-    with pytest.raises(UserError, match=r"with --grad_accum_steps=3: each process takes 16 blocks a step; use "
-                                        r"--batch_size=16 --grad_accum_steps=1 or --batch_size=8"):
-        split_batch(types.SimpleNamespace(BATCH_SIZE=4, GRAD_ACCUM_STEPS=3), {"GRAD_ACCUM_STEPS"}, (4, 2, 2), 1)
+    assert split_batch(cfg, {"BATCH_SIZE", "GRAD_ACCUM_STEPS"}, (4, 2, 2), 1) == (4, 4, "")
+    batch, accum, note = split_batch(types.SimpleNamespace(BATCH_SIZE=4, GRAD_ACCUM_STEPS=3), {"GRAD_ACCUM_STEPS"},
+                                     (4, 2, 2), 1)
+    assert (batch, accum) == (4, 4) and "GRAD_ACCUM_STEPS=3 does not divide a process's 16 blocks" in note
     with pytest.raises(UserError, match=r"does not divide over 3 processes; resume it on 1, 2, 4, 8 or 16 processes"):
         split_batch(cfg, set(), (4, 2, 2), 3)
 

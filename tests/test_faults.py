@@ -27,7 +27,7 @@ import checkpoints
 import evaluate
 import modeling
 import train
-from conftest import ROOT, in_process, last_error_line, run_script, script_env, train_args
+from conftest import ROOT, in_process, last_error_line, patched_train, run_script, script_env, train_args
 from tiny import curve, max_diff, save_tiny_gpt2, synthetic, weights, write_split
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -113,41 +113,59 @@ def new_entries(path, before, prefix):
     return [n for n in (os.listdir(path) if path.is_dir() else []) if n.startswith(prefix) and n not in before]
 
 
+# SIGKILL from inside the writer: checkpoints.atomic_dir calls before_rename once a directory's files are written and
+# before it is renamed into place. The k-th such write whose temp name starts with PREFIX kills the process there.
+KILL_IN_WRITE = """
+import signal
+writes = [0]
+
+def kill_in_write(tmp):
+    if os.path.basename(tmp).startswith({prefix!r}):
+        writes[0] += 1
+        if writes[0] == {k}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoints.before_rename = kill_in_write
+"""
+
+
+def start_train(tmp_path, n, kind, k, model, log):
+    """Start n of the test below: killed from inside its k-th checkpoint write ("write") or the write of final/
+    ("final"), or a plain train.py (killed from outside at a random moment, or left to finish)."""
+    args = [*fault_args(model), *(["--resume=True"] if n else [])]
+    script = os.path.join(ROOT, "train.py")
+    if kind in ("write", "final"):
+        prefix, k = (".tmp-step-", k) if kind == "write" else (".tmp-final-", 1)
+        script = patched_train(tmp_path, f"start-{n}.py", KILL_IN_WRITE.format(prefix=prefix, k=k))
+    return subprocess.Popen([sys.executable, script, *args], cwd=tmp_path, env=script_env(ENV), stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
 def test_sigkill_at_random_moments(tmp_path, model, reference):
     write_split(tmp_path, *DATA)
     out, ckpts = tmp_path / "out", tmp_path / "out" / "checkpoints"
     rng = random.Random(7)
-    # What each start waits for before its SIGKILL: "write" = the k-th checkpoint write it starts (k random, 1 for
-    # the very first start, so that a start is killed before any checkpoint is complete); "random" = a random delay
-    # after set-up; "final" = the write of final/. The start after the last kill runs to the end.
+    # How each start is killed: "write" = inside the k-th checkpoint write it starts (k random, 1 for the very first
+    # start, so that a start is killed before any checkpoint is complete); "random" = after a random delay once set
+    # up; "final" = inside the write of final/. The start after the last kill runs to the end.
     plan = ["write", "random", "write", "random", "write", "random", "final", None]
     kills, starts = [], []
     for n, kind in enumerate(plan):
         before_ckpts = set(os.listdir(ckpts)) if ckpts.is_dir() else set()
-        before_out = set(os.listdir(out)) if out.is_dir() else set()
         log_path = tmp_path / f"start-{n}.log"
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *fault_args(model),
-                                     *(["--resume=True"] if n else [])],
-                                    cwd=tmp_path, env=script_env(ENV), stdout=log, stderr=subprocess.STDOUT)
         k = 1 if n == 0 else rng.randint(1, 3)
         delay = rng.uniform(0, 0.5)
-        writes, set_up, deadline = set(), None, time.time() + 120
-        while kind and proc.poll() is None and time.time() < deadline:
-            writes.update(new_entries(ckpts, before_ckpts, ".tmp-step-"))  # each write has its own temp name
-            if kind == "write" and len(writes) >= k:
+        with open(log_path, "w") as log:
+            proc = start_train(tmp_path, n, kind, k, model, log)
+        set_up, deadline = None, time.time() + 120
+        while kind == "random" and proc.poll() is None and time.time() < deadline:
+            if set_up is None and re.search(r"^model: ", log_path.read_text(), re.M):
+                set_up = time.time()
+            # at most two new checkpoints per start, so that the run outlasts the plan however fast it goes
+            if (set_up and time.time() > set_up + delay) or len(new_entries(ckpts, before_ckpts, "step-")) >= 2:
+                proc.send_signal(signal.SIGKILL)
                 break
-            if kind == "final" and (new_entries(out, before_out, ".tmp-final-") or (out / "final").exists()):
-                break  # final/ being written (or, after a slow poll, just written)
-            if kind == "random":
-                if set_up is None and re.search(r"^model: ", log_path.read_text(), re.M):
-                    set_up = time.time()
-                # at most two new checkpoints per start, so that the run outlasts the plan however fast it goes
-                if (set_up and time.time() > set_up + delay) or len(new_entries(ckpts, before_ckpts, "step-")) >= 2:
-                    break
             time.sleep(0.001)
-        if kind:
-            proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=120)
         starts.append(log_path.read_text())
         if kind is None:
@@ -163,8 +181,8 @@ def test_sigkill_at_random_moments(tmp_path, model, reference):
                       "in_write": bool(new_entries(ckpts, before_ckpts, ".tmp-step-"))})
 
     assert len(kills) >= 5
-    # the "write" kills landed while a checkpoint was half-written (its temp directory was left behind)
-    assert sum(k["in_write"] for k in kills if k["kind"] == "write") >= 2, kills
+    # every "write" kill landed while a checkpoint was half-written (its temp directory was left behind)
+    assert all(k["in_write"] for k in kills if k["kind"] == "write"), kills
     assert not kills[0]["complete"]  # the first start died before its first checkpoint was complete
     for kill, log in zip(kills, starts[1:]):
         assert "skipping damaged checkpoint" not in log, log
@@ -403,3 +421,51 @@ def test_disk_full_during_a_checkpoint(limit_mb, fails, tmp_path, monkeypatch, c
     assert p.returncode == 0, p.stderr
     assert re.search(rf"resuming from \S*step-{STEPS - 1:08d} ", p.stdout), p.stdout
     assert_same_run(out, reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM: the first finishes the step and writes a checkpoint; a second stops at once
+
+SIGNALLED = """
+import signal
+calls, train_step = [0], train.train_step
+
+def signalled(*args, **kwargs):
+    calls[0] += 1
+    for _ in range({times} if calls[0] == {at} else 0):
+        os.kill(os.getpid(), signal.{sig})
+    return train_step(*args, **kwargs)
+
+train.train_step = signalled
+"""
+
+
+def test_ctrl_c_finishes_the_step_and_resumes_exactly(tmp_path, model, reference):
+    write_split(tmp_path, *DATA)
+    script = patched_train(tmp_path, "ctrl_c.py", SIGNALLED.format(times=1, at=7, sig="SIGINT"))
+    args = fault_args(model, "--checkpoint_interval=0")  # checkpoints only at epoch ends (steps 5, 10, ...)
+    p = subprocess.run([sys.executable, script, *args], cwd=tmp_path, env=script_env(ENV), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 130, p.stderr
+    m = re.search(r"^interrupted \(SIGINT\) after step 7: checkpoint out/checkpoints/step-00000007\. Resume with: "
+                  r"python (train\.py .*--resume=True)$", p.stderr, re.M)
+    assert m, p.stderr
+    assert "Traceback" not in p.stderr
+    assert intact(ckpt(tmp_path / "out", 7))
+    # the command it gives, as given, continues the run to the weights of one never stopped
+    resumed = run_script("train.py", *shlex.split(m.group(1))[1:], cwd=tmp_path, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from out/checkpoints/step-00000007 (step 7)" in resumed.stdout
+    assert max_diff(weights(tmp_path / "out" / "final"), weights(reference / "final")) < 1e-6
+    assert curve(tmp_path / "out") == pytest.approx(curve(reference), rel=1e-5)
+
+
+def test_a_second_sigterm_stops_at_once(tmp_path, model):
+    write_split(tmp_path, *DATA)
+    script = patched_train(tmp_path, "sigterm.py", SIGNALLED.format(times=2, at=3, sig="SIGTERM"))
+    p = subprocess.run([sys.executable, script, *fault_args(model, "--checkpoint_interval=0")], cwd=tmp_path,
+                       env=script_env(ENV), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 130, p.stderr
+    assert "SIGTERM: stopping after this step" in p.stderr and "Traceback" not in p.stderr
+    assert p.stderr.rstrip().endswith("interrupted")
+    assert not (tmp_path / "out" / "checkpoints").exists()  # the step was not finished, and nothing was written

@@ -494,7 +494,11 @@ def test_an_unreachable_hub_is_asked_once(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(modeling.hub_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(modeling.hub_constants, "ENDPOINT", "http://127.0.0.1:9")
-    assert modeling.hub_reachable() is False
+    modeling.hub_reachable.cache_clear()  # an answer cached by an earlier test would make this one prove nothing
+    try:
+        assert modeling.hub_reachable() is False
+    finally:
+        modeling.hub_reachable.cache_clear()  # nor may this one's answer outlive the settings patched here
     write_split(tmp_path, *RESUME_DATA)
     env = {**ENV, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
     p = run_script("train.py", *train_args("no-such-org/no-such-model"), cwd=tmp_path, env=env, timeout=40)
@@ -658,3 +662,25 @@ def test_resume_config_the_run_of_the_issue():
     given = set()
     with pytest.raises(cli.UserError, match=r"--val_max_tokens=5 \(the run has --val_max_tokens=100000\)"):
         checkpoints.resume_config(cli.load_config(["--resume=True", "--val_max_tokens=5"], given=given), given, saved, "ckpt")
+
+
+def test_tensorboard_curves_go_on_without_duplicates_after_a_resume(tmp_path, monkeypatch, capfd, tiny_model):
+    """REPORT_TO="tensorboard" writes metrics.jsonl's figures as events; a run killed after its step-8 checkpoint
+    and resumed purges the events after step 8, so TensorBoard's own reader sees each step once, with the values of
+    metrics.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    write_split(tmp_path, *RESUME_DATA)
+    args = [*resume_args(tiny_model), "--report_to=tensorboard", "--log_interval=1"]
+    assert in_process(train.main, tmp_path, args, monkeypatch, capfd).returncode == 0
+    crash_after_step_8(tmp_path / "out")
+    p = in_process(train.main, tmp_path, [*args, "--resume=True"], monkeypatch, capfd)
+    assert p.returncode == 0, p.stderr
+    events = EventAccumulator(str(tmp_path / "out" / "tensorboard")).Reload()
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "val/val_loss", "val/val_ppl"} <= set(
+        events.Tags()["scalars"])
+    logged = metrics(tmp_path / "out")
+    for tag, key in (("train/loss", "loss"), ("val/val_loss", "val_loss"), ("train/lr", "lr")):
+        scalars = events.Scalars(tag)
+        assert [e.step for e in scalars] == [m["step"] for m in logged if key in m]  # each step once, in order
+        assert [e.value for e in scalars] == pytest.approx([m[key] for m in logged if key in m], rel=1e-6)
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
