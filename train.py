@@ -546,8 +546,9 @@ def main():
         first_val, line = validate(run, s, model, tokenizer, data, device, dtype)
         say(line)
     # closed on an error too: the error line comes after the bar's, and Ctrl-C is Python's again
+    signum = None
     with Interrupt() as stop, progress(end_step, s.step, master) as bar:
-        while s.step < end_step:
+        while s.step < end_step and not signum:
             lr = set_lr(optimizer, get_lr(s.step, cfg, end_step))
             chunk, micro, positions = steps.at(s.epoch, s.offset)
             t0 = time.time()
@@ -573,10 +574,10 @@ def main():
                 save_checkpoint(run, s, model, tokenizer, optimizer, scaler, device, world, extra)
             if world > 1 and (last or due(s.step, cfg.EVAL_INTERVAL) or due(s.step, cfg.CHECKPOINT_INTERVAL) or signum):
                 dist.barrier()  # the other ranks wait while rank 0 evaluates and writes
-            if signum and s.step < end_step:
-                raise interrupted(run, s, signum, world)
 
     # -----------------------------------------------------------------------------------------------------------------
+    if signum and s.step < end_step:  # said after the bar is closed
+        raise interrupted(run, s, signum, world)
     if s.offset > 0 and s.positions:  # a run that ends inside an epoch: its figures too
         say(s.epoch_line(data.train_tokens.count_trained(), ended=False))
     if master:
