@@ -233,33 +233,31 @@ def open_run(cfg, given, world, say):
         dist.barrier()
     checkpoints = find(cfg.OUT_DIR)
     job, automatic = torchrun_restart(cfg, world, say)
-    state, resume_from = None, None
-    if cfg.RESUME and checkpoints:
-        resume_from, state = load_latest(checkpoints, say)
-        if state is None and automatic:  # starting over is for a user to decide, not a restart
-            raise UserError(f"torchrun restarted the run in {cfg.OUT_DIR}, and none of its {len(checkpoints)} "
-                            f"checkpoints is intact; nothing was changed. To start the run again from step 0, run "
-                            f"train.py with --resume=True")
-        if state is None:
-            say(f"no intact checkpoint in {cfg.OUT_DIR}: starting the run again")
-    elif cfg.RESUME and not os.path.isfile(os.path.join(cfg.OUT_DIR, "config.json")):
-        raise UserError(f"--resume=True, but OUT_DIR {cfg.OUT_DIR!r} holds no run to resume (no checkpoint, no "
-                        f"config.json); nothing was written. Start a new run without --resume=True, or point "
-                        f"--out_dir at the run")
-    elif cfg.RESUME:  # a run killed before its first checkpoint: it starts again, with its own settings
-        say(f"no checkpoint in {cfg.OUT_DIR} to resume from: starting the run")
-    elif checkpoints or os.path.exists(os.path.join(cfg.OUT_DIR, "final")):
-        restarted = (" torchrun restarted the workers, but it continues a run only where the same job began it "
-                     "(--standalone, or the same --rdzv-id)." if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-                     != "0" else "")
-        raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} already holds a run:{restarted} continue it with --resume=True, or "
-                        f"choose another --out_dir (nothing there is overwritten)")
+    state, resume_from = (None, None) if not (cfg.RESUME and checkpoints) else load_latest(checkpoints, say)
     if world > 1:  # every rank must take up the run where rank 0 does; on machines that do not share OUT_DIR, not so
         steps = [None] * world
         dist.all_gather_object(steps, state and state["step"])
         if len(set(steps)) > 1:
             raise UserError(f"the ranks find different checkpoints in OUT_DIR {cfg.OUT_DIR!r} (steps {steps}): on "
                             f"more than one machine, OUT_DIR must be on a filesystem they share")
+    if cfg.RESUME and checkpoints and state is None:
+        if automatic:  # starting over is for a user to decide, not a restart
+            raise UserError(f"torchrun restarted the run in {cfg.OUT_DIR}, and none of its {len(checkpoints)} "
+                            f"checkpoints is intact; nothing was changed. To start the run again from step 0, run "
+                            f"train.py with --resume=True")
+        say(f"no intact checkpoint in {cfg.OUT_DIR}: starting the run again")
+    elif cfg.RESUME and not checkpoints:
+        if not os.path.isfile(os.path.join(cfg.OUT_DIR, "config.json")):
+            raise UserError(f"--resume=True, but OUT_DIR {cfg.OUT_DIR!r} holds no run to resume (no checkpoint, no "
+                            f"config.json); nothing was written. Start a new run without --resume=True, or point "
+                            f"--out_dir at the run")
+        say(f"no checkpoint in {cfg.OUT_DIR} to resume from: starting the run")  # killed before its first one
+    elif not cfg.RESUME and (checkpoints or os.path.exists(os.path.join(cfg.OUT_DIR, "final"))):
+        restarted = (" torchrun restarted the workers, but it continues a run only where the same job began it "
+                     "(--standalone, or the same --rdzv-id)." if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+                     != "0" else "")
+        raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} already holds a run:{restarted} continue it with --resume=True, or "
+                        f"choose another --out_dir (nothing there is overwritten)")
     config_json = os.path.join(cfg.OUT_DIR, "config.json")
     if cfg.RESUME and (state is not None or os.path.isfile(config_json)):  # the run's settings, not config.py's
         cfg = resumed_settings(cfg, given, state, resume_from, config_json, world, say)

@@ -684,3 +684,10 @@ def test_tensorboard_curves_go_on_without_duplicates_after_a_resume(tmp_path, mo
         assert [e.step for e in scalars] == [m["step"] for m in logged if key in m]  # each step once, in order
         assert [e.value for e in scalars] == pytest.approx([m[key] for m in logged if key in m], rel=1e-6)
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
+
+
+def test_resume_with_no_run_to_resume_is_refused(tmp_path, monkeypatch, capfd, tiny_model):
+    write_split(tmp_path, *RESUME_DATA)
+    p = in_process(train.main, tmp_path, [*resume_args(tiny_model), "--resume=True"], monkeypatch, capfd)
+    assert "--resume=True, but OUT_DIR 'out' holds no run to resume" in one_error_line(p)
+    assert sorted(os.listdir(tmp_path)) == ["train_data.txt", "val_data.txt"]  # no out/, no cache: nothing written
