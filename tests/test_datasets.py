@@ -160,6 +160,16 @@ def test_an_empty_directory_is_one_line(script, tmp_path):
     assert one_error(run(script, tmp_path, "chats")).startswith("error: chats: not a dataset directory we can read: ")
 
 
+def test_a_directory_of_several_configs_is_one_line_naming_them(script, tmp_path):
+    for name in ("short", "long"):
+        write_parquet(tmp_path / f"chats/{name}/part-0.parquet", mixed(synthetic(5)))
+    (tmp_path / "chats/README.md").write_text("---\nconfigs:\n- config_name: short\n  data_files: short/*.parquet\n"
+                                             "- config_name: long\n  data_files: long/*.parquet\n---\n")
+    line = one_error(run(script, tmp_path, "chats"))
+    assert line.startswith("error: chats: not a dataset directory we can read: ") and "['short', 'long']" in line
+    assert summary(ok(run(script, tmp_path, "chats/long")))["kept"] == 5  # a config's own folder is a dataset
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Hub ids, offline
 
