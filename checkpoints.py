@@ -205,7 +205,7 @@ MAY_CHANGE_ON_RESUME = ["EPOCHS", "MAX_STEPS", "EVAL_INTERVAL", "CHECKPOINT_INTE
                         "LOG_INTERVAL", "REPORT_TO", "DEVICE", "OUT_DIR", "RESUME", "SHOW_EXAMPLE", "CACHE_DIR",
                         "GRADIENT_CHECKPOINTING",  # recomputing activations gives the same loss and gradients
                         "BATCH_SIZE", "GRAD_ACCUM_STEPS",  # how the global batch is split; it is kept (split_batch)
-                        "DATA_FILE", "VAL_FRACTION",  # prepare_data.py's
+                        "DATA_FILE", "DATA_SPLIT", "VAL_FRACTION",  # prepare_data.py's
                         "CHECKPOINT", "NUM_REPLIES", "TEMPERATURE", "TOP_K", "TOP_P", "REPETITION_PENALTY",
                         "MAX_NEW_TOKENS", "SAMPLE_PROMPT", "SAMPLE_MAX_NEW_TOKENS", "USER_NAME", "BOT_NAME"]
 

@@ -2,7 +2,9 @@
 line as --name=value (case-insensitive), e.g. `python train.py --model=scratch --epochs=1`. `--help` lists them."""
 
 # data
-DATA_FILE = "llm_train_text.json"  # dialogues in: JSON array or JSON Lines, four record formats (see README)
+DATA_FILE = "llm_train_text.json"  # dialogues in: JSON array or JSON Lines, Parquet, a dataset directory in the Hub's
+#                                     layout, or a Hub dataset id ("owner/name"); four record formats (see README)
+DATA_SPLIT = "train"  # which split of a dataset directory or Hub dataset to read (they come split; we re-split by hash)
 TRAIN_FILE = "train_data.txt"  # "Speaker: text" lines, a blank line between dialogues
 VAL_FILE = "val_data.txt"
 VAL_FRACTION = 0.2  # share of dialogues held out; decided per dialogue from a hash, so appending data moves none

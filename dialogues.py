@@ -1,5 +1,6 @@
-"""Dialogues: reading them from the four JSON record formats, the "Speaker: text" text format the later stages train
-on, and the hash split. A dialogue is a list of (speaker, text) turns."""
+"""Dialogues: reading them from the four record formats (in JSON, Parquet, a dataset directory or a Hub dataset), the
+"Speaker: text" text format the later stages train on, and the hash split. A dialogue is a list of (speaker, text)
+turns."""
 
 import hashlib
 import itertools
@@ -198,9 +199,156 @@ def _json_lines(path, lines, read):
 
 
 def _kind(v):
-    return {dict: "an object", _Object: "an object", list: "a list", str: "a string", bool: "a boolean",
-            int: "a number", float: "a number", type(None): "null"}[type(v)]
+    kinds = {dict: "an object", _Object: "an object", list: "a list", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return kinds.get(type(v)) or f"a {type(v).__name__} value"  # Parquet has more types: bytes, dates, decimals
 
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parquet, dataset directories and Hub datasets in. The `datasets` library (and pyarrow) is imported only here, when
+# one is read: a JSON file never waits for it.
+
+# A DATA_FILE that is no local path but has the shape of a Hub dataset id. "data/train.jsonl" has it too, so a name
+# ending like a data file, or whose first part is a local directory, is taken for a missing file instead.
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+_ROWS_PER_BATCH = 1024  # Parquet rows turned into Python objects at a time: memory holds a batch, never the file
+# pyarrow's defaults read a whole row group (often the whole file) into memory first, and pre-buffer ahead of that:
+# 330 MB for a 180 MB file. Read through a 1 MiB buffer, memory stays ~140 MB (90 of them pyarrow's own) at any size.
+_PARQUET_READ = dict(pre_buffer=False, buffer_size=2 ** 20)
+
+
+def source(path):
+    """What DATA_FILE names: "parquet" (a .parquet file), "directory" (a dataset in the Hub's layout), "hub" (a Hub
+    dataset id: no such local path, and shaped "owner/name"), else "json" (load_records, which also says when a file
+    is missing)."""
+    if os.path.isdir(path):
+        return "directory"
+    if os.path.exists(path):
+        return "parquet" if path.lower().endswith(".parquet") else "json"
+    if (_HUB_ID.fullmatch(path) and not path.lower().endswith(_DATA_SUFFIXES)
+            and not os.path.isdir(path.split("/")[0])):
+        return "hub"
+    return "json"
+
+
+def read_records(path, split, bar=None):
+    """The records DATA_FILE names, one at a time, each with a label saying where it is: a JSON or JSON Lines file
+    (load_records; `bar` counts bytes), or a Parquet file, a dataset directory's or a Hub dataset's `split` (`bar`
+    counts rows). A record from a table is a dict with its absent fields left out."""
+    kind = source(path)
+    if kind == "json":
+        yield from load_records(path, bar)
+    elif kind == "parquet":
+        yield from _parquet(path, bar)
+    elif kind == "directory":
+        yield from _directory(path, split, bar)
+    else:
+        yield from _stream(path, split, bar, hub=True)
+
+
+def _parquet(path, bar, total=True):
+    """A Parquet file's rows, a batch at a time. `total`: the bar's total is this file's row count."""
+    import pyarrow.parquet as pq
+    try:
+        f = pq.ParquetFile(path, **_PARQUET_READ)
+    except Exception as e:  # pyarrow's errors for a file that isn't Parquet, or is cut short, are all ArrowException
+        raise UserError(f"{path}: cannot read it as Parquet: {_first_line(e)}") from None
+    with f:
+        if bar is not None and total:
+            bar.total = f.metadata.num_rows
+        row = 0
+        for batch in _checked(f.iter_batches(batch_size=_ROWS_PER_BATCH), path):
+            for record in batch.to_pylist():
+                row += 1
+                if bar is not None:
+                    bar.update(1)
+                yield _present(record), f"{path}: row {row}"
+
+
+def _directory(path, split, bar):
+    """A local dataset in the Hub's layout (data/train-00000-of-00001.parquet, train.jsonl, a README.md naming its
+    files, ...): `datasets` says which files hold the split, as it would for load_dataset(path). Parquet and JSON files
+    are read here, file by file, so a bad record is named by its file and row or line; other kinds (CSV, compressed
+    JSON, ...) are streamed by `datasets` itself."""
+    import datasets
+    try:
+        files = datasets.load_dataset_builder(path).config.data_files
+    except Exception as e:
+        raise UserError(f"{path}: not a dataset directory we can read: {_first_line(e)}") from None
+    if split not in files:
+        raise UserError(f"{path}: no split {split!r}; it has {', '.join(map(repr, map(str, files)))} (set DATA_SPLIT)")
+    files = list(files[split])
+    if not all(f.lower().endswith(_DATA_SUFFIXES) for f in files):
+        yield from _stream(path, split, bar, hub=False)
+        return
+    if bar is not None and all(f.lower().endswith(".parquet") for f in files):
+        import pyarrow.parquet as pq
+        bar.total = sum(pq.read_metadata(f).num_rows for f in files)  # footers only
+    for file in files:
+        if file.lower().endswith(".parquet"):
+            yield from _parquet(file, bar, total=False)
+        else:
+            for record in load_records(file):  # load_records counts bytes; the bar here counts records
+                if bar is not None:
+                    bar.update(1)
+                yield record
+
+
+def _stream(name, split, bar, hub):
+    """A dataset's split streamed by `datasets` (load_dataset(..., streaming=True)): rows arrive as they are read, so
+    a dataset of any size never sits in memory. Rows are numbered in the split, from 1."""
+    import datasets
+    label = f"{name}[{split}]"
+    try:
+        rows = datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as e:
+        where = "no local file or directory of that name, and the Hub dataset can't be loaded" if hub else \
+            "cannot load the dataset"
+        raise UserError(f"{label}: {where}: {_first_line(e)}") from None
+    known = rows.info.splits and rows.info.splits.get(split)  # the row count, where the dataset's card gives it
+    if bar is not None and known and known.num_examples:
+        bar.total = known.num_examples
+    for row, record in enumerate(_checked(rows, label), 1):
+        if bar is not None:
+            bar.update(1)
+        yield _present(record), f"{label}: row {row}"
+
+
+def _checked(items, what):
+    """The items, with an error while reading one (a broken file, a lost connection, a schema that doesn't fit) made
+    one line naming `what`. Only the reading is guarded: what the caller does with an item is not."""
+    items = iter(items)
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise UserError(f"{what}: cannot read: {_first_line(e)}") from None
+        yield item
+
+
+def _first_line(e):
+    """The library's error as one line: its first two lines (the second often names the choices, such as a dataset's
+    configs), capped."""
+    text = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+def _present(value):
+    """A table's row with what is absent left out. A table has every column in every row and a struct every field in
+    every turn, None where the record had none: a file mixing {"messages": ...} and {"conversations": ...} rows gives
+    both keys to each, and turns with speaker/text and role/content columns all four."""
+    if isinstance(value, dict):
+        return {k: _present(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_present(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Records to turns
 
 def parse_record(record, where):
     """One record, in any of the four formats, as a list of (speaker, text) turns; empty turns are left out."""

@@ -2,13 +2,17 @@
 
     python prepare_data.py                        # llm_train_text.json -> train_data.txt, val_data.txt
     python prepare_data.py --data_file=mine.jsonl --val_fraction=0.1
+    python prepare_data.py --data_file=chats.parquet
+    python prepare_data.py --data_file=HuggingFaceH4/ultrachat_200k --data_split=train_sft
 
-Reads DATA_FILE (a JSON array or JSON Lines; four record formats, see README.md). Writes TRAIN_FILE and VAL_FILE:
-one turn per line as "Speaker: text", a blank line between dialogues. Each dialogue's side is fixed by a hash of its
-content and SEED, so adding dialogues later never moves an existing one across. Exact duplicates are dropped first.
+Reads DATA_FILE: a JSON array or JSON Lines file, a Parquet file, a local dataset directory in the Hub's layout, or a
+Hub dataset id (its DATA_SPLIT); four record formats, see README.md. Writes TRAIN_FILE and VAL_FILE: one turn per line
+as "Speaker: text", a blank line between dialogues. Each dialogue's side is fixed by a hash of its content and SEED, so
+adding dialogues later never moves an existing one across. Exact duplicates are dropped first.
 
-It streams: JSON Lines is read a record at a time and each dialogue written as soon as it is read, so memory grows only
-by a 16-byte digest per dialogue (to spot duplicates), about 100 bytes each in a Python set. A JSON array is read whole.
+It streams: JSON Lines is read a record at a time, Parquet a batch of rows at a time, a Hub dataset as `datasets`
+streams it, and each dialogue is written as soon as it is read, so memory grows only by a 16-byte digest per dialogue
+(to spot duplicates), about 100 bytes each in a Python set. A JSON array is read whole.
 """
 
 import hashlib
@@ -18,7 +22,7 @@ from collections import Counter
 from tqdm import tqdm
 
 from cli import UserError, atomic_write, load_config, run
-from dialogues import format_dialogue, load_records, parse_record, split_key
+from dialogues import format_dialogue, parse_record, read_records, source, split_key
 
 
 def main():
@@ -45,7 +49,8 @@ def main():
                 f.truncate()
             n, _, _ = write_split(cfg, ft, fv, cross=lowest if n["train"] else highest)
 
-    print(f"read {n['read']} dialogues from {cfg.DATA_FILE}: kept {n['kept']}, dropped {n['empty'] + n['duplicate']} "
+    name = cfg.DATA_FILE if source(cfg.DATA_FILE) in ("json", "parquet") else f"{cfg.DATA_FILE}[{cfg.DATA_SPLIT}]"
+    print(f"read {n['read']} dialogues from {name}: kept {n['kept']}, dropped {n['empty'] + n['duplicate']} "
           f"({n['empty']} empty, {n['duplicate']} duplicate); train {n['train']} / val {n['val']} dialogues, "
           f"{n['train turns']:,} / {n['val turns']:,} turns -> {cfg.TRAIN_FILE}, {cfg.VAL_FILE}")
 
@@ -57,9 +62,11 @@ def write_split(cfg, ft, fv, cross=None):
     n = Counter()
     seen = set()  # a digest of each kept dialogue, not the dialogue: memory per dialogue is fixed
     lowest, highest = (2.0, None), (-1.0, None)  # (split key, number); keys are in [0, 1)
-    with tqdm(desc="prepare", unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True, delay=1,
+    # a JSON file's bar counts bytes; a table's rows, as their number is known (and often their bytes are not)
+    unit = dict(unit="B", unit_divisor=1024) if source(cfg.DATA_FILE) == "json" else dict(unit=" rows")
+    with tqdm(desc="prepare", **unit, unit_scale=True, dynamic_ncols=True, delay=1,
               disable=None) as bar:  # disable=None: no bar when stderr is not a terminal
-        for record, where in load_records(cfg.DATA_FILE, bar):
+        for record, where in read_records(cfg.DATA_FILE, cfg.DATA_SPLIT, bar):
             n["read"] += 1
             turns = parse_record(record, where)
             if not turns:
