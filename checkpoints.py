@@ -233,7 +233,7 @@ def open_run(cfg, given, world, say):
         dist.barrier()
     checkpoints = find(cfg.OUT_DIR)
     job, automatic = torchrun_restart(cfg, world, say)
-    state, resume_from = (None, None) if not (cfg.RESUME and checkpoints) else load_latest(checkpoints, say)
+    resume_from, state = (None, None) if not (cfg.RESUME and checkpoints) else load_latest(checkpoints, say)
     if world > 1:  # every rank must take up the run where rank 0 does; on machines that do not share OUT_DIR, not so
         steps = [None] * world
         dist.all_gather_object(steps, state and state["step"])
