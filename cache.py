@@ -25,9 +25,10 @@ import time
 import numpy as np
 
 import modeling
-from batching import Blocks, Tokens, pack_tokens, render_arrays, start_id, token_dtype
+from batching import Blocks, Tokens, pack_tokens, render_arrays, token_dtype
 from cli import UserError, umask
 from dialogues import iter_dialogues
+from render import start_id
 
 VERSION = 1  # bumped when what is stored, or how it is rendered, changes
 ARRAYS = {"ids": None, "mask": np.uint8, "turn_ends": np.int64, "dialogue_ends": np.int64, "turn_speaker": np.int32}

@@ -19,7 +19,8 @@ import shutil
 import time
 
 from cli import UserError, atomic_write, defaults, load_config, no_such, read_jsonl, read_run_config, run
-from dialogues import CHAT_TEMPLATE, format_dialogue, iter_dialogues
+from dialogues import format_dialogue, iter_dialogues
+from render import CHAT_TEMPLATE
 
 # Settings a resume may change: how long the run goes on, what it logs and keeps, where it runs, and the other
 # scripts' own settings. None of them changes the arithmetic of a step. Every other setting is the run's own: a
@@ -191,7 +192,7 @@ def epoch_line(epoch, stats, train_tokens, ended=True):
 def prepare_tokenizer(tokenizer, cfg, name):
     """The tokenizer as the run uses and saves it: FORMAT="speaker" gives it our template (so apply_chat_template
     and pipeline() speak the training format); "chat_template" keeps the model's own, which it must have."""
-    from batching import role_map
+    from render import role_map
     if cfg.FORMAT == "chat_template" and not tokenizer.chat_template:
         raise UserError(f"MODEL {name!r} has no chat template of its own; FORMAT='chat_template' renders dialogues "
                         f"with it (use FORMAT='speaker', or an instruct model)")
@@ -203,7 +204,7 @@ def prepare_tokenizer(tokenizer, cfg, name):
 def show_example(cfg):
     """--show_example=True: the first training dialogue as the model sees it, with what is trained marked."""
     import modeling
-    from batching import render_any, start_id
+    from render import render_any, start_id
     first = next(iter_dialogues(cfg.TRAIN_FILE), None)
     if first is None:
         raise UserError(f"{cfg.TRAIN_FILE} holds no dialogues: run prepare_data.py first")

@@ -23,8 +23,8 @@ import generation
 import modeling
 import train
 from conftest import run_script
-from dialogues import clean_text, format_dialogue, read_dialogues
-from generation import cut_reply, prompt_ids, reply
+from dialogues import format_dialogue, read_dialogues
+from render import CHAT_TEMPLATE
 from tiny import EOS_ID, gpt2_tokenizer, save_tiny_gpt2, synthetic, write_split
 
 FAST = ["--num_replies=4", "--max_new_tokens=12", "--sample_max_new_tokens=20"]
@@ -208,165 +208,21 @@ def test_windowed_loss_covers_every_token_once(lm):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 2. stopping: a scripted model emits given tokens, one per call
-
-class Output(dict):
-    @property
-    def logits(self):
-        return self["logits"]
-
-
-class Scripted(torch.nn.Module):
-    """Emits `script` one token per forward call (a huge logit), then "la" forever; records every call."""
-
-    def __init__(self, script):
-        super().__init__()
-        self.config = types.SimpleNamespace(vocab_size=50257)
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.script, self.calls = list(script), []
-
-    def forward(self, input_ids, cache=None, use_cache=False):
-        self.calls.append((input_ids[0].tolist(), cache))
-        i = len(self.calls) - 1
-        token = self.script[i] if i < len(self.script) else gpt2_tokenizer().encode(" la")[0]
-        logits = torch.zeros(1, input_ids.shape[1], 50257)
-        logits[0, -1, token] = 1e4
-        return Output(logits=logits, cache=f"cache after call {i}")
-
-
-TURNS = [("Alex", "Hi Cara, how are you?"), ("Bob", "Hello both.")]
-
-
-def enc(text):
-    return gpt2_tokenizer().encode(text)
-
-
-def generate(script, *flags, turns=TURNS, speaker="Cara", context=1024):
-    model = Scripted(script)
-    cfg = cli.load_config(["--temperature=0", "--max_new_tokens=12", *flags])
-    out = reply(model, gpt2_tokenizer(), turns, speaker, cfg, torch.Generator().manual_seed(0), context)
-    return out, model.calls
-
-
-def test_reply_stops_at_line_end():
-    head = enc(" Fine, thanks")
-    (text, ended, n), calls = generate(head + enc("\n") + enc("Alex: more words"))
-    assert (text, ended) == ("Fine, thanks", True)
-    assert n == len(calls) == len(head) + 1  # nothing generated after the newline
-
-
-def test_reply_stops_at_eos():
-    head = enc(" Fine, thanks")
-    (text, ended, n), calls = generate(head + [EOS_ID] + enc(" after"))
-    assert (text, ended) == ("Fine, thanks", True)
-    assert n == len(calls) == len(head) + 1
-    assert "endoftext" not in text
-
-
-@pytest.mark.parametrize("label", ["Bob", "Alex", "Cara"])
-def test_reply_stops_at_a_speaker_label(label):
-    head = enc(" Fine, thanks")
-    (text, ended, n), calls = generate(head + enc(f" {label}") + enc(":") + enc(" and you?"))
-    assert (text, ended) == ("Fine, thanks", True)
-    assert n == len(calls) == len(head) + len(enc(f" {label}")) + 1
-
-
-def test_reply_without_a_stop_runs_to_max_new_tokens():
-    words = enc(" one two three four five six seven eight")
-    (text, ended, n), calls = generate(words, "--max_new_tokens=5")
-    assert (text, ended, n, len(calls)) == ("one two three four five", False, 5, 5)
-
-
-def test_reply_with_sampling_settings_follows_the_script():
-    head = enc(" Sure thing")
-    (text, ended, _), _ = generate(head + enc("\n"), "--temperature=0.8", "--top_k=50", "--top_p=0.95")
-    assert (text, ended) == ("Sure thing", True)
-
-
-def test_reply_uses_the_prompt_then_the_cache():
-    tok = gpt2_tokenizer()
-    script = enc(" Fine, thanks") + enc("\n")
-    _, calls = generate(script)
-    prompt, cache = calls[0]
-    assert tok.decode(prompt) == tok.eos_token + format_dialogue(TURNS) + "Cara:" and cache is None
-    for i, (ids, cache) in enumerate(calls[1:], 1):
-        assert ids == [script[i - 1]] and cache == f"cache after call {i - 1}"
-
-
-def test_reply_drops_oldest_turns_to_fit_the_context():
-    tok = gpt2_tokenizer()
-    turns = [("Alex", "word " * 30), ("Bob", "Short one."), ("Alex", "Last thing?")]
-    last = tok.eos_token + format_dialogue(turns[2:]) + "Bob:"
-    context = len(tok.encode(last)) + 12
-    (_, ended, _), calls = generate(enc(" Ok") + enc("\n"), turns=turns, speaker="Bob", context=context)
-    assert tok.decode(calls[0][0]) == last and ended
-    with pytest.raises(cli.UserError, match="does not fit"):
-        prompt_ids(tok, turns, "Bob", 12 + 2, 12)
-
-
-def test_cut_reply():
-    assert cut_reply(" Hello there\nAlex: more", ["Alex"]) == ("Hello there", True)
-    assert cut_reply(" Hello there", ["Alex"]) == ("Hello there", False)
-    assert cut_reply(" Sure Bob: next", ["Alex", "Bob"]) == ("Sure", True)
-    assert cut_reply("Bob: at once", ["Bob"]) == ("", True)
-    assert cut_reply(" Ok\n", []) == ("Ok", True)
-    assert cut_reply(" Cara: no speakers", []) == ("Cara: no speakers", False)
-    assert cut_reply(" Bobby: is not Bob", ["Bob"]) == ("Bobby: is not Bob", False)
-    assert cut_reply(" I said\tMary Ann: hi", ["Mary Ann"]) == ("I said", True)
-    assert cut_reply(" x A.B: y", ["A.B"]) == ("x", True)
-    assert cut_reply(" x AxB: y", ["A.B"]) == ("x AxB: y", False)  # names are matched literally, not as patterns
-    assert cut_reply(" a\nb Bob: c", ["Bob"]) == ("a", True)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # 3. the chat template speaks the training format
+
+CHAT = [("Alex", "Hi there, how are you?"), ("Bob", "Fine, thanks."), ("Alex", "Good to hear.")]
+
 
 @pytest.fixture(scope="module")
 def trained_tok(run):
     return transformers.AutoTokenizer.from_pretrained(str(run / "out" / "best"))
 
 
-CHAT = [("Alex", "Hi there, how are you?"), ("Bob", "Fine, thanks."), ("Alex", "Good to hear.")]
-
-
 def test_saved_tokenizer_has_the_chat_template(trained_tok):
-    assert trained_tok.chat_template
+    assert trained_tok.chat_template == CHAT_TEMPLATE  # what test_render checks the template on
     messages = [{"role": "user" if s == "Alex" else "assistant", "name": s, "content": t} for s, t in CHAT]
     text = trained_tok.apply_chat_template(messages, tokenize=False)
     assert text == trained_tok.eos_token + format_dialogue(CHAT) + trained_tok.eos_token
-
-
-def test_chat_template_role_is_the_speaker_without_a_name(trained_tok):
-    messages = [{"role": s, "content": t} for s, t in CHAT]
-    eos = trained_tok.eos_token
-    assert trained_tok.apply_chat_template(messages, tokenize=False) == eos + format_dialogue(CHAT) + eos
-
-
-def test_chat_template_generation_prompt(trained_tok):
-    messages = [{"role": "user", "name": s, "content": t} for s, t in CHAT]
-    body = trained_tok.eos_token + format_dialogue(CHAT)
-    assert trained_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == body + "Bob:"
-    assert trained_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                           next_speaker="Cara") == body + "Cara:"
-
-
-def test_chat_template_collapses_multiline_content(trained_tok):
-    content = "  First line\nsecond\tline \r\n\n third  "
-    messages = [{"role": "user", "name": "Alex", "content": content}]
-    eos = trained_tok.eos_token
-    assert trained_tok.apply_chat_template(messages, tokenize=False) == \
-        eos + format_dialogue([("Alex", clean_text(content))]) + eos
-    assert clean_text(content) == "First line second line third"
-
-
-def test_chat_template_prompt_label_matches_the_speakers_line(trained_tok):
-    # A name is cleaned (":" to space, trimmed) where the message is written; the label the generation prompt asks
-    # for must be that same speaker, or the model is prompted with a label it never saw.
-    messages = [{"role": "user", "name": "Alex ", "content": "Hi"},
-                {"role": "assistant", "name": "Bob", "content": "Yo"}]
-    text = trained_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text.startswith(trained_tok.eos_token + "Alex: Hi\n")
-    assert text.endswith("\nAlex:")
 
 
 def test_pipeline_generates(run):
