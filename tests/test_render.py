@@ -59,7 +59,8 @@ def test_train_speakers_mask():
 def test_a_prompt_is_the_turns_as_trained_then_the_label():
     tok = gpt2_tokenizer()
     ids = prompt(tok, DIALOGUE[:2], "Cara")
-    assert ids == [EOS_ID] + [t for tid, _ in render(tok, [DIALOGUE[:2]])[0] for t in tid][:-1] + encode(tok, ["Cara:"])[0]
+    as_trained = [t for tid, _ in render(tok, [DIALOGUE[:2]])[0] for t in tid][:-1]  # without the EOS
+    assert ids == [EOS_ID] + as_trained + encode(tok, ["Cara:"])[0]
     assert tok.decode(ids) == tok.eos_token + format_dialogue(DIALOGUE[:2]) + "Cara:"
 
 
