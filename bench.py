@@ -23,6 +23,7 @@ resident memory above what loading the model alone takes. Each process's peak is
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -38,10 +39,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import modeling
-from batching import collate, count, encode, epoch_order, make_blocks, render
+from batching import collate, count, epoch_order, make_blocks
 from cli import UserError, atomic_write, defaults, run
-from dialogues import format_dialogue, load_records, parse_record, read_dialogues
-from generation import sample
+from dialogues import format_dialogue, iter_dialogues, load_records, parse_record, read_dialogues
+from generation import generate
+from render import encode, prompt, render
 from train import train_step
 
 
@@ -284,18 +286,7 @@ def tokenizer_throughput(tokenizer, path, max_dialogues, batch=1000):
     """tokens/s of the tokenizer itself, in batches of `batch` dialogues as "Speaker: text" lines, over the first
     max_dialogues of a train file (read as far as needed: the 100x file is gigabytes). Returns (tokens/s, tokens,
     dialogues)."""
-    texts, turns = [], []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                turns.append(line if line.endswith("\n") else line + "\n")
-            elif turns:
-                texts.append("".join(turns))  # format_dialogue's text: a turn a line
-                turns = []
-                if len(texts) == max_dialogues:
-                    break
-    if turns and len(texts) < max_dialogues:
-        texts.append("".join(turns))
+    texts = [format_dialogue(d) for d in itertools.islice(iter_dialogues(path), max_dialogues)]
     tokens, t = 0, time.perf_counter()
     for i in range(0, len(texts), batch):
         tokens += sum(len(ids) for ids in encode(tokenizer, texts[i:i + batch]))
@@ -500,11 +491,14 @@ def main():
 
     model.eval()
     first = dialogues[0]
-    prompt = [tokenizer.eos_token_id] + encode(tokenizer, [format_dialogue(first[:-1]) + f"{first[-1][0]}:"])[0]
-    sample(model, prompt, 4, 1.0, 0, 1.0, 1.0, torch.Generator().manual_seed(0))  # warm-up, untimed
+    ids = prompt(tokenizer, first[:-1], first[-1][0])
+    plain = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
+    gen = lambda n: generate(model, tokenizer, [ids], n, plain, {tokenizer.eos_token_id},
+                             torch.Generator().manual_seed(0))[0]
+    gen(4)  # warm-up, untimed
     sync(device)
     t = time.perf_counter()
-    new = sample(model, prompt, args.gen_tokens, 1.0, 0, 1.0, 1.0, torch.Generator().manual_seed(0))
+    new = gen(args.gen_tokens)
     sync(device)
     ours["generation_tokens_per_s"] = len(new) / (time.perf_counter() - t)
 

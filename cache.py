@@ -22,10 +22,11 @@ import time
 
 import numpy as np
 
-from batching import Blocks, Tokens, pack_tokens, render_arrays, start_id, token_dtype
+from batching import Blocks, Tokens, pack_tokens, render_arrays, token_dtype
 from checkpoints import atomic_dir, check_manifest
 from cli import UserError
 from dialogues import iter_dialogues
+from render import start_id
 
 VERSION = 1  # bumped when what is stored, or how it is rendered, changes
 ARRAYS = {"ids": None, "mask": np.uint8, "turn_ends": np.int64, "dialogue_ends": np.int64, "turn_speaker": np.int32}

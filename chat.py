@@ -9,11 +9,10 @@ starts with a /command is not sent to the model. The history is kept up to the m
 dropped first. Replies differ from one session to the next; --seed=N makes them repeatable.
 """
 
-import os
 import re
 import sys
 
-from cli import UserError, load_config, no_such, run
+from cli import UserError, load_config, run, which_model
 from dialogues import clean_speaker, clean_text
 
 HELP = "commands: /reset starts a new conversation, /quit leaves"
@@ -22,11 +21,7 @@ HELP = "commands: /reset starts a new conversation, /quit leaves"
 def main():
     given = set()
     cfg = load_config(doc=__doc__, given=given)
-    model_dir = cfg.CHECKPOINT or os.path.join(cfg.OUT_DIR, "best")
-    if cfg.CHECKPOINT and not os.path.isdir(model_dir):
-        raise UserError(no_such("CHECKPOINT", model_dir))
-    if not os.path.isdir(model_dir):
-        raise UserError(f"{no_such('model directory', model_dir)}: run train.py first, or pass --checkpoint=DIR")
+    model_dir = which_model(cfg)
     user, bot = clean_speaker(cfg.USER_NAME), clean_speaker(cfg.BOT_NAME)
     if not user or not bot or user == bot:
         raise UserError(f"USER_NAME and BOT_NAME must be two different names, got {cfg.USER_NAME!r}, {cfg.BOT_NAME!r}")
@@ -34,7 +29,8 @@ def main():
     import torch
 
     import modeling
-    from generation import chat_roles, reply
+    from generation import reply
+    from render import chat_roles
 
     device, _, device_note = modeling.pick_device(cfg.DEVICE, cfg.PRECISION)
     tokenizer, model = modeling.load(model_dir)

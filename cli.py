@@ -111,6 +111,17 @@ def no_such(what, path):
     return f"{what} {path!r} does not exist{where}"
 
 
+def which_model(cfg):
+    """The model directory evaluate.py and chat.py load: CHECKPOINT, else OUT_DIR/best; a UserError where it is not
+    there."""
+    path = cfg.CHECKPOINT or os.path.join(cfg.OUT_DIR, "best")
+    if cfg.CHECKPOINT and not os.path.isdir(path):
+        raise UserError(no_such("CHECKPOINT", path))
+    if not os.path.isdir(path):
+        raise UserError(f"{no_such('model directory', path)}: run train.py first, or pass --checkpoint=DIR")
+    return path
+
+
 @contextmanager
 def atomic_write(path, mode="w"):
     """Open a temp file next to `path`; it replaces `path` only if the block finishes without an exception."""

@@ -1,6 +1,6 @@
 """Dialogues: reading them from the four record formats (in JSON, Parquet, a dataset directory or a Hub dataset), the
-"Speaker: text" text format the later stages train on, and the hash split. A dialogue is a list of (speaker, text)
-turns."""
+"Speaker: text" text format the later stages train on (written, read and parsed here, prompts included), and the hash
+split. A dialogue is a list of (speaker, text) turns."""
 
 import hashlib
 import itertools
@@ -413,20 +413,29 @@ def write_dialogues(f, dialogues):
     f.write("\n".join(format_dialogue(d) for d in dialogues))
 
 
-# The chat template saved with every model trained in the speaker format: apply_chat_template(messages) renders the
-# training text exactly (BOS, or EOS where the model has no BOS, then "Speaker: text" lines, then EOS); with
-# add_generation_prompt=True it ends with the next speaker's label instead: `next_speaker` if given, else the one who
-# spoke before the last message. A message's speaker is its "name", else its "role".
-CHAT_TEMPLATE = (
-    "{{- bos_token or eos_token -}}"
-    "{%- for m in messages -%}{{ (m.name or m.role) | replace(':', ' ') | trim }}: "
-    "{{ m.content.split() | join(' ') }}{{ '\\n' }}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{%- if next_speaker is defined and next_speaker -%}{%- set label = next_speaker -%}"
-    "{%- elif messages | length > 1 -%}{%- set label = messages[-2].name or messages[-2].role -%}"
-    "{%- else -%}{%- set label = 'assistant' -%}{%- endif -%}"
-    "{{ label | replace(':', ' ') | trim }}:"
-    "{%- else -%}{{ eos_token }}{%- endif -%}")
+def parse_turn(line):
+    """(speaker, text) of one line "Speaker: text" of the text format; None for a line that is not one."""
+    speaker, sep, said = line.partition(": ")
+    if not sep or not speaker.strip() or ":" in speaker:
+        return None
+    return speaker, said
+
+
+def parse_prompt(text, what="SAMPLE_PROMPT"):
+    """A conversation in the text format that ends with the label of who speaks next ("Alex: Hi!\nBob:"), as
+    (turns, that speaker); `what` names it in the error."""
+    *lines, label = text.strip().split("\n")
+    turns = []
+    for n, line in enumerate(lines, 1):
+        turn = parse_turn(line)
+        if turn is None:
+            raise UserError(f"{what}: line {n}: expected 'Speaker: text', got {line[:60]!r}")
+        turns.append((turn[0].strip(), turn[1].strip()))
+    speaker = label.strip()[:-1].strip()
+    if not label.strip().endswith(":") or not speaker or ":" in speaker:
+        raise UserError(f"{what}: its last line must be the label of who speaks next, like 'Bob:', got "
+                        f"{label[:60]!r}")
+    return turns, speaker
 
 
 def read_dialogues(path):
@@ -455,10 +464,10 @@ def iter_dialogues(path, progress=None):
                     yield turns
                 turns = []
                 continue
-            speaker, sep, said = line.partition(": ")
-            if not sep or not speaker.strip() or ":" in speaker:
+            turn = parse_turn(line)
+            if turn is None:
                 raise UserError(f"{path}: line {n}: expected 'Speaker: text', got {line[:60]!r}")
-            turns.append((speaker, said))
+            turns.append(turn)
         if turns:
             yield turns
 

@@ -16,9 +16,10 @@ import json
 import os
 import random
 import re
+import time
 import types
 
-from cli import UserError, atomic_write, load_config, no_such, read_jsonl, read_run_config, run
+from cli import UserError, atomic_write, load_config, no_such, read_jsonl, read_run_config, run, which_model
 
 RECURRING = 3  # a speaker in at least this many validation dialogues gets a loss of their own
 
@@ -69,172 +70,226 @@ def plot_loss_curve(metrics, path, title):
     return None
 
 
-def main():
-    given = set()
-    cfg = load_config(doc=__doc__, given=given)
-    model_dir = cfg.CHECKPOINT or os.path.join(cfg.OUT_DIR, "best")
-    if cfg.CHECKPOINT and not os.path.isdir(model_dir):
-        raise UserError(no_such("CHECKPOINT", model_dir))
-    if not os.path.isdir(model_dir):
-        raise UserError(f"{no_such('model directory', model_dir)}: run train.py first, or pass --checkpoint=DIR")
+# ---------------------------------------------------------------------------------------------------------------------
+# the parts of an evaluation, in the order main() runs them
+
+def setup(cfg, given):
+    """Everything the passes share, checked before any of them runs: the run's settings (config.json; a setting
+    given on the command line wins), the model on its device, how it renders dialogues, and the sample prompt."""
+    model_dir = which_model(cfg)
     if not os.path.isfile(cfg.VAL_FILE):
         raise UserError(f"{no_such('VAL_FILE', cfg.VAL_FILE)}: run prepare_data.py first")
     # the heavy imports wait until the settings are checked: --help and a mistyped setting answer at once
-    import torch
-    from tqdm import tqdm
-
-    import cache
-    import checkpoints
     import modeling
-    from batching import encode, eval_batches, eval_groups, pack_tokens, start_id
-    from dialogues import iter_dialogues
-    from generation import chat_roles, prompt_ids, reply, sample
-    from modeling import ppl
+    from dialogues import iter_dialogues, parse_prompt
+    from render import chat_roles, prompt
 
     if next(iter_dialogues(cfg.VAL_FILE), None) is None:
         raise UserError(f"VAL_FILE {cfg.VAL_FILE!r} holds no dialogues: run prepare_data.py first")
     run_cfg = read_run_config(os.path.join(cfg.OUT_DIR, "config.json"))  # what train.py recorded, where it ran
-    metrics = read_jsonl(os.path.join(cfg.OUT_DIR, "metrics.jsonl"))
+    setting = lambda key: getattr(cfg, key) if key in given else run_cfg.get(key, getattr(cfg, key))
     device, dtype, device_note = modeling.pick_device(cfg.DEVICE, cfg.PRECISION)
     print(device_note)
     tokenizer, model = modeling.load(model_dir)
     model.to(device).eval()
     context = modeling.context_size(model)
+    # a model trained in its own chat template is evaluated and prompted in it, with the run's roles. The token
+    # cache's key and the rendering are the same settings: a key names what was rendered, never something else
     train_speakers = run_cfg.get("TRAIN_SPEAKERS", cfg.TRAIN_SPEAKERS)
-    # a model trained in its own chat template is evaluated and prompted in it, with the run's roles
-    roles = chat_roles(tokenizer, run_cfg.get("ROLES", cfg.ROLES), train_speakers)
-    if roles is None:  # the sample dialogue's prompt, checked before the passes
-        sample_ids = [start_id(tokenizer)] + encode(tokenizer, [cfg.SAMPLE_PROMPT])[0]
-    else:  # in the template: SAMPLE_PROMPT's turns, then the header of its last label's role
-        *lines, label = cfg.SAMPLE_PROMPT.rstrip().split("\n")
-        turns = [(s.strip(), t.strip()) for s, _, t in (line.partition(":") for line in lines)]
-        sample_ids = prompt_ids(tokenizer, turns, label.rstrip(":").strip(), context, 0, roles)[0]
+    roles = chat_roles(tokenizer, setting("ROLES"), train_speakers)
+    rendering = types.SimpleNamespace(FORMAT="speaker" if roles is None else "chat_template", ROLES=setting("ROLES"),
+                                      TRAIN_SPEAKERS=train_speakers, CACHE_DIR=setting("CACHE_DIR"))
+    turns, speaker = parse_prompt(cfg.SAMPLE_PROMPT)  # the sample dialogue's prompt, checked before the passes
+    sample_ids = prompt(tokenizer, turns, speaker, roles)
     if len(sample_ids) + cfg.SAMPLE_MAX_NEW_TOKENS > context:
         raise UserError(f"SAMPLE_PROMPT is {len(sample_ids)} tokens; with SAMPLE_MAX_NEW_TOKENS="
                         f"{cfg.SAMPLE_MAX_NEW_TOKENS} it does not fit the model's context of {context} tokens")
+    return types.SimpleNamespace(cfg=cfg, run_cfg=run_cfg, setting=setting, model_dir=model_dir, device=device,
+                                 dtype=dtype, tokenizer=tokenizer, model=model, context=context, roles=roles,
+                                 rendering=rendering, sample_ids=sample_ids, sample_prompt=(turns, speaker),
+                                 metrics=read_jsonl(os.path.join(cfg.OUT_DIR, "metrics.jsonl")))
 
-    # -----------------------------------------------------------------------------------------------------------------
-    # validation loss: the fine-tuned model and the base model, on what training validated on (the same cap); per
-    # recurring speaker from the fine-tuned model's same pass, its targets split by whose turn they are in
-    block_size = min(run_cfg.get("BLOCK_SIZE", cfg.BLOCK_SIZE), context)
-    run = lambda key: getattr(cfg, key) if key in given else run_cfg.get(key, getattr(cfg, key))
-    # the token cache train.py made (same tokenizer, rendering and file: same key), or a new one
-    rendering = types.SimpleNamespace(FORMAT="speaker" if roles is None else "chat_template", ROLES=run("ROLES"),
-                                      TRAIN_SPEAKERS=train_speakers, CACHE_DIR=run("CACHE_DIR"))
-    all_val = cache.tokens(cfg.VAL_FILE, checkpoints.sha256(cfg.VAL_FILE), tokenizer, rendering, roles, print)
-    val_tok = all_val.head(run("VAL_MAX_TOKENS"))
+
+def validation(ev):
+    """The fine-tuned model's loss on what training validated on (the token cache train.py made, the same
+    VAL_MAX_TOKENS cap and block size), and per recurring speaker from the same pass, its targets split by whose
+    turn they are in. Returns (batches, the dialogues scored, tokens scored, loss, {speaker: loss})."""
+    import cache
+    import checkpoints
+    import modeling
+    from batching import eval_batches, eval_groups, pack_tokens
+    from dialogues import iter_dialogues
+
+    cfg, speakers_trained = ev.cfg, ev.rendering.TRAIN_SPEAKERS
+    block_size = min(ev.run_cfg.get("BLOCK_SIZE", cfg.BLOCK_SIZE), ev.context)
+    all_val = cache.tokens(cfg.VAL_FILE, checkpoints.sha256(cfg.VAL_FILE), ev.tokenizer, ev.rendering, ev.roles,
+                           print)
+    val_tok = all_val.head(ev.setting("VAL_MAX_TOKENS"))
     scored = list(itertools.islice(iter_dialogues(cfg.VAL_FILE), len(val_tok)))  # the same dialogues, as text
     seen = collections.Counter(s for d in scored for s in {s for s, _ in d})
     speakers = [s for s, n in seen.most_common(5)
-                if n >= RECURRING and (train_speakers is None or s in train_speakers)]
+                if n >= RECURRING and (speakers_trained is None or s in speakers_trained)]
     blocks = pack_tokens(val_tok.tagged(speakers) if speakers else val_tok, block_size)  # anyone else: the last tag
-    val = eval_batches(blocks, cfg.BATCH_SIZE, tokenizer.eos_token_id, block_size)
+    val = eval_batches(blocks, cfg.BATCH_SIZE, ev.tokenizer.eos_token_id, block_size)
     n_tokens = sum(int((y != -100).sum()) for _, y in val)
     print(f"validation: {len(scored)} of {len(all_val)} dialogues in {cfg.VAL_FILE}, {n_tokens:,} tokens")
-    val_loss, by_tag = modeling.evaluate(model, val, device, dtype, desc="validation (model)",
+    val_loss, by_tag = modeling.evaluate(ev.model, val, ev.device, ev.dtype, desc="validation (model)",
                                          groups=eval_groups(blocks, cfg.BATCH_SIZE, block_size))
     per_speaker = {name: by_tag[i + 1] for i, name in enumerate(speakers + ["(others)"]) if i + 1 in by_tag}
     if len(per_speaker) < 2:
         per_speaker = {}  # one speaker's loss is the overall loss
+    return val, scored, n_tokens, val_loss, per_speaker
 
-    base_name, base_loss, base_note = run_cfg.get("MODEL", cfg.MODEL), None, ""
+
+def base_validation(ev, val):
+    """The base model's loss on the same batches: (its name, loss or None, a note on where the figure came from).
+    A base that can't be loaded here falls back on what train.py measured at step 0."""
+    import torch
+
+    import modeling
+
+    base_name = ev.run_cfg.get("MODEL", ev.cfg.MODEL)
     try:
         if base_name == "scratch":  # the untrained model: the same architecture, initialised with the run's seed
-            torch.manual_seed(run_cfg.get("SEED", cfg.SEED))
-            base = type(model)(model.config)
+            torch.manual_seed(ev.run_cfg.get("SEED", ev.cfg.SEED))
+            base = type(ev.model)(ev.model.config)
         else:
             base = modeling.load(base_name)[1]
-        base_loss = modeling.evaluate(base.to(device), val, device, dtype, desc="validation (base)")
+        loss = modeling.evaluate(base.to(ev.device), val, ev.device, ev.dtype, desc="validation (base)")
         del base
+        return base_name, loss, ""
     except UserError as e:
-        step0 = [m["val_loss"] for m in metrics if m.get("step") == 0 and "val_loss" in m]
+        step0 = [m["val_loss"] for m in ev.metrics if m.get("step") == 0 and "val_loss" in m]
         if step0:
-            base_loss, base_note = step0[0], " (base not loadable here; its loss from metrics.jsonl step 0)"
-        else:
-            base_note = f" (base not evaluated: {e})"
+            return base_name, step0[0], " (base not loadable here; its loss from metrics.jsonl step 0)"
+        return base_name, None, f" (base not evaluated: {e})"
 
 
-    # -----------------------------------------------------------------------------------------------------------------
-    # replies: the last turn of NUM_REPLIES validation dialogues, generated and compared with the real one
-    generator = torch.Generator().manual_seed(cfg.SEED)
-    candidates = [d for d in scored if len(d) >= 2]  # the validated dialogues: VAL_MAX_TOKENS caps this too
+def reply_figures(ev, scored, generator):
+    """The last turn of NUM_REPLIES validated dialogues (VAL_MAX_TOKENS caps this too), generated BATCH_SIZE at a
+    time and compared with the real one: (the replies, their figures)."""
+    from generation import replies
+
+    cfg = ev.cfg
+    candidates = [d for d in scored if len(d) >= 2]
     chosen = random.Random(cfg.SEED).sample(candidates, min(cfg.NUM_REPLIES, len(candidates)))
-    replies = []
-    for d in tqdm(chosen, desc="replies", leave=False, unit="reply", dynamic_ncols=True):
-        speaker, real = d[-1]
-        text, ended, n_new = reply(model, tokenizer, d[:-1], speaker, cfg, generator, context, roles)
-        replies.append({"context": d[:-1], "speaker": speaker, "real": real, "generated": text, "ended": ended,
-                        "new_tokens": n_new, "f1": token_f1(text, real)})
-    texts = [r["generated"] for r in replies]
-    figures = {
-        "replies": len(replies),
-        "stop_rate": sum(r["ended"] for r in replies) / max(len(replies), 1),
+    t = time.perf_counter()
+    made = replies(ev.model, ev.tokenizer, [(d[:-1], d[-1][0]) for d in chosen], cfg, generator, ev.context,
+                   ev.roles, batch_size=cfg.BATCH_SIZE, desc="replies")
+    seconds = time.perf_counter() - t
+    out = [{"context": d[:-1], "speaker": d[-1][0], "real": d[-1][1], "generated": text, "ended": ended,
+            "new_tokens": n_new, "f1": token_f1(text, d[-1][1])} for d, (text, ended, n_new) in zip(chosen, made)]
+    print(f"replies: {len(out)} in {seconds:.1f}s ({sum(r['new_tokens'] for r in out) / seconds:,.0f} new tokens/s, "
+          f"batches of {cfg.BATCH_SIZE})")
+    texts = [r["generated"] for r in out]
+    return out, {
+        "replies": len(out),
+        "stop_rate": sum(r["ended"] for r in out) / max(len(out), 1),
         "mean_words": sum(len(words(t)) for t in texts) / max(len(texts), 1),
         "distinct_1": distinct(texts, 1), "distinct_2": distinct(texts, 2),
-        "token_f1": sum(r["f1"] for r in replies) / max(len(replies), 1),
+        "token_f1": sum(r["f1"] for r in out) / max(len(out), 1),
     }
 
-    # the sample dialogue: SAMPLE_PROMPT (checked above) continued until EOS
-    new = sample(model, sample_ids, cfg.SAMPLE_MAX_NEW_TOKENS, cfg.TEMPERATURE, cfg.TOP_K, cfg.TOP_P,
-                 cfg.REPETITION_PENALTY, generator, stop=lambda new: new[-1] == tokenizer.eos_token_id)
-    sample_text = (cfg.SAMPLE_PROMPT + tokenizer.decode(new, skip_special_tokens=True) if roles is None else
-                   tokenizer.decode(sample_ids + new))  # the template's special tokens shown: what the model sees
 
-    # -----------------------------------------------------------------------------------------------------------------
-    # report
-    report = {"model": model_dir, "base_model": base_name, "val_file": cfg.VAL_FILE, "val_tokens": n_tokens,
-              "val_loss": val_loss, "val_ppl": ppl(val_loss), "base_val_loss": base_loss,
-              "base_val_ppl": ppl(base_loss) if base_loss is not None else None,
-              "per_speaker_loss": per_speaker, **figures, "samples": replies, "sample_dialogue": sample_text}
-    title = f"{os.path.abspath(cfg.OUT_DIR)}: {base_name} on {run_cfg.get('TRAIN_FILE', cfg.TRAIN_FILE)}"
-    plot_note = plot_loss_curve(metrics, os.path.join(cfg.OUT_DIR, "loss_curve.png"), title) if metrics else \
-        "loss_curve.png not written: no metrics.jsonl in OUT_DIR"
+def sample_dialogue(ev, generator):
+    """SAMPLE_PROMPT (checked in setup) continued until EOS or SAMPLE_MAX_NEW_TOKENS."""
+    from dialogues import format_dialogue
+    from generation import generate, sampling
+
+    cfg, tokenizer = ev.cfg, ev.tokenizer
+    new = generate(ev.model, tokenizer, [ev.sample_ids], cfg.SAMPLE_MAX_NEW_TOKENS, sampling(cfg),
+                   {tokenizer.eos_token_id}, generator)[0]
+    if ev.roles is not None:  # the template's special tokens shown: what the model sees
+        return tokenizer.decode(ev.sample_ids + new)
+    turns, speaker = ev.sample_prompt
+    return format_dialogue(turns) + f"{speaker}:" + tokenizer.decode(new, skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the report: a function of the figures alone
+
+def report(f):
+    """The report of an evaluation's figures `f` (a dict: model, base_model, val_file, val_tokens, val_loss,
+    base_val_loss, base_note, per_speaker_loss, the reply figures, samples, sample_dialogue, plot_note): (the JSON
+    report, the markdown, the headline)."""
+    from modeling import ppl
+
+    base, loss, base_loss = f["base_model"], f["val_loss"], f["base_val_loss"]
+    data = {k: f[k] for k in ("model", "base_model", "val_file", "val_tokens", "val_loss")}
+    data.update(val_ppl=ppl(loss), base_val_loss=base_loss, base_val_ppl=ppl(base_loss) if base_loss is not None
+                else None, per_speaker_loss=f["per_speaker_loss"],
+                **{k: f[k] for k in ("replies", "stop_rate", "mean_words", "distinct_1", "distinct_2", "token_f1",
+                                     "samples", "sample_dialogue")})
     if base_loss is None:
-        headline = f"validation perplexity {ppl(val_loss):.2f}{base_note}"
-    elif base_name == "scratch":  # nothing was fine-tuned: the base is the untrained model
+        headline = f"validation perplexity {ppl(loss):.2f}{f['base_note']}"
+    elif base == "scratch":  # nothing was fine-tuned: the base is the untrained model
         headline = (f"trained from scratch: validation perplexity went from {ppl(base_loss):.2f} (untrained) to "
-                    f"{ppl(val_loss):.2f}{base_note}")
+                    f"{ppl(loss):.2f}{f['base_note']}")
     else:
-        headline = f"fine-tuning took validation perplexity from {ppl(base_loss):.2f} to {ppl(val_loss):.2f}{base_note}"
-    md = [f"# Evaluation of `{model_dir}`", "", headline + ".", "",
+        headline = (f"fine-tuning took validation perplexity from {ppl(base_loss):.2f} to {ppl(loss):.2f}"
+                    f"{f['base_note']}")
+    md = [f"# Evaluation of `{f['model']}`", "", headline + ".", "",
           "| model | val loss | val perplexity |", "|---|---|---|",
-          f"| base `{base_name}` | {base_loss:.4f} | {ppl(base_loss):.2f} |" if base_loss is not None else
-          f"| base `{base_name}` | - | - |",
-          f"| {'trained' if base_name == 'scratch' else 'fine-tuned'} | {val_loss:.4f} | {ppl(val_loss):.2f} |", "",
-          f"Over {n_tokens:,} validation tokens of {cfg.VAL_FILE}, token-weighted, padding excluded.", ""]
-    if per_speaker:
+          f"| base `{base}` | {base_loss:.4f} | {ppl(base_loss):.2f} |" if base_loss is not None else
+          f"| base `{base}` | - | - |",
+          f"| {'trained' if base == 'scratch' else 'fine-tuned'} | {loss:.4f} | {ppl(loss):.2f} |", "",
+          f"Over {f['val_tokens']:,} validation tokens of {f['val_file']}, token-weighted, padding excluded.", ""]
+    if f["per_speaker_loss"]:
         md += ["Per speaker, the fine-tuned model's loss over the same targets, split by whose turn each is in (label, "
                "text, line end, EOS). The overall loss is their token-weighted mean, so some speakers are above it "
                "and some below.", "",
                "| speaker | val loss | perplexity |", "|---|---|---|",
-               *[f"| {s} | {v:.4f} | {ppl(v):.2f} |" for s, v in per_speaker.items()], ""]
-    md += [f"## Replies ({figures['replies']} validation dialogues)", "",
-           f"stop rate {figures['stop_rate']:.0%}, mean length {figures['mean_words']:.1f} words, "
-           f"distinct-1 {figures['distinct_1']:.2f}, distinct-2 {figures['distinct_2']:.2f}, "
-           f"token F1 vs the real reply {figures['token_f1']:.3f}", ""]
-    for r in replies[:5]:
+               *[f"| {s} | {v:.4f} | {ppl(v):.2f} |" for s, v in f["per_speaker_loss"].items()], ""]
+    md += [f"## Replies ({f['replies']} validation dialogues)", "",
+           f"stop rate {f['stop_rate']:.0%}, mean length {f['mean_words']:.1f} words, "
+           f"distinct-1 {f['distinct_1']:.2f}, distinct-2 {f['distinct_2']:.2f}, "
+           f"token F1 vs the real reply {f['token_f1']:.3f}", ""]
+    for r in f["samples"][:5]:
         md += ["```", *[f"{s}: {t}" for s, t in r["context"][-3:]], "```",
                f"- real: **{r['speaker']}:** {r['real']}", f"- generated: **{r['speaker']}:** {r['generated']}"
                f"{'' if r['ended'] else ' *(did not end)*'}", ""]
-    md += ["## Sample dialogue", "", "```", sample_text, "```", ""]
-    if plot_note:
-        md += [f"*{plot_note}*", ""]
-    else:
-        md += ["![loss curve](loss_curve.png)", ""]
-    with atomic_write(os.path.join(cfg.OUT_DIR, "eval_report.json")) as f:
-        json.dump(report, f, indent=2)
-    with atomic_write(os.path.join(cfg.OUT_DIR, "eval_report.md")) as f:
-        f.write("\n".join(md))
+    md += ["## Sample dialogue", "", "```", f["sample_dialogue"], "```", ""]
+    md += [f"*{f['plot_note']}*", ""] if f["plot_note"] else ["![loss curve](loss_curve.png)", ""]
+    return data, "\n".join(md), headline
 
-    for r in replies[:3]:
+
+def write_report(ev, figures):
+    """The loss curve, eval_report.json and eval_report.md in OUT_DIR, and the summary on stdout."""
+    cfg, run_cfg = ev.cfg, ev.run_cfg
+    title = f"{os.path.abspath(cfg.OUT_DIR)}: {figures['base_model']} on {run_cfg.get('TRAIN_FILE', cfg.TRAIN_FILE)}"
+    figures["plot_note"] = plot_loss_curve(ev.metrics, os.path.join(cfg.OUT_DIR, "loss_curve.png"), title) \
+        if ev.metrics else "loss_curve.png not written: no metrics.jsonl in OUT_DIR"
+    data, md, headline = report(figures)
+    with atomic_write(os.path.join(cfg.OUT_DIR, "eval_report.json")) as out:
+        json.dump(data, out, indent=2)
+    with atomic_write(os.path.join(cfg.OUT_DIR, "eval_report.md")) as out:
+        out.write(md)
+    for r in figures["samples"][:3]:
         print("\n" + "\n".join(f"  {s}: {t}" for s, t in r["context"][-2:]))
         print(f"  real      {r['speaker']}: {r['real']}\n  generated {r['speaker']}: {r['generated']}")
-    print(f"\nsample dialogue:\n{sample_text}\n")
-    if plot_note:
-        print(plot_note)
+    print(f"\nsample dialogue:\n{figures['sample_dialogue']}\n")
+    if figures["plot_note"]:
+        print(figures["plot_note"])
     print(f"{headline}; replies: stop rate {figures['stop_rate']:.0%}, {figures['mean_words']:.1f} words, "
           f"distinct-2 {figures['distinct_2']:.2f}, F1 {figures['token_f1']:.3f}; "
           f"report in {os.path.join(cfg.OUT_DIR, 'eval_report.md')}")
+
+
+def main():
+    given = set()
+    cfg = load_config(doc=__doc__, given=given)
+    ev = setup(cfg, given)
+    import torch
+
+    val, scored, n_tokens, val_loss, per_speaker = validation(ev)
+    base_name, base_loss, base_note = base_validation(ev, val)
+    generator = torch.Generator().manual_seed(cfg.SEED)  # replies and sample dialogue: the same SEED, the same text
+    samples, figures = reply_figures(ev, scored, generator)
+    sample_text = sample_dialogue(ev, generator)
+    write_report(ev, {"model": ev.model_dir, "base_model": base_name, "val_file": cfg.VAL_FILE,
+                      "val_tokens": n_tokens, "val_loss": val_loss, "base_val_loss": base_loss, "base_note": base_note,
+                      "per_speaker_loss": per_speaker, **figures, "samples": samples,
+                      "sample_dialogue": sample_text})
 
 
 if __name__ == "__main__":

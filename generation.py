@@ -1,44 +1,16 @@
-"""Generating one speaker's reply: the prompt is the conversation in the training format plus the speaker's label (or,
-for a model trained in its own chat template, the template's turns plus the header of the speaker's role); sampling
-runs with the KV cache; the reply ends at the end of that speaker's turn (line end, EOS, or another speaker's label;
-in a chat template, the token that ends a turn) and never runs into the next turn."""
+"""Generating replies with the model's own generate(): config.py's sampling settings become its arguments, prompts
+come from render.py in the format the model was trained in, several replies are generated together (left-padded,
+with an attention mask), and a reply ends at the end of its speaker's turn: EOS (in a chat template, any special
+token such as <|im_end|>), or, in the speaker format, a line end or another speaker's label. What is ours is the
+cut that keeps a reply from running into the next turn (`cut_reply`) and the stopping criterion that applies it."""
 
-import inspect
 import re
 
 import torch
+from tqdm import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
-from batching import chat_pieces, encode, role_map, start_id
-from cli import UserError
-from dialogues import CHAT_TEMPLATE, format_dialogue
-
-
-def chat_roles(tokenizer, roles=None, train_speakers=None):
-    """None for a model that speaks the speaker format (our template, or none), else the role map its own chat
-    template is prompted with: a model saved by train.py keeps its own template only when FORMAT="chat_template"."""
-    if not tokenizer.chat_template or tokenizer.chat_template == CHAT_TEMPLATE:
-        return None
-    return role_map(roles, train_speakers)
-
-
-def end_ids(tokenizer):
-    """In a chat template, turn text is plain text: any special token (EOS, <|im_end|>, <|eot_id|>, ...) ends it."""
-    return {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
-
-
-def prompt_ids(tokenizer, turns, speaker, context, max_new_tokens, roles=None):
-    """The token ids asking `speaker` to reply after `turns`, dropping the oldest turns until the prompt and the
-    reply fit in the model's context."""
-    for start in range(len(turns) + 1):
-        if roles is None:
-            ids = [start_id(tokenizer)] + encode(tokenizer, [format_dialogue(turns[start:]) + f"{speaker}:"])[0]
-        else:  # the turns as trained, then the header of the speaker's turn
-            *before, (_, header, _, _) = chat_pieces(tokenizer, [turns[start:] + [(speaker, ".")]], roles)[0]
-            ids = [start_id(tokenizer)] + [t for _, h, x, f in before for t in h + x + f] + header
-        if len(ids) + max_new_tokens <= context:
-            return ids, start
-    raise UserError(f"the prompt for {speaker!r} alone is {len(ids)} tokens; with MAX_NEW_TOKENS={max_new_tokens} "
-                    f"it does not fit the model's context of {context} tokens")
+from render import end_ids, prompt_ids, start_id
 
 
 def cut_reply(text, speakers):
@@ -55,64 +27,87 @@ def cut_reply(text, speakers):
     return text[:end].strip(), end < len(text)
 
 
+def sampling(cfg):
+    """TEMPERATURE, TOP_K, TOP_P and REPETITION_PENALTY as generate()'s arguments; TEMPERATURE 0 is greedy. Each is
+    given even where it does nothing (top_k=0, top_p=1.0): one left out would come from the model's own
+    generation_config.json. In greedy mode the sampling ones get generate()'s neutral values, which it does not warn
+    about."""
+    if cfg.TEMPERATURE <= 0:
+        return {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+                "repetition_penalty": cfg.REPETITION_PENALTY}
+    return {"do_sample": True, "temperature": cfg.TEMPERATURE, "top_k": cfg.TOP_K, "top_p": cfg.TOP_P,
+            "repetition_penalty": cfg.REPETITION_PENALTY}
+
+
+class TurnEnd(StoppingCriteria):
+    """Stops each row of a batch where its turn ends: at a token of `ends`, or, where the row has `speakers` (the
+    speaker format), where cut_reply finds a line end or another speaker's label in its new text. `at[i]` is then
+    the number of new tokens row i ended with. Rows that have ended are not looked at again."""
+
+    def __init__(self, tokenizer, width, ends, speakers=None):
+        self.tokenizer, self.width, self.ends, self.speakers, self.at = tokenizer, width, ends, speakers, {}
+
+    def __call__(self, input_ids, scores, **kwargs):
+        n = input_ids.shape[1] - self.width
+        for i, row in enumerate(input_ids[:, self.width:].tolist()):
+            if i in self.at:
+                continue
+            if row[-1] in self.ends or (self.speakers and self.speakers[i] is not None and
+                                        cut_reply(self.tokenizer.decode(row), self.speakers[i])[1]):
+                self.at[i] = n
+        return torch.tensor([i in self.at for i in range(input_ids.shape[0])], device=input_ids.device)
+
+
 @torch.no_grad()
-def sample(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, generator, stop=None):
-    """Sample up to max_new_tokens after `ids` (a list) with the KV cache; `stop(new_ids)` -> True ends early.
-    temperature 0 means greedy."""
+def generate(model, tokenizer, prompts, max_new_tokens, settings, ends, generator, speakers=None):
+    """The new token ids after each prompt (a list of ids), generated together by model.generate() with `settings`
+    (see sampling): each up to and including the token that ended it (see TurnEnd), else max_new_tokens long.
+    Prompts are padded on the left with the attention mask off there (generate() derives the position ids from
+    it); the pad id is the start token, which every prompt begins with, so the repetition penalty sees nothing new.
+    Sampling draws its seed from `generator`, on a copy of torch's global random state: the same generator gives
+    the same tokens, and nothing else's randomness moves."""
     device = next(model.parameters()).device
-    # transformers renamed the KV cache argument and output from past_key_values to cache (5.2x); take either
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    x, past, new, seen = torch.tensor([ids], device=device), None, [], None
-    for _ in range(max_new_tokens):
-        out = model(input_ids=x, use_cache=True, **{key: past})
-        past, logits = out[key], out.logits[0, -1].float()
-        if seen is None:
-            seen = torch.zeros(logits.numel(), dtype=torch.bool, device=device)
-            seen[torch.tensor(ids, device=device)] = True
-        if repetition_penalty != 1.0:  # CTRL-style: tokens already in the text become less likely
-            logits = torch.where(seen, torch.where(logits > 0, logits / repetition_penalty,
-                                                   logits * repetition_penalty), logits)
-        if temperature <= 0:
-            token = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k > 0:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            if top_p < 1.0:
-                sorted_logits, order = torch.sort(logits, descending=True)
-                drop = torch.cumsum(torch.softmax(sorted_logits, -1), -1) > top_p
-                drop[1:] = drop[:-1].clone()  # keep the token that crosses top_p
-                drop[0] = False
-                logits[order[drop]] = float("-inf")
-            probs = torch.softmax(logits, -1).cpu()
-            token = int(torch.multinomial(probs, 1, generator=generator))
-        new.append(token)
-        seen[token] = True
-        if stop is not None and stop(new):
-            break
-        x = torch.tensor([[token]], device=device)
-    return new
+    width, pad = max(map(len, prompts)), start_id(tokenizer)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    end = TurnEnd(tokenizer, width, set(ends), speakers)
+    seed = int(torch.randint(2 ** 62, (), generator=generator))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             eos_token_id=sorted(ends), pad_token_id=pad,
+                             stopping_criteria=StoppingCriteriaList([end]), **settings)
+    return [row[:end.at.get(i, len(row))] for i, row in enumerate(out[:, width:].tolist())]
+
+
+def replies(model, tokenizer, asks, cfg, generator, context, roles=None, batch_size=1, desc=None):
+    """The next turn of each (turns, speaker) in `asks`: (text, ended properly, number of new tokens), generated
+    batch_size at a time, prompts of similar length together. With `roles`, in the model's own chat template. With
+    `desc`, a progress bar of that name."""
+    prompts = [prompt_ids(tokenizer, turns, speaker, context, cfg.MAX_NEW_TOKENS, roles)[0] for turns, speaker in asks]
+    # the speaker format's turn also ends at any label of the conversation; a template's, at its end token alone
+    speakers = [None if roles is not None else sorted({s for s, _ in turns} | {speaker}) for turns, speaker in asks]
+    ends, eos = end_ids(tokenizer, roles), tokenizer.eos_token_id
+    order = sorted(range(len(asks)), key=lambda i: len(prompts[i]))
+    out = {}
+    for k in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False, unit="batch",
+                  dynamic_ncols=True):
+        chosen = order[k:k + batch_size]
+        new = generate(model, tokenizer, [prompts[i] for i in chosen], cfg.MAX_NEW_TOKENS, sampling(cfg), ends,
+                       generator, [speakers[i] for i in chosen])
+        for i, ids in zip(chosen, new):
+            if roles is not None:
+                ended = bool(ids) and ids[-1] in ends
+                text = tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=True).strip()
+            else:
+                by_eos = bool(ids) and ids[-1] == eos
+                text, ended = cut_reply(tokenizer.decode(ids[:-1] if by_eos else ids), speakers[i])
+                ended = ended or by_eos
+            out[i] = (text, ended, len(ids))
+    return [out[i] for i in range(len(asks))]
 
 
 def reply(model, tokenizer, turns, speaker, cfg, generator, context, roles=None):
     """Generate `speaker`'s next turn after `turns`: (text, ended properly, number of new tokens). With `roles`, in
     the model's own chat template."""
-    ids, _ = prompt_ids(tokenizer, turns, speaker, context, cfg.MAX_NEW_TOKENS, roles)
-    if roles is not None:
-        ends = end_ids(tokenizer)
-        new = sample(model, ids, cfg.MAX_NEW_TOKENS, cfg.TEMPERATURE, cfg.TOP_K, cfg.TOP_P, cfg.REPETITION_PENALTY,
-                     generator, lambda new: new[-1] in ends)
-        ended = bool(new) and new[-1] in ends
-        return tokenizer.decode(new[:-1] if ended else new, skip_special_tokens=True).strip(), ended, len(new)
-    speakers = sorted({s for s, _ in turns} | {speaker})
-    eos = tokenizer.eos_token_id
-
-    def stop(new):
-        return new[-1] == eos or cut_reply(tokenizer.decode(new), speakers)[1]
-
-    new = sample(model, ids, cfg.MAX_NEW_TOKENS, cfg.TEMPERATURE, cfg.TOP_K, cfg.TOP_P, cfg.REPETITION_PENALTY,
-                 generator, stop)
-    ended_by_eos = bool(new) and new[-1] == eos
-    text, ended = cut_reply(tokenizer.decode(new[:-1] if ended_by_eos else new), speakers)
-    return text, ended or ended_by_eos, len(new)
+    return replies(model, tokenizer, [(turns, speaker)], cfg, generator, context, roles)[0]

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import checkpoints
 from cli import UserError, load_config, no_such, run
-from dialogues import CHAT_TEMPLATE, format_dialogue, iter_dialogues
+from dialogues import format_dialogue, iter_dialogues
+from render import CHAT_TEMPLATE
 
 def get_lr(step, cfg, total_steps):
     """Linear warmup to LEARNING_RATE, then cosine or linear decay to LEARNING_RATE * MIN_LR_FRACTION."""
@@ -86,7 +87,7 @@ def check_config(cfg):
 def prepare_tokenizer(tokenizer, cfg, name):
     """The tokenizer as the run uses and saves it: FORMAT="speaker" gives it our template (so apply_chat_template
     and pipeline() speak the training format); "chat_template" keeps the model's own, which it must have."""
-    from batching import role_map
+    from render import role_map
     if cfg.FORMAT == "chat_template" and not tokenizer.chat_template:
         raise UserError(f"MODEL {name!r} has no chat template of its own; FORMAT='chat_template' renders dialogues "
                         f"with it (use FORMAT='speaker', or an instruct model)")
@@ -98,7 +99,7 @@ def prepare_tokenizer(tokenizer, cfg, name):
 def show_example(cfg):
     """--show_example=True: the first training dialogue as the model sees it, with what is trained marked."""
     import modeling
-    from batching import render_any, start_id
+    from render import render_any, start_id
     first = next(iter_dialogues(cfg.TRAIN_FILE), None)
     if first is None:
         raise UserError(f"{cfg.TRAIN_FILE} holds no dialogues: run prepare_data.py first")

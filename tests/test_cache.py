@@ -18,9 +18,10 @@ import cache
 import checkpoints
 import cli
 import modeling
-from batching import make_blocks, pack, pack_tokens, render, start_id, windows
+from batching import make_blocks, pack, pack_tokens, windows
 from conftest import ROOT, run_script
 from dialogues import load_records, parse_record, read_dialogues, write_dialogues
+from render import render, role_map, start_id
 from tiny import chat_tokenizer, gpt2_tokenizer, max_diff, save_tiny_gpt2, synthetic, weights, write_split
 
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -37,7 +38,7 @@ def cached_tokens(tmp_path, tokenizer, dialogues=None, said=None, **kw):
         with open(path, "w", encoding="utf-8") as f:
             write_dialogues(f, dialogues)
     cfg = rendering(tmp_path, **kw)
-    roles = batching.role_map(cfg.ROLES, cfg.TRAIN_SPEAKERS) if cfg.FORMAT == "chat_template" else None
+    roles = role_map(cfg.ROLES, cfg.TRAIN_SPEAKERS) if cfg.FORMAT == "chat_template" else None
     return cache.tokens(str(path), checkpoints.sha256(path), tokenizer, cfg, roles,
                         (said if said is not None else []).append)
 
@@ -64,7 +65,7 @@ def test_chat_template_tokens_need_32_bits_only_beyond_65536_ids(tmp_path):
     dialogues = synthetic(30, speakers=["Alex", "Bob"])
     t = cached_tokens(tmp_path, tok, dialogues, FORMAT="chat_template", TRAIN_SPEAKERS=["Bob"])
     assert t.ids.dtype == np.uint16 and t.start == start_id(tok)
-    roles = batching.role_map(None, ["Bob"])
+    roles = role_map(None, ["Bob"])
     assert list(cache.blocks(t, 64, print)) == list(make_blocks(tok, dialogues, 64, ["Bob"], roles))
 
 

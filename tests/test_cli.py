@@ -36,6 +36,22 @@ def test_a_missing_path_is_shown_absolute(tmp_path, monkeypatch):
     assert cli.no_such("CHECKPOINT", "/nonexistent") == "CHECKPOINT '/nonexistent' does not exist"
 
 
+
+def test_which_model_is_one_rule_for_evaluate_and_chat(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = lambda *args: cli.load_config(list(args))
+    with pytest.raises(cli.UserError, match=r"^model directory 'out/best' does not exist .*: run train.py first, or "
+                                            r"pass --checkpoint=DIR$"):
+        cli.which_model(cfg())
+    with pytest.raises(cli.UserError, match=r"^CHECKPOINT 'mine' does not exist \("):
+        cli.which_model(cfg("--checkpoint=mine"))
+    (tmp_path / "out" / "best").mkdir(parents=True)
+    (tmp_path / "mine").mkdir()
+    assert cli.which_model(cfg()) == os.path.join("out", "best")
+    assert cli.which_model(cfg("--checkpoint=mine")) == "mine"
+    assert cli.which_model(cfg("--out_dir=elsewhere", "--checkpoint=mine")) == "mine"  # CHECKPOINT wins
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # start-up: --help and setting errors come before the heavy imports
 

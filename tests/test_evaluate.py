@@ -5,12 +5,14 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import types
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -23,9 +25,9 @@ import generation
 import modeling
 import train
 from conftest import one_error_line, run_script
-from dialogues import clean_text, format_dialogue, read_dialogues
-from generation import cut_reply, prompt_ids, reply
-from tiny import EOS_ID, gpt2_tokenizer, save_tiny_gpt2, synthetic, write_split
+from dialogues import format_dialogue, read_dialogues
+from render import CHAT_TEMPLATE, render, role_map
+from tiny import EOS_ID, gpt2_tokenizer, save_tiny_gpt2, save_tiny_llama, synthetic, write_split
 
 FAST = ["--num_replies=4", "--max_new_tokens=12", "--sample_max_new_tokens=20"]
 # one thread per process: the processes run side by side on few cores, and torch's threads fighting over them made
@@ -179,7 +181,7 @@ def test_per_speaker_losses_come_from_the_same_pass(lm, block_size):
     for tag, name in enumerate([*speakers, None], 1):
         keep = lambda s: s == name or (name is None and s not in speakers)
         only = [[(ids, mask if keep(s) else [0] * len(mask)) for (ids, mask), (s, _) in zip(turns, d)]
-                for turns, d in zip(batching.render(tok, DIALOGUES), DIALOGUES)]
+                for turns, d in zip(render(tok, DIALOGUES), DIALOGUES)]
         pieces = [w for turns in only for w in batching.windows(turns, block_size, EOS_ID)]
         by_hand = batching.eval_batches(batching.pack(pieces, block_size), 2, EOS_ID, block_size)
         assert per[tag] == pytest.approx(modeling.evaluate(lm, by_hand, cpu, None), rel=1e-5), name
@@ -200,165 +202,21 @@ def test_windowed_loss_covers_every_token_once(lm):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 2. stopping: a scripted model emits given tokens, one per call
-
-class Output(dict):
-    @property
-    def logits(self):
-        return self["logits"]
-
-
-class Scripted(torch.nn.Module):
-    """Emits `script` one token per forward call (a huge logit), then "la" forever; records every call."""
-
-    def __init__(self, script):
-        super().__init__()
-        self.config = types.SimpleNamespace(vocab_size=50257)
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.script, self.calls = list(script), []
-
-    def forward(self, input_ids, cache=None, use_cache=False):
-        self.calls.append((input_ids[0].tolist(), cache))
-        i = len(self.calls) - 1
-        token = self.script[i] if i < len(self.script) else gpt2_tokenizer().encode(" la")[0]
-        logits = torch.zeros(1, input_ids.shape[1], 50257)
-        logits[0, -1, token] = 1e4
-        return Output(logits=logits, cache=f"cache after call {i}")
-
-
-TURNS = [("Alex", "Hi Cara, how are you?"), ("Bob", "Hello both.")]
-
-
-def enc(text):
-    return gpt2_tokenizer().encode(text)
-
-
-def generate(script, *flags, turns=TURNS, speaker="Cara", context=1024):
-    model = Scripted(script)
-    cfg = cli.load_config(["--temperature=0", "--max_new_tokens=12", *flags])
-    out = reply(model, gpt2_tokenizer(), turns, speaker, cfg, torch.Generator().manual_seed(0), context)
-    return out, model.calls
-
-
-def test_reply_stops_at_line_end():
-    head = enc(" Fine, thanks")
-    (text, ended, n), calls = generate(head + enc("\n") + enc("Alex: more words"))
-    assert (text, ended) == ("Fine, thanks", True)
-    assert n == len(calls) == len(head) + 1  # nothing generated after the newline
-
-
-def test_reply_stops_at_eos():
-    head = enc(" Fine, thanks")
-    (text, ended, n), calls = generate(head + [EOS_ID] + enc(" after"))
-    assert (text, ended) == ("Fine, thanks", True)
-    assert n == len(calls) == len(head) + 1
-    assert "endoftext" not in text
-
-
-@pytest.mark.parametrize("label", ["Bob", "Alex", "Cara"])
-def test_reply_stops_at_a_speaker_label(label):
-    head = enc(" Fine, thanks")
-    (text, ended, n), calls = generate(head + enc(f" {label}") + enc(":") + enc(" and you?"))
-    assert (text, ended) == ("Fine, thanks", True)
-    assert n == len(calls) == len(head) + len(enc(f" {label}")) + 1
-
-
-def test_reply_without_a_stop_runs_to_max_new_tokens():
-    words = enc(" one two three four five six seven eight")
-    (text, ended, n), calls = generate(words, "--max_new_tokens=5")
-    assert (text, ended, n, len(calls)) == ("one two three four five", False, 5, 5)
-
-
-def test_reply_with_sampling_settings_follows_the_script():
-    head = enc(" Sure thing")
-    (text, ended, _), _ = generate(head + enc("\n"), "--temperature=0.8", "--top_k=50", "--top_p=0.95")
-    assert (text, ended) == ("Sure thing", True)
-
-
-def test_reply_uses_the_prompt_then_the_cache():
-    tok = gpt2_tokenizer()
-    script = enc(" Fine, thanks") + enc("\n")
-    _, calls = generate(script)
-    prompt, cache = calls[0]
-    assert tok.decode(prompt) == tok.eos_token + format_dialogue(TURNS) + "Cara:" and cache is None
-    for i, (ids, cache) in enumerate(calls[1:], 1):
-        assert ids == [script[i - 1]] and cache == f"cache after call {i - 1}"
-
-
-def test_reply_drops_oldest_turns_to_fit_the_context():
-    tok = gpt2_tokenizer()
-    turns = [("Alex", "word " * 30), ("Bob", "Short one."), ("Alex", "Last thing?")]
-    last = tok.eos_token + format_dialogue(turns[2:]) + "Bob:"
-    context = len(tok.encode(last)) + 12
-    (_, ended, _), calls = generate(enc(" Ok") + enc("\n"), turns=turns, speaker="Bob", context=context)
-    assert tok.decode(calls[0][0]) == last and ended
-    with pytest.raises(cli.UserError, match="does not fit"):
-        prompt_ids(tok, turns, "Bob", 12 + 2, 12)
-
-
-def test_cut_reply():
-    assert cut_reply(" Hello there\nAlex: more", ["Alex"]) == ("Hello there", True)
-    assert cut_reply(" Hello there", ["Alex"]) == ("Hello there", False)
-    assert cut_reply(" Sure Bob: next", ["Alex", "Bob"]) == ("Sure", True)
-    assert cut_reply("Bob: at once", ["Bob"]) == ("", True)
-    assert cut_reply(" Ok\n", []) == ("Ok", True)
-    assert cut_reply(" Cara: no speakers", []) == ("Cara: no speakers", False)
-    assert cut_reply(" Bobby: is not Bob", ["Bob"]) == ("Bobby: is not Bob", False)
-    assert cut_reply(" I said\tMary Ann: hi", ["Mary Ann"]) == ("I said", True)
-    assert cut_reply(" x A.B: y", ["A.B"]) == ("x", True)
-    assert cut_reply(" x AxB: y", ["A.B"]) == ("x AxB: y", False)  # names are matched literally, not as patterns
-    assert cut_reply(" a\nb Bob: c", ["Bob"]) == ("a", True)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # 3. the chat template speaks the training format
+
+CHAT = [("Alex", "Hi there, how are you?"), ("Bob", "Fine, thanks."), ("Alex", "Good to hear.")]
+
 
 @pytest.fixture(scope="module")
 def trained_tok(run):
     return transformers.AutoTokenizer.from_pretrained(str(run / "out" / "best"))
 
 
-CHAT = [("Alex", "Hi there, how are you?"), ("Bob", "Fine, thanks."), ("Alex", "Good to hear.")]
-
-
 def test_saved_tokenizer_has_the_chat_template(trained_tok):
-    assert trained_tok.chat_template
+    assert trained_tok.chat_template == CHAT_TEMPLATE  # what test_render checks the template on
     messages = [{"role": "user" if s == "Alex" else "assistant", "name": s, "content": t} for s, t in CHAT]
     text = trained_tok.apply_chat_template(messages, tokenize=False)
     assert text == trained_tok.eos_token + format_dialogue(CHAT) + trained_tok.eos_token
-
-
-def test_chat_template_role_is_the_speaker_without_a_name(trained_tok):
-    messages = [{"role": s, "content": t} for s, t in CHAT]
-    eos = trained_tok.eos_token
-    assert trained_tok.apply_chat_template(messages, tokenize=False) == eos + format_dialogue(CHAT) + eos
-
-
-def test_chat_template_generation_prompt(trained_tok):
-    messages = [{"role": "user", "name": s, "content": t} for s, t in CHAT]
-    body = trained_tok.eos_token + format_dialogue(CHAT)
-    assert trained_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == body + "Bob:"
-    assert trained_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                           next_speaker="Cara") == body + "Cara:"
-
-
-def test_chat_template_collapses_multiline_content(trained_tok):
-    content = "  First line\nsecond\tline \r\n\n third  "
-    messages = [{"role": "user", "name": "Alex", "content": content}]
-    eos = trained_tok.eos_token
-    assert trained_tok.apply_chat_template(messages, tokenize=False) == \
-        eos + format_dialogue([("Alex", clean_text(content))]) + eos
-    assert clean_text(content) == "First line second line third"
-
-
-def test_chat_template_prompt_label_matches_the_speakers_line(trained_tok):
-    # A name is cleaned (":" to space, trimmed) where the message is written; the label the generation prompt asks
-    # for must be that same speaker, or the model is prompted with a label it never saw.
-    messages = [{"role": "user", "name": "Alex ", "content": "Hi"},
-                {"role": "assistant", "name": "Bob", "content": "Yo"}]
-    text = trained_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text.startswith(trained_tok.eos_token + "Alex: Hi\n")
-    assert text.endswith("\nAlex:")
 
 
 def test_pipeline_generates(run):
@@ -492,7 +350,7 @@ def test_evaluate_loss_matches_training(run, procs):
     assert report["base_val_loss"] == pytest.approx(step0["val_loss"], abs=1e-4)
     # the whole validation set is scored: every rendered token is a target once
     tok = transformers.AutoTokenizer.from_pretrained(str(run / "out" / "best"))
-    rendered = batching.render(tok, read_dialogues(run / "val_data.txt"))
+    rendered = render(tok, read_dialogues(run / "val_data.txt"))
     assert report["val_tokens"] == sum(len(ids) for d in rendered for ids, _ in d)
 
 
@@ -537,6 +395,8 @@ LONG_PROMPT = "Alex: " + "word " * 200 + "\nBob:"
     ("torn run settings", ["--checkpoint=TINY", "--out_dir=torn"], "torn/config.json cannot be read (JSONDecodeError)"),
     ("long prompt", ["--checkpoint=TINY", "--model=TINY", "--num_replies=1", "--max_new_tokens=4",
                      "--sample_max_new_tokens=8", f"--sample_prompt={LONG_PROMPT}"], "SAMPLE_PROMPT"),
+    ("prompt off the format", ["--checkpoint=TINY", "--sample_prompt=Hello there\nBob:"],
+     "SAMPLE_PROMPT: line 1: expected 'Speaker: text', got 'Hello there'"),
 ])
 def test_evaluate_bad_input(bad, tiny64, monkeypatch, capsys, case, args, mentions):
     monkeypatch.chdir(bad)
@@ -545,3 +405,87 @@ def test_evaluate_bad_input(bad, tiny64, monkeypatch, capsys, case, args, mentio
         cli.run(evaluate.main)
     proc = types.SimpleNamespace(returncode=e.value.code, stderr=capsys.readouterr().err)
     assert mentions in one_error_line(proc)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. a model in its own chat template: the settings it is rendered with, and SAMPLE_PROMPT read as the text format
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory):
+    """A tiny Llama with a ChatML template, as a run in FORMAT="chat_template" leaves it (untrained: what matters
+    here is how evaluate.py renders)."""
+    d = tmp_path_factory.mktemp("llama")
+    model = save_tiny_llama(str(d / "model"))
+    write_split(d, synthetic(4, seed=1), synthetic(4, seed=2, min_turns=2))
+    (d / "out").mkdir()
+    (d / "out" / "config.json").write_text(json.dumps({"FORMAT": "chat_template", "MODEL": model, "BLOCK_SIZE": 64,
+                                                       "ROLES": {"Alex": "user", "*": "assistant"}}))
+    return d
+
+
+FEW = ["--device=cpu", "--checkpoint=model", "--num_replies=1", "--max_new_tokens=2", "--sample_max_new_tokens=2"]
+
+
+def test_the_token_cache_is_keyed_by_the_roles_it_was_rendered_with(llama_run, monkeypatch):
+    """--roles overrides the run's ROLES; the cache entry that says it holds those roles' rendering must hold it."""
+    monkeypatch.chdir(llama_run)
+    other = {"Alex": "assistant", "*": "user"}
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *FEW, f"--roles={json.dumps(other)}", "--cache_dir=cache"])
+    evaluate.main()
+    (entry,) = (llama_run / "cache").iterdir()
+    meta = json.loads((entry / "meta.json").read_text())
+    stored = np.fromfile(entry / "ids.bin", dtype=meta["dtype"]).tolist()
+    tok = transformers.AutoTokenizer.from_pretrained(str(llama_run / "model"))
+    val = read_dialogues(llama_run / "val_data.txt")
+    rendered = lambda roles: batching.tokenize(tok, val, None, role_map(roles)).ids.tolist()
+    assert meta["roles"] == other and stored == rendered(other)
+    assert stored != rendered({"Alex": "user", "*": "assistant"})  # the run's roles render otherwise: the test can tell
+
+
+@pytest.mark.parametrize("sample_prompt, says", [
+    ("Hello there\nBob:", "SAMPLE_PROMPT: line 1: expected 'Speaker: text', got 'Hello there'"),
+    ("Alex: Hi\nBob: I think", "SAMPLE_PROMPT: its last line must be the label of who speaks next"),
+])
+def test_the_sample_prompt_is_read_as_the_text_format(llama_run, monkeypatch, sample_prompt, says):
+    monkeypatch.chdir(llama_run)
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *FEW, f"--sample_prompt={sample_prompt}"])
+    with pytest.raises(cli.UserError, match=re.escape(says)):
+        evaluate.main()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 8. the report is a function of the figures alone
+
+FIGURES = {"model": "out/best", "base_model": "gpt2", "val_file": "val.txt", "val_tokens": 1234, "val_loss": 2.0,
+           "base_val_loss": 3.0, "base_note": "", "per_speaker_loss": {"Alex": 1.9, "(others)": 2.1}, "replies": 2,
+           "stop_rate": 0.5, "mean_words": 3.0, "distinct_1": 0.9, "distinct_2": 1.0, "token_f1": 0.25,
+           "samples": [{"context": [["Alex", "Hi"]], "speaker": "Bob", "real": "Yo", "generated": "Hey", "ended": True,
+                        "new_tokens": 2, "f1": 0.0},
+                       {"context": [["Cara", "So?"]], "speaker": "Dan", "real": "Well", "generated": "Well well",
+                        "ended": False, "new_tokens": 12, "f1": 0.5}],
+           "sample_dialogue": "Alex: Hi, how are you?\nBob: Fine.", "plot_note": None}
+
+
+def test_the_report_is_a_function_of_the_figures():
+    data, md, headline = evaluate.report(FIGURES)
+    assert evaluate.report(FIGURES) == (data, md, headline)
+    assert headline == "fine-tuning took validation perplexity from 20.09 to 7.39"
+    assert data["val_ppl"] == pytest.approx(math.exp(2.0)) and data["base_val_ppl"] == pytest.approx(math.exp(3.0))
+    assert data["per_speaker_loss"] == FIGURES["per_speaker_loss"] and data["samples"] == FIGURES["samples"]
+    assert data["sample_dialogue"] == FIGURES["sample_dialogue"] and "plot_note" not in data
+    lines = md.split("\n")
+    assert lines[:3] == ["# Evaluation of `out/best`", "", headline + "."]
+    for line in ("| base `gpt2` | 3.0000 | 20.09 |", "| fine-tuned | 2.0000 | 7.39 |", "| Alex | 1.9000 | 6.69 |",
+                 "- generated: **Dan:** Well well *(did not end)*", "- generated: **Bob:** Hey", "Bob: Fine.",
+                 "![loss curve](loss_curve.png)"):
+        assert line in lines, line
+    assert "Over 1,234 validation tokens of val.txt" in md and "stop rate 50%" in md
+
+    _, md, headline = evaluate.report({**FIGURES, "base_model": "scratch"})
+    assert headline == "trained from scratch: validation perplexity went from 20.09 (untrained) to 7.39"
+    assert "| trained | 2.0000 | 7.39 |" in md
+
+    data, md, headline = evaluate.report({**FIGURES, "base_val_loss": None, "base_note": " (base not evaluated: x)",
+                                          "per_speaker_loss": {}, "plot_note": "no metrics"})
+    assert headline == "validation perplexity 7.39 (base not evaluated: x)" and data["base_val_ppl"] is None
+    assert "| base `gpt2` | - | - |" in md and "Per speaker" not in md and "*no metrics*" in md

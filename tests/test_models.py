@@ -17,143 +17,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import checkpoints
 import cli
 import modeling
-from batching import collate, encode, make_blocks, render_chat, role_map, start_id, windows
+from batching import collate, make_blocks
 from conftest import one_error_line, run_script
-from dialogues import CHAT_TEMPLATE
-from generation import prompt_ids, reply
-from tiny import (CHATML, EOS_ID, chat_tokenizer, gpt2_tokenizer, max_diff, save_tiny_gpt2, save_tiny_llama,
+from render import CHAT_TEMPLATE, role_map
+from tiny import (CHATML, chat_tokenizer, gpt2_tokenizer, max_diff, save_tiny_gpt2, save_tiny_llama,
                   save_tiny_neox, synthetic, weights, write_split)
 
 ENV = {"OMP_NUM_THREADS": "1"}
 DIALOGUE = [("Alex", "Hi there."), ("Bob", "Hello, Alex!"), ("Alex", "Bye <|im_end|> now.")]
-
-
-def special(tok, text):
-    """Template text: its special tokens are real ones."""
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def messages(turns, roles):
-    return [{"role": r, "content": t} for (_, t), r in zip(turns, roles)]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# rendering with the model's own chat template
-
-def test_chat_render_matches_a_hand_written_expectation():
-    tok = chat_tokenizer()
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    assert special(tok, "<|im_end|>") == [im_end] == [tok.eos_token_id]
-    plain = lambda text: encode(tok, [text])[0]
-    header0 = special(tok, "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
-    turns = render_chat(tok, [DIALOGUE], role_map(), ["Bob"])[0]
-    assert turns == [
-        (header0 + plain("Hi there.") + [im_end] + special(tok, "\n"),
-         [0] * (len(header0) + len(plain("Hi there.")) + 2)),
-        (special(tok, "<|im_start|>assistant\n") + plain("Hello, Alex!") + [im_end] + special(tok, "\n"),
-         [0] * len(special(tok, "<|im_start|>assistant\n")) + [1] * (len(plain("Hello, Alex!")) + 2)),
-        (special(tok, "<|im_start|>user\n") + plain("Bye <|im_end|> now.") + [im_end] + special(tok, "\n"),
-         [0] * (len(special(tok, "<|im_start|>user\n")) + len(plain("Bye <|im_end|> now.")) + 2))]
-    assert im_end not in plain("Bye <|im_end|> now.")  # a turn's text is plain text: it can't end the turn early
-
-    # the whole dialogue, BOS first as the context token, is exactly the template's own text
-    (ids, mask), = make_blocks(tok, [DIALOGUE], 256, ["Bob"], role_map())
-    assert ids[0] == tok.bos_token_id == start_id(tok) and mask[0] == 0
-    assert tok.decode(ids) == tok.apply_chat_template(messages(DIALOGUE, ["user", "assistant", "user"]),
-                                                      tokenize=False)
-    everything = render_chat(tok, [DIALOGUE], role_map())[0]  # no TRAIN_SPEAKERS: every token is trained
-    assert all(m == [1] * len(t) for t, m in everything)
-
-
-def test_chat_render_ends_with_eos_where_the_template_does_not():
-    tok = chat_tokenizer(eos="<|endoftext|>")  # a base model's EOS, with a ChatML template
-    turns = render_chat(tok, [DIALOGUE[:2]], role_map(), ["Bob"])[0]
-    assert turns[-1][0][-3:] == [tok.convert_tokens_to_ids("<|im_end|>"), *special(tok, "\n"), EOS_ID]
-    assert turns[-1][1][-3:] == [1, 1, 1]  # the end of the turn and the EOS are what the model learns to say
-
-
-def test_a_template_that_writes_the_next_header_with_the_turn():
-    """Phi-3's writes "<|assistant|>" after every user message: that belongs to the user's turn, never trained."""
-    template = ("{%- for m in messages -%}{%- if m.role == 'user' -%}<|im_start|>{{ m.content }}<|im_end|>"
-                "<|im_start|>{%- else -%}{{ m.content }}<|im_end|>{%- endif -%}{%- endfor -%}")
-    tok = chat_tokenizer(template)
-    turns = render_chat(tok, [DIALOGUE[:2]], role_map(), ["Bob"])[0]
-    im_start, im_end = (tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>"))
-    assert turns[0][0][-2:] == [im_end, im_start] and turns[0][1] == [0] * len(turns[0][0])
-    assert turns[1] == (encode(tok, ["Hello, Alex!"])[0] + [im_end], [1] * (len(turns[1][0])))
-
-
-@pytest.mark.parametrize("roles, train_speakers, turns, expected", [
-    (None, None, DIALOGUE, ["user", "assistant", "user"]),  # two speakers: the first is the user
-    (None, ["Alex"], DIALOGUE, ["assistant", "user", "assistant"]),  # TRAIN_SPEAKERS are the assistant
-    (None, ["Bob"], DIALOGUE + [("Cara", "Hi.")], ["user", "assistant", "user", "user"]),
-    ({"Bob": "assistant", "*": "user"}, None, DIALOGUE + [("Cara", "Hi.")], ["user", "assistant", "user", "user"]),
-    ({"Alex": "system", "Bob": "user"}, None, DIALOGUE, ["system", "user", "system"]),
-])
-def test_roles(roles, train_speakers, turns, expected):
-    assert role_map(roles, train_speakers)(turns) == expected
-
-
-def test_roles_refused():
-    with pytest.raises(cli.UserError, match=r"speaker 'Bob' has no role in ROLES"):
-        role_map({"Alex": "user"})(DIALOGUE)
-    with pytest.raises(cli.UserError, match=r"3 speakers \(Alex, Bob, Cara\).*set ROLES"):
-        role_map()(DIALOGUE + [("Cara", "Hi.")])
-    template = ("{%- for m in messages -%}{%- if (m.role == 'user') != (loop.index0 % 2 == 0) -%}"
-                "{{ raise_exception('Conversation roles must alternate user/assistant') }}{%- endif -%}"
-                "{{ m.content }}{%- endfor -%}")
-    with pytest.raises(cli.UserError, match=r"val\.txt: dialogue 2: the model's chat template refused it: "
-                                            r"Conversation roles must alternate"):
-        render_chat(chat_tokenizer(template), [DIALOGUE, [("Alex", "a"), ("Alex", "b")]],
-                    role_map(train_speakers=["Bob"]), source="val.txt")
-
-
-def test_context_token_is_bos_where_the_model_has_one():
-    llama, gpt2 = chat_tokenizer(), gpt2_tokenizer()
-    assert start_id(llama) == llama.bos_token_id != llama.eos_token_id and start_id(gpt2) == EOS_ID
-    turns = [(encode(llama, ["Alex: hi\n"])[0], [1] * 4)]
-    assert windows(turns, 32, start_id(llama))[0][0][0] == llama.bos_token_id
-    llama.chat_template = CHAT_TEMPLATE  # the speaker format's template opens with the same token
-    assert llama.apply_chat_template([{"role": "user", "name": "Alex", "content": "hi"}], tokenize=False) == \
-        "<|begin_of_text|>Alex: hi\n<|im_end|>"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# generation in the chat template
-
-class Output(dict):
-    @property
-    def logits(self):
-        return self["logits"]
-
-
-class Scripted(torch.nn.Module):
-    """Emits `script` one token per forward call, then token 0 forever."""
-
-    def __init__(self, script, vocab):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.script, self.vocab, self.calls = list(script), vocab, 0
-
-    def forward(self, input_ids, cache=None, use_cache=False):
-        token = self.script[self.calls] if self.calls < len(self.script) else 0
-        self.calls += 1
-        logits = torch.zeros(1, input_ids.shape[1], self.vocab)
-        logits[0, -1, token] = 1e4
-        return Output(logits=logits, cache=None)
-
-
-def test_chat_prompt_is_the_templates_generation_prompt_and_a_reply_ends_with_the_turn():
-    tok = chat_tokenizer()
-    roles = role_map()
-    ids, _ = prompt_ids(tok, DIALOGUE[:1], "Bob", 256, 10, roles)
-    assert tok.decode(ids) == tok.apply_chat_template(messages(DIALOGUE[:1], ["user"]), tokenize=False,
-                                                      add_generation_prompt=True)
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    cfg = cli.load_config(["--temperature=0", "--max_new_tokens=20"])
-    model = Scripted(encode(tok, [" Fine, thanks"])[0] + [im_end] + encode(tok, ["more"])[0], len(tok))
-    text, ended, n = reply(model, tok, DIALOGUE[:1], "Bob", cfg, torch.Generator(), 256, roles)
-    assert (text, ended, n) == ("Fine, thanks", True, len(encode(tok, [" Fine, thanks"])[0]) + 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
