@@ -1,20 +1,20 @@
 """How fast does this train and generate here, and how much of the machine does it use?
 
     python bench.py                       # distilgpt2's shape (random init, offline), block 128, batch 8, shipped data
-    python bench.py --compare-hf          # also a standard packed-sequence Hugging Face Trainer run, side by side
-    python bench.py --data=mine.json --block-size=256 --json=bench.json
+    python bench.py --compare_hf          # also a standard packed-sequence Hugging Face Trainer run, side by side
+    python bench.py --data=mine.json --block_size=256 --json=bench.json
     python bench.py --smoke               # a tiny model and a few steps: checks the bench runs (CI)
-    python bench.py --data-scale          # prepare_data.py and train.py on a synthetic corpus 1x, 10x, 100x chitchat
-    python bench.py --data-scale --scales=1,10 --workdir=scale   # chosen scales; keep the files in scale/
-    python bench.py --data-scale --smoke  # scales 0.01 and 0.02: checks the data-scale bench runs (CI)
+    python bench.py --data_scale          # prepare_data.py and train.py on a synthetic corpus 1x, 10x, 100x chitchat
+    python bench.py --data_scale --scales=1,10 --workdir=scale   # chosen scales; keep the files in scale/
+    python bench.py --data_scale --smoke  # scales 0.01 and 0.02: checks the data-scale bench runs (CI)
 
 Measures, with train.py's own batching and step code: steady-state training tokens/s (trained tokens, and all
 positions processed), padding fraction, the share of the dataset's tokens trained per epoch, MFU (6 x parameters x
 tokens/s over the matmul peak this machine reaches, measured here: fp32 on CPU, bf16 on CUDA), peak memory with and
-without GRADIENT_CHECKPOINTING, and generation tokens/s with the KV cache. --compare-hf needs `pip install accelerate`
+without GRADIENT_CHECKPOINTING, and generation tokens/s with the KV cache. --compare_hf needs `pip install accelerate`
 (the Trainer's dependency).
 
---data-scale runs the pipeline's scripts as a user does, as subprocesses, on a synthetic corpus the size of a public
+--data_scale runs the pipeline's scripts as a user does, as subprocesses, on a synthetic corpus the size of a public
 chitchat corpus (5,356 dialogues, ~3.1M tokens) times each scale, with a tiny GPT-2 so the data is what costs: the
 time prepare_data.py takes; the tokens/s of train.py's first run, which tokenizes the data into its cache, against the
 tokenizer's own batch throughput; the start-up of a second run, which finds the cache warm; and that run's peak
@@ -40,7 +40,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import modeling
 from batching import collate, count, epoch_order, make_blocks
-from cli import UserError, atomic_write, defaults, run
+from cli import UserError, atomic_write, run
 from dialogues import format_dialogue, iter_dialogues, load_records, parse_record, read_dialogues
 from generation import generate
 from render import encode, prompt, render
@@ -191,7 +191,7 @@ def bench_hf(model, dialogues, tokenizer, args, device, dtype, between):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# --data-scale: how prepare_data.py and train.py's start-up grow with the data
+# --data_scale: how prepare_data.py and train.py's start-up grow with the data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHITCHAT_DIALOGUES = 5356  # 1x: a public chitchat corpus, 5,356 dialogues and ~3.1M GPT-2 tokens (~580 a dialogue)
@@ -294,6 +294,8 @@ def tokenizer_throughput(tokenizer, path, max_dialogues, batch=1000):
 
 
 def data_scale(args):
+    """--data_scale: prepare_data.py and train.py run as a user runs them, on a synthetic corpus at each scale; a
+    table of the figures and a PASS/FAIL line per target."""
     try:
         scales = sorted({float(s) for s in (args.scales or ("0.01,0.02" if args.smoke else "1,10,100")).split(",")})
     except ValueError:
@@ -302,13 +304,6 @@ def data_scale(args):
         raise UserError(f"--scales={args.scales}: each scale must be > 0")
     workdir = os.path.abspath(args.workdir) if args.workdir else tempfile.mkdtemp(prefix="bench-data-scale-")
     os.makedirs(workdir, exist_ok=True)
-    # train.py's cache goes where each scale's files are; a train.py without CACHE_DIR still runs, without a cache
-    has_cache = "CACHE_DIR" in defaults()
-    if not has_cache:
-        print("note: train.py has no CACHE_DIR setting yet: both runs tokenize, and figures it does not print are "
-              "shown as -", file=sys.stderr)
-    say = lambda line: print(line, file=sys.stderr, flush=True)
-    rows = []
     try:
         model_dir = os.path.join(workdir, "model")
         tokenizer = save_tiny_gpt2(model_dir)
@@ -317,124 +312,142 @@ def data_scale(args):
         if base["rc"]:
             raise UserError(f"loading {model_dir} failed: {last_line(base['stderr'])}")
         say(f"model alone: peak RSS {base['rss_mb']:,.0f} MB")
-        for scale in scales:
-            name, n = f"{scale:g}x", max(10, round(CHITCHAT_DIALOGUES * scale))
-            d = os.path.join(workdir, f"scale-{name}")
-            shutil.rmtree(d, ignore_errors=True)  # a cache left from an earlier bench would make the cold run warm
-            os.makedirs(d)
-            row = {"scale": scale, "dialogues": n}
-            t = time.perf_counter()
-            write_corpus(os.path.join(d, "corpus.jsonl"), n)
-            say(f"[{name}] wrote corpus.jsonl: {n:,} dialogues in {time.perf_counter() - t:.1f}s")
-            prep = measure([os.path.join(HERE, "prepare_data.py"), "--data_file=corpus.jsonl"], d,
-                           os.path.join(d, "prepare"))
-            if prep["rc"]:
-                raise UserError(f"[{name}] prepare_data.py failed: {last_line(prep['stderr'])}")
-            row["prepare_s"], row["prepare_rss_mb"] = prep["s"], prep["rss_mb"]
-            say(f"[{name}] prepare_data.py: {prep['s']:.1f}s, peak RSS {prep['rss_mb']:,.0f} MB; "
-                f"{last_line(prep['stdout'])}")
-            rate, tokens, dialogues = tokenizer_throughput(tokenizer, os.path.join(d, "train_data.txt"),
-                                                           CHITCHAT_DIALOGUES)
-            row["tokenizer_tokens_per_s"] = rate
-            say(f"[{name}] tokenizer alone, batches of 1000: {rate:,.0f} tokens/s over the first {dialogues:,} "
-                f"train dialogues ({tokens:,} tokens)")
-            out = os.path.join(d, "out")
-            train = [os.path.join(HERE, "train.py"), f"--model={model_dir}", "--device=cpu", "--max_steps=1",
-                     "--eval_interval=0", "--checkpoint_interval=0", f"--out_dir={out}", "--val_max_tokens=20000"]
-            train += [f"--cache_dir={os.path.join(d, 'cache')}"] if has_cache else []
-            runs = {}
-            for run_name in ("cold", "warm"):
-                shutil.rmtree(out, ignore_errors=True)  # a new run each time; the cache stays
-                r = runs[run_name] = measure(train, d, os.path.join(d, f"train-{run_name}"))
-                say(f"[{name}] train.py, {run_name} cache: {r['s']:.1f}s, peak RSS {r['rss_mb']:,.0f} MB"
-                    + (f"; FAILED (exit {r['rc']}): {last_line(r['stderr'])}" if r["rc"] else ""))
-            cold, cold_startup, _ = parse_train(runs["cold"]["stdout"]) if not runs["cold"]["rc"] else (None,) * 3
-            warm = parse_train(runs["warm"]["stdout"]) if not runs["warm"]["rc"] else (None,) * 3
-            _, warm_startup, warm_rss = warm
-            row["train_tokens"] = cold and cold["tokens"]
-            row["cold_tokens_per_s"] = cold and cold["tokens_per_s"]
-            row["cold_startup_s"], row["warm_startup_s"] = cold_startup, warm_startup
-            # at the end of start-up (train.py's own figure): the training step's logits and activations are the
-            # model's and the batch's cost, the same at any scale, not the data's
-            row["rss_above_model_mb"] = warm_rss - base["rss_mb"] if warm_rss is not None else None
-            row["warm_run_rss_mb"] = None if runs["warm"]["rc"] else runs["warm"]["rss_mb"]
-            rows.append(row)
+        rows = [scale_row(scale, workdir, model_dir, tokenizer, base["rss_mb"]) for scale in scales]
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+    targets = scale_report(rows, base["rss_mb"])
+    if args.json:
+        with atomic_write(args.json) as f:
+            json.dump({"cpu_threads": torch.get_num_threads(), "model_rss_mb": base["rss_mb"], "rows": rows,
+                       "targets": targets}, f, indent=2)
 
-    columns = [("scale", "", "{:g}x"), ("dialogues", "", "{:,}"), ("train", "tokens", "{:,.0f}"),
-               ("prepare", "s", "{:.1f}"), ("cold tokenize", "tokens/s", "{:,.0f}"),
-               ("tokenizer batch", "tokens/s", "{:,.0f}"), ("warm start-up", "s", "{:.1f}"),
-               ("peak RSS above", "model, MB", "{:,.0f}")]
-    keys = ["scale", "dialogues", "train_tokens", "prepare_s", "cold_tokens_per_s", "tokenizer_tokens_per_s",
-            "warm_startup_s", "rss_above_model_mb"]
-    print(f"\nmodel alone (2 layers, 64 wide, GPT-2 vocabulary): peak RSS {base['rss_mb']:,.0f} MB")
+
+def say(line):
+    print(line, file=sys.stderr, flush=True)
+
+
+def scale_row(scale, workdir, model_dir, tokenizer, model_rss_mb):
+    """One scale's figures: the corpus written, prepare_data.py, the tokenizer's own rate, and train.py twice (a
+    cold token cache, then a warm one)."""
+    name, n = f"{scale:g}x", max(10, round(CHITCHAT_DIALOGUES * scale))
+    d = os.path.join(workdir, f"scale-{name}")
+    shutil.rmtree(d, ignore_errors=True)  # a cache left from an earlier bench would make the cold run warm
+    os.makedirs(d)
+    row = {"scale": scale, "dialogues": n}
+    t = time.perf_counter()
+    write_corpus(os.path.join(d, "corpus.jsonl"), n)
+    say(f"[{name}] wrote corpus.jsonl: {n:,} dialogues in {time.perf_counter() - t:.1f}s")
+    prep = measure([os.path.join(HERE, "prepare_data.py"), "--data_file=corpus.jsonl"], d, os.path.join(d, "prepare"))
+    if prep["rc"]:
+        raise UserError(f"[{name}] prepare_data.py failed: {last_line(prep['stderr'])}")
+    row["prepare_s"], row["prepare_rss_mb"] = prep["s"], prep["rss_mb"]
+    say(f"[{name}] prepare_data.py: {prep['s']:.1f}s, peak RSS {prep['rss_mb']:,.0f} MB; {last_line(prep['stdout'])}")
+    rate, tokens, dialogues = tokenizer_throughput(tokenizer, os.path.join(d, "train_data.txt"), CHITCHAT_DIALOGUES)
+    row["tokenizer_tokens_per_s"] = rate
+    say(f"[{name}] tokenizer alone, batches of 1000: {rate:,.0f} tokens/s over the first {dialogues:,} train "
+        f"dialogues ({tokens:,} tokens)")
+    out = os.path.join(d, "out")
+    train = [os.path.join(HERE, "train.py"), f"--model={model_dir}", "--device=cpu", "--max_steps=1",
+             "--eval_interval=0", "--checkpoint_interval=0", f"--out_dir={out}", "--val_max_tokens=20000",
+             f"--cache_dir={os.path.join(d, 'cache')}"]
+    runs = {}
+    for run_name in ("cold", "warm"):
+        shutil.rmtree(out, ignore_errors=True)  # a new run each time; the cache stays
+        r = runs[run_name] = measure(train, d, os.path.join(d, f"train-{run_name}"))
+        say(f"[{name}] train.py, {run_name} cache: {r['s']:.1f}s, peak RSS {r['rss_mb']:,.0f} MB"
+            + (f"; FAILED (exit {r['rc']}): {last_line(r['stderr'])}" if r["rc"] else ""))
+    cold, cold_startup, _ = parse_train(runs["cold"]["stdout"]) if not runs["cold"]["rc"] else (None,) * 3
+    _, warm_startup, warm_rss = parse_train(runs["warm"]["stdout"]) if not runs["warm"]["rc"] else (None,) * 3
+    row["train_tokens"] = cold and cold["tokens"]
+    row["cold_tokens_per_s"] = cold and cold["tokens_per_s"]
+    row["cold_startup_s"], row["warm_startup_s"] = cold_startup, warm_startup
+    # at the end of start-up (train.py's own figure): the training step's logits and activations are the model's and
+    # the batch's cost, the same at any scale, not the data's
+    row["rss_above_model_mb"] = warm_rss - model_rss_mb if warm_rss is not None else None
+    row["warm_run_rss_mb"] = None if runs["warm"]["rc"] else runs["warm"]["rss_mb"]
+    return row
+
+
+def scale_report(rows, model_rss_mb):
+    """The table of the scales' figures and the verdict on each target; returns {target: passed (None: unknown)}."""
+    columns = [("scale", "", "{:g}x", "scale"), ("dialogues", "", "{:,}", "dialogues"),
+               ("train", "tokens", "{:,.0f}", "train_tokens"), ("prepare", "s", "{:.1f}", "prepare_s"),
+               ("cold tokenize", "tokens/s", "{:,.0f}", "cold_tokens_per_s"),
+               ("tokenizer batch", "tokens/s", "{:,.0f}", "tokenizer_tokens_per_s"),
+               ("warm start-up", "s", "{:.1f}", "warm_startup_s"),
+               ("peak RSS above", "model, MB", "{:,.0f}", "rss_above_model_mb")]
+    print(f"\nmodel alone (2 layers, 64 wide, GPT-2 vocabulary): peak RSS {model_rss_mb:,.0f} MB")
     for line in (0, 1):
         print("".join(f"{c[line]:>16}" for c in columns))
     for r in rows:
-        cells = ["-" if r[k] is None else fmt.format(r[k])
-                 for (_, _, fmt), k in zip(columns, keys)]
-        print("".join(f"{c:>16}" for c in cells))
+        print("".join(f"{'-' if r[key] is None else fmt.format(r[key]):>16}" for _, _, fmt, key in columns))
 
     def verdict(values, ok, detail):
         if not values or None in values:
             return None, "not measured (train.py printed no such figure)"
         return ok(values), detail(values)
 
-    startup = verdict([r["warm_startup_s"] for r in rows], lambda v: max(v) < STARTUP_TARGET_S,
-                      lambda v: f"at most {max(v):.1f}s")
-    rss = verdict([r["rss_above_model_mb"] for r in rows],
-                  lambda v: max(v) < RSS_TARGET_MB and max(v) - min(v) < RSS_FLAT_MB,
-                  lambda v: f"{min(v):,.0f} to {max(v):,.0f} MB")
     ratios = [r["tokenizer_tokens_per_s"] / r["cold_tokens_per_s"] if r["cold_tokens_per_s"] else None for r in rows]
-    tokenize = verdict(ratios, lambda v: max(v) <= TOKENIZE_RATIO, lambda v: f"the tokenizer at most {max(v):.2f}x")
-    targets = {"warm_startup": startup, "rss_above_model": rss, "cold_tokenization": tokenize}
+    targets = {
+        "warm_startup": (f"warm-cache start-up under {STARTUP_TARGET_S}s at every scale", verdict(
+            [r["warm_startup_s"] for r in rows], lambda v: max(v) < STARTUP_TARGET_S,
+            lambda v: f"at most {max(v):.1f}s")),
+        "rss_above_model": (f"peak RSS above the model under {RSS_TARGET_MB:,} MB, flat (spread under "
+                            f"{RSS_FLAT_MB} MB)", verdict(
+            [r["rss_above_model_mb"] for r in rows], lambda v: max(v) < RSS_TARGET_MB and max(v) - min(v) < RSS_FLAT_MB,
+            lambda v: f"{min(v):,.0f} to {max(v):,.0f} MB")),
+        "cold_tokenization": (f"cold tokenization within {TOKENIZE_RATIO}x of the tokenizer's batch throughput",
+                              verdict(ratios, lambda v: max(v) <= TOKENIZE_RATIO,
+                                      lambda v: f"the tokenizer at most {max(v):.2f}x")),
+    }
     print()
-    for (ok, detail), target in zip(targets.values(), (
-            f"warm-cache start-up under {STARTUP_TARGET_S}s at every scale",
-            f"peak RSS above the model under {RSS_TARGET_MB:,} MB, flat (spread under {RSS_FLAT_MB} MB)",
-            f"cold tokenization within {TOKENIZE_RATIO}x of the tokenizer's batch throughput")):
+    for target, (ok, detail) in targets.values():
         print(f"{'-' if ok is None else 'PASS' if ok else 'FAIL':>4}  {target}: {detail}")
-    if args.json:
-        with atomic_write(args.json) as f:
-            json.dump({"cpu_threads": torch.get_num_threads(), "model_rss_mb": base["rss_mb"],
-                       "train_has_cache_dir": has_cache, "rows": rows,
-                       "targets": {k: ok for k, (ok, _) in targets.items()}}, f, indent=2)
+    return {k: ok for k, (_, (ok, _)) in targets.items()}
 
 
-def main():
+# ---------------------------------------------------------------------------------------------------------------------
+# the training and generation bench
+
+def parse_args():
+    """bench.py's settings, as --name=value like every script's (a switch also bare: --smoke is --smoke=True)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    switch = lambda name, help: p.add_argument(name, nargs="?", const=True, default=False, help=help,
+                                               type=lambda v: v.lower() in ("true", "1", "yes"))
     p.add_argument("--data", default="llm_train_text.json", help="dialogues: a JSON dataset or a train_data.txt")
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--block_size", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--steps", type=int, default=20, help="timed steps, after --warmup untimed ones")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps: allocation, page faults, kernel choice")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--embd", type=int, default=768)
     p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--gen_tokens", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", help="as PRECISION in config.py: auto, fp32, bf16, fp16 (CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (as COMPILE=True does)")
-    p.add_argument("--compare-hf", action="store_true")
-    p.add_argument("--smoke", action="store_true", help="tiny model, 2 + 3 steps: does it run?")
+    switch("--compile", "torch.compile the model (as COMPILE=True does)")
+    switch("--compare_hf", "also a Hugging Face Trainer run, step for step beside ours")
+    switch("--smoke", "tiny model, 2 + 3 steps: does it run?")
     p.add_argument("--json", help="also write the figures here")
-    p.add_argument("--data-scale", action="store_true",
-                   help="time prepare_data.py and train.py's start-up on a synthetic corpus at several scales")
-    p.add_argument("--scales", help="--data-scale: multiples of the chitchat corpus (default 1,10,100; --smoke: "
+    switch("--data_scale", "time prepare_data.py and train.py's start-up on a synthetic corpus at several scales")
+    p.add_argument("--scales", help="--data_scale: multiples of the chitchat corpus (default 1,10,100; --smoke: "
                                     "0.01,0.02)")
-    p.add_argument("--workdir", help="--data-scale: keep its files here (default: a temp dir, removed at the end)")
+    p.add_argument("--workdir", help="--data_scale: keep its files here (default: a temp dir, removed at the end)")
     args = p.parse_args()
-    if args.data_scale:
-        return data_scale(args)
-    if args.scales or args.workdir:
-        raise UserError("--scales and --workdir go with --data-scale")
+    if not args.data_scale and (args.scales or args.workdir):
+        raise UserError("--scales and --workdir go with --data_scale")
     if args.smoke:
         args.layers, args.embd, args.heads, args.steps, args.warmup, args.gen_tokens = 2, 64, 2, 3, 2, 8
     if min(args.block_size, args.batch_size, args.steps) < 1 or args.warmup < 0:
-        raise UserError("--block-size, --batch-size and --steps must be >= 1, --warmup >= 0")
+        raise UserError("--block_size, --batch_size and --steps must be >= 1, --warmup >= 0")
+    return args
 
+
+def main():
+    args = parse_args()
+    if args.data_scale:
+        return data_scale(args)
     device, dtype, note = modeling.pick_device(args.device, args.precision)
     torch.manual_seed(0)
     dialogues = read_any(args.data)
@@ -450,14 +463,24 @@ def main():
     init = {k: v.clone() for k, v in model.state_dict().items()}
     modeling.fused_gelu(model)  # as modeling.load does for train.py
     n_params = sum(q.numel() for q in model.parameters())
-    print(f"{note}; {n_params / 1e6:.1f}M parameters ({args.layers} layers, {args.embd} wide, {args.heads} heads); "
-          f"{tok_note}; {len(dialogues)} dialogues, {dataset_tokens:,} tokens -> {len(blocks)} blocks of "
-          f"<= {args.block_size}; batch {args.batch_size}; {args.warmup} + {args.steps} steps", file=sys.stderr)
-
+    say(f"{note}; {n_params / 1e6:.1f}M parameters ({args.layers} layers, {args.embd} wide, {args.heads} heads); "
+        f"{tok_note}; {len(dialogues)} dialogues, {dataset_tokens:,} tokens -> {len(blocks)} blocks of "
+        f"<= {args.block_size}; batch {args.batch_size}; {args.warmup} + {args.steps} steps")
     peak = matmul_peak(device, dtype, 512 if args.smoke else (8192 if device.type == "cuda" else 2048),
                        seconds=0.5 if args.smoke else 3.0)
-    # peak memory with gradient checkpointing first: with keep_freed_memory the heap keeps its high-water mark,
-    # so the run that needs more must come second
+    ours, hf = train_speed(model, init, config, blocks, dialogues, tokenizer, args, device, dtype)
+    for figures in filter(None, (ours, hf)):
+        figures["mfu"] = 6 * n_params * figures["all_tokens_per_s"] / peak
+    ours["dataset_trained_per_epoch"] = count(blocks)[0] / dataset_tokens
+    ours["generation_tokens_per_s"] = generation_speed(model, tokenizer, dialogues[0], args.gen_tokens, device)
+    report(ours, hf, peak, dtype, device, n_params, args)
+
+
+def train_speed(model, init, config, blocks, dialogues, tokenizer, args, device, dtype):
+    """Our step's figures (peak memory with and without GRADIENT_CHECKPOINTING, then steady-state speed) and, with
+    --compare_hf, the Hugging Face Trainer's, their steps taken in turn with ours."""
+    # peak memory with gradient checkpointing first: with keep_freed_memory the heap keeps its high-water mark, so the
+    # run that needs more must come second
     modeling.adapt(model, argparse.Namespace(GRADIENT_CHECKPOINTING=True, LORA_R=0))
     reset_peak_memory(device)
     OurLoop(model, blocks, args, device, dtype).run(2, timed=False)
@@ -468,7 +491,6 @@ def main():
     loop = OurLoop(torch.compile(model) if args.compile else model, blocks, args, device, dtype)
     loop.run(args.warmup, timed=False)
     memory = peak_memory_mb(device)  # before the Trainer's model exists
-
     hf = None
     if args.compare_hf:
         standard = GPT2LMHeadModel(config).to(device)  # the standard model, with the same starting weights
@@ -478,30 +500,30 @@ def main():
                       between=lambda step: loop.run(1, timed=step > args.warmup))
         del standard
         if hf is None:
-            print("--compare-hf skipped: the Hugging Face Trainer needs `pip install accelerate`", file=sys.stderr)
+            say("--compare_hf skipped: the Hugging Face Trainer needs `pip install accelerate`")
         else:
-            hf["mfu"] = 6 * n_params * hf["all_tokens_per_s"] / peak
             hf["dataset_trained_per_epoch"] = 1.0  # packing drops the stream's tail (< one block)
     if hf is None:
         loop.run(args.steps)
-    ours = loop.figures()
-    ours["dataset_trained_per_epoch"] = count(blocks)[0] / dataset_tokens
-    ours["mfu"] = 6 * n_params * ours["all_tokens_per_s"] / peak
-    ours["peak_memory_mb"], ours["peak_memory_gc_mb"] = memory, memory_gc
+    return {**loop.figures(), "peak_memory_mb": memory, "peak_memory_gc_mb": memory_gc}, hf
 
+
+def generation_speed(model, tokenizer, dialogue, n_tokens, device):
+    """Tokens/s of one reply sampled with generate() and the KV cache, after an untimed warm-up."""
     model.eval()
-    first = dialogues[0]
-    ids = prompt(tokenizer, first[:-1], first[-1][0])
+    ids = prompt(tokenizer, dialogue[:-1], dialogue[-1][0])
     plain = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
     gen = lambda n: generate(model, tokenizer, [ids], n, plain, {tokenizer.eos_token_id},
                              torch.Generator().manual_seed(0))[0]
-    gen(4)  # warm-up, untimed
+    gen(4)
     sync(device)
     t = time.perf_counter()
-    new = gen(args.gen_tokens)
+    new = gen(n_tokens)
     sync(device)
-    ours["generation_tokens_per_s"] = len(new) / (time.perf_counter() - t)
+    return len(new) / (time.perf_counter() - t)
 
+
+def report(ours, hf, peak, dtype, device, n_params, args):
     rows = [("train tokens/s (trained)", "train_tokens_per_s", "{:,.0f}"),
             ("train tokens/s (all positions)", "all_tokens_per_s", "{:,.0f}"),
             ("padding", "padding", "{:.1%}"),

@@ -35,15 +35,15 @@ def test_bench_smoke_prints_the_table_and_sane_figures(tmp_path, script):
 
 
 def test_bench_bad_arguments_are_one_line(script):
-    result = script("bench.py", "--smoke", "--block-size=0", cwd=ROOT)
+    result = script("bench.py", "--smoke", "--block_size=0", cwd=ROOT)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().count("\n") == 0 and "--block-size" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "--block_size" in result.stderr
 
 
 def test_data_scale_smoke_prints_the_table(tmp_path, script):
     # one scale: each train.py run costs ~15 s here. train.py may not print its cache's lines yet (those figures are
     # then "-"), so only what bench.py measures itself is checked
-    result = script("bench.py", "--data-scale", "--smoke", "--scales=0.01", f"--json={tmp_path / 'scale.json'}",
+    result = script("bench.py", "--data_scale", "--smoke", "--scales=0.01", f"--json={tmp_path / 'scale.json'}",
                     f"--workdir={tmp_path / 'work'}", cwd=ROOT)
     assert result.returncode == 0, result.stderr
     for header in ("prepare", "cold tokenize", "tokenizer batch", "warm start-up", "peak RSS above", "0.01x"):

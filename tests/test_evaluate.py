@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import sys
-import types
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,7 +23,7 @@ import evaluate
 import generation
 import modeling
 import train
-from conftest import one_error_line, run_script
+from conftest import in_process, one_error_line, run_script
 from dialogues import format_dialogue, read_dialogues
 from render import CHAT_TEMPLATE, render, role_map
 from tiny import EOS_ID, gpt2_tokenizer, save_tiny_gpt2, save_tiny_llama, synthetic, write_split
@@ -398,13 +397,10 @@ LONG_PROMPT = "Alex: " + "word " * 200 + "\nBob:"
     ("prompt off the format", ["--checkpoint=TINY", "--sample_prompt=Hello there\nBob:"],
      "SAMPLE_PROMPT: line 1: expected 'Speaker: text', got 'Hello there'"),
 ])
-def test_evaluate_bad_input(bad, tiny64, monkeypatch, capsys, case, args, mentions):
-    monkeypatch.chdir(bad)
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--device=cpu", *[a.replace("TINY", tiny64) for a in args]])
-    with pytest.raises(SystemExit) as e:
-        cli.run(evaluate.main)
-    proc = types.SimpleNamespace(returncode=e.value.code, stderr=capsys.readouterr().err)
-    assert mentions in one_error_line(proc)
+def test_evaluate_bad_input(bad, tiny64, monkeypatch, capfd, case, args, mentions):
+    p = in_process(evaluate.main, bad, ["--device=cpu", *[a.replace("TINY", tiny64) for a in args]], monkeypatch,
+                   capfd)
+    assert mentions in one_error_line(p)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
