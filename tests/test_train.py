@@ -24,8 +24,9 @@ import checkpoints
 import cli
 import modeling
 import train
-from batching import IGNORE, collate, eval_batches, make_blocks, windows
+from batching import IGNORE, collate, epoch_order, eval_batches, make_blocks, windows
 from conftest import ROOT, in_process, one_error_line, run_script, script_env, train_args
+from dialogues import read_dialogues
 from render import render
 from tiny import EOS_ID, curve, gpt2_tokenizer, max_diff, metrics, save_tiny_gpt2, synthetic, weights, write_split
 
@@ -123,6 +124,8 @@ def test_run_outputs(trained, tiny_model):
 
     for name in ("best", "final"):
         assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o777 & ~cli.umask()  # not the temp dir's private 0700
+        for f in ("model.safetensors", "tokenizer.json", "manifest.json"):  # safetensors writes its file 0600
+            assert stat.S_IMODE(os.stat(out / name / f).st_mode) == 0o666 & ~cli.umask(), f
         model = AutoModelForCausalLM.from_pretrained(out / name)
         tok = AutoTokenizer.from_pretrained(out / name)
         assert model.config.n_positions == 256
@@ -141,6 +144,17 @@ def test_epoch_line_reports_low_padding(trained):
     assert m, p.stdout
     assert int(m.group(1).replace(",", "")) == train_tokens and m.group(2) == "100"
     assert float(m.group(3)) < 5
+
+
+def test_epoch_line_counts_the_positions_collate_pads_to(trained):
+    """The padding figure is over the positions the steps really process: collate rounds each batch's width up to a
+    multiple of 8 (bench.py counts them so too). Replayed here: the epoch's order, 4 blocks a step, each collated."""
+    out, p = trained
+    positions = int(re.search(r"epoch 1: .* padding [\d.]+% of ([\d,]+) positions", p.stdout).group(1).replace(",", ""))
+    blocks = make_blocks(gpt2_tokenizer(), read_dialogues(out.parent / "train_data.txt"), 64)
+    order = epoch_order(blocks, 16 * 4, cli.defaults()["SEED"])
+    steps = [[blocks[j] for j in order[i:i + 4]] for i in range(0, len(order), 4)]
+    assert positions == sum(collate(chunk, EOS_ID, 64)[0].numel() for chunk in steps)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
