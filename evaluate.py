@@ -84,6 +84,7 @@ def main():
     from tqdm import tqdm
 
     import cache
+    import loss
     import modeling
     from batching import encode, eval_batches, eval_groups, pack_tokens, start_id
     from dialogues import iter_dialogues
@@ -95,6 +96,7 @@ def main():
     run_cfg = read_run_config(os.path.join(cfg.OUT_DIR, "config.json"))  # what train.py recorded, where it ran
     metrics = read_jsonl(os.path.join(cfg.OUT_DIR, "metrics.jsonl"))
     device, dtype, device_note = modeling.pick_device(cfg.DEVICE, cfg.PRECISION)
+    loss.use_chunk(cfg.LOSS_CHUNK)
     print(device_note)
     tokenizer, model = modeling.load(model_dir)
     model.to(device).eval()

@@ -27,6 +27,7 @@ from dialogues import CHAT_TEMPLATE, format_dialogue, iter_dialogues
 MAY_CHANGE_ON_RESUME = ["EPOCHS", "MAX_STEPS", "EVAL_INTERVAL", "CHECKPOINT_INTERVAL", "KEEP_CHECKPOINTS",
                         "LOG_INTERVAL", "DEVICE", "OUT_DIR", "RESUME", "SHOW_EXAMPLE", "CACHE_DIR",
                         "GRADIENT_CHECKPOINTING",  # recomputing activations gives the same loss and gradients
+                        "LOSS_CHUNK",  # as does the loss taken in other chunks (to rounding)
                         "BATCH_SIZE", "GRAD_ACCUM_STEPS",  # how the global batch is split; it is kept (split_batch)
                         "DATA_FILE", "VAL_FRACTION",  # prepare_data.py's
                         "CHECKPOINT", "NUM_REPLIES", "TEMPERATURE", "TOP_K", "TOP_P", "REPETITION_PENALTY",
@@ -77,6 +78,8 @@ def check_config(cfg):
         (cfg.LORA_TARGETS is None or (isinstance(cfg.LORA_TARGETS, (list, tuple)) and cfg.LORA_TARGETS
                                       and all(isinstance(t, str) for t in cfg.LORA_TARGETS)),
          f"LORA_TARGETS must be None or a list of module names like ['q_proj', 'v_proj'], got {cfg.LORA_TARGETS!r}"),
+        (cfg.LOSS_CHUNK is None or type(cfg.LOSS_CHUNK) is int and cfg.LOSS_CHUNK >= 0,
+         f"LOSS_CHUNK must be a number of positions >= 1, or 0 for automatic, got {cfg.LOSS_CHUNK!r}"),
         (not (cfg.LORA_R and cfg.MODEL == "scratch"),
          "LORA_R > 0 adapts a pretrained MODEL; a scratch model has nothing to keep frozen (use LORA_R=0)"),
     ]
@@ -101,8 +104,8 @@ def resume_config(cfg, given, saved, source):
     if refused:
         flags = ", ".join(f"--{k.lower()}={current[k]!r} (the run has --{k.lower()}={run_has[k]!r})" for k in refused)
         raise UserError(f"{source} belongs to a run with other settings, and only EPOCHS, MAX_STEPS, the intervals, "
-                        f"KEEP_CHECKPOINTS, DEVICE, GRADIENT_CHECKPOINTING and the split of the global batch "
-                        f"(BATCH_SIZE, GRAD_ACCUM_STEPS) may change on resume: {flags}. Resume "
+                        f"KEEP_CHECKPOINTS, DEVICE, GRADIENT_CHECKPOINTING, LOSS_CHUNK and the split of the global "
+                        f"batch (BATCH_SIZE, GRAD_ACCUM_STEPS) may change on resume: {flags}. Resume "
                         f"without them (the run's own settings are taken), or start a new run in another OUT_DIR")
     merged = dict(current)
     for k, v in run_has.items():
@@ -287,6 +290,7 @@ def main():
     from tqdm import tqdm
 
     import cache
+    import loss
     import modeling
     from batching import collate, count, epoch_order, eval_batches, pack_tokens, step_batches
 
@@ -439,7 +443,9 @@ def main():
     # optimizer: AdamW, decay on matrices and embeddings only, never on biases and LayerNorm weights
     optimizer = modeling.make_optimizer(model, cfg.LEARNING_RATE, cfg.WEIGHT_DECAY, cfg.BETAS, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None  # fp16 needs loss scaling; bf16 not
-    net = torch.compile(model) if cfg.COMPILE else model  # what the loop runs; `model` is what we evaluate and save
+    loss.use_chunk(cfg.LOSS_CHUNK)
+    net = loss.ChunkedLoss(model)  # what the loop runs: the model and its loss, so DDP syncs what the loss runs
+    net = torch.compile(net) if cfg.COMPILE else net  # `model` is what we evaluate and save
     if world > 1:
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
 
