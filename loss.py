@@ -1,6 +1,6 @@
 """The loss without the full logits. Today's vocabularies are 128k-262k tokens (Llama 3, Qwen3, Gemma 3), and
 `model(x).logits` is [batch, block, vocab]: with its fp32 copy, the log-softmax and the gradient, a 2-layer toy body
-with Llama 3's vocabulary peaked at 5.3 GB over the model's own memory at block 512, batch 4. Here the model's body
+with Llama 3's vocabulary peaked 5.1 GB over the model's own memory at block 512, batch 4. Here the model's body
 gives the hidden states, and only the positions with a target go through the output head and cross-entropy, a chunk
 of positions at a time in fp32; each chunk's gradient is computed as soon as its logits are (the head's backward,
 done in the forward pass), so one chunk's logits exist at a time and nothing is computed twice. The model's own
@@ -20,9 +20,14 @@ from batching import IGNORE
 from cli import UserError
 
 CHUNK = 0  # positions per chunk (LOSS_CHUNK, set by the script through use_chunk); 0 = chosen by chunk_size
-CPU_BUDGET = 64 << 20  # bytes of fp32 logits a chunk may take on a CPU: as fast as larger chunks (README, Performance)
-CUDA_SHARE = 64  # on CUDA a chunk's logits may take 1/64 of the device's memory ...
-CUDA_BUDGET = 1 << 30  # ... up to 1 GB (a big GPU's matmuls are saturated long before)
+# A chunk's fp32 logits take at most this many bytes; the softmax and the gradient take their place (a softcapped
+# model's derivative, and autocast's bf16 copies, up to 1.5x more).
+# Each chunk reads the output layer's weight twice and its gradient once, so a chunk must be tall enough for that to
+# be small beside its own [positions, vocab] work: measured on a CPU with a 128k vocabulary, 64 MB chunks (130
+# positions) were ~20% slower than 128 MB ones (261), and 256 MB ones (520) no faster (README, Performance).
+CPU_BUDGET = 128 << 20
+CUDA_SHARE = 64  # on CUDA, 1/64 of the device's memory (375 MB on a 24 GB card: 730 positions at 128k) ...
+CUDA_BUDGET = 1 << 30  # ... up to 1 GB (2,000 positions at 128k: a GPU's matmuls are saturated well before)
 MIN_CHUNK = 16  # positions; a huge vocabulary still gets matmuls of some height
 
 
@@ -36,8 +41,7 @@ def use_chunk(n):
 
 
 def chunk_size(vocab, device):
-    """Positions per chunk: LOSS_CHUNK, else as many as keep one chunk's fp32 logits within the device's budget
-    (the gradient is computed in their place; a softcapped model's derivative takes as much again)."""
+    """Positions per chunk: LOSS_CHUNK, else as many as keep one chunk's fp32 logits within the device's budget."""
     if CHUNK:
         return CHUNK
     if device.type == "cuda":
@@ -237,9 +241,9 @@ def head_loss(head, hidden, y, reduction="sum"):
 def full_losses(model, x, y, reduction="sum"):
     """The plain loss, from the full logits: for a model whose output layer head_of cannot take apart."""
     logits = model(input_ids=x).logits
-    losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE,
+    losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE,
                              reduction=reduction)
-    return losses if reduction == "sum" else losses[y.view(-1) != IGNORE]
+    return losses if reduction == "sum" else losses[y.reshape(-1) != IGNORE]
 
 
 def model_loss(model, x, y, reduction="sum"):
