@@ -199,6 +199,7 @@ class FusedLoss(torch.autograd.Function):
                         grad_w += (g.t() @ hc).float()
                 if need_b:
                     grad_b += g.sum(0, dtype=torch.float32)
+                del z, dz, g  # before the next chunk's logits are made
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = h.dtype, weight.dtype, None if bias is None else bias.dtype
         return total
