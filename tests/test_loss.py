@@ -263,3 +263,13 @@ def test_bad_loss_chunk_is_one_line(tmp_path, script):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip() == "error: LOSS_CHUNK must be a number of positions >= 1, or 0 for automatic, got -3"
     assert not os.path.exists(os.path.join(tmp_path, "out"))
+
+
+def test_loss_chunk_may_change_on_resume():
+    """How the loss is chunked changes its memory, not its numbers (to rounding): a resumed run may take another."""
+    import cli
+    import train
+    saved = {**cli.defaults(), "LOSS_CHUNK": 64}
+    given = set()
+    cfg, _ = train.resume_config(cli.load_config(["--resume=True", "--loss_chunk=8"], given=given), given, saved, "ck")
+    assert cfg.LOSS_CHUNK == 8
