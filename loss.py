@@ -89,7 +89,9 @@ def head_of(model):
         if head is not None:
             why = probe(hf, head)
         if why:
-            print(f"loss: {type(hf).__name__}: {why}; the loss takes the full logits ([batch, block, vocab] in memory)")
+            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:  # one line a run
+                print(f"loss: {type(hf).__name__}: {why}; the loss takes the full logits ([batch, block, vocab] in "
+                      f"memory)")
             head = None
         _heads[hf] = head
     return _heads[hf]
