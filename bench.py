@@ -7,6 +7,8 @@
     python bench.py --data_scale          # prepare_data.py and train.py on a synthetic corpus 1x, 10x, 100x chitchat
     python bench.py --data_scale --scales=1,10 --workdir=scale   # chosen scales; keep the files in scale/
     python bench.py --data_scale --smoke  # scales 0.01 and 0.02: checks the data-scale bench runs (CI)
+    python bench.py --loss_memory         # the loss's peak memory and step time, chunked vs full logits, 128k vocab
+    python bench.py --loss_memory --smoke # an 8k vocabulary, block 64: checks the loss bench runs (CI)
 
 Measures, with train.py's own batching and step code: steady-state training tokens/s (trained tokens, and all
 positions processed), padding fraction, the share of the dataset's tokens trained per epoch, MFU (6 x parameters x
@@ -19,6 +21,11 @@ chitchat corpus (5,356 dialogues, ~3.1M tokens) times each scale, with a tiny GP
 time prepare_data.py takes; the tokens/s of train.py's first run, which tokenizes the data into its cache, against the
 tokenizer's own batch throughput; the start-up of a second run, which finds the cache warm; and that run's peak
 resident memory above what loading the model alone takes. Each process's peak is its own, from os.wait4.
+
+--loss_memory trains a 2-layer, 64-wide Llama body with Llama 3's 128,256-token vocabulary (block 512, batch 4, every
+position a target, CPU) a few steps three ways, each in a fresh process: our chunked loss, the full-logits loss it
+replaced, and the Hugging Face way (model(x, labels=x).loss). Peak RSS above a process that only loads the model, and
+the best step time (forward, backward, AdamW).
 """
 
 import argparse
@@ -408,6 +415,118 @@ def scale_report(rows, model_rss_mb):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# --loss_memory: the loss's peak memory and step time with a Llama 3-sized vocabulary, chunked and from full logits
+
+LOSS_VOCAB = 128256  # Llama 3's vocabulary
+LOSS_SHAPE = {"block": 512, "batch": 4, "steps": 3, "warmup": 1, "vocab": LOSS_VOCAB}
+LOSS_SMOKE = {"block": 64, "batch": 2, "steps": 1, "warmup": 1, "vocab": 8192}
+LOSS_PATHS = {"chunked": "ours, chunked (loss.py)", "full": "ours, full logits (before)",
+              "hf": "HF-style model(x, labels=x).loss"}
+LOSS_MEMORY_TARGET_MB = 1024  # above the model's own
+LOSS_SLOWER_TARGET = 0.05  # the chunked step may be this much slower than the full-logits one, at most
+
+
+def save_tiny_llama(path, vocab):
+    """A 2-layer, 64-wide Llama body (untied output layer, as Llama 3 8B's) with a `vocab`-token vocabulary: the
+    output layer and the loss are then nearly all of a step."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+
+
+def loss_worker(model_dir, path, block, batch, steps, warmup, out):
+    """One path's training steps (forward, backward, AdamW step) in this process, on random tokens, every position a
+    target: the step times, the losses and the chunk size, as JSON to `out`. Run by loss_memory in a fresh process
+    per path, so that each peak is that path's own."""
+    import loss
+    from transformers import AutoModelForCausalLM
+    cpu = torch.device("cpu")
+    modeling.keep_freed_memory()  # as train.py's pick_device does on a CPU
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
+    optimizer = modeling.make_optimizer(model, 1e-4, 0.01, (0.9, 0.999), cpu)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, block + 1), generator=torch.Generator().manual_seed(0))
+    x, y = ids[:, :-1], ids[:, 1:]
+    times, losses = [], []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        if path == "chunked":
+            value, _ = modeling.forward_backward(model, [(x, y)], cpu, None)
+        elif path == "full":  # what loss_sum did before: model(x).logits, in fp32, cross_entropy
+            value = loss.full_losses(model, x, y) / y.numel()
+            value.backward()
+        else:  # the Hugging Face way (the Trainer's): labels in, the model shifts them and returns the mean loss
+            value = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
+            value.backward()
+        modeling.optimizer_step(model, optimizer, None, 1.0)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+        losses.append(float(value))
+    with open(out, "w") as f:
+        json.dump({"step_s": times, "losses": losses, "chunk": loss.chunk_size(vocab, cpu)}, f)
+
+
+def loss_memory(args):
+    shape = LOSS_SMOKE if args.smoke else LOSS_SHAPE
+    workdir = tempfile.mkdtemp(prefix="bench-loss-memory-")
+    try:
+        model_dir = os.path.join(workdir, "model")
+        save_tiny_llama(model_dir, shape["vocab"])
+        load = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({model_dir!r})"
+        base = measure(["-c", load], HERE, os.path.join(workdir, "load"))
+        if base["rc"]:
+            raise UserError(f"loading {model_dir} failed: {last_line(base['stderr'])}")
+        say(f"model alone: peak RSS {base['rss_mb']:,.0f} MB")
+        rows = {}
+        for path in LOSS_PATHS:
+            out = os.path.join(workdir, path + ".out.json")
+            call = (f"import bench; bench.loss_worker({model_dir!r}, {path!r}, {shape['block']}, {shape['batch']}, "
+                    f"{shape['steps']}, {shape['warmup']}, {out!r})")
+            r = measure(["-c", call], HERE, os.path.join(workdir, path))
+            if r["rc"]:
+                raise UserError(f"the {path} path failed: {last_line(r['stderr'])}")
+            with open(out) as f:
+                rows[path] = {**json.load(f), "rss_above_model_mb": r["rss_mb"] - base["rss_mb"]}
+            say(f"{LOSS_PATHS[path]}: peak RSS {r['rss_mb']:,.0f} MB, "
+                f"{min(rows[path]['step_s']):.2f} s a step")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    chunk = rows["chunked"]["chunk"]
+    print(f"\nLlama body of 2 layers x 64 wide, vocabulary {shape['vocab']:,}, block {shape['block']}, batch "
+          f"{shape['batch']}, CPU x{torch.get_num_threads()} threads; model alone {base['rss_mb']:,.0f} MB peak RSS")
+    print(f"chunk: {chunk} positions (LOSS_CHUNK=0: {loss_budget_note(shape['vocab'], chunk)})")
+    print(f"{'':36}{'peak RSS above':>16}{'step':>10}{'vs full':>10}")
+    print(f"{'':36}{'model, MB':>16}{'s':>10}{'':>10}")
+    full = min(rows["full"]["step_s"])
+    for path, row in rows.items():
+        row["step_s_best"] = min(row["step_s"])
+        print(f"{LOSS_PATHS[path]:36}{row['rss_above_model_mb']:>16,.0f}{row['step_s_best']:>10.2f}"
+              f"{row['step_s_best'] / full - 1:>+10.0%}")
+    same = max(abs(a - b) for a, b in zip(rows["chunked"]["losses"], rows["full"]["losses"]))
+    print(f"losses, chunked vs full logits, step by step: largest difference {same:.1e}")
+    memory_ok = rows["chunked"]["rss_above_model_mb"] < LOSS_MEMORY_TARGET_MB
+    speed_ok = rows["chunked"]["step_s_best"] <= full * (1 + LOSS_SLOWER_TARGET)
+    print(f"{'PASS' if memory_ok else 'FAIL':>4}  chunked: peak RSS above the model under {LOSS_MEMORY_TARGET_MB:,} MB")
+    print(f"{'PASS' if speed_ok else 'FAIL':>4}  chunked: a step at most {LOSS_SLOWER_TARGET:.0%} slower than the "
+          f"full logits'")
+    if args.json:
+        with atomic_write(args.json) as f:
+            json.dump({"shape": shape, "model_rss_mb": base["rss_mb"], "cpu_threads": torch.get_num_threads(),
+                       "paths": rows, "loss_max_diff": same,
+                       "targets": {"memory": memory_ok, "speed": speed_ok}}, f, indent=2)
+
+
+def loss_budget_note(vocab, chunk):
+    import loss
+    if chunk == loss.MIN_CHUNK:
+        return f"the minimum of {loss.MIN_CHUNK}"
+    return f"{loss.CPU_BUDGET >> 20} MB of fp32 logits a chunk on a CPU / (4 bytes x {vocab:,} a position)"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # the training and generation bench
 
 def parse_args():
@@ -434,6 +553,8 @@ def parse_args():
     p.add_argument("--scales", help="--data_scale: multiples of the chitchat corpus (default 1,10,100; --smoke: "
                                     "0.01,0.02)")
     p.add_argument("--workdir", help="--data_scale: keep its files here (default: a temp dir, removed at the end)")
+    switch("--loss_memory", "the loss's peak memory and step time, chunked and from full logits, with a 128k "
+                            "vocabulary (CPU)")
     args = p.parse_args()
     if not args.data_scale and (args.scales or args.workdir):
         raise UserError("--scales and --workdir go with --data_scale")
@@ -446,6 +567,8 @@ def parse_args():
 
 def main():
     args = parse_args()
+    if args.loss_memory:
+        return loss_memory(args)
     if args.data_scale:
         return data_scale(args)
     device, dtype, note = modeling.pick_device(args.device, args.precision)

@@ -204,6 +204,7 @@ def save(out_dir, model, tokenizer, state, keep):
 MAY_CHANGE_ON_RESUME = ["EPOCHS", "MAX_STEPS", "EVAL_INTERVAL", "CHECKPOINT_INTERVAL", "KEEP_CHECKPOINTS",
                         "LOG_INTERVAL", "REPORT_TO", "DEVICE", "OUT_DIR", "RESUME", "SHOW_EXAMPLE", "CACHE_DIR",
                         "GRADIENT_CHECKPOINTING",  # recomputing activations gives the same loss and gradients
+                        "LOSS_CHUNK",  # as does the loss taken in other chunks (to rounding)
                         "BATCH_SIZE", "GRAD_ACCUM_STEPS",  # how the global batch is split; it is kept (split_batch)
                         "DATA_FILE", "DATA_SPLIT", "VAL_FRACTION",  # prepare_data.py's
                         "CHECKPOINT", "NUM_REPLIES", "TEMPERATURE", "TOP_K", "TOP_P", "REPETITION_PENALTY",
@@ -316,8 +317,8 @@ def resume_config(cfg, given, saved, source):
     if refused:
         flags = ", ".join(f"--{k.lower()}={current[k]!r} (the run has --{k.lower()}={run_has[k]!r})" for k in refused)
         raise UserError(f"{source} belongs to a run with other settings, and only EPOCHS, MAX_STEPS, the intervals, "
-                        f"KEEP_CHECKPOINTS, DEVICE, GRADIENT_CHECKPOINTING and the split of the global batch "
-                        f"(BATCH_SIZE, GRAD_ACCUM_STEPS) may change on resume: {flags}. Resume "
+                        f"KEEP_CHECKPOINTS, DEVICE, GRADIENT_CHECKPOINTING, LOSS_CHUNK and the split of the global "
+                        f"batch (BATCH_SIZE, GRAD_ACCUM_STEPS) may change on resume: {flags}. Resume "
                         f"without them (the run's own settings are taken), or start a new run in another OUT_DIR")
     merged = dict(current)
     for k, v in run_has.items():

@@ -27,6 +27,8 @@ LORA_ALPHA = 32  # adapter scale is LORA_ALPHA / LORA_R; LoRA wants a higher LEA
 LORA_DROPOUT = 0.05
 LORA_TARGETS = None  # module names to adapt, e.g. ["q_proj", "v_proj"]; None = every linear layer but the output head
 GRADIENT_CHECKPOINTING = False  # recompute activations in the backward pass: far less memory, ~30% more compute
+LOSS_CHUNK = 0  # positions whose logits are made at once (the loss never holds all [batch, block, vocab] of them);
+#               0 = chosen from the vocabulary and the device's memory (loss.chunk_size)
 
 # optimization
 BATCH_SIZE = 8  # sequences per micro-batch

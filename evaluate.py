@@ -80,6 +80,7 @@ def setup(cfg, given):
     if not os.path.isfile(cfg.VAL_FILE):
         raise UserError(f"{no_such('VAL_FILE', cfg.VAL_FILE)}: run prepare_data.py first")
     # the heavy imports wait until the settings are checked: --help and a mistyped setting answer at once
+    import loss
     import modeling
     from dialogues import iter_dialogues, parse_prompt
     from render import chat_roles, prompt
@@ -89,6 +90,7 @@ def setup(cfg, given):
     run_cfg = read_run_config(os.path.join(cfg.OUT_DIR, "config.json"))  # what train.py recorded, where it ran
     setting = lambda key: getattr(cfg, key) if key in given else run_cfg.get(key, getattr(cfg, key))
     device, dtype, device_note = modeling.pick_device(cfg.DEVICE, cfg.PRECISION)
+    loss.use_chunk(cfg.LOSS_CHUNK)
     print(device_note)
     tokenizer, model = modeling.load(model_dir)
     model.to(device).eval()

@@ -14,7 +14,6 @@ from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import utils as hub_utils
 from huggingface_hub.utils import logging as hub_logging
@@ -27,6 +26,7 @@ from transformers.utils import logging
 from batching import IGNORE
 from checkpoints import check_manifest
 from cli import UserError
+from loss import ChunkedLoss, full_losses, model_loss
 
 EOS = "<|endoftext|>"
 logging.set_verbosity_error()  # transformers' warnings would break our one-line errors
@@ -234,10 +234,15 @@ def context_size(model):
 # loss
 
 def loss_sum(model, x, y):
-    """Summed cross-entropy over the trained targets of one batch (fp32), and how many there were."""
-    logits = model(input_ids=x).logits
-    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE, reduction="sum")
-    return loss, (y != IGNORE).sum()
+    """Summed cross-entropy over the trained targets of one batch (fp32), and how many there were. The full
+    [batch, block, vocab] logits are never made (loss.py says how); `model` is a model, or train.py's `net`: a
+    loss.ChunkedLoss, perhaps inside torch.compile and DDP, which is then called whole so that DDP syncs."""
+    inner = getattr(model, "module", model)  # DDP's
+    if isinstance(getattr(inner, "_orig_mod", inner), ChunkedLoss):
+        return model(x, y)
+    if inner is not model:  # DDP around a bare model: only its own forward syncs the gradients, so the full logits
+        return full_losses(model, x, y), (y != IGNORE).sum()
+    return model_loss(model, x, y), (y != IGNORE).sum()
 
 
 def ppl(loss):
@@ -311,13 +316,12 @@ def evaluate(model, batches, device, dtype, desc=None, groups=None):
         with autocast(device, dtype):
             if groups is None:
                 loss, count = loss_sum(model, x.to(device), y.to(device))
-            else:
-                logits = model(input_ids=x.to(device)).logits
-                losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.to(device).view(-1),
-                                         ignore_index=IGNORE, reduction="none")
-                g = groups[i].to(device).view(-1)
+            else:  # each target's loss, in the order of y[y != IGNORE], and its group
+                x, y = x.to(device), y.to(device)
+                losses = model_loss(model, x, y, reduction="none")
+                g = groups[i].to(device)[y != IGNORE]
                 loss, count = losses.sum(), (y != IGNORE).sum()
-                sums = torch.zeros(int(g.max()) + 1, device=device).index_add_(0, g, losses)
+                sums = torch.zeros(int(g.max()) + 1 if len(g) else 1, device=device).index_add_(0, g, losses)
                 counts = torch.bincount(g, minlength=len(sums))
                 for k in range(1, len(sums)):
                     if counts[k]:

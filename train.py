@@ -72,6 +72,8 @@ def check_config(cfg):
         (cfg.LORA_TARGETS is None or (isinstance(cfg.LORA_TARGETS, (list, tuple)) and cfg.LORA_TARGETS
                                       and all(isinstance(t, str) for t in cfg.LORA_TARGETS)),
          f"LORA_TARGETS must be None or a list of module names like ['q_proj', 'v_proj'], got {cfg.LORA_TARGETS!r}"),
+        (cfg.LOSS_CHUNK is None or type(cfg.LOSS_CHUNK) is int and cfg.LOSS_CHUNK >= 0,
+         f"LOSS_CHUNK must be a number of positions >= 1, or 0 for automatic, got {cfg.LOSS_CHUNK!r}"),
         (not (cfg.LORA_R and cfg.MODEL == "scratch"),
          "LORA_R > 0 adapts a pretrained MODEL; a scratch model has nothing to keep frozen (use LORA_R=0)"),
     ]
@@ -511,7 +513,6 @@ def main():
     # the heavy imports wait until the settings are checked: --help and a mistyped setting answer at once
     import torch
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     import modeling
     run, world, rank, device, dtype = setup(cfg, given)
@@ -522,9 +523,7 @@ def main():
     # optimizer: AdamW, decay on matrices and embeddings only, never on biases and LayerNorm weights
     optimizer = modeling.make_optimizer(model, cfg.LEARNING_RATE, cfg.WEIGHT_DECAY, cfg.BETAS, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None  # fp16 needs loss scaling; bf16 not
-    net = torch.compile(model) if cfg.COMPILE else model  # what the loop runs; `model` is what we evaluate and save
-    if world > 1:
-        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    net = runner(model, cfg, world, device)  # what the loop runs; `model` is what we evaluate and save
     s = restore(run, optimizer, scaler, device, world, rank)
     steps = Steps(data.train, cfg, world, rank, tokenizer.eos_token_id)
     end_step = total_steps(cfg, s, steps, len(data.train))
@@ -590,6 +589,19 @@ def main():
         dist.barrier()
         dist.destroy_process_group()
     say(summary(cfg, model, s, start_step, time.time() - t_start, first_val))
+
+
+def runner(model, cfg, world, device):
+    """What the loop runs: the model and its loss as one module (loss.ChunkedLoss: the loss never holds the full
+    logits, and DDP syncs what it runs), compiled and in DDP as asked."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import loss
+    loss.use_chunk(cfg.LOSS_CHUNK)
+    net = loss.ChunkedLoss(model)
+    net = torch.compile(net) if cfg.COMPILE else net
+    return DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
 
 
 def build(run, world, device, say):

@@ -12,6 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.activations import NewGELUActivation
 
 import bench
+import loss
 import modeling
 from cli import UserError
 from conftest import ROOT
@@ -126,3 +127,18 @@ def test_precision_on_cpu(precision, dtype):
 def test_unsupported_precision_is_a_user_error(precision):
     with pytest.raises(UserError, match="PRECISION"):
         modeling.pick_device("cpu", precision)
+
+
+def test_loss_memory_smoke_prints_the_table(tmp_path, script):
+    # four small processes (the model alone, then each path's): their imports are most of the time
+    result = script("bench.py", "--loss_memory", "--smoke", f"--json={tmp_path / 'loss.json'}", cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    for line in ("chunk:", "ours, chunked (loss.py)", "ours, full logits (before)", "HF-style", "peak RSS above"):
+        assert line in result.stdout
+    with open(tmp_path / "loss.json") as f:
+        figures = json.load(f)
+    paths = figures["paths"]
+    assert paths.keys() == {"chunked", "full", "hf"} and figures["model_rss_mb"] > 0
+    assert all(p["step_s_best"] > 0 and len(p["losses"]) == 2 for p in paths.values())
+    assert figures["loss_max_diff"] < 1e-5  # the same training, step by step
+    assert paths["chunked"]["chunk"] == loss.CPU_BUDGET // (4 * 8192)  # the smoke's vocabulary is 8,192 tokens

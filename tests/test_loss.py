@@ -1,0 +1,275 @@
+"""The chunked loss (loss.py) against the full-logits one: the same loss and gradients for each kind of output layer
+(tied and untied, with a bias, softcapped, scaled), with LoRA, accumulated and validated; no tensor of more than one
+chunk's logits; the full logits, with a line, for a model it cannot take apart.
+
+Run: .venv/bin/python -m pytest -q tests/test_loss.py
+"""
+
+import json
+import os
+
+import pytest
+import torch
+import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import loss
+import modeling
+from batching import IGNORE, eval_batches, make_blocks
+from tiny import EOS_ID, gpt2_tokenizer, metrics, save_tiny_gpt2, synthetic, write_split
+
+V = 50257  # GPT-2's vocabulary: the tokenizer saved beside each model
+SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128)
+# a cap and scales far from 1, so that a transformation left out would show in the loss at once
+FAMILIES = {
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL)),  # untied
+    "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**SMALL, head_dim=8)),  # tied
+    "gemma2": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        **SMALL, head_dim=8, final_logit_softcapping=0.5)),
+    "gemma3": lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        **SMALL, head_dim=8, final_logit_softcapping=0.5)),
+    "cohere": lambda: transformers.CohereForCausalLM(transformers.CohereConfig(**SMALL, logit_scale=0.25)),
+    "phi": lambda: transformers.PhiForCausalLM(transformers.PhiConfig(  # an output layer with a bias
+        **{k: v for k, v in SMALL.items() if k != "num_key_value_heads"})),
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """name -> model directory: each family built once (seed 0) and saved with GPT-2's tokenizer."""
+    root = tmp_path_factory.mktemp("models")
+    paths = {"gpt2": save_tiny_gpt2(str(root / "gpt2"))}
+    for name, build in FAMILIES.items():
+        torch.manual_seed(0)
+        build().save_pretrained(root / name, safe_serialization=True)
+        gpt2_tokenizer().save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return paths
+
+
+@pytest.fixture(autouse=True)
+def auto_chunk(monkeypatch):
+    monkeypatch.setattr(loss, "CHUNK", 0)  # a test's LOSS_CHUNK does not outlive it
+
+
+def batch(seed, rows=3, width=40, masked=0.3):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randint(0, V, (rows, width), generator=g), torch.randint(0, V, (rows, width), generator=g)
+    y[torch.rand(rows, width, generator=g) < masked] = IGNORE
+    return x, y
+
+
+def full_step(model, micro):
+    """The reference: every micro-batch's full-logits loss over the step's target count, backward; (mean loss,
+    gradients)."""
+    model.zero_grad(set_to_none=True)
+    n = sum(int((y != IGNORE).sum()) for _, y in micro)
+    total = 0.0
+    for x, y in micro:
+        part = loss.full_losses(model, x, y) / n
+        part.backward()
+        total += part.item()
+    return total, grads(model)
+
+
+def grads(model):
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def close(mean, want_mean, g, want_g):
+    """Within 1e-5: the mean loss (relative), the gradients (relative to the largest)."""
+    assert g.keys() == want_g.keys() and g
+    scale = max(v.abs().max().item() for v in want_g.values())
+    diff = max((g[k] - want_g[k]).abs().max().item() for k in g)
+    assert mean == pytest.approx(want_mean, rel=1e-5)
+    assert diff <= 1e-5 * scale, (diff, scale)
+
+
+class Widest(TorchDispatchMode):
+    """The most rows of any new tensor with a vocabulary-wide last dimension that an op makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {a.untyped_storage().data_ptr() for a in [*args, *(kwargs or {}).values()]
+                 if isinstance(a, torch.Tensor)}  # a view or an in-place op's output is memory already counted
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if (isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] == V
+                    and t.untyped_storage().data_ptr() not in given):
+                self.rows = max(self.rows, t.numel() // V)
+        return out
+
+
+@pytest.mark.parametrize("family", ["gpt2", *FAMILIES])
+def test_same_loss_and_gradients_as_the_full_logits(saved, family):
+    model = modeling.load(saved[family])[1].train()
+    head = loss.head_of(model)
+    assert head is not None  # taken apart, not the fallback
+    if family.startswith("gemma"):
+        assert head.cap == 0.5
+    if family == "cohere":
+        assert head.scale == 0.25
+    micro = [batch(1), batch(2, rows=2, width=24)]  # two micro-batches of different sizes: token weighting
+    want_mean, want_g = full_step(model, micro)
+    for chunk in (0, 7):  # one chunk (the vocabulary is small); chunks of 7 positions, the last one shorter
+        loss.use_chunk(chunk)
+        model.zero_grad(set_to_none=True)
+        with Widest() as widest:
+            mean, n = modeling.forward_backward(model, micro, torch.device("cpu"), None)
+        assert n == sum(int((y != IGNORE).sum()) for _, y in micro)
+        close(mean, want_mean, grads(model), want_g)
+        assert widest.rows <= (chunk or n), widest.rows  # never more than a chunk's logits at once
+    with Widest() as widest:  # the reference does make them all
+        full_step(model, micro)
+    assert widest.rows == micro[0][0].numel()
+
+
+def test_positions_without_a_target_never_reach_the_output_layer(saved):
+    model = modeling.load(saved["llama"])[1].train()
+    x, y = batch(3, masked=1.0)
+    y[0, 5], y[2, 30] = 11, 12  # two targets in 120 positions
+    loss.head_of(model)  # its probe runs the model's own forward, once
+    with Widest() as widest:
+        total, n = modeling.loss_sum(model, x, y)
+        total.backward()
+    assert int(n) == 2 and widest.rows == 2
+    x, y = batch(4, masked=1.0)  # none at all (a rank's dummy batch under DDP): nothing, and every weight a gradient
+    model.zero_grad(set_to_none=True)
+    total, n = modeling.loss_sum(model, x, y)
+    total.backward()
+    assert total.item() == 0 and int(n) == 0
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_lora(saved, family):
+    cfg = type("Cfg", (), dict(GRADIENT_CHECKPOINTING=True, LORA_R=4, LORA_ALPHA=8, LORA_DROPOUT=0.0,
+                               LORA_TARGETS=None, SEED=0))
+    model = modeling.adapt(modeling.load(saved[family])[1], cfg).train()
+    with torch.no_grad():  # peft starts B at zero: give the adapters something to say
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    assert loss.head_of(model) is not None
+    micro = [batch(5), batch(6)]
+    want_mean, want_g = full_step(model, micro)
+    loss.use_chunk(5)
+    model.zero_grad(set_to_none=True)
+    mean, _ = modeling.forward_backward(model, micro, torch.device("cpu"), None)
+    got = grads(model)
+    assert got and all("lora_" in k for k in got)  # the frozen head got no gradient
+    close(mean, want_mean, got, want_g)
+
+
+def test_bf16_autocast_matches_the_full_logits_in_bf16(saved):
+    model = modeling.load(saved["llama"])[1].train()
+    x, y = batch(7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = loss.full_losses(model, x, y)
+        loss.use_chunk(16)
+        got, _ = modeling.loss_sum(model, x, y)
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-2)
+
+
+def test_validation_and_per_group_losses(saved):
+    model = modeling.load(saved["gemma2"])[1]
+    batches = [batch(8), batch(9, rows=2)]
+    groups = [torch.where(y != IGNORE, (x % 3) + 1, 0) for x, y in batches]
+    loss.use_chunk(6)
+    overall, per = modeling.evaluate(model, batches, torch.device("cpu"), None, groups=groups)
+    with torch.no_grad():
+        every = torch.cat([loss.full_losses(model, x, y, reduction="none") for x, y in batches])
+    tags = torch.cat([g[y != IGNORE] for g, (_, y) in zip(groups, batches)])
+    assert overall == pytest.approx(every.mean().item(), rel=1e-5)
+    assert per.keys() == {1, 2, 3}
+    for k, value in per.items():
+        assert value == pytest.approx(every[tags == k].mean().item(), rel=1e-5)
+    assert modeling.evaluate(model, batches, torch.device("cpu"), None) == pytest.approx(overall, rel=1e-6)
+
+
+class Doubled(transformers.LlamaForCausalLM):
+    """A model that does something to its logits that loss.py does not know of."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+
+def test_a_model_it_cannot_take_apart_takes_the_full_logits_with_a_line(capsys):
+    torch.manual_seed(0)
+    model = Doubled(transformers.LlamaConfig(**SMALL)).train()
+    x, y = batch(10)
+    total, n = modeling.loss_sum(model, x, y)
+    assert capsys.readouterr().out.count("loss: Doubled: its logits are not") == 1
+    assert loss.head_of(model) is None
+    assert total.item() == pytest.approx(loss.full_losses(model, x, y).item(), rel=1e-6)
+    modeling.loss_sum(model, x, y)
+    assert capsys.readouterr().out == ""  # said once a model
+
+
+def test_lora_on_the_output_layer_takes_the_full_logits(saved, capsys):
+    cfg = type("Cfg", (), dict(GRADIENT_CHECKPOINTING=False, LORA_R=4, LORA_ALPHA=8, LORA_DROPOUT=0.0,
+                               LORA_TARGETS=["q_proj", "lm_head"], SEED=0))
+    model = modeling.adapt(modeling.load(saved["llama"])[1], cfg).train()
+    x, y = batch(11)
+    total, _ = modeling.loss_sum(model, x, y)
+    assert "not a linear layer; the loss takes the full logits" in capsys.readouterr().out
+    assert total.item() == pytest.approx(loss.full_losses(model, x, y).item(), rel=1e-6)
+
+
+def test_chunk_size_from_the_vocabulary_and_loss_chunk():
+    cpu = torch.device("cpu")
+    assert loss.chunk_size(128256, cpu) == loss.CPU_BUDGET // (4 * 128256)
+    assert loss.chunk_size(262144, cpu) < loss.chunk_size(128256, cpu) < loss.chunk_size(32000, cpu)
+    assert loss.chunk_size(10 ** 9, cpu) == loss.MIN_CHUNK
+    loss.use_chunk(33)
+    assert loss.chunk_size(128256, cpu) == 33
+    loss.use_chunk(None)
+    assert loss.chunk_size(128256, cpu) == loss.CPU_BUDGET // (4 * 128256)
+    for bad in (-1, 1.5, "8", True):
+        with pytest.raises(modeling.UserError, match="LOSS_CHUNK"):
+            loss.use_chunk(bad)
+
+
+def test_train_py_validation_loss_is_the_full_logits_one(tmp_path, script, monkeypatch):
+    """A short train.py run in chunks of 5 positions: its validation losses are those of the full logits."""
+    model_dir = save_tiny_gpt2(str(tmp_path / "tiny"))
+    val = synthetic(6, seed=2)
+    write_split(tmp_path, synthetic(10, seed=1, max_turns=4), val)
+    p = script("train.py", f"--model={model_dir}", "--device=cpu", "--out_dir=out", "--block_size=32",
+               "--batch_size=4", "--max_steps=2", "--eval_interval=1", "--loss_chunk=5", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    logged = {m["step"]: m["val_loss"] for m in metrics(tmp_path / "out") if "val_loss" in m}
+    assert sorted(logged) == [0, 1, 2]
+    batches = eval_batches(make_blocks(gpt2_tokenizer(), val, 32), 4, EOS_ID, 32)
+    for step, path in ((0, model_dir), (2, tmp_path / "out" / "final")):
+        model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+        with torch.no_grad():
+            total = sum(loss.full_losses(model, x, y).item() for x, y in batches)
+        n = sum(int((y != IGNORE).sum()) for _, y in batches)
+        assert logged[step] == pytest.approx(total / n, rel=1e-5, abs=1e-5), step
+    with open(tmp_path / "out" / "config.json") as f:
+        assert json.load(f)["LOSS_CHUNK"] == 5
+
+
+def test_bad_loss_chunk_is_one_line(tmp_path, script):
+    write_split(tmp_path, synthetic(4, seed=1), synthetic(2, seed=2))
+    p = script("train.py", "--model=scratch", "--loss_chunk=-3", cwd=tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip() == "error: LOSS_CHUNK must be a number of positions >= 1, or 0 for automatic, got -3"
+    assert not os.path.exists(os.path.join(tmp_path, "out"))
+
+
+def test_loss_chunk_may_change_on_resume():
+    """How the loss is chunked changes its memory, not its numbers (to rounding): a resumed run may take another."""
+    import cli
+    import train
+    saved = {**cli.defaults(), "LOSS_CHUNK": 64}
+    given = set()
+    cfg, _ = train.resume_config(cli.load_config(["--resume=True", "--loss_chunk=8"], given=given), given, saved, "ck")
+    assert cfg.LOSS_CHUNK == 8
