@@ -5,8 +5,8 @@ The speaker format (`render`, FORMAT="speaker") writes each turn as its text-fil
 the dialogue with EOS; CHAT_TEMPLATE, saved with every model trained in it, renders the same text for any tool that
 uses apply_chat_template. The chat-template format (`render_chat`, FORMAT="chat_template") renders the dialogue with
 the model's own template, each speaker as a role (`role_map`). Either way the last turn ends with EOS (or the
-template's end of turn), a real target, so the model learns to stop; `mask` marks the tokens that are trained (all of
-them, or only TRAIN_SPEAKERS' turns, never a label or role header: that is the prompt at generation time).
+template's end of turn), a real target, so the model learns to stop. `mask` marks the tokens that are trained: all of
+them, or with TRAIN_SPEAKERS their turns' text and end, never the label or role header (the prompt at generation).
 batching.py cuts and packs what this renders; generation.py samples after `prompt_ids`.
 """
 
