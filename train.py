@@ -510,20 +510,15 @@ def main():
     check_config(cfg)
     if cfg.SHOW_EXAMPLE:
         return show_example(cfg)
-    # the heavy imports wait until the settings are checked: --help and a mistyped setting answer at once
-    import torch
+    # the heavy imports (torch, in setup and after) wait until the settings are checked: --help and a mistyped
+    # setting answer at once
     import torch.distributed as dist
-
-    import modeling
     run, world, rank, device, dtype = setup(cfg, given)
     cfg, master = run.cfg, rank == 0
     say = print if master else (lambda *a, **k: None)
     tokenizer, model, data = build(run, world, device, say)
 
-    # optimizer: AdamW, decay on matrices and embeddings only, never on biases and LayerNorm weights
-    optimizer = modeling.make_optimizer(model, cfg.LEARNING_RATE, cfg.WEIGHT_DECAY, cfg.BETAS, device)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None  # fp16 needs loss scaling; bf16 not
-    net = runner(model, cfg, world, device)  # what the loop runs; `model` is what we evaluate and save
+    optimizer, scaler, net = optimization(model, cfg, world, device, dtype)
     s = restore(run, optimizer, scaler, device, world, rank)
     steps = Steps(data.train, cfg, world, rank, tokenizer.eos_token_id)
     end_step = total_steps(cfg, s, steps, len(data.train))
@@ -591,17 +586,23 @@ def main():
     say(summary(cfg, model, s, start_step, time.time() - t_start, first_val))
 
 
-def runner(model, cfg, world, device):
-    """What the loop runs: the model and its loss as one module (loss.ChunkedLoss: the loss never holds the full
-    logits, and DDP syncs what it runs), compiled and in DDP as asked."""
+def optimization(model, cfg, world, device, dtype):
+    """AdamW (decay on matrices and embeddings only, never on biases and LayerNorm weights), fp16's loss scaler (bf16
+    needs none), and what the loop runs: the model and its loss as one module (loss.ChunkedLoss: the loss never
+    holds the full logits, and DDP syncs what it runs), compiled and in DDP as asked. `model` is what we evaluate
+    and save."""
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import loss
+    import modeling
+    optimizer = modeling.make_optimizer(model, cfg.LEARNING_RATE, cfg.WEIGHT_DECAY, cfg.BETAS, device)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     loss.use_chunk(cfg.LOSS_CHUNK)
     net = loss.ChunkedLoss(model)
     net = torch.compile(net) if cfg.COMPILE else net
-    return DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
+    net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
+    return optimizer, scaler, net
 
 
 def build(run, world, device, say):
