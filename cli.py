@@ -28,6 +28,23 @@ def run(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        if not lost_peer(e):
+            raise
+        # a rank that died (killed, out of memory) takes its connections with it: its peers' collectives fail. Their
+        # tracebacks say nothing about why; torchrun's own lines name the rank that failed, and restart or end the job
+        say_once(f"error: rank {os.environ.get('RANK', '?')}: another process of this job stopped ("
+                 f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); torchrun restarts or ends the job")
+        sys.exit(1)
+
+
+def lost_peer(e):
+    """Whether an exception under torchrun is a collective that failed because another rank went away."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"DistBackendError", "DistNetworkError"}) or (isinstance(e, RuntimeError) and any(
+        s in str(e) for s in ("closed by peer", "reset by peer", "Broken pipe", "remote worker crash")))
 
 
 def say_once(line):

@@ -124,6 +124,9 @@ def test_torchrun_restarts_continue_the_run_exactly(run_dir, runs, tmp_path, kil
     assert r.returncode == 0, r.stderr
     assert "torchrun restarted this run (1 restart, 2 processes): continuing it" in r.stdout
     assert "step-00000002 (step 2)" in r.stdout
+    # the killed rank's peer says so in one line, not with gloo's traceback
+    assert "Traceback" not in r.stderr, r.stderr
+    assert "error: rank 0: another process of this job stopped (" in r.stderr, r.stderr
     out = run_dir / f"killed{kill}"
     assert max_diff(weights(run_dir / "two" / "final"), weights(out / "final")) < 1e-5
     assert curve(out) == curve(run_dir / "two")

@@ -267,9 +267,10 @@ def test_bad_loss_chunk_is_one_line(tmp_path, script):
 
 def test_loss_chunk_may_change_on_resume():
     """How the loss is chunked changes its memory, not its numbers (to rounding): a resumed run may take another."""
+    import checkpoints
     import cli
-    import train
     saved = {**cli.defaults(), "LOSS_CHUNK": 64}
     given = set()
-    cfg, _ = train.resume_config(cli.load_config(["--resume=True", "--loss_chunk=8"], given=given), given, saved, "ck")
+    cfg, _ = checkpoints.resume_config(cli.load_config(["--resume=True", "--loss_chunk=8"], given=given), given, saved,
+                                       "ck")
     assert cfg.LOSS_CHUNK == 8
