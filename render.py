@@ -228,7 +228,8 @@ def _encode(tokenizer, dialogues):
     """Token ids of each segment of each dialogue (see _segments). A dialogue's text is tokenized whole, as
     apply_chat_template(tokenize=True) does (tokenizing its pieces apart can merge differently: GPT-2's BPE writes
     "\\n\\n" alone as one token and before a word as two), and each token goes to the segment it starts in, or to
-    the turn's text it reaches into from the header. A dialogue whose text spells a special token is tokenized
+    the turn's text it reaches into from the header; one that runs on from a footer into the next header (the
+    footer is cut by characters) is the header's. A dialogue whose text spells a special token is tokenized
     segment by segment instead, its texts as plain text (see encode): a turn can't end itself early."""
     backend, special = getattr(tokenizer, "backend_tokenizer", None), special_ids(tokenizer)
     whole = [None] * len(dialogues)
@@ -246,8 +247,8 @@ def _encode(tokenizer, dialogues):
         if e is not None and e.ids:
             offsets = np.array(e.offsets)
             which = np.searchsorted(starts[:-1], offsets[:, 0], side="right") - 1
-            reach = (parts[which] == HEADER) & (offsets[:, 1] > starts[which + 1]) & (parts[which + 1] == TEXT)
-            which += reach
+            over = offsets[:, 1] > starts[which + 1]  # a token that runs on into the next segment
+            which += over & (((parts[which] == HEADER) & (parts[which + 1] == TEXT)) | (parts[which] == FOOTER))
             ids = np.array(e.ids)
             if not any(ids[t] in special for t in np.flatnonzero(parts[which] == TEXT)):
                 cuts = np.searchsorted(which, np.arange(1, len(segments)))
