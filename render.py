@@ -13,7 +13,7 @@ batching.py cuts and packs what this renders; generation.py samples after `promp
 import numpy as np
 
 from cli import UserError
-from dialogues import format_dialogue
+from dialogues import clean_text, format_dialogue
 
 SYSTEM = "system"  # the speaker a system message is (prepare_data.py keeps a `system` role of messages and ShareGPT)
 
@@ -58,10 +58,11 @@ def encode(tokenizer, texts, plain=True):
 
 
 def with_system(turns, system_prompt):
-    """SYSTEM_PROMPT as the first turn, spoken by `system`, of a dialogue that has no system message."""
-    if not system_prompt or any(s == SYSTEM for s, _ in turns):
+    """SYSTEM_PROMPT as the first turn, spoken by `system`, of a dialogue that has no system message: one line, as
+    every turn's text is (the speaker format writes it as the line "system: text")."""
+    if not system_prompt or not clean_text(system_prompt) or any(s == SYSTEM for s, _ in turns):
         return list(turns)
-    return [(SYSTEM, system_prompt)] + list(turns)
+    return [(SYSTEM, clean_text(system_prompt))] + list(turns)
 
 
 def render(tokenizer, dialogues, train_speakers=None):
