@@ -4,10 +4,12 @@ generation asks a model to continue in the same format.
 The speaker format (`render`, FORMAT="speaker") writes each turn as its text-file line, "Speaker: text\\n", and ends
 the dialogue with EOS; CHAT_TEMPLATE, saved with every model trained in it, renders the same text for any tool that
 uses apply_chat_template. The chat-template format (`render_chat`, FORMAT="chat_template") renders the dialogue with
-the model's own template, each speaker as a role (`role_map`). Either way the last turn ends with EOS (or the
-template's end of turn), a real target, so the model learns to stop. `mask` marks the tokens that are trained: all of
-them, or with TRAIN_SPEAKERS their turns' text and end, never the label or role header (the prompt at generation).
-batching.py cuts and packs what this renders; generation.py samples after `prompt_ids`.
+the model's own template, each speaker as a role (`role_map`), token for token what apply_chat_template writes for
+the messages `messages` makes of the turns (repeated roles merged; see README). Either way the last turn ends with
+EOS (or the template's end of turn), a real target, so the model learns to stop. `mask` marks the tokens that are
+trained: all of them, or with TRAIN_SPEAKERS their turns' text and end, never the label or role header (the prompt
+at generation), never a system message (the speaker `system`). batching.py cuts and packs what this renders;
+generation.py samples after `prompt_ids`.
 """
 
 import numpy as np
