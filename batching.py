@@ -3,8 +3,9 @@
 Works on what render.py makes: each dialogue a list of (ids, mask) turns, ending with EOS; `tokenize` is the one
 bridge from dialogues (render_any) to Tokens, the flat arrays the token cache holds. A dialogue longer than a block is
 cut into windows at turn boundaries (a turn longer than a block is cut too); each window is preceded by one context
-token (at a dialogue's start the tokenizer's BOS, or EOS where it has none; else the token before the window) that
-is never a target. Windows are packed several to a block by best-fit and batches group blocks of similar length, so
+token (at a dialogue's start in the speaker format the tokenizer's BOS, or EOS where it has none; in a chat template
+the template's own first token, so the sequence is exactly the template's; else the token before the window) that is
+never a target. Windows are packed several to a block by best-fit and batches group blocks of similar length, so
 padding stays around 3% of positions, and every token of the file is a target exactly once per epoch. Labels are
 -100 by position (padding, context, masked speakers), never by token id: GPT-2's pad would otherwise be its EOS, and
 the real EOS would never be learned.
@@ -13,7 +14,7 @@ the real EOS would never be learned.
 import numpy as np
 import torch
 
-from render import render_any, start_id
+from render import context_token, render_any
 
 IGNORE = -100  # cross_entropy's ignore_index
 
@@ -36,11 +37,15 @@ def cut_points(lengths, block_size):
 
 def windows(turns, block_size, first):
     """Cut one rendered dialogue into pieces of at most block_size targets plus one leading context token: `first`
-    (start_id) for the first piece, the token before it for the others. The list form of `pieces`, which the
-    pipeline uses: the readable reference the tests hold the arrays to."""
+    (context_token) for the first piece, the token before it for the others; with `first` None, the dialogue's own
+    first token is the first piece's context. The list form of `pieces`, which the pipeline uses: the readable
+    reference the tests hold the arrays to."""
     ids = [t for tid, _ in turns for t in tid]
     mask = [m for _, tm in turns for m in tm]
-    bounds = cut_points([len(tid) for tid, _ in turns], block_size)
+    lengths = [len(tid) for tid, _ in turns]
+    if first is None:
+        first, ids, mask, lengths = ids[0], ids[1:], mask[1:], [lengths[0] - 1] + lengths[1:]
+    bounds = cut_points(lengths, block_size)
     stream = [first, *ids]  # stream[j] is the token before ids[j]
     return [(stream[a:b + 1], [0, *mask[a:b]]) for a, b in zip(bounds, bounds[1:])]
 
@@ -86,12 +91,15 @@ class Tokens:
     """Rendered dialogues as flat arrays, in memory or memory-mapped from the token cache: every turn's ids and mask
     one after another (`ids`, `mask`), where each turn ends in them (`turn_ends`), where each dialogue's turns end
     (`dialogue_ends`, in turns), who speaks each turn (`turn_speaker`, an index into `speakers`), and the token a
-    dialogue starts after (`start`). `trained` is the number of trained tokens where known."""
+    dialogue starts after (`start`; None: each dialogue's own first token, never a target). `trained` is the number
+    of trained tokens where known; `notes` what rendering counted (chat_pieces' stats) where known."""
 
-    def __init__(self, ids, mask, turn_ends, dialogue_ends, turn_speaker, speakers, start, trained=None, path=None):
+    def __init__(self, ids, mask, turn_ends, dialogue_ends, turn_speaker, speakers, start, trained=None, path=None,
+                 notes=None):
         self.ids, self.mask, self.turn_ends, self.dialogue_ends = ids, mask, turn_ends, dialogue_ends
         self.turn_speaker, self.speakers, self.start, self.trained = turn_speaker, speakers, start, trained
         self.path = path  # the cache directory it is mapped from, if any
+        self.notes = notes or {}
 
     def __len__(self):
         return len(self.dialogue_ends)
@@ -128,10 +136,10 @@ def token_dtype(tokenizer):
     return np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
 
 
-def render_arrays(tokenizer, dialogues, train_speakers=None, roles=None, source="data"):
+def render_arrays(tokenizer, dialogues, train_speakers=None, roles=None, source="data", stats=None):
     """Some dialogues rendered (render_any) as flat arrays: (ids, mask, tokens per turn, turns per dialogue, each
     turn's speaker)."""
-    rendered = render_any(tokenizer, dialogues, train_speakers, roles, source)
+    rendered = render_any(tokenizer, dialogues, train_speakers, roles, source, stats)
     ids = np.fromiter((t for d in rendered for tid, _ in d for t in tid), dtype=np.int64)
     mask = np.fromiter((m for d in rendered for _, tm in d for m in tm), dtype=np.uint8, count=len(ids))
     lengths = np.fromiter((len(tid) for d in rendered for tid, _ in d), dtype=np.int64)
@@ -145,12 +153,14 @@ def tokenize(tokenizer, dialogues, train_speakers=None, roles=None, source="data
     speakers = list(dict.fromkeys(names))
     index = {s: i for i, s in enumerate(speakers)}
     return Tokens(ids, mask, np.cumsum(lengths), np.cumsum(turns), np.array([index[s] for s in names], np.int32),
-                  speakers, start_id(tokenizer))
+                  speakers, context_token(tokenizer, roles))
 
 
 def pieces(tokens, block_size, chunk=10000):
     """The windows of every dialogue (cut_points) as (a, b, ctx) arrays: targets ids[a:b], after the context token
-    ctx (the dialogue's start token for its first window, else the token before a)."""
+    ctx (the dialogue's start token for its first window, else the token before a; with no start token, a
+    dialogue's first window begins after its first token, which is its context)."""
+    own = tokens.start is None
     a_out, b_out = [], []
     for lo in range(0, len(tokens), chunk):  # a chunk of dialogues at a time: Python lists of ints cost 30x arrays
         d_ends = tokens.dialogue_ends[lo:lo + chunk].tolist()
@@ -161,11 +171,15 @@ def pieces(tokens, block_size, chunk=10000):
         for d_end in d_ends:
             ends = t_ends[k:d_end - t_lo]
             k = d_end - t_lo
-            bounds = cut_points([e - s for s, e in zip([pos] + ends[:-1], ends)], block_size)
-            a_out += [pos + x for x in bounds[:-1]]
-            b_out += [pos + x for x in bounds[1:]]
+            lengths = [e - s for s, e in zip([pos] + ends[:-1], ends)]
+            lengths[0] -= own
+            bounds = cut_points(lengths, block_size)
+            a_out += [pos + own + x for x in bounds[:-1]]
+            b_out += [pos + own + x for x in bounds[1:]]
             pos = ends[-1]
     a, b = np.array(a_out, dtype=np.int64), np.array(b_out, dtype=np.int64)
+    if own:
+        return a, b, np.asarray(tokens.ids[np.maximum(a - 1, 0)], dtype=np.int64)
     starts = np.zeros(len(a), dtype=bool)
     starts[np.searchsorted(a, np.concatenate([[0], tokens.turn_ends[tokens.dialogue_ends[:-1] - 1]]))] = True
     ctx = np.where(starts, tokens.start, np.asarray(tokens.ids[np.maximum(a - 1, 0)], dtype=np.int64))

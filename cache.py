@@ -7,7 +7,7 @@ turn and dialogue offsets beside it).
     CACHE_DIR/train_data.txt-<key>/blocks-256/ the packed blocks for BLOCK_SIZE=256, as offsets into the above
 
 The key is a hash of the file's content, the tokenizer and every setting that changes the rendering (FORMAT,
-TRAIN_SPEAKERS, ROLES): a cache made from another version of the file or another tokenizer is never used. Each
+TRAIN_SPEAKERS, ROLES, SYSTEM_PROMPT): a cache made from another version of the file or another tokenizer is never used. Each
 directory is written to a temp directory and renamed into place when complete, with a manifest of every file's size
 and sha256 (as our checkpoints have); one that does not match it is rebuilt, never trusted. Delete CACHE_DIR at any
 time: the next run rebuilds what it needs.
@@ -26,9 +26,9 @@ from batching import Blocks, Tokens, pack_tokens, render_arrays, token_dtype
 from checkpoints import atomic_dir, check_manifest
 from cli import UserError
 from dialogues import iter_dialogues
-from render import start_id
+from render import context_token, with_system
 
-VERSION = 1  # bumped when what is stored, or how it is rendered, changes
+VERSION = 2  # bumped when what is stored, or how it is rendered, changes (2: a chat template's exact tokens, counts)
 ARRAYS = {"ids": None, "mask": np.uint8, "turn_ends": np.int64, "dialogue_ends": np.int64, "turn_speaker": np.int32}
 BLOCK_ARRAYS = {"a": np.int64, "b": np.int64, "ctx": np.int64, "ends": np.int64}
 CHUNK = 2048  # dialogues tokenized per batch: big enough for the fast tokenizer's batching, small in memory
@@ -49,7 +49,7 @@ def tokens(path, file_sha, tokenizer, cfg, roles, say, build=True):
     something else (unless `build` is False: the other ranks under torchrun, for which rank 0 built it)."""
     meta = {"version": VERSION, "file": os.path.basename(path), "file_sha256": file_sha,
             "tokenizer": fingerprint(tokenizer), "format": cfg.FORMAT, "train_speakers": cfg.TRAIN_SPEAKERS,
-            "roles": cfg.ROLES}
+            "roles": cfg.ROLES, "system_prompt": getattr(cfg, "SYSTEM_PROMPT", None)}
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     d = os.path.join(cfg.CACHE_DIR, f"{meta['file']}-{key}")
     if build:
@@ -66,7 +66,8 @@ def tokens(path, file_sha, tokenizer, cfg, roles, say, build=True):
         meta = json.load(f)
     dtype = np.dtype(meta["dtype"])
     arrays = {name: _map(os.path.join(d, name + ".bin"), dtype if t is None else t) for name, t in ARRAYS.items()}
-    return Tokens(**arrays, speakers=meta["speakers"], start=meta["start"], trained=meta["trained"], path=d)
+    return Tokens(**arrays, speakers=meta["speakers"], start=meta["start"], trained=meta["trained"], path=d,
+                  notes={k: meta.get(k, 0) for k in ("merged", "context")})
 
 
 def blocks(t, block_size, say, build=True):
@@ -113,16 +114,20 @@ def _other_version(cache_dir, meta):
         return None
     differ = {"file_sha256": "another version of the file", "tokenizer": "another tokenizer",
               "format": "another FORMAT", "train_speakers": "other TRAIN_SPEAKERS", "roles": "other ROLES",
+              "system_prompt": "another SYSTEM_PROMPT",
               "version": "an older cache format"}
     why = [text for k, text in differ.items() if all(o.get(k) != meta[k] for o in others)]
     return "the one in the cache is for " + (" and ".join(why) if why else "other settings")
 
 
 def _build(d, path, meta, tokenizer, train_speakers, roles):
-    """Tokenize the file CHUNK dialogues at a time, appending each batch's arrays to the files as it goes."""
+    """Tokenize the file CHUNK dialogues at a time, appending each batch's arrays to the files as it goes; with
+    SYSTEM_PROMPT first in each dialogue that has no system message. meta.json counts what a chat template's
+    rendering changed (chat_pieces): turns merged into the message before them, leading turns kept as context."""
+    import collections
     from tqdm import tqdm
     dtype = token_dtype(tokenizer)
-    speakers, n = {}, {"tokens": 0, "turns": 0, "dialogues": 0, "trained": 0}
+    speakers, n, stats = {}, {"tokens": 0, "turns": 0, "dialogues": 0, "trained": 0}, collections.Counter()
     t0 = time.time()
     print(f"tokenizing {path} ({os.path.getsize(path) / 1e6:,.1f} MB) into {d}", flush=True)
     # the bar on a terminal only: piped or under test, stderr stays for the one line of an error
@@ -135,9 +140,10 @@ def _build(d, path, meta, tokenizer, train_speakers, roles):
             chunk = []
             for dialogue in itertools.chain(iter_dialogues(path, bar.update), [None]):
                 if dialogue is not None:
-                    chunk.append(dialogue)
+                    chunk.append(with_system(dialogue, meta["system_prompt"]))
                 if chunk and (dialogue is None or len(chunk) == CHUNK):
-                    ids, mask, lengths, turns, names = render_arrays(tokenizer, chunk, train_speakers, roles, path)
+                    ids, mask, lengths, turns, names = render_arrays(tokenizer, chunk, train_speakers, roles, path,
+                                                                           stats)
                     ids.tofile(files["ids"])
                     mask.tofile(files["mask"])
                     (n["tokens"] + np.cumsum(lengths)).tofile(files["turn_ends"])
@@ -150,8 +156,8 @@ def _build(d, path, meta, tokenizer, train_speakers, roles):
                     n["trained"] += int(np.count_nonzero(mask))
                     chunk = []
         with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({**meta, "dtype": np.dtype(dtype).name, "speakers": list(speakers), "start": start_id(tokenizer),
-                       **n}, f)
+            json.dump({**meta, "dtype": np.dtype(dtype).name, "speakers": list(speakers), "start": context_token(tokenizer, roles),
+                       **n, "merged": stats["merged"], "context": stats["context"]}, f)
     seconds = time.time() - t0
     print(f"tokenized {path}: {n['tokens']:,} tokens in {seconds:.1f}s ({n['tokens'] / max(seconds, 1e-9):,.0f} "
           f"tokens/s)", flush=True)

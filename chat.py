@@ -6,13 +6,16 @@
 
 Type a line and press enter; /reset starts a new conversation, /quit (or end of input) leaves; any other line that
 starts with a /command is not sent to the model. The history is kept up to the model's context: the oldest turns are
-dropped first. Replies differ from one session to the next; --seed=N makes them repeatable.
+dropped first (a system message stays: the run's SYSTEM_PROMPT, or --system_prompt=...). Replies differ from one
+session to the next; --seed=N makes them repeatable. In a model's own chat template you are the user and the model
+the assistant, whatever the names.
 """
 
+import os
 import re
 import sys
 
-from cli import UserError, load_config, run, which_model
+from cli import UserError, load_config, read_run_config, run, which_model
 from dialogues import clean_speaker, clean_text
 
 HELP = "commands: /reset starts a new conversation, /quit leaves"
@@ -30,13 +33,15 @@ def main():
 
     import modeling
     from generation import reply
-    from render import chat_roles
+    from render import chat_roles, with_system
 
     device, _, device_note = modeling.pick_device(cfg.DEVICE, cfg.PRECISION)
     tokenizer, model = modeling.load(model_dir)
     model.to(device).eval()
     context = modeling.context_size(model)
     roles = chat_roles(tokenizer, {user: "user", bot: "assistant"})  # None: the model speaks the speaker format
+    system = cfg.SYSTEM_PROMPT if "SYSTEM_PROMPT" in given else \
+        read_run_config(os.path.join(cfg.OUT_DIR, "config.json")).get("SYSTEM_PROMPT", cfg.SYSTEM_PROMPT)
     generator = torch.Generator()
     if "SEED" in given:  # --seed=N replays a session; without it, each session samples afresh
         generator.manual_seed(cfg.SEED)
@@ -46,7 +51,7 @@ def main():
     if interactive:
         print(f"{device_note}; chatting with {model_dir} as {user}; the model is {bot}. {HELP}")
 
-    history = []
+    history = with_system([], system)  # what the model was trained with, as it was trained
     while True:
         if interactive:
             print(f"{user}: ", end="", flush=True)
@@ -56,7 +61,7 @@ def main():
         if not line or line.strip() == "/quit":
             break
         if line.strip() == "/reset":
-            history = []
+            history = with_system([], system)
             print("(new conversation)")
             continue
         if re.match(r"/\w+(\s|$)", line.strip()):  # an unknown command (a typo?) gets help, not a reply

@@ -12,6 +12,8 @@ SEED = 1337  # one seed for the split, the data order, initialisation and sampli
 FORMAT = "speaker"  # how a dialogue becomes tokens: "speaker" ("Name: text" lines) or "chat_template" (the model's own)
 ROLES = None  # chat_template: speaker -> role, e.g. {"Bob": "assistant", "*": "user"}; None: TRAIN_SPEAKERS are the
 #               assistant, else in each two-speaker dialogue whoever speaks first is the user
+SYSTEM_PROMPT = None  # a system message for every dialogue that has none, e.g. "You are Bob, a friendly barista.":
+#                       what the model will be told at use, given in training too (never trained itself); None = none
 SHOW_EXAMPLE = False  # train.py: print the first training example as the model sees it (trained parts marked), exit
 CACHE_DIR = "cache"  # token cache: each text file tokenized once, memory-mapped by later runs; safe to delete
 

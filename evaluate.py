@@ -83,7 +83,7 @@ def setup(cfg, given):
     import loss
     import modeling
     from dialogues import iter_dialogues, parse_prompt
-    from render import chat_roles, prompt
+    from render import chat_roles, prompt, sample_roles, with_system
 
     if next(iter_dialogues(cfg.VAL_FILE), None) is None:
         raise UserError(f"VAL_FILE {cfg.VAL_FILE!r} holds no dialogues: run prepare_data.py first")
@@ -100,9 +100,13 @@ def setup(cfg, given):
     train_speakers = run_cfg.get("TRAIN_SPEAKERS", cfg.TRAIN_SPEAKERS)
     roles = chat_roles(tokenizer, setting("ROLES"), train_speakers)
     rendering = types.SimpleNamespace(FORMAT="speaker" if roles is None else "chat_template", ROLES=setting("ROLES"),
-                                      TRAIN_SPEAKERS=train_speakers, CACHE_DIR=setting("CACHE_DIR"))
+                                      TRAIN_SPEAKERS=train_speakers, CACHE_DIR=setting("CACHE_DIR"),
+                                      SYSTEM_PROMPT=setting("SYSTEM_PROMPT"))
     turns, speaker = parse_prompt(cfg.SAMPLE_PROMPT)  # the sample dialogue's prompt, checked before the passes
-    sample_ids = prompt(tokenizer, turns, speaker, roles)
+    turns = with_system(turns, rendering.SYSTEM_PROMPT)
+    # SAMPLE_PROMPT's speakers need not be the run's: in a chat template it asks the assistant to answer the user
+    sample_ids = prompt(tokenizer, turns, speaker,
+                        None if roles is None else sample_roles(setting("ROLES"), train_speakers, turns, speaker))
     if len(sample_ids) + cfg.SAMPLE_MAX_NEW_TOKENS > context:
         raise UserError(f"SAMPLE_PROMPT is {len(sample_ids)} tokens; with SAMPLE_MAX_NEW_TOKENS="
                         f"{cfg.SAMPLE_MAX_NEW_TOKENS} it does not fit the model's context of {context} tokens")
@@ -171,12 +175,15 @@ def reply_figures(ev, scored, generator):
     """The last turn of NUM_REPLIES validated dialogues (VAL_MAX_TOKENS caps this too), generated BATCH_SIZE at a
     time and compared with the real one: (the replies, their figures)."""
     from generation import replies
+    from render import with_system
 
     cfg = ev.cfg
     candidates = [d for d in scored if len(d) >= 2]
     chosen = random.Random(cfg.SEED).sample(candidates, min(cfg.NUM_REPLIES, len(candidates)))
     t = time.perf_counter()
-    made = replies(ev.model, ev.tokenizer, [(d[:-1], d[-1][0]) for d in chosen], cfg, generator, ev.context,
+    system = ev.rendering.SYSTEM_PROMPT  # as training rendered them
+    made = replies(ev.model, ev.tokenizer, [(with_system(d[:-1], system), d[-1][0]) for d in chosen], cfg, generator,
+                   ev.context,
                    ev.roles, batch_size=cfg.BATCH_SIZE, desc="replies")
     seconds = time.perf_counter() - t
     out = [{"context": d[:-1], "speaker": d[-1][0], "real": d[-1][1], "generated": text, "ended": ended,

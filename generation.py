@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from render import end_ids, prompt_ids, start_id
+from render import end_ids, prompt_ids
 
 
 def cut_reply(text, speakers):
@@ -63,11 +63,12 @@ def generate(model, tokenizer, prompts, max_new_tokens, settings, ends, generato
     """The new token ids after each prompt (a list of ids), generated together by model.generate() with `settings`
     (see sampling): each up to and including the token that ended it (see TurnEnd), else max_new_tokens long.
     Prompts are padded on the left with the attention mask off there (generate() derives the position ids from
-    it); the pad id is the start token, which every prompt begins with, so the repetition penalty sees nothing new.
+    it); the pad id is the first prompt's first token (the start token, or a chat template's first token, which
+    every prompt of the format begins with), so the repetition penalty sees nothing new.
     Sampling draws its seed from `generator`, on a copy of torch's global random state: the same generator gives
     the same tokens, and nothing else's randomness moves."""
     device = next(model.parameters()).device
-    width, pad = max(map(len, prompts)), start_id(tokenizer)
+    width, pad = max(map(len, prompts)), prompts[0][0]
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     end = TurnEnd(tokenizer, width, set(ends), speakers)

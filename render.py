@@ -4,14 +4,20 @@ generation asks a model to continue in the same format.
 The speaker format (`render`, FORMAT="speaker") writes each turn as its text-file line, "Speaker: text\\n", and ends
 the dialogue with EOS; CHAT_TEMPLATE, saved with every model trained in it, renders the same text for any tool that
 uses apply_chat_template. The chat-template format (`render_chat`, FORMAT="chat_template") renders the dialogue with
-the model's own template, each speaker as a role (`role_map`). Either way the last turn ends with EOS (or the
-template's end of turn), a real target, so the model learns to stop. `mask` marks the tokens that are trained: all of
-them, or with TRAIN_SPEAKERS their turns' text and end, never the label or role header (the prompt at generation).
-batching.py cuts and packs what this renders; generation.py samples after `prompt_ids`.
+the model's own template, each speaker as a role (`role_map`), token for token what apply_chat_template writes for
+the messages `messages` makes of the turns (repeated roles merged; see README). Either way the last turn ends with
+EOS (or the template's end of turn), a real target, so the model learns to stop. `mask` marks the tokens that are
+trained: all of them, or with TRAIN_SPEAKERS their turns' text and end, never the label or role header (the prompt
+at generation), never a system message (the speaker `system`). batching.py cuts and packs what this renders;
+generation.py samples after `prompt_ids`.
 """
 
+import numpy as np
+
 from cli import UserError
-from dialogues import format_dialogue
+from dialogues import clean_text, format_dialogue
+
+SYSTEM = "system"  # the speaker a system message is (prepare_data.py keeps a `system` role of messages and ShareGPT)
 
 # The chat template saved with every model trained in the speaker format: apply_chat_template(messages) renders the
 # training text exactly (BOS, or EOS where the model has no BOS, then "Speaker: text" lines, then EOS); with
@@ -53,8 +59,17 @@ def encode(tokenizer, texts, plain=True):
         backend.encode_special_tokens = before
 
 
+def with_system(turns, system_prompt):
+    """SYSTEM_PROMPT as the first turn, spoken by `system`, of a dialogue that has no system message: one line, as
+    every turn's text is (the speaker format writes it as the line "system: text")."""
+    if not system_prompt or not clean_text(system_prompt) or any(s == SYSTEM for s, _ in turns):
+        return list(turns)
+    return [(SYSTEM, clean_text(system_prompt))] + list(turns)
+
+
 def render(tokenizer, dialogues, train_speakers=None):
-    """Each dialogue as a list of turns, each turn (ids, mask); the last turn carries the EOS."""
+    """Each dialogue as a list of turns, each turn (ids, mask); the last turn carries the EOS. A system message is
+    the line "system: text", given as context and never trained."""
     turns = [t for d in dialogues for t in d]
     names = list({s: None for s, _ in turns})  # a label is tokenized once per speaker, not once per turn
     labels = dict(zip(names, encode(tokenizer, [f"{s}:" for s in names])))
@@ -64,7 +79,9 @@ def render(tokenizer, dialogues, train_speakers=None):
         rendered = []
         for i, (speaker, _) in enumerate(d):
             label, body = labels[speaker], bodies[k] + ([eos] if i == len(d) - 1 else [])
-            if train_speakers is None:
+            if speaker == SYSTEM:
+                mask = [0] * (len(label) + len(body) - (i == len(d) - 1)) + [1] * (i == len(d) - 1)
+            elif train_speakers is None:
                 mask = [1] * (len(label) + len(body))
             else:  # the label is given at generation time; the reply, its line end and EOS are what we train
                 mask = [0] * len(label) + [int(speaker in train_speakers)] * len(body)
@@ -78,29 +95,88 @@ def render(tokenizer, dialogues, train_speakers=None):
 # ---------------------------------------------------------------------------------------------------------------------
 # FORMAT="chat_template": the model's own template renders the dialogue, each speaker as a role
 
-MARK = "\ue000{}\ue001"  # a stand-in for turn i's text while the template renders: private-use characters
+MARK = "\ue000{}\ue001"  # a stand-in for message i's text while the template renders: private-use characters
+HEADER, TEXT, FOOTER = range(3)  # the parts of a turn: what the template writes before its text, the text, after it
 
 
 def role_map(roles=None, train_speakers=None):
     """A function from a dialogue's turns to each turn's chat role. ROLES maps speakers to roles ("*": everyone
     else). Without it, TRAIN_SPEAKERS are the assistant and everyone else the user; without either, in a two-speaker
-    dialogue whoever speaks first is the user and the other the assistant."""
+    dialogue whoever speaks first is the user and the other the assistant. The speaker `system` (a system message of
+    the data, or SYSTEM_PROMPT) is the system role unless ROLES names it."""
     def assign(turns):
-        speakers = list(dict.fromkeys(s for s, _ in turns))
+        speakers = [s for s in dict.fromkeys(s for s, _ in turns) if s != SYSTEM]
+        system = lambda s, role: "system" if s == SYSTEM and (roles is None or SYSTEM not in roles) else role
         if roles is not None:
             missing = [s for s in speakers if s not in roles and "*" not in roles]
             if missing:
                 raise UserError(f"speaker {missing[0]!r} has no role in ROLES (add it, or a '*' entry for everyone "
                                 f"else)")
-            return [roles.get(s, roles.get("*")) for s, _ in turns]
+            return [system(s, roles.get(s, roles.get("*"))) for s, _ in turns]
         if train_speakers is not None:
-            return ["assistant" if s in train_speakers else "user" for s, _ in turns]
+            return [system(s, "assistant" if s in train_speakers else "user") for s, _ in turns]
         if len(speakers) > 2:
             raise UserError(f"{len(speakers)} speakers ({', '.join(speakers)}); without ROLES or TRAIN_SPEAKERS only "
                             f"two-speaker dialogues get roles: set ROLES, e.g. --roles='{{\"{speakers[1]}\": "
                             f"\"assistant\", \"*\": \"user\"}}'")
-        return ["user" if s == speakers[0] else "assistant" for s, _ in turns]
+        return [system(s, "user" if s == speakers[0] else "assistant") for s, _ in turns]
     return assign
+
+
+def sample_roles(roles, train_speakers, turns, speaker):
+    """The role map a prompt of made-up speakers (SAMPLE_PROMPT) is rendered with: the run's (ROLES, TRAIN_SPEAKERS)
+    where it names the speaker asked to answer (or names no one and the prompt has two speakers), else the prompt's
+    own: the speaker asked is the assistant, everyone else the user. So "Alex: Hi\\nBob:" asks the assistant to
+    answer the user, whatever the run's speakers were called."""
+    named = set(roles or {}) - {"*"} | set(train_speakers or [])
+    if speaker in named or (not named and len({s for s, _ in turns} | {speaker}) <= 2):
+        return role_map(roles, train_speakers)
+    return role_map({**{s: "user" for s, _ in turns}, SYSTEM: "system", speaker: "assistant"})
+
+
+_RULES = {}  # chat template -> what it insists on (template_rules)
+
+
+def template_rules(tokenizer):
+    """What the chat template insists on: (whether the user must speak first, whether it has a system slot). Found by
+    rendering two small conversations: a template that raises on a leading assistant message (Gemma's, Mistral's,
+    Llama 2's) needs the user first; one that raises on a system message or writes it anywhere but first (some of
+    Mistral's put it in the last user message) has no slot of its own."""
+    if tokenizer.chat_template not in _RULES:
+        try:
+            tokenizer.apply_chat_template([{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
+                                          tokenize=False)
+            user_first = False
+        except Exception:  # the template's raise_exception, whatever it is called
+            user_first = True
+        try:
+            _template(tokenizer, [{"role": r, "content": MARK.format(i)}
+                                  for i, r in enumerate(["system", "user", "assistant", "user"])])
+            slot = True
+        except UserError:
+            slot = False
+        _RULES[tokenizer.chat_template] = (user_first, slot)
+    return _RULES[tokenizer.chat_template]
+
+
+def messages(roles, user_first=False, system_slot=True):
+    """A dialogue's turns (their roles) as chat messages, each [role, turn indices, the leading turns kept as
+    context]. Consecutive turns of one role become one message (a template that wants roles to alternate would
+    refuse them). Where the template wants the user first, leading assistant turns open the conversation as (part
+    of) the first user message: context, never trained. Where it has no system slot, a system turn joins the user
+    message after it, as Gemma's template does itself."""
+    out, opening = [], True
+    for i, role in enumerate(roles):
+        context = user_first and opening and role == "assistant"
+        opening = opening and (context or role == "system")
+        role = "user" if context or (role == "system" and not system_slot) else role
+        if out and out[-1][0] == role:
+            out[-1][1].append(i)
+        else:
+            out.append([role, [i], set()])
+        if context:
+            out[-1][2].add(i)
+    return out
 
 
 def _template(tokenizer, messages):
@@ -120,65 +196,144 @@ def _template(tokenizer, messages):
     return parts + [text[pos:]]
 
 
-def chat_pieces(tokenizer, dialogues, roles, source="data"):
-    """Each dialogue rendered by the model's chat template, as turns (speaker, header, text, footer) of token ids:
-    what the template writes before the turn's text (its role header; before the first turn also any preamble, such
-    as a default system prompt), the text, tokenized as plain text as in the speaker format, and what the template
-    writes to end the turn. Which of the template's text between two turns ends one and which begins the next is
-    what it writes after a turn when that turn is the last one. A BOS at the very start is dropped (the context
-    token is that BOS), and EOS ends the last turn where the template did not write it."""
-    gaps, lasts = [], []  # per dialogue: the template's text before, between and after the turns; and after each
-    for n, turns in enumerate(dialogues):  # turn but the last when that turn ends the conversation
+def _segments(tokenizer, turns, roles, msgs):
+    """The template's text of one dialogue as segments (text, turn, part) that together spell it: each message's
+    header, its turns' texts (joined by a newline; the joiner starts the later turn's segment) and its footer. The
+    footer is what the template writes after the message when it is the last one, and what it writes between two
+    messages beyond that is the next one's header."""
+    texts = []
+    for _, idx, _ in msgs:
+        texts.append([("\n\n" if roles[idx[j - 1]] == "system" else "\n") * (j > 0) + turns[i][1]
+                      for j, i in enumerate(idx)])
+    marked = [{"role": role, "content": MARK.format(k)} for k, (role, _, _) in enumerate(msgs)]
+    gaps = _template(tokenizer, marked)
+    segments, footer = [], ""
+    for k, (role, idx, _) in enumerate(msgs):
+        segments.append((gaps[k][len(footer):], idx[0], HEADER))
+        segments += [(text, i, TEXT) for text, i in zip(texts[k], idx)]
+        if k == len(msgs) - 1:
+            footer = gaps[-1]
+        elif role == "system":  # a system message alone may write nothing (Gemma folds it into the next message)
+            footer = ""
+        else:  # the longest common start of "after message k, at the end" and "between k and k + 1"
+            alone = _template(tokenizer, marked[:k + 1])[-1]
+            footer = gaps[k + 1][:next((j for j, (a, b) in enumerate(zip(gaps[k + 1], alone)) if a != b),
+                                       min(len(gaps[k + 1]), len(alone)))]
+        segments.append((footer, idx[-1], FOOTER))
+    return segments
+
+
+def special_ids(tokenizer):
+    return {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
+
+
+def _encode(tokenizer, dialogues):
+    """Token ids of each segment of each dialogue (see _segments). A dialogue's text is tokenized whole, as
+    apply_chat_template(tokenize=True) does (tokenizing its pieces apart can merge differently: GPT-2's BPE writes
+    "\\n\\n" alone as one token and before a word as two), and each token goes to the segment it starts in, or to
+    the turn's text it reaches into from the header; one that runs on from a footer into the next header (the
+    footer is cut by characters) is the header's. A dialogue whose text spells a special token is tokenized
+    segment by segment instead, its texts as plain text (see encode): a turn can't end itself early."""
+    backend, special = getattr(tokenizer, "backend_tokenizer", None), special_ids(tokenizer)
+    whole = [None] * len(dialogues)
+    if backend is not None:
+        before = backend.encode_special_tokens
+        backend.encode_special_tokens = False
         try:
-            messages = [{"role": r, "content": MARK.format(i)} for i, r in enumerate(roles(turns))]
-            gaps.append(_template(tokenizer, messages))
-            lasts.append([_template(tokenizer, messages[:i + 1])[-1] for i in range(len(messages) - 1)])
+            whole = backend.encode_batch(["".join(s for s, _, _ in d) for d in dialogues], add_special_tokens=False)
+        finally:
+            backend.encode_special_tokens = before
+    out = []
+    for segments, e in zip(dialogues, whole):
+        starts = np.cumsum([0] + [len(s) for s, _, _ in segments])
+        parts = np.array([p for _, _, p in segments] + [-1])
+        if e is not None and e.ids:
+            offsets = np.array(e.offsets)
+            which = np.searchsorted(starts[:-1], offsets[:, 0], side="right") - 1
+            over = offsets[:, 1] > starts[which + 1]  # a token that runs on into the next segment
+            which += over & (((parts[which] == HEADER) & (parts[which + 1] == TEXT)) | (parts[which] == FOOTER))
+            ids = np.array(e.ids)
+            if not any(ids[t] in special for t in np.flatnonzero(parts[which] == TEXT)):
+                cuts = np.searchsorted(which, np.arange(1, len(segments)))
+                out.append([c.tolist() for c in np.split(ids, cuts)])
+                continue
+        plain = encode(tokenizer, [s for s, _, p in segments if p == TEXT])[::-1]
+        rest = encode(tokenizer, [s for s, _, p in segments if p != TEXT], plain=False)[::-1]
+        out.append([(plain if p == TEXT else rest).pop() for _, _, p in segments])
+    return out
+
+
+def chat_pieces(tokenizer, dialogues, roles, source="data", stats=None):
+    """Each dialogue rendered by the model's chat template: per turn, (header, text, footer) token ids and whether
+    they are trainable (see render_chat). Turns of one role in a row are one message (the later ones have no
+    header, the earlier no footer); see messages() for what a template that wants the user first, or has no
+    system slot, gets. The ids of a dialogue are exactly apply_chat_template(tokenize=True)'s for those messages
+    (texts as plain text), BOS and all, save that EOS ends the last turn where the template ends it with no special
+    token at all. `stats`, a Counter, counts the turns merged into the message before them and the leading turns
+    kept as context."""
+    user_first, slot = template_rules(tokenizer)
+    all_segments, plans = [], []
+    for n, turns in enumerate(dialogues):
+        try:
+            r = roles(turns)
+            msgs = messages(r, user_first, slot)
+            all_segments.append(_segments(tokenizer, turns, r, msgs))
         except UserError as e:
             raise UserError(f"{source}: dialogue {n + 1}: {e}") from None
-    flat = [t for g, l in zip(gaps, lasts) for t in g + l]
-    special = iter(encode(tokenizer, flat, plain=False))
-    texts = iter(encode(tokenizer, [t for d in dialogues for _, t in d]))
-    bos, eos, out = tokenizer.bos_token_id, tokenizer.eos_token_id, []
-    for turns, g, l in zip(dialogues, gaps, lasts):
-        between, after = [next(special) for _ in g], [next(special) for _ in l]
-        header = between[0][1:] if bos is not None and between[0][:1] == [bos] else between[0]
-        rendered = []
-        for i, (speaker, _) in enumerate(turns):
-            if i < len(turns) - 1:  # the longest common start of "after turn i, at the end" and "between i and i+1"
-                gap, alone = between[i + 1], after[i]
-                k = next((j for j, (a, b) in enumerate(zip(gap, alone)) if a != b), min(len(gap), len(alone)))
-                footer, next_header = gap[:k], gap[k:]
-            else:
-                footer, next_header = between[-1] + ([eos] if eos not in between[-1] else []), []
-            rendered.append((speaker, header, next(texts), footer))
-            header = next_header
+        plans.append((r, msgs))
+        if stats is not None:
+            stats["merged"] += sum(len(idx) - 1 for _, idx, _ in msgs)
+            stats["context"] += sum(len(c) for _, _, c in msgs)
+    special, eos, out = special_ids(tokenizer), tokenizer.eos_token_id, []
+    for turns, (r, msgs), segments, ids in zip(dialogues, plans, all_segments, _encode(tokenizer, all_segments)):
+        parts = [([], [], []) for _ in turns]
+        for (_, i, part), t in zip(segments, ids):
+            parts[i][part].extend(t)
+        if not special & set(parts[-1][FOOTER]):
+            parts[-1][FOOTER].append(eos)
+        rendered = [None] * len(turns)
+        for _, idx, context in msgs:
+            for i in idx:
+                rendered[i] = (*parts[i], (r[i] == "system", i in context, tuple(turns[j][0] for j in idx
+                                                                                  if r[j] != "system")))
         out.append(rendered)
     return out
 
 
-def render_chat(tokenizer, dialogues, roles, train_speakers=None, source="data"):
-    """As render, through the chat template: each turn is (header + text + footer, mask). Trained: everything, or
-    with TRAIN_SPEAKERS, their turns' text and footer (the end-of-turn token, so the model learns to stop), never a
-    header: the header is the prompt at generation time."""
+def render_chat(tokenizer, dialogues, roles, train_speakers=None, source="data", stats=None):
+    """As render, through the chat template: each turn is (header + text + footer, mask). Trained: everything but
+    system text and the very first token (which only gives context), or with TRAIN_SPEAKERS, a message's text and
+    footer (the end-of-turn token, so the model learns to stop) where every speaker of it is trained, never a header
+    (the prompt at generation time), a system message or the context a template that wants the user first got."""
     out = []
-    for d in chat_pieces(tokenizer, dialogues, roles, source):
+    for d in chat_pieces(tokenizer, dialogues, roles, source, stats):
         rendered = []
-        for speaker, header, text, footer in d:
+        for header, text, footer, (system, context, speakers) in d:
             if train_speakers is None:
-                mask = [1] * (len(header) + len(text) + len(footer))
+                on = not system
             else:
-                mask = [0] * len(header) + [int(speaker in train_speakers)] * (len(text) + len(footer))
+                on = bool(speakers) and not context and all(s in train_speakers for s in speakers)
+            head = int(train_speakers is None)
+            mask = [head] * len(header) + [int(on and not system)] * len(text) + [int(on)] * len(footer)
             rendered.append((header + text + footer, mask))
+        if rendered and rendered[0][1]:
+            rendered[0][1][0] = 0  # the first token is the first window's context, never a target
         out.append(rendered)
     return out
 
 
-
-def render_any(tokenizer, dialogues, train_speakers=None, roles=None, source="data"):
+def render_any(tokenizer, dialogues, train_speakers=None, roles=None, source="data", stats=None):
     """render_chat with `roles` (FORMAT="chat_template"), else render. Either way one (ids, mask) per turn."""
     if roles is None:
         return render(tokenizer, dialogues, train_speakers)
-    return render_chat(tokenizer, dialogues, roles, train_speakers, source)
+    return render_chat(tokenizer, dialogues, roles, train_speakers, source, stats)
+
+
+def context_token(tokenizer, roles=None):
+    """The token a rendered dialogue is read after (never a target): start_id in the speaker format; None in a chat
+    template, whose own first token (BOS, or <|im_start|> where the model has none) is the context: the sequence is
+    the template's, not one token more."""
+    return start_id(tokenizer) if roles is None else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -197,7 +352,7 @@ def end_ids(tokenizer, roles=None):
     special token (EOS, <|im_end|>, <|eot_id|>, ...)."""
     if roles is None:
         return {tokenizer.eos_token_id}
-    return {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
+    return special_ids(tokenizer)
 
 
 def prompt(tokenizer, turns, speaker, roles=None):
@@ -205,15 +360,16 @@ def prompt(tokenizer, turns, speaker, roles=None):
     chat template, the header of the speaker's role)."""
     if roles is None:
         return [start_id(tokenizer)] + encode(tokenizer, [format_dialogue(turns) + f"{speaker}:"])[0]
-    *before, (_, header, _, _) = chat_pieces(tokenizer, [list(turns) + [(speaker, ".")]], roles)[0]
-    return [start_id(tokenizer)] + [t for _, h, x, f in before for t in h + x + f] + header
+    *before, (header, _, _, _) = chat_pieces(tokenizer, [list(turns) + [(speaker, ".")]], roles)[0]
+    return [t for h, x, f, _ in before for t in h + x + f] + header  # the template's own tokens, from its first
 
 
 def prompt_ids(tokenizer, turns, speaker, context, max_new_tokens, roles=None):
-    """prompt(), dropping the oldest turns until the prompt and the reply fit in the model's context: (ids, how many
-    turns were dropped)."""
-    for start in range(len(turns) + 1):
-        ids = prompt(tokenizer, turns[start:], speaker, roles)
+    """prompt(), dropping the oldest turns (a leading system message stays) until the prompt and the reply fit in the
+    model's context: (ids, how many turns were dropped)."""
+    system = [t for t in turns[:1] if t[0] == SYSTEM]
+    for start in range(len(turns) + 1 - len(system)):
+        ids = prompt(tokenizer, system + list(turns[len(system) + start:]), speaker, roles)
         if len(ids) + max_new_tokens <= context:
             return ids, start
     raise UserError(f"the prompt for {speaker!r} alone is {len(ids)} tokens; with MAX_NEW_TOKENS={max_new_tokens} "

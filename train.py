@@ -65,6 +65,8 @@ def check_config(cfg):
          f"ROLES must be None or a dict of speaker -> role, like {{'Bob': 'assistant', '*': 'user'}}, "
          f"got {cfg.ROLES!r}"),
         (cfg.ROLES is None or cfg.FORMAT == "chat_template", "ROLES is for FORMAT='chat_template' only"),
+        (cfg.SYSTEM_PROMPT is None or isinstance(cfg.SYSTEM_PROMPT, str) and cfg.SYSTEM_PROMPT.strip(),
+         f"SYSTEM_PROMPT must be None or some text, got {cfg.SYSTEM_PROMPT!r}"),
         (cfg.REPORT_TO in ("none", "tensorboard"), f"REPORT_TO must be 'none' or 'tensorboard', got {cfg.REPORT_TO!r}"),
         (isinstance(cfg.LORA_R, int) and cfg.LORA_R >= 0, f"LORA_R must be >= 0 (0 = off), got {cfg.LORA_R!r}"),
         (cfg.LORA_ALPHA > 0, f"LORA_ALPHA must be > 0, got {cfg.LORA_ALPHA}"),
@@ -101,7 +103,7 @@ def prepare_tokenizer(tokenizer, cfg, name):
 def show_example(cfg):
     """--show_example=True: the first training dialogue as the model sees it, with what is trained marked."""
     import modeling
-    from render import render_any, start_id
+    from render import context_token, render_any, with_system
     first = next(iter_dialogues(cfg.TRAIN_FILE), None)
     if first is None:
         raise UserError(f"{cfg.TRAIN_FILE} holds no dialogues: run prepare_data.py first")
@@ -110,9 +112,11 @@ def show_example(cfg):
     else:
         tokenizer = modeling.load_tokenizer(cfg.MODEL)
     roles = prepare_tokenizer(tokenizer, cfg, cfg.MODEL)
+    first = with_system(first, cfg.SYSTEM_PROMPT)
     turns = render_any(tokenizer, [first], cfg.TRAIN_SPEAKERS, roles, cfg.TRAIN_FILE)[0]
-    ids = [start_id(tokenizer)] + [t for tid, _ in turns for t in tid]
-    mask = [0] + [m for _, tm in turns for m in tm]  # mask[j]: is ids[j] a target (the context token never is)
+    start = context_token(tokenizer, roles)  # a chat template's own first token is the context: nothing before it
+    ids = [start] * (start is not None) + [t for tid, _ in turns for t in tid]
+    mask = [0] * (start is not None) + [m for _, tm in turns for m in tm]  # is ids[j] a target (the context never)
     runs, j = [], 0
     while j < len(ids):  # decode runs of equal mask: a character can span tokens
         k = next((k for k in range(j, len(ids)) if mask[k] != mask[j]), len(ids))
@@ -635,12 +639,17 @@ def describe(cfg, model, data, steps, end_step):
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lora = f"LoRA r={cfg.LORA_R} on {cfg.LORA_TARGETS or 'all linear layers'}, " if cfg.LORA_R else ""
+    notes = data.train_tokens.notes  # what a chat template's rendering changed (render.messages), where any
+    changed = "".join([f"; {notes['merged']:,} turns merged into the message before them (same role)"] *
+                      bool(notes.get("merged")) + [f"; {notes['context']:,} opening assistant turns kept as untrained "
+                                                   f"context (the template wants the user first)"] *
+                      bool(notes.get("context")))
     return (f"model: {cfg.MODEL} ({n_params / 1e6:.1f}M parameters, {lora}{n_trained / 1e6:.2f}M trained"
             f"{', gradient checkpointing' if cfg.GRADIENT_CHECKPOINTING else ''}); FORMAT={cfg.FORMAT}; "
             f"{len(data.train_tokens):,} train dialogues -> {data.train_tokens.count_trained():,} tokens in "
             f"{len(data.train)} blocks of <= {cfg.BLOCK_SIZE}; {steps.per_epoch} steps/epoch of {steps.per_step} "
             f"blocks, {end_step} steps; validation on {len(data.val_tokens):,} dialogues, "
-            f"{sum(int((y != IGNORE).sum()) for _, y in data.val):,} tokens")
+            f"{sum(int((y != IGNORE).sum()) for _, y in data.val):,} tokens{changed}")
 
 
 def summary(cfg, model, s, start_step, seconds, first_val):

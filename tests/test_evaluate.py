@@ -449,6 +449,37 @@ def test_the_sample_prompt_is_read_as_the_text_format(llama_run, monkeypatch, sa
         evaluate.main()
 
 
+# A Gemma-like template on chat_tokenizer's tokens: BOS, `model` for the assistant, roles must alternate, no system role
+STRICT = ("{{- bos_token -}}{%- for m in messages -%}"
+          "{%- if (m.role == 'user') != (loop.index0 % 2 == 0) -%}"
+          "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+          "<|im_start|>{{ 'model' if m.role == 'assistant' else m.role }}{{ '\\n' }}{{ m.content }}<|im_end|>"
+          "{{ '\\n' }}{%- endfor -%}{%- if add_generation_prompt -%}<|im_start|>model{{ '\\n' }}{%- endif -%}")
+
+
+def test_a_run_of_other_speakers_in_a_strict_template_is_evaluated(tmp_path, monkeypatch, capsys):
+    """Speakers other than SAMPLE_PROMPT's Alex and Bob, who often talk twice in a row, a template that wants roles to
+    alternate and has no system role, and a SYSTEM_PROMPT: evaluate.py renders all of it and writes its report."""
+    model = save_tiny_llama(str(tmp_path / "model"), template=STRICT)
+    speakers = ["Riley", "Jordan"]
+    write_split(tmp_path, synthetic(4, seed=1, speakers=speakers), synthetic(6, seed=2, min_turns=3, speakers=speakers))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text(json.dumps({
+        "FORMAT": "chat_template", "MODEL": model, "BLOCK_SIZE": 64, "TRAIN_SPEAKERS": ["Jordan"],
+        "ROLES": {"Riley": "user", "Jordan": "assistant"}, "SYSTEM_PROMPT": "Be kind."}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *FEW, "--cache_dir=cache"])
+    evaluate.main()
+    report = json.loads((tmp_path / "out" / "eval_report.json").read_text())
+    # the sample prompt's Alex is the user, Bob's answer the assistant's; the system prompt folded into the user turn
+    assert report["sample_dialogue"].startswith("<|begin_of_text|><|im_start|>user\nBe kind.\n\nHi, how are you?"
+                                                "<|im_end|>\n<|im_start|>model\n")
+    assert report["replies"] == 1 and (tmp_path / "out" / "eval_report.md").is_file()
+    (entry,) = (tmp_path / "cache").iterdir()
+    meta = json.loads((entry / "meta.json").read_text())
+    assert meta["system_prompt"] == "Be kind." and meta["merged"] > 0 and meta["start"] is None
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 8. the report is a function of the figures alone
 
