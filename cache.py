@@ -26,7 +26,7 @@ import numpy as np
 
 import modeling
 from batching import Blocks, Tokens, pack_tokens, render_arrays, start_id, token_dtype
-from cli import UserError, umask
+from cli import UserError, progress, umask
 from dialogues import iter_dialogues
 
 VERSION = 1  # bumped when what is stored, or how it is rendered, changes
@@ -121,14 +121,13 @@ def _other_version(cache_dir, meta):
 
 def _build(d, path, meta, tokenizer, train_speakers, roles):
     """Tokenize the file CHUNK dialogues at a time, appending each batch's arrays to the files as it goes."""
-    from tqdm import tqdm
     dtype = token_dtype(tokenizer)
     speakers, n = {}, {"tokens": 0, "turns": 0, "dialogues": 0, "trained": 0}
     t0 = time.time()
     print(f"tokenizing {path} ({os.path.getsize(path) / 1e6:,.1f} MB) into {d}", flush=True)
-    # the bar on a terminal only: piped or under test, stderr stays for the one line of an error
-    with _new_dir(d) as tmp, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, dynamic_ncols=True,
-                                  desc=f"tokenizing {os.path.basename(path)}", leave=False, disable=None) as bar:
+    # piped or under test, a bar that is erased at the end writes nothing unless it takes 10 s (cli.progress)
+    with _new_dir(d) as tmp, progress(total=os.path.getsize(path), unit="B", unit_scale=True,
+                                      desc=f"tokenizing {os.path.basename(path)}", leave=False) as bar:
         files = {name: open(os.path.join(tmp, name + ".bin"), "wb") for name in ARRAYS}
         with contextlib.ExitStack() as closing:
             for f in files.values():

@@ -18,7 +18,7 @@ import random
 import re
 import types
 
-from cli import UserError, atomic_write, load_config, no_such, read_jsonl, read_run_config, run
+from cli import UserError, atomic_write, load_config, no_such, progress, read_jsonl, read_run_config, run
 
 RECURRING = 3  # a speaker in at least this many validation dialogues gets a loss of their own
 
@@ -81,7 +81,6 @@ def main():
         raise UserError(f"{no_such('VAL_FILE', cfg.VAL_FILE)}: run prepare_data.py first")
     # the heavy imports wait until the settings are checked: --help and a mistyped setting answer at once
     import torch
-    from tqdm import tqdm
 
     import cache
     import modeling
@@ -159,7 +158,7 @@ def main():
     candidates = [d for d in scored if len(d) >= 2]  # the validated dialogues: VAL_MAX_TOKENS caps this too
     chosen = random.Random(cfg.SEED).sample(candidates, min(cfg.NUM_REPLIES, len(candidates)))
     replies = []
-    for d in tqdm(chosen, desc="replies", leave=False, unit="reply", dynamic_ncols=True):
+    for d in progress(chosen, desc="replies", leave=False, unit="reply"):
         speaker, real = d[-1]
         text, ended, n_new = reply(model, tokenizer, d[:-1], speaker, cfg, generator, context, roles)
         replies.append({"context": d[:-1], "speaker": speaker, "real": real, "generated": text, "ended": ended,

@@ -22,20 +22,20 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import utils as hub_utils
 from huggingface_hub.utils import logging as hub_logging
 from safetensors import SafetensorError
-from tqdm import tqdm
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast,
                           PreTrainedTokenizerFast)
 from transformers.activations import GELUTanh, NewGELUActivation
 from transformers.utils import logging
 
 from batching import IGNORE
-from cli import UserError, umask
+from cli import UserError, progress, umask
 
 EOS = "<|endoftext|>"
 logging.set_verbosity_error()  # transformers' warnings would break our one-line errors
 hub_logging.set_verbosity_error()  # as would the Hub client's ("... thrown while requesting HEAD ...") when offline
 logging.disable_progress_bar()  # and its "writing shards" bars our own progress bar
 hub_utils.enable_progress_bars()  # ... but not the Hub client's download bars: a first download takes minutes
+TORCH_THREADS = torch.get_num_threads()  # torch's own choice at start-up, before pick_device changes it
 
 
 def pick_device(name, precision="auto"):
@@ -54,6 +54,7 @@ def pick_device(name, precision="auto"):
             raise UserError(f"DEVICE={name!r}: no such CUDA device here (use --device=auto or --device=cpu)")
     elif device.type == "cpu":
         keep_freed_memory()
+        threads = set_cpu_threads()
     else:
         raise UserError(f"DEVICE={name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if precision == "auto":
@@ -62,7 +63,41 @@ def pick_device(name, precision="auto"):
     if precision not in dtypes or (precision == "fp16" and device.type == "cpu"):
         raise UserError(f"PRECISION={precision!r}: expected 'auto', 'fp32', 'bf16' or (on CUDA) 'fp16'")
     how = "fp32" if precision == "fp32" else f"{precision} autocast, fp32 weights"
-    return device, dtypes[precision], f"device: {device} ({why}), {how}"
+    return device, dtypes[precision], f"device: {device} ({why}), {how}" + (
+        f", {threads}" if device.type == "cpu" else "")
+
+
+def cpu_threads(cores, local_world, env, default):
+    """Intra-op threads for one process: the cores it may use shared among the ranks on this machine (torchrun's
+    LOCAL_WORLD_SIZE), at least 1, and never more than torch's own `default` (which counts physical cores where it
+    can: a second thread on a hyperthread slows a matrix multiply). None where OMP_NUM_THREADS is set: the user chose,
+    and torch took it at start-up. Every rank taking every core, or a shared machine's busy cores, made a step 10x
+    slower (issue 21: 618 tokens/s with the default threads, 5,162 with one, at the same moment)."""
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, min(cores // max(1, local_world), default))
+
+
+def usable_cores():
+    """The cores this process may run on: its CPU affinity (taskset, a batch scheduler's cgroup), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def set_cpu_threads():
+    """torch's intra-op threads from cpu_threads(); returns how many, and why, for the device line."""
+    cores, ranks = usable_cores(), int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    n = cpu_threads(cores, ranks, os.environ, TORCH_THREADS)
+    if n is None:
+        n, why = torch.get_num_threads(), "OMP_NUM_THREADS"
+    else:
+        torch.set_num_threads(n)
+        why = f"{cores} core{'s' if cores > 1 else ''} / {ranks} process{'es' if ranks > 1 else ''}"
+        if n < cores // ranks:
+            why += f", torch's default {TORCH_THREADS}"
+    return f"{n} thread{'s' if n > 1 else ''} ({why})"
 
 
 def keep_freed_memory():
@@ -421,7 +456,7 @@ def evaluate(model, batches, device, dtype, desc=None, groups=None):
     was_training = model.training
     model.eval()
     total, n, by_group = 0.0, 0, {}
-    bar = tqdm(batches, desc=desc, disable=desc is None, leave=False, unit="batch", dynamic_ncols=True)
+    bar = progress(batches, desc=desc, disable=desc is None, leave=False, unit="batch")
     for i, (x, y) in enumerate(bar):
         with autocast(device, dtype):
             if groups is None:

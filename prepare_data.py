@@ -15,9 +15,7 @@ import hashlib
 import os
 from collections import Counter
 
-from tqdm import tqdm
-
-from cli import UserError, atomic_write, load_config, run
+from cli import UserError, atomic_write, load_config, progress, run
 from dialogues import format_dialogue, load_records, parse_record, split_key
 
 
@@ -57,8 +55,7 @@ def write_split(cfg, ft, fv, cross=None):
     n = Counter()
     seen = set()  # a digest of each kept dialogue, not the dialogue: memory per dialogue is fixed
     lowest, highest = (2.0, None), (-1.0, None)  # (split key, number); keys are in [0, 1)
-    with tqdm(desc="prepare", unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True, delay=1,
-              disable=None) as bar:  # disable=None: no bar when stderr is not a terminal
+    with progress(desc="prepare", unit="B", unit_scale=True, unit_divisor=1024, delay=1) as bar:  # none under 1 s
         for record, where in load_records(cfg.DATA_FILE, bar):
             n["read"] += 1
             turns = parse_record(record, where)

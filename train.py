@@ -18,7 +18,7 @@ import resource
 import shutil
 import time
 
-from cli import UserError, atomic_write, defaults, load_config, no_such, read_jsonl, read_run_config, run
+from cli import UserError, atomic_write, defaults, load_config, no_such, progress, read_jsonl, read_run_config, run
 from dialogues import CHAT_TEMPLATE, format_dialogue, iter_dialogues
 
 # Settings a resume may change: how long the run goes on, what it logs and keeps, where it runs, and the other
@@ -284,7 +284,6 @@ def main():
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from tqdm import tqdm
 
     import cache
     import modeling
@@ -517,7 +516,7 @@ def main():
         log(step=0, epoch=0, val_loss=first_val, val_ppl=modeling.ppl(first_val))
         say(f"step 0: val loss {first_val:.4f} (ppl {modeling.ppl(first_val):.2f})")
     recent = state.get("recent", []) if state else []  # (loss, trained tokens, seconds) since the last log line
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not master)
+    bar = progress(total=total_steps, initial=step, desc="train", unit="step", disable=not master)
     with bar:  # closed on an error too: else the error line would go on after the bar's
         while step < total_steps:
             if order_epoch != epoch:
@@ -553,8 +552,8 @@ def main():
             epoch_stats[2] += sum(len(b) * (max(len(ids) for ids, _ in b) - 1) for slot in slots for b in slot if b)
             recent.append((loss_value, n_targets, dt))
             tok_s = sum(r[1] for r in recent) / max(sum(r[2] for r in recent), 1e-9)
-            bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
+            bar.update(1)
             if master and (cfg.LOG_INTERVAL and step % cfg.LOG_INTERVAL == 0 or step == total_steps):
                 log(step=step, epoch=epoch + 1, loss=sum(r[0] for r in recent) / len(recent), lr=lr, tokens_per_s=tok_s)
                 recent = []
@@ -566,11 +565,11 @@ def main():
                 if val_loss < best_val:
                     best_val, best_step = val_loss, step
                     modeling.save(model, tokenizer, os.path.join(cfg.OUT_DIR, "best"))
-                tqdm.write(f"step {step}: val loss {val_loss:.4f} (ppl {modeling.ppl(val_loss):.2f})"
-                           f"{' best' if best_step == step else ''}")
+                bar.write(f"step {step}: val loss {val_loss:.4f} (ppl {modeling.ppl(val_loss):.2f})"
+                          f"{' best' if best_step == step else ''}")
             if end_of_epoch:
                 if master:
-                    tqdm.write(epoch_line(epoch, epoch_stats, train_tokens))
+                    bar.write(epoch_line(epoch, epoch_stats, train_tokens))
                 epoch, offset, epoch_stats = epoch + 1, 0, [0, 0, 0]
             checkpoint_now = end_of_epoch or step == total_steps or (
                 cfg.CHECKPOINT_INTERVAL and step % cfg.CHECKPOINT_INTERVAL == 0)
