@@ -401,6 +401,8 @@ def main():
         raise UserError(f"BLOCK_SIZE={cfg.BLOCK_SIZE} is beyond the model's context of "
                         f"{modeling.context_size(model)} tokens")
     model.to(device).train()
+    if memory_note := modeling.preflight(model, cfg, device, dtype):  # a step that cannot fit stops here, at once
+        say(memory_note)
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # a checkpoint is the trained weights and AdamW's two moments (12 bytes a parameter in fp32); KEEP_CHECKPOINTS of
