@@ -71,10 +71,10 @@ def pick_device(name, precision="auto"):
 
 def cpu_threads(cores, local_world, env, default):
     """Intra-op threads for one process: the cores it may use shared among the ranks on this machine (torchrun's
-    LOCAL_WORLD_SIZE), at least 1, and never more than torch's own `default` (which counts physical cores where it
-    can: a second thread on a hyperthread slows a matrix multiply). None where OMP_NUM_THREADS is set: the user chose,
-    and torch took it at start-up. Every rank taking every core, or a shared machine's busy cores, made a step 10x
-    slower (issue 21: 618 tokens/s with the default threads, 5,162 with one, at the same moment)."""
+    LOCAL_WORLD_SIZE), at least 1, and never more than torch's own `default` (it counts physical cores where it can
+    tell). None where OMP_NUM_THREADS is set: the user chose, and torch took it at start-up. Every rank taking every
+    core, or a shared machine's busy cores, made a step 10x slower (issue 21: 618 tokens/s with the default threads,
+    5,162 with one, at the same moment)."""
     if env.get("OMP_NUM_THREADS"):
         return None
     return max(1, min(cores // max(1, local_world), default))
@@ -180,15 +180,18 @@ def step_memory(shape, batch, block, checkpointing, half=False, trained=None, ra
              "activations": per_unit * tokens * s["width"] // (2 if half else 1),
              "attention scores": per_score * batch * s["heads"] * block ** 2 if s["scores"] else 0}
     if s["cpu"]:
-        terms["heap slack"] = int(HEAP_SLACK * (terms["logits"] + terms["activations"] +
-                                                      terms["attention scores"]))
+        terms["heap slack"] = int(HEAP_SLACK * (terms["logits"] + terms["activations"] + terms["attention scores"]))
     return terms
 
 
 def estimate_step_memory(model, cfg, device, dtype=None):
     """step_memory for this run's model and settings: BATCH_SIZE x BLOCK_SIZE, GRADIENT_CHECKPOINTING."""
     return step_memory(model_shape(model, device), cfg.BATCH_SIZE, cfg.BLOCK_SIZE, cfg.GRADIENT_CHECKPOINTING,
-                       dtype is not None, ranks=int(os.environ.get("WORLD_SIZE") or 1))
+                       dtype is not None, ranks=world_size())
+
+
+def world_size():
+    return int(os.environ.get("WORLD_SIZE") or 1)
 
 
 def available_memory(device):
@@ -241,7 +244,7 @@ def fitting_settings(shape, cfg, room, half):
     B, T, accum, ckpt = cfg.BATCH_SIZE, cfg.BLOCK_SIZE, cfg.GRAD_ACCUM_STEPS, cfg.GRADIENT_CHECKPOINTING
 
     def fits(batch, block, checkpointing=ckpt, trained=None):
-        terms = step_memory(shape, batch, block, checkpointing, half, trained)
+        terms = step_memory(shape, batch, block, checkpointing, half, trained, world_size())
         return sum(terms.values()) - terms["weights"] <= room
 
     out = []
