@@ -24,7 +24,7 @@ import numpy as np
 
 from batching import Blocks, Tokens, pack_tokens, render_arrays, token_dtype
 from checkpoints import atomic_dir, check_manifest
-from cli import UserError
+from cli import UserError, progress
 from dialogues import iter_dialogues
 from render import context_token, with_system
 
@@ -125,14 +125,13 @@ def _build(d, path, meta, tokenizer, train_speakers, roles):
     SYSTEM_PROMPT first in each dialogue that has no system message. meta.json counts what a chat template's
     rendering changed (chat_pieces): turns merged into the message before them, leading turns kept as context."""
     import collections
-    from tqdm import tqdm
     dtype = token_dtype(tokenizer)
     speakers, n, stats = {}, {"tokens": 0, "turns": 0, "dialogues": 0, "trained": 0}, collections.Counter()
     t0 = time.time()
     print(f"tokenizing {path} ({os.path.getsize(path) / 1e6:,.1f} MB) into {d}", flush=True)
-    # the bar on a terminal only: piped or under test, stderr stays for the one line of an error
-    with new_dir(d) as tmp, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, dynamic_ncols=True,
-                                  desc=f"tokenizing {os.path.basename(path)}", leave=False, disable=None) as bar:
+    # piped or under test, a bar that is erased at the end writes nothing unless it takes 10 s (cli.progress)
+    with new_dir(d) as tmp, progress(total=os.path.getsize(path), unit="B", unit_scale=True,
+                                     desc=f"tokenizing {os.path.basename(path)}", leave=False) as bar:
         files = {name: open(os.path.join(tmp, name + ".bin"), "wb") for name in ARRAYS}
         with contextlib.ExitStack() as closing:
             for f in files.values():

@@ -3,11 +3,15 @@ line on stderr with exit code 2, and write files atomically so a failure never l
 
 import ast
 import difflib
+import io
 import json
 import os
+import shutil
 import sys
 import tempfile
+import textwrap
 import time
+import tokenize
 import types
 from contextlib import contextmanager, suppress
 
@@ -73,6 +77,20 @@ def say_once(line):
         os.close(fd)
 
 
+# Names from other trainers (Hugging Face's Trainer, nanoGPT) and short forms people type, with the setting they mean:
+# spelling alone misleads here (--lr is closest to --lora_r).
+ALIASES = {"LR": "LEARNING_RATE", "BS": "BATCH_SIZE", "BATCH": "BATCH_SIZE", "EPOCH": "EPOCHS",
+           "NUM_TRAIN_EPOCHS": "EPOCHS", "STEPS": "MAX_STEPS", "MAX_ITERS": "MAX_STEPS", "ITERS": "MAX_STEPS",
+           "LORA": "LORA_R", "LORA_RANK": "LORA_R", "RANK": "LORA_R", "ACCUM": "GRAD_ACCUM_STEPS",
+           "GRADIENT_ACCUMULATION_STEPS": "GRAD_ACCUM_STEPS", "PER_DEVICE_TRAIN_BATCH_SIZE": "BATCH_SIZE",
+           "WD": "WEIGHT_DECAY", "WARMUP": "WARMUP_STEPS", "CLIP": "GRAD_CLIP", "MAX_GRAD_NORM": "GRAD_CLIP",
+           "CONTEXT": "BLOCK_SIZE", "CONTEXT_LENGTH": "BLOCK_SIZE", "SEQ_LEN": "BLOCK_SIZE", "MAX_LENGTH": "BLOCK_SIZE",
+           "MAX_SEQ_LENGTH": "BLOCK_SIZE", "MODEL_NAME": "MODEL", "MODEL_NAME_OR_PATH": "MODEL",
+           "OUTPUT_DIR": "OUT_DIR", "DTYPE": "PRECISION", "BF16": "PRECISION", "FP16": "PRECISION",
+           "TEMP": "TEMPERATURE", "EVAL_STEPS": "EVAL_INTERVAL", "SAVE_STEPS": "CHECKPOINT_INTERVAL",
+           "LOGGING_STEPS": "LOG_INTERVAL", "GRADIENT_CHECKPOINTING_ENABLE": "GRADIENT_CHECKPOINTING"}
+
+
 def defaults():
     return {k: v for k, v in vars(config).items() if k.isupper()}
 
@@ -83,9 +101,8 @@ def load_config(argv=None, doc=None, given=None):
     cfg = defaults()
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print((doc or "").strip() + "\n\nsettings (override with --name=value):")
-        for k, v in cfg.items():
-            print(f"  --{k.lower()}={v!r}")
+        print((doc or "").strip() + "\n\nsettings (override with --name=value; from config.py, which says why):")
+        print_settings(cfg)
         sys.exit(0)
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
@@ -93,13 +110,54 @@ def load_config(argv=None, doc=None, given=None):
         name, text = arg[2:].split("=", 1)
         key = name.upper().replace("-", "_")
         if key not in cfg:
-            close = difflib.get_close_matches(key, cfg, n=3, cutoff=0.5)
+            close = [ALIASES[key]] if key in ALIASES else difflib.get_close_matches(key, cfg, n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join('--' + c.lower() for c in close)}?" if close else " (see --help)"
             raise UserError(f"unknown setting --{name}{hint}")
         cfg[key] = _parse_value(key, text, cfg[key])
         if given is not None:
             given.add(key)
     return types.SimpleNamespace(**cfg)
+
+
+def print_settings(cfg):
+    """Each setting as --name=value, with its comment from config.py wrapped to the terminal, under its group."""
+    notes, groups = config_comments()
+    width = max(60, shutil.get_terminal_size((120, 24)).columns - 1)
+    for k, v in cfg.items():
+        if k in groups:
+            print(f"\n{groups[k]}")
+        flag = f"  --{k.lower()}={v!r}"
+        if len(flag) > width // 2:  # a long value (SAMPLE_PROMPT): the comment goes below it
+            print(flag)
+            flag = ""
+        print(textwrap.fill(notes.get(k, ""), width, initial_indent=flag.ljust(8) + "  ", subsequent_indent=" " * 8)
+              if notes.get(k) else flag)
+
+
+def config_comments():
+    """config.py's comments, read from its source: ({setting: its comment}, {setting: the group heading above it}).
+    A setting's comment is the one on its line and any comment-only lines right below it, which go on with it; a
+    group heading is a comment-only line after a blank one."""
+    with open(config.__file__, encoding="utf-8") as f:
+        source = f.read()
+    lines = source.splitlines()
+    comments = {t.start[0]: t.string.lstrip("#").strip()
+                for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    alone = lambda n: n in comments and lines[n - 1].lstrip().startswith("#")  # a line that is only a comment
+    notes, groups = {}, {}
+    for node in ast.parse(source).body:
+        if not (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)):
+            continue
+        name, end = node.targets[0].id, node.end_lineno
+        parts = [comments[n] for n in range(node.lineno, end + 1) if n in comments]
+        while alone(end + 1):
+            end += 1
+            parts.append(comments[end])
+        notes[name] = " ".join(parts)
+        above = node.lineno - 1
+        if alone(above) and (above == 1 or not lines[above - 2].strip()):
+            groups[name] = comments[above]
+    return notes, groups
 
 
 def _parse_value(key, text, default):
@@ -197,3 +255,70 @@ def read_jsonl(path):
     except FileNotFoundError:
         pass
     return records
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm progress bar (same arguments) on a terminal. Where stderr is not one (a log file, a pipe), a bar's
+    frames would land there as `\\r` and escape codes, so a LogProgress writes a plain line every 10% instead."""
+    from tqdm import tqdm
+    if sys.stderr.isatty():
+        kwargs.setdefault("dynamic_ncols", True)
+        return tqdm(iterable, **kwargs)
+    return LogProgress(iterable, **kwargs)
+
+
+class LogProgress:
+    """What progress() gives where stderr is not a terminal: tqdm's API as our scripts use it (iterate, update,
+    set_postfix, write, close, `with`, n and total), printing a line such as `train: 30% 6/20 step [00:12] loss=2.1`
+    at each tenth of the total. A log keeps every line, so a bar that a terminal would erase (leave=False:
+    validation, tokenizing) stays quiet for its first 10 s, as any bar does for its first `delay` seconds."""
+
+    def __init__(self, iterable=None, desc=None, total=None, initial=0, unit="it", unit_scale=False, unit_divisor=1000,
+                 leave=True, disable=False, delay=0.0, **_):
+        self.iterable, self.desc, self.unit = iterable, desc or "progress", unit
+        self.scale, self.divisor = unit_scale, unit_divisor
+        self.total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
+        self.n, self.postfix, self.disable = initial, "", bool(disable)
+        self.start = time.time()
+        self.quiet_until = self.start + max(delay or 0.0, 0.0 if leave else 10.0)
+        self.tenth = self._tenth()
+
+    def _tenth(self):
+        return int(10 * self.n / self.total) if self.total else 0
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def update(self, n=1):
+        self.n += n
+        tenth = self._tenth()
+        if tenth > self.tenth:
+            self.tenth = tenth
+            if not self.disable and time.time() >= self.quiet_until:
+                print(self._line(), file=sys.stderr, flush=True)
+
+    def _line(self):
+        from tqdm import tqdm
+        size = lambda x: tqdm.format_sizeof(x, divisor=self.divisor)
+        done, total = ((size(self.n), size(self.total) + self.unit) if self.scale else
+                       (f"{self.n:,}", f"{self.total:,} {self.unit}"))
+        elapsed = tqdm.format_interval(time.time() - self.start)
+        return f"{self.desc}: {10 * self.tenth}% {done}/{total} [{elapsed}]{self.postfix}"
+
+    def set_postfix(self, **values):
+        self.postfix = " " + " ".join(f"{k}={v}" for k, v in values.items())
+
+    @staticmethod
+    def write(line):
+        print(line, flush=True)
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -6,7 +6,7 @@ DATA_FILE = "llm_train_text.json"  # dialogues in: JSON array or JSON Lines, Par
 #                                     layout, or a Hub dataset id ("owner/name"); four record formats (see README)
 DATA_SPLIT = "train"  # which split of a dataset directory or Hub dataset to read (they come split; we re-split by hash)
 TRAIN_FILE = "train_data.txt"  # "Speaker: text" lines, a blank line between dialogues
-VAL_FILE = "val_data.txt"
+VAL_FILE = "val_data.txt"  # the held-out dialogues, in the same format: validation loss and evaluate.py
 VAL_FRACTION = 0.2  # share of dialogues held out; decided per dialogue from a hash, so appending data moves none
 SEED = 1337  # one seed for the split, the data order, initialisation and sampling
 FORMAT = "speaker"  # how a dialogue becomes tokens: "speaker" ("Name: text" lines) or "chat_template" (the model's own)
@@ -21,12 +21,12 @@ CACHE_DIR = "cache"  # token cache: each text file tokenized once, memory-mapped
 MODEL = "distilgpt2"  # a Hugging Face Hub id, a local model directory, or "scratch" (fully offline, see below)
 BLOCK_SIZE = 256  # tokens per training sequence; long dialogues are split into windows, short ones packed
 SCRATCH_LAYERS = 4  # MODEL="scratch": a small GPT-2 and a byte-level BPE tokenizer trained on TRAIN_FILE
-SCRATCH_HEADS = 4
+SCRATCH_HEADS = 4  # attention heads; SCRATCH_EMBD must divide by it
 SCRATCH_EMBD = 128  # width; 4 layers x 128 wide is ~1.3M parameters besides the embeddings: minutes on a laptop CPU
 SCRATCH_VOCAB = 4096  # BPE vocabulary trained on TRAIN_FILE; small data wants a small vocabulary
 LORA_R = 0  # > 0 trains rank-r LoRA adapters (peft) instead of every weight: 8-64 is usual; 0 = full fine-tuning
 LORA_ALPHA = 32  # adapter scale is LORA_ALPHA / LORA_R; LoRA wants a higher LEARNING_RATE, ~1e-4 to 2e-4
-LORA_DROPOUT = 0.05
+LORA_DROPOUT = 0.05  # dropout on each adapter's input while training
 LORA_TARGETS = None  # module names to adapt, e.g. ["q_proj", "v_proj"]; None = every linear layer but the output head
 GRADIENT_CHECKPOINTING = False  # recompute activations in the backward pass: far less memory, ~30% more compute
 LOSS_CHUNK = 0  # positions whose logits are made at once (the loss never holds all [batch, block, vocab] of them);
@@ -40,9 +40,9 @@ MIN_LR_FRACTION = 0.1  # the decay ends at LEARNING_RATE * this
 LR_SCHEDULE = "cosine"  # "cosine" or "linear" decay after the warmup
 WARMUP_STEPS = 20  # optimizer steps of linear warmup from 0
 WEIGHT_DECAY = 0.01  # AdamW decay on matrices and embeddings; never on biases or LayerNorm weights
-BETAS = (0.9, 0.999)
+BETAS = (0.9, 0.999)  # AdamW's decay rates for its running mean of gradients and of their squares
 GRAD_CLIP = 1.0  # max global gradient norm; 0 turns clipping off
-EPOCHS = 3
+EPOCHS = 3  # passes over TRAIN_FILE
 MAX_STEPS = 0  # when > 0, train exactly this many optimizer steps instead of EPOCHS
 TRAIN_SPEAKERS = None  # None trains on every turn; a list like ["Bob"] trains only on those speakers' turns
 DEVICE = "auto"  # "auto" takes CUDA when present, else CPU; or "cpu", "cuda", "cuda:1"

@@ -7,9 +7,9 @@ cut that keeps a reply from running into the next turn (`cut_reply`) and the sto
 import re
 
 import torch
-from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from cli import progress
 from render import end_ids, prompt_ids
 
 
@@ -91,8 +91,7 @@ def replies(model, tokenizer, asks, cfg, generator, context, roles=None, batch_s
     ends, eos = end_ids(tokenizer, roles), tokenizer.eos_token_id
     order = sorted(range(len(asks)), key=lambda i: len(prompts[i]))
     out = {}
-    for k in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False, unit="batch",
-                  dynamic_ncols=True):
+    for k in progress(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False, unit="batch"):
         chosen = order[k:k + batch_size]
         new = generate(model, tokenizer, [prompts[i] for i in chosen], cfg.MAX_NEW_TOKENS, sampling(cfg), ends,
                        generator, [speakers[i] for i in chosen])

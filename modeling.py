@@ -8,8 +8,10 @@ import functools
 import json
 import math
 import os
+import re
 import socket
 import threading
+import warnings
 from urllib.parse import urlparse
 
 import torch
@@ -17,7 +19,6 @@ import torch.distributed as dist
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import utils as hub_utils
 from huggingface_hub.utils import logging as hub_logging
-from tqdm import tqdm
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast,
                           PreTrainedTokenizerFast)
 from transformers.activations import GELUTanh, NewGELUActivation
@@ -25,14 +26,15 @@ from transformers.utils import logging
 
 from batching import IGNORE
 from checkpoints import check_manifest
-from cli import UserError
-from loss import ChunkedLoss, full_losses, model_loss
+from cli import UserError, no_such, progress
+from loss import ChunkedLoss, chunk_size, full_losses, model_loss
 
 EOS = "<|endoftext|>"
 logging.set_verbosity_error()  # transformers' warnings would break our one-line errors
 hub_logging.set_verbosity_error()  # as would the Hub client's ("... thrown while requesting HEAD ...") when offline
 logging.disable_progress_bar()  # and its "writing shards" bars our own progress bar
 hub_utils.enable_progress_bars()  # ... but not the Hub client's download bars: a first download takes minutes
+TORCH_THREADS = torch.get_num_threads()  # torch's own choice at start-up, before pick_device changes it
 
 
 def pick_device(name, precision="auto"):
@@ -51,6 +53,7 @@ def pick_device(name, precision="auto"):
             raise UserError(f"DEVICE={name!r}: no such CUDA device here (use --device=auto or --device=cpu)")
     elif device.type == "cpu":
         keep_freed_memory()
+        threads = set_cpu_threads()
     else:
         raise UserError(f"DEVICE={name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if precision == "auto":
@@ -59,7 +62,41 @@ def pick_device(name, precision="auto"):
     if precision not in dtypes or (precision == "fp16" and device.type == "cpu"):
         raise UserError(f"PRECISION={precision!r}: expected 'auto', 'fp32', 'bf16' or (on CUDA) 'fp16'")
     how = "fp32" if precision == "fp32" else f"{precision} autocast, fp32 weights"
-    return device, dtypes[precision], f"device: {device} ({why}), {how}"
+    return device, dtypes[precision], f"device: {device} ({why}), {how}" + (
+        f", {threads}" if device.type == "cpu" else "")
+
+
+def cpu_threads(cores, local_world, env, default):
+    """Intra-op threads for one process: the cores it may use shared among the ranks on this machine (torchrun's
+    LOCAL_WORLD_SIZE), at least 1, and never more than torch's own `default` (it counts physical cores where it can
+    tell). None where OMP_NUM_THREADS is set: the user chose, and torch took it at start-up. Every rank taking every
+    core, or a shared machine's busy cores, made a step 10x slower (issue 21: 618 tokens/s with the default threads,
+    5,162 with one, at the same moment)."""
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, min(cores // max(1, local_world), default))
+
+
+def usable_cores():
+    """The cores this process may run on: its CPU affinity (taskset, a batch scheduler's cgroup), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def set_cpu_threads():
+    """torch's intra-op threads from cpu_threads(); returns how many, and why, for the device line."""
+    cores, ranks = usable_cores(), int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    n = cpu_threads(cores, ranks, os.environ, TORCH_THREADS)
+    if n is None:
+        n, why = torch.get_num_threads(), "OMP_NUM_THREADS"
+    else:
+        torch.set_num_threads(n)
+        why = f"{cores} core{'s' if cores > 1 else ''} / {ranks} process{'es' if ranks > 1 else ''}"
+        if n < cores // ranks:
+            why += f", torch's default {TORCH_THREADS}"
+    return f"{n} thread{'s' if n > 1 else ''} ({why})"
 
 
 def keep_freed_memory():
@@ -78,10 +115,174 @@ def autocast(device, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# memory: what a training step will need, checked before the first one (better one line now than the kernel's
+# OOM killer an hour in, or at once with no message: 18 GB for --model=scratch --block_size=100000)
+
+# The constants below were measured on this project's CPU machine: peak RSS over the steps of a GPT-2 trained with
+# AdamW, minus the RSS before the first (128 wide, 1-8 layers, 4-8 heads, vocabulary 4096, B x T of 2048-16384
+# tokens; and distilgpt2's shape, 6 x 768, vocabulary 50257, 8 x 256). Rough by design: the estimate is within
+# about 25% of what was measured, which is enough to tell a run that fits from one that is 10x too big.
+#
+# Bytes a transformer layer keeps for the backward pass, per token and per unit of its width, in fp32 (half under
+# 16-bit autocast): 69 MB a layer at 4096 tokens x 128 wide, about 33 fp32 values (Korthikanti et al. count 34
+# bytes in 16-bit, attention scores aside). A Llama-style MLP is narrower than GPT-2's 4x: a little less there.
+ACTIVATION_BYTES = 132
+# GRADIENT_CHECKPOINTING: a layer keeps its input and little else (measured 16 bytes per token and unit), and the
+# backward pass recomputes one layer at a time in full.
+CHECKPOINT_BYTES = 16
+# Attention scores (B x heads x T x T) exist where attention is not a fused O(T) kernel: eager attention, and
+# torch's SDPA on CPU in training when the model has attention dropout (the fused CPU kernel has no dropout; GPT-2
+# and scratch models have 0.1). Scores, probabilities, dropout mask and output in fp32: 13-16 bytes per score and
+# layer, measured. Elsewhere (CUDA, or no attention dropout) attention is O(T): no term.
+SCORE_BYTES = 16
+# ... under GRADIENT_CHECKPOINTING on CPU, a layer's recomputed scores are freed, but into glibc's heap, which
+# keep_freed_memory keeps from the OS, and where blocks this size fragment: 8 bytes a score a layer, measured.
+SCORE_CHECKPOINT_BYTES = 8
+# The logits (positions x vocabulary, fp32), their log-softmax and its gradient: 2.9 copies, measured with the full
+# logits; the chunked loss holds them for one chunk of positions at a time.
+LOGIT_COPIES = 3
+# On CPU, the heap that keep_freed_memory keeps holds more than the tensors at their peak once a few steps have run:
+# 1.3x at distilgpt2's shape after 5 steps (4.66 GB against 3.59 GB without it), up to 1.9x with a small model and
+# long blocks. Counted as this share of the logits, activations and scores.
+HEAP_SLACK = 0.3
+
+
+def model_shape(model, device):
+    """What step_memory needs to know of a model: its sizes, and whether its attention materializes the scores."""
+    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    c = base.config
+    dropout = next((float(v) for v in (getattr(c, k, None) for k in ("attn_pdrop", "attention_dropout",
+                                                                     "attention_probs_dropout_prob")) if v), 0.0)
+    impl = getattr(c, "_attn_implementation", None) or "eager"
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "layers": c.num_hidden_layers, "width": c.hidden_size, "heads": c.num_attention_heads,
+            "vocab": c.vocab_size, "cpu": device.type == "cpu", "chunk": chunk_size(c.vocab_size, device),
+            "scores": impl == "eager" or (impl == "sdpa" and device.type == "cpu" and dropout > 0)}
+
+
+def step_memory(shape, batch, block, checkpointing, half=False, trained=None, ranks=1):
+    """Bytes one training step needs, by term (a rough estimate: see the constants above). `half`: 16-bit autocast;
+    `trained`: parameters trained, if not the model's own (LoRA); `ranks` > 1: DDP keeps a second copy of the
+    gradients in its buckets. The logits are one chunk's (loss.py: the loss never holds more at once)."""
+    s, tokens = shape, batch * block
+    trained = s["trained"] if trained is None else trained
+    if checkpointing:
+        per_unit = CHECKPOINT_BYTES * s["layers"] + ACTIVATION_BYTES
+        per_score = SCORE_BYTES + (SCORE_CHECKPOINT_BYTES * (s["layers"] - 1) if s["cpu"] else 0)
+    else:
+        per_unit, per_score = ACTIVATION_BYTES * s["layers"], SCORE_BYTES * s["layers"]
+    terms = {"weights": 4 * s["params"],
+             "gradients and AdamW state": (4 * (1 + (ranks > 1)) + 8) * trained,
+             "logits": LOGIT_COPIES * 4 * min(tokens, s.get("chunk") or tokens) * s["vocab"],
+             "activations": per_unit * tokens * s["width"] // (2 if half else 1),
+             "attention scores": per_score * batch * s["heads"] * block ** 2 if s["scores"] else 0}
+    if s["cpu"]:
+        terms["heap slack"] = int(HEAP_SLACK * (terms["logits"] + terms["activations"] + terms["attention scores"]))
+    return terms
+
+
+def estimate_step_memory(model, cfg, device, dtype=None):
+    """step_memory for this run's model and settings: BATCH_SIZE x BLOCK_SIZE, GRADIENT_CHECKPOINTING."""
+    return step_memory(model_shape(model, device), cfg.BATCH_SIZE, cfg.BLOCK_SIZE, cfg.GRADIENT_CHECKPOINTING,
+                       dtype is not None, ranks=world_size())
+
+
+def world_size():
+    return int(os.environ.get("WORLD_SIZE") or 1)
+
+
+def available_memory(device):
+    """(bytes this process can still take on `device`, where that figure is from), or (None, why) where unknown.
+    CPU: MemAvailable, or the cgroup's limit where lower (a container's), shared among the ranks on this machine."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"free on {device}"
+    figures = []
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as f:
+            figures.append(int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024)
+    for limit, usage in (("memory.max", "memory.current"),  # cgroup v2, then v1
+                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        with contextlib.suppress(OSError, ValueError):
+            with open(f"/sys/fs/cgroup/{limit}") as f, open(f"/sys/fs/cgroup/{usage}") as g:
+                figures.append(int(f.read()) - int(g.read()))  # "max" (no limit) is a ValueError
+    if not figures:
+        return None, "unknown"  # not Linux: no check
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    return min(figures) // ranks, "available RAM" + (f" / {ranks} processes" if ranks > 1 else "")
+
+
+def preflight(model, cfg, device, dtype=None):
+    """Before the first step: a UserError where the step cannot fit in what the device has left (one line: the
+    estimate, what is available, and settings that would fit); a warning line to print where it would take over 80%
+    of it; else None. The weights are in memory already, so they count against neither side."""
+    room, where = available_memory(device)
+    if room is None:
+        return None
+    terms = estimate_step_memory(model, cfg, device, dtype)
+    need = sum(terms.values()) - terms["weights"]
+    parts = ", ".join(f"{k} {gb(v)}" for k, v in sorted(terms.items(), key=lambda kv: -kv[1])
+                      if v >= 5e7 and k != "weights")  # what shows as 0.0 GB says nothing
+    step = (f"a training step of BATCH_SIZE={cfg.BATCH_SIZE} x BLOCK_SIZE={cfg.BLOCK_SIZE} needs about {gb(need)} "
+            f"besides the model's weights" + (f" ({parts})" if parts else ""))
+    if need > room:
+        fits = fitting_settings(model_shape(model, device), cfg, room, dtype is not None)
+        advice = (f"these would fit: {' or '.join(fits)}" if fits else
+                  "not even one sequence of 8 tokens would: a smaller MODEL, or a device with more memory")
+        raise UserError(f"{step}, more than the {gb(room)} {where}; {advice}")
+    if need > 0.8 * room:
+        return (f"warning: {step}, {need / room:.0%} of the {gb(room)} {where}: other work on this machine could "
+                f"push it over (a smaller BATCH_SIZE, or GRADIENT_CHECKPOINTING=True, needs less)")
+    return None
+
+
+def fitting_settings(shape, cfg, room, half):
+    """Changes of one setting each that bring the step within `room` bytes, as flags; where none does, the
+    smallest batch with the longest block that fits."""
+    B, T, accum, ckpt = cfg.BATCH_SIZE, cfg.BLOCK_SIZE, cfg.GRAD_ACCUM_STEPS, cfg.GRADIENT_CHECKPOINTING
+
+    def fits(batch, block, checkpointing=ckpt, trained=None):
+        terms = step_memory(shape, batch, block, checkpointing, half, trained, world_size())
+        return sum(terms.values()) - terms["weights"] <= room
+
+    out = []
+    b = next((b for b in range(B - 1, 0, -1) if B % b == 0 and fits(b, T)), None)  # the same global batch
+    if b:
+        out.append(f"--batch_size={b} --grad_accum_steps={accum * B // b}")
+    t = longest(lambda t: fits(B, t), T - 1)
+    if t:
+        out.append(f"--block_size={t}")
+    if not ckpt and fits(B, T, True):
+        out.append("--gradient_checkpointing=True")
+    if not cfg.LORA_R and cfg.MODEL != "scratch" and fits(B, T, trained=0):  # adapters: a rounding error
+        out.append("--lora_r=16 (LoRA)")
+    if not out and B > 1:
+        t = longest(lambda t: fits(1, t), T - 1)
+        if t:
+            out.append(f"--batch_size=1 --grad_accum_steps={accum * B} --block_size={t}")
+    return out
+
+
+def longest(fits, most):
+    """The largest multiple of 8 up to `most` (8 at least) for which fits() holds, which it does below some size;
+    None where not even 8 does."""
+    lo, hi = 0, most // 8  # in units of 8 tokens: fits(8 * lo) holds (lo = 0 trivially), fits(8 * (hi + 1)) not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(8 * mid) else (lo, mid - 1)
+    return 8 * lo or None
+
+
+def gb(n):
+    return f"{n / 1e9:,.1f} GB"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # loading
 
 def load(name):
     """A tokenizer and model from a Hub id or a local directory: safetensors only, no remote code."""
+    name = local_path(name)
     if os.path.isdir(name):
         missing = [f for f in ("config.json", "model.safetensors") if not os.path.exists(os.path.join(name, f))]
         if missing:
@@ -96,6 +297,7 @@ def load(name):
 
 def load_tokenizer(name):
     """The tokenizer alone (all that --show_example needs), checked: it must have an EOS to end dialogues with."""
+    name = local_path(name)
     if os.path.isdir(name):
         if not os.path.exists(os.path.join(name, "tokenizer_config.json")):
             raise UserError(f"model directory {name!r} is incomplete: no tokenizer_config.json "
@@ -108,6 +310,23 @@ def load_tokenizer(name):
     if tokenizer.eos_token_id is None:
         raise UserError(f"model {name!r}: its tokenizer has no EOS token, which marks the end of a dialogue")
     return tokenizer
+
+
+def local_path(name):
+    """MODEL as given, with ~ expanded; a UserError where it is a path (./x, ../x, /x, ~/x, or a/b/c, or a/b with a
+    directory a here) that is not a directory: such a name is no Hub id (those are 'owner/name'), and the Hub's
+    answer would only confuse."""
+    path = os.path.expanduser(name)
+    parts = name.split("/")
+    hub_shaped = len(parts) == 2 and all(re.fullmatch(r"[\w.-]+", p) for p in parts) and not os.path.isdir(parts[0])
+    looks_local = name.startswith(("./", "../", "/", "~", "." + os.sep, ".." + os.sep)) or (
+        (os.sep in name or "/" in name) and not hub_shaped)
+    if looks_local and not os.path.isdir(path):
+        if os.path.exists(path):
+            raise UserError(f"MODEL {name!r} is a file; a model directory (written by save_pretrained) is expected")
+        raise UserError(f"{no_such('MODEL', path)}: a model directory, a Hugging Face Hub id ('owner/name') or "
+                        f"'scratch' is expected")
+    return path
 
 
 @contextlib.contextmanager
@@ -138,11 +357,21 @@ def adapt(model, cfg, adapter=None):
     if not cfg.LORA_R:
         return model
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from transformers.pytorch_utils import Conv1D
     targets = cfg.LORA_TARGETS or "all-linear"  # peft's name for every linear layer but the output head
+    # GPT-2's linear layers are Conv1D, which stores its weight transposed (in x out): peft needs to know, and warns
+    # on every run as it finds out for itself
+    conv1d = any(isinstance(m, Conv1D) for m in model.modules())
     torch.manual_seed(cfg.SEED)
     try:
-        model = get_peft_model(model, LoraConfig(r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
+        with warnings.catch_warnings():
+            # peft reads model.is_gradient_checkpointing, which transformers 5 deprecates in favour of
+            # is_activation_checkpointing with a FutureWarning on every LoRA run: peft's to fix, nothing for a user
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            model = get_peft_model(model, LoraConfig(r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA,
+                                                     lora_dropout=cfg.LORA_DROPOUT, target_modules=targets,
+                                                     fan_in_fan_out=conv1d, task_type="CAUSAL_LM"))
     except ValueError as e:  # "Target modules {...} not found in the base model"
         raise UserError(f"LORA_TARGETS={targets!r}: {str(e).splitlines()[0]}") from None
     if adapter is not None:
@@ -311,7 +540,7 @@ def evaluate(model, batches, device, dtype, desc=None, groups=None):
     was_training = model.training
     model.eval()
     total, n, by_group = 0.0, 0, {}
-    bar = tqdm(batches, desc=desc, disable=desc is None, leave=False, unit="batch", dynamic_ncols=True)
+    bar = progress(batches, desc=desc, disable=desc is None, leave=False, unit="batch")
     for i, (x, y) in enumerate(bar):
         with autocast(device, dtype):
             if groups is None:

@@ -19,9 +19,7 @@ import hashlib
 import os
 from collections import Counter
 
-from tqdm import tqdm
-
-from cli import UserError, atomic_write, load_config, run
+from cli import UserError, atomic_write, load_config, progress, run
 from dialogues import format_dialogue, parse_record, read_records, source, split_key
 
 
@@ -64,8 +62,7 @@ def write_split(cfg, ft, fv, cross=None):
     lowest, highest = (2.0, None), (-1.0, None)  # (split key, number); keys are in [0, 1)
     # a JSON file's bar counts bytes; a table's rows, as their number is known (and often their bytes are not)
     unit = dict(unit="B", unit_divisor=1024) if source(cfg.DATA_FILE) == "json" else dict(unit=" rows")
-    with tqdm(desc="prepare", **unit, unit_scale=True, dynamic_ncols=True, delay=1,
-              disable=None) as bar:  # disable=None: no bar when stderr is not a terminal
+    with progress(desc="prepare", **unit, unit_scale=True, delay=1) as bar:  # none under 1 s
         for record, where in read_records(cfg.DATA_FILE, cfg.DATA_SPLIT, bar):
             n["read"] += 1
             turns = parse_record(record, where)

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 import checkpoints
-from cli import UserError, load_config, no_such, run
+from cli import UserError, load_config, no_such, progress, run
 from dialogues import format_dialogue, iter_dialogues
 from render import CHAT_TEMPLATE
 
@@ -520,7 +520,7 @@ def main():
     run, world, rank, device, dtype = setup(cfg, given)
     cfg, master = run.cfg, rank == 0
     say = print if master else (lambda *a, **k: None)
-    tokenizer, model, data = build(run, world, device, say)
+    tokenizer, model, data = build(run, world, device, dtype, say)
 
     optimizer, scaler, net = optimization(model, cfg, world, device, dtype)
     s = restore(run, optimizer, scaler, device, world, rank)
@@ -546,7 +546,8 @@ def main():
         say(line)
     # closed on an error too: the error line comes after the bar's, and Ctrl-C is Python's again
     signum = None
-    with Interrupt() as stop, progress(end_step, s.step, master) as bar:
+    with Interrupt() as stop, progress(total=end_step, initial=s.step, desc="train", unit="step",
+                                       disable=not master) as bar:
         while s.step < end_step and not signum:
             lr = set_lr(optimizer, get_lr(s.step, cfg, end_step))
             chunk, micro, positions = steps.at(s.epoch, s.offset)
@@ -555,8 +556,8 @@ def main():
             if problem:
                 raise stopped(run, s, problem)
             s.advance(chunk, positions, loss, n, time.time() - t0)
-            bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s(s.recent):,.0f}")
+            bar.update(1)
             if master and (due(s.step, cfg.LOG_INTERVAL) or s.step == end_step):
                 log_train(run, s, lr)
 
@@ -609,7 +610,7 @@ def optimization(model, cfg, world, device, dtype):
     return optimizer, scaler, net
 
 
-def build(run, world, device, say):
+def build(run, world, device, dtype, say):
     """The model and tokenizer the run trains, on its device, and its data: (tokenizer, model, Data)."""
     import modeling
     cfg, master = run.cfg, int(os.environ.get("RANK", 0)) == 0
@@ -627,6 +628,8 @@ def build(run, world, device, say):
         raise UserError(f"BLOCK_SIZE={cfg.BLOCK_SIZE} is beyond the model's context of "
                         f"{modeling.context_size(model)} tokens")
     model.to(device).train()
+    if memory_note := modeling.preflight(model, cfg, device, dtype):  # a step that cannot fit stops here, at once
+        say(memory_note)
     if master:
         checkpoints.check_space(cfg.OUT_DIR, sum(p.numel() for p in model.parameters() if p.requires_grad),
                                 sum(p.numel() for p in model.parameters()), cfg.KEEP_CHECKPOINTS)
@@ -672,11 +675,6 @@ def tokens_per_s(recent):
 
 def due(step, interval):
     return bool(interval) and step % interval == 0
-
-
-def progress(total, initial, master):
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, disable=not master)
 
 
 def setup(cfg, given):

@@ -61,6 +61,7 @@ def in_process(main, cwd, args, monkeypatch, capfd):
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["script.py", *args])
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # later subprocesses would warn about the fork
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # else pick_device would set the threads from the cores
     capfd.readouterr()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -1,0 +1,308 @@
+"""What a user meets at the edges of a run (issue 21): CPU threads, the memory preflight, --help's explanations, a
+mistyped or abbreviated setting, a MODEL path that is not there, library warnings, and progress in a log.
+
+Run: .venv/bin/python -m pytest -q tests/test_edges.py
+"""
+
+import logging
+import os
+import warnings
+
+import pytest
+import torch
+import transformers
+
+import cli
+import modeling
+from conftest import run_script
+from tiny import save_tiny_gpt2, save_tiny_llama, synthetic, write_split
+
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_gpt2(str(tmp_path_factory.mktemp("models") / "tiny"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# threads: the cores this process may use, shared among the ranks on this machine
+
+@pytest.mark.parametrize("cores, ranks, env, default, threads", [
+    (8, 1, {}, 8, 8),
+    (8, 2, {}, 8, 4),  # torchrun --nproc_per_node=2: half each
+    (8, 3, {}, 8, 2),
+    (2, 4, {}, 2, 1),  # more ranks than cores: still one thread each
+    (16, 1, {}, 8, 8),  # never more than torch's own default (physical cores)
+    (4, 1, {}, 8, 4),  # taskset to 4 of the 8: 4
+    (8, 1, {"OMP_NUM_THREADS": "3"}, 3, None),  # the user chose: left alone
+])
+def test_cpu_threads(cores, ranks, env, default, threads):
+    assert modeling.cpu_threads(cores, ranks, env, default) == threads
+
+
+@pytest.fixture
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_the_device_line_says_how_many_threads(monkeypatch, keep_threads):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(modeling, "usable_cores", lambda: 4)
+    monkeypatch.setattr(modeling, "TORCH_THREADS", 64)
+    _, _, line = modeling.pick_device("cpu")
+    assert line == "device: cpu (DEVICE setting), fp32, 2 threads (4 cores / 2 processes)"
+    assert torch.get_num_threads() == 2
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    _, _, line = modeling.pick_device("cpu")
+    assert line.endswith(", fp32, 1 thread (OMP_NUM_THREADS)") and torch.get_num_threads() == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# memory preflight
+
+def gpt2(n_layer=2, n_embd=32, n_head=2, vocab=512, positions=4096, dropout=0.1):
+    config = transformers.GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=n_embd, n_layer=n_layer,
+                                     n_head=n_head, attn_pdrop=dropout)
+    return transformers.GPT2LMHeadModel(config)
+
+
+CPU = torch.device("cpu")
+
+
+def total(shape, *args, **kw):
+    return sum(modeling.step_memory(shape, *args, **kw).values())
+
+
+def test_the_estimate_grows_with_batch_and_block_and_shrinks_with_checkpointing_and_lora(tmp_path):
+    shape = modeling.model_shape(gpt2(), CPU)
+    assert shape["scores"]  # SDPA on CPU with attention dropout: the scores are materialized, O(T^2)
+    for ckpt in (False, True):
+        by_batch = [total(shape, b, 256, ckpt) for b in (1, 2, 4, 8)]
+        by_block = [total(shape, 4, t, ckpt) for t in (64, 128, 256, 512)]
+        assert by_batch == sorted(set(by_batch)) and by_block == sorted(set(by_block))
+    assert total(shape, 8, 512, True) < total(shape, 8, 512, False)
+    # quadratic in the block where the scores are materialized, linear where attention is a fused kernel
+    assert total(shape, 1, 8192, False) > 6 * total(shape, 1, 2048, False)
+    fused = modeling.model_shape(gpt2(dropout=0.0), CPU)
+    assert not fused["scores"] and modeling.step_memory(fused, 1, 8192, False)["attention scores"] == 0
+
+    path = save_tiny_gpt2(str(tmp_path / "m"))
+    full = modeling.adapt(modeling.load(path)[1], cli.load_config([]))
+    lora = modeling.adapt(modeling.load(path)[1], cli.load_config(["--lora_r=4"]))
+    full_terms = modeling.estimate_step_memory(full, cli.load_config([]), CPU)
+    lora_terms = modeling.estimate_step_memory(lora, cli.load_config(["--lora_r=4"]), CPU)
+    assert lora_terms["gradients and AdamW state"] < full_terms["gradients and AdamW state"] / 50
+    assert sum(lora_terms.values()) < sum(full_terms.values())
+
+
+def test_preflight_refuses_warns_or_passes(monkeypatch):
+    model = gpt2(n_layer=8)
+    cfg = cli.load_config(["--batch_size=8", "--block_size=2048", "--model=some/model"])
+    terms = modeling.estimate_step_memory(model, cfg, CPU)
+    need = sum(terms.values()) - terms["weights"]  # the weights are loaded already
+    cfg.GRADIENT_CHECKPOINTING = True
+    terms = modeling.estimate_step_memory(model, cfg, CPU)
+    need_ckpt = sum(terms.values()) - terms["weights"]
+    cfg.GRADIENT_CHECKPOINTING = False
+    assert need_ckpt < need
+    for room, expect in ((need * 2, None), (need * 1.1, "warning: "), ((need + need_ckpt) / 2, cli.UserError)):
+        monkeypatch.setattr(modeling, "available_memory", lambda device: (int(room), "available RAM"))
+        if expect is cli.UserError:
+            with pytest.raises(cli.UserError) as e:
+                modeling.preflight(model, cfg, CPU)
+            line = str(e.value)
+            assert "\n" not in line and "BATCH_SIZE=8 x BLOCK_SIZE=2048" in line and "available RAM" in line
+            assert f"{modeling.gb(room)}" in line and "attention scores" in line and "logits" in line
+            assert "--batch_size=" in line and "--block_size=" in line and "--gradient_checkpointing=True" in line
+        else:
+            note = modeling.preflight(model, cfg, CPU)
+            assert note is None if expect is None else note.startswith(expect)
+
+
+def test_the_settings_suggested_do_fit():
+    shape = modeling.model_shape(gpt2(), CPU)
+    cfg = cli.load_config(["--batch_size=8", "--grad_accum_steps=2", "--block_size=4096", "--model=some/model"])
+    need = lambda b, t, ck=False, trained=None: (total(shape, b, t, ck, trained=trained)
+                                                 - modeling.step_memory(shape, b, t, ck)["weights"])
+    room = need(8, 4096) // 3
+    fits = modeling.fitting_settings(shape, cfg, room, False)
+    flags = dict(f.split("=") for s in fits for f in s.split() if f.startswith("--"))
+    assert "--lora_r" not in flags  # LoRA's saving is the gradients and AdamW state: not what is short here
+    batch, block = int(flags["--batch_size"]), int(flags["--block_size"])
+    assert need(batch, 4096) <= room < need(batch * 2, 4096) and 8 % batch == 0
+    assert int(flags["--grad_accum_steps"]) == 2 * 8 // batch  # the same global batch
+    assert need(8, block) <= room < need(8, block + 8) and block % 8 == 0
+    # nothing fits where even one short sequence does not
+    assert modeling.fitting_settings(shape, cfg, 1000, False) == []
+
+
+def test_an_absurd_block_size_is_refused_in_seconds(tmp_path):
+    """--model=scratch --block_size=100000 was killed by the kernel at 18 GB with no message."""
+    write_split(tmp_path, synthetic(20, seed=1), synthetic(5, seed=2))
+    p = run_script("train.py", "--model=scratch", "--block_size=100000", "--scratch_vocab=300", "--device=cpu",
+                   cwd=tmp_path, env=ENV, timeout=300)
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith("error: a training step of BATCH_SIZE=8 x BLOCK_SIZE=100000 needs about")
+    assert "these would fit: " in lines[0] and "--block_size=" in lines[0]
+    assert "--lora_r" not in lines[0]  # a scratch model cannot take LoRA
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --help, abbreviations, a MODEL path that is not there
+
+def test_help_shows_each_settings_comment(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.load_config(["--help"], doc="train.py: the doc")
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "--learning_rate=5e-05 peak lr; right for fine-tuning a pretrained model" in out
+    # a comment that goes on below its setting is kept whole; group headings stay out of the settings
+    assert ("--roles=None chat_template: speaker -> role, e.g. {\"Bob\": \"assistant\", \"*\": \"user\"}; None: "
+            "TRAIN_SPEAKERS are the assistant, else in each two-speaker dialogue whoever speaks first") in out
+    assert "evaluate.py alike: a cap on each pass's cost" in out and "\noptimization\n" not in out
+    notes, groups = cli.config_comments()
+    assert groups["DATA_FILE"] == "data" and groups["BATCH_SIZE"] == "optimization" and "ROLES" not in groups
+    assert notes["BLOCK_SIZE"].startswith("tokens per training sequence")
+    missing = [k for k in cli.defaults() if not notes.get(k)]
+    assert not missing, f"settings without a comment in config.py: {missing}"
+
+
+@pytest.mark.parametrize("flag, meant", [("--lr", "--learning_rate"), ("--bs", "--batch_size"),
+                                         ("--batch", "--batch_size"), ("--epoch", "--epochs"),
+                                         ("--steps", "--max_steps"), ("--lora", "--lora_r"),
+                                         ("--output_dir", "--out_dir"), ("--learning_rat", "--learning_rate")])
+def test_abbreviations_suggest_the_setting_meant(flag, meant):
+    with pytest.raises(cli.UserError) as e:
+        cli.load_config([f"{flag}=1"])
+    assert str(e.value).endswith(f"did you mean {meant}?") or f"did you mean {meant}," in str(e.value)
+
+
+def test_aliases_name_real_settings():
+    names = set(cli.defaults())
+    assert set(cli.ALIASES.values()) <= names and not set(cli.ALIASES) & names
+    assert cli.load_config(["--epochs=1"]).EPOCHS == 1  # a real setting is never taken for an abbreviation
+
+
+@pytest.mark.parametrize("name", ["./missing_dir", "../missing_dir", "missing/dir/x", "~/no-such-model-dir"])
+def test_a_missing_model_path_is_named(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    where = os.path.expanduser(name) if name.startswith("~") else str((tmp_path / name).resolve())
+    for load in (modeling.load, modeling.load_tokenizer):
+        with pytest.raises(cli.UserError) as e:
+            load(name)
+        assert where in str(e.value) and "does not exist" in str(e.value) and "Hub is" not in str(e.value)
+
+
+def test_hub_ids_and_local_directories_pass(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    assert modeling.local_path("gpt2") == "gpt2" and modeling.local_path("owner/name") == "owner/name"
+    assert modeling.local_path("./models/mine") == "./models/mine"
+    with pytest.raises(cli.UserError, match="does not exist"):  # 'models/x' is a path here: models/ is a directory
+        modeling.local_path("models/x")
+    (tmp_path / "weights.bin").write_text("")
+    with pytest.raises(cli.UserError, match="is a file"):
+        modeling.local_path("./weights.bin")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# library warnings that are noise for our users
+
+@pytest.fixture
+def no_warnings(caplog):
+    """Fails the test if anything warns: Python warnings, or log records from peft or transformers."""
+    caplog.set_level(logging.WARNING)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    assert [str(w.message) for w in caught] == []
+    assert [r.getMessage() for r in caplog.records if r.name.split(".")[0] in ("peft", "transformers")] == []
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_lora_and_checkpointing_on_gpt2_say_nothing(tiny_model, ckpt, request):
+    _, model = modeling.load(tiny_model)
+    request.getfixturevalue("no_warnings")
+    cfg = cli.load_config(["--lora_r=4", f"--gradient_checkpointing={ckpt}"])
+    model = modeling.adapt(model, cfg).train()
+    x = torch.randint(0, 50257, (2, 16))
+    loss, _ = modeling.loss_sum(model, x, x)
+    loss.backward()
+
+
+def test_checkpointing_alone_says_nothing(tiny_model, request):
+    _, model = modeling.load(tiny_model)
+    request.getfixturevalue("no_warnings")
+    model = modeling.adapt(model, cli.load_config(["--gradient_checkpointing=True"])).train()
+    x = torch.randint(0, 50257, (2, 16))
+    modeling.loss_sum(model, x, x)[0].backward()
+
+
+def test_llama_lora_says_nothing(tmp_path, request):
+    _, model = modeling.load(save_tiny_llama(str(tmp_path / "llama")))
+    request.getfixturevalue("no_warnings")
+    modeling.adapt(model, cli.load_config(["--lora_r=4"]))
+
+
+def test_telling_peft_about_conv1d_changes_no_arithmetic(tiny_model):
+    """peft, left to find GPT-2's Conv1D itself, sets fan_in_fan_out=True and warns: the same model results."""
+    from peft import LoraConfig, get_peft_model
+    cfg = cli.load_config(["--lora_r=4", "--lora_dropout=0.0"])
+    ours = modeling.adapt(modeling.load(tiny_model)[1], cfg)
+    torch.manual_seed(cfg.SEED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = get_peft_model(modeling.load(tiny_model)[1], LoraConfig(
+            r=4, lora_alpha=cfg.LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():  # B is zero at init: give it values, so the adapters take part in the output
+        for k in a:
+            if "lora_B" in k:
+                a[k].normal_()
+                b[k].copy_(a[k])
+    x = torch.randint(0, 50257, (2, 16))
+    assert torch.equal(ours(input_ids=x).logits, theirs(input_ids=x).logits)
+    assert torch.equal(modeling.merged_state_dict(ours)["transformer.h.0.attn.c_attn.weight"],
+                       modeling.merged_state_dict(theirs)["transformer.h.0.attn.c_attn.weight"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# progress: a bar on a terminal, plain lines in a log
+
+def test_a_log_gets_a_line_every_tenth(capsys):
+    bar = cli.progress(total=20, desc="train", unit="step")
+    assert isinstance(bar, cli.LogProgress)  # capsys: stderr is not a terminal
+    with bar:
+        for i in range(20):
+            bar.set_postfix(loss=f"{i:.1f}")
+            bar.update(1)
+        bar.write("a line of its own")
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert len(lines) == 10 and lines[0].startswith("train: 10% 2/20 step [00:00") and lines[0].endswith("loss=1.0")
+    assert lines[-1].startswith("train: 100% 20/20 step") and out == "a line of its own\n"
+    assert list(cli.progress(range(5), desc="validation", leave=False)) == list(range(5))
+    assert list(cli.progress(range(5), desc="hidden", disable=True)) == list(range(5))
+    assert capsys.readouterr().err == ""  # a transient bar under 10 s, and a disabled one: nothing
+
+
+def test_train_in_a_log_has_no_bar_frames(tmp_path, tiny_model):
+    write_split(tmp_path, synthetic(40, seed=2), synthetic(8, seed=3))
+    p = run_script("train.py", f"--model={tiny_model}", "--device=cpu", "--max_steps=20", "--block_size=64",
+                   "--batch_size=2", "--eval_interval=10", "--learning_rate=1e-3", cwd=tmp_path, env=ENV)
+    assert p.returncode == 0, p.stderr
+    assert "\r" not in p.stderr and "\x1b" not in p.stderr
+    lines = p.stderr.splitlines()
+    assert [line.split()[1] for line in lines] == [f"{10 * k}%" for k in range(1, 11)], p.stderr
+    assert all(line.startswith("train: ") and " loss=" in line for line in lines)
+    assert "step 10: val loss" in p.stdout and "1 thread (OMP_NUM_THREADS)" in p.stdout
