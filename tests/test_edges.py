@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 
+import checkpoints
 import cli
 import modeling
 from conftest import run_script
@@ -272,8 +273,8 @@ def test_telling_peft_about_conv1d_changes_no_arithmetic(tiny_model):
                 b[k].copy_(a[k])
     x = torch.randint(0, 50257, (2, 16))
     assert torch.equal(ours(input_ids=x).logits, theirs(input_ids=x).logits)
-    assert torch.equal(modeling.merged_state_dict(ours)["transformer.h.0.attn.c_attn.weight"],
-                       modeling.merged_state_dict(theirs)["transformer.h.0.attn.c_attn.weight"])
+    assert torch.equal(checkpoints.merged_state_dict(ours)["transformer.h.0.attn.c_attn.weight"],
+                       checkpoints.merged_state_dict(theirs)["transformer.h.0.attn.c_attn.weight"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
