@@ -555,7 +555,11 @@ def parse_args():
     p.add_argument("--workdir", help="--data_scale: keep its files here (default: a temp dir, removed at the end)")
     switch("--loss_memory", "the loss's peak memory and step time, chunked and from full logits, with a 128k "
                             "vocabulary (CPU)")
-    args = p.parse_args()
+    args, unknown = p.parse_known_args()
+    if unknown:  # one line, as every script's: with the setting meant, where it was given in another style
+        name = unknown[0].split("=")[0].replace("-", "_").lstrip("_")
+        known = f"; did you mean --{name}?" if f"--{name}" in p._option_string_actions else " (see --help)"
+        raise UserError(f"unknown argument {unknown[0]!r}{known}")
     if not args.data_scale and (args.scales or args.workdir):
         raise UserError("--scales and --workdir go with --data_scale")
     if args.smoke:

@@ -39,6 +39,10 @@ def test_bench_bad_arguments_are_one_line(script):
     result = script("bench.py", "--smoke", "--block_size=0", cwd=ROOT)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "--block_size" in result.stderr
+    # one flag style across the scripts: the old dashed name is one line that names the setting meant
+    result = script("bench.py", "--block-size=256", cwd=ROOT)
+    assert result.returncode == 2 and result.stderr == ("error: unknown argument '--block-size=256'; did you mean "
+                                                        "--block_size?\n")
 
 
 def test_data_scale_smoke_prints_the_table(tmp_path, script):
