@@ -589,7 +589,7 @@ def main():
     model = GPT2LMHeadModel(config).to(device)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     modeling.fused_gelu(model)  # as modeling.load does for train.py
-    n_params = sum(q.numel() for q in model.parameters())
+    n_params = modeling.parameters(model)[0]
     say(f"{note}; {n_params / 1e6:.1f}M parameters ({args.layers} layers, {args.embd} wide, {args.heads} heads); "
         f"{tok_note}; {len(dialogues)} dialogues, {dataset_tokens:,} tokens -> {len(blocks)} blocks of "
         f"<= {args.block_size}; batch {args.batch_size}; {args.warmup} + {args.steps} steps")

@@ -232,8 +232,8 @@ def open_run(cfg, given, world, say):
         recover_dirs(os.path.join(cfg.OUT_DIR, "checkpoints"))
     if world > 1:
         dist.barrier()
-    checkpoints = find(cfg.OUT_DIR)
-    job, automatic = torchrun_restart(cfg, world, say)
+    checkpoints, config_json = find(cfg.OUT_DIR), os.path.join(cfg.OUT_DIR, "config.json")
+    job, automatic = torchrun_restart(cfg, config_json, world, say)
     resume_from, state = (None, None) if not (cfg.RESUME and checkpoints) else load_latest(checkpoints, say)
     if world > 1:  # every rank must take up the run where rank 0 does; on machines that do not share OUT_DIR, not so
         steps = [None] * world
@@ -248,7 +248,7 @@ def open_run(cfg, given, world, say):
                             f"train.py with --resume=True")
         say(f"no intact checkpoint in {cfg.OUT_DIR}: starting the run again")
     elif cfg.RESUME and not checkpoints:
-        if not os.path.isfile(os.path.join(cfg.OUT_DIR, "config.json")):
+        if not os.path.isfile(config_json):
             raise UserError(f"--resume=True, but OUT_DIR {cfg.OUT_DIR!r} holds no run to resume (no checkpoint, no "
                             f"config.json); nothing was written. Start a new run without --resume=True, or point "
                             f"--out_dir at the run")
@@ -259,19 +259,17 @@ def open_run(cfg, given, world, say):
                      != "0" else "")
         raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} already holds a run:{restarted} continue it with --resume=True, or "
                         f"choose another --out_dir (nothing there is overwritten)")
-    config_json = os.path.join(cfg.OUT_DIR, "config.json")
     if cfg.RESUME and (state is not None or os.path.isfile(config_json)):  # the run's settings, not config.py's
         cfg = resumed_settings(cfg, given, state, resume_from, config_json, world, say)
     return Run(cfg, state, resume_from, job)
 
 
-def torchrun_restart(cfg, world, say):
+def torchrun_restart(cfg, config_json, world, say):
     """torchrun --max-restarts=N restarts every rank after one fails (and when machines join or leave a
     --nnodes=MIN:MAX job). A run that this torchrun job began (config.json has its id) is continued, not refused:
     sets RESUME. Returns (the job id, whether it was such a restart)."""
     job = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # "none": torchrun was given no job id
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    config_json = os.path.join(cfg.OUT_DIR, "config.json")
     automatic = not cfg.RESUME and job != "none" and read_run_config(config_json).get("torchrun_job") == job
     if automatic:
         cfg.RESUME = True

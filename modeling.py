@@ -147,6 +147,12 @@ LOGIT_COPIES = 3
 HEAP_SLACK = 0.3
 
 
+def parameters(model):
+    """(all the model's parameters, those trained): with LoRA, the adapters alone are trained."""
+    return (sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
 def model_shape(model, device):
     """What step_memory needs to know of a model: its sizes, and whether its attention materializes the scores."""
     base = model.get_base_model() if hasattr(model, "peft_config") else model
@@ -154,8 +160,8 @@ def model_shape(model, device):
     dropout = next((float(v) for v in (getattr(c, k, None) for k in ("attn_pdrop", "attention_dropout",
                                                                      "attention_probs_dropout_prob")) if v), 0.0)
     impl = getattr(c, "_attn_implementation", None) or "eager"
-    return {"params": sum(p.numel() for p in model.parameters()),
-            "trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    params, trained = parameters(model)
+    return {"params": params, "trained": trained,
             "layers": c.num_hidden_layers, "width": c.hidden_size, "heads": c.num_attention_heads,
             "vocab": c.vocab_size, "cpu": device.type == "cpu", "chunk": chunk_size(c.vocab_size, device),
             "scores": impl == "eager" or (impl == "sdpa" and device.type == "cpu" and dropout > 0)}

@@ -631,16 +631,16 @@ def build(run, world, device, dtype, say):
     if memory_note := modeling.preflight(model, cfg, device, dtype):  # a step that cannot fit stops here, at once
         say(memory_note)
     if master:
-        checkpoints.check_space(cfg.OUT_DIR, sum(p.numel() for p in model.parameters() if p.requires_grad),
-                                sum(p.numel() for p in model.parameters()), cfg.KEEP_CHECKPOINTS)
+        n_params, n_trained = modeling.parameters(model)
+        checkpoints.check_space(cfg.OUT_DIR, n_trained, n_params, cfg.KEEP_CHECKPOINTS)
     return tokenizer, model, load_data(cfg, tokenizer, roles, train_sha, world, say)
 
 
 def describe(cfg, model, data, steps, end_step):
     """The start-up line: the model, what it trains, and the data."""
+    import modeling
     from batching import IGNORE
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_params, n_trained = modeling.parameters(model)
     lora = f"LoRA r={cfg.LORA_R} on {cfg.LORA_TARGETS or 'all linear layers'}, " if cfg.LORA_R else ""
     notes = data.train_tokens.notes  # what a chat template's rendering changed (render.messages), where any
     changed = "".join([f"; {notes['merged']:,} turns merged into the message before them (same role)"] *
@@ -658,8 +658,7 @@ def describe(cfg, model, data, steps, end_step):
 def summary(cfg, model, s, start_step, seconds, first_val):
     """The last line: what was trained, how fast, and how validation went."""
     import modeling
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_params, n_trained = modeling.parameters(model)
     trained, train_time = s.trained, s.train_time
     start_val = f"{first_val:.4f} -> " if first_val is not None else ""
     return (f"trained steps {start_step}->{s.step} in {seconds:.0f}s: {trained:,} tokens at "
