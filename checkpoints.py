@@ -117,20 +117,21 @@ def recover_dirs(parent):
 # ---------------------------------------------------------------------------------------------------------------------
 # model directories and checkpoints
 
-def save_model(model, tokenizer, path, state=None):
+def save_model(model, tokenizer, path, state=None, weights=None):
     """The model as a Hugging Face directory at `path` (save_pretrained, safetensors), written whole; with `state`
     (a checkpoint) also state.pt. A LoRA model's directory holds the merged model and the adapter in adapter/; a LoRA
-    checkpoint holds the adapter alone, its base being MODEL, unchanged. A failed write (a full disk, say) leaves
+    checkpoint holds the adapter alone, its base being MODEL, unchanged. `weights`: the model's state dict where the
+    model cannot give it itself (FSDP's, gathered: sharding.full_weights). A failed write (a full disk, say) leaves
     what was at `path` as it was."""
     import torch
     from safetensors import SafetensorError
     try:
         with atomic_dir(path) as tmp:
             if hasattr(model, "peft_config") and state is None:
-                model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(model))
-                model.save_pretrained(os.path.join(tmp, "adapter"))
+                model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(model, weights))
+                model.save_pretrained(os.path.join(tmp, "adapter"), state_dict=weights)
             else:
-                model.save_pretrained(tmp, safe_serialization=True)
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
             tokenizer.save_pretrained(tmp)
             if state is not None:
                 torch.save(state, os.path.join(tmp, "state.pt"))
@@ -142,18 +143,28 @@ def save_model(model, tokenizer, path, state=None):
         raise UserError(f"could not write {path}: {why}; what was there before is intact") from None
 
 
-def merged_state_dict(model):
+def merged_state_dict(model, weights=None):
     """A LoRA model's weights as a plain model of the base architecture: W + scale * B @ A for every adapted layer,
-    computed into new tensors. Merging in place (peft's merge_and_unload) would change the weights the run goes on
-    training, and unmerging does not restore them bit for bit."""
+    computed into new tensors from `weights` (the peft model's state dict; None: its own). Merging in place (peft's
+    merge_and_unload) would change the weights the run goes on training, and unmerging does not restore them bit for
+    bit."""
     import torch
     from peft.tuners.lora import LoraLayer
-    base = model.get_base_model()
+    weights = model.state_dict() if weights is None else weights
+    lora = {f"base_model.model.{name}.base_layer.weight": m for name, m in model.get_base_model().named_modules()
+            if isinstance(m, LoraLayer)}
+    merged = {}
     with torch.no_grad():
-        delta = {f"{name}.base_layer.weight": m.get_delta_weight(m.active_adapters[0])
-                 for name, m in base.named_modules() if isinstance(m, LoraLayer)}
-        return {k.replace(".base_layer.", "."): (v + delta[k] if k in delta else v).detach()
-                for k, v in base.state_dict().items() if "lora_" not in k}
+        for key, w in weights.items():
+            if "lora_" in key:
+                continue
+            if key in lora:
+                m = lora[key]
+                name, stem = m.active_adapters[0], key.removesuffix("base_layer.weight")
+                delta = weights[f"{stem}lora_B.{name}.weight"].float() @ weights[f"{stem}lora_A.{name}.weight"].float()
+                w = w + ((delta.T if m.fan_in_fan_out else delta) * m.scaling[name]).to(w.dtype)
+            merged[key.removeprefix("base_model.model.").replace(".base_layer.", ".")] = w.detach()
+    return merged
 
 
 def find(out_dir):
@@ -186,11 +197,14 @@ def load_latest(checkpoints, say):
 
 def save(out_dir, model, tokenizer, state, keep):
     """The checkpoint of step state['step'], then the oldest of this run's pruned down to `keep`."""
-    d = os.path.join(out_dir, "checkpoints")
-    path = os.path.join(d, f"step-{state['step']:08d}")
+    path = os.path.join(out_dir, "checkpoints", f"step-{state['step']:08d}")
     save_model(model, tokenizer, path, state)
-    # prune this run's own only: newer, damaged ones that the resume passed over must not crowd out the new ones (each
-    # is replaced when the run gets there)
+    prune(out_dir, path, keep)
+
+
+def prune(out_dir, path, keep):
+    """The run's checkpoints up to `path`, the newest, down to `keep`. This run's own only: newer, damaged ones that
+    the resume passed over must not crowd out the new ones (each is replaced when the run gets there)."""
     for old in [c for c in find(out_dir) if c <= path][:-keep]:
         remove_dir(old)
 
@@ -204,6 +218,7 @@ def save(out_dir, model, tokenizer, state, keep):
 MAY_CHANGE_ON_RESUME = ["EPOCHS", "MAX_STEPS", "EVAL_INTERVAL", "CHECKPOINT_INTERVAL", "KEEP_CHECKPOINTS",
                         "LOG_INTERVAL", "REPORT_TO", "DEVICE", "OUT_DIR", "RESUME", "SHOW_EXAMPLE", "CACHE_DIR",
                         "GRADIENT_CHECKPOINTING",  # recomputing activations gives the same loss and gradients
+                        "FSDP",  # as does sharding them (the checkpoints of either kind resume under the other)
                         "LOSS_CHUNK",  # as does the loss taken in other chunks (to rounding)
                         "BATCH_SIZE", "GRAD_ACCUM_STEPS",  # how the global batch is split; it is kept (split_batch)
                         "DATA_FILE", "DATA_SPLIT", "VAL_FRACTION",  # prepare_data.py's
@@ -315,7 +330,7 @@ def resume_config(cfg, given, saved, source):
     if refused:
         flags = ", ".join(f"--{k.lower()}={current[k]!r} (the run has --{k.lower()}={run_has[k]!r})" for k in refused)
         raise UserError(f"{source} belongs to a run with other settings, and only EPOCHS, MAX_STEPS, the intervals, "
-                        f"KEEP_CHECKPOINTS, DEVICE, GRADIENT_CHECKPOINTING, LOSS_CHUNK and the split of the global "
+                        f"KEEP_CHECKPOINTS, DEVICE, GRADIENT_CHECKPOINTING, LOSS_CHUNK, FSDP and the split of the global "
                         f"batch (BATCH_SIZE, GRAD_ACCUM_STEPS) may change on resume: {flags}. Resume "
                         f"without them (the run's own settings are taken), or start a new run in another OUT_DIR")
     merged = dict(current)

@@ -48,6 +48,8 @@ TRAIN_SPEAKERS = None  # None trains on every turn; a list like ["Bob"] trains o
 DEVICE = "auto"  # "auto" takes CUDA when present, else CPU; or "cpu", "cuda", "cuda:1"
 PRECISION = "auto"  # "auto": bf16 autocast on CUDA (fp16 without bf16), fp32 on CPU; or "fp32", "bf16", "fp16" (CUDA)
 COMPILE = False  # torch.compile the model (CUDA); a minute of compile time, then faster steps
+FSDP = False  # under torchrun: shard the weights, gradients and AdamW state over the ranks (PyTorch's FSDP2) rather
+#              than keep a full copy on each (DDP): for a model that does not fit on one GPU (README: bigger models)
 
 # evaluation and checkpoints
 EVAL_INTERVAL = 100  # optimizer steps between validation runs (also at the end of every epoch); 0 = only then

@@ -153,8 +153,9 @@ def parameters(model):
             sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
-def model_shape(model, device):
-    """What step_memory needs to know of a model: its sizes, and whether its attention materializes the scores."""
+def model_shape(model, device, sharded=False):
+    """What step_memory needs to know of a model: its sizes, whether its attention materializes the scores, and
+    whether it is sharded over the ranks (FSDP)."""
     base = model.get_base_model() if hasattr(model, "peft_config") else model
     c = base.config
     dropout = next((float(v) for v in (getattr(c, k, None) for k in ("attn_pdrop", "attention_dropout",
@@ -164,13 +165,17 @@ def model_shape(model, device):
     return {"params": params, "trained": trained,
             "layers": c.num_hidden_layers, "width": c.hidden_size, "heads": c.num_attention_heads,
             "vocab": c.vocab_size, "cpu": device.type == "cpu", "chunk": chunk_size(c.vocab_size, device),
-            "scores": impl == "eager" or (impl == "sdpa" and device.type == "cpu" and dropout > 0)}
+            "scores": impl == "eager" or (impl == "sdpa" and device.type == "cpu" and dropout > 0),
+            "sharded": sharded}
 
 
-def step_memory(shape, batch, block, checkpointing, half=False, trained=None, ranks=1):
+def step_memory(shape, batch, block, checkpointing, half=False, trained=None, ranks=1, accumulating=False):
     """Bytes one training step needs, by term (a rough estimate: see the constants above). `half`: 16-bit autocast;
     `trained`: parameters trained, if not the model's own (LoRA); `ranks` > 1: DDP keeps a second copy of the
-    gradients in its buckets. The logits are one chunk's (loss.py: the loss never holds more at once)."""
+    gradients in its buckets, FSDP (shape["sharded"]) a rank's share of weights, gradients and AdamW's state, and
+    gathers the weights of a block or two at once; `accumulating` (GRAD_ACCUM_STEPS > 1): FSDP holds the gradients
+    unsharded until the step's last micro-batch. The logits are one chunk's (loss.py: the loss never holds more at
+    once)."""
     s, tokens = shape, batch * block
     trained = s["trained"] if trained is None else trained
     if checkpointing:
@@ -178,8 +183,13 @@ def step_memory(shape, batch, block, checkpointing, half=False, trained=None, ra
         per_score = SCORE_BYTES + (SCORE_CHECKPOINT_BYTES * (s["layers"] - 1) if s["cpu"] else 0)
     else:
         per_unit, per_score = ACTIVATION_BYTES * s["layers"], SCORE_BYTES * s["layers"]
-    terms = {"weights": 4 * s["params"],
-             "gradients and AdamW state": (4 * (1 + (ranks > 1)) + 8) * trained,
+    if s.get("sharded"):
+        weights = {"weights": 4 * s["params"] // ranks, "gradients and AdamW state": 12 * trained // ranks,
+                   "gathered blocks": 2 * 4 * s["params"] // s["layers"] if ranks > 1 else 0,
+                   "unsharded gradients": 4 * trained if accumulating and ranks > 1 else 0}
+    else:
+        weights = {"weights": 4 * s["params"], "gradients and AdamW state": (4 * (1 + (ranks > 1)) + 8) * trained}
+    terms = {**weights,
              "logits": LOGIT_COPIES * 4 * min(tokens, s.get("chunk") or tokens) * s["vocab"],
              "activations": per_unit * tokens * s["width"] // (2 if half else 1),
              "attention scores": per_score * batch * s["heads"] * block ** 2 if s["scores"] else 0}
@@ -190,8 +200,9 @@ def step_memory(shape, batch, block, checkpointing, half=False, trained=None, ra
 
 def estimate_step_memory(model, cfg, device, dtype=None):
     """step_memory for this run's model and settings: BATCH_SIZE x BLOCK_SIZE, GRADIENT_CHECKPOINTING."""
-    return step_memory(model_shape(model, device), cfg.BATCH_SIZE, cfg.BLOCK_SIZE, cfg.GRADIENT_CHECKPOINTING,
-                       dtype is not None, ranks=world_size())
+    return step_memory(model_shape(model, device, cfg.FSDP), cfg.BATCH_SIZE, cfg.BLOCK_SIZE,
+                       cfg.GRADIENT_CHECKPOINTING, dtype is not None, ranks=world_size(),
+                       accumulating=cfg.GRAD_ACCUM_STEPS > 1)
 
 
 def world_size():
@@ -232,7 +243,7 @@ def preflight(model, cfg, device, dtype=None):
     step = (f"a training step of BATCH_SIZE={cfg.BATCH_SIZE} x BLOCK_SIZE={cfg.BLOCK_SIZE} needs about {gb(need)} "
             f"besides the model's weights" + (f" ({parts})" if parts else ""))
     if need > room:
-        fits = fitting_settings(model_shape(model, device), cfg, room, dtype is not None)
+        fits = fitting_settings(model_shape(model, device, cfg.FSDP), cfg, room, dtype is not None)
         advice = (f"these would fit: {' or '.join(fits)}" if fits else
                   "not even one sequence of 8 tokens would: a smaller MODEL, or a device with more memory")
         raise UserError(f"{step}, more than the {gb(room)} {where}; {advice}")
@@ -248,7 +259,8 @@ def fitting_settings(shape, cfg, room, half):
     B, T, accum, ckpt = cfg.BATCH_SIZE, cfg.BLOCK_SIZE, cfg.GRAD_ACCUM_STEPS, cfg.GRADIENT_CHECKPOINTING
 
     def fits(batch, block, checkpointing=ckpt, trained=None):
-        terms = step_memory(shape, batch, block, checkpointing, half, trained, world_size())
+        terms = step_memory(shape, batch, block, checkpointing, half, trained, world_size(),
+                            accumulating=accum * B // batch > 1)
         return sum(terms.values()) - terms["weights"] <= room
 
     out = []
@@ -505,13 +517,15 @@ def forward_backward(model, micro, device, dtype, scaler=None):
     n = max(int(n_targets), 1)
     total = torch.zeros((), device=device)
     for m, (x, y) in enumerate(micro):
-        # DDP all-reduces gradients on every backward; only the step's last one needs it
-        last = m == len(micro) - 1 or not hasattr(model, "no_sync")
-        with contextlib.nullcontext() if last else model.no_sync():
+        # DDP all-reduces gradients on every backward, FSDP reduce-scatters them; only the step's last one needs it
+        last = m == len(micro) - 1
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP: the earlier ones keep their gradients unsharded
+            model.set_requires_gradient_sync(last)
+        with model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext():
             with autocast(device, dtype):
                 loss, _ = loss_sum(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             loss = loss / n
-            scaled = loss * world  # DDP averages gradients over ranks; the loss is already divided by all targets
+            scaled = loss * world  # DDP and FSDP average gradients over ranks; the loss is divided by all targets
             (scaler.scale(scaled) if scaler else scaled).backward()
         total += loss.detach()
     if world > 1:
@@ -525,7 +539,8 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
     if scaler:
         scaler.unscale_(optimizer)
     if grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # FSDP's: of all ranks' shards
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         if not scaler and not torch.isfinite(norm):
             optimizer.zero_grad(set_to_none=True)
             return False
@@ -539,14 +554,21 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, dtype, desc=None, groups=None):
+def evaluate(model, batches, device, dtype, desc=None, groups=None, shared=False):
     """Token-weighted mean NLL over all of a set's batches: sum of losses / number of targets, padding excluded.
     With `desc`, a progress bar of that name. With `groups` (batching.eval_groups: each target's group number, 0 for
-    none), also each group's mean from the same pass: (loss, {group: loss})."""
+    none), also each group's mean from the same pass: (loss, {group: loss}). `shared`: every rank of a torchrun job
+    calls this, and each scores its share of the batches (each rank as many, for FSDP's collectives)."""
     was_training = model.training
     model.eval()
     total, n, by_group = 0.0, 0, {}
-    bar = progress(batches, desc=desc, disable=desc is None, leave=False, unit="batch")
+    world = dist.get_world_size() if shared and dist.is_initialized() else 1
+    if world > 1:
+        x0, y0 = batches[0]
+        idle = (x0, torch.full_like(y0, IGNORE))  # a rank whose share is one short scores a batch with no targets
+        batches = (batches[dist.get_rank()::world] + [idle])[:math.ceil(len(batches) / world)]
+    bar = progress(batches, desc=desc, disable=desc is None or (shared and dist.is_initialized() and
+                                                                 dist.get_rank() != 0), leave=False, unit="batch")
     for i, (x, y) in enumerate(bar):
         with autocast(device, dtype):
             if groups is None:
@@ -565,6 +587,10 @@ def evaluate(model, batches, device, dtype, desc=None, groups=None):
         total += loss.item()
         n += count.item()
     model.train(was_training)
+    if world > 1:
+        sums = torch.tensor([total, n], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        total, n = sums[0].item(), int(sums[1].item())
     if groups is None:
         return total / max(n, 1)
     return total / max(n, 1), {k: s / c for k, (s, c) in sorted(by_group.items())}

@@ -78,6 +78,10 @@ def check_config(cfg):
          f"LOSS_CHUNK must be a number of positions >= 1, or 0 for automatic, got {cfg.LOSS_CHUNK!r}"),
         (not (cfg.LORA_R and cfg.MODEL == "scratch"),
          "LORA_R > 0 adapts a pretrained MODEL; a scratch model has nothing to keep frozen (use LORA_R=0)"),
+        (not (cfg.FSDP and cfg.PRECISION == "fp16"),
+         "FSDP=True computes in bf16 or fp32: fp16 needs a loss scaler that sharded gradients do not have (use "
+         "--precision=bf16)"),
+        (not (cfg.FSDP and cfg.COMPILE), "COMPILE=True with FSDP=True is not supported yet: use one or the other"),
     ]
     for ok, message in checks:
         if not ok:
@@ -147,13 +151,17 @@ def init_processes(backend, rank, world):
 
 def open_model(cfg, resume_from, world, master):
     """The tokenizer and model the run trains: from the checkpoint it resumes (a LoRA checkpoint holds the adapter
-    alone, applied to MODEL), else MODEL, else a scratch model; with the adapters and gradient checkpointing of
-    modeling.adapt."""
+    alone, applied to MODEL; an FSDP checkpoint holds the trained weights in shards, which restore() loads into
+    MODEL), else MODEL, else a scratch model; with the adapters and gradient checkpointing of modeling.adapt."""
     import torch.distributed as dist
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     import modeling
+    if resume_from and os.path.isdir(os.path.join(resume_from, "shards")):  # FSDP's: the weights come in restore()
+        tokenizer = modeling.load_tokenizer(resume_from)
+        _, model = modeling.build_scratch(cfg, [], tokenizer) if cfg.MODEL == "scratch" else modeling.load(cfg.MODEL)
+        return tokenizer, modeling.adapt(model, cfg)
     if resume_from and os.path.exists(os.path.join(resume_from, "adapter_model.safetensors")):
         tokenizer = modeling.load_tokenizer(resume_from)
         adapter = load_file(os.path.join(resume_from, "adapter_model.safetensors"))
@@ -331,13 +339,13 @@ def interrupted(run, s, signum, world):
 # setting up: processes, model, data, optimizer
 
 def start_processes(cfg):
-    """`torchrun --nproc_per_node=N train.py` starts N ranks (DDP: nccl on CUDA, gloo on CPU); a plain `python
-    train.py` is one. Rank 0 alone prints, evaluates and writes files. Returns (world, rank, this rank's device
-    setting, the backend)."""
+    """`torchrun --nproc_per_node=N train.py` starts N ranks (DDP or FSDP: nccl on CUDA, gloo on CPU); a plain
+    `python train.py` is one. Rank 0 alone prints and writes files. Returns (world, rank, this rank's device setting,
+    the backend)."""
     import torch
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world == 1:
-        return 1, 0, cfg.DEVICE, None
+        return 1, 0, None, None
     if torch.cuda.is_available() and cfg.DEVICE in ("auto", "cuda"):
         device, backend = f"cuda:{int(os.environ['LOCAL_RANK'])}", "nccl"
         torch.cuda.set_device(device)
@@ -345,6 +353,20 @@ def start_processes(cfg):
         device, backend = "cpu", "gloo"
     init_processes(backend, rank, world)
     return world, rank, device, backend
+
+
+def group_of_one(device):
+    """FSDP=True in one process: the sharded code path on one device needs a process group, of one."""
+    import torch
+    import torch.distributed as dist
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device.index or 0)
+    if "MASTER_ADDR" in os.environ:  # torchrun --nproc_per_node=1
+        dist.init_process_group(backend)
+    else:  # no rendezvous needed
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return backend
 
 
 def check_data(cfg):
@@ -391,14 +413,23 @@ def load_data(cfg, tokenizer, roles, train_sha, world, say):
     return Data(train_tok, train_blocks, val_tok, val, train_sha, time.time() - t0)
 
 
-def restore(run, optimizer, scaler, device, world, rank):
-    """The RunState to start from, with the optimizer, the loss scaler and each rank's random stream restored."""
+def restore(run, net, optimizer, scaler, device, world, rank):
+    """The RunState to start from, with the optimizer, the loss scaler and each rank's random stream restored; from
+    an FSDP checkpoint, the trained weights too. A checkpoint of either kind resumes under FSDP or not."""
     import torch
     cfg, state = run.cfg, run.state
     torch.manual_seed(cfg.SEED + rank)  # dropout; each rank its own stream
     if state is None:
         return RunState()
-    optimizer.load_state_dict(state["optimizer"])
+    if state.get("sharded") or cfg.FSDP:
+        import sharding
+        inner = getattr(net, "module", net)  # DDP's: the weights are named as the ChunkedLoss names them
+        if state.get("sharded"):
+            sharding.load(run.resume_from, getattr(inner, "_orig_mod", inner), optimizer, state["param_groups"])
+        else:
+            sharding.load_full_optimizer(net, optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     if len(state["rng"]) == world:  # same number of ranks: each continues its own random stream exactly
@@ -470,21 +501,35 @@ def log_train(run, s, lr):
     s.recent = []
 
 
-def validate(run, s, model, tokenizer, data, device, dtype):
-    """The validation loss now (rank 0), logged; best/ is saved when it is the best so far. Returns the line to
-    print."""
+def validate(run, s, model, net, tokenizer, data, device, dtype):
+    """The validation loss now, every rank scoring its share of the batches; logged, and best/ saved when it is the
+    best so far. Returns (the loss, the line to print)."""
     import modeling
-    val_loss = modeling.evaluate(model, data.val, device, dtype, desc="validation")
-    log(run, step=s.step, epoch=s.epoch + 1 if s.step else 0, val_loss=val_loss, val_ppl=modeling.ppl(val_loss))
+    sharded = hasattr(net, "set_requires_gradient_sync")  # FSDP: only the sharded module gathers the weights
+    val_loss = modeling.evaluate(net if sharded else model, data.val, device, dtype, desc="validation", shared=True)
+    if int(os.environ.get("RANK", 0)) == 0:
+        log(run, step=s.step, epoch=s.epoch + 1 if s.step else 0, val_loss=val_loss, val_ppl=modeling.ppl(val_loss))
     best = val_loss < s.best_val and s.step > 0
     if best:
         s.best_val, s.best_step = val_loss, s.step
-        checkpoints.save_model(model, tokenizer, os.path.join(run.cfg.OUT_DIR, "best"))
+        save_model(run, model, net, tokenizer, "best")
     return val_loss, f"step {s.step}: val loss {val_loss:.4f} (ppl {modeling.ppl(val_loss):.2f}){' best' * best}"
 
 
-def save_checkpoint(run, s, model, tokenizer, optimizer, scaler, device, world, extra):
-    """Every rank's random state gathered (a resume with as many ranks continues each exactly); rank 0 writes."""
+def save_model(run, model, net, tokenizer, name):
+    """best/ or final/, a Hugging Face model directory, written by rank 0; under FSDP every rank first sends it its
+    part of the weights."""
+    weights = None
+    if hasattr(net, "set_requires_gradient_sync"):
+        import sharding
+        weights = sharding.full_weights(net)
+    if int(os.environ.get("RANK", 0)) == 0:
+        checkpoints.save_model(model, tokenizer, os.path.join(run.cfg.OUT_DIR, name), weights=weights)
+
+
+def save_checkpoint(run, s, model, net, tokenizer, optimizer, scaler, device, world, extra):
+    """Every rank's random state gathered (a resume with as many ranks continues each exactly); rank 0 writes, or
+    under FSDP every rank its shard."""
     import torch
     import torch.distributed as dist
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
@@ -492,12 +537,16 @@ def save_checkpoint(run, s, model, tokenizer, optimizer, scaler, device, world, 
     if world > 1:
         rngs = [None] * world
         dist.all_gather_object(rngs, rng)
+    state = {**s.saved(), **extra, "world_size": world, "scaler": scaler.state_dict() if scaler else None,
+             "rng": rngs, "config": vars(run.cfg)}
+    if hasattr(net, "set_requires_gradient_sync"):
+        import sharding
+        return sharding.save(run.cfg.OUT_DIR, net, optimizer, tokenizer, model.config, state,
+                             run.cfg.KEEP_CHECKPOINTS)
     if world > 1 and dist.get_rank() != 0:
         return
-    checkpoints.save(run.cfg.OUT_DIR, model, tokenizer, {
-        **s.saved(), **extra, "world_size": world, "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler else None, "rng": rngs, "config": vars(run.cfg)},
-        run.cfg.KEEP_CHECKPOINTS)
+    checkpoints.save(run.cfg.OUT_DIR, model, tokenizer, {**state, "optimizer": optimizer.state_dict()},
+                     run.cfg.KEEP_CHECKPOINTS)
 
 
 def stopped(run, s, problem):
@@ -520,17 +569,17 @@ def main():
     run, world, rank, device, dtype = setup(cfg, given)
     cfg, master = run.cfg, rank == 0
     say = print if master else (lambda *a, **k: None)
-    tokenizer, model, data = build(run, world, device, dtype, say)
+    tokenizer, model, net, data = build(run, world, device, dtype, say)
 
-    optimizer, scaler, net = optimization(model, cfg, world, device, dtype)
-    s = restore(run, optimizer, scaler, device, world, rank)
+    optimizer, scaler, net = optimization(model, net, cfg, world, device, dtype)
+    s = restore(run, net, optimizer, scaler, device, world, rank)
     steps = Steps(data.train, cfg, world, rank, tokenizer.eos_token_id)
     end_step = total_steps(cfg, s, steps, len(data.train))
     say(describe(cfg, model, data, steps, end_step))
     say(f"start-up: {time.time() - t_main:.1f}s (data {data.seconds:.1f}s, the rest mostly imports and the model); "
         f"peak memory so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
     if nothing_left(run, s, end_step, say):
-        if world > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
         return
     if master:  # every check passed: the run's files begin here
@@ -541,8 +590,8 @@ def main():
     # -----------------------------------------------------------------------------------------------------------------
     # the loop: lr, micro-batches (forward, backward), clip, step, log; then validate and checkpoint when due
     start_step, t_start, first_val = s.step, time.time(), None
-    if run.state is None and master:  # the starting point, for "val loss X -> Y" and the loss curve
-        first_val, line = validate(run, s, model, tokenizer, data, device, dtype)
+    if run.state is None:  # the starting point, for "val loss X -> Y" and the loss curve
+        first_val, line = validate(run, s, model, net, tokenizer, data, device, dtype)
         say(line)
     # closed on an error too: the error line comes after the bar's, and Ctrl-C is Python's again
     signum = None
@@ -563,55 +612,58 @@ def main():
 
             end_of_epoch = s.offset >= len(data.train)
             last = end_of_epoch or s.step == end_step
-            if master and (last or due(s.step, cfg.EVAL_INTERVAL)):
-                bar.write(validate(run, s, model, tokenizer, data, device, dtype)[1])
+            if last or due(s.step, cfg.EVAL_INTERVAL):
+                line = validate(run, s, model, net, tokenizer, data, device, dtype)[1]
+                if master:
+                    bar.write(line)
             if end_of_epoch:
                 if master:
                     bar.write(s.epoch_line(data.train_tokens.count_trained()))
                 s.epoch, s.offset, s.tokens, s.real, s.positions = s.epoch + 1, 0, 0, 0, 0
             signum = stop.asked(world, device)
             if last or due(s.step, cfg.CHECKPOINT_INTERVAL) or signum:
-                save_checkpoint(run, s, model, tokenizer, optimizer, scaler, device, world, extra)
+                save_checkpoint(run, s, model, net, tokenizer, optimizer, scaler, device, world, extra)
             if world > 1 and (last or due(s.step, cfg.EVAL_INTERVAL) or due(s.step, cfg.CHECKPOINT_INTERVAL) or signum):
-                dist.barrier()  # the other ranks wait while rank 0 evaluates and writes
+                dist.barrier()  # the other ranks wait while rank 0 writes
 
     # -----------------------------------------------------------------------------------------------------------------
     if signum and s.step < end_step:  # said after the bar is closed
         raise interrupted(run, s, signum, world)
     if s.offset > 0 and s.positions:  # a run that ends inside an epoch: its figures too
         say(s.epoch_line(data.train_tokens.count_trained(), ended=False))
+    save_model(run, model, net, tokenizer, "final")
     if master:
-        checkpoints.save_model(model, tokenizer, os.path.join(cfg.OUT_DIR, "final"))
         if run.board is not None:
             run.board.close()
         shutil.rmtree(os.path.join(cfg.OUT_DIR, ".tmp-scratch-tokenizer"), ignore_errors=True)
-    if world > 1:
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     say(summary(cfg, model, s, start_step, time.time() - t_start, first_val))
 
 
-def optimization(model, cfg, world, device, dtype):
-    """AdamW (decay on matrices and embeddings only, never on biases and LayerNorm weights), fp16's loss scaler (bf16
-    needs none), and what the loop runs: the model and its loss as one module (loss.ChunkedLoss: the loss never
-    holds the full logits, and DDP syncs what it runs), compiled and in DDP as asked. `model` is what we evaluate
-    and save."""
+def optimization(model, net, cfg, world, device, dtype):
+    """AdamW (decay on matrices and embeddings only, never on biases and LayerNorm weights; of the shards, under
+    FSDP), fp16's loss scaler (bf16 needs none), and what the loop runs: `net`, the model and its loss as one module
+    (loss.ChunkedLoss: the loss never holds the full logits, and DDP syncs what it runs), compiled and in DDP as
+    asked. Returns (optimizer, scaler, what the loop runs)."""
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    import loss
     import modeling
     optimizer = modeling.make_optimizer(model, cfg.LEARNING_RATE, cfg.WEIGHT_DECAY, cfg.BETAS, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    loss.use_chunk(cfg.LOSS_CHUNK)
-    net = loss.ChunkedLoss(model)
+    if cfg.FSDP:
+        return optimizer, scaler, net  # sharded already (build), and FSDP reduces the gradients itself
     net = torch.compile(net) if cfg.COMPILE else net
     net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
     return optimizer, scaler, net
 
 
 def build(run, world, device, dtype, say):
-    """The model and tokenizer the run trains, on its device, and its data: (tokenizer, model, Data)."""
+    """The model and tokenizer the run trains, on its device, and its data: (tokenizer, model, the model with its
+    loss as one module (loss.ChunkedLoss; under FSDP, sharded), Data)."""
+    import loss
     import modeling
     cfg, master = run.cfg, int(os.environ.get("RANK", 0)) == 0
     train_sha = checkpoints.sha256(cfg.TRAIN_FILE)  # read in pieces: never the whole file in memory
@@ -627,13 +679,19 @@ def build(run, world, device, dtype, say):
     if cfg.BLOCK_SIZE > modeling.context_size(model):
         raise UserError(f"BLOCK_SIZE={cfg.BLOCK_SIZE} is beyond the model's context of "
                         f"{modeling.context_size(model)} tokens")
-    model.to(device).train()
+    loss.use_chunk(cfg.LOSS_CHUNK)
+    net = loss.ChunkedLoss(model.train())
+    if cfg.FSDP:  # each block's weights go to the device as they are sharded: never the whole model at once
+        import sharding
+        sharding.shard(net, model, device, dtype)
+    else:
+        model.to(device)
     if memory_note := modeling.preflight(model, cfg, device, dtype):  # a step that cannot fit stops here, at once
         say(memory_note)
     if master:
         n_params, n_trained = modeling.parameters(model)
         checkpoints.check_space(cfg.OUT_DIR, n_trained, n_params, cfg.KEEP_CHECKPOINTS)
-    return tokenizer, model, load_data(cfg, tokenizer, roles, train_sha, world, say)
+    return tokenizer, model, net, load_data(cfg, tokenizer, roles, train_sha, world, say)
 
 
 def describe(cfg, model, data, steps, end_step):
@@ -685,8 +743,11 @@ def setup(cfg, given):
     check_config(run.cfg)
     if run.cfg.REPORT_TO == "tensorboard":
         open_board(None, 0)
-    device, dtype, device_note = modeling.pick_device(device_name, run.cfg.PRECISION)
-    say(device_note + (f"; {world} processes ({backend})" if world > 1 else ""))
+    device, dtype, device_note = modeling.pick_device(device_name or run.cfg.DEVICE, run.cfg.PRECISION)
+    if run.cfg.FSDP and world == 1:  # the run's own setting: known only now, on a resume
+        backend = group_of_one(device)
+    say(device_note + (f"; {world} process{'es' * (world > 1)} ({backend}, {'FSDP' if run.cfg.FSDP else 'DDP'})"
+                       if backend else ""))
     return run, world, rank, device, dtype
 
 

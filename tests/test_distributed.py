@@ -53,7 +53,7 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(run_dir, runs):
     assert steps == sorted(set(steps))
     assert sorted(os.listdir(run_dir / "two")) == ["best", "checkpoints", "config.json", "final", "metrics.jsonl"]
     assert two.stdout.count("trained steps") == 1
-    assert "2 processes (gloo)" in two.stdout
+    assert "2 processes (gloo, DDP)" in two.stdout
 
 
 def resume_from(run_dir, source, step, name):

@@ -56,6 +56,11 @@ def test_lora_trains_only_the_adapter(tmp_path, family):
     for k, v in model.get_base_model().state_dict().items():  # the base weights themselves never moved
         if "lora_" not in k:
             assert torch.equal(before[k.replace(".base_layer.", ".")], v)
+    plain = modeling.load(path)[1]  # the merged weights in the base architecture compute what the adapted model does
+    plain.load_state_dict(merged)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5)
 
 
 def test_lora_targets_naming_no_module():
