@@ -1,0 +1,182 @@
+"""FSDP=True: sharded training and sharded checkpoints (torchrun on CPU, gloo). Every run takes 8 blocks a step and
+ends where one process does."""
+
+import io
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cli
+import modeling
+import sharding
+import train
+from conftest import patched_train, run_script
+from test_distributed import torchrun
+from tiny import curve, max_diff, save_tiny_gpt2, save_tiny_llama, synthetic, weights, write_split
+
+COMMON = ["--learning_rate=1e-3", "--block_size=64", "--grad_accum_steps=2", "--max_steps=4",
+          "--checkpoint_interval=2", "--keep_checkpoints=5"]
+
+# The first attempt's rank 0 is killed by SIGKILL while the checkpoint of step 4 is written: every rank's shard is in
+# its temp directory, which is not yet renamed into place. torchrun starts both again, and the run goes on from step 2.
+KILLED = """
+import signal
+def dying(tmp):
+    if "step-00000004" in tmp and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+        assert sorted(os.listdir(os.path.join(tmp, "shards"))) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoints.before_rename = dying
+"""
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fsdp")
+    write_split(d, synthetic(60, seed=1), synthetic(12, seed=2))
+    save_tiny_gpt2(d / "gpt2", dropout=0.0)  # no dropout: its random masks would differ between layouts
+    save_tiny_llama(d / "llama")
+    return d
+
+
+@pytest.fixture(scope="module")
+def runs(run_dir, tmp_path_factory):
+    """One process of BATCH_SIZE=4 (out_dir one); DDP on two ranks of 2 (ddp); FSDP on two ranks of 2 (fsdp), killed
+    once as it writes a checkpoint and restarted by torchrun."""
+    one = run_script("train.py", "--model=gpt2", *COMMON, "--batch_size=4", "--out_dir=one", cwd=run_dir)
+    assert one.returncode == 0, one.stderr
+    ddp = torchrun(2, "--model=gpt2", *COMMON, "--batch_size=2", "--out_dir=ddp", cwd=run_dir)
+    assert ddp.returncode == 0, ddp.stderr
+    wrapper = patched_train(tmp_path_factory.mktemp("wrapper"), "killed.py", KILLED)
+    fsdp = torchrun(2, "--model=gpt2", *COMMON, "--batch_size=2", "--fsdp=True", "--out_dir=fsdp", cwd=run_dir,
+                    script=wrapper, launcher=["--max-restarts=1"])
+    assert fsdp.returncode == 0, fsdp.stderr
+    return one, ddp, fsdp
+
+
+def test_fsdp_ends_with_the_weights_of_ddp_and_of_one_process(run_dir, runs):
+    one, ddp, fsdp = runs
+    assert "2 processes (gloo, FSDP)" in fsdp.stdout
+    final = weights(run_dir / "fsdp" / "final")
+    assert max_diff(weights(run_dir / "one" / "final"), final) < 1e-5
+    assert max_diff(weights(run_dir / "ddp" / "final"), final) < 1e-5
+    for got, want in zip(curve(run_dir / "fsdp"), curve(run_dir / "one"), strict=True):  # the logged figures too
+        assert got == pytest.approx(want, abs=1e-5)
+    # best/ and final/ are plain model directories, the tied output layer saved once, as one process saves it
+    assert weights(run_dir / "fsdp" / "best").keys() == weights(run_dir / "one" / "best").keys()
+
+
+def test_a_kill_while_the_shards_are_written_resumes_exactly(run_dir, runs):
+    _, _, fsdp = runs
+    assert "torchrun restarted this run (1 restart, 2 processes): continuing it" in fsdp.stdout
+    assert "step-00000002 (step 2)" in fsdp.stdout  # the half-written step 4 was never seen
+    checkpoint = run_dir / "fsdp" / "checkpoints" / "step-00000004"
+    assert sorted(os.listdir(checkpoint / "shards")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    assert state["sharded"] and state["optimizer"] is None  # the optimizer's state is in the shards, not here
+    assert not [n for n in os.listdir(run_dir / "fsdp" / "checkpoints") if n.startswith(".tmp")]
+    assert max_diff(weights(run_dir / "one" / "final"), weights(run_dir / "fsdp" / "final")) < 1e-5
+
+
+def resume_from(run_dir, source, step, name):
+    """A new OUT_DIR holding only checkpoint `step` of run `source` (copied): a run stopped there."""
+    shutil.copytree(run_dir / source / "checkpoints" / f"step-{step:08d}",
+                    run_dir / name / "checkpoints" / f"step-{step:08d}")
+    return run_dir / name
+
+
+@pytest.mark.parametrize("source, ranks, flags, kept", [
+    # FSDP on 2 ranks, resumed in one process: FSDP in a group of one, the shards read back whole
+    ("fsdp", 1, [], "BATCH_SIZE=2 x GRAD_ACCUM_STEPS=4 x 1 process"),
+    # ... or without FSDP: the shards loaded into a plain model
+    ("fsdp", 1, ["--fsdp=False"], "BATCH_SIZE=2 x GRAD_ACCUM_STEPS=4 x 1 process"),
+    # one process without FSDP, resumed on 2 FSDP ranks: its model directory sharded, its optimizer state too
+    ("one", 2, ["--fsdp=True"], "BATCH_SIZE=4 x GRAD_ACCUM_STEPS=1 x 2 processes"),
+])
+def test_a_checkpoint_resumes_on_other_ranks_and_layouts(run_dir, runs, source, ranks, flags, kept):
+    name = f"{source}_on_{ranks}{''.join(flags)}"
+    out = resume_from(run_dir, source, 2, name)
+    args = [f"--out_dir={name}", "--resume=True", *flags]
+    r = run_script("train.py", *args, cwd=run_dir) if ranks == 1 else torchrun(ranks, *args, cwd=run_dir)
+    assert r.returncode == 0, r.stderr
+    assert f"is kept: {kept}" in r.stdout
+    assert max_diff(weights(run_dir / "one" / "final"), weights(out / "final")) < 1e-5
+    for got, want in zip(curve(out), curve(run_dir / "one")[-8:], strict=True):  # steps 1-4, validation
+        assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_one_fsdp_process_resumes_on_two(run_dir, runs):
+    """2 ranks -> 1 (checkpointing every step: step 3 is a one-process FSDP checkpoint) -> 2 ranks."""
+    resume_from(run_dir, "fsdp", 2, "down")
+    r = run_script("train.py", "--out_dir=down", "--resume=True", "--max_steps=3", "--checkpoint_interval=1",
+                   cwd=run_dir)
+    assert r.returncode == 0, r.stderr
+    assert "1 process (gloo, FSDP)" in r.stdout
+    assert sorted(os.listdir(run_dir / "down" / "checkpoints" / "step-00000003" / "shards")) == [
+        ".metadata", "__0_0.distcp"]
+    out = resume_from(run_dir, "down", 3, "up")
+    r = torchrun(2, "--out_dir=up", "--resume=True", "--max_steps=4", cwd=run_dir)
+    assert r.returncode == 0, r.stderr
+    assert max_diff(weights(run_dir / "one" / "final"), weights(out / "final")) < 1e-5
+
+
+def test_lora_with_gradient_checkpointing_on_a_llama(run_dir):
+    """Only the adapters are trained, sharded, and checkpointed; the merged model and the adapter are those of one
+    process."""
+    lora = ["--model=llama", *COMMON, "--lora_r=4", "--lora_dropout=0.0", "--gradient_checkpointing=True"]
+    one = run_script("train.py", *lora, "--batch_size=4", "--out_dir=lora_one", cwd=run_dir)
+    assert one.returncode == 0, one.stderr
+    fsdp = torchrun(2, *lora, "--batch_size=2", "--fsdp=True", "--out_dir=lora_fsdp", cwd=run_dir)
+    assert fsdp.returncode == 0, fsdp.stderr
+    for sub in ("final", "best"):
+        assert max_diff(weights(run_dir / "lora_one" / sub), weights(run_dir / "lora_fsdp" / sub)) < 1e-5
+    adapter = lambda run: load_file(run_dir / run / "final" / "adapter" / "adapter_model.safetensors")
+    assert max_diff(adapter("lora_one"), adapter("lora_fsdp")) < 1e-5
+    # a checkpoint's shards hold the adapters and their AdamW state, nothing of the frozen model
+    reader = sharding.SafeReader(run_dir / "lora_fsdp" / "checkpoints" / "step-00000004" / "shards")
+    names = list(reader.read_metadata().state_dict_metadata)
+    assert names and all("lora_" in n for n in names)
+    assert any(n.startswith("optim.") and n.endswith("exp_avg") for n in names)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# in process: settings, the metadata reader, the memory estimate
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fsdp=True", "--precision=fp16"], "FSDP=True computes in bf16 or fp32"),
+    (["--fsdp=True", "--compile=True"], "COMPILE=True with FSDP=True is not supported"),
+])
+def test_settings_fsdp_cannot_take(run_dir, monkeypatch, flags, message):
+    monkeypatch.chdir(run_dir)
+    with pytest.raises(cli.UserError, match=message):
+        train.check_config(cli.load_config(flags))
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_the_metadata_reader_runs_no_code(run_dir, runs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    real = run_dir / "fsdp" / "checkpoints" / "step-00000004" / "shards" / ".metadata"
+    with open(real, "rb") as f:  # DCP's own metadata reads
+        assert sharding.MetadataUnpickler(f).load().state_dict_metadata
+    with pytest.raises(pickle.UnpicklingError, match="posix.system is not allowed"):
+        sharding.MetadataUnpickler(io.BytesIO(pickle.dumps(Evil()))).load()
+    assert not os.path.exists("pwned")
+
+
+def test_the_memory_estimate_counts_a_rank_s_share():
+    shape = {"params": 8_000_000_000, "trained": 8_000_000_000, "layers": 32, "width": 4096, "heads": 32,
+             "vocab": 128_256, "cpu": False, "chunk": 2000, "scores": False}
+    ddp = modeling.step_memory(shape, 1, 2048, True, True, ranks=8)
+    fsdp = modeling.step_memory({**shape, "sharded": True}, 1, 2048, True, True, ranks=8)
+    assert ddp["gradients and AdamW state"] == 16 * 8e9  # a full copy on each rank, and DDP's buckets
+    assert fsdp["gradients and AdamW state"] == 12 * 8e9 / 8 and fsdp["weights"] == 4 * 8e9 / 8
+    assert fsdp["gathered blocks"] == 2 * 4 * 8e9 / 32  # two blocks' weights at a time
+    accumulating = modeling.step_memory({**shape, "sharded": True}, 1, 2048, True, True, ranks=8, accumulating=True)
+    assert accumulating["unsharded gradients"] == 4 * 8e9
