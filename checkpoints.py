@@ -330,8 +330,8 @@ def resume_config(cfg, given, saved, source):
     if refused:
         flags = ", ".join(f"--{k.lower()}={current[k]!r} (the run has --{k.lower()}={run_has[k]!r})" for k in refused)
         raise UserError(f"{source} belongs to a run with other settings, and only EPOCHS, MAX_STEPS, the intervals, "
-                        f"KEEP_CHECKPOINTS, DEVICE, GRADIENT_CHECKPOINTING, LOSS_CHUNK, FSDP and the split of the global "
-                        f"batch (BATCH_SIZE, GRAD_ACCUM_STEPS) may change on resume: {flags}. Resume "
+                        f"KEEP_CHECKPOINTS, DEVICE, GRADIENT_CHECKPOINTING, LOSS_CHUNK, FSDP and the split of the "
+                        f"global batch (BATCH_SIZE, GRAD_ACCUM_STEPS) may change on resume: {flags}. Resume "
                         f"without them (the run's own settings are taken), or start a new run in another OUT_DIR")
     merged = dict(current)
     for k, v in run_has.items():

@@ -110,6 +110,19 @@ def keep_freed_memory():
         pass
 
 
+def return_freed_memory():
+    """FSDP on a CPU wants the opposite: its gathered weights and reduced gradients are freed block by block, every
+    step, and kept in the heap they fragment it until a rank takes DDP's memory (GPT-2 124M on 2 ranks: 2.5 GB of
+    RSS for 0.7 GB of tensors). Blocks over 1 MB come from fresh mappings again and go back to the OS when freed,
+    which halves the memory and costs the page faults keep_freed_memory saves."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD, fixed (glibc raises it as it goes, unless it is set)
+        libc.mallopt(-1, 32 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
@@ -198,11 +211,24 @@ def step_memory(shape, batch, block, checkpointing, half=False, trained=None, ra
     return terms
 
 
-def estimate_step_memory(model, cfg, device, dtype=None):
-    """step_memory for this run's model and settings: BATCH_SIZE x BLOCK_SIZE, GRADIENT_CHECKPOINTING."""
+def estimate_step_memory(model, cfg, device, dtype=None, unsharded=True):
+    """step_memory for this run's model and settings: BATCH_SIZE x BLOCK_SIZE, GRADIENT_CHECKPOINTING; under FSDP,
+    with the gradients `unsharded` between micro-batches or not (keeps_gradients)."""
     return step_memory(model_shape(model, device, cfg.FSDP), cfg.BATCH_SIZE, cfg.BLOCK_SIZE,
                        cfg.GRADIENT_CHECKPOINTING, dtype is not None, ranks=world_size(),
-                       accumulating=cfg.GRAD_ACCUM_STEPS > 1)
+                       accumulating=unsharded and cfg.GRAD_ACCUM_STEPS > 1)
+
+
+def keeps_gradients(model, cfg, device, dtype=None):
+    """FSDP with GRAD_ACCUM_STEPS > 1: whether a step's earlier micro-batches skip the gradients' reduce-scatter, as
+    DDP skips its all-reduce. Their gradients then stay unsharded on every rank until the step's last (4 bytes a
+    trained parameter: with LoRA, little; in a full fine-tune, what FSDP exists to save), so only where the step
+    still fits in 80% of the memory; else every micro-batch reduces its own, which costs communication, not memory."""
+    room, _ = available_memory(device)
+    if cfg.GRAD_ACCUM_STEPS == 1 or room is None:
+        return True
+    terms = estimate_step_memory(model, cfg, device, dtype)
+    return sum(terms.values()) - terms["weights"] <= 0.8 * room
 
 
 def world_size():
@@ -229,21 +255,22 @@ def available_memory(device):
     return min(figures) // ranks, "available RAM" + (f" / {ranks} processes" if ranks > 1 else "")
 
 
-def preflight(model, cfg, device, dtype=None):
+def preflight(model, cfg, device, dtype=None, unsharded=True):
     """Before the first step: a UserError where the step cannot fit in what the device has left (one line: the
     estimate, what is available, and settings that would fit); a warning line to print where it would take over 80%
-    of it; else None. The weights are in memory already, so they count against neither side."""
+    of it; else None. The weights are in memory already, so they count against neither side. `unsharded`: FSDP's
+    gradients are held unsharded between micro-batches (keeps_gradients)."""
     room, where = available_memory(device)
     if room is None:
         return None
-    terms = estimate_step_memory(model, cfg, device, dtype)
+    terms = estimate_step_memory(model, cfg, device, dtype, unsharded)
     need = sum(terms.values()) - terms["weights"]
     parts = ", ".join(f"{k} {gb(v)}" for k, v in sorted(terms.items(), key=lambda kv: -kv[1])
                       if v >= 5e7 and k != "weights")  # what shows as 0.0 GB says nothing
     step = (f"a training step of BATCH_SIZE={cfg.BATCH_SIZE} x BLOCK_SIZE={cfg.BLOCK_SIZE} needs about {gb(need)} "
             f"besides the model's weights" + (f" ({parts})" if parts else ""))
     if need > room:
-        fits = fitting_settings(model_shape(model, device, cfg.FSDP), cfg, room, dtype is not None)
+        fits = fitting_settings(model_shape(model, device, cfg.FSDP), cfg, room, dtype is not None, unsharded)
         advice = (f"these would fit: {' or '.join(fits)}" if fits else
                   "not even one sequence of 8 tokens would: a smaller MODEL, or a device with more memory")
         raise UserError(f"{step}, more than the {gb(room)} {where}; {advice}")
@@ -253,14 +280,14 @@ def preflight(model, cfg, device, dtype=None):
     return None
 
 
-def fitting_settings(shape, cfg, room, half):
+def fitting_settings(shape, cfg, room, half, unsharded=True):
     """Changes of one setting each that bring the step within `room` bytes, as flags; where none does, the
     smallest batch with the longest block that fits."""
     B, T, accum, ckpt = cfg.BATCH_SIZE, cfg.BLOCK_SIZE, cfg.GRAD_ACCUM_STEPS, cfg.GRADIENT_CHECKPOINTING
 
     def fits(batch, block, checkpointing=ckpt, trained=None):
         terms = step_memory(shape, batch, block, checkpointing, half, trained, world_size(),
-                            accumulating=accum * B // batch > 1)
+                            accumulating=unsharded and accum * B // batch > 1)
         return sum(terms.values()) - terms["weights"] <= room
 
     out = []
@@ -519,8 +546,8 @@ def forward_backward(model, micro, device, dtype, scaler=None):
     for m, (x, y) in enumerate(micro):
         # DDP all-reduces gradients on every backward, FSDP reduce-scatters them; only the step's last one needs it
         last = m == len(micro) - 1
-        if hasattr(model, "set_requires_gradient_sync"):  # FSDP: the earlier ones keep their gradients unsharded
-            model.set_requires_gradient_sync(last)
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP: the earlier ones keep their gradients unsharded,
+            model.set_requires_gradient_sync(last or getattr(model, "reduce_every_micro_batch", False))  # train.build
         with model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext():
             with autocast(device, dtype):
                 loss, _ = loss_sum(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True))

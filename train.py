@@ -686,7 +686,12 @@ def build(run, world, device, dtype, say):
         sharding.shard(net, model, device, dtype)
     else:
         model.to(device)
-    if memory_note := modeling.preflight(model, cfg, device, dtype):  # a step that cannot fit stops here, at once
+    keep = not cfg.FSDP or modeling.keeps_gradients(model, cfg, device, dtype)
+    net.reduce_every_micro_batch = not keep
+    if not keep:
+        say(f"FSDP: every micro-batch reduce-scatters its gradients: holding them unsharded over "
+            f"GRAD_ACCUM_STEPS={cfg.GRAD_ACCUM_STEPS} micro-batches would not fit in memory")
+    if memory_note := modeling.preflight(model, cfg, device, dtype, keep):  # a step that cannot fit stops here
         say(memory_note)
     if master:
         n_params, n_trained = modeling.parameters(model)
@@ -746,6 +751,8 @@ def setup(cfg, given):
     device, dtype, device_note = modeling.pick_device(device_name or run.cfg.DEVICE, run.cfg.PRECISION)
     if run.cfg.FSDP and world == 1:  # the run's own setting: known only now, on a resume
         backend = group_of_one(device)
+    if run.cfg.FSDP and device.type == "cpu":
+        modeling.return_freed_memory()
     say(device_note + (f"; {world} process{'es' * (world > 1)} ({backend}, {'FSDP' if run.cfg.FSDP else 'DDP'})"
                        if backend else ""))
     return run, world, rank, device, dtype

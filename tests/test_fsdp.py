@@ -180,3 +180,49 @@ def test_the_memory_estimate_counts_a_rank_s_share():
     assert fsdp["gathered blocks"] == 2 * 4 * 8e9 / 32  # two blocks' weights at a time
     accumulating = modeling.step_memory({**shape, "sharded": True}, 1, 2048, True, True, ranks=8, accumulating=True)
     assert accumulating["unsharded gradients"] == 4 * 8e9
+
+
+def test_gradients_stay_unsharded_between_micro_batches_only_where_they_fit(monkeypatch):
+    import transformers
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=512, n_positions=64, n_embd=64, n_layer=2,
+                                                                 n_head=2))
+    cfg = cli.load_config(["--fsdp=True", "--grad_accum_steps=4", "--batch_size=2", "--block_size=64"])
+    cpu = torch.device("cpu")
+    terms = modeling.estimate_step_memory(model, cfg, cpu)
+    need, unsharded = sum(terms.values()) - terms["weights"], terms["unsharded gradients"]
+    assert unsharded == 0  # one process: no shards, nothing to hold unsharded
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    terms = modeling.estimate_step_memory(model, cfg, cpu)
+    need, unsharded = sum(terms.values()) - terms["weights"], terms["unsharded gradients"]
+    assert unsharded == 4 * modeling.parameters(model)[1]
+    for room, keeps in [(need / 0.8 + 1, True), (need / 0.8 - 1, False)]:
+        monkeypatch.setattr(modeling, "available_memory", lambda device: (room, "test"))
+        assert modeling.keeps_gradients(model, cfg, cpu) is keeps
+    assert modeling.keeps_gradients(model, cli.load_config(["--fsdp=True"]), cpu)  # no accumulation: no question
+
+
+def test_reducing_every_micro_batch_gives_the_same_gradients(monkeypatch):
+    """A group of one in this process: the sharded step with and without the reduce-scatter of earlier micro-batches."""
+    import torch.distributed as dist
+    import transformers
+
+    import loss
+    from batching import IGNORE
+    torch.manual_seed(0)
+    x = torch.randint(0, 512, (4, 2, 16))
+    micro = [(x[i], torch.where(x[i] % 5 == 0, IGNORE, x[i])) for i in range(4)]
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        grads = []
+        for every in (False, True):
+            torch.manual_seed(0)
+            model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                vocab_size=512, n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0, embd_pdrop=0,
+                attn_pdrop=0))
+            net = sharding.shard(loss.ChunkedLoss(model), model, torch.device("cpu"), None)
+            net.reduce_every_micro_batch = every
+            modeling.forward_backward(net, micro, torch.device("cpu"), None)
+            grads.append({n: p.grad.full_tensor() for n, p in model.named_parameters()})
+    finally:
+        dist.destroy_process_group()
+    assert max_diff(*grads) < 1e-6
