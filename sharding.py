@@ -57,15 +57,14 @@ def blocks(model):
 def shard(net, model, device, dtype):
     """`net` (loss.ChunkedLoss around `model`) sharded over the ranks in place, on `device`: each block a unit (its
     weights gathered for its forward and backward, then freed), the root the rest (embeddings, final norm, output
-    layer). On CUDA in bf16, the weights are kept in fp32 and computed in bf16, the gradients reduced in fp32. The
+    layer). In bf16 (CUDA's default), the weights are kept in fp32 and computed in bf16, the gradients reduced in fp32. The
     chunked loss is checked on the whole model first (loss.probe), as it cannot be once the weights are sharded."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     head_of(model)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    half = device.type == "cuda" and dtype == torch.bfloat16
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if half else \
-        MixedPrecisionPolicy()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if dtype == torch.bfloat16 else MixedPrecisionPolicy()
     for block in blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(net, mesh=mesh, mp_policy=policy)

@@ -201,28 +201,50 @@ def test_gradients_stay_unsharded_between_micro_batches_only_where_they_fit(monk
     assert modeling.keeps_gradients(model, cli.load_config(["--fsdp=True"]), cpu)  # no accumulation: no question
 
 
-def test_reducing_every_micro_batch_gives_the_same_gradients(monkeypatch):
-    """A group of one in this process: the sharded step with and without the reduce-scatter of earlier micro-batches."""
-    import torch.distributed as dist
+def tiny_gpt2():
     import transformers
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=512, n_positions=64, n_embd=32, n_layer=2,
+                                                                n_head=2, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+
+
+def sharded_gradients(micro, dtype=None, every=False):
+    """A tiny GPT-2's gradients from one step over `micro`, sharded in a group of one in this process (None: not
+    sharded); in fp32, or computed in `dtype`. Returns {name: full gradient}."""
+    import torch.distributed as dist
 
     import loss
+    model = tiny_gpt2()
+    if every is None:
+        modeling.forward_backward(loss.ChunkedLoss(model), micro, torch.device("cpu"), dtype)
+        return {n: p.grad for n, p in model.named_parameters()}
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        net = sharding.shard(loss.ChunkedLoss(model), model, torch.device("cpu"), dtype)
+        net.reduce_every_micro_batch = every
+        modeling.forward_backward(net, micro, torch.device("cpu"), dtype)
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights stay fp32 in any case
+        return {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def micro():
     from batching import IGNORE
     torch.manual_seed(0)
     x = torch.randint(0, 512, (4, 2, 16))
-    micro = [(x[i], torch.where(x[i] % 5 == 0, IGNORE, x[i])) for i in range(4)]
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        grads = []
-        for every in (False, True):
-            torch.manual_seed(0)
-            model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-                vocab_size=512, n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0, embd_pdrop=0,
-                attn_pdrop=0))
-            net = sharding.shard(loss.ChunkedLoss(model), model, torch.device("cpu"), None)
-            net.reduce_every_micro_batch = every
-            modeling.forward_backward(net, micro, torch.device("cpu"), None)
-            grads.append({n: p.grad.full_tensor() for n, p in model.named_parameters()})
-    finally:
-        dist.destroy_process_group()
-    assert max_diff(*grads) < 1e-6
+    return [(x[i], torch.where(x[i] % 5 == 0, IGNORE, x[i])) for i in range(4)]
+
+
+def test_reducing_every_micro_batch_gives_the_same_gradients(micro):
+    plain = sharded_gradients(micro, every=None)
+    assert max_diff(plain, sharded_gradients(micro, every=False)) < 1e-6
+    assert max_diff(plain, sharded_gradients(micro, every=True)) < 1e-6
+
+
+def test_bf16_computes_in_bf16_and_keeps_fp32_weights_and_gradients(micro):
+    plain = sharded_gradients(micro, every=None)
+    half = sharded_gradients(micro, torch.bfloat16)
+    assert all(g.dtype == torch.float32 for g in half.values())
+    assert 1e-6 < max_diff(plain, half) < 2e-2  # bf16's rounding: computed in bf16, and close
