@@ -24,7 +24,6 @@ tensor at a time) and saved there.
 """
 
 import importlib
-import io
 import os
 import pickle
 
