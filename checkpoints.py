@@ -30,17 +30,18 @@ before_rename = None  # tests: called with a directory's temp path once its file
 # writing a directory whole, with a manifest; checking it; mending what a kill left
 
 @contextmanager
-def atomic_dir(path):
+def atomic_dir(path, known=None):
     """A temp directory beside `path` to write into; when the block ends without an exception it gets its manifest
     and replaces `path`. On any failure (a full disk) the temp directory goes, and `path` is as it was. OSError and
-    the writers' own errors pass through: the caller says what could not be written."""
+    the writers' own errors pass through: the caller says what could not be written. `known`: a dict the block may
+    fill with files' manifest entries hashed elsewhere (sharding.save: each rank hashes its own shard)."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(path) + "-")
     try:
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's directory is private (0700); what we write is not
         yield tmp
-        write_manifest(tmp)
+        write_manifest(tmp, known)
         if before_rename:
             before_rename(tmp)
         replace_dir(tmp, path)
@@ -48,10 +49,13 @@ def atomic_dir(path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_manifest(d):
-    """manifest.json in directory d: every file's size and sha256, subdirectories' too, so damage is detected."""
+def write_manifest(d, known=None):
+    """manifest.json in directory d: every file's size and sha256, subdirectories' too, so damage is detected.
+    `known`: entries already computed, by relative path."""
     files = sorted(os.path.relpath(os.path.join(p, f), d) for p, _, names in os.walk(d) for f in names)
-    manifest = {f: {"size": os.path.getsize(os.path.join(d, f)), "sha256": sha256(os.path.join(d, f))} for f in files}
+    known = known or {}
+    manifest = {f: known.get(f) or {"size": os.path.getsize(os.path.join(d, f)), "sha256": sha256(os.path.join(d, f))}
+                for f in files}
     with open(os.path.join(d, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
 

@@ -98,12 +98,21 @@ def save(out_dir, net, optimizer, tokenizer, config, state, keep):
     `keep` (rank 0). Every rank must call it. `net` is the sharded loss.ChunkedLoss; `config` the model's."""
     model_sd, optim_sd = get_state_dict(net, optimizer)
     path = os.path.join(out_dir, "checkpoints", f"step-{state['step']:08d}")
-    master = dist.get_rank() == 0
+    master, known = dist.get_rank() == 0, {}
 
     def write(tmp):
+        shards = os.path.join(tmp, "shards")
         dcp.save({"model": trained(net, model_sd), "optim": optim_sd["state"]},
-                 storage_writer=dcp.FileSystemWriter(os.path.join(tmp, "shards")))
+                 storage_writer=dcp.FileSystemWriter(shards))
+        # the manifest's entries for its own files, hashed by each rank at once (not all of them by rank 0)
+        mine = {f"shards/{f}": {"size": os.path.getsize(os.path.join(shards, f)),
+                                "sha256": checkpoints.sha256(os.path.join(shards, f))}
+                for f in os.listdir(shards) if f.startswith(f"__{dist.get_rank()}_")}
+        hashed = [None] * dist.get_world_size()
+        dist.all_gather_object(hashed, mine)
         if master:
+            for entries in hashed:
+                known.update(entries)
             tokenizer.save_pretrained(tmp)
             config.save_pretrained(tmp)
             torch.save({**state, "optimizer": None, "param_groups": optim_sd["param_groups"], "sharded": True},
@@ -111,7 +120,7 @@ def save(out_dir, net, optimizer, tokenizer, config, state, keep):
 
     try:
         if master:
-            with checkpoints.atomic_dir(path) as tmp:
+            with checkpoints.atomic_dir(path, known) as tmp:
                 dist.broadcast_object_list([tmp])
                 write(tmp)
         else:

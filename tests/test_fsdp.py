@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoints
 import cli
 import modeling
 import sharding
@@ -75,6 +76,7 @@ def test_a_kill_while_the_shards_are_written_resumes_exactly(run_dir, runs):
     assert "step-00000002 (step 2)" in fsdp.stdout  # the half-written step 4 was never seen
     checkpoint = run_dir / "fsdp" / "checkpoints" / "step-00000004"
     assert sorted(os.listdir(checkpoint / "shards")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert checkpoints.check_manifest(checkpoint, required=True) is None  # each rank hashed its own shard
     state = torch.load(checkpoint / "state.pt", weights_only=True)
     assert state["sharded"] and state["optimizer"] is None  # the optimizer's state is in the shards, not here
     assert not [n for n in os.listdir(run_dir / "fsdp" / "checkpoints") if n.startswith(".tmp")]
@@ -120,6 +122,7 @@ def test_one_fsdp_process_resumes_on_two(run_dir, runs):
     out = resume_from(run_dir, "down", 3, "up")
     r = torchrun(2, "--out_dir=up", "--resume=True", "--max_steps=4", cwd=run_dir)
     assert r.returncode == 0, r.stderr
+    assert "resuming from up/checkpoints/step-00000003 (step 3)" in r.stdout
     assert max_diff(weights(run_dir / "one" / "final"), weights(out / "final")) < 1e-5
 
 
