@@ -329,7 +329,9 @@ def load(name):
     """A tokenizer and model from a Hub id or a local directory: safetensors only, no remote code."""
     name = local_path(name)
     if os.path.isdir(name):
-        missing = [f for f in ("config.json", "model.safetensors") if not os.path.exists(os.path.join(name, f))]
+        # a big model's weights come in several files, with an index (model.safetensors.index.json)
+        missing = [f for f in ("config.json", "model.safetensors") if not os.path.exists(os.path.join(name, f)) and
+                   not os.path.exists(os.path.join(name, f + ".index.json"))]
         if missing:
             raise UserError(f"model directory {name!r} is incomplete: no {', '.join(missing)} "
                             f"(a directory written by save_pretrained, with safetensors weights, is expected)")

@@ -228,3 +228,14 @@ def test_lora_and_full_checkpoints_do_not_mix(family, tmp_path):
     line = one_error_line(p)
     assert f"(the run has --lora_r={4 if lora else 0})" in line
     assert sorted(str(p.stat().st_mtime_ns) + str(p) for p in (tmp_path / "out").rglob("*")) == before
+
+
+def test_a_model_saved_in_several_files_loads(tmp_path):
+    """Big models come as model-0000N-of-0000M.safetensors with an index, not one model.safetensors."""
+    _, model = modeling.load(save_tiny_gpt2(str(tmp_path / "one")))
+    model.save_pretrained(tmp_path / "split", max_shard_size="2MB")
+    gpt2_tokenizer().save_pretrained(tmp_path / "split")
+    assert not (tmp_path / "split" / "model.safetensors").exists()
+    assert len(list((tmp_path / "split").glob("model-*-of-*.safetensors"))) > 1
+    _, loaded = modeling.load(str(tmp_path / "split"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
