@@ -69,9 +69,10 @@ def sha256(path):
     return h.hexdigest()
 
 
-def check_manifest(path, required=False):
+def check_manifest(path, required=False, share=None):
     """What is wrong with a directory we saved (a file missing, truncated or changed since), or None if nothing.
-    A directory without a manifest (a model from elsewhere) passes unless `required`."""
+    A directory without a manifest (a model from elsewhere) passes unless `required`. `share` (rank, ranks): this
+    rank reads and hashes only its share of the files, the others' it checks by size."""
     try:
         with open(os.path.join(path, MANIFEST)) as f:
             manifest = json.load(f)
@@ -79,13 +80,14 @@ def check_manifest(path, required=False):
         return "no manifest.json" if required else None
     except (OSError, ValueError):
         return "manifest.json is unreadable"
-    for name, want in manifest.items():
+    rank, ranks = share or (0, 1)
+    for i, (name, want) in enumerate(sorted(manifest.items())):
         p = os.path.join(path, name)
         if not os.path.isfile(p):
             return f"{name} is missing"
         if os.path.getsize(p) != want["size"]:
             return f"{name} is {os.path.getsize(p):,} bytes, the manifest says {want['size']:,} (truncated?)"
-        if sha256(p) != want["sha256"]:
+        if i % ranks == rank and sha256(p) != want["sha256"]:
             return f"{name} does not match its sha256 in the manifest (corrupted or replaced)"
     return None
 
@@ -184,17 +186,27 @@ def last_good(out_dir):
     return next((c for c in reversed(find(out_dir)) if not check_manifest(c)), None)
 
 
-def load_latest(checkpoints, say):
+def load_latest(checkpoints, say, world=1):
     """The newest checkpoint whose files match its manifest and whose state loads without running code, and its
-    state; damaged ones are reported and passed over. (None, None) where there is none."""
+    state; damaged ones are reported and passed over. (None, None) where there is none. Under torchrun (`world`
+    ranks, every one with the same `checkpoints`) each rank hashes its share of a checkpoint's files, and all take
+    the verdict of all: a sharded checkpoint is read once, not once a rank."""
     import torch
+    import torch.distributed as dist
     for path in reversed(checkpoints):
-        problem = check_manifest(path, required=True)
+        share = (dist.get_rank(), world) if world > 1 else None
+        problem, state = check_manifest(path, required=True, share=share), None
         if problem is None:
             try:  # weights_only: tensors and plain data only; a pickle that would run code is refused
-                return path, torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+                state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
             except Exception as e:
                 problem = f"state.pt cannot be loaded safely ({type(e).__name__})"
+        if world > 1:
+            problems = [None] * world
+            dist.all_gather_object(problems, problem)
+            problem = next((p for p in problems if p), None)
+        if problem is None:
+            return path, state
         say(f"skipping damaged checkpoint {path}: {problem}")
     return None, None
 
@@ -253,13 +265,14 @@ def open_run(cfg, given, world, say):
         dist.barrier()
     checkpoints, config_json = find(cfg.OUT_DIR), os.path.join(cfg.OUT_DIR, "config.json")
     job, automatic = torchrun_restart(cfg, config_json, world, say)
-    resume_from, state = (None, None) if not (cfg.RESUME and checkpoints) else load_latest(checkpoints, say)
     if world > 1:  # every rank must take up the run where rank 0 does; on machines that do not share OUT_DIR, not so
-        steps = [None] * world
-        dist.all_gather_object(steps, state and state["step"])
-        if len(set(steps)) > 1:
+        seen = [None] * world
+        dist.all_gather_object(seen, [os.path.basename(c) for c in checkpoints])
+        if any(names != seen[0] for names in seen):
+            steps = [int(names[-1][len("step-"):]) if names else None for names in seen]
             raise UserError(f"the ranks find different checkpoints in OUT_DIR {cfg.OUT_DIR!r} (steps {steps}): on "
                             f"more than one machine, OUT_DIR must be on a filesystem they share")
+    resume_from, state = (None, None) if not (cfg.RESUME and checkpoints) else load_latest(checkpoints, say, world)
     if cfg.RESUME and checkpoints and state is None:
         if automatic:  # starting over is for a user to decide, not a restart
             raise UserError(f"torchrun restarted the run in {cfg.OUT_DIR}, and none of its {len(checkpoints)} "

@@ -2,6 +2,7 @@
 ends where one process does."""
 
 import io
+import json
 import os
 import pickle
 import shutil
@@ -123,6 +124,23 @@ def test_one_fsdp_process_resumes_on_two(run_dir, runs):
     r = torchrun(2, "--out_dir=up", "--resume=True", "--max_steps=4", cwd=run_dir)
     assert r.returncode == 0, r.stderr
     assert "resuming from up/checkpoints/step-00000003 (step 3)" in r.stdout
+    assert max_diff(weights(run_dir / "one" / "final"), weights(out / "final")) < 1e-5
+
+
+def test_damage_that_one_rank_finds_makes_every_rank_pass_the_checkpoint_over(run_dir, runs):
+    """Under torchrun each rank hashes its share of a checkpoint's files: a file only rank 1 reads is damaged (same
+    size, one byte changed), and both ranks go back to the checkpoint before."""
+    out = resume_from(run_dir, "fsdp", 2, "damaged")
+    shutil.copytree(run_dir / "fsdp" / "checkpoints" / "step-00000004", out / "checkpoints" / "step-00000004")
+    names = sorted(json.loads((out / "checkpoints" / "step-00000004" / "manifest.json").read_text()))
+    victim = out / "checkpoints" / "step-00000004" / names[1]  # rank 1's share: every second file
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 1
+    victim.write_bytes(bytes(data))
+    r = torchrun(2, "--out_dir=damaged", "--resume=True", cwd=run_dir)
+    assert r.returncode == 0, r.stderr
+    assert f"skipping damaged checkpoint damaged/checkpoints/step-00000004: {names[1]} does not match" in r.stdout
+    assert "resuming from damaged/checkpoints/step-00000002 (step 2)" in r.stdout
     assert max_diff(weights(run_dir / "one" / "final"), weights(out / "final")) < 1e-5
 
 
