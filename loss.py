@@ -97,6 +97,13 @@ def head_of(model):
     return _heads[hf]
 
 
+def trust_head(model, ok):
+    """head_of's verdict for `model` (`ok`: whether it has a Head) taken from elsewhere: under FSDP rank 0 probes the
+    whole model, and the other ranks, which hold only its shape until the weights are sent, take its word."""
+    hf = hf_model(model)
+    _heads[hf] = find_head(hf)[0] if ok else None
+
+
 def find_head(hf):
     """(Head, None), or (None, why not)."""
     linear = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import utils as hub_utils
 from huggingface_hub.utils import logging as hub_logging
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast,
-                          PreTrainedTokenizerFast)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel,
+                          GPT2TokenizerFast, PreTrainedTokenizerFast)
 from transformers.activations import GELUTanh, NewGELUActivation
 from transformers.utils import logging
 
@@ -339,6 +339,19 @@ def load(name):
     with _load_errors(name):
         model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, use_safetensors=True,
                                                      dtype=torch.float32, local_files_only=cache_only(name))
+    return tokenizer, fused_gelu(model)
+
+
+def load_shape(name):
+    """As load(), but without reading the weights: the model's shape on the meta device, taking no memory. Under
+    FSDP the ranks but rank 0 start so, and rank 0 sends each its part of the weights (sharding.shard): a machine
+    holds one copy of the model while it loads, not one a rank."""
+    name = local_path(name)
+    tokenizer = load_tokenizer(name)
+    with _load_errors(name):
+        config = AutoConfig.from_pretrained(name, trust_remote_code=False, local_files_only=cache_only(name))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=torch.float32)
     return tokenizer, fused_gelu(model)
 
 

@@ -32,11 +32,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_optimizer_state_dict, set_state_dict)
+                                                     set_model_state_dict, set_optimizer_state_dict, set_state_dict)
 
 import checkpoints
 from cli import UserError
-from loss import head_of, hf_model
+from loss import head_of, hf_model, trust_head
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -56,17 +56,28 @@ def blocks(model):
 def shard(net, model, device, dtype):
     """`net` (loss.ChunkedLoss around `model`) sharded over the ranks in place, on `device`: each block a unit (its
     weights gathered for its forward and backward, then freed), the root the rest (embeddings, final norm, output
-    layer). In bf16 (CUDA's default), the weights are kept in fp32 and computed in bf16, the gradients reduced in fp32. The
-    chunked loss is checked on the whole model first (loss.probe), as it cannot be once the weights are sharded."""
+    layer). In bf16 (CUDA's default), the weights are kept in fp32 and computed in bf16, the gradients reduced in
+    fp32. Rank 0 holds the weights (the other ranks may hold the model's shape alone, on the meta device:
+    modeling.load_shape) and sends each rank its part; it checks the chunked loss on the whole model first
+    (loss.probe), and the others take its word."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    head_of(model)
+    master = dist.get_rank() == 0
+    verdict = [head_of(model) is not None if master else None]
+    dist.broadcast_object_list(verdict)
+    trust_head(model, verdict[0])
+    full = net.state_dict() if master else {}
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if dtype == torch.bfloat16 else MixedPrecisionPolicy()
     for block in blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(net, mesh=mesh, mp_policy=policy)
+    if any(t.is_meta for t in [*net.parameters(), *net.buffers()]):
+        net.to_empty(device=device)
+    set_model_state_dict(net, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in net.buffers():  # those no state dict holds too (rotary frequencies): rank 0's
+        dist.broadcast(buffer, 0)
     return net
 
 

@@ -158,16 +158,18 @@ def open_model(cfg, resume_from, world, master):
     from transformers import AutoTokenizer
 
     import modeling
+    # FSDP: rank 0 alone reads the weights, and sends each rank its part as the model is sharded (sharding.shard)
+    load = modeling.load_shape if cfg.FSDP and world > 1 and not master else modeling.load
     if resume_from and os.path.isdir(os.path.join(resume_from, "shards")):  # FSDP's: the weights come in restore()
         tokenizer = modeling.load_tokenizer(resume_from)
-        _, model = modeling.build_scratch(cfg, [], tokenizer) if cfg.MODEL == "scratch" else modeling.load(cfg.MODEL)
+        _, model = modeling.build_scratch(cfg, [], tokenizer) if cfg.MODEL == "scratch" else load(cfg.MODEL)
         return tokenizer, modeling.adapt(model, cfg)
     if resume_from and os.path.exists(os.path.join(resume_from, "adapter_model.safetensors")):
         tokenizer = modeling.load_tokenizer(resume_from)
         adapter = load_file(os.path.join(resume_from, "adapter_model.safetensors"))
-        return tokenizer, modeling.adapt(modeling.load(cfg.MODEL)[1], cfg, adapter)
+        return tokenizer, modeling.adapt(load(cfg.MODEL)[1], cfg, adapter)
     if resume_from:
-        tokenizer, model = modeling.load(resume_from)
+        tokenizer, model = load(resume_from)
     elif cfg.MODEL == "scratch":
         texts = (format_dialogue(d) for d in iter_dialogues(cfg.TRAIN_FILE))
         if world > 1:  # one tokenizer for all ranks: rank 0 trains it, the others load it
@@ -179,7 +181,7 @@ def open_model(cfg, resume_from, world, master):
         else:
             tokenizer, model = modeling.build_scratch(cfg, texts)
     else:
-        tokenizer, model = modeling.load(cfg.MODEL)
+        tokenizer, model = load(cfg.MODEL)
     return tokenizer, modeling.adapt(model, cfg)
 
 
