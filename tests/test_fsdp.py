@@ -269,3 +269,12 @@ def test_bf16_computes_in_bf16_and_keeps_fp32_weights_and_gradients(micro):
     half = sharded_gradients(micro, torch.bfloat16)
     assert all(g.dtype == torch.float32 for g in half.values())
     assert 1e-6 < max_diff(plain, half) < 2e-2  # bf16's rounding: computed in bf16, and close
+
+
+def test_a_model_that_names_no_blocks_is_refused_in_one_line():
+    model = tiny_gpt2()
+    model._no_split_modules = None
+    with pytest.raises(cli.UserError, match="FSDP: GPT2LMHeadModel names no transformer blocks"):
+        sharding.blocks(model)
+    del model._no_split_modules  # the class's own again
+    assert len(sharding.blocks(model)) == 2
