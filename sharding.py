@@ -138,8 +138,10 @@ def save(out_dir, net, optimizer, tokenizer, config, state, keep):
             tmp = [None]
             dist.broadcast_object_list(tmp)
             write(tmp[0])
-    except (OSError, CheckpointException) as e:  # DCP raises the error of any rank on every rank
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+    except (OSError, CheckpointException) as e:  # DCP raises every rank's error on every rank, with its traceback
+        if isinstance(e, CheckpointException):
+            _, (e, _) = min(e.failures.items(), key=lambda kv: kv[0])  # the first rank's
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}".splitlines()[0]
         raise UserError(f"could not write {path}: {why}; what was there before is intact") from None
     if master:
         checkpoints.prune(out_dir, path, keep)

@@ -18,7 +18,7 @@ import sharding
 import train
 from conftest import patched_train, run_script
 from test_distributed import torchrun
-from tiny import curve, max_diff, save_tiny_gpt2, save_tiny_llama, synthetic, weights, write_split
+from tiny import curve, gpt2_tokenizer, max_diff, save_tiny_gpt2, save_tiny_llama, synthetic, weights, write_split
 
 COMMON = ["--learning_rate=1e-3", "--block_size=64", "--grad_accum_steps=2", "--max_steps=4",
           "--checkpoint_interval=2", "--keep_checkpoints=5"]
@@ -115,9 +115,10 @@ def test_one_fsdp_process_resumes_on_two(run_dir, runs):
     """2 ranks -> 1 (checkpointing every step: step 3 is a one-process FSDP checkpoint) -> 2 ranks."""
     resume_from(run_dir, "fsdp", 2, "down")
     r = run_script("train.py", "--out_dir=down", "--resume=True", "--max_steps=3", "--checkpoint_interval=1",
-                   cwd=run_dir)
+                   "--keep_checkpoints=1", cwd=run_dir)
     assert r.returncode == 0, r.stderr
     assert "1 process (gloo, FSDP)" in r.stdout
+    assert os.listdir(run_dir / "down" / "checkpoints") == ["step-00000003"]  # sharded ones are pruned too
     assert sorted(os.listdir(run_dir / "down" / "checkpoints" / "step-00000003" / "shards")) == [
         ".metadata", "__0_0.distcp"]
     out = resume_from(run_dir, "down", 3, "up")
@@ -278,3 +279,32 @@ def test_a_model_that_names_no_blocks_is_refused_in_one_line():
         sharding.blocks(model)
     del model._no_split_modules  # the class's own again
     assert len(sharding.blocks(model)) == 2
+
+
+def test_a_full_disk_during_a_sharded_checkpoint_is_one_line_and_keeps_the_last(tmp_path, monkeypatch, micro):
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    import loss
+    model = tiny_gpt2()
+    tokenizer = gpt2_tokenizer()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        net = sharding.shard(loss.ChunkedLoss(model), model, torch.device("cpu"), None)
+        optimizer = modeling.make_optimizer(model, 1e-3, 0.0, (0.9, 0.999), torch.device("cpu"))
+        modeling.forward_backward(net, micro, torch.device("cpu"), None)
+        modeling.optimizer_step(model, optimizer, None, 1.0)
+        sharding.save(str(tmp_path), net, optimizer, tokenizer, model.config, {"step": 1}, keep=2)
+
+        class Full(dcp.FileSystemWriter):
+            def write_data(self, plan, planner):
+                raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(dcp, "FileSystemWriter", Full)
+        with pytest.raises(cli.UserError, match=r"could not write .*step-00000002: .*No space left on device.*; "
+                                                r"what was there before is intact"):
+            sharding.save(str(tmp_path), net, optimizer, tokenizer, model.config, {"step": 2}, keep=2)
+    finally:
+        dist.destroy_process_group()
+    assert os.listdir(tmp_path / "checkpoints") == ["step-00000001"]  # no temp directory left, the last one intact
+    assert checkpoints.check_manifest(tmp_path / "checkpoints" / "step-00000001", required=True) is None
