@@ -24,6 +24,7 @@ tensor at a time) and saved there.
 """
 
 import importlib
+import logging
 import os
 import pickle
 
@@ -37,6 +38,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 import checkpoints
 from cli import UserError
 from loss import head_of, hf_model, trust_head
+
+logging.getLogger("torch.distributed.checkpoint").setLevel(logging.ERROR)  # its warnings would break our one-line errors
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -138,11 +141,8 @@ def save(out_dir, net, optimizer, tokenizer, config, state, keep):
             tmp = [None]
             dist.broadcast_object_list(tmp)
             write(tmp[0])
-    except (OSError, CheckpointException) as e:  # DCP raises every rank's error on every rank, with its traceback
-        if isinstance(e, CheckpointException):
-            _, (e, _) = min(e.failures.items(), key=lambda kv: kv[0])  # the first rank's
-        why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}".splitlines()[0]
-        raise UserError(f"could not write {path}: {why}; what was there before is intact") from None
+    except (OSError, CheckpointException) as e:
+        raise UserError(f"could not write {path}: {reason(e)}; what was there before is intact") from None
     if master:
         checkpoints.prune(out_dir, path, keep)
 
@@ -152,14 +152,24 @@ def load(path, net, optimizer, param_groups):
     of ranks; DCP reshards) and `optimizer`."""
     model_sd, optim_sd = get_state_dict(net, optimizer)  # the shapes to read into; the optimizer's state made
     want = {"model": trained(net, model_sd), "optim": optim_sd["state"]}
+    reader = SafeReader(os.path.join(path, "shards"))
     try:
-        dcp.load(want, storage_reader=SafeReader(os.path.join(path, "shards")), planner=SafePlanner())
-    except Exception as e:  # refused, or not what this model has: the file is not what the manifest checked
-        raise UserError(f"{path}: the sharded checkpoint does not load into this run's model "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        reader.read_metadata()  # refused here, before DCP would fall back to other files with a traceback each
+        dcp.load(want, storage_reader=reader, planner=SafePlanner())
+    except (Exception, CheckpointException) as e:  # refused, or not what this model has
+        raise UserError(f"{path}: the sharded checkpoint does not load into this run's model ({reason(e)})") from None
     set_state_dict(net, optimizer, model_state_dict=want["model"],
                    optim_state_dict={"state": want["optim"], "param_groups": param_groups},
                    options=StateDictOptions(strict=False))
+
+
+def reason(e):
+    """An error in one line. DCP raises every rank's error on every rank, with its traceback: the first rank's."""
+    if isinstance(e, CheckpointException) and e.failures:
+        _, (e, _) = min(e.failures.items(), key=lambda kv: kv[0])
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return f"{type(e).__name__}: {e}".splitlines()[0][:200]
 
 
 def load_full_optimizer(net, optimizer, saved):

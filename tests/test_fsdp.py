@@ -16,7 +16,7 @@ import cli
 import modeling
 import sharding
 import train
-from conftest import patched_train, run_script
+from conftest import one_error_line, patched_train, run_script
 from test_distributed import torchrun
 from tiny import curve, gpt2_tokenizer, max_diff, save_tiny_gpt2, save_tiny_llama, synthetic, weights, write_split
 
@@ -182,14 +182,17 @@ class Evil:
         return (os.system, ("touch pwned",))
 
 
-def test_the_metadata_reader_runs_no_code(run_dir, runs, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    real = run_dir / "fsdp" / "checkpoints" / "step-00000004" / "shards" / ".metadata"
-    with open(real, "rb") as f:  # DCP's own metadata reads
-        assert sharding.MetadataUnpickler(f).load().state_dict_metadata
-    with pytest.raises(pickle.UnpicklingError, match="posix.system is not allowed"):
-        sharding.MetadataUnpickler(io.BytesIO(pickle.dumps(Evil()))).load()
-    assert not os.path.exists("pwned")
+def test_a_sharded_checkpoint_runs_no_code_even_with_a_forged_manifest(run_dir, runs):
+    """DCP's .metadata is a pickle: one that would run a command is refused, in one line, with nothing run."""
+    out = resume_from(run_dir, "fsdp", 2, "evil")
+    checkpoint = out / "checkpoints" / "step-00000002"
+    (checkpoint / "shards" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    (checkpoint / "manifest.json").unlink()
+    checkpoints.write_manifest(checkpoint)  # forged to match
+    r = run_script("train.py", "--out_dir=evil", "--resume=True", cwd=run_dir)
+    line = one_error_line(r)
+    assert "the sharded checkpoint does not load" in line and "posix.system is not allowed" in line, line
+    assert not (run_dir / "pwned").exists() and not (out / "final").exists()
 
 
 def test_the_memory_estimate_counts_a_rank_s_share():
