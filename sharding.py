@@ -39,7 +39,8 @@ import checkpoints
 from cli import UserError
 from loss import head_of, hf_model, trust_head
 
-logging.getLogger("torch.distributed.checkpoint").setLevel(logging.ERROR)  # its warnings would break our one-line errors
+# DCP's warnings (a traceback each) would break our one-line errors, as transformers' would (modeling.py)
+logging.getLogger("torch.distributed.checkpoint").setLevel(logging.ERROR)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

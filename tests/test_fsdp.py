@@ -1,7 +1,6 @@
 """FSDP=True: sharded training and sharded checkpoints (torchrun on CPU, gloo). Every run takes 8 blocks a step and
 ends where one process does."""
 
-import io
 import json
 import os
 import pickle
