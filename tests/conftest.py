@@ -76,6 +76,35 @@ def in_process(main, cwd, args, monkeypatch, capfd):
     return subprocess.CompletedProcess(args, code, out, err)
 
 
+def run_main(main, cwd, args, stdin=""):
+    """in_process for a module-scoped fixture, which can have neither monkeypatch nor capfd: main() under cli.run
+    from `cwd`, on one thread, reading `stdin`. Captures what Python writes to stdout and stderr (print, the progress
+    bar, cli's error line), which is all the tests read. CompletedProcess-like."""
+    import contextlib
+    import io
+
+    import torch
+
+    import cli
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.chdir(cwd)
+        mp.setattr(sys, "argv", [f"{main.__module__}.py", *args])
+        mp.setattr(sys, "stdin", io.StringIO(stdin))
+        mp.setenv("TOKENIZERS_PARALLELISM", "false")
+        mp.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        try:
+            cli.run(main)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        finally:
+            torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def patched_train(tmp_path, name, patch):
     """A script that runs train.py's main after `patch` (Python, with os, checkpoints, cli, modeling and train
     imported): a fault put into the real code path at a chosen moment."""
