@@ -13,7 +13,6 @@ import stat
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ import cli
 import modeling
 import train
 from batching import IGNORE, collate, epoch_order, eval_batches, make_blocks, windows
-from conftest import ROOT, in_process, one_error_line, run_script, script_env, train_args
+from conftest import ROOT, in_process, one_error_line, run_main, run_script, script_env, train_args
 from dialogues import read_dialogues
 from render import render
 from tiny import EOS_ID, curve, gpt2_tokenizer, max_diff, metrics, save_tiny_gpt2, synthetic, weights, write_split
@@ -34,14 +33,15 @@ from tiny import EOS_ID, curve, gpt2_tokenizer, max_diff, metrics, save_tiny_gpt
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers
 
-# One thread: tiny models gain nothing from a second one, and runs started together would fight over the cores.
+# One thread: tiny models gain nothing from a second one, and the arithmetic is that of the in-process runs (run_main,
+# in_process), which take one too.
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def run_all(jobs):
-    """Run train.py once per (cwd, args) at the same time: each run is mostly import time."""
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return list(pool.map(lambda job: run_script("train.py", *job[1], cwd=job[0], env=ENV), jobs))
+    """train.py's main() once per (cwd, args), in this process: most of a script's run would be its imports. The
+    real script runs in test_resume_after_kill, test_scratch_end_to_end and test_missing_model."""
+    return [run_main(train.main, cwd, args) for cwd, args in jobs]
 
 
 def snapshot(path):
@@ -83,9 +83,9 @@ def trained(tmp_path_factory, tiny_model):
     d = tmp_path_factory.mktemp("trained")
     write_split(d, synthetic(100, seed=2, max_turns=12), synthetic(20, seed=3, max_turns=12))
     # lr 1e-2: a 32-wide model moves its 50257 logits slowly at 1e-3
-    p = run_script("train.py", *train_args(tiny_model, "--learning_rate=1e-2", "--block_size=64", "--batch_size=4",
+    p = run_main(train.main, d, train_args(tiny_model, "--learning_rate=1e-2", "--block_size=64", "--batch_size=4",
                                            "--epochs=1", "--log_interval=1", "--eval_interval=10",
-                                           "--checkpoint_interval=10", "--keep_checkpoints=10"), cwd=d, env=ENV)
+                                           "--checkpoint_interval=10", "--keep_checkpoints=10"))
     assert p.returncode == 0, p.stderr
     return d / "out", p
 
@@ -234,7 +234,7 @@ def run_a(tmp_path_factory, dropout_model):
     """An uninterrupted run, with dropout so that the RNG state matters."""
     d = tmp_path_factory.mktemp("run_a")
     write_split(d, *RESUME_DATA)
-    p = run_script("train.py", *resume_args(dropout_model), cwd=d, env=ENV)
+    p = run_main(train.main, d, resume_args(dropout_model))
     assert p.returncode == 0, p.stderr
     assert re.search(r"\b5 steps/epoch\b", p.stdout), p.stdout  # so resuming from step 8 crosses into epoch 3
     return d / "out"
@@ -252,8 +252,8 @@ def crash_after_step_8(out):
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory, run_a, dropout_model):
     """Two copies of run A's directory crashed after step 8 (a copy is what a second, identical run would have
-    written; test_resume_after_kill checks a fresh run), one also holding half-written checkpoints; both resumed,
-    at the same time. name -> (OUT_DIR, CompletedProcess)."""
+    written; test_resume_after_kill checks a fresh run), one also holding half-written checkpoints; both resumed.
+    name -> (OUT_DIR, CompletedProcess)."""
     dirs = {name: tmp_path_factory.mktemp(name) for name in ("plain", "half_written")}
     for d in dirs.values():
         write_split(d, *RESUME_DATA)
@@ -277,7 +277,7 @@ def test_resume_gives_the_same_weights(resumed, run_a):
     assert sorted(os.listdir(out / "checkpoints")) == sorted(os.listdir(run_a / "checkpoints"))
 
 
-def test_resume_after_kill(tmp_path, run_a, dropout_model):
+def test_resume_after_kill(tmp_path, monkeypatch, capfd, run_a, dropout_model):
     write_split(tmp_path, *RESUME_DATA)
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *resume_args(dropout_model)],
                             cwd=tmp_path, env=script_env(ENV), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -290,7 +290,7 @@ def test_resume_after_kill(tmp_path, run_a, dropout_model):
     proc.kill()
     proc.wait()
     if proc.returncode == -signal.SIGKILL:
-        p = run_script("train.py", *resume_args(dropout_model), "--resume=True", cwd=tmp_path, env=ENV)
+        p = in_process(train.main, tmp_path, [*resume_args(dropout_model), "--resume=True"], monkeypatch, capfd)
         assert p.returncode == 0, p.stderr
         assert "resuming from" in p.stdout
     else:  # it finished before the kill landed
@@ -428,8 +428,7 @@ def test_get_lr(schedule):
 
 @pytest.fixture(scope="module")
 def resume_cases(tmp_path_factory, run_a):
-    """Copies of run A resumed with few or no settings, side by side. name -> (OUT_DIR, CompletedProcess, config.json
-    before)."""
+    """Copies of run A resumed with few or no settings. name -> (OUT_DIR, CompletedProcess, config.json before)."""
     cases = {
         # nothing retyped: config.py's defaults (another model, block 256, EPOCHS=3 instead of MAX_STEPS=12) unused
         "alone": (["--resume=True"], crash_after_step_8),
