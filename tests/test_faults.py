@@ -27,7 +27,7 @@ import checkpoints
 import evaluate
 import modeling
 import train
-from conftest import ROOT, in_process, last_error_line, patched_train, run_script, script_env, train_args
+from conftest import ROOT, in_process, last_error_line, patched_train, run_main, script_env, train_args
 from tiny import curve, max_diff, save_tiny_gpt2, synthetic, weights, write_split
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ def model(tmp_path_factory):
 def reference(tmp_path_factory, model):
     d = tmp_path_factory.mktemp("reference")
     write_split(d, *DATA)
-    p = run_script("train.py", *fault_args(model), cwd=d, env=ENV)
+    p = run_main(train.main, d, fault_args(model))  # in-process, on one thread: the arithmetic of the processes
     assert p.returncode == 0, p.stderr
     return d / "out"
 
@@ -440,7 +440,7 @@ train.train_step = signalled
 """
 
 
-def test_ctrl_c_finishes_the_step_and_resumes_exactly(tmp_path, model, reference):
+def test_ctrl_c_finishes_the_step_and_resumes_exactly(tmp_path, monkeypatch, capfd, model, reference):
     write_split(tmp_path, *DATA)
     script = patched_train(tmp_path, "ctrl_c.py", SIGNALLED.format(times=1, at=7, sig="SIGINT"))
     args = fault_args(model, "--checkpoint_interval=0")  # checkpoints only at epoch ends (steps 5, 10, ...)
@@ -452,8 +452,9 @@ def test_ctrl_c_finishes_the_step_and_resumes_exactly(tmp_path, model, reference
     assert m, p.stderr
     assert "Traceback" not in p.stderr
     assert intact(ckpt(tmp_path / "out", 7))
-    # the command it gives, as given, continues the run to the weights of one never stopped
-    resumed = run_script("train.py", *shlex.split(m.group(1))[1:], cwd=tmp_path, env=ENV)
+    # the command it gives, as given (its arguments to train.py's main() here), continues the run to the weights of one
+    # never stopped
+    resumed = in_process(train.main, tmp_path, shlex.split(m.group(1))[1:], monkeypatch, capfd)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from out/checkpoints/step-00000007 (step 7)" in resumed.stdout
     assert max_diff(weights(tmp_path / "out" / "final"), weights(reference / "final")) < 1e-6
