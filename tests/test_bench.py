@@ -15,11 +15,16 @@ import bench
 import loss
 import modeling
 from cli import UserError
-from conftest import ROOT
+from conftest import ROOT, in_process
 
 
-def test_bench_smoke_prints_the_table_and_sane_figures(tmp_path, script):
-    result = script("bench.py", "--smoke", f"--json={tmp_path / 'bench.json'}", "--device=cpu", cwd=ROOT)
+# bench.py's main() in this process (as its __main__ runs it, under cli.run): bench.py imports torch before it reads
+# its arguments, so each interpreter start would cost seconds. What it measures in processes of its own
+# (--data_scale, --loss_memory) it still starts as such.
+
+def test_bench_smoke_prints_the_table_and_sane_figures(tmp_path, monkeypatch, capfd):
+    result = in_process(bench.main, ROOT, ["--smoke", f"--json={tmp_path / 'bench.json'}", "--device=cpu"],
+                        monkeypatch, capfd)
     assert result.returncode == 0, result.stderr
     for row in ("train tokens/s (trained)", "padding", "dataset trained per epoch", "MFU", "peak memory",
                 "generation tokens/s"):
@@ -35,21 +40,22 @@ def test_bench_smoke_prints_the_table_and_sane_figures(tmp_path, script):
     assert ours["dataset_trained_per_epoch"] == pytest.approx(1.0)
 
 
-def test_bench_bad_arguments_are_one_line(script):
-    result = script("bench.py", "--smoke", "--block_size=0", cwd=ROOT)
+def test_bench_bad_arguments_are_one_line(monkeypatch, capfd):
+    result = in_process(bench.main, ROOT, ["--smoke", "--block_size=0"], monkeypatch, capfd)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "--block_size" in result.stderr
     # one flag style across the scripts: the old dashed name is one line that names the setting meant
-    result = script("bench.py", "--block-size=256", cwd=ROOT)
+    result = in_process(bench.main, ROOT, ["--block-size=256"], monkeypatch, capfd)
     assert result.returncode == 2 and result.stderr == ("error: unknown argument '--block-size=256'; did you mean "
                                                         "--block_size?\n")
 
 
-def test_data_scale_smoke_prints_the_table(tmp_path, script):
+def test_data_scale_smoke_prints_the_table(tmp_path, monkeypatch, capfd):
     # one scale: each train.py run costs ~15 s here. train.py may not print its cache's lines yet (those figures are
     # then "-"), so only what bench.py measures itself is checked
-    result = script("bench.py", "--data_scale", "--smoke", "--scales=0.01", f"--json={tmp_path / 'scale.json'}",
-                    f"--workdir={tmp_path / 'work'}", cwd=ROOT)
+    result = in_process(bench.main, ROOT, ["--data_scale", "--smoke", "--scales=0.01",
+                                           f"--json={tmp_path / 'scale.json'}", f"--workdir={tmp_path / 'work'}"],
+                        monkeypatch, capfd)
     assert result.returncode == 0, result.stderr
     for header in ("prepare", "cold tokenize", "tokenizer batch", "warm start-up", "peak RSS above", "0.01x"):
         assert header in result.stdout
@@ -133,9 +139,10 @@ def test_unsupported_precision_is_a_user_error(precision):
         modeling.pick_device("cpu", precision)
 
 
-def test_loss_memory_smoke_prints_the_table(tmp_path, script):
+def test_loss_memory_smoke_prints_the_table(tmp_path, monkeypatch, capfd):
     # four small processes (the model alone, then each path's): their imports are most of the time
-    result = script("bench.py", "--loss_memory", "--smoke", f"--json={tmp_path / 'loss.json'}", cwd=ROOT)
+    result = in_process(bench.main, ROOT, ["--loss_memory", "--smoke", f"--json={tmp_path / 'loss.json'}"],
+                        monkeypatch, capfd)
     assert result.returncode == 0, result.stderr
     for line in ("chunk:", "ours, chunked (loss.py)", "ours, full logits (before)", "HF-style", "peak RSS above"):
         assert line in result.stdout
