@@ -1,8 +1,10 @@
 """Shared test helpers. Run the suite with: python -m pytest -q tests"""
 
+import contextlib
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -113,3 +115,17 @@ def patched_train(tmp_path, name, patch):
                       f"sys.argv[0] = {os.path.join(ROOT, 'train.py')!r}\n"
                       f"import checkpoints, cli, modeling, train\n{patch}\ncli.run(train.main)\n")
     return str(script)
+
+
+@contextlib.contextmanager
+def in_background(request, jobs):
+    """A module's process-bound work, run in a thread of its own while the module's other tests run in this process:
+    a real script's run is mostly its own process's, so on two cores the two overlap. `jobs`: test name -> (function,
+    *args), run one at a time in that order, each only if its test was selected. Yields test name -> Future, whose
+    result() the test takes. For a module-scoped autouse fixture; the tests that take the results go last in the file.
+    The functions must not use this process's working directory, sys.argv or os.environ, which the tests in this
+    process change meanwhile: absolute paths, and an environment made before (script_env)."""
+    selected = {getattr(i, "originalname", i.name) for i in request.session.items
+                if getattr(i, "module", None) is request.module}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield {name: pool.submit(*job) for name, job in jobs.items() if name in selected}
