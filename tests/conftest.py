@@ -118,14 +118,14 @@ def patched_train(tmp_path, name, patch):
 
 
 @contextlib.contextmanager
-def in_background(request, jobs):
+def in_background(request, jobs, workers=1):
     """A module's process-bound work, run in a thread of its own while the module's other tests run in this process:
     a real script's run is mostly its own process's, so on two cores the two overlap. `jobs`: test name -> (function,
-    *args), run one at a time in that order, each only if its test was selected. Yields test name -> Future, whose
-    result() the test takes. For a module-scoped autouse fixture; the tests that take the results go last in the file.
-    The functions must not use this process's working directory, sys.argv or os.environ, which the tests in this
+    *args), run in that order, `workers` at a time, each only if its test was selected. Yields test name -> Future,
+    whose result() the test takes. For a module-scoped autouse fixture; the tests that take the results go last in the
+    file. The functions must not use this process's working directory, sys.argv or os.environ, which the tests in this
     process change meanwhile: absolute paths, and an environment made before (script_env)."""
     selected = {getattr(i, "originalname", i.name) for i in request.session.items
                 if getattr(i, "module", None) is request.module}
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         yield {name: pool.submit(*job) for name, job in jobs.items() if name in selected}

@@ -5,6 +5,9 @@ Run: .venv/bin/python -m pytest -q tests/test_bench.py
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,12 +18,32 @@ import bench
 import loss
 import modeling
 from cli import UserError
-from conftest import ROOT, in_process
+from conftest import ROOT, in_background, in_process, script_env
 
 
-# bench.py's main() in this process (as its __main__ runs it, under cli.run): bench.py imports torch before it reads
-# its arguments, so each interpreter start would cost seconds. What it measures in processes of its own
-# (--data_scale, --loss_memory) it still starts as such.
+# --data_scale and --loss_memory time processes of their own, one at a time: the two bench.py runs start with the
+# module, side by side, while its other tests run in this process; their tests are last in the file.
+
+def bench_py(env, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def benches(request, tmp_path_factory):
+    """test name -> (its directory, the Future of its bench.py run)."""
+    env, dirs = script_env(), {name: tmp_path_factory.mktemp(name) for name in ("scale", "loss")}
+    jobs = {"test_data_scale_smoke_prints_the_table": (
+                bench_py, env, "--data_scale", "--smoke", "--scales=0.01", f"--json={dirs['scale'] / 'scale.json'}",
+                f"--workdir={dirs['scale'] / 'work'}"),
+            "test_loss_memory_smoke_prints_the_table": (
+                bench_py, env, "--loss_memory", "--smoke", f"--json={dirs['loss'] / 'loss.json'}")}
+    with in_background(request, jobs, workers=2) as started:
+        yield {name: (d, started.get(name)) for name, d in zip(jobs, dirs.values())}
+
+
+# The other modes' main() in this process (as its __main__ runs it, under cli.run): bench.py imports torch before it
+# reads its arguments, so each interpreter start would cost seconds.
 
 def test_bench_smoke_prints_the_table_and_sane_figures(tmp_path, monkeypatch, capfd):
     result = in_process(bench.main, ROOT, ["--smoke", f"--json={tmp_path / 'bench.json'}", "--device=cpu"],
@@ -48,23 +71,6 @@ def test_bench_bad_arguments_are_one_line(monkeypatch, capfd):
     result = in_process(bench.main, ROOT, ["--block-size=256"], monkeypatch, capfd)
     assert result.returncode == 2 and result.stderr == ("error: unknown argument '--block-size=256'; did you mean "
                                                         "--block_size?\n")
-
-
-def test_data_scale_smoke_prints_the_table(tmp_path, monkeypatch, capfd):
-    # one scale: each train.py run costs ~15 s here. train.py may not print its cache's lines yet (those figures are
-    # then "-"), so only what bench.py measures itself is checked
-    result = in_process(bench.main, ROOT, ["--data_scale", "--smoke", "--scales=0.01",
-                                           f"--json={tmp_path / 'scale.json'}", f"--workdir={tmp_path / 'work'}"],
-                        monkeypatch, capfd)
-    assert result.returncode == 0, result.stderr
-    for header in ("prepare", "cold tokenize", "tokenizer batch", "warm start-up", "peak RSS above", "0.01x"):
-        assert header in result.stdout
-    assert "[0.01x] prepare_data.py" in result.stderr  # progress, a line a stage
-    with open(tmp_path / "scale.json") as f:
-        rows = json.load(f)["rows"]
-    assert [r["dialogues"] for r in rows] == [54]
-    assert rows[0]["prepare_s"] > 0 and rows[0]["tokenizer_tokens_per_s"] > 0
-    assert "dropped 0 " in (tmp_path / "work" / "scale-0.01x" / "prepare.out").read_text()  # all distinct
 
 
 def test_data_scale_reads_train_pys_lines():
@@ -139,10 +145,29 @@ def test_unsupported_precision_is_a_user_error(precision):
         modeling.pick_device("cpu", precision)
 
 
-def test_loss_memory_smoke_prints_the_table(tmp_path, monkeypatch, capfd):
+# ---------------------------------------------------------------------------------------------------------------------
+# the bench.py runs started with the module
+
+def test_data_scale_smoke_prints_the_table(benches):
+    # one scale: each train.py run costs ~15 s here. train.py may not print its cache's lines yet (those figures are
+    # then "-"), so only what bench.py measures itself is checked
+    tmp_path, run = benches["test_data_scale_smoke_prints_the_table"]
+    result = run.result()
+    assert result.returncode == 0, result.stderr
+    for header in ("prepare", "cold tokenize", "tokenizer batch", "warm start-up", "peak RSS above", "0.01x"):
+        assert header in result.stdout
+    assert "[0.01x] prepare_data.py" in result.stderr  # progress, a line a stage
+    with open(tmp_path / "scale.json") as f:
+        rows = json.load(f)["rows"]
+    assert [r["dialogues"] for r in rows] == [54]
+    assert rows[0]["prepare_s"] > 0 and rows[0]["tokenizer_tokens_per_s"] > 0
+    assert "dropped 0 " in (tmp_path / "work" / "scale-0.01x" / "prepare.out").read_text()  # all distinct
+
+
+def test_loss_memory_smoke_prints_the_table(benches):
     # four small processes (the model alone, then each path's): their imports are most of the time
-    result = in_process(bench.main, ROOT, ["--loss_memory", "--smoke", f"--json={tmp_path / 'loss.json'}"],
-                        monkeypatch, capfd)
+    tmp_path, run = benches["test_loss_memory_smoke_prints_the_table"]
+    result = run.result()
     assert result.returncode == 0, result.stderr
     for line in ("chunk:", "ours, chunked (loss.py)", "ours, full logits (before)", "HF-style", "peak RSS above"):
         assert line in result.stdout
