@@ -24,6 +24,13 @@ def run_script(script, *args, cwd, env=None, timeout=600, stdin=None):
                           capture_output=True, text=True, timeout=timeout, input=stdin)
 
 
+def run_script_env(env, script, *args, cwd, timeout=600, stdin=None):
+    """run_script with `env` the whole environment, made beforehand (script_env): for in_background's thread, as the
+    tests in this process change os.environ meanwhile."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, input=stdin)
+
+
 @pytest.fixture
 def script():
     return run_script
@@ -122,9 +129,10 @@ def in_background(request, jobs, workers=1):
     """A module's process-bound work, run in a thread of its own while the module's other tests run in this process:
     a real script's run is mostly its own process's, so on two cores the two overlap. `jobs`: test name -> (function,
     *args), run in that order, `workers` at a time, each only if its test was selected. Yields test name -> Future,
-    whose result() the test takes. For a module-scoped autouse fixture; the tests that take the results go last in the
-    file. The functions must not use this process's working directory, sys.argv or os.environ, which the tests in this
-    process change meanwhile: absolute paths, and an environment made before (script_env)."""
+    whose result() the test takes. For a module-scoped autouse fixture; the tests that take the results go late in the
+    file, so that the work is done when they come. The functions must not use this process's working directory,
+    sys.argv or os.environ, which the tests in this process change meanwhile: absolute paths, and an environment made
+    before (run_script_env)."""
     selected = {getattr(i, "originalname", i.name) for i in request.session.items
                 if getattr(i, "module", None) is request.module}
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -5,9 +5,6 @@ Run: .venv/bin/python -m pytest -q tests/test_bench.py
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,26 +15,22 @@ import bench
 import loss
 import modeling
 from cli import UserError
-from conftest import ROOT, in_background, in_process, script_env
+from conftest import ROOT, in_background, in_process, run_script_env, script_env
 
 
 # --data_scale and --loss_memory time processes of their own, one at a time: the two bench.py runs start with the
 # module, side by side, while its other tests run in this process; their tests are last in the file.
 
-def bench_py(env, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def benches(request, tmp_path_factory):
     """test name -> (its directory, the Future of its bench.py run)."""
     env, dirs = script_env(), {name: tmp_path_factory.mktemp(name) for name in ("scale", "loss")}
+    bench_py = lambda *args: run_script_env(env, "bench.py", *args, cwd=ROOT)
     jobs = {"test_data_scale_smoke_prints_the_table": (
-                bench_py, env, "--data_scale", "--smoke", "--scales=0.01", f"--json={dirs['scale'] / 'scale.json'}",
+                bench_py, "--data_scale", "--smoke", "--scales=0.01", f"--json={dirs['scale'] / 'scale.json'}",
                 f"--workdir={dirs['scale'] / 'work'}"),
             "test_loss_memory_smoke_prints_the_table": (
-                bench_py, env, "--loss_memory", "--smoke", f"--json={dirs['loss'] / 'loss.json'}")}
+                bench_py, "--loss_memory", "--smoke", f"--json={dirs['loss'] / 'loss.json'}")}
     with in_background(request, jobs, workers=2) as started:
         yield {name: (d, started.get(name)) for name, d in zip(jobs, dirs.values())}
 
