@@ -127,13 +127,13 @@ def patched_train(tmp_path, name, patch):
 @contextlib.contextmanager
 def in_background(request, jobs, workers=1):
     """A module's process-bound work, run in a thread of its own while the module's other tests run in this process:
-    a real script's run is mostly its own process's, so on two cores the two overlap. `jobs`: test name -> (function,
-    *args), run in that order, `workers` at a time, each only if its test was selected. Yields test name -> Future,
-    whose result() the test takes. For a module-scoped autouse fixture; the tests that take the results go late in the
-    file, so that the work is done when they come. The functions must not use this process's working directory,
-    sys.argv or os.environ, which the tests in this process change meanwhile: absolute paths, and an environment made
-    before (run_script_env)."""
-    selected = {getattr(i, "originalname", i.name) for i in request.session.items
-                if getattr(i, "module", None) is request.module}
+    a real script's run is mostly its own process's, so on two cores the two overlap. `jobs`: name -> (function,
+    *args), run in that order, `workers` at a time, each only if a selected test has that name or uses a fixture of
+    that name. Yields name -> Future, whose result() the test takes. For a module-scoped autouse fixture; the tests that
+    take the results go late in the file, so that the work is done when they come. The functions must not use this
+    process's working directory, sys.argv or os.environ, which the tests in this process change meanwhile: absolute
+    paths, and an environment made before (run_script_env)."""
+    selected = {name for i in request.session.items if getattr(i, "module", None) is request.module
+                for name in (getattr(i, "originalname", i.name), *getattr(i, "fixturenames", ()))}
     with ThreadPoolExecutor(max_workers=workers) as pool:
         yield {name: pool.submit(*job) for name, job in jobs.items() if name in selected}

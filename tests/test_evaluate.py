@@ -23,7 +23,7 @@ import evaluate
 import generation
 import modeling
 import train
-from conftest import in_process, one_error_line, run_main, run_script
+from conftest import in_background, in_process, one_error_line, run_main, run_script_env, script_env
 from dialogues import format_dialogue, read_dialogues
 from render import CHAT_TEMPLATE, render, role_map
 from tiny import EOS_ID, gpt2_tokenizer, save_tiny_gpt2, save_tiny_llama, synthetic, write_split
@@ -78,15 +78,29 @@ LONG_CHAT = "".join(f"Line {i}: " + "the cat sat on the garden table today and w
                     for i in range(15)) + "/quit\n"
 
 
+def real_scripts(run, env):
+    """evaluate.py and chat.py run as a user runs them, side by side, from the run's directory."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        started = {
+            "evaluate": pool.submit(run_script_env, env, "evaluate.py", "--device=cpu", *FAST, cwd=run),
+            "chat": pool.submit(run_script_env, env, "chat.py", "--device=cpu", "--max_new_tokens=12", cwd=run,
+                                stdin="Hi there\nHow are you?\n/reset\nHello again\n/quit\n")}
+        return {name: p.result() for name, p in started.items()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def scripts(request, run):
+    """procs' real scripts, started in the background once the run is trained, while the tests before the ones that
+    look at them run in this process."""
+    with in_background(request, {"procs": (real_scripts, run, script_env(ENV))}) as started:
+        yield started
+
+
 @pytest.fixture(scope="module")
-def procs(run, tiny64):
-    """The script runs the tests look at: evaluate.py and chat.py as the real scripts, side by side, and meanwhile the
-    other cases as the scripts' main() in this process (an interpreter start costs seconds)."""
+def procs(run, tiny64, scripts):
+    """The script runs the tests look at: evaluate.py and chat.py as the real scripts (scripts), and the other cases
+    as the scripts' main() in this process (an interpreter start costs seconds)."""
     cpu = "--device=cpu"
-    scripts = {
-        "evaluate": ("evaluate.py", [cpu, *FAST], None),
-        "chat": ("chat.py", [cpu, "--max_new_tokens=12"], "Hi there\nHow are you?\n/reset\nHello again\n/quit\n"),
-    }
     mains = {
         "chat sam": (chat.main, [cpu, "--max_new_tokens=12", "--bot_name=Sam"], "Hi there\n\nHow are you?\n"),
         # greedy: this one is about the context, and sampling over GPT-2's 50k vocabulary is the slow part
@@ -95,11 +109,8 @@ def procs(run, tiny64):
         "chat missing": (chat.main, [cpu, "--out_dir=nowhere"], "Hi\n"),
         "evaluate missing": (evaluate.main, [cpu, "--out_dir=fresh"], ""),
     }
-    with ThreadPoolExecutor(max_workers=len(scripts)) as pool:
-        started = {name: pool.submit(run_script, script, *args, cwd=run, env=ENV, stdin=stdin)
-                   for name, (script, args, stdin) in scripts.items()}
-        done = {name: run_main(main, run, args, stdin) for name, (main, args, stdin) in mains.items()}
-        return {**done, **{name: p.result() for name, p in started.items()}}
+    done = {name: run_main(main, run, args, stdin) for name, (main, args, stdin) in mains.items()}
+    return {**done, **scripts["procs"].result()}
 
 
 def metrics(d):
