@@ -38,11 +38,11 @@ def common(run_dir):
 @pytest.fixture(scope="module")
 def runs(run_dir):
     """The uninterrupted runs the others are held to: one process of BATCH_SIZE=4 (out_dir one; this one, in-process),
-    and two ranks of BATCH_SIZE=2 (two); 8 blocks a step either way."""
-    one = run_main(train.main, run_dir, [*common(run_dir), "--batch_size=4", "--out_dir=one"])
-    assert one.returncode == 0, one.stderr
+    and two ranks of BATCH_SIZE=2 (two, the first: its ranks find no token cache); 8 blocks a step either way."""
     two = torchrun(2, *common(run_dir), "--batch_size=2", "--out_dir=two", cwd=run_dir)
     assert two.returncode == 0, two.stderr
+    one = run_main(train.main, run_dir, [*common(run_dir), "--batch_size=4", "--out_dir=one"])
+    assert one.returncode == 0, one.stderr
     return one, two
 
 
@@ -240,13 +240,10 @@ def test_the_first_error_reaches_the_user_whichever_rank_it_is(delays, expected,
     assert errors == [f"error: {expected}"], r.stderr
 
 
-def test_two_ranks_share_one_token_cache(tmp_path):
-    """Rank 0 tokenizes; the other waits, then maps the same files."""
-    write_split(tmp_path, synthetic(30, seed=3), synthetic(6, seed=4))
-    save_tiny_gpt2(tmp_path / "tiny")
-    r = torchrun(2, f"--model={tmp_path / 'tiny'}", "--max_steps=2", "--block_size=64", "--eval_interval=0",
-                 cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.count("tokenized train_data.txt") == 1 and r.stdout.count("tokenized val_data.txt") == 1
-    assert len(list((tmp_path / "cache").glob("train_data.txt-*"))) == 1
-    assert len(list((tmp_path / "cache").glob("*/blocks-64"))) == 1
+def test_two_ranks_share_one_token_cache(run_dir, runs):
+    """Rank 0 tokenizes; the other waits, then maps the same files. The 2-rank run of `runs` started with no cache;
+    every later run of the module finds the same one (the same files and BLOCK_SIZE)."""
+    _, two = runs
+    assert two.stdout.count("tokenized train_data.txt") == 1 and two.stdout.count("tokenized val_data.txt") == 1
+    assert len(list((run_dir / "cache").glob("train_data.txt-*"))) == 1
+    assert len(list((run_dir / "cache").glob("*/blocks-64"))) == 1
