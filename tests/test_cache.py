@@ -23,7 +23,7 @@ import cli
 import modeling
 import train
 from batching import make_blocks, pack, pack_tokens, windows
-from conftest import ROOT, run_main, run_script, script_env
+from conftest import ROOT, run_main, script_env
 from dialogues import load_records, parse_record, read_dialogues, write_dialogues
 from render import render, role_map
 from tiny import chat_tokenizer, gpt2_tokenizer, max_diff, save_tiny_gpt2, synthetic, weights, write_split
