@@ -89,7 +89,6 @@ def run_main(main, cwd, args, stdin=""):
     """in_process for a module-scoped fixture, which can have neither monkeypatch nor capfd: main() under cli.run
     from `cwd`, on one thread, reading `stdin`. Captures what Python writes to stdout and stderr (print, the progress
     bar, cli's error line), which is all the tests read. CompletedProcess-like."""
-    import contextlib
     import io
 
     import torch
