@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent import futures
 
 import pytest
 import torch
@@ -366,7 +367,7 @@ def test_non_finite_gradients_are_not_applied():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# OUT_DIR takes no writes; the disk fills up during a save
+# OUT_DIR takes no writes (a disk that fills up during a save: at the end of the file)
 
 @pytest.mark.parametrize("out_dir", ["blocker", "blocker/out"])
 def test_out_dir_cannot_be_made(out_dir, tmp_path, monkeypatch, capfd, model):
@@ -394,37 +395,6 @@ def test_out_dir_read_only(tmp_path, monkeypatch, capfd, model):
     line = last_error_line(p)
     assert len(p.stderr.splitlines()) == 1 and "'out' is not writable" in line, line
     assert os.listdir(tmp_path / "out") == []
-
-
-# A full disk, for real: RLIMIT_FSIZE makes the kernel fail any write past the limit (EFBIG) inside the libraries'
-# own writers, as ENOSPC would; root is bound by it too. model.safetensors is ~6.5 MB, state.pt ~13 MB.
-@pytest.mark.parametrize("limit_mb, fails", [(1, "model.safetensors"), (9, "state.pt")])
-def test_disk_full_during_a_checkpoint(limit_mb, fails, tmp_path, monkeypatch, capfd, model, reference):
-    out = crashed_copy(reference, tmp_path, last=STEPS - 1)
-    sizes = {f.name: f.stat().st_size for f in ckpt(reference, STEPS).iterdir()}
-    over = sorted(f for f, size in sizes.items() if size > limit_mb << 20)
-    assert fails in over and (fails == "model.safetensors" or over == [fails]), sizes  # model.safetensors goes first
-    real_save = checkpoints.save
-
-    def save_on_a_full_disk(*args):
-        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_mb << 20, hard))
-        try:
-            real_save(*args)
-        finally:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    monkeypatch.setattr(checkpoints, "save", save_on_a_full_disk)
-    p = in_process(train.main, tmp_path, [*fault_args(model), "--resume=True"], monkeypatch, capfd)
-    line = last_error_line(p)
-    assert f"could not write out/checkpoints/step-{STEPS:08d}" in line and "intact" in line, line
-    assert sorted(os.listdir(out / "checkpoints")) == [f"step-{STEPS - 1:08d}"]  # no leftovers, the last one kept
-    assert intact(ckpt(out, STEPS - 1))
-
-    monkeypatch.setattr(checkpoints, "save", real_save)  # space again
-    p = in_process(train.main, tmp_path, [*fault_args(model), "--resume=True"], monkeypatch, capfd)
-    assert p.returncode == 0, p.stderr
-    assert re.search(rf"resuming from \S*step-{STEPS - 1:08d} ", p.stdout), p.stdout
-    assert_same_run(out, reference)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -500,4 +470,41 @@ def test_sigkill_at_random_moments(processes, reference):
             assert not resumed, log  # nothing complete yet: --resume=True starts the run from the beginning
     assert "resuming from" in starts[-1] and f"(step {STEPS})" in starts[-1]  # killed while writing final/
     assert not [n for d in (out, ckpts) for n in os.listdir(d) if n.startswith(".tmp-")]  # leftovers cleared
+    assert_same_run(out, reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the disk fills up during a save
+
+# A full disk, for real: RLIMIT_FSIZE makes the kernel fail any write past the limit (EFBIG) inside the libraries'
+# own writers, as ENOSPC would; root is bound by it too. model.safetensors is ~6.5 MB, state.pt ~13 MB. The limit
+# holds for this whole process while it is set, and a process started meanwhile would inherit it: so this test comes
+# last, once the processes of `processes` are done.
+@pytest.mark.parametrize("limit_mb, fails", [(1, "model.safetensors"), (9, "state.pt")])
+def test_disk_full_during_a_checkpoint(limit_mb, fails, tmp_path, monkeypatch, capfd, model, reference, processes):
+    futures.wait(processes.values())  # done by now, unless a -k left out the tests that wait for them
+    out = crashed_copy(reference, tmp_path, last=STEPS - 1)
+    sizes = {f.name: f.stat().st_size for f in ckpt(reference, STEPS).iterdir()}
+    over = sorted(f for f, size in sizes.items() if size > limit_mb << 20)
+    assert fails in over and (fails == "model.safetensors" or over == [fails]), sizes  # model.safetensors goes first
+    real_save = checkpoints.save
+
+    def save_on_a_full_disk(*args):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_mb << 20, hard))
+        try:
+            real_save(*args)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    monkeypatch.setattr(checkpoints, "save", save_on_a_full_disk)
+    p = in_process(train.main, tmp_path, [*fault_args(model), "--resume=True"], monkeypatch, capfd)
+    line = last_error_line(p)
+    assert f"could not write out/checkpoints/step-{STEPS:08d}" in line and "intact" in line, line
+    assert sorted(os.listdir(out / "checkpoints")) == [f"step-{STEPS - 1:08d}"]  # no leftovers, the last one kept
+    assert intact(ckpt(out, STEPS - 1))
+
+    monkeypatch.setattr(checkpoints, "save", real_save)  # space again
+    p = in_process(train.main, tmp_path, [*fault_args(model), "--resume=True"], monkeypatch, capfd)
+    assert p.returncode == 0, p.stderr
+    assert re.search(rf"resuming from \S*step-{STEPS - 1:08d} ", p.stdout), p.stdout
     assert_same_run(out, reference)
