@@ -106,8 +106,6 @@ def procs(run, tiny64, scripts):
         # greedy: this one is about the context, and sampling over GPT-2's 50k vocabulary is the slow part
         "chat long": (chat.main, [cpu, f"--checkpoint={tiny64}", "--max_new_tokens=12", "--temperature=0"],
                       LONG_CHAT),
-        "chat missing": (chat.main, [cpu, "--out_dir=nowhere"], "Hi\n"),
-        "evaluate missing": (evaluate.main, [cpu, "--out_dir=fresh"], ""),
     }
     done = {name: run_main(main, run, args, stdin) for name, (main, args, stdin) in mains.items()}
     return {**done, **scripts["procs"].result()}
@@ -261,8 +259,9 @@ def test_chat_beyond_the_context_answers_every_line(procs):
     assert len(lines) == 15 and all(line.startswith("Bob: ") for line in lines)
 
 
-def test_chat_missing_model(procs):
-    assert "nowhere" in one_error_line(procs["chat missing"])
+def test_chat_missing_model(run, monkeypatch, capfd):
+    assert "nowhere" in one_error_line(in_process(chat.main, run, ["--device=cpu", "--out_dir=nowhere"], monkeypatch,
+                                                  capfd))
 
 
 def test_chat_history(run, monkeypatch):
@@ -376,8 +375,9 @@ def test_evaluate_final_checkpoint_of_a_scratch_run(scratch_run):
 # ---------------------------------------------------------------------------------------------------------------------
 # 6. bad input
 
-def test_evaluate_missing_model(procs):
-    assert "fresh" in one_error_line(procs["evaluate missing"])
+def test_evaluate_missing_model(run, monkeypatch, capfd):
+    assert "fresh" in one_error_line(in_process(evaluate.main, run, ["--device=cpu", "--out_dir=fresh"], monkeypatch,
+                                                capfd))
 
 
 @pytest.fixture(scope="module")
