@@ -1,8 +1,10 @@
 """Shared test helpers. Run the suite with: python -m pytest -q tests"""
 
+import contextlib
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -20,6 +22,13 @@ def run_script(script, *args, cwd, env=None, timeout=600, stdin=None):
     """Run one of the pipeline's scripts as a user would, from `cwd`; returns the CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=script_env(env),
                           capture_output=True, text=True, timeout=timeout, input=stdin)
+
+
+def run_script_env(env, script, *args, cwd, timeout=600, stdin=None):
+    """run_script with `env` the whole environment, made beforehand (script_env): for in_background's thread, as the
+    tests in this process change os.environ meanwhile."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, input=stdin)
 
 
 @pytest.fixture
@@ -76,6 +85,34 @@ def in_process(main, cwd, args, monkeypatch, capfd):
     return subprocess.CompletedProcess(args, code, out, err)
 
 
+def run_main(main, cwd, args, stdin=""):
+    """in_process for a module-scoped fixture, which can have neither monkeypatch nor capfd: main() under cli.run
+    from `cwd`, on one thread, reading `stdin`. Captures what Python writes to stdout and stderr (print, the progress
+    bar, cli's error line), which is all the tests read. CompletedProcess-like."""
+    import io
+
+    import torch
+
+    import cli
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.chdir(cwd)
+        mp.setattr(sys, "argv", [f"{main.__module__}.py", *args])
+        mp.setattr(sys, "stdin", io.StringIO(stdin))
+        mp.setenv("TOKENIZERS_PARALLELISM", "false")
+        mp.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        try:
+            cli.run(main)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        finally:
+            torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def patched_train(tmp_path, name, patch):
     """A script that runs train.py's main after `patch` (Python, with os, checkpoints, cli, modeling and train
     imported): a fault put into the real code path at a chosen moment."""
@@ -84,3 +121,18 @@ def patched_train(tmp_path, name, patch):
                       f"sys.argv[0] = {os.path.join(ROOT, 'train.py')!r}\n"
                       f"import checkpoints, cli, modeling, train\n{patch}\ncli.run(train.main)\n")
     return str(script)
+
+
+@contextlib.contextmanager
+def in_background(request, jobs, workers=1):
+    """A module's process-bound work, run in a thread of its own while the module's other tests run in this process:
+    a real script's run is mostly its own process's, so on two cores the two overlap. `jobs`: name -> (function,
+    *args), run in that order, `workers` at a time, each only if a selected test has that name or uses a fixture of
+    that name. Yields name -> Future, whose result() the test takes. For a module-scoped autouse fixture; the tests that
+    take the results go late in the file, so that the work is done when they come. The functions must not use this
+    process's working directory, sys.argv or os.environ, which the tests in this process change meanwhile: absolute
+    paths, and an environment made before (run_script_env)."""
+    selected = {name for i in request.session.items if getattr(i, "module", None) is request.module
+                for name in (getattr(i, "originalname", i.name), *getattr(i, "fixturenames", ()))}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        yield {name: pool.submit(*job) for name, job in jobs.items() if name in selected}

@@ -15,11 +15,32 @@ import bench
 import loss
 import modeling
 from cli import UserError
-from conftest import ROOT
+from conftest import ROOT, in_background, in_process, run_script_env, script_env
 
 
-def test_bench_smoke_prints_the_table_and_sane_figures(tmp_path, script):
-    result = script("bench.py", "--smoke", f"--json={tmp_path / 'bench.json'}", "--device=cpu", cwd=ROOT)
+# --data_scale and --loss_memory time processes of their own, one at a time: the two bench.py runs start with the
+# module, side by side, while its other tests run in this process; their tests are last in the file.
+
+@pytest.fixture(scope="module", autouse=True)
+def benches(request, tmp_path_factory):
+    """test name -> (its directory, the Future of its bench.py run)."""
+    env, dirs = script_env(), {name: tmp_path_factory.mktemp(name) for name in ("scale", "loss")}
+    bench_py = lambda *args: run_script_env(env, "bench.py", *args, cwd=ROOT)
+    jobs = {"test_data_scale_smoke_prints_the_table": (
+                bench_py, "--data_scale", "--smoke", "--scales=0.01", f"--json={dirs['scale'] / 'scale.json'}",
+                f"--workdir={dirs['scale'] / 'work'}"),
+            "test_loss_memory_smoke_prints_the_table": (
+                bench_py, "--loss_memory", "--smoke", f"--json={dirs['loss'] / 'loss.json'}")}
+    with in_background(request, jobs, workers=2) as started:
+        yield {name: (d, started.get(name)) for name, d in zip(jobs, dirs.values())}
+
+
+# The other modes' main() in this process (as its __main__ runs it, under cli.run): bench.py imports torch before it
+# reads its arguments, so each interpreter start would cost seconds.
+
+def test_bench_smoke_prints_the_table_and_sane_figures(tmp_path, monkeypatch, capfd):
+    result = in_process(bench.main, ROOT, ["--smoke", f"--json={tmp_path / 'bench.json'}", "--device=cpu"],
+                        monkeypatch, capfd)
     assert result.returncode == 0, result.stderr
     for row in ("train tokens/s (trained)", "padding", "dataset trained per epoch", "MFU", "peak memory",
                 "generation tokens/s"):
@@ -35,30 +56,14 @@ def test_bench_smoke_prints_the_table_and_sane_figures(tmp_path, script):
     assert ours["dataset_trained_per_epoch"] == pytest.approx(1.0)
 
 
-def test_bench_bad_arguments_are_one_line(script):
-    result = script("bench.py", "--smoke", "--block_size=0", cwd=ROOT)
+def test_bench_bad_arguments_are_one_line(monkeypatch, capfd):
+    result = in_process(bench.main, ROOT, ["--smoke", "--block_size=0"], monkeypatch, capfd)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "--block_size" in result.stderr
     # one flag style across the scripts: the old dashed name is one line that names the setting meant
-    result = script("bench.py", "--block-size=256", cwd=ROOT)
+    result = in_process(bench.main, ROOT, ["--block-size=256"], monkeypatch, capfd)
     assert result.returncode == 2 and result.stderr == ("error: unknown argument '--block-size=256'; did you mean "
                                                         "--block_size?\n")
-
-
-def test_data_scale_smoke_prints_the_table(tmp_path, script):
-    # one scale: each train.py run costs ~15 s here. train.py may not print its cache's lines yet (those figures are
-    # then "-"), so only what bench.py measures itself is checked
-    result = script("bench.py", "--data_scale", "--smoke", "--scales=0.01", f"--json={tmp_path / 'scale.json'}",
-                    f"--workdir={tmp_path / 'work'}", cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    for header in ("prepare", "cold tokenize", "tokenizer batch", "warm start-up", "peak RSS above", "0.01x"):
-        assert header in result.stdout
-    assert "[0.01x] prepare_data.py" in result.stderr  # progress, a line a stage
-    with open(tmp_path / "scale.json") as f:
-        rows = json.load(f)["rows"]
-    assert [r["dialogues"] for r in rows] == [54]
-    assert rows[0]["prepare_s"] > 0 and rows[0]["tokenizer_tokens_per_s"] > 0
-    assert "dropped 0 " in (tmp_path / "work" / "scale-0.01x" / "prepare.out").read_text()  # all distinct
 
 
 def test_data_scale_reads_train_pys_lines():
@@ -133,9 +138,29 @@ def test_unsupported_precision_is_a_user_error(precision):
         modeling.pick_device("cpu", precision)
 
 
-def test_loss_memory_smoke_prints_the_table(tmp_path, script):
+# ---------------------------------------------------------------------------------------------------------------------
+# the bench.py runs started with the module
+
+def test_data_scale_smoke_prints_the_table(benches):
+    # one scale: each train.py run costs ~15 s here. train.py may not print its cache's lines yet (those figures are
+    # then "-"), so only what bench.py measures itself is checked
+    tmp_path, run = benches["test_data_scale_smoke_prints_the_table"]
+    result = run.result()
+    assert result.returncode == 0, result.stderr
+    for header in ("prepare", "cold tokenize", "tokenizer batch", "warm start-up", "peak RSS above", "0.01x"):
+        assert header in result.stdout
+    assert "[0.01x] prepare_data.py" in result.stderr  # progress, a line a stage
+    with open(tmp_path / "scale.json") as f:
+        rows = json.load(f)["rows"]
+    assert [r["dialogues"] for r in rows] == [54]
+    assert rows[0]["prepare_s"] > 0 and rows[0]["tokenizer_tokens_per_s"] > 0
+    assert "dropped 0 " in (tmp_path / "work" / "scale-0.01x" / "prepare.out").read_text()  # all distinct
+
+
+def test_loss_memory_smoke_prints_the_table(benches):
     # four small processes (the model alone, then each path's): their imports are most of the time
-    result = script("bench.py", "--loss_memory", "--smoke", f"--json={tmp_path / 'loss.json'}", cwd=ROOT)
+    tmp_path, run = benches["test_loss_memory_smoke_prints_the_table"]
+    result = run.result()
     assert result.returncode == 0, result.stderr
     for line in ("chunk:", "ours, chunked (loss.py)", "ours, full logits (before)", "HF-style", "peak RSS above"):
         assert line in result.stdout

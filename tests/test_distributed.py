@@ -9,8 +9,9 @@ import types
 
 import pytest
 
+import train
 from cli import UserError
-from conftest import ROOT, patched_train, run_script, script_env
+from conftest import ROOT, in_process, patched_train, run_main, script_env
 from tiny import curve, max_diff, save_tiny_gpt2, synthetic, weights, write_split
 from checkpoints import split_batch
 
@@ -36,12 +37,12 @@ def common(run_dir):
 
 @pytest.fixture(scope="module")
 def runs(run_dir):
-    """The uninterrupted runs the others are held to: one process of BATCH_SIZE=4 (out_dir one), and two ranks of
-    BATCH_SIZE=2 (two); 8 blocks a step either way."""
-    one = run_script("train.py", *common(run_dir), "--batch_size=4", "--out_dir=one", cwd=run_dir)
-    assert one.returncode == 0, one.stderr
+    """The uninterrupted runs the others are held to: one process of BATCH_SIZE=4 (out_dir one; this one, in-process),
+    and two ranks of BATCH_SIZE=2 (two, the first: its ranks find no token cache); 8 blocks a step either way."""
     two = torchrun(2, *common(run_dir), "--batch_size=2", "--out_dir=two", cwd=run_dir)
     assert two.returncode == 0, two.stderr
+    one = run_main(train.main, run_dir, [*common(run_dir), "--batch_size=4", "--out_dir=one"])
+    assert one.returncode == 0, one.stderr
     return one, two
 
 
@@ -63,11 +64,11 @@ def resume_from(run_dir, source, step, name):
     return out
 
 
-def test_a_two_process_run_finishes_in_one_process_with_its_global_batch(run_dir, runs, script):
-    """2 ranks x BATCH_SIZE=2 x GRAD_ACCUM_STEPS=2, stopped at step 2, resumed by one process: 2 x 4 x 1. It takes
-    the same 8 blocks a step and ends where the 1-process run of batch 4 x 2 does."""
+def test_a_two_process_run_finishes_in_one_process_with_its_global_batch(run_dir, runs, monkeypatch, capfd):
+    """2 ranks x BATCH_SIZE=2 x GRAD_ACCUM_STEPS=2, stopped at step 2, resumed by one process (this one): 2 x 4 x 1.
+    It takes the same 8 blocks a step and ends where the 1-process run of batch 4 x 2 does."""
     out = resume_from(run_dir, "two", 2, "two_then_one")
-    r = script("train.py", "--out_dir=two_then_one", "--resume=True", cwd=run_dir)
+    r = in_process(train.main, run_dir, ["--out_dir=two_then_one", "--resume=True"], monkeypatch, capfd)
     assert r.returncode == 0, r.stderr
     assert ("the run's global batch of 8 blocks a step (BATCH_SIZE=2 x GRAD_ACCUM_STEPS=2 x 2 processes) is kept: "
             "BATCH_SIZE=2 x GRAD_ACCUM_STEPS=4 x 1 process") in r.stdout
@@ -91,9 +92,10 @@ def test_a_one_process_run_finishes_on_more_ranks_with_its_global_batch(ranks, k
     assert max_diff(weights(run_dir / "one" / "final"), weights(out / "final")) < 1e-5
 
 
-def test_a_batch_size_that_does_not_divide_takes_the_largest_that_does(run_dir, runs, script):
+def test_a_batch_size_that_does_not_divide_takes_the_largest_that_does(run_dir, runs, monkeypatch, capfd):
     out = resume_from(run_dir, "one", 2, "smaller")
-    r = script("train.py", "--out_dir=smaller", "--resume=True", "--batch_size=3", "--max_steps=3", cwd=run_dir)
+    r = in_process(train.main, run_dir, ["--out_dir=smaller", "--resume=True", "--batch_size=3", "--max_steps=3"],
+                   monkeypatch, capfd)
     assert r.returncode == 0, r.stderr
     assert ("the run's global batch of 8 blocks a step (BATCH_SIZE=4 x GRAD_ACCUM_STEPS=2 x 1 process) is kept: "
             "BATCH_SIZE=2 x GRAD_ACCUM_STEPS=4 x 1 process (BATCH_SIZE=3 does not divide a process's 8 blocks; 2 is "
@@ -150,18 +152,21 @@ def test_ranks_that_see_different_checkpoints_stop(run_dir, runs, tmp_path):
     assert sorted(os.listdir(out)) == ["checkpoints"]
 
 
-def restart_env(job, restarts="1"):
-    return {"TORCHELASTIC_RUN_ID": job, "TORCHELASTIC_RESTART_COUNT": restarts}
+def restart_env(monkeypatch, job, restarts="1"):
+    """The variables torchrun sets in a restarted worker, set here for a run in this process."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", job)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", restarts)
 
 
-def test_a_restart_finding_no_intact_checkpoint_stops(run_dir, runs, script):
+def test_a_restart_finding_no_intact_checkpoint_stops(run_dir, runs, monkeypatch, capfd):
     out = resume_from(run_dir, "one", 2, "damaged")
     config = json.loads((run_dir / "one" / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**config, "torchrun_job": "job-7"}))
     with open(out / "checkpoints" / "step-00000002" / "model.safetensors", "r+b") as f:
         f.truncate(100)
     before = {p: p.stat().st_size for p in out.rglob("*")}
-    r = script("train.py", "--out_dir=damaged", cwd=run_dir, env=restart_env("job-7"))
+    restart_env(monkeypatch, "job-7")
+    r = in_process(train.main, run_dir, ["--out_dir=damaged"], monkeypatch, capfd)
     assert r.returncode == 2
     assert r.stderr.startswith("error: torchrun restarted the run in damaged, and none of its 1 checkpoints is "
                                "intact; nothing was changed. To start the run again from step 0, run train.py with "
@@ -170,7 +175,8 @@ def test_a_restart_finding_no_intact_checkpoint_stops(run_dir, runs, script):
     # torchrun without a job id calls every job "none": a restart cannot tell this run from an older one
     (out / "config.json").write_text(json.dumps({**config, "torchrun_job": "none"}))
     before = {p: p.stat().st_size for p in out.rglob("*")}
-    r = script("train.py", "--out_dir=damaged", cwd=run_dir, env=restart_env("none"))
+    restart_env(monkeypatch, "none")
+    r = in_process(train.main, run_dir, ["--out_dir=damaged"], monkeypatch, capfd)
     assert r.returncode == 2
     assert "already holds a run: torchrun restarted the workers, but it continues a run only where" in r.stderr
     assert {p: p.stat().st_size for p in out.rglob("*")} == before
@@ -234,13 +240,10 @@ def test_the_first_error_reaches_the_user_whichever_rank_it_is(delays, expected,
     assert errors == [f"error: {expected}"], r.stderr
 
 
-def test_two_ranks_share_one_token_cache(tmp_path):
-    """Rank 0 tokenizes; the other waits, then maps the same files."""
-    write_split(tmp_path, synthetic(30, seed=3), synthetic(6, seed=4))
-    save_tiny_gpt2(tmp_path / "tiny")
-    r = torchrun(2, f"--model={tmp_path / 'tiny'}", "--max_steps=2", "--block_size=64", "--eval_interval=0",
-                 cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.count("tokenized train_data.txt") == 1 and r.stdout.count("tokenized val_data.txt") == 1
-    assert len(list((tmp_path / "cache").glob("train_data.txt-*"))) == 1
-    assert len(list((tmp_path / "cache").glob("*/blocks-64"))) == 1
+def test_two_ranks_share_one_token_cache(run_dir, runs):
+    """Rank 0 tokenizes; the other waits, then maps the same files. The 2-rank run of `runs` started with no cache;
+    every later run of the module finds the same one (the same files and BLOCK_SIZE)."""
+    _, two = runs
+    assert two.stdout.count("tokenized train_data.txt") == 1 and two.stdout.count("tokenized val_data.txt") == 1
+    assert len(list((run_dir / "cache").glob("train_data.txt-*"))) == 1
+    assert len(list((run_dir / "cache").glob("*/blocks-64"))) == 1

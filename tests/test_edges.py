@@ -15,7 +15,7 @@ import transformers
 import checkpoints
 import cli
 import modeling
-from conftest import run_script
+from conftest import in_background, run_script_env, script_env
 from tiny import save_tiny_gpt2, save_tiny_llama, synthetic, write_split
 
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -24,6 +24,29 @@ ENV = {"OMP_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return save_tiny_gpt2(str(tmp_path_factory.mktemp("models") / "tiny"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def processes(request, tmp_path_factory, tiny_model):
+    """The module's real train.py runs, started from its start one after another in a thread, while the tests before
+    theirs run in this process. test name -> Future of (its directory, the CompletedProcess)."""
+    env = script_env(ENV)  # made now: the tests in this process change os.environ meanwhile
+    d = tmp_path_factory.mktemp
+    jobs = {"test_an_absurd_block_size_is_refused_in_seconds": (
+                train_py, d("absurd"), env, (synthetic(20, seed=1), synthetic(5, seed=2)),
+                ["--model=scratch", "--block_size=100000", "--scratch_vocab=300", "--device=cpu"]),
+            "test_train_in_a_log_has_no_bar_frames": (
+                train_py, d("log"), env, (synthetic(40, seed=2), synthetic(8, seed=3)),
+                [f"--model={tiny_model}", "--device=cpu", "--max_steps=20", "--block_size=64", "--batch_size=2",
+                 "--eval_interval=10", "--learning_rate=1e-3"])}
+    with in_background(request, jobs) as started:
+        yield started
+
+
+def train_py(d, env, data, args):
+    """train.py as a user runs it, from d, which holds `data`'s train and val files."""
+    write_split(d, *data)
+    return d, run_script_env(env, "train.py", *args, cwd=d, timeout=300)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -143,11 +166,9 @@ def test_the_settings_suggested_do_fit():
     assert modeling.fitting_settings(shape, cfg, 1000, False) == []
 
 
-def test_an_absurd_block_size_is_refused_in_seconds(tmp_path):
+def test_an_absurd_block_size_is_refused_in_seconds(processes):
     """--model=scratch --block_size=100000 was killed by the kernel at 18 GB with no message."""
-    write_split(tmp_path, synthetic(20, seed=1), synthetic(5, seed=2))
-    p = run_script("train.py", "--model=scratch", "--block_size=100000", "--scratch_vocab=300", "--device=cpu",
-                   cwd=tmp_path, env=ENV, timeout=300)
+    tmp_path, p = processes["test_an_absurd_block_size_is_refused_in_seconds"].result()
     assert p.returncode == 2, p.stdout + p.stderr
     lines = p.stderr.splitlines()
     assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
@@ -297,10 +318,8 @@ def test_a_log_gets_a_line_every_tenth(capsys):
     assert capsys.readouterr().err == ""  # a transient bar under 10 s, and a disabled one: nothing
 
 
-def test_train_in_a_log_has_no_bar_frames(tmp_path, tiny_model):
-    write_split(tmp_path, synthetic(40, seed=2), synthetic(8, seed=3))
-    p = run_script("train.py", f"--model={tiny_model}", "--device=cpu", "--max_steps=20", "--block_size=64",
-                   "--batch_size=2", "--eval_interval=10", "--learning_rate=1e-3", cwd=tmp_path, env=ENV)
+def test_train_in_a_log_has_no_bar_frames(processes):
+    _, p = processes["test_train_in_a_log_has_no_bar_frames"].result()  # 20 steps, stderr to a pipe
     assert p.returncode == 0, p.stderr
     assert "\r" not in p.stderr and "\x1b" not in p.stderr
     lines = p.stderr.splitlines()

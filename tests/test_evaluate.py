@@ -23,7 +23,7 @@ import evaluate
 import generation
 import modeling
 import train
-from conftest import in_process, one_error_line, run_script
+from conftest import in_background, in_process, one_error_line, run_main, run_script_env, script_env
 from dialogues import format_dialogue, read_dialogues
 from render import CHAT_TEMPLATE, render, role_map
 from tiny import EOS_ID, gpt2_tokenizer, save_tiny_gpt2, save_tiny_llama, synthetic, write_split
@@ -32,13 +32,6 @@ FAST = ["--num_replies=4", "--max_new_tokens=12", "--sample_max_new_tokens=20"]
 # one thread per process: the processes run side by side on few cores, and torch's threads fighting over them made
 # token-by-token sampling several times slower
 ENV = {"OMP_NUM_THREADS": "1"}
-
-
-def parallel(*calls):
-    """Run script calls side by side: each is (script, args, kwargs). Most of a call is imports, so two overlap well."""
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = [pool.submit(run_script, s, *a, env=ENV, **kw) for s, a, kw in calls]
-        return [f.result() for f in futures]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -51,9 +44,9 @@ def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
     save_tiny_gpt2(str(d / "base"))
     write_split(d, synthetic(32, seed=1), synthetic(8, seed=2, min_turns=2))
-    proc = run_script("train.py", "--device=cpu", "--model=base", "--block_size=64", "--batch_size=4", "--max_steps=6",
-                      "--eval_interval=2", "--learning_rate=1e-3", "--warmup_steps=1", "--log_interval=1",
-                      cwd=d, env=ENV)
+    proc = run_main(train.main, d, ["--device=cpu", "--model=base", "--block_size=64", "--batch_size=4",
+                                    "--max_steps=6", "--eval_interval=2", "--learning_rate=1e-3", "--warmup_steps=1",
+                                    "--log_interval=1"])
     assert proc.returncode == 0, proc.stderr
     return d
 
@@ -85,23 +78,37 @@ LONG_CHAT = "".join(f"Line {i}: " + "the cat sat on the garden table today and w
                     for i in range(15)) + "/quit\n"
 
 
+def real_scripts(run, env):
+    """evaluate.py and chat.py run as a user runs them, side by side, from the run's directory."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        started = {
+            "evaluate": pool.submit(run_script_env, env, "evaluate.py", "--device=cpu", *FAST, cwd=run),
+            "chat": pool.submit(run_script_env, env, "chat.py", "--device=cpu", "--max_new_tokens=12", cwd=run,
+                                stdin="Hi there\nHow are you?\n/reset\nHello again\n/quit\n")}
+        return {name: p.result() for name, p in started.items()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def scripts(request, run):
+    """procs' real scripts, started in the background once the run is trained, while the tests before the ones that
+    look at them run in this process."""
+    with in_background(request, {"procs": (real_scripts, run, script_env(ENV))}) as started:
+        yield started
+
+
 @pytest.fixture(scope="module")
-def procs(run, tiny64):
-    """The script runs the tests look at, started side by side."""
+def procs(run, tiny64, scripts):
+    """The script runs the tests look at: evaluate.py and chat.py as the real scripts (scripts), and the other cases
+    as the scripts' main() in this process (an interpreter start costs seconds)."""
     cpu = "--device=cpu"
-    calls = {
-        "evaluate": ("evaluate.py", [cpu, *FAST], {}),
-        "chat": ("chat.py", [cpu, "--max_new_tokens=12"],
-                 {"stdin": "Hi there\nHow are you?\n/reset\nHello again\n/quit\n"}),
-        "chat sam": ("chat.py", [cpu, "--max_new_tokens=12", "--bot_name=Sam"],
-                     {"stdin": "Hi there\n\nHow are you?\n"}),
+    mains = {
+        "chat sam": (chat.main, [cpu, "--max_new_tokens=12", "--bot_name=Sam"], "Hi there\n\nHow are you?\n"),
         # greedy: this one is about the context, and sampling over GPT-2's 50k vocabulary is the slow part
-        "chat long": ("chat.py", [cpu, f"--checkpoint={tiny64}", "--max_new_tokens=12", "--temperature=0"],
-                      {"stdin": LONG_CHAT}),
-        "chat missing": ("chat.py", [cpu, "--out_dir=nowhere"], {"stdin": "Hi\n"}),
-        "evaluate missing": ("evaluate.py", [cpu, "--out_dir=fresh"], {}),
+        "chat long": (chat.main, [cpu, f"--checkpoint={tiny64}", "--max_new_tokens=12", "--temperature=0"],
+                      LONG_CHAT),
     }
-    return dict(zip(calls, parallel(*[(s, a, {"cwd": run, **kw}) for s, a, kw in calls.values()])))
+    done = {name: run_main(main, run, args, stdin) for name, (main, args, stdin) in mains.items()}
+    return {**done, **scripts["procs"].result()}
 
 
 def metrics(d):
@@ -252,8 +259,9 @@ def test_chat_beyond_the_context_answers_every_line(procs):
     assert len(lines) == 15 and all(line.startswith("Bob: ") for line in lines)
 
 
-def test_chat_missing_model(procs):
-    assert "nowhere" in one_error_line(procs["chat missing"])
+def test_chat_missing_model(run, monkeypatch, capfd):
+    assert "nowhere" in one_error_line(in_process(chat.main, run, ["--device=cpu", "--out_dir=nowhere"], monkeypatch,
+                                                  capfd))
 
 
 def test_chat_history(run, monkeypatch):
@@ -367,8 +375,9 @@ def test_evaluate_final_checkpoint_of_a_scratch_run(scratch_run):
 # ---------------------------------------------------------------------------------------------------------------------
 # 6. bad input
 
-def test_evaluate_missing_model(procs):
-    assert "fresh" in one_error_line(procs["evaluate missing"])
+def test_evaluate_missing_model(run, monkeypatch, capfd):
+    assert "fresh" in one_error_line(in_process(evaluate.main, run, ["--device=cpu", "--out_dir=fresh"], monkeypatch,
+                                                capfd))
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent import futures
 
 import pytest
 import torch
@@ -27,7 +28,8 @@ import checkpoints
 import evaluate
 import modeling
 import train
-from conftest import ROOT, in_process, last_error_line, patched_train, run_script, script_env, train_args
+from conftest import (ROOT, in_background, in_process, last_error_line, patched_train, run_main, script_env,
+                      train_args)
 from tiny import curve, max_diff, save_tiny_gpt2, synthetic, weights, write_split
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -57,9 +59,23 @@ def model(tmp_path_factory):
 def reference(tmp_path_factory, model):
     d = tmp_path_factory.mktemp("reference")
     write_split(d, *DATA)
-    p = run_script("train.py", *fault_args(model), cwd=d, env=ENV)
+    p = run_main(train.main, d, fault_args(model))  # in-process, on one thread: the arithmetic of the processes
     assert p.returncode == 0, p.stderr
     return d / "out"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def processes(request, tmp_path_factory, model):
+    """The runs this module kills and signals: real processes, started one after another in a thread from the
+    module's start while its other tests run in this process. Their tests, last in the file, check them. test name ->
+    Future."""
+    env = script_env(ENV)  # made now: the tests in this process change os.environ meanwhile
+    d = tmp_path_factory.mktemp
+    jobs = {"test_ctrl_c_finishes_the_step_and_resumes_exactly": (signalled_run, d("ctrl"), model, env, "SIGINT", 1, 7),
+            "test_a_second_sigterm_stops_at_once": (signalled_run, d("term"), model, env, "SIGTERM", 2, 3),
+            "test_sigkill_at_random_moments": (sigkill_starts, d("kill"), model, env)}
+    with in_background(request, jobs) as started:
+        yield started
 
 
 def ckpt(out, step):
@@ -129,19 +145,21 @@ checkpoints.before_rename = kill_in_write
 """
 
 
-def start_train(tmp_path, n, kind, k, model, log):
-    """Start n of the test below: killed from inside its k-th checkpoint write ("write") or the write of final/
-    ("final"), or a plain train.py (killed from outside at a random moment, or left to finish)."""
+def start_train(tmp_path, n, kind, k, model, log, env):
+    """Start n of the run: killed from inside its k-th checkpoint write ("write") or the write of final/ ("final"),
+    or a plain train.py (killed from outside at a random moment, or left to finish)."""
     args = [*fault_args(model), *(["--resume=True"] if n else [])]
     script = os.path.join(ROOT, "train.py")
     if kind in ("write", "final"):
         prefix, k = (".tmp-step-", k) if kind == "write" else (".tmp-final-", 1)
         script = patched_train(tmp_path, f"start-{n}.py", KILL_IN_WRITE.format(prefix=prefix, k=k))
-    return subprocess.Popen([sys.executable, script, *args], cwd=tmp_path, env=script_env(ENV), stdout=log,
+    return subprocess.Popen([sys.executable, script, *args], cwd=tmp_path, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
 
 
-def test_sigkill_at_random_moments(tmp_path, model, reference):
+def sigkill_starts(tmp_path, model, env):
+    """The starts of one run in tmp_path, each killed as the plan says and checked at its end. Returns tmp_path, the
+    kills and what each start printed."""
     write_split(tmp_path, *DATA)
     out, ckpts = tmp_path / "out", tmp_path / "out" / "checkpoints"
     rng = random.Random(7)
@@ -156,7 +174,7 @@ def test_sigkill_at_random_moments(tmp_path, model, reference):
         k = 1 if n == 0 else rng.randint(1, 3)
         delay = rng.uniform(0, 0.5)
         with open(log_path, "w") as log:
-            proc = start_train(tmp_path, n, kind, k, model, log)
+            proc = start_train(tmp_path, n, kind, k, model, log, env)
         set_up, deadline = None, time.time() + 120
         while kind == "random" and proc.poll() is None and time.time() < deadline:
             if set_up is None and re.search(r"^model: ", log_path.read_text(), re.M):
@@ -179,23 +197,10 @@ def test_sigkill_at_random_moments(tmp_path, model, reference):
             assert intact(out / "final")
         kills.append({"kind": kind, "complete": steps,
                       "in_write": bool(new_entries(ckpts, before_ckpts, ".tmp-step-"))})
+    return tmp_path, kills, starts
 
-    assert len(kills) >= 5
-    # every "write" kill landed while a checkpoint was half-written (its temp directory was left behind)
-    assert all(k["in_write"] for k in kills if k["kind"] == "write"), kills
-    assert not kills[0]["complete"]  # the first start died before its first checkpoint was complete
-    for kill, log in zip(kills, starts[1:]):
-        assert "skipping damaged checkpoint" not in log, log
-        resumed = re.findall(r"resuming from (\S+) \(step (\d+)\)", log)
-        if kill["complete"]:
-            # the newest checkpoint complete when the previous start died: never a half-written one
-            assert len(resumed) == 1 and os.path.basename(resumed[0][0]) == kill["complete"][-1], (kill, log)
-            assert int(resumed[0][1]) == int(kill["complete"][-1][5:])
-        else:
-            assert not resumed, log  # nothing complete yet: --resume=True starts the run from the beginning
-    assert "resuming from" in starts[-1] and f"(step {STEPS})" in starts[-1]  # killed while writing final/
-    assert not [n for d in (out, ckpts) for n in os.listdir(d) if n.startswith(".tmp-")]  # leftovers cleared
-    assert_same_run(out, reference)
+
+# test_sigkill_at_random_moments, at the end of the file, checks them: they run while the tests before it do
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -362,7 +367,7 @@ def test_non_finite_gradients_are_not_applied():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# OUT_DIR takes no writes; the disk fills up during a save
+# OUT_DIR takes no writes (a disk that fills up during a save: at the end of the file)
 
 @pytest.mark.parametrize("out_dir", ["blocker", "blocker/out"])
 def test_out_dir_cannot_be_made(out_dir, tmp_path, monkeypatch, capfd, model):
@@ -392,10 +397,92 @@ def test_out_dir_read_only(tmp_path, monkeypatch, capfd, model):
     assert os.listdir(tmp_path / "out") == []
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM: the first finishes the step and writes a checkpoint; a second stops at once
+
+SIGNALLED = """
+import signal
+calls, train_step = [0], train.train_step
+
+def signalled(*args, **kwargs):
+    calls[0] += 1
+    for _ in range({times} if calls[0] == {at} else 0):
+        os.kill(os.getpid(), signal.{sig})
+    return train_step(*args, **kwargs)
+
+train.train_step = signalled
+"""
+
+
+def signalled_run(tmp_path, model, env, sig, times, at):
+    """A run in tmp_path sent signal `sig` `times` times as its step `at` begins; checkpoints only at epoch ends
+    (steps 5, 10, ...). Returns tmp_path and the CompletedProcess."""
+    write_split(tmp_path, *DATA)
+    script = patched_train(tmp_path, f"{sig}.py", SIGNALLED.format(times=times, at=at, sig=sig))
+    return tmp_path, subprocess.run([sys.executable, script, *fault_args(model, "--checkpoint_interval=0")],
+                                    cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_ctrl_c_finishes_the_step_and_resumes_exactly(processes, monkeypatch, capfd, reference):
+    tmp_path, p = processes["test_ctrl_c_finishes_the_step_and_resumes_exactly"].result()  # SIGINT as step 7 begins
+    assert p.returncode == 130, p.stderr
+    m = re.search(r"^interrupted \(SIGINT\) after step 7: checkpoint out/checkpoints/step-00000007\. Resume with: "
+                  r"python (train\.py .*--resume=True)$", p.stderr, re.M)
+    assert m, p.stderr
+    assert "Traceback" not in p.stderr
+    assert intact(ckpt(tmp_path / "out", 7))
+    # the command it gives, as given (its arguments to train.py's main() here), continues the run to the weights of one
+    # never stopped
+    resumed = in_process(train.main, tmp_path, shlex.split(m.group(1))[1:], monkeypatch, capfd)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from out/checkpoints/step-00000007 (step 7)" in resumed.stdout
+    assert max_diff(weights(tmp_path / "out" / "final"), weights(reference / "final")) < 1e-6
+    assert curve(tmp_path / "out") == pytest.approx(curve(reference), rel=1e-5)
+
+
+def test_a_second_sigterm_stops_at_once(processes):
+    tmp_path, p = processes["test_a_second_sigterm_stops_at_once"].result()  # two SIGTERMs as step 3 begins
+    assert p.returncode == 130, p.stderr
+    assert "SIGTERM: stopping after this step" in p.stderr and "Traceback" not in p.stderr
+    assert p.stderr.rstrip().endswith("interrupted")
+    assert not (tmp_path / "out" / "checkpoints").exists()  # the step was not finished, and nothing was written
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SIGKILL at random moments and during checkpoint writes: the checks of sigkill_starts' run, last in the file so that
+# its starts run while the tests before it do
+
+def test_sigkill_at_random_moments(processes, reference):
+    tmp_path, kills, starts = processes["test_sigkill_at_random_moments"].result()
+    out, ckpts = tmp_path / "out", tmp_path / "out" / "checkpoints"
+    assert len(kills) >= 5
+    # every "write" kill landed while a checkpoint was half-written (its temp directory was left behind)
+    assert all(k["in_write"] for k in kills if k["kind"] == "write"), kills
+    assert not kills[0]["complete"]  # the first start died before its first checkpoint was complete
+    for kill, log in zip(kills, starts[1:]):
+        assert "skipping damaged checkpoint" not in log, log
+        resumed = re.findall(r"resuming from (\S+) \(step (\d+)\)", log)
+        if kill["complete"]:
+            # the newest checkpoint complete when the previous start died: never a half-written one
+            assert len(resumed) == 1 and os.path.basename(resumed[0][0]) == kill["complete"][-1], (kill, log)
+            assert int(resumed[0][1]) == int(kill["complete"][-1][5:])
+        else:
+            assert not resumed, log  # nothing complete yet: --resume=True starts the run from the beginning
+    assert "resuming from" in starts[-1] and f"(step {STEPS})" in starts[-1]  # killed while writing final/
+    assert not [n for d in (out, ckpts) for n in os.listdir(d) if n.startswith(".tmp-")]  # leftovers cleared
+    assert_same_run(out, reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the disk fills up during a save
+
 # A full disk, for real: RLIMIT_FSIZE makes the kernel fail any write past the limit (EFBIG) inside the libraries'
-# own writers, as ENOSPC would; root is bound by it too. model.safetensors is ~6.5 MB, state.pt ~13 MB.
+# own writers, as ENOSPC would; root is bound by it too. model.safetensors is ~6.5 MB, state.pt ~13 MB. The limit
+# holds for this whole process while it is set, and a process started meanwhile would inherit it: so this test comes
+# last, once the processes of `processes` are done.
 @pytest.mark.parametrize("limit_mb, fails", [(1, "model.safetensors"), (9, "state.pt")])
-def test_disk_full_during_a_checkpoint(limit_mb, fails, tmp_path, monkeypatch, capfd, model, reference):
+def test_disk_full_during_a_checkpoint(limit_mb, fails, tmp_path, monkeypatch, capfd, model, reference, processes):
+    futures.wait(processes.values())  # done by now, unless a -k left out the tests that wait for them
     out = crashed_copy(reference, tmp_path, last=STEPS - 1)
     sizes = {f.name: f.stat().st_size for f in ckpt(reference, STEPS).iterdir()}
     over = sorted(f for f, size in sizes.items() if size > limit_mb << 20)
@@ -421,51 +508,3 @@ def test_disk_full_during_a_checkpoint(limit_mb, fails, tmp_path, monkeypatch, c
     assert p.returncode == 0, p.stderr
     assert re.search(rf"resuming from \S*step-{STEPS - 1:08d} ", p.stdout), p.stdout
     assert_same_run(out, reference)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Ctrl-C and SIGTERM: the first finishes the step and writes a checkpoint; a second stops at once
-
-SIGNALLED = """
-import signal
-calls, train_step = [0], train.train_step
-
-def signalled(*args, **kwargs):
-    calls[0] += 1
-    for _ in range({times} if calls[0] == {at} else 0):
-        os.kill(os.getpid(), signal.{sig})
-    return train_step(*args, **kwargs)
-
-train.train_step = signalled
-"""
-
-
-def test_ctrl_c_finishes_the_step_and_resumes_exactly(tmp_path, model, reference):
-    write_split(tmp_path, *DATA)
-    script = patched_train(tmp_path, "ctrl_c.py", SIGNALLED.format(times=1, at=7, sig="SIGINT"))
-    args = fault_args(model, "--checkpoint_interval=0")  # checkpoints only at epoch ends (steps 5, 10, ...)
-    p = subprocess.run([sys.executable, script, *args], cwd=tmp_path, env=script_env(ENV), capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 130, p.stderr
-    m = re.search(r"^interrupted \(SIGINT\) after step 7: checkpoint out/checkpoints/step-00000007\. Resume with: "
-                  r"python (train\.py .*--resume=True)$", p.stderr, re.M)
-    assert m, p.stderr
-    assert "Traceback" not in p.stderr
-    assert intact(ckpt(tmp_path / "out", 7))
-    # the command it gives, as given, continues the run to the weights of one never stopped
-    resumed = run_script("train.py", *shlex.split(m.group(1))[1:], cwd=tmp_path, env=ENV)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from out/checkpoints/step-00000007 (step 7)" in resumed.stdout
-    assert max_diff(weights(tmp_path / "out" / "final"), weights(reference / "final")) < 1e-6
-    assert curve(tmp_path / "out") == pytest.approx(curve(reference), rel=1e-5)
-
-
-def test_a_second_sigterm_stops_at_once(tmp_path, model):
-    write_split(tmp_path, *DATA)
-    script = patched_train(tmp_path, "sigterm.py", SIGNALLED.format(times=2, at=3, sig="SIGTERM"))
-    p = subprocess.run([sys.executable, script, *fault_args(model, "--checkpoint_interval=0")], cwd=tmp_path,
-                       env=script_env(ENV), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 130, p.stderr
-    assert "SIGTERM: stopping after this step" in p.stderr and "Traceback" not in p.stderr
-    assert p.stderr.rstrip().endswith("interrupted")
-    assert not (tmp_path / "out" / "checkpoints").exists()  # the step was not finished, and nothing was written

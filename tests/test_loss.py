@@ -15,6 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import loss
 import modeling
+import train
+from conftest import in_process
 from batching import IGNORE, eval_batches, make_blocks
 from tiny import EOS_ID, gpt2_tokenizer, metrics, save_tiny_gpt2, synthetic, write_split
 
@@ -236,13 +238,15 @@ def test_chunk_size_from_the_vocabulary_and_loss_chunk():
             loss.use_chunk(bad)
 
 
-def test_train_py_validation_loss_is_the_full_logits_one(tmp_path, script, monkeypatch):
-    """A short train.py run in chunks of 5 positions: its validation losses are those of the full logits."""
+def test_train_py_validation_loss_is_the_full_logits_one(tmp_path, monkeypatch, capfd):
+    """A short train.py run (its main(), in-process) in chunks of 5 positions: its validation losses are those of the
+    full logits."""
     model_dir = save_tiny_gpt2(str(tmp_path / "tiny"))
     val = synthetic(6, seed=2)
     write_split(tmp_path, synthetic(10, seed=1, max_turns=4), val)
-    p = script("train.py", f"--model={model_dir}", "--device=cpu", "--out_dir=out", "--block_size=32",
-               "--batch_size=4", "--max_steps=2", "--eval_interval=1", "--loss_chunk=5", cwd=tmp_path)
+    p = in_process(train.main, tmp_path, [f"--model={model_dir}", "--device=cpu", "--out_dir=out", "--block_size=32",
+                                          "--batch_size=4", "--max_steps=2", "--eval_interval=1", "--loss_chunk=5"],
+                   monkeypatch, capfd)
     assert p.returncode == 0, p.stderr
     logged = {m["step"]: m["val_loss"] for m in metrics(tmp_path / "out") if "val_loss" in m}
     assert sorted(logged) == [0, 1, 2]

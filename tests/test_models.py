@@ -14,16 +14,19 @@ import transformers
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import chat
 import checkpoints
 import cli
+import evaluate
 import modeling
+import prepare_data
+import train
 from batching import collate, make_blocks
-from conftest import one_error_line, run_script
+from conftest import in_process, one_error_line, run_main
 from render import CHAT_TEMPLATE, role_map
 from tiny import (CHATML, chat_tokenizer, gpt2_tokenizer, max_diff, save_tiny_gpt2, save_tiny_llama,
                   save_tiny_neox, synthetic, weights, write_split)
 
-ENV = {"OMP_NUM_THREADS": "1"}
 DIALOGUE = [("Alex", "Hi there."), ("Bob", "Hello, Alex!"), ("Alex", "Bye <|im_end|> now.")]
 
 
@@ -125,16 +128,18 @@ def family(request, tmp_path_factory):
         json.dump([[{"speaker": s, "text": t} for s, t in turns] for turns in synthetic(60, 4, 2, speakers=speakers)],
                   f)
     args = family_args(model, extra)
-    procs = {"prepare": run_script("prepare_data.py", "--data_file=data.json", cwd=d, env=ENV)}
-    procs["train"] = run_script("train.py", *args, cwd=d, env=ENV)
+    # each script's main() in this process, as its __main__ runs it: the stages are the point here, and each
+    # interpreter start would cost seconds (test_train and test_evaluate run the real scripts)
+    procs = {"prepare": run_main(prepare_data.main, d, ["--data_file=data.json"])}
+    procs["train"] = run_main(train.main, d, args)
     assert procs["train"].returncode == 0, procs["train"].stderr
     shutil.copytree(d / "out", d / "resumed")
     for sub in ("best", "final", "checkpoints/step-00000006"):
         shutil.rmtree(d / "resumed" / sub)
-    procs["resume"] = run_script("train.py", *args, "--out_dir=resumed", "--resume=True", cwd=d, env=ENV)
-    procs["evaluate"] = run_script("evaluate.py", *args, cwd=d, env=ENV)
-    procs["chat"] = run_script("chat.py", *args, "--user_name=Alex", "--bot_name=Bob", cwd=d, env=ENV,
-                               stdin="Hi there!\nHow are you?\n/quit\n")
+    procs["resume"] = run_main(train.main, d, [*args, "--out_dir=resumed", "--resume=True"])
+    procs["evaluate"] = run_main(evaluate.main, d, args)
+    procs["chat"] = run_main(chat.main, d, [*args, "--user_name=Alex", "--bot_name=Bob"],
+                             stdin="Hi there!\nHow are you?\n/quit\n")
     return d, model, name, procs
 
 
@@ -184,12 +189,12 @@ def test_lora_saves_merged_models_that_load_without_peft(family, which):
 # ---------------------------------------------------------------------------------------------------------------------
 # --show_example and bad input: one line, exit 2, nothing written
 
-def test_show_example(tmp_path):
+def test_show_example(tmp_path, monkeypatch, capfd):
     model = save_tiny_llama(str(tmp_path / "m"))
     write_split(tmp_path, [DIALOGUE[:2]], [DIALOGUE])
     before = sorted(os.listdir(tmp_path))
-    p = run_script("train.py", f"--model={model}", "--format=chat_template", "--train_speakers=['Bob']",
-                   "--show_example=True", cwd=tmp_path, env=ENV)
+    p = in_process(train.main, tmp_path, [f"--model={model}", "--format=chat_template", "--train_speakers=['Bob']",
+                                          "--show_example=True"], monkeypatch, capfd)
     assert p.returncode == 0, p.stderr
     assert sorted(os.listdir(tmp_path)) == before
     assert "<|begin_of_text|><|im_start|>system\n" in p.stdout
@@ -205,15 +210,15 @@ def test_show_example(tmp_path):
     ("format", ["--format=chatml"], "FORMAT must be"),
     ("scratch", ["--lora_r=4", "--model=scratch"], "a scratch model"),
 ])
-def test_bad_settings(tmp_path, case, args, mentions):
+def test_bad_settings(tmp_path, monkeypatch, capfd, case, args, mentions):
     model = (save_tiny_gpt2 if case == "no template" else save_tiny_llama)(str(tmp_path / "m"))
     write_split(tmp_path, synthetic(6, speakers=["Alex", "Bob"]), synthetic(2, speakers=["Alex", "Bob"]))
-    p = run_script("train.py", f"--model={model}", "--device=cpu", *args, cwd=tmp_path, env=ENV)
+    p = in_process(train.main, tmp_path, [f"--model={model}", "--device=cpu", *args], monkeypatch, capfd)
     assert mentions in one_error_line(p)
     assert not (tmp_path / "out").exists()
 
 
-def test_lora_and_full_checkpoints_do_not_mix(family, tmp_path):
+def test_lora_and_full_checkpoints_do_not_mix(family, tmp_path, monkeypatch, capfd):
     """Each family's checkpoint resumed as the other kind: LoRA as full fine-tuning, full fine-tuning as LoRA."""
     d, model, name, _ = family
     lora = "--lora_r=4" in FAMILIES[name][1]
@@ -223,8 +228,8 @@ def test_lora_and_full_checkpoints_do_not_mix(family, tmp_path):
     shutil.copy(d / "val_data.txt", tmp_path)
     before = sorted(str(p.stat().st_mtime_ns) + str(p) for p in (tmp_path / "out").rglob("*"))
     extra = [a for a in FAMILIES[name][1] if not a.startswith("--lora_r")]
-    p = run_script("train.py", *family_args(model, extra), f"--lora_r={4 if resume_with == 'lora' else 0}",
-                   "--resume=True", cwd=tmp_path, env=ENV)
+    p = in_process(train.main, tmp_path, [*family_args(model, extra), f"--lora_r={4 if resume_with == 'lora' else 0}",
+                                          "--resume=True"], monkeypatch, capfd)
     line = one_error_line(p)
     assert f"(the run has --lora_r={4 if lora else 0})" in line
     assert sorted(str(p.stat().st_mtime_ns) + str(p) for p in (tmp_path / "out").rglob("*")) == before

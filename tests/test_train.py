@@ -13,7 +13,6 @@ import stat
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -25,7 +24,8 @@ import cli
 import modeling
 import train
 from batching import IGNORE, collate, epoch_order, eval_batches, make_blocks, windows
-from conftest import ROOT, in_process, one_error_line, run_script, script_env, train_args
+from conftest import (ROOT, in_background, in_process, one_error_line, run_main, run_script_env, script_env,
+                      train_args)
 from dialogues import read_dialogues
 from render import render
 from tiny import EOS_ID, curve, gpt2_tokenizer, max_diff, metrics, save_tiny_gpt2, synthetic, weights, write_split
@@ -34,14 +34,15 @@ from tiny import EOS_ID, curve, gpt2_tokenizer, max_diff, metrics, save_tiny_gpt
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers
 
-# One thread: tiny models gain nothing from a second one, and runs started together would fight over the cores.
+# One thread: tiny models gain nothing from a second one, and the arithmetic is that of the in-process runs (run_main,
+# in_process), which take one too.
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def run_all(jobs):
-    """Run train.py once per (cwd, args) at the same time: each run is mostly import time."""
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return list(pool.map(lambda job: run_script("train.py", *job[1], cwd=job[0], env=ENV), jobs))
+    """train.py's main() once per (cwd, args), in this process: most of a script's run would be its imports. The
+    real script runs in test_resume_after_kill, test_scratch_end_to_end and test_missing_model."""
+    return [run_main(train.main, cwd, args) for cwd, args in jobs]
 
 
 def snapshot(path):
@@ -68,6 +69,35 @@ def dropout_model(tmp_path_factory):
     return save_tiny_gpt2(str(tmp_path_factory.mktemp("models") / "dropout"), dropout=0.1)
 
 
+# The real train.py processes of this module: started from its start, one after another in a thread, while the tests
+# before theirs run in this process (each mostly waits on its own process).
+
+PROXIES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def processes(request, tmp_path_factory, dropout_model):
+    """test name -> Future of its run of train.py."""
+    env = script_env(ENV)  # made now: the tests in this process change os.environ meanwhile
+    # the Hub asked for real, where nothing listens (port 9), with no proxy in between
+    hub = {k: v for k, v in script_env({**ENV, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
+                                        "HF_ENDPOINT": "http://127.0.0.1:9"}).items() if k not in PROXIES}
+    d, missing = tmp_path_factory.mktemp, train_args("no-such-org/no-such-model")
+    jobs = {"test_resume_after_kill": (killed_run, d("killed"), dropout_model, env),
+            "test_scratch_end_to_end": (train_py, d("scratch"), SCRATCH_DATA, SCRATCH_ARGS, env),
+            "test_missing_model": (train_py, d("missing"), RESUME_DATA, missing, env),  # HF_HUB_OFFLINE=1: no Hub
+            "test_an_unreachable_hub_is_asked_once": (train_py, d("hub"), RESUME_DATA, missing, hub, 40)}
+    with in_background(request, jobs) as started:
+        yield started
+
+
+def train_py(d, data, args, env, timeout=600):
+    """train.py run as a user runs it, from d, which holds `data`'s train and val files. Returns d and the
+    CompletedProcess."""
+    write_split(d, *data)
+    return d, run_script_env(env, "train.py", *args, cwd=d, timeout=timeout)
+
+
 def test_tokenizer_is_real_gpt2():
     tok = gpt2_tokenizer()
     assert tok("Hello world")["input_ids"] == [15496, 995]
@@ -83,9 +113,9 @@ def trained(tmp_path_factory, tiny_model):
     d = tmp_path_factory.mktemp("trained")
     write_split(d, synthetic(100, seed=2, max_turns=12), synthetic(20, seed=3, max_turns=12))
     # lr 1e-2: a 32-wide model moves its 50257 logits slowly at 1e-3
-    p = run_script("train.py", *train_args(tiny_model, "--learning_rate=1e-2", "--block_size=64", "--batch_size=4",
+    p = run_main(train.main, d, train_args(tiny_model, "--learning_rate=1e-2", "--block_size=64", "--batch_size=4",
                                            "--epochs=1", "--log_interval=1", "--eval_interval=10",
-                                           "--checkpoint_interval=10", "--keep_checkpoints=10"), cwd=d, env=ENV)
+                                           "--checkpoint_interval=10", "--keep_checkpoints=10"))
     assert p.returncode == 0, p.stderr
     return d / "out", p
 
@@ -234,7 +264,7 @@ def run_a(tmp_path_factory, dropout_model):
     """An uninterrupted run, with dropout so that the RNG state matters."""
     d = tmp_path_factory.mktemp("run_a")
     write_split(d, *RESUME_DATA)
-    p = run_script("train.py", *resume_args(dropout_model), cwd=d, env=ENV)
+    p = run_main(train.main, d, resume_args(dropout_model))
     assert p.returncode == 0, p.stderr
     assert re.search(r"\b5 steps/epoch\b", p.stdout), p.stdout  # so resuming from step 8 crosses into epoch 3
     return d / "out"
@@ -252,8 +282,8 @@ def crash_after_step_8(out):
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory, run_a, dropout_model):
     """Two copies of run A's directory crashed after step 8 (a copy is what a second, identical run would have
-    written; test_resume_after_kill checks a fresh run), one also holding half-written checkpoints; both resumed,
-    at the same time. name -> (OUT_DIR, CompletedProcess)."""
+    written; test_resume_after_kill checks a fresh run), one also holding half-written checkpoints; both resumed.
+    name -> (OUT_DIR, CompletedProcess)."""
     dirs = {name: tmp_path_factory.mktemp(name) for name in ("plain", "half_written")}
     for d in dirs.values():
         write_split(d, *RESUME_DATA)
@@ -277,10 +307,12 @@ def test_resume_gives_the_same_weights(resumed, run_a):
     assert sorted(os.listdir(out / "checkpoints")) == sorted(os.listdir(run_a / "checkpoints"))
 
 
-def test_resume_after_kill(tmp_path, run_a, dropout_model):
+def killed_run(tmp_path, dropout_model, env):
+    """Run A's settings in a fresh train.py, killed once its first checkpoint is written (or, if quicker, ended).
+    Returns tmp_path and its exit code."""
     write_split(tmp_path, *RESUME_DATA)
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *resume_args(dropout_model)],
-                            cwd=tmp_path, env=script_env(ENV), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = tmp_path / "out" / "checkpoints"
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:
@@ -289,12 +321,17 @@ def test_resume_after_kill(tmp_path, run_a, dropout_model):
         time.sleep(0.002)
     proc.kill()
     proc.wait()
-    if proc.returncode == -signal.SIGKILL:
-        p = run_script("train.py", *resume_args(dropout_model), "--resume=True", cwd=tmp_path, env=ENV)
+    return tmp_path, proc.returncode
+
+
+def test_resume_after_kill(processes, monkeypatch, capfd, run_a, dropout_model):
+    tmp_path, returncode = processes["test_resume_after_kill"].result()
+    if returncode == -signal.SIGKILL:
+        p = in_process(train.main, tmp_path, [*resume_args(dropout_model), "--resume=True"], monkeypatch, capfd)
         assert p.returncode == 0, p.stderr
         assert "resuming from" in p.stdout
     else:  # it finished before the kill landed
-        assert proc.returncode == 0
+        assert returncode == 0
     assert max_diff(weights(tmp_path / "out" / "final"), weights(run_a / "final")) < 1e-6
     assert curve(tmp_path / "out") == pytest.approx(curve(run_a), rel=1e-5)
 
@@ -310,11 +347,14 @@ def test_half_written_checkpoint_is_ignored(resumed, run_a):
 # ---------------------------------------------------------------------------------------------------------------------
 # 9: scratch mode needs no network and no model files
 
-def test_scratch_end_to_end(tmp_path):
-    write_split(tmp_path, synthetic(30, seed=10), synthetic(5, seed=11))
-    p = run_script("train.py", "--model=scratch", "--scratch_layers=1", "--scratch_embd=32", "--scratch_heads=2",
-                   "--scratch_vocab=300", "--block_size=64", "--max_steps=5", "--device=cpu", "--out_dir=out",
-                   "--learning_rate=1e-3", cwd=tmp_path, env=ENV)
+SCRATCH_DATA = (synthetic(30, seed=10), synthetic(5, seed=11))
+SCRATCH_ARGS = ["--model=scratch", "--scratch_layers=1", "--scratch_embd=32", "--scratch_heads=2",
+                "--scratch_vocab=300", "--block_size=64", "--max_steps=5", "--device=cpu", "--out_dir=out",
+                "--learning_rate=1e-3"]
+
+
+def test_scratch_end_to_end(processes):
+    tmp_path, p = processes["test_scratch_end_to_end"].result()  # train.py on SCRATCH_DATA with SCRATCH_ARGS
     assert p.returncode == 0, p.stderr
     final = tmp_path / "out" / "final"
     model = AutoModelForCausalLM.from_pretrained(final)
@@ -376,17 +416,15 @@ def test_rejected_in_one_line(case, tmp_path, monkeypatch, capfd, tiny_model, dr
         assert not (tmp_path / "cache").exists()  # said before anything was tokenized
 
 
-def test_missing_model(tmp_path):
-    write_split(tmp_path, *RESUME_DATA)
-    # the fixture's HF_HUB_OFFLINE=1 makes the Hub unreachable
-    p = run_script("train.py", *train_args("no-such-org/no-such-model"), cwd=tmp_path, env=ENV)
+def test_missing_model(processes):
+    _, p = processes["test_missing_model"].result()  # script_env's HF_HUB_OFFLINE=1 makes the Hub unreachable
     assert "scratch" in one_error_line(p)
 
 
-def test_an_unreachable_hub_is_asked_once(tmp_path, monkeypatch):
+def test_an_unreachable_hub_is_asked_once(processes, monkeypatch):
     """Offline, the Hub client retries for most of a minute; a connect that is refused (nothing listens on port 9)
     is noticed at once, and the model then comes from the local cache or not at all: the same one-line error."""
-    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+    for name in PROXIES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(modeling.hub_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(modeling.hub_constants, "ENDPOINT", "http://127.0.0.1:9")
@@ -395,9 +433,7 @@ def test_an_unreachable_hub_is_asked_once(tmp_path, monkeypatch):
         assert modeling.hub_reachable() is False
     finally:
         modeling.hub_reachable.cache_clear()  # nor may this one's answer outlive the settings patched here
-    write_split(tmp_path, *RESUME_DATA)
-    env = {**ENV, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
-    p = run_script("train.py", *train_args("no-such-org/no-such-model"), cwd=tmp_path, env=env, timeout=40)
+    _, p = processes["test_an_unreachable_hub_is_asked_once"].result()  # train.py, asking the Hub there
     assert "scratch" in one_error_line(p)
 
 
@@ -428,8 +464,7 @@ def test_get_lr(schedule):
 
 @pytest.fixture(scope="module")
 def resume_cases(tmp_path_factory, run_a):
-    """Copies of run A resumed with few or no settings, side by side. name -> (OUT_DIR, CompletedProcess, config.json
-    before)."""
+    """Copies of run A resumed with few or no settings. name -> (OUT_DIR, CompletedProcess, config.json before)."""
     cases = {
         # nothing retyped: config.py's defaults (another model, block 256, EPOCHS=3 instead of MAX_STEPS=12) unused
         "alone": (["--resume=True"], crash_after_step_8),
