@@ -61,26 +61,31 @@ def last_error_line(p):
     return lines[-1]
 
 
-def in_process(main, cwd, args, monkeypatch, capfd):
+def call_main(main):
     """A script's main() under cli.run, as its __main__ runs it (no interpreter start-up), on one thread as the
-    subprocesses run (ENV): the same arithmetic as theirs. CompletedProcess-like."""
+    subprocesses run (ENV): the same arithmetic as theirs. Returns its exit code."""
     import torch
 
     import cli
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cli.run(main)
+        return 0
+    except SystemExit as e:
+        return e.code
+    finally:
+        torch.set_num_threads(threads)
+
+
+def in_process(main, cwd, args, monkeypatch, capfd):
+    """call_main from `cwd` with `args`, capturing the file descriptors. CompletedProcess-like."""
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["script.py", *args])
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # later subprocesses would warn about the fork
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # else pick_device would set the threads from the cores
     capfd.readouterr()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cli.run(main)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        torch.set_num_threads(threads)
+    code = call_main(main)
     out, err = capfd.readouterr()
     return subprocess.CompletedProcess(args, code, out, err)
 
@@ -90,26 +95,14 @@ def run_main(main, cwd, args, stdin=""):
     from `cwd`, on one thread, reading `stdin`. Captures what Python writes to stdout and stderr (print, the progress
     bar, cli's error line), which is all the tests read. CompletedProcess-like."""
     import io
-
-    import torch
-
-    import cli
     out, err = io.StringIO(), io.StringIO()
-    threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         mp.chdir(cwd)
         mp.setattr(sys, "argv", [f"{main.__module__}.py", *args])
         mp.setattr(sys, "stdin", io.StringIO(stdin))
         mp.setenv("TOKENIZERS_PARALLELISM", "false")
         mp.setenv("OMP_NUM_THREADS", "1")
-        torch.set_num_threads(1)
-        try:
-            cli.run(main)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        finally:
-            torch.set_num_threads(threads)
+        code = call_main(main)
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
