@@ -17,7 +17,7 @@ makes the temp directory, every rank writes its shard into it, rank 0 adds the r
 into place. DCP reads it back on any number of ranks, sharded or not: a run may change its number of ranks, and go on
 under DDP or in one process. A DDP or one-process checkpoint resumes under FSDP too: its model directory is loaded
 before sharding, and its optimizer state is sharded from the full one. DCP's own reader unpickles what it reads; ours
-takes tensors, plain data and DCP's own metadata classes only: nothing a file holds can run code.
+takes tensors and DCP's own metadata classes only: nothing a file holds can run code.
 
 best/ and final/ stay ordinary Hugging Face directories: the full weights are gathered to rank 0 (in CPU memory, a
 tensor at a time) and saved there.
@@ -83,10 +83,6 @@ def shard(net, model, device, dtype):
     for buffer in net.buffers():  # those no state dict holds too (rotary frequencies): rank 0's
         dist.broadcast(buffer, 0)
     return net
-
-
-def is_sharded(net):
-    return hasattr(net, "set_requires_gradient_sync")  # what fully_shard adds to a module
 
 
 def full_weights(net):

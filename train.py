@@ -507,8 +507,8 @@ def validate(run, s, model, net, tokenizer, data, device, dtype):
     """The validation loss now, every rank scoring its share of the batches; logged, and best/ saved when it is the
     best so far. Returns (the loss, the line to print)."""
     import modeling
-    sharded = hasattr(net, "set_requires_gradient_sync")  # FSDP: only the sharded module gathers the weights
-    val_loss = modeling.evaluate(net if sharded else model, data.val, device, dtype, desc="validation", shared=True)
+    scorer = net if run.cfg.FSDP else model  # FSDP: only the sharded module gathers the weights
+    val_loss = modeling.evaluate(scorer, data.val, device, dtype, desc="validation", shared=True)
     if int(os.environ.get("RANK", 0)) == 0:
         log(run, step=s.step, epoch=s.epoch + 1 if s.step else 0, val_loss=val_loss, val_ppl=modeling.ppl(val_loss))
     best = val_loss < s.best_val and s.step > 0
@@ -522,7 +522,7 @@ def save_model(run, model, net, tokenizer, name):
     """best/ or final/, a Hugging Face model directory, written by rank 0; under FSDP every rank first sends it its
     part of the weights."""
     weights = None
-    if hasattr(net, "set_requires_gradient_sync"):
+    if run.cfg.FSDP:
         import sharding
         weights = sharding.full_weights(net)
     if int(os.environ.get("RANK", 0)) == 0:
@@ -541,7 +541,7 @@ def save_checkpoint(run, s, model, net, tokenizer, optimizer, scaler, device, wo
         dist.all_gather_object(rngs, rng)
     state = {**s.saved(), **extra, "world_size": world, "scaler": scaler.state_dict() if scaler else None,
              "rng": rngs, "config": vars(run.cfg)}
-    if hasattr(net, "set_requires_gradient_sync"):
+    if run.cfg.FSDP:
         import sharding
         return sharding.save(run.cfg.OUT_DIR, net, optimizer, tokenizer, model.config, state,
                              run.cfg.KEEP_CHECKPOINTS)
