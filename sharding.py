@@ -66,17 +66,19 @@ def shard(net, model, device, dtype):
     (loss.probe), and the others take its word."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    master = dist.get_rank() == 0
+    master, ranks = dist.get_rank() == 0, dist.get_world_size()
     verdict = [head_of(model) is not None if master else None]
     dist.broadcast_object_list(verdict)
     trust_head(model, verdict[0])
-    full = net.state_dict() if master else {}
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    full = net.state_dict() if master and ranks > 1 else {}
+    mesh = init_device_mesh(device.type, (ranks,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if dtype == torch.bfloat16 else MixedPrecisionPolicy()
     for block in blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(net, mesh=mesh, mp_policy=policy)
+    if ranks == 1:  # a group of one: the weights are there already
+        return net
     if any(t.is_meta for t in [*net.parameters(), *net.buffers()]):
         net.to_empty(device=device)
     set_model_state_dict(net, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
