@@ -600,7 +600,8 @@ def evaluate(model, batches, device, dtype, desc=None, groups=None, shared=False
     """Token-weighted mean NLL over all of a set's batches: sum of losses / number of targets, padding excluded.
     With `desc`, a progress bar of that name. With `groups` (batching.eval_groups: each target's group number, 0 for
     none), also each group's mean from the same pass: (loss, {group: loss}). `shared`: every rank of a torchrun job
-    calls this, and each scores its share of the batches (each rank as many, for FSDP's collectives)."""
+    calls this, and each scores its share of the batches (each rank as many, for FSDP's collectives); not with
+    `groups`, whose entries follow the batches' order."""
     was_training = model.training
     model.eval()
     total, n, by_group = 0.0, 0, {}
@@ -609,8 +610,8 @@ def evaluate(model, batches, device, dtype, desc=None, groups=None, shared=False
         x0, y0 = batches[0]
         idle = (x0, torch.full_like(y0, IGNORE))  # a rank whose share is one short scores a batch with no targets
         batches = (batches[dist.get_rank()::world] + [idle])[:math.ceil(len(batches) / world)]
-    bar = progress(batches, desc=desc, disable=desc is None or (shared and dist.is_initialized() and
-                                                                 dist.get_rank() != 0), leave=False, unit="batch")
+    bar = progress(batches, desc=desc, disable=desc is None or (world > 1 and dist.get_rank() != 0), leave=False,
+                   unit="batch")
     for i, (x, y) in enumerate(bar):
         with autocast(device, dtype):
             if groups is None:
