@@ -290,3 +290,33 @@ def count(blocks):
     if isinstance(blocks, Blocks):
         return blocks.tokens.count_trained(), int(blocks.lengths.sum()) - len(blocks)
     return sum(sum(1 for x in m if x) for _, m in blocks), sum(len(ids) - 1 for ids, _ in blocks)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A run's data, step by step
+
+class Steps:
+    """The training blocks step by step: each epoch in its epoch_order, a global batch of blocks a step, as one
+    micro-batch per GRAD_ACCUM_STEPS for this rank (step_batches: N ranks see what one process would). The order is
+    a function of the seed and the epoch alone, so a resumed run, and every rank, finds the same."""
+
+    def __init__(self, blocks, batch_size, accum_steps, block_size, seed, pad, rank=0, ranks=1):
+        self.blocks, self.batch_size, self.block_size, self.seed, self.pad = blocks, batch_size, block_size, seed, pad
+        self.rank, self.ranks = rank, ranks
+        self.per_step = batch_size * accum_steps * ranks
+        self.per_epoch = -(-len(blocks) // self.per_step)
+        self.order, self.order_epoch = None, None
+
+    def at(self, epoch, offset):
+        """The step that starts `offset` blocks into `epoch`: (its blocks, this rank's micro-batches, the positions
+        all ranks process, padding included)."""
+        if self.order_epoch != epoch:
+            self.order, self.order_epoch = epoch_order(self.blocks, 16 * self.per_step, self.seed + epoch), epoch
+        blocks = [self.blocks[j] for j in self.order[offset:offset + self.per_step]]
+        slots = step_batches(blocks, self.batch_size, self.ranks)
+        # a rank left without blocks at an epoch's end still runs forward/backward (DDP needs every rank's gradients)
+        # on a block whose targets are all masked: it adds nothing
+        dummy = (blocks[0][0], [0] * len(blocks[0][0]))
+        micro = [collate(slot[self.rank] or [dummy], self.pad, self.block_size) for slot in slots]
+        positions = sum(len(b) * width(b, self.block_size) for slot in slots for b in slot if b)
+        return blocks, micro, positions

@@ -51,7 +51,9 @@ from cli import UserError, atomic_write, run
 from dialogues import format_dialogue, iter_dialogues, load_records, parse_record, read_dialogues
 from generation import generate
 from render import encode, prompt, render
-from train import train_step
+import hardware
+import processes
+import step
 
 
 def read_any(path):
@@ -123,7 +125,9 @@ class OurLoop:
 
     def __init__(self, model, blocks, args, device, dtype):
         self.model, self.blocks, self.args, self.device, self.dtype = model, blocks, args, device, dtype
-        self.optimizer = modeling.make_optimizer(model, 1e-4, 0.01, (0.9, 0.999), device)
+        self.layout = processes.Single(processes.World(), device, dtype)
+        self.layout.wrap(model)
+        self.optimizer = step.make_optimizer(model, 1e-4, 0.01, (0.9, 0.999))
         self.scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
         self.order = epoch_order(blocks, 16 * args.batch_size, 0)
         self.step = 0
@@ -139,8 +143,7 @@ class OurLoop:
             micro = [collate(chosen, self.args.pad, self.args.block_size)]
             sync(self.device)
             t = time.perf_counter()
-            _, n, _ = train_step(self.model, self.model, self.optimizer, self.scaler, micro, self.device, self.dtype,
-                                 1.0)
+            _, n, _ = step.train_step(self.layout, self.optimizer, self.scaler, micro, 1.0)
             sync(self.device)
             self.step += 1
             if timed:  # untimed warm-up steps pay for allocation, page faults and kernel selection
@@ -443,9 +446,11 @@ def loss_worker(model_dir, path, block, batch, steps, warmup, out):
     import loss
     from transformers import AutoModelForCausalLM
     cpu = torch.device("cpu")
-    modeling.keep_freed_memory()  # as train.py's pick_device does on a CPU
+    hardware.keep_freed_memory()  # as hardware.pick does for train.py on a CPU
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
-    optimizer = modeling.make_optimizer(model, 1e-4, 0.01, (0.9, 0.999), cpu)
+    optimizer = step.make_optimizer(model, 1e-4, 0.01, (0.9, 0.999))
+    layout = processes.Single(processes.World(), cpu)
+    layout.wrap(model)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, block + 1), generator=torch.Generator().manual_seed(0))
     x, y = ids[:, :-1], ids[:, 1:]
@@ -453,14 +458,14 @@ def loss_worker(model_dir, path, block, batch, steps, warmup, out):
     for i in range(warmup + steps):
         t = time.perf_counter()
         if path == "chunked":
-            value, _ = modeling.forward_backward(model, [(x, y)], cpu, None)
+            value, _ = step.forward_backward(layout, [(x, y)])
         elif path == "full":  # what loss_sum did before: model(x).logits, in fp32, cross_entropy
             value = loss.full_losses(model, x, y) / y.numel()
             value.backward()
         else:  # the Hugging Face way (the Trainer's): labels in, the model shifts them and returns the mean loss
             value = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
             value.backward()
-        modeling.optimizer_step(model, optimizer, None, 1.0)
+        step.optimizer_step(model, optimizer, None, 1.0)
         if i >= warmup:
             times.append(time.perf_counter() - t)
         losses.append(float(value))
@@ -575,7 +580,7 @@ def main():
         return loss_memory(args)
     if args.data_scale:
         return data_scale(args)
-    device, dtype, note = modeling.pick_device(args.device, args.precision)
+    device, dtype, note = hardware.pick(args.device, args.precision)
     torch.manual_seed(0)
     dialogues = read_any(args.data)
     if not dialogues:

@@ -44,22 +44,23 @@ def fingerprint(tokenizer):
     return h.hexdigest()[:16]
 
 
-def tokens(path, file_sha, tokenizer, cfg, roles, say, build=True):
-    """The Tokens of a text file, memory-mapped from CACHE_DIR; built first where missing, damaged or made from
-    something else (unless `build` is False: the other ranks under torchrun, for which rank 0 built it)."""
+def tokens(path, file_sha, tokenizer, rendering, cache_dir, say, build=True):
+    """The Tokens of a text file as `rendering` (render.Rendering) renders it, memory-mapped from `cache_dir`; built
+    first where missing, damaged or made from something else (unless `build` is False: the other ranks under
+    torchrun, for which rank 0 built it)."""
     meta = {"version": VERSION, "file": os.path.basename(path), "file_sha256": file_sha,
-            "tokenizer": fingerprint(tokenizer), "format": cfg.FORMAT, "train_speakers": cfg.TRAIN_SPEAKERS,
-            "roles": cfg.ROLES, "system_prompt": getattr(cfg, "SYSTEM_PROMPT", None)}
+            "tokenizer": fingerprint(tokenizer), "format": rendering.format, "train_speakers": rendering.train_speakers,
+            "roles": rendering.roles, "system_prompt": rendering.system_prompt}
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-    d = os.path.join(cfg.CACHE_DIR, f"{meta['file']}-{key}")
+    d = os.path.join(cache_dir, f"{meta['file']}-{key}")
     if build:
         problem = check_manifest(d, required=True) if os.path.isdir(d) else None
         if problem:
             say(f"token cache {d} is damaged ({problem}): tokenizing {path} again")
-        elif not os.path.isdir(d) and (other := _other_version(cfg.CACHE_DIR, meta)):
+        elif not os.path.isdir(d) and (other := _other_version(cache_dir, meta)):
             say(f"token cache for {path}: {other}; tokenizing it for this run")
         if problem or not os.path.isdir(d):
-            _build(d, path, meta, tokenizer, cfg.TRAIN_SPEAKERS, roles)
+            _build(d, path, meta, tokenizer, rendering.train_speakers, rendering.roles_of)
     elif not os.path.isfile(os.path.join(d, "meta.json")):
         raise UserError(_unshared(d))
     with open(os.path.join(d, "meta.json")) as f:
@@ -120,7 +121,7 @@ def _other_version(cache_dir, meta):
     return "the one in the cache is for " + (" and ".join(why) if why else "other settings")
 
 
-def _build(d, path, meta, tokenizer, train_speakers, roles):
+def _build(d, path, meta, tokenizer, train_speakers, roles_of):
     """Tokenize the file CHUNK dialogues at a time, appending each batch's arrays to the files as it goes; with
     SYSTEM_PROMPT first in each dialogue that has no system message. meta.json counts what a chat template's
     rendering changed (chat_pieces): turns merged into the message before them, leading turns kept as context."""
@@ -141,7 +142,7 @@ def _build(d, path, meta, tokenizer, train_speakers, roles):
                 if dialogue is not None:
                     chunk.append(with_system(dialogue, meta["system_prompt"]))
                 if chunk and (dialogue is None or len(chunk) == CHUNK):
-                    ids, mask, lengths, turns, names = render_arrays(tokenizer, chunk, train_speakers, roles, path,
+                    ids, mask, lengths, turns, names = render_arrays(tokenizer, chunk, train_speakers, roles_of, path,
                                                                            stats)
                     ids.tofile(files["ids"])
                     mask.tofile(files["mask"])
@@ -155,7 +156,7 @@ def _build(d, path, meta, tokenizer, train_speakers, roles):
                     n["trained"] += int(np.count_nonzero(mask))
                     chunk = []
         with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({**meta, "dtype": np.dtype(dtype).name, "speakers": list(speakers), "start": context_token(tokenizer, roles),
+            json.dump({**meta, "dtype": np.dtype(dtype).name, "speakers": list(speakers), "start": context_token(tokenizer, roles_of),
                        **n, "merged": stats["merged"], "context": stats["context"]}, f)
     seconds = time.time() - t0
     print(f"tokenized {path}: {n['tokens']:,} tokens in {seconds:.1f}s ({n['tokens'] / max(seconds, 1e-9):,.0f} "

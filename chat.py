@@ -11,37 +11,38 @@ session to the next; --seed=N makes them repeatable. In a model's own chat templ
 the assistant, whatever the names.
 """
 
-import os
 import re
 import sys
 
-from cli import UserError, load_config, read_run_config, run, which_model
+from cli import UserError, load_run_settings, quiet_libraries, run, which_model
 from dialogues import clean_speaker, clean_text
 
 HELP = "commands: /reset starts a new conversation, /quit leaves"
 
 
 def main():
-    given = set()
-    cfg = load_config(doc=__doc__, given=given)
+    # the run's own settings (its SYSTEM_PROMPT): a line on stderr where the command line overrides one, which a
+    # scripted session's transcript on stdout does not show
+    cfg, given = load_run_settings(__doc__, say=lambda line: print(line, file=sys.stderr))
     model_dir = which_model(cfg)
     user, bot = clean_speaker(cfg.USER_NAME), clean_speaker(cfg.BOT_NAME)
     if not user or not bot or user == bot:
         raise UserError(f"USER_NAME and BOT_NAME must be two different names, got {cfg.USER_NAME!r}, {cfg.BOT_NAME!r}")
     # the heavy imports wait until the settings are checked: --help and a mistyped setting answer at once
+    quiet_libraries()
     import torch
 
+    import hardware
     import modeling
     from generation import reply
     from render import chat_roles, with_system
 
-    device, _, device_note = modeling.pick_device(cfg.DEVICE, cfg.PRECISION)
+    device, _, device_note = hardware.pick(cfg.DEVICE, cfg.PRECISION)
     tokenizer, model = modeling.load(model_dir)
     model.to(device).eval()
     context = modeling.context_size(model)
-    roles = chat_roles(tokenizer, {user: "user", bot: "assistant"})  # None: the model speaks the speaker format
-    system = cfg.SYSTEM_PROMPT if "SYSTEM_PROMPT" in given else \
-        read_run_config(os.path.join(cfg.OUT_DIR, "config.json")).get("SYSTEM_PROMPT", cfg.SYSTEM_PROMPT)
+    roles_of = chat_roles(tokenizer, {user: "user", bot: "assistant"})  # None: the model speaks the speaker format
+    system = cfg.SYSTEM_PROMPT
     generator = torch.Generator()
     if "SEED" in given:  # --seed=N replays a session; without it, each session samples afresh
         generator.manual_seed(cfg.SEED)
@@ -71,7 +72,7 @@ def main():
         if not text:
             continue
         history.append((user, text))
-        answer, _, _ = reply(model, tokenizer, history, bot, cfg, generator, context, roles)
+        answer, _, _ = reply(model, tokenizer, history, bot, cfg, generator, context, roles_of)
         history.append((bot, answer))
         print(f"{bot}: {answer}", flush=True)
 

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 
-from cli import UserError, defaults, read_jsonl, read_run_config, umask, atomic_write
+from cli import UserError, atomic_write, read_jsonl, read_run_config, run_settings, umask
 
 MANIFEST = "manifest.json"
 before_rename = None  # tests: called with a directory's temp path once its files are written, before it is put in place
@@ -186,25 +186,23 @@ def last_good(out_dir):
     return next((c for c in reversed(find(out_dir)) if not check_manifest(c)), None)
 
 
-def load_latest(checkpoints, say, world=1):
+def load_latest(checkpoints, say, world=None):
     """The newest checkpoint whose files match its manifest and whose state loads without running code, and its
-    state; damaged ones are reported and passed over. (None, None) where there is none. Under torchrun (`world`
-    ranks, every one with the same `checkpoints`) each rank hashes its share of a checkpoint's files, and all take
-    the verdict of all: a sharded checkpoint is read once, not once a rank."""
+    state; damaged ones are reported and passed over. (None, None) where there is none. Under torchrun (`world`, a
+    processes.World whose ranks all have the same `checkpoints`) each rank hashes its share of a checkpoint's files,
+    and all take the verdict of all: a sharded checkpoint is read once, not once a rank."""
     import torch
-    import torch.distributed as dist
+    ranks = world.size if world is not None else 1
     for path in reversed(checkpoints):
-        share = (dist.get_rank(), world) if world > 1 else None
+        share = (world.rank, ranks) if ranks > 1 else None
         problem, state = check_manifest(path, required=True, share=share), None
         if problem is None:
             try:  # weights_only: tensors and plain data only; a pickle that would run code is refused
                 state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
             except Exception as e:
                 problem = f"state.pt cannot be loaded safely ({type(e).__name__})"
-        if world > 1:
-            problems = [None] * world
-            dist.all_gather_object(problems, problem)
-            problem = next((p for p in problems if p), None)
+        if ranks > 1:
+            problem = next((p for p in world.gather(problem) if p), None)
         if problem is None:
             return path, state
         say(f"skipping damaged checkpoint {path}: {problem}")
@@ -228,18 +226,16 @@ def prune(out_dir, path, keep):
 # ---------------------------------------------------------------------------------------------------------------------
 # a run in OUT_DIR: a new one, or the one there resumed with its own settings
 
-# Settings a resume may change: how long the run goes on, what it logs and keeps, where it runs, and the other
-# scripts' own settings. None of them changes the arithmetic of a step. Every other setting is the run's own: a
+# Settings of the run that a resume may change (cli.run_settings): how long the run goes on, what it logs and keeps,
+# and where it runs. None of them changes the arithmetic of a step. Every other setting of the run is its own: a
 # resume takes it from the checkpoint, so a setting added to config.py is protected without being listed anywhere.
+# (The scripts' own settings, cli.OWN_SETTINGS, are never a run's.)
 MAY_CHANGE_ON_RESUME = ["EPOCHS", "MAX_STEPS", "EVAL_INTERVAL", "CHECKPOINT_INTERVAL", "KEEP_CHECKPOINTS",
-                        "LOG_INTERVAL", "REPORT_TO", "DEVICE", "OUT_DIR", "RESUME", "SHOW_EXAMPLE", "CACHE_DIR",
+                        "LOG_INTERVAL", "REPORT_TO", "DEVICE", "CACHE_DIR",
                         "GRADIENT_CHECKPOINTING",  # recomputing activations gives the same loss and gradients
                         "FSDP",  # as does sharding them (the checkpoints of either kind resume under the other)
                         "LOSS_CHUNK",  # as does the loss taken in other chunks (to rounding)
-                        "BATCH_SIZE", "GRAD_ACCUM_STEPS",  # how the global batch is split; it is kept (split_batch)
-                        "DATA_FILE", "DATA_SPLIT", "VAL_FRACTION",  # prepare_data.py's
-                        "CHECKPOINT", "NUM_REPLIES", "TEMPERATURE", "TOP_K", "TOP_P", "REPETITION_PENALTY",
-                        "MAX_NEW_TOKENS", "SAMPLE_PROMPT", "SAMPLE_MAX_NEW_TOKENS", "USER_NAME", "BOT_NAME"]
+                        "BATCH_SIZE", "GRAD_ACCUM_STEPS"]  # how the global batch is split; it is kept (split_batch)
 
 
 class Run:
@@ -256,18 +252,16 @@ class Run:
 def open_run(cfg, given, world, say):
     """The run in OUT_DIR that train.py starts or continues: a new one (refused where OUT_DIR holds a run that was not
     asked to be resumed), or the latest intact checkpoint of the one there with the run's own settings. Under torchrun
-    every rank calls this and all agree; rank 0 alone mends what a killed run left."""
-    import torch.distributed as dist
-    if os.environ.get("RANK", "0") == "0":  # a model directory moved aside mid-swap, unfinished temp directories
+    every rank of the `world` (processes.World) calls this and all agree; rank 0 alone mends what a killed run
+    left."""
+    if world.master:  # a model directory moved aside mid-swap, unfinished temp directories
         recover_dirs(cfg.OUT_DIR)
         recover_dirs(os.path.join(cfg.OUT_DIR, "checkpoints"))
-    if world > 1:
-        dist.barrier()
+    world.barrier()
     checkpoints, config_json = find(cfg.OUT_DIR), os.path.join(cfg.OUT_DIR, "config.json")
-    job, automatic = torchrun_restart(cfg, config_json, world, say)
-    if world > 1:  # every rank must take up the run where rank 0 does; on machines that do not share OUT_DIR, not so
-        seen = [None] * world
-        dist.all_gather_object(seen, [os.path.basename(c) for c in checkpoints])
+    job, automatic = torchrun_restart(cfg, config_json, world.size, say)
+    if world.size > 1:  # every rank must take up the run where rank 0 does; on machines that do not share OUT_DIR,
+        seen = world.gather([os.path.basename(c) for c in checkpoints])  # not so
         if any(names != seen[0] for names in seen):
             steps = [int(names[-1][len("step-"):]) if names else None for names in seen]
             raise UserError(f"the ranks find different checkpoints in OUT_DIR {cfg.OUT_DIR!r} (steps {steps}): on "
@@ -292,7 +286,7 @@ def open_run(cfg, given, world, say):
         raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} already holds a run:{restarted} continue it with --resume=True, or "
                         f"choose another --out_dir (nothing there is overwritten)")
     if cfg.RESUME and (state is not None or os.path.isfile(config_json)):  # the run's settings, not config.py's
-        cfg = resumed_settings(cfg, given, state, resume_from, config_json, world, say)
+        cfg = resumed_settings(cfg, given, state, resume_from, config_json, world.size, say)
     return Run(cfg, state, resume_from, job)
 
 
@@ -311,7 +305,8 @@ def torchrun_restart(cfg, config_json, world, say):
 
 
 def resumed_settings(cfg, given, state, resume_from, config_json, world, say):
-    """A resumed run's settings: its own (resume_config), with its global batch split over `world` processes."""
+    """A resumed run's settings: its own (cli.run_settings; those that change a step's arithmetic may not be
+    overridden), with its global batch split over `world` processes."""
     if state is not None:
         source, saved = resume_from, state["config"]
         # the run's global batch: recorded since it is kept across a change in processes, else as it was made
@@ -320,14 +315,14 @@ def resumed_settings(cfg, given, state, resume_from, config_json, world, say):
     else:
         source, saved = config_json, read_run_config(config_json)
         global_batch = saved.get("global_batch")
-    cfg, taken = resume_config(cfg, given, saved, source)
+    cfg, taken = resume_config(cfg, given, saved, source, say)
     if global_batch:  # BATCH_SIZE x GRAD_ACCUM_STEPS x processes stays what it was
         was = (saved["BATCH_SIZE"], saved["GRAD_ACCUM_STEPS"],
                global_batch // (saved["BATCH_SIZE"] * saved["GRAD_ACCUM_STEPS"]))
         cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS, note = split_batch(cfg, given, was, world)
         if (cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS, world) != was:
-            say(f"the run's global batch of {global_batch} blocks a step ({layout(*was)}) is kept: "
-                f"{layout(cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS, world)}{note}")
+            say(f"the run's global batch of {global_batch} blocks a step ({batch_words(*was)}) is kept: "
+                f"{batch_words(cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS, world)}{note}")
             taken = [k for k in taken if k not in ("BATCH_SIZE", "GRAD_ACCUM_STEPS")]
     if taken:
         say(f"the run's own settings, from {source}: " + " ".join(f"--{k.lower()}={getattr(cfg, k)!r}"
@@ -335,30 +330,14 @@ def resumed_settings(cfg, given, state, resume_from, config_json, world, say):
     return cfg
 
 
-def resume_config(cfg, given, saved, source):
-    """The settings of a resumed run: the run's own (`saved`, from its checkpoint or config.json; config.py's for a
-    setting newer than the run), but OUT_DIR and RESUME, and those of MAY_CHANGE_ON_RESUME set on the command line.
-    Any other setting given there with a value other than the run's is refused, all of them named. Returns (the
-    settings, the names of those taken from the run that differ from config.py or the command line)."""
-    plain = lambda v: json.loads(json.dumps(v))  # config.json has lists where config.py has tuples
-    current = vars(cfg)
-    run_has = {**defaults(), **{k: v for k, v in saved.items() if k in current}}
-    refused = [k for k in sorted(given) if k not in MAY_CHANGE_ON_RESUME and plain(run_has[k]) != plain(current[k])]
-    if refused:
-        flags = ", ".join(f"--{k.lower()}={current[k]!r} (the run has --{k.lower()}={run_has[k]!r})" for k in refused)
-        raise UserError(f"{source} belongs to a run with other settings, and only EPOCHS, MAX_STEPS, the intervals, "
-                        f"KEEP_CHECKPOINTS, DEVICE, GRADIENT_CHECKPOINTING, LOSS_CHUNK, FSDP and the split of the "
-                        f"global batch (BATCH_SIZE, GRAD_ACCUM_STEPS) may change on resume: {flags}. Resume "
-                        f"without them (the run's own settings are taken), or start a new run in another OUT_DIR")
-    merged = dict(current)
-    for k, v in run_has.items():
-        if k not in given and k not in ("OUT_DIR", "RESUME"):
-            merged[k] = tuple(v) if isinstance(current[k], tuple) and isinstance(v, list) else v
-    taken = [k for k in merged if plain(merged[k]) != plain(current[k])]
-    return type(cfg)(**merged), taken
+def resume_config(cfg, given, saved, source, say):
+    """The settings of a resumed run, by the rule of every script that works on a run (cli.run_settings), save that
+    a command-line value other than the run's is refused for a setting not in MAY_CHANGE_ON_RESUME. Returns (the
+    settings, the names taken from the run whose value differs from config.py's)."""
+    return run_settings(cfg, given, saved, source, say, fixed=[k for k in vars(cfg) if k not in MAY_CHANGE_ON_RESUME])
 
 
-def layout(batch, accum, processes):
+def batch_words(batch, accum, processes):
     """How a global batch is made, in words: 'BATCH_SIZE=2 x GRAD_ACCUM_STEPS=4 x 1 process'."""
     return f"BATCH_SIZE={batch} x GRAD_ACCUM_STEPS={accum} x {processes} process{'es' if processes > 1 else ''}"
 
@@ -375,7 +354,7 @@ def split_batch(cfg, given, was, world):
     per_rank, left = divmod(global_batch, world)
     if left:
         counts = [str(n) for n in range(1, global_batch + 1) if global_batch % n == 0]
-        run = f"the run's global batch of {global_batch} blocks a step ({layout(*was)})"
+        run = f"the run's global batch of {global_batch} blocks a step ({batch_words(*was)})"
         raise UserError(f"{run} does not divide over {world} processes; resume it on "
                         f"{', '.join(counts[:-1])} or {counts[-1]} processes" if len(counts) > 1 else
                         f"{run} does not divide over {world} processes; resume it in one process")

@@ -122,6 +122,68 @@ def load_config(argv=None, doc=None, given=None):
     return types.SimpleNamespace(**cfg)
 
 
+# A script's own settings, never a run's: what prepare_data.py reads and writes, what evaluate.py and chat.py
+# generate, and what this command is asked to do. A script that works on a run (run_settings) takes these from
+# config.py and its command line, and every other setting from the run.
+OWN_SETTINGS = ("DATA_FILE", "DATA_SPLIT", "VAL_FRACTION", "CHECKPOINT", "NUM_REPLIES", "TEMPERATURE", "TOP_K",
+                "TOP_P", "REPETITION_PENALTY", "MAX_NEW_TOKENS", "SAMPLE_PROMPT", "SAMPLE_MAX_NEW_TOKENS",
+                "USER_NAME", "BOT_NAME", "SHOW_EXAMPLE", "OUT_DIR", "RESUME")
+
+
+def run_settings(cfg, given, saved, source, say, fixed=()):
+    """The settings of a script that works on a run (train.py --resume=True, evaluate.py, chat.py), one rule for
+    every setting: the run's value (`saved`: its config.json or checkpoint; config.py's for a setting newer than the
+    run) unless the command line gives one; OWN_SETTINGS from config.py and the command line. A command-line value
+    that differs from the run's is said in one line; where its name is in `fixed` (the settings a resume may not
+    change) it is refused instead, all such named. `saved` empty (no run): cfg as it is. Returns (the settings, the
+    names taken from the run whose value differs from config.py's)."""
+    if not saved:
+        return cfg, []
+    plain = lambda v: json.loads(json.dumps(v))  # config.json has lists where config.py has tuples
+    current, known = vars(cfg), defaults()
+    run_has = {k: saved.get(k, known[k]) for k in current if k not in OWN_SETTINGS}
+    overridden = [k for k in sorted(given) if k in run_has and plain(run_has[k]) != plain(current[k])]
+    flag = lambda k: f"--{k.lower()}={current[k]!r} (the run has --{k.lower()}={run_has[k]!r})"
+    if refused := [k for k in overridden if k in fixed]:
+        raise UserError(f"{source} belongs to a run with other settings, and only EPOCHS, MAX_STEPS, the intervals, "
+                        f"KEEP_CHECKPOINTS, DEVICE, GRADIENT_CHECKPOINTING, LOSS_CHUNK, FSDP and the split of the "
+                        f"global batch (BATCH_SIZE, GRAD_ACCUM_STEPS) may change on resume: "
+                        f"{', '.join(map(flag, refused))}. Resume without them (the run's own settings are taken), or "
+                        f"start a new run in another OUT_DIR")
+    if overridden:
+        say(f"the command line overrides the run's settings ({source}): {', '.join(map(flag, overridden))}")
+    merged = dict(current)
+    for k, v in run_has.items():
+        if k not in given:
+            merged[k] = tuple(v) if isinstance(current[k], tuple) and isinstance(v, list) else v
+    return type(cfg)(**merged), [k for k in merged if plain(merged[k]) != plain(current[k])]
+
+
+def load_run_settings(doc, say=print):
+    """load_config, then the settings of the run in OUT_DIR (run_settings), as evaluate.py and chat.py take them.
+    Returns (the settings, the names given on the command line)."""
+    given = set()
+    cfg = load_config(doc=doc, given=given)
+    path = os.path.join(cfg.OUT_DIR, "config.json")
+    return run_settings(cfg, given, read_run_config(path), path, say)[0], given
+
+
+def quiet_libraries():
+    """The libraries' own warnings off, so that an error stays one line: transformers' and peft's, the Hub client's
+    ("... thrown while requesting HEAD ...", when offline) and DCP's (a traceback each); transformers' "writing
+    shards" bars too, which would break our own progress bar. The Hub client's download bars stay: a first download
+    takes minutes. Each script that loads a model calls this once its settings are checked."""
+    import logging
+    from huggingface_hub import utils as hub_utils
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    hub_logging.set_verbosity_error()
+    hub_utils.enable_progress_bars()
+    logging.getLogger("torch.distributed.checkpoint").setLevel(logging.ERROR)
+
+
 def print_settings(cfg):
     """Each setting as --name=value, with its comment from config.py wrapped to the terminal, under its group."""
     notes, groups = config_comments()

@@ -3,8 +3,9 @@
     python evaluate.py                          # the best model in OUT_DIR
     python evaluate.py --checkpoint=out/final   # another model directory
 
-Reads the model (CHECKPOINT, else OUT_DIR/best), VAL_FILE, and OUT_DIR's config.json and metrics.jsonl from train.py.
-Computes validation loss and perplexity exactly as training does (token-weighted, padding excluded, the same
+Reads the model (CHECKPOINT, else OUT_DIR/best), VAL_FILE, and OUT_DIR's metrics.jsonl and config.json from train.py:
+the run's settings, which it takes as its own (one given on the command line overrides the run's, with a line saying
+so). Computes validation loss and perplexity exactly as training does (token-weighted, padding excluded, the same
 VAL_MAX_TOKENS cap) for the fine-tuned model and the base model it started from, per-speaker loss where speakers recur
 (from the same pass), and generated replies for the last turn of NUM_REPLIES validation dialogues. Writes
 OUT_DIR/eval_report.json, eval_report.md and loss_curve.png.
@@ -19,7 +20,7 @@ import re
 import time
 import types
 
-from cli import UserError, atomic_write, load_config, no_such, read_jsonl, read_run_config, run, which_model
+from cli import UserError, atomic_write, load_run_settings, no_such, quiet_libraries, read_jsonl, run, which_model
 
 RECURRING = 3  # a speaker in at least this many validation dialogues gets a loss of their own
 
@@ -73,46 +74,47 @@ def plot_loss_curve(metrics, path, title):
 # ---------------------------------------------------------------------------------------------------------------------
 # the parts of an evaluation, in the order main() runs them
 
-def setup(cfg, given):
-    """Everything the passes share, checked before any of them runs: the run's settings (config.json; a setting
-    given on the command line wins), the model on its device, how it renders dialogues, and the sample prompt."""
+def setup(cfg):
+    """Everything the passes share, checked before any of them runs: the model on its device (held by a one-process
+    layout, whose validation pass is training's), how it renders dialogues, and the sample prompt. `cfg` holds the
+    run's own settings (cli.run_settings)."""
     model_dir = which_model(cfg)
     if not os.path.isfile(cfg.VAL_FILE):
         raise UserError(f"{no_such('VAL_FILE', cfg.VAL_FILE)}: run prepare_data.py first")
     # the heavy imports wait until the settings are checked: --help and a mistyped setting answer at once
+    quiet_libraries()
+    import hardware
     import loss
     import modeling
+    import processes
     from dialogues import iter_dialogues, parse_prompt
-    from render import chat_roles, prompt, sample_roles, with_system
+    from render import Rendering, chat_roles, prompt, sample_roles, with_system
 
     if next(iter_dialogues(cfg.VAL_FILE), None) is None:
         raise UserError(f"VAL_FILE {cfg.VAL_FILE!r} holds no dialogues: run prepare_data.py first")
-    run_cfg = read_run_config(os.path.join(cfg.OUT_DIR, "config.json"))  # what train.py recorded, where it ran
-    setting = lambda key: getattr(cfg, key) if key in given else run_cfg.get(key, getattr(cfg, key))
-    device, dtype, device_note = modeling.pick_device(cfg.DEVICE, cfg.PRECISION)
+    device, dtype, device_note = hardware.pick(cfg.DEVICE, cfg.PRECISION)
     loss.use_chunk(cfg.LOSS_CHUNK)
     print(device_note)
     tokenizer, model = modeling.load(model_dir)
-    model.to(device).eval()
+    layout = processes.Single(processes.World(), device, dtype)
+    layout.wrap(model.eval())
     context = modeling.context_size(model)
-    # a model trained in its own chat template is evaluated and prompted in it, with the run's roles. The token
-    # cache's key and the rendering are the same settings: a key names what was rendered, never something else
-    train_speakers = run_cfg.get("TRAIN_SPEAKERS", cfg.TRAIN_SPEAKERS)
-    roles = chat_roles(tokenizer, setting("ROLES"), train_speakers)
-    rendering = types.SimpleNamespace(FORMAT="speaker" if roles is None else "chat_template", ROLES=setting("ROLES"),
-                                      TRAIN_SPEAKERS=train_speakers, CACHE_DIR=setting("CACHE_DIR"),
-                                      SYSTEM_PROMPT=setting("SYSTEM_PROMPT"))
+    # a model trained in its own chat template is evaluated and prompted in it, with the run's roles; what it speaks
+    # is the model's to say (its saved template), and the token cache's key names what is rendered
+    roles_of = chat_roles(tokenizer, cfg.ROLES, cfg.TRAIN_SPEAKERS)
+    rendering = Rendering("speaker" if roles_of is None else "chat_template", cfg.ROLES, cfg.TRAIN_SPEAKERS,
+                          cfg.SYSTEM_PROMPT)
     turns, speaker = parse_prompt(cfg.SAMPLE_PROMPT)  # the sample dialogue's prompt, checked before the passes
-    turns = with_system(turns, rendering.SYSTEM_PROMPT)
+    turns = with_system(turns, cfg.SYSTEM_PROMPT)
     # SAMPLE_PROMPT's speakers need not be the run's: in a chat template it asks the assistant to answer the user
     sample_ids = prompt(tokenizer, turns, speaker,
-                        None if roles is None else sample_roles(setting("ROLES"), train_speakers, turns, speaker))
+                        None if roles_of is None else sample_roles(cfg.ROLES, cfg.TRAIN_SPEAKERS, turns, speaker))
     if len(sample_ids) + cfg.SAMPLE_MAX_NEW_TOKENS > context:
         raise UserError(f"SAMPLE_PROMPT is {len(sample_ids)} tokens; with SAMPLE_MAX_NEW_TOKENS="
                         f"{cfg.SAMPLE_MAX_NEW_TOKENS} it does not fit the model's context of {context} tokens")
-    return types.SimpleNamespace(cfg=cfg, run_cfg=run_cfg, setting=setting, model_dir=model_dir, device=device,
-                                 dtype=dtype, tokenizer=tokenizer, model=model, context=context, roles=roles,
-                                 rendering=rendering, sample_ids=sample_ids, sample_prompt=(turns, speaker),
+    return types.SimpleNamespace(cfg=cfg, model_dir=model_dir, layout=layout, tokenizer=tokenizer, model=model,
+                                 context=context, roles_of=roles_of, rendering=rendering, sample_ids=sample_ids,
+                                 sample_prompt=(turns, speaker),
                                  metrics=read_jsonl(os.path.join(cfg.OUT_DIR, "metrics.jsonl")))
 
 
@@ -122,15 +124,15 @@ def validation(ev):
     turn they are in. Returns (batches, the dialogues scored, tokens scored, loss, {speaker: loss})."""
     import cache
     import checkpoints
-    import modeling
+    import step
     from batching import eval_batches, eval_groups, pack_tokens
     from dialogues import iter_dialogues
 
-    cfg, speakers_trained = ev.cfg, ev.rendering.TRAIN_SPEAKERS
-    block_size = min(ev.run_cfg.get("BLOCK_SIZE", cfg.BLOCK_SIZE), ev.context)
-    all_val = cache.tokens(cfg.VAL_FILE, checkpoints.sha256(cfg.VAL_FILE), ev.tokenizer, ev.rendering, ev.roles,
+    cfg, speakers_trained = ev.cfg, ev.rendering.train_speakers
+    block_size = min(cfg.BLOCK_SIZE, ev.context)
+    all_val = cache.tokens(cfg.VAL_FILE, checkpoints.sha256(cfg.VAL_FILE), ev.tokenizer, ev.rendering, cfg.CACHE_DIR,
                            print)
-    val_tok = all_val.head(ev.setting("VAL_MAX_TOKENS"))
+    val_tok = all_val.head(cfg.VAL_MAX_TOKENS)
     scored = list(itertools.islice(iter_dialogues(cfg.VAL_FILE), len(val_tok)))  # the same dialogues, as text
     seen = collections.Counter(s for d in scored for s in {s for s, _ in d})
     speakers = [s for s, n in seen.most_common(5)
@@ -139,8 +141,8 @@ def validation(ev):
     val = eval_batches(blocks, cfg.BATCH_SIZE, ev.tokenizer.eos_token_id, block_size)
     n_tokens = sum(int((y != -100).sum()) for _, y in val)
     print(f"validation: {len(scored)} of {len(all_val)} dialogues in {cfg.VAL_FILE}, {n_tokens:,} tokens")
-    val_loss, by_tag = modeling.evaluate(ev.model, val, ev.device, ev.dtype, desc="validation (model)",
-                                         groups=eval_groups(blocks, cfg.BATCH_SIZE, block_size))
+    val_loss, by_tag = step.evaluate(ev.layout, val, desc="validation (model)",
+                                     groups=eval_groups(blocks, cfg.BATCH_SIZE, block_size))
     per_speaker = {name: by_tag[i + 1] for i, name in enumerate(speakers + ["(others)"]) if i + 1 in by_tag}
     if len(per_speaker) < 2:
         per_speaker = {}  # one speaker's loss is the overall loss
@@ -153,22 +155,26 @@ def base_validation(ev, val):
     import torch
 
     import modeling
+    import processes
+    import step
 
-    base_name = ev.run_cfg.get("MODEL", ev.cfg.MODEL)
+    cfg = ev.cfg
     try:
-        if base_name == "scratch":  # the untrained model: the same architecture, initialised with the run's seed
-            torch.manual_seed(ev.run_cfg.get("SEED", ev.cfg.SEED))
+        if cfg.MODEL == "scratch":  # the untrained model: the same architecture, initialised with the run's seed
+            torch.manual_seed(cfg.SEED)
             base = type(ev.model)(ev.model.config)
         else:
-            base = modeling.load(base_name)[1]
-        loss = modeling.evaluate(base.to(ev.device), val, ev.device, ev.dtype, desc="validation (base)")
-        del base
-        return base_name, loss, ""
+            base = modeling.load(cfg.MODEL)[1]
+        layout = processes.Single(processes.World(), ev.layout.device, ev.layout.dtype)
+        layout.wrap(base.eval())
+        loss = step.evaluate(layout, val, desc="validation (base)")
+        del base, layout
+        return cfg.MODEL, loss, ""
     except UserError as e:
         step0 = [m["val_loss"] for m in ev.metrics if m.get("step") == 0 and "val_loss" in m]
         if step0:
-            return base_name, step0[0], " (base not loadable here; its loss from metrics.jsonl step 0)"
-        return base_name, None, f" (base not evaluated: {e})"
+            return cfg.MODEL, step0[0], " (base not loadable here; its loss from metrics.jsonl step 0)"
+        return cfg.MODEL, None, f" (base not evaluated: {e})"
 
 
 def reply_figures(ev, scored, generator):
@@ -181,10 +187,9 @@ def reply_figures(ev, scored, generator):
     candidates = [d for d in scored if len(d) >= 2]
     chosen = random.Random(cfg.SEED).sample(candidates, min(cfg.NUM_REPLIES, len(candidates)))
     t = time.perf_counter()
-    system = ev.rendering.SYSTEM_PROMPT  # as training rendered them
+    system = ev.rendering.system_prompt  # as training rendered them
     made = replies(ev.model, ev.tokenizer, [(with_system(d[:-1], system), d[-1][0]) for d in chosen], cfg, generator,
-                   ev.context,
-                   ev.roles, batch_size=cfg.BATCH_SIZE, desc="replies")
+                   ev.context, ev.roles_of, batch_size=cfg.BATCH_SIZE, desc="replies")
     seconds = time.perf_counter() - t
     out = [{"context": d[:-1], "speaker": d[-1][0], "real": d[-1][1], "generated": text, "ended": ended,
             "new_tokens": n_new, "f1": token_f1(text, d[-1][1])} for d, (text, ended, n_new) in zip(chosen, made)]
@@ -208,7 +213,7 @@ def sample_dialogue(ev, generator):
     cfg, tokenizer = ev.cfg, ev.tokenizer
     new = generate(ev.model, tokenizer, [ev.sample_ids], cfg.SAMPLE_MAX_NEW_TOKENS, sampling(cfg),
                    {tokenizer.eos_token_id}, generator)[0]
-    if ev.roles is not None:  # the template's special tokens shown: what the model sees
+    if ev.roles_of is not None:  # the template's special tokens shown: what the model sees
         return tokenizer.decode(ev.sample_ids + new)
     turns, speaker = ev.sample_prompt
     return format_dialogue(turns) + f"{speaker}:" + tokenizer.decode(new, skip_special_tokens=True)
@@ -221,7 +226,7 @@ def report(f):
     """The report of an evaluation's figures `f` (a dict: model, base_model, val_file, val_tokens, val_loss,
     base_val_loss, base_note, per_speaker_loss, the reply figures, samples, sample_dialogue, plot_note): (the JSON
     report, the markdown, the headline)."""
-    from modeling import ppl
+    from step import ppl
 
     base, loss, base_loss = f["base_model"], f["val_loss"], f["base_val_loss"]
     data = {k: f[k] for k in ("model", "base_model", "val_file", "val_tokens", "val_loss")}
@@ -264,8 +269,8 @@ def report(f):
 
 def write_report(ev, figures):
     """The loss curve, eval_report.json and eval_report.md in OUT_DIR, and the summary on stdout."""
-    cfg, run_cfg = ev.cfg, ev.run_cfg
-    title = f"{os.path.abspath(cfg.OUT_DIR)}: {figures['base_model']} on {run_cfg.get('TRAIN_FILE', cfg.TRAIN_FILE)}"
+    cfg = ev.cfg
+    title = f"{os.path.abspath(cfg.OUT_DIR)}: {figures['base_model']} on {cfg.TRAIN_FILE}"
     figures["plot_note"] = plot_loss_curve(ev.metrics, os.path.join(cfg.OUT_DIR, "loss_curve.png"), title) \
         if ev.metrics else "loss_curve.png not written: no metrics.jsonl in OUT_DIR"
     data, md, headline = report(figures)
@@ -285,9 +290,8 @@ def write_report(ev, figures):
 
 
 def main():
-    given = set()
-    cfg = load_config(doc=__doc__, given=given)
-    ev = setup(cfg, given)
+    cfg, _ = load_run_settings(__doc__)
+    ev = setup(cfg)
     import torch
 
     val, scored, n_tokens, val_loss, per_speaker = validation(ev)

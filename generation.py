@@ -81,14 +81,16 @@ def generate(model, tokenizer, prompts, max_new_tokens, settings, ends, generato
     return [row[:end.at.get(i, len(row))] for i, row in enumerate(out[:, width:].tolist())]
 
 
-def replies(model, tokenizer, asks, cfg, generator, context, roles=None, batch_size=1, desc=None):
+def replies(model, tokenizer, asks, cfg, generator, context, roles_of=None, batch_size=1, desc=None):
     """The next turn of each (turns, speaker) in `asks`: (text, ended properly, number of new tokens), generated
-    batch_size at a time, prompts of similar length together. With `roles`, in the model's own chat template. With
-    `desc`, a progress bar of that name."""
-    prompts = [prompt_ids(tokenizer, turns, speaker, context, cfg.MAX_NEW_TOKENS, roles)[0] for turns, speaker in asks]
+    batch_size at a time, prompts of similar length together. With `roles_of` (render.chat_roles), in the model's own
+    chat template. With `desc`, a progress bar of that name."""
+    prompts = [prompt_ids(tokenizer, turns, speaker, context, cfg.MAX_NEW_TOKENS, roles_of)[0]
+               for turns, speaker in asks]
     # the speaker format's turn also ends at any label of the conversation; a template's, at its end token alone
-    speakers = [None if roles is not None else sorted({s for s, _ in turns} | {speaker}) for turns, speaker in asks]
-    ends, eos = end_ids(tokenizer, roles), tokenizer.eos_token_id
+    speakers = [None if roles_of is not None else sorted({s for s, _ in turns} | {speaker})
+                for turns, speaker in asks]
+    ends, eos = end_ids(tokenizer, roles_of), tokenizer.eos_token_id
     order = sorted(range(len(asks)), key=lambda i: len(prompts[i]))
     out = {}
     for k in progress(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False, unit="batch"):
@@ -96,7 +98,7 @@ def replies(model, tokenizer, asks, cfg, generator, context, roles=None, batch_s
         new = generate(model, tokenizer, [prompts[i] for i in chosen], cfg.MAX_NEW_TOKENS, sampling(cfg), ends,
                        generator, [speakers[i] for i in chosen])
         for i, ids in zip(chosen, new):
-            if roles is not None:
+            if roles_of is not None:
                 ended = bool(ids) and ids[-1] in ends
                 text = tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=True).strip()
             else:
@@ -107,7 +109,7 @@ def replies(model, tokenizer, asks, cfg, generator, context, roles=None, batch_s
     return [out[i] for i in range(len(asks))]
 
 
-def reply(model, tokenizer, turns, speaker, cfg, generator, context, roles=None):
-    """Generate `speaker`'s next turn after `turns`: (text, ended properly, number of new tokens). With `roles`, in
+def reply(model, tokenizer, turns, speaker, cfg, generator, context, roles_of=None):
+    """Generate `speaker`'s next turn after `turns`: (text, ended properly, number of new tokens). With `roles_of`, in
     the model's own chat template."""
-    return replies(model, tokenizer, [(turns, speaker)], cfg, generator, context, roles)[0]
+    return replies(model, tokenizer, [(turns, speaker)], cfg, generator, context, roles_of)[0]

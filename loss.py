@@ -8,7 +8,7 @@ output transformation (Gemma's final_logit_softcapping, Cohere's logit_scale, Gr
 per chunk, and a probe checks once per model that body + head + transformation give the model's own logits; a model
 that fails it takes the full logits, with a line saying so.
 
-modeling.py's loss_sum, forward_backward and evaluate are what the scripts call; this is what they run."""
+step.py's training step and validation pass run it, through ChunkedLoss."""
 
 import weakref
 
@@ -268,13 +268,14 @@ def model_loss(model, x, y, reduction="sum"):
 
 
 class ChunkedLoss(nn.Module):
-    """A model and its loss as one module, whose forward(x, y) returns (summed loss, target count). It exists for
-    DDP: DDP syncs the gradients of what runs inside its own forward, and the chunked loss runs the model's body and
-    output layer apart, so it is this module that train.py hands to DDP (and torch.compile)."""
+    """A model and its loss as one module: forward(x, y) is model_loss's, the summed loss over the targets (or each
+    target's, reduction="none"). It exists for DDP: DDP syncs the gradients of what runs inside its own forward, and
+    the chunked loss runs the model's body and output layer apart, so it is this module that a layout hands to DDP,
+    FSDP and torch.compile (processes.py)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, x, y):
-        return model_loss(self.model, x, y), (y != IGNORE).sum()
+    def forward(self, x, y, reduction="sum"):
+        return model_loss(self.model, x, y, reduction)

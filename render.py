@@ -12,6 +12,8 @@ at generation), never a system message (the speaker `system`). batching.py cuts 
 generation.py samples after `prompt_ids`.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from cli import UserError
@@ -263,7 +265,7 @@ def _encode(tokenizer, dialogues):
     return out
 
 
-def chat_pieces(tokenizer, dialogues, roles, source="data", stats=None):
+def chat_pieces(tokenizer, dialogues, roles_of, source="data", stats=None):
     """Each dialogue rendered by the model's chat template: per turn, (header, text, footer) token ids and whether
     they are trainable (see render_chat). Turns of one role in a row are one message (the later ones have no
     header, the earlier no footer); see messages() for what a template that wants the user first, or has no
@@ -275,7 +277,7 @@ def chat_pieces(tokenizer, dialogues, roles, source="data", stats=None):
     all_segments, plans = [], []
     for n, turns in enumerate(dialogues):
         try:
-            r = roles(turns)
+            r = roles_of(turns)
             msgs = messages(r, user_first, slot)
             all_segments.append(_segments(tokenizer, turns, r, msgs))
         except UserError as e:
@@ -300,13 +302,13 @@ def chat_pieces(tokenizer, dialogues, roles, source="data", stats=None):
     return out
 
 
-def render_chat(tokenizer, dialogues, roles, train_speakers=None, source="data", stats=None):
+def render_chat(tokenizer, dialogues, roles_of, train_speakers=None, source="data", stats=None):
     """As render, through the chat template: each turn is (header + text + footer, mask). Trained: everything but
     system text and the very first token (which only gives context), or with TRAIN_SPEAKERS, a message's text and
     footer (the end-of-turn token, so the model learns to stop) where every speaker of it is trained, never a header
     (the prompt at generation time), a system message or the context a template that wants the user first got."""
     out = []
-    for d in chat_pieces(tokenizer, dialogues, roles, source, stats):
+    for d in chat_pieces(tokenizer, dialogues, roles_of, source, stats):
         rendered = []
         for header, text, footer, (system, context, speakers) in d:
             if train_speakers is None:
@@ -322,54 +324,74 @@ def render_chat(tokenizer, dialogues, roles, train_speakers=None, source="data",
     return out
 
 
-def render_any(tokenizer, dialogues, train_speakers=None, roles=None, source="data", stats=None):
-    """render_chat with `roles` (FORMAT="chat_template"), else render. Either way one (ids, mask) per turn."""
-    if roles is None:
+def render_any(tokenizer, dialogues, train_speakers=None, roles_of=None, source="data", stats=None):
+    """render_chat with `roles_of` (FORMAT="chat_template"), else render. Either way one (ids, mask) per turn."""
+    if roles_of is None:
         return render(tokenizer, dialogues, train_speakers)
-    return render_chat(tokenizer, dialogues, roles, train_speakers, source, stats)
+    return render_chat(tokenizer, dialogues, roles_of, train_speakers, source, stats)
 
 
-def context_token(tokenizer, roles=None):
+@dataclass(frozen=True)
+class Rendering:
+    """How a run renders its dialogues: FORMAT ("speaker" or "chat_template") and the settings that change which
+    tokens are rendered and trained (ROLES, TRAIN_SPEAKERS, SYSTEM_PROMPT): what the token cache is keyed by."""
+    format: str = "speaker"
+    roles: dict = None
+    train_speakers: list = None
+    system_prompt: str = None
+
+    @classmethod
+    def of(cls, cfg):
+        return cls(cfg.FORMAT, cfg.ROLES, cfg.TRAIN_SPEAKERS, cfg.SYSTEM_PROMPT)
+
+    @property
+    def roles_of(self):
+        """The function from a dialogue's turns to their chat roles (role_map), or None in the speaker format."""
+        return role_map(self.roles, self.train_speakers) if self.format == "chat_template" else None
+
+
+def context_token(tokenizer, roles_of=None):
     """The token a rendered dialogue is read after (never a target): start_id in the speaker format; None in a chat
     template, whose own first token (BOS, or <|im_start|> where the model has none) is the context: the sequence is
     the template's, not one token more."""
-    return start_id(tokenizer) if roles is None else None
+    return start_id(tokenizer) if roles_of is None else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Prompts: what generation continues, rendered as training rendered the turns before it
 
 def chat_roles(tokenizer, roles=None, train_speakers=None):
-    """None for a model that speaks the speaker format (our template, or none), else the role map its own chat
-    template is prompted with: a model saved by train.py keeps its own template only when FORMAT="chat_template"."""
+    """None for a model that speaks the speaker format (our template, or none), else the function from turns to
+    roles (role_map of ROLES and TRAIN_SPEAKERS) its own chat template is prompted with: a model saved by train.py
+    keeps its own template only when FORMAT="chat_template"."""
     if not tokenizer.chat_template or tokenizer.chat_template == CHAT_TEMPLATE:
         return None
     return role_map(roles, train_speakers)
 
 
-def end_ids(tokenizer, roles=None):
+def end_ids(tokenizer, roles_of=None):
     """The tokens that end a turn: EOS in the speaker format; in a chat template, whose turn text is plain text, any
     special token (EOS, <|im_end|>, <|eot_id|>, ...)."""
-    if roles is None:
+    if roles_of is None:
         return {tokenizer.eos_token_id}
     return special_ids(tokenizer)
 
 
-def prompt(tokenizer, turns, speaker, roles=None):
+def prompt(tokenizer, turns, speaker, roles_of=None):
     """The token ids asking `speaker` to speak after `turns`: the turns as trained, then the speaker's label (in a
     chat template, the header of the speaker's role)."""
-    if roles is None:
+    if roles_of is None:
         return [start_id(tokenizer)] + encode(tokenizer, [format_dialogue(turns) + f"{speaker}:"])[0]
-    *before, (header, _, _, _) = chat_pieces(tokenizer, [list(turns) + [(speaker, ".")]], roles)[0]
+    *before, (header, _, _, _) = chat_pieces(tokenizer, [list(turns) + [(speaker, ".")]], roles_of)[0]
     return [t for h, x, f, _ in before for t in h + x + f] + header  # the template's own tokens, from its first
 
 
-def prompt_ids(tokenizer, turns, speaker, context, max_new_tokens, roles=None):
+def prompt_ids(tokenizer, turns, speaker, context, max_new_tokens, roles_of=None):
     """prompt(), dropping the oldest turns (a leading system message stays) until the prompt and the reply fit in the
     model's context: (ids, how many turns were dropped)."""
     system = [t for t in turns[:1] if t[0] == SYSTEM]
     for start in range(len(turns) + 1 - len(system)):
-        ids = prompt(tokenizer, system + list(turns[len(system) + start:]), speaker, roles)
+        ids = prompt(tokenizer, system + list(turns[len(system) + start:]), speaker, roles_of)
         if len(ids) + max_new_tokens <= context:
             return ids, start
     raise UserError(f"the prompt for {speaker!r} alone is {len(ids)} tokens; with MAX_NEW_TOKENS={max_new_tokens} "

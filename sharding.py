@@ -1,9 +1,9 @@
 """FSDP=True: the model sharded over the ranks instead of copied to each, and its checkpoints sharded too. PyTorch's
-FSDP2 (`fully_shard`) does the sharding, one unit per transformer block plus the root; torch.distributed.checkpoint
+FSDP2 (`fully_shard`) does the sharding, one unit per transformer layer plus the root; torch.distributed.checkpoint
 (DCP) writes and reads the checkpoints. Nothing here is written by hand but the glue.
 
 Under DDP every rank holds the whole model, its gradients and AdamW's two moments: 16 bytes a trained parameter (and
-DDP's buckets, 4 more). Under FSDP a rank holds 1/N of each, and gathers one block's weights at a time to compute.
+DDP's buckets, 4 more). Under FSDP a rank holds 1/N of each, and gathers one layer's weights at a time to compute.
 
     checkpoints/step-NNNNNNNN/  state.pt      the run's state (as a DDP checkpoint's, less the optimizer), and the
                                               optimizer's param_groups
@@ -24,7 +24,6 @@ tensor at a time) and saved there.
 """
 
 import importlib
-import logging
 import os
 import pickle
 
@@ -39,26 +38,22 @@ import checkpoints
 from cli import UserError
 from loss import head_of, hf_model, trust_head
 
-# DCP's warnings (a traceback each) would break our one-line errors, as transformers' would (modeling.py)
-logging.getLogger("torch.distributed.checkpoint").setLevel(logging.ERROR)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # sharding the model
 
-def blocks(model):
-    """The model's transformer blocks: the modules whose class the model names in _no_split_modules (GPT2Block,
+def layers(model):
+    """The model's transformer layers: the modules whose class the model names in _no_split_modules (GPT2Block,
     LlamaDecoderLayer, ...), found inside peft's wrapper too."""
     hf = hf_model(model)
     names = set(getattr(hf, "_no_split_modules", None) or ())
     found = [m for m in hf.modules() if type(m).__name__ in names]
     if not found:
-        raise UserError(f"FSDP: {type(hf).__name__} names no transformer blocks (_no_split_modules) to shard by")
+        raise UserError(f"FSDP: {type(hf).__name__} names no transformer layers (_no_split_modules) to shard by")
     return found
 
 
 def shard(net, model, device, dtype):
-    """`net` (loss.ChunkedLoss around `model`) sharded over the ranks in place, on `device`: each block a unit (its
+    """`net` (loss.ChunkedLoss around `model`) sharded over the ranks in place, on `device`: each layer a unit (its
     weights gathered for its forward and backward, then freed), the root the rest (embeddings, final norm, output
     layer). In bf16 (CUDA's default), the weights are kept in fp32 and computed in bf16, the gradients reduced in
     fp32. Rank 0 holds the weights (the other ranks may hold the model's shape alone, on the meta device:
@@ -74,8 +69,8 @@ def shard(net, model, device, dtype):
     mesh = init_device_mesh(device.type, (ranks,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if dtype == torch.bfloat16 else MixedPrecisionPolicy()
-    for block in blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=policy)
+    for layer in layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(net, mesh=mesh, mp_policy=policy)
     if ranks == 1:  # a group of one: the weights are there already
         return net

@@ -23,9 +23,10 @@ import time
 from dataclasses import dataclass, field
 
 import checkpoints
-from cli import UserError, load_config, no_such, progress, run
+from cli import UserError, load_config, no_such, progress, quiet_libraries, run
 from dialogues import format_dialogue, iter_dialogues
-from render import CHAT_TEMPLATE
+from render import CHAT_TEMPLATE, Rendering
+
 
 def get_lr(step, cfg, total_steps):
     """Linear warmup to LEARNING_RATE, then cosine or linear decay to LEARNING_RATE * MIN_LR_FRACTION."""
@@ -92,16 +93,16 @@ def check_config(cfg):
             raise UserError(f"{no_such(name, path)}: run prepare_data.py first")
 
 
-def prepare_tokenizer(tokenizer, cfg, name):
+def prepare_tokenizer(tokenizer, rendering, name):
     """The tokenizer as the run uses and saves it: FORMAT="speaker" gives it our template (so apply_chat_template
-    and pipeline() speak the training format); "chat_template" keeps the model's own, which it must have."""
-    from render import role_map
-    if cfg.FORMAT == "chat_template" and not tokenizer.chat_template:
+    and pipeline() speak the training format); "chat_template" keeps the model's own, which it must have. Returns
+    the rendering's roles_of."""
+    if rendering.format == "chat_template" and not tokenizer.chat_template:
         raise UserError(f"MODEL {name!r} has no chat template of its own; FORMAT='chat_template' renders dialogues "
                         f"with it (use FORMAT='speaker', or an instruct model)")
-    if cfg.FORMAT == "speaker":
+    if rendering.format == "speaker":
         tokenizer.chat_template = CHAT_TEMPLATE
-    return role_map(cfg.ROLES, cfg.TRAIN_SPEAKERS) if cfg.FORMAT == "chat_template" else None
+    return rendering.roles_of
 
 
 def show_example(cfg):
@@ -115,10 +116,10 @@ def show_example(cfg):
         tokenizer = modeling.scratch_tokenizer(cfg, (format_dialogue(d) for d in iter_dialogues(cfg.TRAIN_FILE)))
     else:
         tokenizer = modeling.load_tokenizer(cfg.MODEL)
-    roles = prepare_tokenizer(tokenizer, cfg, cfg.MODEL)
+    roles_of = prepare_tokenizer(tokenizer, Rendering.of(cfg), cfg.MODEL)
     first = with_system(first, cfg.SYSTEM_PROMPT)
-    turns = render_any(tokenizer, [first], cfg.TRAIN_SPEAKERS, roles, cfg.TRAIN_FILE)[0]
-    start = context_token(tokenizer, roles)  # a chat template's own first token is the context: nothing before it
+    turns = render_any(tokenizer, [first], cfg.TRAIN_SPEAKERS, roles_of, cfg.TRAIN_FILE)[0]
+    start = context_token(tokenizer, roles_of)  # a chat template's own first token is the context: nothing before it
     ids = [start] * (start is not None) + [t for tid, _ in turns for t in tid]
     mask = [0] * (start is not None) + [m for _, tm in turns for m in tm]  # is ids[j] a target (the context never)
     runs, j = [], 0
@@ -134,32 +135,16 @@ def show_example(cfg):
     print(f"\n{len(ids)} tokens, {sum(mask)} trained ({sum(mask) / len(ids):.0%}){cut}")
 
 
-def init_processes(backend, rank, world):
-    """torch.distributed's process group, from torchrun's environment. Under --max-restarts, the store torchrun
-    shares with its workers outlives a restart and still holds the dead attempt's addresses, which the new one can
-    read before they are replaced (pytorch/pytorch#135712: a restart fails at random). On one machine every rank has
-    the same restart count, so each attempt takes keys of its own; across machines the counts can differ, and the
-    README's elastic command turns the sharing off instead (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)."""
-    import torch.distributed as dist
-    env = os.environ
-    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.get("LOCAL_WORLD_SIZE") != str(world):
-        return dist.init_process_group(backend)
-    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False)
-    attempt = dist.PrefixStore(f"dialogue-finetune/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group(backend, store=attempt, rank=rank, world_size=world)
-
-
-def open_model(cfg, resume_from, world, master):
+def open_model(cfg, resume_from, layout):
     """The tokenizer and model the run trains: from the checkpoint it resumes (a LoRA checkpoint holds the adapter
     alone, applied to MODEL; an FSDP checkpoint holds the trained weights in shards, which restore() loads into
-    MODEL), else MODEL, else a scratch model; with the adapters and gradient checkpointing of modeling.adapt."""
-    import torch.distributed as dist
+    MODEL), else MODEL, else a scratch model; with the adapters and gradient checkpointing of modeling.adapt. A rank
+    that the layout sends its weights to (FSDP's, but rank 0) loads the model's shape alone."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     import modeling
-    # FSDP: rank 0 alone reads the weights, and sends each rank its part as the model is sharded (sharding.shard)
-    load = modeling.load_shape if cfg.FSDP and world > 1 and not master else modeling.load
+    load = modeling.load if layout.reads_weights else modeling.load_shape
     if resume_from and os.path.isdir(os.path.join(resume_from, "shards")):  # FSDP's: the weights come in restore()
         tokenizer = modeling.load_tokenizer(resume_from)
         _, model = modeling.build_scratch(cfg, [], tokenizer) if cfg.MODEL == "scratch" else load(cfg.MODEL)
@@ -172,11 +157,11 @@ def open_model(cfg, resume_from, world, master):
         tokenizer, model = load(resume_from)
     elif cfg.MODEL == "scratch":
         texts = (format_dialogue(d) for d in iter_dialogues(cfg.TRAIN_FILE))
-        if world > 1:  # one tokenizer for all ranks: rank 0 trains it, the others load it
+        if layout.size > 1:  # one tokenizer for all ranks: rank 0 trains it, the others load it
             shared = os.path.join(cfg.OUT_DIR, ".tmp-scratch-tokenizer")
-            if master:
+            if layout.master:
                 modeling.scratch_tokenizer(cfg, texts).save_pretrained(shared)
-            dist.barrier()
+            layout.world.barrier()
             tokenizer, model = modeling.build_scratch(cfg, texts, AutoTokenizer.from_pretrained(shared))
         else:
             tokenizer, model = modeling.build_scratch(cfg, texts)
@@ -186,7 +171,7 @@ def open_model(cfg, resume_from, world, master):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the run's state, its data step by step, and one optimizer step
+# the run's state and data
 
 @dataclass
 class RunState:
@@ -217,11 +202,11 @@ class RunState:
                 "best_step": self.best_step, "epoch_stats": [self.tokens, self.real, self.positions],
                 "recent": self.recent}
 
-    def advance(self, chunk, positions, loss, n_targets, seconds):
-        """One step taken on the blocks `chunk`: the position in the data moves on, and the figures add up."""
+    def advance(self, blocks, positions, loss, n_targets, seconds):
+        """One step taken on `blocks`: the position in the data moves on, and the figures add up."""
         from batching import count
-        self.step, self.offset = self.step + 1, self.offset + len(chunk)
-        self.tokens, self.real, self.positions = self.tokens + n_targets, self.real + count(chunk)[1], \
+        self.step, self.offset = self.step + 1, self.offset + len(blocks)
+        self.tokens, self.real, self.positions = self.tokens + n_targets, self.real + count(blocks)[1], \
             self.positions + positions
         self.recent.append((loss, n_targets, seconds))
         self.trained, self.train_time = self.trained + n_targets, self.train_time + seconds
@@ -242,78 +227,26 @@ class Data:
     seconds: float  # what loading them took at start-up
 
 
-class Steps:
-    """The training blocks step by step: each epoch in its epoch_order, a global batch of blocks a step, as one
-    micro-batch per GRAD_ACCUM_STEPS for this rank (step_batches: N ranks see what one process would)."""
-
-    def __init__(self, blocks, cfg, world, rank, pad):
-        self.blocks, self.world, self.rank, self.pad = blocks, world, rank, pad
-        self.batch_size, self.block_size, self.seed = cfg.BATCH_SIZE, cfg.BLOCK_SIZE, cfg.SEED
-        self.per_step = cfg.BATCH_SIZE * cfg.GRAD_ACCUM_STEPS * world
-        self.per_epoch = math.ceil(len(blocks) / self.per_step)
-        self.order, self.order_epoch = None, None
-
-    def at(self, epoch, offset):
-        """The step that starts `offset` blocks into `epoch`: (its blocks, this rank's micro-batches, the positions
-        all ranks process, padding included)."""
-        from batching import collate, epoch_order, step_batches, width
-        if self.order_epoch != epoch:
-            self.order, self.order_epoch = epoch_order(self.blocks, 16 * self.per_step, self.seed + epoch), epoch
-        chunk = [self.blocks[j] for j in self.order[offset:offset + self.per_step]]
-        slots = step_batches(chunk, self.batch_size, self.world)
-        # a rank left without blocks at an epoch's end still runs forward/backward (DDP needs every rank's gradients)
-        # on a block whose targets are all masked: it adds nothing
-        dummy = (chunk[0][0], [0] * len(chunk[0][0]))
-        micro = [collate(slot[self.rank] or [dummy], self.pad, self.block_size) for slot in slots]
-        positions = sum(len(b) * width(b, self.block_size) for slot in slots for b in slot if b)
-        return chunk, micro, positions
-
-
-def train_step(net, model, optimizer, scaler, micro, device, dtype, grad_clip):
-    """One optimizer step: forward and backward over the step's micro-batches (the loss token-weighted over all of
-    them and all ranks), then clip, update and zero the gradients. Returns (the mean loss, trained tokens, why no
-    update was made: a loss or gradients that are not finite; else None). bench.py times this same function."""
-    import modeling
-    loss, n_targets = modeling.forward_backward(net, micro, device, dtype, scaler)
-    if not math.isfinite(loss):
-        return loss, n_targets, f"the loss is {loss}"
-    if not modeling.optimizer_step(model, optimizer, scaler, grad_clip):
-        return loss, n_targets, "the gradients are not finite"
-    return loss, n_targets, None
-
-
-def set_lr(optimizer, lr):
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
-
-
 class Interrupt:
     """Ctrl-C (SIGINT), and SIGTERM, which clusters and spot machines send before they take a machine away: the first
     asks the run to stop once the current optimizer step is done, with a checkpoint; a second stops it at once."""
 
-    def __init__(self):
-        self.signal = None
+    def __init__(self, master=True):
+        self.signal, self.master = None, master
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
         if self.signal is not None:
             raise KeyboardInterrupt  # the second: at once
         self.signal = signum
-        if int(os.environ.get("RANK", 0)) == 0:
+        if self.master:
             print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (again to stop at "
                   f"once)", file=sys.stderr, flush=True)
 
     def asked(self, world, device):
         """The signal that stops the run now, or None. Under torchrun each rank gets its own signal, maybe a step
         apart: all stop after the step in which any rank got one."""
-        if world == 1:
-            return self.signal
-        import torch
-        import torch.distributed as dist
-        flag = torch.tensor([self.signal or 0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag) or None
+        return world.max(self.signal or 0, device) or None
 
     def __enter__(self):
         return self
@@ -323,14 +256,14 @@ class Interrupt:
             signal.signal(sig, handler)
 
 
-def interrupted(run, s, signum, world):
+def interrupted(run, s, signum, layout):
     """The run stopped by a signal after step s.step, with its checkpoint written: the line that says so and how to
     go on, and the exit code of a process ended by that signal (130 for Ctrl-C, 143 for SIGTERM)."""
     args = [a for a in sys.argv[1:] if not a.lower().startswith("--resume=")] + ["--resume=True"]
     command = shlex.join([os.path.basename(sys.argv[0]), *args])
-    how = (f"python {command}" if world == 1 else
+    how = (f"python {command}" if layout.size == 1 else
            f"the same torchrun command with --resume=True (... {command})")
-    if int(os.environ.get("RANK", 0)) == 0:
+    if layout.master:
         print(f"interrupted ({signal.Signals(signum).name}) after step {s.step}: checkpoint "
               f"{os.path.join(run.cfg.OUT_DIR, 'checkpoints', f'step-{s.step:08d}')}. Resume with: {how}",
               file=sys.stderr, flush=True)
@@ -340,35 +273,61 @@ def interrupted(run, s, signum, world):
 # ---------------------------------------------------------------------------------------------------------------------
 # setting up: processes, model, data, optimizer
 
-def start_processes(cfg):
-    """`torchrun --nproc_per_node=N train.py` starts N ranks (DDP or FSDP: nccl on CUDA, gloo on CPU); a plain
-    `python train.py` is one. Rank 0 alone prints and writes files. Returns (world, rank, this rank's device setting,
-    the backend)."""
-    import torch
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if world == 1:
-        return 1, 0, None, None
-    if torch.cuda.is_available() and cfg.DEVICE in ("auto", "cuda"):
-        device, backend = f"cuda:{int(os.environ['LOCAL_RANK'])}", "nccl"
-        torch.cuda.set_device(device)
-    else:
-        device, backend = "cpu", "gloo"
-    init_processes(backend, rank, world)
-    return world, rank, device, backend
+def setup(cfg, given):
+    """The processes, the run in OUT_DIR, the device and the layout of the processes. Returns (the run, the
+    layout)."""
+    import hardware
+    import processes
+    world = processes.start(cfg.DEVICE)
+    say = print if world.master else silent
+    run = checkpoints.open_run(cfg, given, world, say)
+    check_config(run.cfg)
+    if run.cfg.REPORT_TO == "tensorboard":
+        open_board(None, 0)
+    device, dtype, device_note = hardware.pick(world.device or run.cfg.DEVICE, run.cfg.PRECISION, world.local_size)
+    layout = processes.layout(world, run.cfg.FSDP, device, dtype)
+    say(device_note + layout.describe())
+    return run, layout
 
 
-def group_of_one(device):
-    """FSDP=True in one process: the sharded code path on one device needs a process group, of one."""
+def build(run, layout, say):
+    """The model and tokenizer the run trains, held by the layout on its device, and the run's data: (tokenizer,
+    Data)."""
+    import loss
+    import modeling
+    cfg = run.cfg
+    train_sha = checkpoints.sha256(cfg.TRAIN_FILE)  # read in pieces: never the whole file in memory
+    if run.state is not None and run.state["train_sha256"] != train_sha:
+        raise UserError(f"{cfg.TRAIN_FILE} has changed since {run.resume_from} was written; resuming would not "
+                        f"continue the same run (start a new one in another OUT_DIR)")
+    checkpoints.check_writable(cfg.OUT_DIR)
+    check_data(cfg)
+    tokenizer, model = open_model(cfg, run.resume_from, layout)
+    if run.state is not None:
+        say(f"resuming from {run.resume_from} (step {run.state['step']})")
+    rendering = Rendering.of(cfg)
+    prepare_tokenizer(tokenizer, rendering, cfg.MODEL)
+    if cfg.BLOCK_SIZE > modeling.context_size(model):
+        raise UserError(f"BLOCK_SIZE={cfg.BLOCK_SIZE} is beyond the model's context of "
+                        f"{modeling.context_size(model)} tokens")
+    loss.use_chunk(cfg.LOSS_CHUNK)
+    for note in (layout.wrap(model.train(), cfg), layout.preflight(cfg)):  # a step that cannot fit stops here
+        if note:
+            say(note)
+    if layout.master:
+        n_params, n_trained = modeling.parameters(model)
+        checkpoints.check_space(cfg.OUT_DIR, n_trained, n_params, cfg.KEEP_CHECKPOINTS)
+    return tokenizer, load_data(cfg, tokenizer, rendering, train_sha, layout, say)
+
+
+def optimization(layout, cfg):
+    """AdamW over the model's trained parameters (decay on matrices and embeddings only; under FSDP, of the shards)
+    and fp16's loss scaler (bf16 needs none)."""
     import torch
-    import torch.distributed as dist
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device.index or 0)
-    if "MASTER_ADDR" in os.environ:  # torchrun --nproc_per_node=1
-        dist.init_process_group(backend)
-    else:  # no rendezvous needed
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return backend
+
+    import step
+    optimizer = step.make_optimizer(layout.model, cfg.LEARNING_RATE, cfg.WEIGHT_DECAY, cfg.BETAS)
+    return optimizer, torch.amp.GradScaler("cuda") if layout.dtype == torch.float16 else None
 
 
 def check_data(cfg):
@@ -386,26 +345,24 @@ def check_data(cfg):
             raise UserError(f"TRAIN_SPEAKERS {sorted(unknown)} never speak in {cfg.TRAIN_FILE}")
 
 
-def load_data(cfg, tokenizer, roles, train_sha, world, say):
+def load_data(cfg, tokenizer, rendering, train_sha, layout, say):
     """The token cache: tokenized once (rank 0 builds it, the others wait), memory-mapped by every later start."""
-    import torch.distributed as dist
     t0 = time.time()
 
     import cache
     from batching import count, eval_batches, pack_tokens
 
     def cached(build):
-        train_tok = cache.tokens(cfg.TRAIN_FILE, train_sha, tokenizer, cfg, roles, say, build)
-        val_tok = cache.tokens(cfg.VAL_FILE, checkpoints.sha256(cfg.VAL_FILE), tokenizer, cfg, roles, say, build)
+        train_tok = cache.tokens(cfg.TRAIN_FILE, train_sha, tokenizer, rendering, cfg.CACHE_DIR, say, build)
+        val_tok = cache.tokens(cfg.VAL_FILE, checkpoints.sha256(cfg.VAL_FILE), tokenizer, rendering, cfg.CACHE_DIR,
+                               say, build)
         return train_tok, val_tok, cache.blocks(train_tok, cfg.BLOCK_SIZE, say, build)
 
-    master = int(os.environ.get("RANK", 0)) == 0
-    if master:
+    if layout.master:
         train_tok, val_tok, train_blocks = cached(build=True)
-    if world > 1:  # the other ranks map what rank 0 built or checked
-        dist.barrier()
-        if not master:
-            train_tok, val_tok, train_blocks = cached(build=False)
+    layout.world.barrier()  # the other ranks map what rank 0 built or checked
+    if not layout.master:
+        train_tok, val_tok, train_blocks = cached(build=False)
     val_tok = val_tok.head(cfg.VAL_MAX_TOKENS)
     val_blocks = pack_tokens(val_tok, cfg.BLOCK_SIZE)
     if count(val_blocks)[0] == 0:
@@ -415,29 +372,21 @@ def load_data(cfg, tokenizer, roles, train_sha, world, say):
     return Data(train_tok, train_blocks, val_tok, val, train_sha, time.time() - t0)
 
 
-def restore(run, net, optimizer, scaler, device, world, rank):
+def restore(run, layout, optimizer, scaler):
     """The RunState to start from, with the optimizer, the loss scaler and each rank's random stream restored; from
-    an FSDP checkpoint, the trained weights too. A checkpoint of either kind resumes under FSDP or not."""
+    an FSDP checkpoint, the trained weights too. A checkpoint of any layout resumes under any other."""
     import torch
-    cfg, state = run.cfg, run.state
+    cfg, state, rank = run.cfg, run.state, layout.rank
     torch.manual_seed(cfg.SEED + rank)  # dropout; each rank its own stream
     if state is None:
         return RunState()
-    if state.get("sharded") or cfg.FSDP:
-        import sharding
-        inner = getattr(net, "module", net)  # DDP's: the weights are named as the ChunkedLoss names them
-        if state.get("sharded"):
-            sharding.load(run.resume_from, getattr(inner, "_orig_mod", inner), optimizer, state["param_groups"])
-        else:
-            sharding.load_full_optimizer(net, optimizer, state["optimizer"])
-    else:
-        optimizer.load_state_dict(state["optimizer"])
+    layout.load_checkpoint(run.resume_from, state, optimizer)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    if len(state["rng"]) == world:  # same number of ranks: each continues its own random stream exactly
+    if len(state["rng"]) == layout.size:  # same number of ranks: each continues its own random stream exactly
         torch.set_rng_state(state["rng"][rank]["torch"])
-        if device.type == "cuda" and state["rng"][rank]["cuda"] is not None:
-            torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
+        if layout.device.type == "cuda" and state["rng"][rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(state["rng"][rank]["cuda"], layout.device)
     else:  # streams that cannot be split or merged: new ones, not a repeat of the run's first steps'
         torch.manual_seed(cfg.SEED + rank + 1_000_003 * state["step"])
     return RunState.restore(state)
@@ -503,52 +452,29 @@ def log_train(run, s, lr):
     s.recent = []
 
 
-def validate(run, s, model, net, tokenizer, data, device, dtype):
+def validate(run, s, layout, tokenizer, data):
     """The validation loss now, every rank scoring its share of the batches; logged, and best/ saved when it is the
     best so far. Returns (the loss, the line to print)."""
-    import modeling
-    scorer = net if run.cfg.FSDP else model  # FSDP: only the sharded module gathers the weights
-    val_loss = modeling.evaluate(scorer, data.val, device, dtype, desc="validation", shared=True)
-    if int(os.environ.get("RANK", 0)) == 0:
-        log(run, step=s.step, epoch=s.epoch + 1 if s.step else 0, val_loss=val_loss, val_ppl=modeling.ppl(val_loss))
+    import step
+    val_loss = step.evaluate(layout, data.val, desc="validation")
+    if layout.master:
+        log(run, step=s.step, epoch=s.epoch + 1 if s.step else 0, val_loss=val_loss, val_ppl=step.ppl(val_loss))
     best = val_loss < s.best_val and s.step > 0
     if best:
         s.best_val, s.best_step = val_loss, s.step
-        save_model(run, model, net, tokenizer, "best")
-    return val_loss, f"step {s.step}: val loss {val_loss:.4f} (ppl {modeling.ppl(val_loss):.2f}){' best' * best}"
+        layout.save_model(tokenizer, os.path.join(run.cfg.OUT_DIR, "best"))
+    return val_loss, f"step {s.step}: val loss {val_loss:.4f} (ppl {step.ppl(val_loss):.2f}){' best' * best}"
 
 
-def save_model(run, model, net, tokenizer, name):
-    """best/ or final/, a Hugging Face model directory, written by rank 0; under FSDP every rank first sends it its
-    part of the weights."""
-    weights = None
-    if run.cfg.FSDP:
-        import sharding
-        weights = sharding.full_weights(net)
-    if int(os.environ.get("RANK", 0)) == 0:
-        checkpoints.save_model(model, tokenizer, os.path.join(run.cfg.OUT_DIR, name), weights=weights)
-
-
-def save_checkpoint(run, s, model, net, tokenizer, optimizer, scaler, device, world, extra):
-    """Every rank's random state gathered (a resume with as many ranks continues each exactly); rank 0 writes, or
-    under FSDP every rank its shard."""
+def save_checkpoint(run, s, layout, tokenizer, optimizer, scaler, extra):
+    """The checkpoint of step s.step, with every rank's random state (a resume with as many ranks continues each
+    exactly), written as the layout writes checkpoints."""
     import torch
-    import torch.distributed as dist
+    device = layout.device
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-    rngs = [rng]
-    if world > 1:
-        rngs = [None] * world
-        dist.all_gather_object(rngs, rng)
-    state = {**s.saved(), **extra, "world_size": world, "scaler": scaler.state_dict() if scaler else None,
-             "rng": rngs, "config": vars(run.cfg)}
-    if run.cfg.FSDP:
-        import sharding
-        return sharding.save(run.cfg.OUT_DIR, net, optimizer, tokenizer, model.config, state,
-                             run.cfg.KEEP_CHECKPOINTS)
-    if world > 1 and dist.get_rank() != 0:
-        return
-    checkpoints.save(run.cfg.OUT_DIR, model, tokenizer, {**state, "optimizer": optimizer.state_dict()},
-                     run.cfg.KEEP_CHECKPOINTS)
+    state = {**s.saved(), **extra, "world_size": layout.size, "scaler": scaler.state_dict() if scaler else None,
+             "rng": layout.world.gather(rng), "config": vars(run.cfg)}
+    layout.save_checkpoint(run.cfg.OUT_DIR, tokenizer, optimizer, state, run.cfg.KEEP_CHECKPOINTS)
 
 
 def stopped(run, s, problem):
@@ -563,50 +489,51 @@ def main():
     given = set()
     cfg = load_config(doc=__doc__, given=given)
     check_config(cfg)
+    # the heavy imports (torch, transformers) wait until the settings are checked: --help and a mistyped setting
+    # answer at once
+    quiet_libraries()
     if cfg.SHOW_EXAMPLE:
         return show_example(cfg)
-    # the heavy imports (torch, in setup and after) wait until the settings are checked: --help and a mistyped
-    # setting answer at once
-    import torch.distributed as dist
-    run, world, rank, device, dtype = setup(cfg, given)
-    cfg, master = run.cfg, rank == 0
-    say = print if master else (lambda *a, **k: None)
-    tokenizer, model, net, data = build(run, world, device, dtype, say)
-
-    optimizer, scaler, net = optimization(model, net, cfg, world, device, dtype)
-    s = restore(run, net, optimizer, scaler, device, world, rank)
-    steps = Steps(data.train, cfg, world, rank, tokenizer.eos_token_id)
+    from batching import Steps
+    from step import set_lr, train_step
+    run, layout = setup(cfg, given)
+    cfg, master = run.cfg, layout.master
+    say = print if master else silent
+    tokenizer, data = build(run, layout, say)
+    optimizer, scaler = optimization(layout, cfg)
+    s = restore(run, layout, optimizer, scaler)
+    steps = Steps(data.train, cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS, cfg.BLOCK_SIZE, cfg.SEED,
+                  tokenizer.eos_token_id, layout.rank, layout.size)
     end_step = total_steps(cfg, s, steps, len(data.train))
-    say(describe(cfg, model, data, steps, end_step))
+    say(describe(cfg, layout.model, data, steps, end_step))
     say(f"start-up: {time.time() - t_main:.1f}s (data {data.seconds:.1f}s, the rest mostly imports and the model); "
         f"peak memory so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
     if nothing_left(run, s, end_step, say):
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return
+        return layout.close()
     if master:  # every check passed: the run's files begin here
         checkpoints.begin(run, {"global_batch": steps.per_step, "torchrun_job": run.job})
         run.board = open_board(run, s.step) if cfg.REPORT_TO == "tensorboard" else None
     extra = {"train_sha256": data.sha256, "global_batch": steps.per_step}  # what each checkpoint also records
 
     # -----------------------------------------------------------------------------------------------------------------
-    # the loop: lr, micro-batches (forward, backward), clip, step, log; then validate and checkpoint when due
+    # the loop: lr, micro-batches (forward, backward), clip, step, log; then validate and checkpoint when due. Every
+    # write by rank 0 ends with a barrier inside the layout's save: no rank runs ahead of a write
     start_step, t_start, first_val = s.step, time.time(), None
     if run.state is None:  # the starting point, for "val loss X -> Y" and the loss curve
-        first_val, line = validate(run, s, model, net, tokenizer, data, device, dtype)
+        first_val, line = validate(run, s, layout, tokenizer, data)
         say(line)
     # closed on an error too: the error line comes after the bar's, and Ctrl-C is Python's again
     signum = None
-    with Interrupt() as stop, progress(total=end_step, initial=s.step, desc="train", unit="step",
-                                       disable=not master) as bar:
+    with Interrupt(master) as stop, progress(total=end_step, initial=s.step, desc="train", unit="step",
+                                             disable=not master) as bar:
         while s.step < end_step and not signum:
             lr = set_lr(optimizer, get_lr(s.step, cfg, end_step))
-            chunk, micro, positions = steps.at(s.epoch, s.offset)
+            blocks, micro, positions = steps.at(s.epoch, s.offset)
             t0 = time.time()
-            loss, n, problem = train_step(net, model, optimizer, scaler, micro, device, dtype, cfg.GRAD_CLIP)
+            loss, n, problem = train_step(layout, optimizer, scaler, micro, cfg.GRAD_CLIP)
             if problem:
                 raise stopped(run, s, problem)
-            s.advance(chunk, positions, loss, n, time.time() - t0)
+            s.advance(blocks, positions, loss, n, time.time() - t0)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s(s.recent):,.0f}")
             bar.update(1)
             if master and (due(s.step, cfg.LOG_INTERVAL) or s.step == end_step):
@@ -615,90 +542,33 @@ def main():
             end_of_epoch = s.offset >= len(data.train)
             last = end_of_epoch or s.step == end_step
             if last or due(s.step, cfg.EVAL_INTERVAL):
-                line = validate(run, s, model, net, tokenizer, data, device, dtype)[1]
+                line = validate(run, s, layout, tokenizer, data)[1]
                 if master:
                     bar.write(line)
             if end_of_epoch:
                 if master:
                     bar.write(s.epoch_line(data.train_tokens.count_trained()))
                 s.epoch, s.offset, s.tokens, s.real, s.positions = s.epoch + 1, 0, 0, 0, 0
-            signum = stop.asked(world, device)
+            signum = stop.asked(layout.world, layout.device)
             if last or due(s.step, cfg.CHECKPOINT_INTERVAL) or signum:
-                save_checkpoint(run, s, model, net, tokenizer, optimizer, scaler, device, world, extra)
-            if world > 1 and (last or due(s.step, cfg.EVAL_INTERVAL) or due(s.step, cfg.CHECKPOINT_INTERVAL) or signum):
-                dist.barrier()  # the other ranks wait while rank 0 writes
+                save_checkpoint(run, s, layout, tokenizer, optimizer, scaler, extra)
 
     # -----------------------------------------------------------------------------------------------------------------
     if signum and s.step < end_step:  # said after the bar is closed
-        raise interrupted(run, s, signum, world)
+        raise interrupted(run, s, signum, layout)
     if s.offset > 0 and s.positions:  # a run that ends inside an epoch: its figures too
         say(s.epoch_line(data.train_tokens.count_trained(), ended=False))
-    save_model(run, model, net, tokenizer, "final")
+    layout.save_model(tokenizer, os.path.join(cfg.OUT_DIR, "final"))
     if master:
         if run.board is not None:
             run.board.close()
         shutil.rmtree(os.path.join(cfg.OUT_DIR, ".tmp-scratch-tokenizer"), ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    say(summary(cfg, model, s, start_step, time.time() - t_start, first_val))
+    layout.close()
+    say(summary(cfg, layout.model, s, start_step, time.time() - t_start, first_val))
 
 
-def optimization(model, net, cfg, world, device, dtype):
-    """AdamW (decay on matrices and embeddings only, never on biases and LayerNorm weights; of the shards, under
-    FSDP), fp16's loss scaler (bf16 needs none), and what the loop runs: `net`, the model and its loss as one module
-    (loss.ChunkedLoss: the loss never holds the full logits, and DDP syncs what it runs), compiled and in DDP as
-    asked. Returns (optimizer, scaler, what the loop runs)."""
-    import torch
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    import modeling
-    optimizer = modeling.make_optimizer(model, cfg.LEARNING_RATE, cfg.WEIGHT_DECAY, cfg.BETAS, device)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    if cfg.FSDP:
-        return optimizer, scaler, net  # sharded already (build), and FSDP reduces the gradients itself
-    net = torch.compile(net) if cfg.COMPILE else net
-    net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
-    return optimizer, scaler, net
-
-
-def build(run, world, device, dtype, say):
-    """The model and tokenizer the run trains, on its device, and its data: (tokenizer, model, the model with its
-    loss as one module (loss.ChunkedLoss; under FSDP, sharded), Data)."""
-    import loss
-    import modeling
-    cfg, master = run.cfg, int(os.environ.get("RANK", 0)) == 0
-    train_sha = checkpoints.sha256(cfg.TRAIN_FILE)  # read in pieces: never the whole file in memory
-    if run.state is not None and run.state["train_sha256"] != train_sha:
-        raise UserError(f"{cfg.TRAIN_FILE} has changed since {run.resume_from} was written; resuming would not "
-                        f"continue the same run (start a new one in another OUT_DIR)")
-    checkpoints.check_writable(cfg.OUT_DIR)
-    check_data(cfg)
-    tokenizer, model = open_model(cfg, run.resume_from, world, master)
-    if run.state is not None:
-        say(f"resuming from {run.resume_from} (step {run.state['step']})")
-    roles = prepare_tokenizer(tokenizer, cfg, cfg.MODEL)
-    if cfg.BLOCK_SIZE > modeling.context_size(model):
-        raise UserError(f"BLOCK_SIZE={cfg.BLOCK_SIZE} is beyond the model's context of "
-                        f"{modeling.context_size(model)} tokens")
-    loss.use_chunk(cfg.LOSS_CHUNK)
-    net = loss.ChunkedLoss(model.train())
-    if cfg.FSDP:  # each block's weights go to the device as they are sharded: never the whole model at once
-        import sharding
-        sharding.shard(net, model, device, dtype)
-    else:
-        model.to(device)
-    keep = not cfg.FSDP or modeling.keeps_gradients(model, cfg, device, dtype)
-    net.reduce_every_micro_batch = not keep
-    if not keep:
-        say(f"FSDP: every micro-batch reduce-scatters its gradients: holding them unsharded over "
-            f"GRAD_ACCUM_STEPS={cfg.GRAD_ACCUM_STEPS} micro-batches would not fit in memory")
-    if memory_note := modeling.preflight(model, cfg, device, dtype, keep):  # a step that cannot fit stops here
-        say(memory_note)
-    if master:
-        n_params, n_trained = modeling.parameters(model)
-        checkpoints.check_space(cfg.OUT_DIR, n_trained, n_params, cfg.KEEP_CHECKPOINTS)
-    return tokenizer, model, net, load_data(cfg, tokenizer, roles, train_sha, world, say)
+def silent(*args, **kwargs):
+    """`print` on the ranks but rank 0, which alone speaks."""
 
 
 def describe(cfg, model, data, steps, end_step):
@@ -723,12 +593,13 @@ def describe(cfg, model, data, steps, end_step):
 def summary(cfg, model, s, start_step, seconds, first_val):
     """The last line: what was trained, how fast, and how validation went."""
     import modeling
+    from step import ppl
     n_params, n_trained = modeling.parameters(model)
     trained, train_time = s.trained, s.train_time
     start_val = f"{first_val:.4f} -> " if first_val is not None else ""
     return (f"trained steps {start_step}->{s.step} in {seconds:.0f}s: {trained:,} tokens at "
             f"{trained / max(train_time, 1e-9):,.0f} tok/s; val loss {start_val}best {s.best_val:.4f} "
-            f"(ppl {modeling.ppl(s.best_val):.2f}) at step {s.best_step}; {n_trained:,} of {n_params:,} parameters "
+            f"(ppl {ppl(s.best_val):.2f}) at step {s.best_step}; {n_trained:,} of {n_params:,} parameters "
             f"trained; models in {cfg.OUT_DIR}/best and {cfg.OUT_DIR}/final"
             f"{' (merged; the LoRA adapter in adapter/ of each)' if cfg.LORA_R else ''}")
 
@@ -739,25 +610,6 @@ def tokens_per_s(recent):
 
 def due(step, interval):
     return bool(interval) and step % interval == 0
-
-
-def setup(cfg, given):
-    """The processes, the run in OUT_DIR and the device. Returns (the run, world, rank, device, autocast dtype)."""
-    import modeling
-    world, rank, device_name, backend = start_processes(cfg)
-    say = print if rank == 0 else (lambda *a, **k: None)
-    run = checkpoints.open_run(cfg, given, world, say)
-    check_config(run.cfg)
-    if run.cfg.REPORT_TO == "tensorboard":
-        open_board(None, 0)
-    device, dtype, device_note = modeling.pick_device(device_name or run.cfg.DEVICE, run.cfg.PRECISION)
-    if run.cfg.FSDP and world == 1:  # the run's own setting: known only now, on a resume
-        backend = group_of_one(device)
-    if run.cfg.FSDP and device.type == "cpu":
-        modeling.return_freed_memory()
-    say(device_note + (f"; {world} process{'es' * (world > 1)} ({backend}, {'FSDP' if run.cfg.FSDP else 'DDP'})"
-                       if backend else ""))
-    return run, world, rank, device, dtype
 
 
 if __name__ == "__main__":

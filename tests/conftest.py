@@ -107,12 +107,12 @@ def run_main(main, cwd, args, stdin=""):
 
 
 def patched_train(tmp_path, name, patch):
-    """A script that runs train.py's main after `patch` (Python, with os, checkpoints, cli, modeling and train
+    """A script that runs train.py's main after `patch` (Python, with os, checkpoints, cli, modeling, step and train
     imported): a fault put into the real code path at a chosen moment."""
     script = tmp_path / name
     script.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\n"
                       f"sys.argv[0] = {os.path.join(ROOT, 'train.py')!r}\n"
-                      f"import checkpoints, cli, modeling, train\n{patch}\ncli.run(train.main)\n")
+                      f"import checkpoints, cli, modeling, step, train\n{patch}\ncli.run(train.main)\n")
     return str(script)
 
 

@@ -12,8 +12,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.activations import NewGELUActivation
 
 import bench
+import hardware
 import loss
 import modeling
+import step
 from cli import UserError
 from conftest import ROOT, in_background, in_process, run_script_env, script_env
 
@@ -107,7 +109,7 @@ def test_fused_adamw_matches_the_plain_one():
     fused = GPT2LMHeadModel(plain.config).double()                                # differences show
     fused.load_state_dict(plain.state_dict())
     cpu = torch.device("cpu")
-    opt_fused = modeling.make_optimizer(fused, 1e-2, 0.1, (0.9, 0.99), cpu)
+    opt_fused = step.make_optimizer(fused, 1e-2, 0.1, (0.9, 0.99))
     assert all(group["fused"] for group in opt_fused.param_groups)
     groups = [{"params": [p for p in plain.parameters() if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in plain.parameters() if p.dim() < 2], "weight_decay": 0.0}]
@@ -127,7 +129,7 @@ def test_fused_adamw_matches_the_plain_one():
 
 @pytest.mark.parametrize("precision, dtype", [("auto", None), ("fp32", None), ("bf16", torch.bfloat16)])
 def test_precision_on_cpu(precision, dtype):
-    device, chosen, note = modeling.pick_device("cpu", precision)
+    device, chosen, note = hardware.pick("cpu", precision)
     assert device.type == "cpu" and chosen == dtype
     assert ("autocast" in note) == (dtype is not None)
 
@@ -135,7 +137,7 @@ def test_precision_on_cpu(precision, dtype):
 @pytest.mark.parametrize("precision", ["fp16", "half", "FP32"])
 def test_unsupported_precision_is_a_user_error(precision):
     with pytest.raises(UserError, match="PRECISION"):
-        modeling.pick_device("cpu", precision)
+        hardware.pick("cpu", precision)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import random
 import re
 import subprocess
 import sys
-import types
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -25,26 +24,19 @@ import train
 from batching import make_blocks, pack, pack_tokens, windows
 from conftest import ROOT, run_main, script_env
 from dialogues import load_records, parse_record, read_dialogues, write_dialogues
-from render import render, role_map
+from render import Rendering, render, role_map
 from tiny import chat_tokenizer, gpt2_tokenizer, max_diff, save_tiny_gpt2, synthetic, weights, write_split
 
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
-def rendering(tmp_path, **kw):
-    return types.SimpleNamespace(**{"FORMAT": "speaker", "TRAIN_SPEAKERS": None, "ROLES": None,
-                                    "CACHE_DIR": str(tmp_path / "cache"), **kw})
-
-
-def cached_tokens(tmp_path, tokenizer, dialogues=None, said=None, **kw):
+def cached_tokens(tmp_path, tokenizer, dialogues=None, said=None, format="speaker", train_speakers=None):
     path = tmp_path / "train_data.txt"
     if dialogues is not None:
         with open(path, "w", encoding="utf-8") as f:
             write_dialogues(f, dialogues)
-    cfg = rendering(tmp_path, **kw)
-    roles = role_map(cfg.ROLES, cfg.TRAIN_SPEAKERS) if cfg.FORMAT == "chat_template" else None
-    return cache.tokens(str(path), checkpoints.sha256(path), tokenizer, cfg, roles,
-                        (said if said is not None else []).append)
+    return cache.tokens(str(path), checkpoints.sha256(path), tokenizer, Rendering(format, None, train_speakers),
+                        str(tmp_path / "cache"), (said if said is not None else []).append)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -54,7 +46,7 @@ def cached_tokens(tmp_path, tokenizer, dialogues=None, said=None, **kw):
 def test_cached_blocks_are_the_in_memory_blocks(tmp_path, block_size, train_speakers):
     tok = gpt2_tokenizer()
     dialogues = synthetic(200, seed=block_size, max_turns=12, max_words=30) + [[("Bob", "long " * 90)]]
-    t = cached_tokens(tmp_path, tok, dialogues, TRAIN_SPEAKERS=train_speakers)
+    t = cached_tokens(tmp_path, tok, dialogues, train_speakers=train_speakers)
     assert isinstance(t.ids, np.memmap) and t.ids.dtype == np.uint16  # GPT-2's 50,257 ids fit in 16 bits
     blocks = cache.blocks(t, block_size, print)
     by_lists = pack([w for turns in render(tok, dialogues, train_speakers) for w in windows(turns, block_size, 50256)],
@@ -67,7 +59,7 @@ def test_cached_blocks_are_the_in_memory_blocks(tmp_path, block_size, train_spea
 def test_chat_template_tokens_need_32_bits_only_beyond_65536_ids(tmp_path):
     tok = chat_tokenizer()
     dialogues = synthetic(30, speakers=["Alex", "Bob"])
-    t = cached_tokens(tmp_path, tok, dialogues, FORMAT="chat_template", TRAIN_SPEAKERS=["Bob"])
+    t = cached_tokens(tmp_path, tok, dialogues, format="chat_template", train_speakers=["Bob"])
     assert t.ids.dtype == np.uint16 and t.start is None  # a dialogue's first token is its context
     roles = role_map(None, ["Bob"])
     assert list(cache.blocks(t, 64, print)) == list(make_blocks(tok, dialogues, 64, ["Bob"], roles))
@@ -111,7 +103,7 @@ def test_a_changed_file_or_tokenizer_is_never_used(tmp_path):
     cached_tokens(tmp_path, other, None, said)
     assert len(said) == 1 and "another tokenizer" in said[0], said
     said.clear()
-    cached_tokens(tmp_path, gpt2_tokenizer(), None, said, TRAIN_SPEAKERS=["Alex"])
+    cached_tokens(tmp_path, gpt2_tokenizer(), None, said, train_speakers=["Alex"])
     assert len(said) == 1 and "other TRAIN_SPEAKERS" in said[0], said
 
 

@@ -107,7 +107,7 @@ def test_a_batch_size_that_does_not_divide_takes_the_largest_that_does(run_dir, 
 # torchrun stops the other rank and starts both again.
 KILLED = """
 import signal
-calls, forward_backward = [0], modeling.forward_backward
+calls, forward_backward = [0], step.forward_backward
 
 def dying(*args, **kwargs):
     calls[0] += 1
@@ -115,7 +115,7 @@ def dying(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return forward_backward(*args, **kwargs)
 
-modeling.forward_backward = dying
+step.forward_backward = dying
 """
 
 

@@ -14,6 +14,9 @@ import transformers
 
 import checkpoints
 import cli
+import hardware
+import loss
+import memory
 import modeling
 from conftest import in_background, run_script_env, script_env
 from tiny import save_tiny_gpt2, save_tiny_llama, synthetic, write_split
@@ -62,7 +65,7 @@ def train_py(d, env, data, args):
     (8, 1, {"OMP_NUM_THREADS": "3"}, 3, None),  # the user chose: left alone
 ])
 def test_cpu_threads(cores, ranks, env, default, threads):
-    assert modeling.cpu_threads(cores, ranks, env, default) == threads
+    assert hardware.cpu_threads(cores, ranks, env, default) == threads
 
 
 @pytest.fixture
@@ -74,16 +77,15 @@ def keep_threads():
 
 def test_the_device_line_says_how_many_threads(monkeypatch, keep_threads):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    monkeypatch.setattr(modeling, "usable_cores", lambda: 4)
-    monkeypatch.setattr(modeling, "TORCH_THREADS", 64)
-    _, _, line = modeling.pick_device("cpu")
+    monkeypatch.setattr(hardware, "usable_cores", lambda: 4)
+    monkeypatch.setattr(hardware, "TORCH_THREADS", 64)
+    _, _, line = hardware.pick("cpu", processes=2)
     assert line == "device: cpu (DEVICE setting), fp32, 2 threads (4 cores / 2 processes)"
     assert torch.get_num_threads() == 2
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    _, _, line = modeling.pick_device("cpu")
+    _, _, line = hardware.pick("cpu")
     assert line.endswith(", fp32, 1 thread (OMP_NUM_THREADS)") and torch.get_num_threads() == 1
 
 
@@ -100,11 +102,11 @@ CPU = torch.device("cpu")
 
 
 def total(shape, *args, **kw):
-    return sum(modeling.step_memory(shape, *args, **kw).values())
+    return sum(memory.step_memory(shape, *args, **kw).values())
 
 
 def test_the_estimate_grows_with_batch_and_block_and_shrinks_with_checkpointing_and_lora(tmp_path):
-    shape = modeling.model_shape(gpt2(), CPU)
+    shape = memory.model_shape(gpt2(), CPU)
     assert shape["scores"]  # SDPA on CPU with attention dropout: the scores are materialized, O(T^2)
     for ckpt in (False, True):
         by_batch = [total(shape, b, 256, ckpt) for b in (1, 2, 4, 8)]
@@ -113,14 +115,14 @@ def test_the_estimate_grows_with_batch_and_block_and_shrinks_with_checkpointing_
     assert total(shape, 8, 512, True) < total(shape, 8, 512, False)
     # quadratic in the block where the scores are materialized, linear where attention is a fused kernel
     assert total(shape, 1, 8192, False) > 6 * total(shape, 1, 2048, False)
-    fused = modeling.model_shape(gpt2(dropout=0.0), CPU)
-    assert not fused["scores"] and modeling.step_memory(fused, 1, 8192, False)["attention scores"] == 0
+    fused = memory.model_shape(gpt2(dropout=0.0), CPU)
+    assert not fused["scores"] and memory.step_memory(fused, 1, 8192, False)["attention scores"] == 0
 
     path = save_tiny_gpt2(str(tmp_path / "m"))
     full = modeling.adapt(modeling.load(path)[1], cli.load_config([]))
     lora = modeling.adapt(modeling.load(path)[1], cli.load_config(["--lora_r=4"]))
-    full_terms = modeling.estimate_step_memory(full, cli.load_config([]), CPU)
-    lora_terms = modeling.estimate_step_memory(lora, cli.load_config(["--lora_r=4"]), CPU)
+    full_terms = memory.estimate(full, cli.load_config([]), CPU)
+    lora_terms = memory.estimate(lora, cli.load_config(["--lora_r=4"]), CPU)
     assert lora_terms["gradients and AdamW state"] < full_terms["gradients and AdamW state"] / 50
     assert sum(lora_terms.values()) < sum(full_terms.values())
 
@@ -128,34 +130,34 @@ def test_the_estimate_grows_with_batch_and_block_and_shrinks_with_checkpointing_
 def test_preflight_refuses_warns_or_passes(monkeypatch):
     model = gpt2(n_layer=8)
     cfg = cli.load_config(["--batch_size=8", "--block_size=2048", "--model=some/model"])
-    terms = modeling.estimate_step_memory(model, cfg, CPU)
+    terms = memory.estimate(model, cfg, CPU)
     need = sum(terms.values()) - terms["weights"]  # the weights are loaded already
     cfg.GRADIENT_CHECKPOINTING = True
-    terms = modeling.estimate_step_memory(model, cfg, CPU)
+    terms = memory.estimate(model, cfg, CPU)
     need_ckpt = sum(terms.values()) - terms["weights"]
     cfg.GRADIENT_CHECKPOINTING = False
     assert need_ckpt < need
     for room, expect in ((need * 2, None), (need * 1.1, "warning: "), ((need + need_ckpt) / 2, cli.UserError)):
-        monkeypatch.setattr(modeling, "available_memory", lambda device: (int(room), "available RAM"))
+        monkeypatch.setattr(hardware, "available_memory", lambda device, processes=1: (int(room), "available RAM"))
         if expect is cli.UserError:
             with pytest.raises(cli.UserError) as e:
-                modeling.preflight(model, cfg, CPU)
+                memory.preflight(model, cfg, CPU)
             line = str(e.value)
             assert "\n" not in line and "BATCH_SIZE=8 x BLOCK_SIZE=2048" in line and "available RAM" in line
-            assert f"{modeling.gb(room)}" in line and "attention scores" in line and "logits" in line
+            assert f"{memory.gb(room)}" in line and "attention scores" in line and "logits" in line
             assert "--batch_size=" in line and "--block_size=" in line and "--gradient_checkpointing=True" in line
         else:
-            note = modeling.preflight(model, cfg, CPU)
+            note = memory.preflight(model, cfg, CPU)
             assert note is None if expect is None else note.startswith(expect)
 
 
 def test_the_settings_suggested_do_fit():
-    shape = modeling.model_shape(gpt2(), CPU)
+    shape = memory.model_shape(gpt2(), CPU)
     cfg = cli.load_config(["--batch_size=8", "--grad_accum_steps=2", "--block_size=4096", "--model=some/model"])
     need = lambda b, t, ck=False, trained=None: (total(shape, b, t, ck, trained=trained)
-                                                 - modeling.step_memory(shape, b, t, ck)["weights"])
+                                                 - memory.step_memory(shape, b, t, ck)["weights"])
     room = need(8, 4096) // 3
-    fits = modeling.fitting_settings(shape, cfg, room, False)
+    fits = memory.fitting_settings(shape, cfg, room, False)
     flags = dict(f.split("=") for s in fits for f in s.split() if f.startswith("--"))
     assert "--lora_r" not in flags  # LoRA's saving is the gradients and AdamW state: not what is short here
     batch, block = int(flags["--batch_size"]), int(flags["--block_size"])
@@ -163,7 +165,7 @@ def test_the_settings_suggested_do_fit():
     assert int(flags["--grad_accum_steps"]) == 2 * 8 // batch  # the same global batch
     assert need(8, block) <= room < need(8, block + 8) and block % 8 == 0
     # nothing fits where even one short sequence does not
-    assert modeling.fitting_settings(shape, cfg, 1000, False) == []
+    assert memory.fitting_settings(shape, cfg, 1000, False) == []
 
 
 def test_an_absurd_block_size_is_refused_in_seconds(processes):
@@ -257,8 +259,7 @@ def test_lora_and_checkpointing_on_gpt2_say_nothing(tiny_model, ckpt, request):
     cfg = cli.load_config(["--lora_r=4", f"--gradient_checkpointing={ckpt}"])
     model = modeling.adapt(model, cfg).train()
     x = torch.randint(0, 50257, (2, 16))
-    loss, _ = modeling.loss_sum(model, x, x)
-    loss.backward()
+    loss.model_loss(model, x, x).backward()
 
 
 def test_checkpointing_alone_says_nothing(tiny_model, request):
@@ -266,7 +267,7 @@ def test_checkpointing_alone_says_nothing(tiny_model, request):
     request.getfixturevalue("no_warnings")
     model = modeling.adapt(model, cli.load_config(["--gradient_checkpointing=True"])).train()
     x = torch.randint(0, 50257, (2, 16))
-    modeling.loss_sum(model, x, x)[0].backward()
+    loss.model_loss(model, x, x).backward()
 
 
 def test_llama_lora_says_nothing(tmp_path, request):

@@ -22,6 +22,8 @@ import cli
 import evaluate
 import generation
 import modeling
+import step
+import tiny
 import train
 from conftest import in_background, in_process, one_error_line, run_main, run_script_env, script_env
 from dialogues import format_dialogue, read_dialogues
@@ -165,7 +167,7 @@ def test_loss_equals_hand_computation(lm, batch_size):
     sizes = [len(rendered_ids(tok, d)) for d in DIALOGUES]
     # each dialogue fits a block and no two share one, so each is scored on its own as the hand computation does
     assert len(blocks) == len(DIALOGUES) and max(sizes) <= block_size < 2 * min(sizes)
-    loss = modeling.evaluate(lm, batching.eval_batches(blocks, batch_size, EOS_ID), torch.device("cpu"), None)
+    loss = step.evaluate(tiny.single(lm), batching.eval_batches(blocks, batch_size, EOS_ID))
     nll = hand_nll(lm, tok, DIALOGUES)
     expected = sum(nll) / len(nll)
     assert loss == pytest.approx(expected, abs=1e-4)
@@ -179,10 +181,9 @@ def test_per_speaker_losses_come_from_the_same_pass(lm, block_size):
     tok, cpu, speakers = gpt2_tokenizer(), torch.device("cpu"), ["Alex", "Cara"]
     blocks = batching.make_blocks(tok, DIALOGUES, block_size, speakers=speakers)
     groups = batching.eval_groups(blocks, 2, block_size)
-    overall, per = modeling.evaluate(lm, batching.eval_batches(blocks, 2, EOS_ID, block_size), cpu, None,
-                                     groups=groups)
+    overall, per = step.evaluate(tiny.single(lm), batching.eval_batches(blocks, 2, EOS_ID, block_size), groups=groups)
     plain = batching.eval_batches(batching.make_blocks(tok, DIALOGUES, block_size), 2, EOS_ID, block_size)
-    assert overall == pytest.approx(modeling.evaluate(lm, plain, cpu, None), rel=1e-6)
+    assert overall == pytest.approx(step.evaluate(tiny.single(lm), plain), rel=1e-6)
     # each group's loss by hand: the same blocks, trained only where a turn is that speaker's (or no listed one's)
     for tag, name in enumerate([*speakers, None], 1):
         keep = lambda s: s == name or (name is None and s not in speakers)
@@ -190,7 +191,7 @@ def test_per_speaker_losses_come_from_the_same_pass(lm, block_size):
                 for turns, d in zip(render(tok, DIALOGUES), DIALOGUES)]
         pieces = [w for turns in only for w in batching.windows(turns, block_size, EOS_ID)]
         by_hand = batching.eval_batches(batching.pack(pieces, block_size), 2, EOS_ID, block_size)
-        assert per[tag] == pytest.approx(modeling.evaluate(lm, by_hand, cpu, None), rel=1e-5), name
+        assert per[tag] == pytest.approx(step.evaluate(tiny.single(lm), by_hand), rel=1e-5), name
     assert sorted(per) == [1, 2, 3]
 
 
@@ -204,7 +205,7 @@ def test_windowed_loss_covers_every_token_once(lm):
         targets = Counter(int(t) for _, y in batches for t in y[y != batching.IGNORE])
         assert targets == everything
         assert sum(everything.values()) == sum(int((y != batching.IGNORE).sum()) for _, y in batches)
-        assert math.isfinite(modeling.evaluate(lm, batches, torch.device("cpu"), None))
+        assert math.isfinite(step.evaluate(tiny.single(lm), batches))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import torch
 import checkpoints
 import evaluate
 import modeling
+import step
 import train
 from conftest import (ROOT, in_background, in_process, last_error_line, patched_train, run_main, script_env,
                       train_args)
@@ -355,14 +356,14 @@ def test_non_finite_gradients_are_not_applied():
     torch.manual_seed(0)
     layer = torch.nn.Linear(4, 4)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
-    optimizer = modeling.make_optimizer(layer, 1e-2, 0.0, (0.9, 0.999), torch.device("cpu"))
+    optimizer = step.make_optimizer(layer, 1e-2, 0.0, (0.9, 0.999))
     layer(torch.ones(1, 4)).sum().backward()
     layer.weight.grad[0, 0] = float("inf")
-    assert modeling.optimizer_step(layer, optimizer, None, grad_clip=1.0) is False
+    assert step.optimizer_step(layer, optimizer, None, grad_clip=1.0) is False
     assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
     assert layer.weight.grad is None  # and nothing is left to add to the next step's
     layer(torch.ones(1, 4)).sum().backward()
-    assert modeling.optimizer_step(layer, optimizer, None, grad_clip=1.0) is True
+    assert step.optimizer_step(layer, optimizer, None, grad_clip=1.0) is True
     assert not torch.equal(before["weight"], layer.weight)
 
 
@@ -402,7 +403,7 @@ def test_out_dir_read_only(tmp_path, monkeypatch, capfd, model):
 
 SIGNALLED = """
 import signal
-calls, train_step = [0], train.train_step
+calls, train_step = [0], step.train_step
 
 def signalled(*args, **kwargs):
     calls[0] += 1
@@ -410,7 +411,7 @@ def signalled(*args, **kwargs):
         os.kill(os.getpid(), signal.{sig})
     return train_step(*args, **kwargs)
 
-train.train_step = signalled
+step.train_step = signalled
 """
 
 

@@ -12,8 +12,13 @@ from safetensors.torch import load_file
 
 import checkpoints
 import cli
+import hardware
+import memory
 import modeling
+import processes
 import sharding
+import step
+import tiny
 import train
 from conftest import one_error_line, patched_train, run_script
 from test_distributed import torchrun
@@ -197,12 +202,12 @@ def test_a_sharded_checkpoint_runs_no_code_even_with_a_forged_manifest(run_dir, 
 def test_the_memory_estimate_counts_a_rank_s_share():
     shape = {"params": 8_000_000_000, "trained": 8_000_000_000, "layers": 32, "width": 4096, "heads": 32,
              "vocab": 128_256, "cpu": False, "chunk": 2000, "scores": False}
-    ddp = modeling.step_memory(shape, 1, 2048, True, True, ranks=8)
-    fsdp = modeling.step_memory({**shape, "sharded": True}, 1, 2048, True, True, ranks=8)
+    ddp = memory.step_memory(shape, 1, 2048, True, True, ranks=8)
+    fsdp = memory.step_memory({**shape, "sharded": True}, 1, 2048, True, True, ranks=8)
     assert ddp["gradients and AdamW state"] == 16 * 8e9  # a full copy on each rank, and DDP's buckets
     assert fsdp["gradients and AdamW state"] == 12 * 8e9 / 8 and fsdp["weights"] == 4 * 8e9 / 8
-    assert fsdp["gathered blocks"] == 2 * 4 * 8e9 / 32  # two blocks' weights at a time
-    accumulating = modeling.step_memory({**shape, "sharded": True}, 1, 2048, True, True, ranks=8, accumulating=True)
+    assert fsdp["gathered layers"] == 2 * 4 * 8e9 / 32  # two layers' weights at a time
+    accumulating = memory.step_memory({**shape, "sharded": True}, 1, 2048, True, True, ranks=8, accumulating=True)
     assert accumulating["unsharded gradients"] == 4 * 8e9
 
 
@@ -212,17 +217,16 @@ def test_gradients_stay_unsharded_between_micro_batches_only_where_they_fit(monk
                                                                  n_head=2))
     cfg = cli.load_config(["--fsdp=True", "--grad_accum_steps=4", "--batch_size=2", "--block_size=64"])
     cpu = torch.device("cpu")
-    terms = modeling.estimate_step_memory(model, cfg, cpu)
+    terms = memory.estimate(model, cfg, cpu, ranks=1, sharded=True)
     need, unsharded = sum(terms.values()) - terms["weights"], terms["unsharded gradients"]
     assert unsharded == 0  # one process: no shards, nothing to hold unsharded
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    terms = modeling.estimate_step_memory(model, cfg, cpu)
+    terms = memory.estimate(model, cfg, cpu, ranks=2, sharded=True)
     need, unsharded = sum(terms.values()) - terms["weights"], terms["unsharded gradients"]
     assert unsharded == 4 * modeling.parameters(model)[1]
     for room, keeps in [(need / 0.8 + 1, True), (need / 0.8 - 1, False)]:
-        monkeypatch.setattr(modeling, "available_memory", lambda device: (room, "test"))
-        assert modeling.keeps_gradients(model, cfg, cpu) is keeps
-    assert modeling.keeps_gradients(model, cli.load_config(["--fsdp=True"]), cpu)  # no accumulation: no question
+        monkeypatch.setattr(hardware, "available_memory", lambda device, processes=1: (room, "test"))
+        assert memory.keeps_gradients(model, cfg, cpu, ranks=2) is keeps
+    assert memory.keeps_gradients(model, cli.load_config(["--fsdp=True"]), cpu, ranks=2)  # no accumulation: no question
 
 
 def tiny_gpt2():
@@ -236,17 +240,15 @@ def sharded_gradients(micro, dtype=None, every=False):
     """A tiny GPT-2's gradients from one step over `micro`, sharded in a group of one in this process (None: not
     sharded); in fp32, or computed in `dtype`. Returns {name: full gradient}."""
     import torch.distributed as dist
-
-    import loss
-    model = tiny_gpt2()
+    model, cpu = tiny_gpt2(), torch.device("cpu")
     if every is None:
-        modeling.forward_backward(loss.ChunkedLoss(model), micro, torch.device("cpu"), dtype)
+        step.forward_backward(tiny.single(model, dtype=dtype), micro)
         return {n: p.grad for n, p in model.named_parameters()}
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    layout = processes.FSDP(processes.World(), cpu, dtype)  # in a group of one
     try:
-        net = sharding.shard(loss.ChunkedLoss(model), model, torch.device("cpu"), dtype)
-        net.reduce_every_micro_batch = every
-        modeling.forward_backward(net, micro, torch.device("cpu"), dtype)
+        layout.wrap(model)
+        layout.reduce_every_micro_batch = every
+        step.forward_backward(layout, micro)
         assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights stay fp32 in any case
         return {n: p.grad.full_tensor() for n, p in model.named_parameters()}
     finally:
@@ -274,28 +276,27 @@ def test_bf16_computes_in_bf16_and_keeps_fp32_weights_and_gradients(micro):
     assert 1e-6 < max_diff(plain, half) < 2e-2  # bf16's rounding: computed in bf16, and close
 
 
-def test_a_model_that_names_no_blocks_is_refused_in_one_line():
+def test_a_model_that_names_no_layers_is_refused_in_one_line():
     model = tiny_gpt2()
     model._no_split_modules = None
-    with pytest.raises(cli.UserError, match="FSDP: GPT2LMHeadModel names no transformer blocks"):
-        sharding.blocks(model)
+    with pytest.raises(cli.UserError, match="FSDP: GPT2LMHeadModel names no transformer layers"):
+        sharding.layers(model)
     del model._no_split_modules  # the class's own again
-    assert len(sharding.blocks(model)) == 2
+    assert len(sharding.layers(model)) == 2
 
 
 def test_a_full_disk_during_a_sharded_checkpoint_is_one_line_and_keeps_the_last(tmp_path, monkeypatch, micro):
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-
-    import loss
     model = tiny_gpt2()
     tokenizer = gpt2_tokenizer()
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    layout = processes.FSDP(processes.World(), torch.device("cpu"))  # in a group of one
     try:
-        net = sharding.shard(loss.ChunkedLoss(model), model, torch.device("cpu"), None)
-        optimizer = modeling.make_optimizer(model, 1e-3, 0.0, (0.9, 0.999), torch.device("cpu"))
-        modeling.forward_backward(net, micro, torch.device("cpu"), None)
-        modeling.optimizer_step(model, optimizer, None, 1.0)
+        layout.wrap(model)
+        net = layout.net
+        optimizer = step.make_optimizer(model, 1e-3, 0.0, (0.9, 0.999))
+        step.forward_backward(layout, micro)
+        step.optimizer_step(model, optimizer, None, 1.0)
         sharding.save(str(tmp_path), net, optimizer, tokenizer, model.config, {"step": 1}, keep=2)
 
         class Full(dcp.FileSystemWriter):

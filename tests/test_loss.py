@@ -15,6 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import loss
 import modeling
+import step
+import tiny
 import train
 from conftest import in_process
 from batching import IGNORE, eval_batches, make_blocks
@@ -121,7 +123,7 @@ def test_same_loss_and_gradients_as_the_full_logits(saved, family):
         loss.use_chunk(chunk)
         model.zero_grad(set_to_none=True)
         with Widest() as widest:
-            mean, n = modeling.forward_backward(model, micro, torch.device("cpu"), None)
+            mean, n = step.forward_backward(tiny.single(model), micro)
         assert n == sum(int((y != IGNORE).sum()) for _, y in micro)
         close(mean, want_mean, grads(model), want_g)
         assert widest.rows <= (chunk or n), widest.rows  # never more than a chunk's logits at once
@@ -136,12 +138,12 @@ def test_positions_without_a_target_never_reach_the_output_layer(saved):
     y[0, 5], y[2, 30] = 11, 12  # two targets in 120 positions
     loss.head_of(model)  # its probe runs the model's own forward, once
     with Widest() as widest:
-        total, n = modeling.loss_sum(model, x, y)
+        total, n = loss.model_loss(model, x, y), (y != IGNORE).sum()
         total.backward()
     assert int(n) == 2 and widest.rows == 2
     x, y = batch(4, masked=1.0)  # none at all (a rank's dummy batch under DDP): nothing, and every weight a gradient
     model.zero_grad(set_to_none=True)
-    total, n = modeling.loss_sum(model, x, y)
+    total, n = loss.model_loss(model, x, y), (y != IGNORE).sum()
     total.backward()
     assert total.item() == 0 and int(n) == 0
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
@@ -161,7 +163,7 @@ def test_lora(saved, family):
     want_mean, want_g = full_step(model, micro)
     loss.use_chunk(5)
     model.zero_grad(set_to_none=True)
-    mean, _ = modeling.forward_backward(model, micro, torch.device("cpu"), None)
+    mean, _ = step.forward_backward(tiny.single(model), micro)
     got = grads(model)
     assert got and all("lora_" in k for k in got)  # the frozen head got no gradient
     close(mean, want_mean, got, want_g)
@@ -173,7 +175,7 @@ def test_bf16_autocast_matches_the_full_logits_in_bf16(saved):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = loss.full_losses(model, x, y)
         loss.use_chunk(16)
-        got, _ = modeling.loss_sum(model, x, y)
+        got = loss.model_loss(model, x, y)
     assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-2)
 
 
@@ -182,7 +184,7 @@ def test_validation_and_per_group_losses(saved):
     batches = [batch(8), batch(9, rows=2)]
     groups = [torch.where(y != IGNORE, (x % 3) + 1, 0) for x, y in batches]
     loss.use_chunk(6)
-    overall, per = modeling.evaluate(model, batches, torch.device("cpu"), None, groups=groups)
+    overall, per = step.evaluate(tiny.single(model), batches, groups=groups)
     with torch.no_grad():
         every = torch.cat([loss.full_losses(model, x, y, reduction="none") for x, y in batches])
     tags = torch.cat([g[y != IGNORE] for g, (_, y) in zip(groups, batches)])
@@ -190,7 +192,7 @@ def test_validation_and_per_group_losses(saved):
     assert per.keys() == {1, 2, 3}
     for k, value in per.items():
         assert value == pytest.approx(every[tags == k].mean().item(), rel=1e-5)
-    assert modeling.evaluate(model, batches, torch.device("cpu"), None) == pytest.approx(overall, rel=1e-6)
+    assert step.evaluate(tiny.single(model), batches) == pytest.approx(overall, rel=1e-6)
 
 
 class Doubled(transformers.LlamaForCausalLM):
@@ -206,11 +208,11 @@ def test_a_model_it_cannot_take_apart_takes_the_full_logits_with_a_line(capsys):
     torch.manual_seed(0)
     model = Doubled(transformers.LlamaConfig(**SMALL)).train()
     x, y = batch(10)
-    total, n = modeling.loss_sum(model, x, y)
+    total, n = loss.model_loss(model, x, y), (y != IGNORE).sum()
     assert capsys.readouterr().out.count("loss: Doubled: its logits are not") == 1
     assert loss.head_of(model) is None
     assert total.item() == pytest.approx(loss.full_losses(model, x, y).item(), rel=1e-6)
-    modeling.loss_sum(model, x, y)
+    loss.model_loss(model, x, y)
     assert capsys.readouterr().out == ""  # said once a model
 
 
@@ -219,7 +221,7 @@ def test_lora_on_the_output_layer_takes_the_full_logits(saved, capsys):
                                LORA_TARGETS=["q_proj", "lm_head"], SEED=0))
     model = modeling.adapt(modeling.load(saved["llama"])[1], cfg).train()
     x, y = batch(11)
-    total, _ = modeling.loss_sum(model, x, y)
+    total = loss.model_loss(model, x, y)
     assert "not a linear layer; the loss takes the full logits" in capsys.readouterr().out
     assert total.item() == pytest.approx(loss.full_losses(model, x, y).item(), rel=1e-6)
 
@@ -276,5 +278,5 @@ def test_loss_chunk_may_change_on_resume():
     saved = {**cli.defaults(), "LOSS_CHUNK": 64}
     given = set()
     cfg, _ = checkpoints.resume_config(cli.load_config(["--resume=True", "--loss_chunk=8"], given=given), given, saved,
-                                       "ck")
+                                       "ck", print)
     assert cfg.LOSS_CHUNK == 8

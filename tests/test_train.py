@@ -21,7 +21,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 import checkpoints
 import cli
+import loss
 import modeling
+import step
+import tiny
 import train
 from batching import IGNORE, collate, epoch_order, eval_batches, make_blocks, windows
 from conftest import (ROOT, in_background, in_process, one_error_line, run_main, run_script_env, script_env,
@@ -208,10 +211,10 @@ def test_accumulation_equals_one_batch_in_process():
         n_targets = sum(int((y != IGNORE).sum()) for _, y in batches)
         total = 0.0
         for x, y in batches:
-            loss, n = modeling.loss_sum(model, x, y)
-            loss = loss / (int(n) * len(batches) if per_micro_mean else n_targets)
-            loss.backward()
-            total += loss.item()
+            mean = loss.model_loss(model, x, y) / (int((y != IGNORE).sum()) * len(batches) if per_micro_mean
+                                                   else n_targets)
+            mean.backward()
+            total += mean.item()
         return total, {k: p.grad.clone() for k, p in model.named_parameters()}
 
     def grad_diff(g1, g2):
@@ -219,15 +222,15 @@ def test_accumulation_equals_one_batch_in_process():
 
     loss1, g1 = step_grads([four])
     loss2, g2 = step_grads([four[:2], four[2:]])
-    assert loss1 == pytest.approx(loss2, rel=1e-6)  # loss_sum takes the cross-entropy in fp32
+    assert loss1 == pytest.approx(loss2, rel=1e-6)  # model_loss takes the cross-entropy in fp32
     assert grad_diff(g1, g2) < 1e-5
     assert grad_diff(g1, step_grads([four[:2], four[2:]], per_micro_mean=True)[1]) > 1e-3  # the test can tell
 
     # train.py's own step function, on the same micro-batches
     for micro_batches in ([four], [four[:2], four[2:]]):
         model.zero_grad(set_to_none=True)
-        loss, n_targets = modeling.forward_backward(model, [collate(b, EOS_ID) for b in micro_batches], cpu, None)
-        assert loss == pytest.approx(loss1, rel=1e-6)
+        mean, n_targets = step.forward_backward(tiny.single(model), [collate(b, EOS_ID) for b in micro_batches])
+        assert mean == pytest.approx(loss1, rel=1e-6)
         assert n_targets == sum(len(ids) - 1 for ids, _ in four)  # every position of these pieces is a target
         assert grad_diff(g1, {k: p.grad for k, p in model.named_parameters()}) < 1e-5
 
@@ -558,7 +561,7 @@ def test_validation_is_capped(tmp_path, monkeypatch, capfd, tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     batches = eval_batches(make_blocks(tok, val[:3], 32), 8, EOS_ID, 32)
     assert first["step"] == 0 and first["val_loss"] == pytest.approx(
-        modeling.evaluate(model, batches, torch.device("cpu"), None), rel=1e-5)
+        step.evaluate(tiny.single(model), batches), rel=1e-5)
     assert re.search(r"epoch 1 \(the run ends inside it\): [\d,]+ tokens trained .* padding", p.stdout), p.stdout
 
 
@@ -568,16 +571,17 @@ def test_resume_config_the_run_of_the_issue():
     saved = {**cli.defaults(), "EPOCHS": 10, "BETAS": [0.9, 0.98], "RESUME": False, "OUT_DIR": "elsewhere"}
     del saved["VAL_MAX_TOKENS"]  # as if the run were older than this setting
     given = set()
-    cfg, taken = checkpoints.resume_config(cli.load_config(["--resume=True"], given=given), given, saved, "ckpt")
+    cfg, taken = checkpoints.resume_config(cli.load_config(["--resume=True"], given=given), given, saved, "ckpt", print)
     assert cfg.EPOCHS == 10 and cfg.BETAS == (0.9, 0.98) and cfg.RESUME is True and cfg.OUT_DIR == "out"
     assert taken == ["BETAS", "EPOCHS"]
     given = set()
-    cfg, _ = checkpoints.resume_config(cli.load_config(["--resume=True", "--epochs=12", "--log_interval=1"], given=given),
-                                 given, saved, "ckpt")
+    cfg, _ = checkpoints.resume_config(cli.load_config(["--resume=True", "--epochs=12", "--log_interval=1"],
+                                                       given=given), given, saved, "ckpt", print)
     assert cfg.EPOCHS == 12 and cfg.LOG_INTERVAL == 1
     given = set()
     with pytest.raises(cli.UserError, match=r"--val_max_tokens=5 \(the run has --val_max_tokens=100000\)"):
-        checkpoints.resume_config(cli.load_config(["--resume=True", "--val_max_tokens=5"], given=given), given, saved, "ckpt")
+        checkpoints.resume_config(cli.load_config(["--resume=True", "--val_max_tokens=5"], given=given), given, saved,
+                                  "ckpt", print)
 
 
 def test_tensorboard_curves_go_on_without_duplicates_after_a_resume(tmp_path, monkeypatch, capfd, tiny_model):

@@ -128,3 +128,12 @@ def metrics(out_dir):
 def curve(out_dir):
     """metrics.jsonl without the timing, flat (-1 for a field a line lacks): what a resumed run must reproduce."""
     return [r.get(k, -1) for r in metrics(out_dir) for k in ("step", "loss", "lr", "val_loss")]
+
+
+def single(model, device="cpu", dtype=None):
+    """A one-process layout (processes.Single) holding `model` on `device`, as evaluate.py and bench.py make one:
+    what step.forward_backward, train_step and evaluate take."""
+    import processes
+    layout = processes.Single(processes.World(), torch.device(device), dtype)
+    layout.wrap(model)
+    return layout

@@ -1,0 +1,130 @@
+"""Where this process computes, decided once per script: the device and precision, the CPU threads, the C library's
+handling of freed memory, and how much memory the device has left. Nothing here knows about models."""
+
+import contextlib
+import ctypes
+import os
+
+import torch
+
+from cli import UserError
+
+TORCH_THREADS = torch.get_num_threads()  # torch's own choice at start-up, before pick() changes it
+
+
+def pick(name, precision="auto", processes=1):
+    """(device, autocast dtype or None for fp32, a line saying what was chosen and why). `processes`: the ranks on
+    this machine (torchrun's LOCAL_WORLD_SIZE), which share its cores."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+        why = "CUDA found" if name == "cuda" else "no CUDA found"
+    else:
+        why = "DEVICE setting"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"DEVICE={name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"DEVICE={name!r}: no such CUDA device here (use --device=auto or --device=cpu)")
+    elif device.type == "cpu":
+        keep_freed_memory()
+        threads = set_cpu_threads(processes)
+    else:
+        raise UserError(f"DEVICE={name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if precision == "auto":
+        precision = "fp32" if device.type == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes or (precision == "fp16" and device.type == "cpu"):
+        raise UserError(f"PRECISION={precision!r}: expected 'auto', 'fp32', 'bf16' or (on CUDA) 'fp16'")
+    how = "fp32" if precision == "fp32" else f"{precision} autocast, fp32 weights"
+    return device, dtypes[precision], f"device: {device} ({why}), {how}" + (
+        f", {threads}" if device.type == "cpu" else "")
+
+
+def autocast(device, dtype):
+    """The forward pass's autocast context: `dtype` (bf16, fp16) on `device`, or nothing for fp32."""
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CPU threads
+
+def cpu_threads(cores, local_world, env, default):
+    """Intra-op threads for one process: the cores it may use shared among the ranks on this machine (torchrun's
+    LOCAL_WORLD_SIZE), at least 1, and never more than torch's own `default` (it counts physical cores where it can
+    tell). None where OMP_NUM_THREADS is set: the user chose, and torch took it at start-up. Every rank taking every
+    core, or a shared machine's busy cores, made a step 10x slower (issue 21: 618 tokens/s with the default threads,
+    5,162 with one, at the same moment)."""
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, min(cores // max(1, local_world), default))
+
+
+def usable_cores():
+    """The cores this process may run on: its CPU affinity (taskset, a batch scheduler's cgroup), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def set_cpu_threads(processes=1):
+    """torch's intra-op threads from cpu_threads(); returns how many, and why, for the device line."""
+    cores = usable_cores()
+    n = cpu_threads(cores, processes, os.environ, TORCH_THREADS)
+    if n is None:
+        n, why = torch.get_num_threads(), "OMP_NUM_THREADS"
+    else:
+        torch.set_num_threads(n)
+        why = f"{cores} core{'s' if cores > 1 else ''} / {processes} process{'es' if processes > 1 else ''}"
+        if n < cores // processes:
+            why += f", torch's default {TORCH_THREADS}"
+    return f"{n} thread{'s' if n > 1 else ''} ({why})"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# memory
+
+def keep_freed_memory():
+    """On CPU, glibc hands every freed block over 32 MB (logits, gradients) straight back to the OS, and the next step
+    page-faults the same sizes back in, zero-filled: a fifth of a distilgpt2 step here. Keep them in the heap."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GB come from the heap, not fresh mappings
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: give memory back only when 1 GB is free at the top
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to tune
+        pass
+
+
+def return_freed_memory():
+    """FSDP on a CPU wants the opposite: its gathered weights and reduced gradients are freed layer by layer, every
+    step, and kept in the heap they fragment it until a rank takes DDP's memory (GPT-2 124M on 2 ranks: 2.5 GB of
+    RSS for 0.7 GB of tensors). Blocks over 1 MB come from fresh mappings again and go back to the OS when freed,
+    which halves the memory and costs the page faults keep_freed_memory saves."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD, fixed (glibc raises it as it goes, unless it is set)
+        libc.mallopt(-1, 32 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def available_memory(device, processes=1):
+    """(bytes this process can still take on `device`, where that figure is from), or (None, why) where unknown.
+    CPU: MemAvailable, or the cgroup's limit where lower (a container's), shared among the `processes` ranks on this
+    machine."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"free on {device}"
+    figures = []
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as f:
+            figures.append(int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024)
+    for limit, usage in (("memory.max", "memory.current"),  # cgroup v2, then v1
+                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        with contextlib.suppress(OSError, ValueError):
+            with open(f"/sys/fs/cgroup/{limit}") as f, open(f"/sys/fs/cgroup/{usage}") as g:
+                figures.append(int(f.read()) - int(g.read()))  # "max" (no limit) is a ValueError
+    if not figures:
+        return None, "unknown"  # not Linux: no check
+    return min(figures) // processes, "available RAM" + (f" / {processes} processes" if processes > 1 else "")
