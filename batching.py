@@ -35,21 +35,6 @@ def cut_points(lengths, block_size):
     return cuts + [pos]
 
 
-def windows(turns, block_size, first):
-    """Cut one rendered dialogue into pieces of at most block_size targets plus one leading context token: `first`
-    (context_token) for the first piece, the token before it for the others; with `first` None, the dialogue's own
-    first token is the first piece's context. The list form of `pieces`, which the pipeline uses: the readable
-    reference the tests hold the arrays to."""
-    ids = [t for tid, _ in turns for t in tid]
-    mask = [m for _, tm in turns for m in tm]
-    lengths = [len(tid) for tid, _ in turns]
-    if first is None:
-        first, ids, mask, lengths = ids[0], ids[1:], mask[1:], [lengths[0] - 1] + lengths[1:]
-    bounds = cut_points(lengths, block_size)
-    stream = [first, *ids]  # stream[j] is the token before ids[j]
-    return [(stream[a:b + 1], [0, *mask[a:b]]) for a, b in zip(bounds, bounds[1:])]
-
-
 def best_fit(lengths, block_size):
     """Best-fit decreasing: each piece (longest first) goes into the fullest block it still fits. Returns the blocks
     as lists of piece indices. Deterministic."""
@@ -67,12 +52,6 @@ def best_fit(lengths, block_size):
         blocks[b].append(p)
         by_free[f - n].append(b)
     return blocks
-
-
-def pack(pieces, block_size):
-    """Pieces (ids, mask) packed by best_fit into blocks (ids, mask): the list form of pack_tokens (see windows)."""
-    return [([t for p in b for t in pieces[p][0]], [m for p in b for m in pieces[p][1]])
-            for b in best_fit([len(ids) for ids, _ in pieces], block_size)]
 
 
 def make_blocks(tokenizer, dialogues, block_size, train_speakers=None, roles=None, source="data", speakers=None):
@@ -217,7 +196,7 @@ class Blocks:
 
 
 def pack_tokens(tokens, block_size):
-    """Tokens -> Blocks: the pieces of every dialogue packed by best_fit, exactly as make_blocks packs lists."""
+    """Tokens -> Blocks: the pieces of every dialogue packed by best_fit."""
     a, b, ctx = pieces(tokens, block_size)
     order = best_fit((b - a + 1).tolist(), block_size)
     ends = np.cumsum([len(block) for block in order], dtype=np.int64)

@@ -186,10 +186,10 @@ def test_per_speaker_losses_come_from_the_same_pass(lm, block_size):
     # each group's loss by hand: the same blocks, trained only where a turn is that speaker's (or no listed one's)
     for tag, name in enumerate([*speakers, None], 1):
         keep = lambda s: s == name or (name is None and s not in speakers)
-        only = [[(ids, mask if keep(s) else [0] * len(mask)) for (ids, mask), (s, _) in zip(turns, d)]
-                for turns, d in zip(render(tok, DIALOGUES), DIALOGUES)]
-        pieces = [w for turns in only for w in batching.windows(turns, block_size, EOS_ID)]
-        by_hand = batching.eval_batches(batching.pack(pieces, block_size), 2, EOS_ID, block_size)
+        only = batching.tokenize(tok, DIALOGUES)
+        only.mask = np.array([m if keep(s) else 0 for turns, d in zip(render(tok, DIALOGUES), DIALOGUES)
+                              for (_, mask), (s, _) in zip(turns, d) for m in mask], np.uint8)
+        by_hand = batching.eval_batches(batching.pack_tokens(only, block_size), 2, EOS_ID, block_size)
         assert per[tag] == pytest.approx(modeling.evaluate(lm, by_hand, cpu, None), rel=1e-5), name
     assert sorted(per) == [1, 2, 3]
 
