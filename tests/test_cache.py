@@ -24,9 +24,9 @@ import modeling
 import train
 from batching import make_blocks, pack_tokens
 from conftest import ROOT, run_main, script_env
-from dialogues import load_records, parse_record, read_dialogues, write_dialogues
+from dialogues import load_records, parse_record, read_dialogues
 from render import render, role_map
-from tiny import chat_tokenizer, gpt2_tokenizer, max_diff, save_tiny_gpt2, synthetic, weights, write_split
+from tiny import chat_tokenizer, gpt2_tokenizer, max_diff, save_tiny_gpt2, synthetic, weights, write_split, write_text
 
 ENV = {"OMP_NUM_THREADS": "1"}
 
@@ -39,8 +39,7 @@ def rendering(tmp_path, **kw):
 def cached_tokens(tmp_path, tokenizer, dialogues=None, said=None, **kw):
     path = tmp_path / "train_data.txt"
     if dialogues is not None:
-        with open(path, "w", encoding="utf-8") as f:
-            write_dialogues(f, dialogues)
+        write_text(path, dialogues)
     cfg = rendering(tmp_path, **kw)
     roles = role_map(cfg.ROLES, cfg.TRAIN_SPEAKERS) if cfg.FORMAT == "chat_template" else None
     return cache.tokens(str(path), checkpoints.sha256(path), tokenizer, cfg, roles,

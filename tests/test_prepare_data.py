@@ -13,7 +13,8 @@ import pytest
 import cli
 import config
 from conftest import ROOT, script_env
-from dialogues import format_dialogue, read_dialogues, split_key, write_dialogues
+from dialogues import format_dialogue, read_dialogues, split_key
+from tiny import write_text
 
 SHIPPED = os.path.join(ROOT, "llm_train_text.json")
 
@@ -175,9 +176,10 @@ def test_write_and_read_dialogues_round_trip(tmp_path):
         [("Dr Who", "time: and space"), ("Alex", "ok"), ("Dr Who", "bye")],
     ]
     path = tmp_path / "out.txt"
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        write_dialogues(f, dialogues)
-    assert path.read_text(encoding="utf-8").count("\n\n") == 2
+    write_text(path, dialogues)
+    assert path.read_text(encoding="utf-8") == ("Alex: Note: this has ': ' inside: twice\nZoë: héllo 🌍 — 日本語\n"
+                                                "\nBob: x\n"
+                                                "\nDr Who: time: and space\nAlex: ok\nDr Who: bye\n")
     assert read_dialogues(path) == dialogues
 
 

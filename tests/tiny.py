@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, processors
 
 import modeling
-from dialogues import write_dialogues
+from dialogues import write_dialogue
 
 EOS_ID = 50256
 
@@ -82,11 +82,17 @@ def save_tiny_neox(path):
     return path
 
 
+def write_text(path, dialogues):
+    """A text file of these dialogues, as prepare_data.py writes one."""
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for i, turns in enumerate(dialogues):
+            write_dialogue(f, turns, first=i == 0)
+
+
 def write_split(directory, train_dialogues, val_dialogues):
     """train_data.txt and val_data.txt in `directory`, as prepare_data.py writes them."""
     for name, dialogues in (("train_data.txt", train_dialogues), ("val_data.txt", val_dialogues)):
-        with open(os.path.join(directory, name), "w", encoding="utf-8", newline="\n") as f:
-            write_dialogues(f, dialogues)
+        write_text(os.path.join(directory, name), dialogues)
 
 
 SPEAKERS = ["Alex", "Bob", "Cara", "Dan"]
