@@ -26,7 +26,7 @@ import train
 from conftest import in_background, in_process, one_error_line, run_main, run_script_env, script_env
 from dialogues import format_dialogue, read_dialogues
 from render import CHAT_TEMPLATE, render, role_map
-from tiny import EOS_ID, gpt2_tokenizer, save_tiny_gpt2, save_tiny_llama, synthetic, write_split
+from tiny import EOS_ID, gpt2_tokenizer, metrics, save_tiny_gpt2, save_tiny_llama, synthetic, write_split
 
 FAST = ["--num_replies=4", "--max_new_tokens=12", "--sample_max_new_tokens=20"]
 # one thread per process: the processes run side by side on few cores, and torch's threads fighting over them made
@@ -109,11 +109,6 @@ def procs(run, tiny64, scripts):
     }
     done = {name: run_main(main, run, args, stdin) for name, (main, args, stdin) in mains.items()}
     return {**done, **scripts["procs"].result()}
-
-
-def metrics(d):
-    with open(d / "out" / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -349,7 +344,7 @@ def test_evaluate_report(run, procs):
 
 def test_evaluate_loss_matches_training(run, procs):
     report = json.loads((run / "out" / "eval_report.json").read_text())
-    vals = [m for m in metrics(run) if "val_loss" in m]
+    vals = [m for m in metrics(run / "out") if "val_loss" in m]
     best = min((m for m in vals if m["step"] > 0), key=lambda m: m["val_loss"])
     assert report["val_loss"] == pytest.approx(best["val_loss"], abs=1e-4)
     # the base model, loaded from the run's MODEL, is the model train.py scored at step 0
@@ -364,7 +359,7 @@ def test_evaluate_loss_matches_training(run, procs):
 def test_evaluate_final_checkpoint_of_a_scratch_run(scratch_run):
     report = json.loads((scratch_run / "out" / "eval_report.json").read_text())
     assert report["model"] == "out/final" and report["base_model"] == "scratch"
-    vals = [m for m in metrics(scratch_run) if "val_loss" in m]
+    vals = [m for m in metrics(scratch_run / "out") if "val_loss" in m]
     assert report["val_loss"] == pytest.approx(max(vals, key=lambda m: m["step"])["val_loss"], abs=1e-4)
     # the base is rebuilt from the run's seed: it must be the very model train.py scored at step 0
     assert report["base_val_loss"] == pytest.approx(next(m for m in vals if m["step"] == 0)["val_loss"], abs=1e-4)

@@ -3,7 +3,6 @@ package, 2-layer GPT-2, Llama (with an instruct model's tokenizer and chat templ
 Hugging Face directories, small synthetic dialogues, and what two training runs are compared by."""
 
 import functools
-import json
 import os
 import random
 
@@ -13,6 +12,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, processors
 
 import modeling
+from cli import read_jsonl
 from dialogues import write_dialogue
 
 EOS_ID = 50256
@@ -127,8 +127,8 @@ def max_diff(a, b):
 
 
 def metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """A run's metrics.jsonl, as evaluate.py and checkpoints.py read it (cli.read_jsonl)."""
+    return read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
 
 
 def curve(out_dir):
