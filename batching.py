@@ -135,14 +135,14 @@ def tokenize(tokenizer, dialogues, train_speakers=None, roles=None, source="data
                   speakers, context_token(tokenizer, roles))
 
 
-def pieces(tokens, block_size, chunk=10000):
+def pieces(tokens, block_size, per_pass=10000):
     """The windows of every dialogue (cut_points) as (a, b, ctx) arrays: targets ids[a:b], after the context token
     ctx (the dialogue's start token for its first window, else the token before a; with no start token, a
     dialogue's first window begins after its first token, which is its context)."""
     own = tokens.start is None
     a_out, b_out = [], []
-    for lo in range(0, len(tokens), chunk):  # a chunk of dialogues at a time: Python lists of ints cost 30x arrays
-        d_ends = tokens.dialogue_ends[lo:lo + chunk].tolist()
+    for lo in range(0, len(tokens), per_pass):  # per_pass dialogues at a time: Python lists of ints cost 30x arrays
+        d_ends = tokens.dialogue_ends[lo:lo + per_pass].tolist()
         t_lo = int(tokens.dialogue_ends[lo - 1]) if lo else 0
         t_ends = tokens.turn_ends[t_lo:d_ends[-1]].tolist()
         pos = int(tokens.turn_ends[t_lo - 1]) if t_lo else 0
@@ -213,13 +213,13 @@ def epoch_order(blocks, group, seed):
     return [j for i in range(0, len(perm), group) for j in sorted(perm[i:i + group], key=lambda j: -lengths[j])]
 
 
-def step_batches(chunk, batch_size, world):
+def step_batches(blocks, batch_size, world):
     """One optimizer step's blocks as micro-batches per rank: [m][r] is micro-batch m of rank r, the blocks
-    chunk[(m * world + r) * batch_size:][:batch_size]. So N ranks of batch B see exactly the blocks that one process
+    blocks[(m * world + r) * batch_size:][:batch_size]. So N ranks of batch B see exactly the blocks that one process
     of batch N*B sees. At an epoch's end a rank's list can be empty."""
     per = batch_size * world
-    return [[chunk[m + r * batch_size:m + (r + 1) * batch_size] for r in range(world)]
-            for m in range(0, len(chunk), per)]
+    return [[blocks[m + r * batch_size:m + (r + 1) * batch_size] for r in range(world)]
+            for m in range(0, len(blocks), per)]
 
 
 def collate(blocks, pad_id, block_size=None):

@@ -207,7 +207,7 @@ def test_windows_on_random_dialogues(block_size, start):
     assert_best_fit(lengths, packed, block_size)
 
     # dialogues taken a few at a time (the last few fewer) are cut the same
-    assert all((x == y).all() for x, y in zip(batching.pieces(tokens, block_size, chunk=7),
+    assert all((x == y).all() for x, y in zip(batching.pieces(tokens, block_size, per_pass=7),
                                               batching.pieces(tokens, block_size)))
 
 

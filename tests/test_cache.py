@@ -50,7 +50,8 @@ def cached_tokens(tmp_path, tokenizer, dialogues=None, said=None, **kw):
 # the cache gives exactly what memory gives
 
 @pytest.mark.parametrize("block_size, train_speakers", [(16, None), (64, ["Alex"]), (128, None)])
-def test_cached_blocks_are_the_in_memory_blocks(tmp_path, block_size, train_speakers):
+def test_cached_blocks_are_the_in_memory_blocks(tmp_path, monkeypatch, block_size, train_speakers):
+    monkeypatch.setattr(cache, "PER_PASS", 64)  # the file tokenized in four passes, the last one short
     tok = gpt2_tokenizer()
     dialogues = synthetic(200, seed=block_size, max_turns=12, max_words=30) + [[("Bob", "long " * 90)]]
     t = cached_tokens(tmp_path, tok, dialogues, TRAIN_SPEAKERS=train_speakers)

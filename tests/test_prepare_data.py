@@ -156,13 +156,13 @@ def test_output_files_are_speaker_lines_with_one_blank_line_between_dialogues(sc
     data = write_array(tmp_path / "data.json", [dict(HELLO), dict(HOW), {"Cy": "One: two", "Dee": "ünïcödé ✓"}])
     ok(prepare(script, tmp_path, data))
     expected = {"Alex: Hi!\nBob: Hello.\n", "Alex: How are you?\nBob: Fine, thanks.\n", "Cy: One: two\nDee: ünïcödé ✓\n"}
-    chunks = []
+    written = []
     for name in ("train_data.txt", "val_data.txt"):
         text = (tmp_path / name).read_bytes().decode("utf-8")
         assert text and "\r" not in text and not text.startswith("\n") and not text.endswith("\n\n")
         assert "\n\n\n" not in text
-        chunks += [c if c.endswith("\n") else c + "\n" for c in text.split("\n\n")]
-    assert sorted(chunks) == sorted(expected)
+        written += [d if d.endswith("\n") else d + "\n" for d in text.split("\n\n")]
+    assert sorted(written) == sorted(expected)
 
 
 def test_format_dialogue_writes_one_line_per_turn():

@@ -184,7 +184,7 @@ def test_epoch_line_counts_the_positions_collate_pads_to(trained):
     blocks = make_blocks(gpt2_tokenizer(), read_dialogues(out.parent / "train_data.txt"), 64)
     order = epoch_order(blocks, 16 * 4, cli.defaults()["SEED"])
     steps = [[blocks[j] for j in order[i:i + 4]] for i in range(0, len(order), 4)]
-    assert positions == sum(collate(chunk, EOS_ID, 64)[0].numel() for chunk in steps)
+    assert positions == sum(collate(step, EOS_ID, 64)[0].numel() for step in steps)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
