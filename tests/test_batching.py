@@ -56,7 +56,7 @@ def test_best_fit_by_hand():
     assert batching.best_fit([], 9) == []
 
 
-START = 1  # the speaker format's start token in the hand-made dialogues
+START = 10 ** 6  # the speaker format's start token in the made-up dialogues: an id none of their tokens has
 
 
 def tokens_of(dialogues, start):
