@@ -13,8 +13,7 @@ import pytest
 import cli
 import config
 from conftest import ROOT, script_env
-from dialogues import format_dialogue, read_dialogues, split_key
-from tiny import write_text
+from dialogues import format_dialogue, read_dialogues, split_key, write_dialogue
 
 SHIPPED = os.path.join(ROOT, "llm_train_text.json")
 
@@ -176,7 +175,9 @@ def test_write_and_read_dialogues_round_trip(tmp_path):
         [("Dr Who", "time: and space"), ("Alex", "ok"), ("Dr Who", "bye")],
     ]
     path = tmp_path / "out.txt"
-    write_text(path, dialogues)
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for i, turns in enumerate(dialogues):
+            write_dialogue(f, turns, first=i == 0)
     assert path.read_text(encoding="utf-8") == ("Alex: Note: this has ': ' inside: twice\nZoë: héllo 🌍 — 日本語\n"
                                                 "\nBob: x\n"
                                                 "\nDr Who: time: and space\nAlex: ok\nDr Who: bye\n")
