@@ -35,21 +35,6 @@ def cut_points(lengths, block_size):
     return cuts + [pos]
 
 
-def windows(turns, block_size, first):
-    """Cut one rendered dialogue into pieces of at most block_size targets plus one leading context token: `first`
-    (context_token) for the first piece, the token before it for the others; with `first` None, the dialogue's own
-    first token is the first piece's context. The list form of `pieces`, which the pipeline uses: the readable
-    reference the tests hold the arrays to."""
-    ids = [t for tid, _ in turns for t in tid]
-    mask = [m for _, tm in turns for m in tm]
-    lengths = [len(tid) for tid, _ in turns]
-    if first is None:
-        first, ids, mask, lengths = ids[0], ids[1:], mask[1:], [lengths[0] - 1] + lengths[1:]
-    bounds = cut_points(lengths, block_size)
-    stream = [first, *ids]  # stream[j] is the token before ids[j]
-    return [(stream[a:b + 1], [0, *mask[a:b]]) for a, b in zip(bounds, bounds[1:])]
-
-
 def best_fit(lengths, block_size):
     """Best-fit decreasing: each piece (longest first) goes into the fullest block it still fits. Returns the blocks
     as lists of piece indices. Deterministic."""
@@ -67,12 +52,6 @@ def best_fit(lengths, block_size):
         blocks[b].append(p)
         by_free[f - n].append(b)
     return blocks
-
-
-def pack(pieces, block_size):
-    """Pieces (ids, mask) packed by best_fit into blocks (ids, mask): the list form of pack_tokens (see windows)."""
-    return [([t for p in b for t in pieces[p][0]], [m for p in b for m in pieces[p][1]])
-            for b in best_fit([len(ids) for ids, _ in pieces], block_size)]
 
 
 def make_blocks(tokenizer, dialogues, block_size, train_speakers=None, roles=None, source="data", speakers=None):
@@ -156,14 +135,14 @@ def tokenize(tokenizer, dialogues, train_speakers=None, roles=None, source="data
                   speakers, context_token(tokenizer, roles))
 
 
-def pieces(tokens, block_size, chunk=10000):
+def pieces(tokens, block_size, per_pass=10000):
     """The windows of every dialogue (cut_points) as (a, b, ctx) arrays: targets ids[a:b], after the context token
     ctx (the dialogue's start token for its first window, else the token before a; with no start token, a
     dialogue's first window begins after its first token, which is its context)."""
     own = tokens.start is None
     a_out, b_out = [], []
-    for lo in range(0, len(tokens), chunk):  # a chunk of dialogues at a time: Python lists of ints cost 30x arrays
-        d_ends = tokens.dialogue_ends[lo:lo + chunk].tolist()
+    for lo in range(0, len(tokens), per_pass):  # per_pass dialogues at a time: Python lists of ints cost 30x arrays
+        d_ends = tokens.dialogue_ends[lo:lo + per_pass].tolist()
         t_lo = int(tokens.dialogue_ends[lo - 1]) if lo else 0
         t_ends = tokens.turn_ends[t_lo:d_ends[-1]].tolist()
         pos = int(tokens.turn_ends[t_lo - 1]) if t_lo else 0
@@ -217,7 +196,7 @@ class Blocks:
 
 
 def pack_tokens(tokens, block_size):
-    """Tokens -> Blocks: the pieces of every dialogue packed by best_fit, exactly as make_blocks packs lists."""
+    """Tokens -> Blocks: the pieces of every dialogue packed by best_fit."""
     a, b, ctx = pieces(tokens, block_size)
     order = best_fit((b - a + 1).tolist(), block_size)
     ends = np.cumsum([len(block) for block in order], dtype=np.int64)
@@ -234,13 +213,13 @@ def epoch_order(blocks, group, seed):
     return [j for i in range(0, len(perm), group) for j in sorted(perm[i:i + group], key=lambda j: -lengths[j])]
 
 
-def step_batches(chunk, batch_size, world):
+def step_batches(blocks, batch_size, world):
     """One optimizer step's blocks as micro-batches per rank: [m][r] is micro-batch m of rank r, the blocks
-    chunk[(m * world + r) * batch_size:][:batch_size]. So N ranks of batch B see exactly the blocks that one process
+    blocks[(m * world + r) * batch_size:][:batch_size]. So N ranks of batch B see exactly the blocks that one process
     of batch N*B sees. At an epoch's end a rank's list can be empty."""
     per = batch_size * world
-    return [[chunk[m + r * batch_size:m + (r + 1) * batch_size] for r in range(world)]
-            for m in range(0, len(chunk), per)]
+    return [[blocks[m + r * batch_size:m + (r + 1) * batch_size] for r in range(world)]
+            for m in range(0, len(blocks), per)]
 
 
 def collate(blocks, pad_id, block_size=None):

@@ -31,7 +31,7 @@ from render import context_token, with_system
 VERSION = 2  # bumped when what is stored, or how it is rendered, changes (2: a chat template's exact tokens, counts)
 ARRAYS = {"ids": None, "mask": np.uint8, "turn_ends": np.int64, "dialogue_ends": np.int64, "turn_speaker": np.int32}
 BLOCK_ARRAYS = {"a": np.int64, "b": np.int64, "ctx": np.int64, "ends": np.int64}
-CHUNK = 2048  # dialogues tokenized per batch: big enough for the fast tokenizer's batching, small in memory
+PER_PASS = 2048  # dialogues tokenized together: big enough for the fast tokenizer's batching, small in memory
 
 
 def fingerprint(tokenizer):
@@ -122,7 +122,7 @@ def _other_version(cache_dir, meta):
 
 
 def _build(d, path, meta, tokenizer, train_speakers, roles_of):
-    """Tokenize the file CHUNK dialogues at a time, appending each batch's arrays to the files as it goes; with
+    """Tokenize the file PER_PASS dialogues at a time, appending their arrays to the files as it goes; with
     SYSTEM_PROMPT first in each dialogue that has no system message. meta.json counts what a chat template's
     rendering changed (chat_pieces): turns merged into the message before them, leading turns kept as context."""
     import collections
@@ -137,13 +137,13 @@ def _build(d, path, meta, tokenizer, train_speakers, roles_of):
         with contextlib.ExitStack() as closing:
             for f in files.values():
                 closing.enter_context(f)
-            chunk = []
+            pending = []  # dialogues read, not yet tokenized
             for dialogue in itertools.chain(iter_dialogues(path, bar.update), [None]):
                 if dialogue is not None:
-                    chunk.append(with_system(dialogue, meta["system_prompt"]))
-                if chunk and (dialogue is None or len(chunk) == CHUNK):
-                    ids, mask, lengths, turns, names = render_arrays(tokenizer, chunk, train_speakers, roles_of, path,
-                                                                           stats)
+                    pending.append(with_system(dialogue, meta["system_prompt"]))
+                if pending and (dialogue is None or len(pending) == PER_PASS):
+                    ids, mask, lengths, turns, names = render_arrays(tokenizer, pending, train_speakers, roles_of, path,
+                                                                     stats)
                     ids.tofile(files["ids"])
                     mask.tofile(files["mask"])
                     (n["tokens"] + np.cumsum(lengths)).tofile(files["turn_ends"])
@@ -154,7 +154,7 @@ def _build(d, path, meta, tokenizer, train_speakers, roles_of):
                     n["turns"] += len(lengths)
                     n["dialogues"] += len(turns)
                     n["trained"] += int(np.count_nonzero(mask))
-                    chunk = []
+                    pending = []
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump({**meta, "dtype": np.dtype(dtype).name, "speakers": list(speakers), "start": context_token(tokenizer, roles_of),
                        **n, "merged": stats["merged"], "context": stats["context"]}, f)

@@ -409,8 +409,10 @@ def format_dialogue(turns):
     return "".join(f"{s}: {t}\n" for s, t in turns)
 
 
-def write_dialogues(f, dialogues):
-    f.write("\n".join(format_dialogue(d) for d in dialogues))
+def write_dialogue(f, turns, first):
+    """Append one dialogue to a text file: after a blank line unless it is the file's `first`, so one blank line
+    separates dialogues and none ends the file (prepare_data.py writes every file of dialogues so)."""
+    f.write(format_dialogue(turns) if first else "\n" + format_dialogue(turns))
 
 
 def parse_turn(line):

@@ -20,7 +20,7 @@ import os
 from collections import Counter
 
 from cli import UserError, atomic_write, load_config, progress, run
-from dialogues import format_dialogue, parse_record, read_records, source, split_key
+from dialogues import format_dialogue, parse_record, read_records, source, split_key, write_dialogue
 
 
 def main():
@@ -80,8 +80,7 @@ def write_split(cfg, ft, fv, cross=None):
             lowest = (key, n["kept"]) if key < lowest[0] else lowest
             highest = (key, n["kept"]) if key > highest[0] else highest
             side = "val" if (key < cfg.VAL_FRACTION) != (n["kept"] == cross) else "train"
-            f = fv if side == "val" else ft
-            f.write("\n" + text if n[side] else text)  # a blank line between dialogues, none at the end
+            write_dialogue(fv if side == "val" else ft, turns, first=not n[side])
             n[side] += 1
             n[side + " turns"] += len(turns)
             n["kept"] += 1

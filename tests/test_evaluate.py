@@ -28,7 +28,7 @@ import train
 from conftest import in_background, in_process, one_error_line, run_main, run_script_env, script_env
 from dialogues import format_dialogue, read_dialogues
 from render import CHAT_TEMPLATE, render, role_map
-from tiny import EOS_ID, gpt2_tokenizer, save_tiny_gpt2, save_tiny_llama, synthetic, write_split
+from tiny import EOS_ID, gpt2_tokenizer, metrics, save_tiny_gpt2, save_tiny_llama, synthetic, write_split
 
 FAST = ["--num_replies=4", "--max_new_tokens=12", "--sample_max_new_tokens=20"]
 # one thread per process: the processes run side by side on few cores, and torch's threads fighting over them made
@@ -113,11 +113,6 @@ def procs(run, tiny64, scripts):
     return {**done, **scripts["procs"].result()}
 
 
-def metrics(d):
-    with open(d / "out" / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # 1. the validation loss is the plain per-token mean of -log p(next token)
 
@@ -187,10 +182,10 @@ def test_per_speaker_losses_come_from_the_same_pass(lm, block_size):
     # each group's loss by hand: the same blocks, trained only where a turn is that speaker's (or no listed one's)
     for tag, name in enumerate([*speakers, None], 1):
         keep = lambda s: s == name or (name is None and s not in speakers)
-        only = [[(ids, mask if keep(s) else [0] * len(mask)) for (ids, mask), (s, _) in zip(turns, d)]
-                for turns, d in zip(render(tok, DIALOGUES), DIALOGUES)]
-        pieces = [w for turns in only for w in batching.windows(turns, block_size, EOS_ID)]
-        by_hand = batching.eval_batches(batching.pack(pieces, block_size), 2, EOS_ID, block_size)
+        only = batching.tokenize(tok, DIALOGUES)
+        only.mask = np.array([m if keep(s) else 0 for turns, d in zip(render(tok, DIALOGUES), DIALOGUES)
+                              for (_, mask), (s, _) in zip(turns, d) for m in mask], np.uint8)
+        by_hand = batching.eval_batches(batching.pack_tokens(only, block_size), 2, EOS_ID, block_size)
         assert per[tag] == pytest.approx(step.evaluate(tiny.single(lm), by_hand), rel=1e-5), name
     assert sorted(per) == [1, 2, 3]
 
@@ -350,7 +345,7 @@ def test_evaluate_report(run, procs):
 
 def test_evaluate_loss_matches_training(run, procs):
     report = json.loads((run / "out" / "eval_report.json").read_text())
-    vals = [m for m in metrics(run) if "val_loss" in m]
+    vals = [m for m in metrics(run / "out") if "val_loss" in m]
     best = min((m for m in vals if m["step"] > 0), key=lambda m: m["val_loss"])
     assert report["val_loss"] == pytest.approx(best["val_loss"], abs=1e-4)
     # the base model, loaded from the run's MODEL, is the model train.py scored at step 0
@@ -365,7 +360,7 @@ def test_evaluate_loss_matches_training(run, procs):
 def test_evaluate_final_checkpoint_of_a_scratch_run(scratch_run):
     report = json.loads((scratch_run / "out" / "eval_report.json").read_text())
     assert report["model"] == "out/final" and report["base_model"] == "scratch"
-    vals = [m for m in metrics(scratch_run) if "val_loss" in m]
+    vals = [m for m in metrics(scratch_run / "out") if "val_loss" in m]
     assert report["val_loss"] == pytest.approx(max(vals, key=lambda m: m["step"])["val_loss"], abs=1e-4)
     # the base is rebuilt from the run's seed: it must be the very model train.py scored at step 0
     assert report["base_val_loss"] == pytest.approx(next(m for m in vals if m["step"] == 0)["val_loss"], abs=1e-4)

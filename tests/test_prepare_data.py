@@ -13,7 +13,7 @@ import pytest
 import cli
 import config
 from conftest import ROOT, script_env
-from dialogues import format_dialogue, read_dialogues, split_key, write_dialogues
+from dialogues import format_dialogue, read_dialogues, split_key, write_dialogue
 
 SHIPPED = os.path.join(ROOT, "llm_train_text.json")
 
@@ -155,13 +155,13 @@ def test_output_files_are_speaker_lines_with_one_blank_line_between_dialogues(sc
     data = write_array(tmp_path / "data.json", [dict(HELLO), dict(HOW), {"Cy": "One: two", "Dee": "ünïcödé ✓"}])
     ok(prepare(script, tmp_path, data))
     expected = {"Alex: Hi!\nBob: Hello.\n", "Alex: How are you?\nBob: Fine, thanks.\n", "Cy: One: two\nDee: ünïcödé ✓\n"}
-    chunks = []
+    written = []
     for name in ("train_data.txt", "val_data.txt"):
         text = (tmp_path / name).read_bytes().decode("utf-8")
         assert text and "\r" not in text and not text.startswith("\n") and not text.endswith("\n\n")
         assert "\n\n\n" not in text
-        chunks += [c if c.endswith("\n") else c + "\n" for c in text.split("\n\n")]
-    assert sorted(chunks) == sorted(expected)
+        written += [d if d.endswith("\n") else d + "\n" for d in text.split("\n\n")]
+    assert sorted(written) == sorted(expected)
 
 
 def test_format_dialogue_writes_one_line_per_turn():
@@ -176,8 +176,11 @@ def test_write_and_read_dialogues_round_trip(tmp_path):
     ]
     path = tmp_path / "out.txt"
     with open(path, "w", encoding="utf-8", newline="\n") as f:
-        write_dialogues(f, dialogues)
-    assert path.read_text(encoding="utf-8").count("\n\n") == 2
+        for i, turns in enumerate(dialogues):
+            write_dialogue(f, turns, first=i == 0)
+    assert path.read_text(encoding="utf-8") == ("Alex: Note: this has ': ' inside: twice\nZoë: héllo 🌍 — 日本語\n"
+                                                "\nBob: x\n"
+                                                "\nDr Who: time: and space\nAlex: ok\nDr Who: bye\n")
     assert read_dialogues(path) == dialogues
 
 

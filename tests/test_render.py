@@ -8,7 +8,7 @@ import pytest
 
 import cli
 import modeling
-from batching import collate, make_blocks, windows
+from batching import collate, make_blocks
 from dialogues import clean_text, format_dialogue
 from render import CHAT_TEMPLATE, encode, prompt, render, render_chat, role_map, start_id
 from tiny import EOS_ID, chat_tokenizer, gpt2_tokenizer, synthetic
@@ -158,8 +158,8 @@ def test_roles_refused():
 def test_context_token_is_bos_where_the_model_has_one():
     llama, gpt2 = chat_tokenizer(), gpt2_tokenizer()
     assert start_id(llama) == llama.bos_token_id != llama.eos_token_id and start_id(gpt2) == EOS_ID
-    turns = [(encode(llama, ["Alex: hi\n"])[0], [1] * 4)]
-    assert windows(turns, 32, start_id(llama))[0][0][0] == llama.bos_token_id
+    (ids, mask), = make_blocks(llama, [[("Alex", "hi")]], 32)  # the speaker format, as training packs it
+    assert ids == [llama.bos_token_id, *encode(llama, ["Alex: hi\n"])[0], llama.eos_token_id] and mask[0] == 0
     llama.chat_template = CHAT_TEMPLATE  # the speaker format's template opens with the same token
     assert llama.apply_chat_template([{"role": "user", "name": "Alex", "content": "hi"}], tokenize=False) == \
         "<|begin_of_text|>Alex: hi\n<|im_end|>"

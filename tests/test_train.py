@@ -26,7 +26,7 @@ import modeling
 import step
 import tiny
 import train
-from batching import IGNORE, collate, epoch_order, eval_batches, make_blocks, windows
+from batching import IGNORE, collate, count, epoch_order, eval_batches, make_blocks
 from conftest import (ROOT, in_background, in_process, one_error_line, run_main, run_script_env, script_env,
                       train_args)
 from dialogues import read_dialogues
@@ -187,7 +187,7 @@ def test_epoch_line_counts_the_positions_collate_pads_to(trained):
     blocks = make_blocks(gpt2_tokenizer(), read_dialogues(out.parent / "train_data.txt"), 64)
     order = epoch_order(blocks, 16 * 4, cli.defaults()["SEED"])
     steps = [[blocks[j] for j in order[i:i + 4]] for i in range(0, len(order), 4)]
-    assert positions == sum(collate(chunk, EOS_ID, 64)[0].numel() for chunk in steps)
+    assert positions == sum(collate(step, EOS_ID, 64)[0].numel() for step in steps)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -195,9 +195,8 @@ def test_epoch_line_counts_the_positions_collate_pads_to(trained):
 
 def test_accumulation_equals_one_batch_in_process():
     tok = gpt2_tokenizer()
-    pieces = [w for turns in render(tok, synthetic(12, seed=8, max_turns=6)) for w in windows(turns, 32, EOS_ID)]
-    pieces.sort(key=lambda p: -len(p[0]))
-    four = [pieces[0], pieces[1], pieces[-2], pieces[-1]]  # two long, two short: the micro-batches differ in size
+    blocks = sorted(make_blocks(tok, synthetic(12, seed=8, max_turns=6), 32), key=lambda b: -len(b[0]))
+    four = [blocks[0], blocks[1], blocks[-2], blocks[-1]]  # two long, two short: the micro-batches differ in size
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2,
                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).double().train()
@@ -231,7 +230,7 @@ def test_accumulation_equals_one_batch_in_process():
         model.zero_grad(set_to_none=True)
         mean, n_targets = step.forward_backward(tiny.single(model), [collate(b, EOS_ID) for b in micro_batches])
         assert mean == pytest.approx(loss1, rel=1e-6)
-        assert n_targets == sum(len(ids) - 1 for ids, _ in four)  # every position of these pieces is a target
+        assert n_targets == count(four)[0]  # every trained token of these blocks, each once
         assert grad_diff(g1, {k: p.grad for k, p in model.named_parameters()}) < 1e-5
 
 

@@ -3,7 +3,6 @@ package, 2-layer GPT-2, Llama (with an instruct model's tokenizer and chat templ
 Hugging Face directories, small synthetic dialogues, and what two training runs are compared by."""
 
 import functools
-import json
 import os
 import random
 
@@ -13,7 +12,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, processors
 
 import modeling
-from dialogues import write_dialogues
+from cli import read_jsonl
+from dialogues import write_dialogue
 
 EOS_ID = 50256
 
@@ -82,11 +82,17 @@ def save_tiny_neox(path):
     return path
 
 
+def write_text(path, dialogues):
+    """A text file of these dialogues, as prepare_data.py writes one."""
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for i, turns in enumerate(dialogues):
+            write_dialogue(f, turns, first=i == 0)
+
+
 def write_split(directory, train_dialogues, val_dialogues):
     """train_data.txt and val_data.txt in `directory`, as prepare_data.py writes them."""
     for name, dialogues in (("train_data.txt", train_dialogues), ("val_data.txt", val_dialogues)):
-        with open(os.path.join(directory, name), "w", encoding="utf-8", newline="\n") as f:
-            write_dialogues(f, dialogues)
+        write_text(os.path.join(directory, name), dialogues)
 
 
 SPEAKERS = ["Alex", "Bob", "Cara", "Dan"]
@@ -121,8 +127,8 @@ def max_diff(a, b):
 
 
 def metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """A run's metrics.jsonl, as evaluate.py and checkpoints.py read it (cli.read_jsonl)."""
+    return read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
 
 
 def curve(out_dir):
