@@ -502,26 +502,80 @@ FIGURES = {"model": "out/best", "base_model": "gpt2", "val_file": "val.txt", "va
            "sample_dialogue": "Alex: Hi, how are you?\nBob: Fine.", "plot_note": None}
 
 
-def test_the_report_is_a_function_of_the_figures():
+HEADLINE = "fine-tuning took validation perplexity from 20.09 to 7.39"
+STATS = ("stop rate 50%, mean length 3.0 words, distinct-1 0.90, distinct-2 1.00, token F1 vs the real reply "
+         "0.250")
+OVER = "Over 1,234 validation tokens of val.txt, token-weighted, padding excluded."
+# a figure changed -> (the JSON report's keys that change, the markdown lines that change, as they then read). Each
+# new value is unlike every other figure, so a figure shown in another's place shows.
+CHANGES = {
+    "val_loss": (2.5, {"val_loss", "val_ppl"}, ["fine-tuning took validation perplexity from 20.09 to 12.18.",
+                                                "| fine-tuned | 2.5000 | 12.18 |"]),
+    "base_val_loss": (3.5, {"base_val_loss", "base_val_ppl"},
+                      ["fine-tuning took validation perplexity from 33.12 to 7.39.", "| base `gpt2` | 3.5000 | 33.12 |"]),
+    "base_note": (" (from metrics.jsonl)", set(), [HEADLINE + " (from metrics.jsonl)."]),
+    "model": ("out/final", {"model"}, ["# Evaluation of `out/final`"]),
+    "base_model": ("gpt2-medium", {"base_model"}, ["| base `gpt2-medium` | 3.0000 | 20.09 |"]),
+    "val_file": ("other.txt", {"val_file"}, [OVER.replace("val.txt", "other.txt")]),
+    "val_tokens": (56789, {"val_tokens"}, [OVER.replace("1,234", "56,789")]),
+    "per_speaker_loss": ({"Alex": 1.8, "(others)": 2.1}, {"per_speaker_loss"}, ["| Alex | 1.8000 | 6.05 |"]),
+    "replies": (3, {"replies"}, ["## Replies (3 validation dialogues)"]),
+    "stop_rate": (0.25, {"stop_rate"}, [STATS.replace("50%", "25%")]),
+    "mean_words": (4.5, {"mean_words"}, [STATS.replace("3.0 words", "4.5 words")]),
+    "distinct_1": (0.8, {"distinct_1"}, [STATS.replace("distinct-1 0.90", "distinct-1 0.80")]),
+    "distinct_2": (0.7, {"distinct_2"}, [STATS.replace("distinct-2 1.00", "distinct-2 0.70")]),
+    "token_f1": (0.125, {"token_f1"}, [STATS.replace("0.250", "0.125")]),
+    "sample_dialogue": ("Alex: Hi\nBob: Bye.", {"sample_dialogue"}, ["Alex: Hi", "Bob: Bye."]),
+    "plot_note": ("no plot here", set(), ["*no plot here*"]),
+}
+
+
+def test_the_report_shows_each_figure():
     data, md, headline = evaluate.report(FIGURES)
-    assert evaluate.report(FIGURES) == (data, md, headline)
-    assert headline == "fine-tuning took validation perplexity from 20.09 to 7.39"
+    assert headline == HEADLINE
     assert data["val_ppl"] == pytest.approx(math.exp(2.0)) and data["base_val_ppl"] == pytest.approx(math.exp(3.0))
     assert data["per_speaker_loss"] == FIGURES["per_speaker_loss"] and data["samples"] == FIGURES["samples"]
     assert data["sample_dialogue"] == FIGURES["sample_dialogue"] and "plot_note" not in data
+    assert json.loads(json.dumps(data)) == data  # eval_report.json holds it as it is
     lines = md.split("\n")
     assert lines[:3] == ["# Evaluation of `out/best`", "", headline + "."]
     for line in ("| base `gpt2` | 3.0000 | 20.09 |", "| fine-tuned | 2.0000 | 7.39 |", "| Alex | 1.9000 | 6.69 |",
-                 "- generated: **Dan:** Well well *(did not end)*", "- generated: **Bob:** Hey", "Bob: Fine.",
+                 "| (others) | 2.1000 | 8.17 |", OVER, "## Replies (2 validation dialogues)", STATS,
+                 "- real: **Bob:** Yo", "- generated: **Bob:** Hey", "- real: **Dan:** Well",
+                 "- generated: **Dan:** Well well *(did not end)*", "Alex: Hi, how are you?", "Bob: Fine.",
                  "![loss curve](loss_curve.png)"):
-        assert line in lines, line
-    assert "Over 1,234 validation tokens of val.txt" in md and "stop rate 50%" in md
+        assert lines.count(line) == 1, line
+    # the markdown shows five replies, with the last three turns before each; the JSON keeps them all
+    context = [["Alex", "one"], ["Bob", "two"], ["Alex", "three"], ["Bob", "four"]]
+    many = [{**FIGURES["samples"][0], "context": context, "real": f"real {i}"} for i in range(7)]
+    data, md, _ = evaluate.report({**FIGURES, "samples": many})
+    assert data["samples"] == many and [f"real {i}" in md for i in range(7)] == [True] * 5 + [False] * 2
+    assert md.count("Alex: one") == 0 and md.count("Bob: two\nAlex: three\nBob: four\n```") == 5
 
+
+@pytest.mark.parametrize("figure", CHANGES)
+def test_the_report_is_a_function_of_the_figures(figure):
+    """A figure changed changes its own parts of the report, and nothing else."""
+    value, keys, shown = CHANGES[figure]
+    data, md, headline = evaluate.report(FIGURES)
+    data2, md2, headline2 = evaluate.report({**FIGURES, figure: value})
+    assert {k for k in data if data[k] != data2[k]} == keys and data2.keys() == data.keys()
+    before, after = md.split("\n"), md2.split("\n")
+    assert len(after) == len(before)
+    assert [b for a, b in zip(before, after) if a != b] == shown
+    moved = figure in ("val_loss", "base_val_loss", "base_note")  # the headline's figures
+    assert (headline2 != headline) == moved and (headline2 + "." in shown) == moved
+
+
+def test_the_headline_says_what_the_base_was():
     _, md, headline = evaluate.report({**FIGURES, "base_model": "scratch"})
     assert headline == "trained from scratch: validation perplexity went from 20.09 (untrained) to 7.39"
-    assert "| trained | 2.0000 | 7.39 |" in md
+    assert "| trained | 2.0000 | 7.39 |" in md and "| base `scratch` | 3.0000 | 20.09 |" in md
+    assert "| fine-tuned |" not in md
 
     data, md, headline = evaluate.report({**FIGURES, "base_val_loss": None, "base_note": " (base not evaluated: x)",
                                           "per_speaker_loss": {}, "plot_note": "no metrics"})
     assert headline == "validation perplexity 7.39 (base not evaluated: x)" and data["base_val_ppl"] is None
+    assert data["base_val_loss"] is None and json.loads(json.dumps(data)) == data
     assert "| base `gpt2` | - | - |" in md and "Per speaker" not in md and "*no metrics*" in md
+    assert "loss_curve.png" not in md
