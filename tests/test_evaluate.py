@@ -319,32 +319,108 @@ def test_chat_same_names(monkeypatch, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # 5. evaluate.py on the trained run
 
+def f1_by_hand(pred, ref):
+    """Word-overlap F1 as multisets: the harmonic mean of the shares of each side's words found in the other."""
+    p, r = Counter(evaluate.words(pred)), Counter(evaluate.words(ref))
+    same = sum((p & r).values())
+    if not same:
+        return float(not p and not r)  # two empty replies agree; otherwise nothing in common is 0
+    precision, recall = same / sum(p.values()), same / sum(r.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def distinct_by_hand(texts, n):
+    grams = [g for t in texts for g in zip(*(evaluate.words(t)[i:] for i in range(n)))]
+    return len(set(grams)) / len(grams)
+
+
+def test_words_f1_and_distinct_by_hand():
+    assert evaluate.words("Don't STOP, 2 go_on!") == ["don", "t", "stop", "2", "go_on"]
+    assert evaluate.token_f1("the cat sat", "The cat sat on the mat.") == pytest.approx(2 * 1 * 0.5 / 1.5)
+    assert evaluate.token_f1("cat cat", "cat") == pytest.approx(2 * 0.5 * 1 / 1.5)  # a word counts once per use
+    assert (evaluate.token_f1("", ""), evaluate.token_f1("", "x"), evaluate.token_f1("dog", "cat")) == (1, 0, 0)
+    assert evaluate.distinct(["a b a b", "a"], 1) == 2 / 5 and evaluate.distinct(["a b a b", "a"], 2) == 2 / 3
+    assert evaluate.distinct([""], 2) == 0.0
+
+
 def test_evaluate_report(run, procs):
     proc = procs["evaluate"]
     assert proc.returncode == 0, proc.stderr
     report = json.loads((run / "out" / "eval_report.json").read_text())
-    for key in ("val_loss", "val_ppl", "base_val_loss", "base_val_ppl", "mean_words", "distinct_1", "distinct_2",
-                "token_f1"):
-        assert isinstance(report[key], float) and math.isfinite(report[key]), key
     assert report["val_ppl"] == pytest.approx(math.exp(report["val_loss"]), rel=1e-9)
     assert report["base_val_ppl"] == pytest.approx(math.exp(report["base_val_loss"]), rel=1e-9)
-    assert 0 <= report["stop_rate"] <= 1
-    assert 0 <= report["distinct_1"] <= 1 and 0 <= report["distinct_2"] <= 1 and 0 <= report["token_f1"] <= 1
     val = [[tuple(t) for t in d] for d in read_dialogues(run / "val_data.txt")]
     samples = report["samples"]
-    assert isinstance(samples, list) and len(samples) == 4
+    assert len(samples) == report["replies"] == 4  # NUM_REPLIES
     for s in samples:
-        assert {"context", "speaker", "real", "generated", "ended"} <= set(s)
         assert [tuple(t) for t in s["context"]] + [(s["speaker"], s["real"])] in val  # the last turn of a real one
         assert isinstance(s["generated"], str) and "\n" not in s["generated"]
-    assert report["stop_rate"] == sum(s["ended"] for s in samples) / len(samples)
-    assert report["token_f1"] == pytest.approx(sum(s["f1"] for s in samples) / len(samples))
+        assert s["f1"] == pytest.approx(f1_by_hand(s["generated"], s["real"]))
+        assert 1 <= s["new_tokens"] <= 12 and (s["ended"] or s["new_tokens"] == 12)  # MAX_NEW_TOKENS, unless it ended
+    # the reply figures are those of the replies in the report
+    texts = [s["generated"] for s in samples]
+    assert report["stop_rate"] == sum(s["ended"] for s in samples) / 4
+    assert report["mean_words"] == pytest.approx(sum(len(evaluate.words(t)) for t in texts) / 4)
+    assert report["distinct_1"] == pytest.approx(distinct_by_hand(texts, 1))
+    assert report["distinct_2"] == pytest.approx(distinct_by_hand(texts, 2))
+    assert report["token_f1"] == pytest.approx(sum(f1_by_hand(s["generated"], s["real"]) for s in samples) / 4)
+    # the overall loss is the per-speaker losses weighted by each speaker's targets: every token of their turns
+    tok = transformers.AutoTokenizer.from_pretrained(str(run / "out" / "best"))
+    per, targets = report["per_speaker_loss"], Counter()
+    for turns, rendered in zip(val, render(tok, val)):
+        for (speaker, _), (ids, _) in zip(turns, rendered):
+            targets[speaker if speaker in per else "(others)"] += len(ids)
+    assert set(targets) == set(per) and len(per) >= 2 and sum(targets.values()) == report["val_tokens"]
+    assert sum(per[s] * n for s, n in targets.items()) / report["val_tokens"] == pytest.approx(report["val_loss"],
+                                                                                               rel=1e-5)
+    # and both come out again from the model and the dialogues, at the run's block size, without the token cache
+    speakers = [s for s in per if s != "(others)"]
+    blocks = batching.make_blocks(tok, val, 64, speakers=speakers)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(run / "out" / "best"))
+    overall, by_tag = modeling.evaluate(model, batching.eval_batches(blocks, 4, EOS_ID, 64), torch.device("cpu"),
+                                        None, groups=batching.eval_groups(blocks, 4, 64))
+    assert report["val_loss"] == pytest.approx(overall, abs=1e-4)
+    assert list(per.values()) == pytest.approx([by_tag[i] for i in range(1, len(per) + 1)], abs=1e-4)
     assert report["sample_dialogue"].startswith(cli.defaults()["SAMPLE_PROMPT"])
     md = (run / "out" / "eval_report.md").read_text()
-    assert "fine-tuning took validation perplexity from" in md
+    assert f"fine-tuning took validation perplexity from {report['base_val_ppl']:.2f} to {report['val_ppl']:.2f}" in md
     assert (run / "out" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("fine-tuning took validation perplexity from") and "eval_report.md" in last
+
+
+# Replies put in generate()'s place, unlike one another, so that each figure has a value a slip would change:
+# 10 words, 5 distinct; 7 bigrams, 4 distinct; half of them ended.
+SCRIPTED = [("the cat sat", True, 4), ("The cat sat on the cat!", False, 12), ("", False, 12), ("Dog.", True, 2)]
+
+
+def test_the_reply_figures_are_what_the_replies_say(run, tmp_path, monkeypatch, capfd):
+    """evaluate.py on the run with generation scripted: the figures are those of the replies it was given."""
+    for name in ("out/config.json", "out/metrics.jsonl", "val_data.txt"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        shutil.copy(run / name, tmp_path / name)
+    (tmp_path / "base").symlink_to(run / "base")  # the run's MODEL, relative to where it ran
+    asked = []
+
+    def scripted(model, tokenizer, asks, *args, **kwargs):
+        asked.extend(asks)
+        return SCRIPTED[:len(asks)]
+
+    monkeypatch.setattr(generation, "replies", scripted)
+    p = in_process(evaluate.main, tmp_path, ["--device=cpu", f"--checkpoint={run / 'out' / 'best'}", "--num_replies=4",
+                                             "--sample_max_new_tokens=8"], monkeypatch, capfd)
+    assert p.returncode == 0, p.stderr
+    report = json.loads((tmp_path / "out" / "eval_report.json").read_text())
+    assert len(asked) == 4 and [s["generated"] for s in report["samples"]] == [t for t, _, _ in SCRIPTED]
+    assert [(s["ended"], s["new_tokens"]) for s in report["samples"]] == [(e, n) for _, e, n in SCRIPTED]
+    assert [tuple(map(tuple, s["context"])) for s in report["samples"]] == [tuple(turns) for turns, _ in asked]
+    assert report["replies"] == 4 and report["stop_rate"] == 0.5 and report["mean_words"] == 2.5
+    assert report["distinct_1"] == 0.5 and report["distinct_2"] == pytest.approx(4 / 7)
+    f1 = [f1_by_hand(t, s["real"]) for (t, _, _), s in zip(SCRIPTED, report["samples"])]
+    assert [s["f1"] for s in report["samples"]] == pytest.approx(f1)
+    assert report["token_f1"] == pytest.approx(sum(f1) / 4)
+    assert "stop rate 50%, mean length 2.5 words, distinct-1 0.50, distinct-2 0.57" in (
+        tmp_path / "out" / "eval_report.md").read_text()
 
 
 def test_evaluate_loss_matches_training(run, procs):
