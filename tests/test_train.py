@@ -462,7 +462,7 @@ def test_missing_model(processes):
 def test_an_unreachable_hub_is_asked_once(processes, monkeypatch):
     """Offline, the Hub client retries for most of a minute; a connect that is refused (nothing listens on port 9)
     is noticed at once, and the model then comes from the local cache or not at all: the same one-line error. The
-    probe connects once a run: the tokenizer's load and the model's both ask, and the second takes the first's answer."""
+    probe connects once a run: the tokenizer's load and the model's both ask, the second taking the first's answer."""
     for name in PROXIES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(modeling.hub_constants, "HF_HUB_OFFLINE", False)
