@@ -60,11 +60,11 @@ class _TooLong(Exception):
 
 
 class _Lines:
-    """The file's lines one at a time as (line number, text without its newline), each checked for UTF-8; the
-    byte-order mark at the start of the file dropped. `bar`, a tqdm, counts the bytes."""
+    """The file's lines one at a time as (line number, text without its newline, the byte offset where the line
+    ends), each checked for UTF-8; the byte-order mark at the start of the file dropped."""
 
-    def __init__(self, f, path, bar):
-        self.f, self.path, self.bar, self.n, self.pos = f, path, bar, 0, 0
+    def __init__(self, f, path):
+        self.f, self.path, self.n, self.pos = f, path, 0, 0
 
     def __iter__(self):
         return self
@@ -75,22 +75,22 @@ class _Lines:
             raise StopIteration
         self.n += 1
         start, self.pos = self.pos, self.pos + len(raw)
-        if self.bar is not None:
-            self.bar.update(len(raw))
         raw = raw[:-1] if raw.endswith(b"\n") else raw
         if len(raw) > _MAX_LINE:
             raise _TooLong(self.n)
         if self.n == 1 and raw.startswith(_BOM):
             raw, start = raw[len(_BOM):], start + len(_BOM)
         try:
-            return self.n, raw.decode("utf-8")
+            return self.n, raw.decode("utf-8"), self.pos
         except UnicodeDecodeError as e:
             raise UserError(f"{self.path}: line {self.n}: not valid UTF-8 (byte {start + e.start})") from None
 
 
 def load_records(path, bar=None):
     """The records of a JSON array or JSON Lines file, one at a time, each with a label saying where it is. JSON Lines
-    is read line by line; an array is read whole. `bar`, a tqdm, counts the bytes read."""
+    is read line by line; an array is read whole. `bar`, a tqdm, counts the bytes of the records taken: a line's once
+    the reader asks for the next record, an array's when it has taken them all. A refused record never moves the bar,
+    so however slow the machine, no progress line for it comes before its error."""
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -103,14 +103,14 @@ def load_records(path, bar=None):
     with f:
         if bar is not None:
             bar.total = os.fstat(f.fileno()).st_size  # not reset(), which draws the bar at once, however small the file
-        lines = _Lines(f, path, bar)
+        lines = _Lines(f, path)
         kind, read = _sniff(path, lines)
         if kind == "lines":
-            yield from _json_lines(path, lines, read)
-        elif kind == "one value":
-            yield from _array(path, read)
-        else:
-            yield from _whole(f, path, bar)
+            yield from _json_lines(path, lines, read, bar)
+            return
+        yield from (_array(path, read) if kind == "one value" else _whole(f, path))
+        if bar is not None:
+            bar.update(bar.total - bar.n)
 
 
 def _sniff(path, lines):
@@ -140,13 +140,11 @@ def _loads(text):
     return json.loads(text, object_pairs_hook=_Object, parse_int=float)
 
 
-def _whole(f, path, bar):
+def _whole(f, path):
     """The file read whole and parsed as one JSON value; JSON Lines after all if the value on line 1 is followed by
     more."""
     f.seek(0)
     raw = f.read()
-    if bar is not None:
-        bar.update(len(raw) - bar.n)
     try:
         text = raw.decode("utf-8-sig")  # -sig: drop the byte-order mark
     except UnicodeDecodeError as e:
@@ -167,7 +165,7 @@ def _whole(f, path, bar):
     raw = text = None  # free both copies before the records are used (a JSON error holds one until its block ends)
     if json_lines:
         f.seek(0)
-        yield from _json_lines(path, _Lines(f, path, None), [])
+        yield from _json_lines(path, _Lines(f, path), [])
     else:
         yield from _array(path, data)
 
@@ -180,10 +178,11 @@ def _array(path, data):
         yield r, f"{path}: record {i + 1}"
 
 
-def _json_lines(path, lines, read):
-    """One record per line, starting with the lines already `read`; blank lines skipped."""
+def _json_lines(path, lines, read, bar=None):
+    """One record per line, starting with the lines already `read`; blank lines skipped. `bar` counts the bytes up to
+    the end of each record taken (see load_records)."""
     try:
-        for n, line in itertools.chain(read, lines):
+        for n, line, end in itertools.chain(read, lines):
             if not line.strip():
                 continue
             try:
@@ -193,9 +192,13 @@ def _json_lines(path, lines, read):
             except RecursionError:
                 raise UserError(f"{path}: line {n}: JSON nested too deeply") from None
             yield record, f"{path}: line {n}"
+            if bar is not None:
+                bar.update(end - bar.n)
     except _TooLong as e:
         raise UserError(f"{path}: line {e.args[0]}: a record of over {MAX_RECORD_MB} MiB, too large to read one "
                         f"line at a time (the limit is dialogues.MAX_RECORD_MB)") from None
+    if bar is not None:
+        bar.update(lines.pos - bar.n)  # blank lines at the end
 
 
 def _kind(v):
@@ -261,9 +264,9 @@ def _parquet(path, bar, total=True):
         for batch in _checked(f.iter_batches(batch_size=_ROWS_PER_BATCH), path):
             for record in batch.to_pylist():
                 row += 1
-                if bar is not None:
-                    bar.update(1)
                 yield _present(record), f"{path}: row {row}"
+                if bar is not None:  # once taken, as load_records counts
+                    bar.update(1)
 
 
 def _directory(path, split, bar):
@@ -290,9 +293,9 @@ def _directory(path, split, bar):
             yield from _parquet(file, bar, total=False)
         else:
             for record in load_records(file):  # load_records counts bytes; the bar here counts records
+                yield record
                 if bar is not None:
                     bar.update(1)
-                yield record
 
 
 def _stream(name, split, bar, hub):
@@ -310,9 +313,9 @@ def _stream(name, split, bar, hub):
     if bar is not None and known and known.num_examples:
         bar.total = known.num_examples
     for row, record in enumerate(_checked(rows, label), 1):
+        yield _present(record), f"{label}: row {row}"
         if bar is not None:
             bar.update(1)
-        yield _present(record), f"{label}: row {row}"
 
 
 def _checked(items, what):

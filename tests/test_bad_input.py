@@ -15,6 +15,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import tempfile
 import types
 from pathlib import Path
@@ -22,7 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import run_script
+import cli
+import prepare_data
+from conftest import in_process, one_error_line, run_script
 from dialogues import MAX_RECORD_MB, read_dialogues
 from test_prepare_data import FORMATS, HELLO, HOW, record
 
@@ -300,7 +303,7 @@ def run_case(d, content, earlier):
 @pytest.fixture(scope="module")
 def results(request):
     # only the cases this session selected (-k), all at once: most of a run is starting the scripts
-    selected = {i.callspec.params["case"] for i in request.session.items
+    selected = {i.callspec.params.get("case") for i in request.session.items
                 if getattr(i, "module", None) is request.module and hasattr(i, "callspec")}
     names = [n for n in CASES if n in selected]
     with tempfile.TemporaryDirectory() as top:  # removed at the end, 50 MB files and all
@@ -332,7 +335,8 @@ def test_every_case_is_a_different_file():
 def test_accepted(results, case):
     r = results[case]
     assert r.result.returncode == 0, r.result.stderr[:2000]
-    assert r.result.stderr == ""
+    # nothing but progress: a file that takes over a second (50 MB, a loaded machine) shows it, and no timing decides
+    assert all(re.fullmatch(r"prepare: \d+% .*", line) for line in r.result.stderr.splitlines()), r.result.stderr
     assert set(r.after) == {"data.json", *OUTPUTS}  # no temp files
     assert r.after["data.json"] == r.before["data.json"]
     train, val = (read_dialogues(r.dir / n) for n in sorted(OUTPUTS))
@@ -353,3 +357,58 @@ def test_rejected(results, case):
     for fragment in CASES[case][1][1]:
         assert fragment in line
     assert r.after == r.before  # the earlier run's files byte for byte; nothing new
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a slow machine
+
+class SlowClock:
+    """time for cli's progress lines on a machine so slow that each look at the clock finds 10 s gone: every bar's
+    quiet start (delay=1) is over by its first update."""
+
+    def __init__(self):
+        self.now = 1e9
+
+    def time(self):
+        self.now += 10
+        return self.now
+
+
+def write_rows(path):
+    """A Parquet file of ten rows, each refused (a column has one type): the bar counts rows, a tenth each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist([{"Alex": f"Hi {i}", "Bob": float(i)} for i in range(10)]), path)
+
+
+# a refused record that is most of the file, or a good part of it: reading it would take the bar past a tenth
+SLOW = {**{case: ("data.json", CASES[case][0], CASES[case][1][1]) for case in [
+            "JSON Lines line 1 over the record limit", "JSON Lines line 3 over the record limit",
+            "50 MB speaker name with a number for text", "100000 nested objects on JSON Lines line 3"]},
+        "JSON Lines, valid JSON refused on line 1": (  # 45% of the file
+            "data.json", lines({"Alex": "x" * 200, "Bob": 5}, *[{"Alex": f"Hi {i}", "Bob": "Yo"} for i in range(9)]),
+            ["data.json: line 1: speaker 'Bob': the text is a number"]),
+        "Parquet row 1 of 10": (
+            "data.parquet", write_rows, ["data.parquet: row 1: speaker 'Bob': the text is a number"])}
+
+
+@pytest.mark.parametrize("slow", SLOW)  # not "case": the results fixture would run those cases too
+def test_a_slow_machine_prints_the_one_line_too(slow, tmp_path, monkeypatch, capfd):
+    name, content, fragments = SLOW[slow]
+    content(tmp_path / name) if callable(content) else (tmp_path / name).write_bytes(content)
+    monkeypatch.setattr(cli, "time", SlowClock())
+    p = in_process(prepare_data.main, tmp_path, [f"--data_file={name}"], monkeypatch, capfd)
+    line = one_error_line(p)
+    assert all(fragment in line for fragment in fragments), line
+
+
+@pytest.mark.parametrize("content", [lines(dict(HELLO), dict(HOW), {"Cy": "Hey"}), array(dict(HELLO), dict(HOW))],
+                         ids=["JSON Lines", "array"])
+def test_a_slow_machine_still_shows_progress(content, tmp_path, monkeypatch, capfd):
+    """The bar's quiet start has passed: a good file's progress is shown, up to 100%."""
+    (tmp_path / "data.json").write_bytes(content)
+    monkeypatch.setattr(cli, "time", SlowClock())
+    p = in_process(prepare_data.main, tmp_path, ["--data_file=data.json"], monkeypatch, capfd)
+    assert p.returncode == 0 and p.stdout.startswith("read "), p.stderr
+    shown = p.stderr.splitlines()
+    assert shown and all(s.startswith("prepare: ") for s in shown) and shown[-1].startswith("prepare: 100% "), shown

@@ -6,6 +6,7 @@ Run: .venv/bin/python -m pytest -q tests/test_edges.py
 
 import logging
 import os
+import re
 import warnings
 
 import pytest
@@ -14,6 +15,7 @@ import transformers
 
 import checkpoints
 import cli
+import config
 import hardware
 import loss
 import memory
@@ -183,21 +185,70 @@ def test_an_absurd_block_size_is_refused_in_seconds(processes):
 # ---------------------------------------------------------------------------------------------------------------------
 # --help, abbreviations, a MODEL path that is not there
 
-def test_help_shows_each_settings_comment(capsys):
+def config_py():
+    """config.py read plainly, line by line (not as cli.config_comments reads it): [heading, NAME, comment] in file
+    order. A heading is a comment line after a blank one; a setting's comment is what follows "  # " on its line, and
+    the comment-only lines right below it go on with it."""
+    out, heading, going_on, after_blank = [], None, False, True
+    with open(config.__file__, encoding="utf-8") as f:
+        for line in f.read().splitlines():
+            setting = re.match(r"([A-Z_]+) = .*?  # (.*)", line)
+            if setting:
+                out.append([heading, setting[1], setting[2].strip()])
+            elif line.startswith("# ") and after_blank:
+                heading = line[2:].strip()
+            elif line.lstrip().startswith("#") and going_on:
+                out[-1][2] += " " + line.lstrip().lstrip("#").strip()
+            going_on, after_blank = bool(setting) or (going_on and line.lstrip().startswith("#")), not line.strip()
+    return out
+
+
+def help_sections(out):
+    """--help's settings as [heading, the setting's text with its comment, unwrapped], in the order printed."""
+    lines = out.splitlines()
+    heading, sections = None, []
+    for line in lines[lines.index("settings (override with --name=value; from config.py, which says why):") + 1:]:
+        if line.startswith("  --"):
+            sections.append([heading, line])
+        elif line.startswith(" "):
+            sections[-1][1] += "\n" + line
+        elif line:
+            heading = line
+    return sections
+
+
+def test_help_shows_each_settings_comment(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")  # the terminal's width: comments wrap, and SAMPLE_PROMPT's goes below it
     with pytest.raises(SystemExit) as e:
         cli.load_config(["--help"], doc="train.py: the doc")
     assert e.value.code == 0
-    out = " ".join(capsys.readouterr().out.split())  # unwrapped
-    assert "--learning_rate=5e-05 peak lr; right for fine-tuning a pretrained model" in out
-    # a comment that goes on below its setting is kept whole; group headings stay out of the settings
+    out = capsys.readouterr().out
+    assert out.startswith("train.py: the doc\n\nsettings (override with --name=value")
+    settings = config_py()
+    assert [name for _, name, _ in settings] == list(cli.defaults()), "settings without a comment in config.py"
+    # textwrap breaks lines at spaces and after hyphens ("fine-" / "tuning"), so the text is compared without them
+    bare = lambda text: "".join(text.split())
+    shown = help_sections(out)
+    assert [(h, bare(text)) for h, text in shown] == [
+        (h, bare(f"--{name.lower()}={getattr(config, name)!r} {comment}")) for h, name, comment in settings]
+    # wrapped to the terminal: no line wider than 79, each comment's next lines indented under the flags
+    assert max(map(len, out.splitlines())) <= 79
+    wrapped = [text for _, text in shown if "\n" in text]
+    assert len(wrapped) > 10 and all(line.startswith(" " * 8) and not line.startswith(" " * 8 + "--")
+                                     for text in wrapped for line in text.split("\n")[1:])
+    prompt = next(text for _, text in shown if text.startswith("  --sample_prompt="))
+    assert prompt.split("\n")[:2] == ["  --sample_prompt='Alex: Hi, how are you?\\nBob:'",
+                                       "          a conversation in the training format, ending with a label"]
+    # as a reader sees them: a comment that goes on below its setting is kept whole, a heading is a line of its own
+    said = " ".join(out.split())
+    assert "--learning_rate=5e-05 peak lr; right for" in said and "\noptimization\n" in out
     assert ("--roles=None chat_template: speaker -> role, e.g. {\"Bob\": \"assistant\", \"*\": \"user\"}; None: "
-            "TRAIN_SPEAKERS are the assistant, else in each two-speaker dialogue whoever speaks first") in out
-    assert "evaluate.py alike: a cap on each pass's cost" in out and "\noptimization\n" not in out
+            "TRAIN_SPEAKERS are the assistant") in said
+    assert "dialogues up to this many tokens, in train.py and evaluate.py alike: a cap on each pass's cost" in said
+    # what --help is built from: cli's reading of config.py is the plain one
     notes, groups = cli.config_comments()
-    assert groups["DATA_FILE"] == "data" and groups["BATCH_SIZE"] == "optimization" and "ROLES" not in groups
-    assert notes["BLOCK_SIZE"].startswith("tokens per training sequence")
-    missing = [k for k in cli.defaults() if not notes.get(k)]
-    assert not missing, f"settings without a comment in config.py: {missing}"
+    assert notes == {name: comment for _, name, comment in settings}
+    assert groups == {name: h for i, (h, name, _) in enumerate(settings) if i == 0 or settings[i - 1][0] != h}
 
 
 @pytest.mark.parametrize("flag, meant", [("--lr", "--learning_rate"), ("--bs", "--batch_size"),

@@ -315,32 +315,108 @@ def test_chat_same_names(monkeypatch, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # 5. evaluate.py on the trained run
 
+def f1_by_hand(pred, ref):
+    """Word-overlap F1 as multisets: the harmonic mean of the shares of each side's words found in the other."""
+    p, r = Counter(evaluate.words(pred)), Counter(evaluate.words(ref))
+    same = sum((p & r).values())
+    if not same:
+        return float(not p and not r)  # two empty replies agree; otherwise nothing in common is 0
+    precision, recall = same / sum(p.values()), same / sum(r.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def distinct_by_hand(texts, n):
+    grams = [g for t in texts for g in zip(*(evaluate.words(t)[i:] for i in range(n)))]
+    return len(set(grams)) / len(grams)
+
+
+def test_words_f1_and_distinct_by_hand():
+    assert evaluate.words("Don't STOP, 2 go_on!") == ["don", "t", "stop", "2", "go_on"]
+    assert evaluate.token_f1("the cat sat", "The cat sat on the mat.") == pytest.approx(2 * 1 * 0.5 / 1.5)
+    assert evaluate.token_f1("cat cat", "cat") == pytest.approx(2 * 0.5 * 1 / 1.5)  # a word counts once per use
+    assert (evaluate.token_f1("", ""), evaluate.token_f1("", "x"), evaluate.token_f1("dog", "cat")) == (1, 0, 0)
+    assert evaluate.distinct(["a b a b", "a"], 1) == 2 / 5 and evaluate.distinct(["a b a b", "a"], 2) == 2 / 3
+    assert evaluate.distinct([""], 2) == 0.0
+
+
 def test_evaluate_report(run, procs):
     proc = procs["evaluate"]
     assert proc.returncode == 0, proc.stderr
     report = json.loads((run / "out" / "eval_report.json").read_text())
-    for key in ("val_loss", "val_ppl", "base_val_loss", "base_val_ppl", "mean_words", "distinct_1", "distinct_2",
-                "token_f1"):
-        assert isinstance(report[key], float) and math.isfinite(report[key]), key
     assert report["val_ppl"] == pytest.approx(math.exp(report["val_loss"]), rel=1e-9)
     assert report["base_val_ppl"] == pytest.approx(math.exp(report["base_val_loss"]), rel=1e-9)
-    assert 0 <= report["stop_rate"] <= 1
-    assert 0 <= report["distinct_1"] <= 1 and 0 <= report["distinct_2"] <= 1 and 0 <= report["token_f1"] <= 1
     val = [[tuple(t) for t in d] for d in read_dialogues(run / "val_data.txt")]
     samples = report["samples"]
-    assert isinstance(samples, list) and len(samples) == 4
+    assert len(samples) == report["replies"] == 4  # NUM_REPLIES
     for s in samples:
-        assert {"context", "speaker", "real", "generated", "ended"} <= set(s)
         assert [tuple(t) for t in s["context"]] + [(s["speaker"], s["real"])] in val  # the last turn of a real one
         assert isinstance(s["generated"], str) and "\n" not in s["generated"]
-    assert report["stop_rate"] == sum(s["ended"] for s in samples) / len(samples)
-    assert report["token_f1"] == pytest.approx(sum(s["f1"] for s in samples) / len(samples))
+        assert s["f1"] == pytest.approx(f1_by_hand(s["generated"], s["real"]))
+        assert 1 <= s["new_tokens"] <= 12 and (s["ended"] or s["new_tokens"] == 12)  # MAX_NEW_TOKENS, unless it ended
+    # the reply figures are those of the replies in the report
+    texts = [s["generated"] for s in samples]
+    assert report["stop_rate"] == sum(s["ended"] for s in samples) / 4
+    assert report["mean_words"] == pytest.approx(sum(len(evaluate.words(t)) for t in texts) / 4)
+    assert report["distinct_1"] == pytest.approx(distinct_by_hand(texts, 1))
+    assert report["distinct_2"] == pytest.approx(distinct_by_hand(texts, 2))
+    assert report["token_f1"] == pytest.approx(sum(f1_by_hand(s["generated"], s["real"]) for s in samples) / 4)
+    # the overall loss is the per-speaker losses weighted by each speaker's targets: every token of their turns
+    tok = transformers.AutoTokenizer.from_pretrained(str(run / "out" / "best"))
+    per, targets = report["per_speaker_loss"], Counter()
+    for turns, rendered in zip(val, render(tok, val)):
+        for (speaker, _), (ids, _) in zip(turns, rendered):
+            targets[speaker if speaker in per else "(others)"] += len(ids)
+    assert set(targets) == set(per) and len(per) >= 2 and sum(targets.values()) == report["val_tokens"]
+    assert sum(per[s] * n for s, n in targets.items()) / report["val_tokens"] == pytest.approx(report["val_loss"],
+                                                                                               rel=1e-5)
+    # and both come out again from the model and the dialogues, at the run's block size, without the token cache
+    speakers = [s for s in per if s != "(others)"]
+    blocks = batching.make_blocks(tok, val, 64, speakers=speakers)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(run / "out" / "best"))
+    overall, by_tag = modeling.evaluate(model, batching.eval_batches(blocks, 4, EOS_ID, 64), torch.device("cpu"),
+                                        None, groups=batching.eval_groups(blocks, 4, 64))
+    assert report["val_loss"] == pytest.approx(overall, abs=1e-4)
+    assert list(per.values()) == pytest.approx([by_tag[i] for i in range(1, len(per) + 1)], abs=1e-4)
     assert report["sample_dialogue"].startswith(cli.defaults()["SAMPLE_PROMPT"])
     md = (run / "out" / "eval_report.md").read_text()
-    assert "fine-tuning took validation perplexity from" in md
+    assert f"fine-tuning took validation perplexity from {report['base_val_ppl']:.2f} to {report['val_ppl']:.2f}" in md
     assert (run / "out" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("fine-tuning took validation perplexity from") and "eval_report.md" in last
+
+
+# Replies put in generate()'s place, unlike one another, so that each figure has a value a slip would change:
+# 10 words, 5 distinct; 7 bigrams, 4 distinct; half of them ended.
+SCRIPTED = [("the cat sat", True, 4), ("The cat sat on the cat!", False, 12), ("", False, 12), ("Dog.", True, 2)]
+
+
+def test_the_reply_figures_are_what_the_replies_say(run, tmp_path, monkeypatch, capfd):
+    """evaluate.py on the run with generation scripted: the figures are those of the replies it was given."""
+    for name in ("out/config.json", "out/metrics.jsonl", "val_data.txt"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        shutil.copy(run / name, tmp_path / name)
+    (tmp_path / "base").symlink_to(run / "base")  # the run's MODEL, relative to where it ran
+    asked = []
+
+    def scripted(model, tokenizer, asks, *args, **kwargs):
+        asked.extend(asks)
+        return SCRIPTED[:len(asks)]
+
+    monkeypatch.setattr(generation, "replies", scripted)
+    p = in_process(evaluate.main, tmp_path, ["--device=cpu", f"--checkpoint={run / 'out' / 'best'}", "--num_replies=4",
+                                             "--sample_max_new_tokens=8"], monkeypatch, capfd)
+    assert p.returncode == 0, p.stderr
+    report = json.loads((tmp_path / "out" / "eval_report.json").read_text())
+    assert len(asked) == 4 and [s["generated"] for s in report["samples"]] == [t for t, _, _ in SCRIPTED]
+    assert [(s["ended"], s["new_tokens"]) for s in report["samples"]] == [(e, n) for _, e, n in SCRIPTED]
+    assert [tuple(map(tuple, s["context"])) for s in report["samples"]] == [tuple(turns) for turns, _ in asked]
+    assert report["replies"] == 4 and report["stop_rate"] == 0.5 and report["mean_words"] == 2.5
+    assert report["distinct_1"] == 0.5 and report["distinct_2"] == pytest.approx(4 / 7)
+    f1 = [f1_by_hand(t, s["real"]) for (t, _, _), s in zip(SCRIPTED, report["samples"])]
+    assert [s["f1"] for s in report["samples"]] == pytest.approx(f1)
+    assert report["token_f1"] == pytest.approx(sum(f1) / 4)
+    assert "stop rate 50%, mean length 2.5 words, distinct-1 0.50, distinct-2 0.57" in (
+        tmp_path / "out" / "eval_report.md").read_text()
 
 
 def test_evaluate_loss_matches_training(run, procs):
@@ -498,26 +574,81 @@ FIGURES = {"model": "out/best", "base_model": "gpt2", "val_file": "val.txt", "va
            "sample_dialogue": "Alex: Hi, how are you?\nBob: Fine.", "plot_note": None}
 
 
-def test_the_report_is_a_function_of_the_figures():
+HEADLINE = "fine-tuning took validation perplexity from 20.09 to 7.39"
+STATS = ("stop rate 50%, mean length 3.0 words, distinct-1 0.90, distinct-2 1.00, token F1 vs the real reply "
+         "0.250")
+OVER = "Over 1,234 validation tokens of val.txt, token-weighted, padding excluded."
+# a figure changed -> (the JSON report's keys that change, the markdown lines that change, as they then read). Each
+# new value is unlike every other figure, so a figure shown in another's place shows.
+CHANGES = {
+    "val_loss": (2.5, {"val_loss", "val_ppl"}, ["fine-tuning took validation perplexity from 20.09 to 12.18.",
+                                                "| fine-tuned | 2.5000 | 12.18 |"]),
+    "base_val_loss": (3.5, {"base_val_loss", "base_val_ppl"},
+                      ["fine-tuning took validation perplexity from 33.12 to 7.39.",
+                       "| base `gpt2` | 3.5000 | 33.12 |"]),
+    "base_note": (" (from metrics.jsonl)", set(), [HEADLINE + " (from metrics.jsonl)."]),
+    "model": ("out/final", {"model"}, ["# Evaluation of `out/final`"]),
+    "base_model": ("gpt2-medium", {"base_model"}, ["| base `gpt2-medium` | 3.0000 | 20.09 |"]),
+    "val_file": ("other.txt", {"val_file"}, [OVER.replace("val.txt", "other.txt")]),
+    "val_tokens": (56789, {"val_tokens"}, [OVER.replace("1,234", "56,789")]),
+    "per_speaker_loss": ({"Alex": 1.8, "(others)": 2.1}, {"per_speaker_loss"}, ["| Alex | 1.8000 | 6.05 |"]),
+    "replies": (3, {"replies"}, ["## Replies (3 validation dialogues)"]),
+    "stop_rate": (0.25, {"stop_rate"}, [STATS.replace("50%", "25%")]),
+    "mean_words": (4.5, {"mean_words"}, [STATS.replace("3.0 words", "4.5 words")]),
+    "distinct_1": (0.8, {"distinct_1"}, [STATS.replace("distinct-1 0.90", "distinct-1 0.80")]),
+    "distinct_2": (0.7, {"distinct_2"}, [STATS.replace("distinct-2 1.00", "distinct-2 0.70")]),
+    "token_f1": (0.125, {"token_f1"}, [STATS.replace("0.250", "0.125")]),
+    "sample_dialogue": ("Alex: Hi\nBob: Bye.", {"sample_dialogue"}, ["Alex: Hi", "Bob: Bye."]),
+    "plot_note": ("no plot here", set(), ["*no plot here*"]),
+}
+
+
+def test_the_report_shows_each_figure():
     data, md, headline = evaluate.report(FIGURES)
-    assert evaluate.report(FIGURES) == (data, md, headline)
-    assert headline == "fine-tuning took validation perplexity from 20.09 to 7.39"
+    assert headline == HEADLINE
     assert data["val_ppl"] == pytest.approx(math.exp(2.0)) and data["base_val_ppl"] == pytest.approx(math.exp(3.0))
     assert data["per_speaker_loss"] == FIGURES["per_speaker_loss"] and data["samples"] == FIGURES["samples"]
     assert data["sample_dialogue"] == FIGURES["sample_dialogue"] and "plot_note" not in data
+    assert json.loads(json.dumps(data)) == data  # eval_report.json holds it as it is
     lines = md.split("\n")
     assert lines[:3] == ["# Evaluation of `out/best`", "", headline + "."]
     for line in ("| base `gpt2` | 3.0000 | 20.09 |", "| fine-tuned | 2.0000 | 7.39 |", "| Alex | 1.9000 | 6.69 |",
-                 "- generated: **Dan:** Well well *(did not end)*", "- generated: **Bob:** Hey", "Bob: Fine.",
+                 "| (others) | 2.1000 | 8.17 |", OVER, "## Replies (2 validation dialogues)", STATS,
+                 "- real: **Bob:** Yo", "- generated: **Bob:** Hey", "- real: **Dan:** Well",
+                 "- generated: **Dan:** Well well *(did not end)*", "Alex: Hi, how are you?", "Bob: Fine.",
                  "![loss curve](loss_curve.png)"):
-        assert line in lines, line
-    assert "Over 1,234 validation tokens of val.txt" in md and "stop rate 50%" in md
+        assert lines.count(line) == 1, line
+    # the markdown shows five replies, with the last three turns before each; the JSON keeps them all
+    context = [["Alex", "one"], ["Bob", "two"], ["Alex", "three"], ["Bob", "four"]]
+    many = [{**FIGURES["samples"][0], "context": context, "real": f"real {i}"} for i in range(7)]
+    data, md, _ = evaluate.report({**FIGURES, "samples": many})
+    assert data["samples"] == many and [f"real {i}" in md for i in range(7)] == [True] * 5 + [False] * 2
+    assert md.count("Alex: one") == 0 and md.count("Bob: two\nAlex: three\nBob: four\n```") == 5
 
+
+@pytest.mark.parametrize("figure", CHANGES)
+def test_the_report_is_a_function_of_the_figures(figure):
+    """A figure changed changes its own parts of the report, and nothing else."""
+    value, keys, shown = CHANGES[figure]
+    data, md, headline = evaluate.report(FIGURES)
+    data2, md2, headline2 = evaluate.report({**FIGURES, figure: value})
+    assert {k for k in data if data[k] != data2[k]} == keys and data2.keys() == data.keys()
+    before, after = md.split("\n"), md2.split("\n")
+    assert len(after) == len(before)
+    assert [b for a, b in zip(before, after) if a != b] == shown
+    moved = figure in ("val_loss", "base_val_loss", "base_note")  # the headline's figures
+    assert (headline2 != headline) == moved and (headline2 + "." in shown) == moved
+
+
+def test_the_headline_says_what_the_base_was():
     _, md, headline = evaluate.report({**FIGURES, "base_model": "scratch"})
     assert headline == "trained from scratch: validation perplexity went from 20.09 (untrained) to 7.39"
-    assert "| trained | 2.0000 | 7.39 |" in md
+    assert "| trained | 2.0000 | 7.39 |" in md and "| base `scratch` | 3.0000 | 20.09 |" in md
+    assert "| fine-tuned |" not in md
 
     data, md, headline = evaluate.report({**FIGURES, "base_val_loss": None, "base_note": " (base not evaluated: x)",
                                           "per_speaker_loss": {}, "plot_note": "no metrics"})
     assert headline == "validation perplexity 7.39 (base not evaluated: x)" and data["base_val_ppl"] is None
+    assert data["base_val_loss"] is None and json.loads(json.dumps(data)) == data
     assert "| base `gpt2` | - | - |" in md and "Per speaker" not in md and "*no metrics*" in md
+    assert "loss_curve.png" not in md

@@ -7,6 +7,7 @@ Run: .venv/bin/python -m pytest -q tests/test_loss.py
 
 import json
 import os
+import weakref
 
 import pytest
 import torch
@@ -91,11 +92,12 @@ def close(mean, want_mean, g, want_g):
 
 
 class Widest(TorchDispatchMode):
-    """The most rows of any new tensor with a vocabulary-wide last dimension that an op makes."""
+    """What the ops make of vocabulary-wide tensors (a last dimension of V): the most rows of any one (rows), and the
+    most rows of them alive at once (peak), counted from their making until they are freed."""
 
     def __init__(self):
         super().__init__()
-        self.rows = 0
+        self.rows, self.peak, self.live = 0, 0, {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -105,11 +107,14 @@ class Widest(TorchDispatchMode):
             if (isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] == V
                     and t.untyped_storage().data_ptr() not in given):
                 self.rows = max(self.rows, t.numel() // V)
+                self.live[id(t)] = t.numel() // V
+                weakref.finalize(t, self.live.pop, id(t), None)  # when torch frees it, Python's object goes too
+                self.peak = max(self.peak, sum(self.live.values()))
         return out
 
 
 @pytest.mark.parametrize("family", ["gpt2", *FAMILIES])
-def test_same_loss_and_gradients_as_the_full_logits(saved, family):
+def test_same_loss_and_gradients_as_the_full_logits(saved, family, monkeypatch):
     model = modeling.load(saved[family])[1].train()
     head = loss.head_of(model)
     assert head is not None  # taken apart, not the fallback
@@ -117,19 +122,26 @@ def test_same_loss_and_gradients_as_the_full_logits(saved, family):
         assert head.cap == 0.5
     if family == "cohere":
         assert head.scale == 0.25
-    micro = [batch(1), batch(2, rows=2, width=24)]  # two micro-batches of different sizes: token weighting
-    want_mean, want_g = full_step(model, micro)
-    for chunk in (0, 7):  # one chunk (the vocabulary is small); chunks of 7 positions, the last one shorter
+    # two micro-batches of different sizes (token weighting); the first has 256 positions, a fifth of them targets
+    micro = [batch(1, rows=4, width=64, masked=0.8), batch(2, rows=2, width=24)]
+    most = max(int((y != IGNORE).sum()) for _, y in micro)  # the targets of one micro-batch, the most one chunk holds
+    with Widest() as full:
+        want_mean, want_g = full_step(model, micro)
+    assert full.rows == 256 and full.peak >= 2 * 256  # the reference makes them all: the logits, then log-softmax
+    # LOSS_CHUNK unset, the whole micro-batch's targets in one chunk (the vocabulary is small), and in chunks of 16
+    # (a smaller budget); LOSS_CHUNK=7, the last chunk shorter
+    for chunk, budget in ((0, loss.CPU_BUDGET), (0, 16 * 4 * V), (7, loss.CPU_BUDGET)):
         loss.use_chunk(chunk)
+        monkeypatch.setattr(loss, "CPU_BUDGET", budget)
+        rows = min(loss.chunk_size(V, torch.device("cpu")), most)
+        assert 4 * rows <= full.rows  # the test can tell: the full logits are four times the most allowed, or more
         model.zero_grad(set_to_none=True)
         with Widest() as widest:
             mean, n = step.forward_backward(tiny.single(model), micro)
         assert n == sum(int((y != IGNORE).sum()) for _, y in micro)
         close(mean, want_mean, grads(model), want_g)
-        assert widest.rows <= (chunk or n), widest.rows  # never more than a chunk's logits at once
-    with Widest() as widest:  # the reference does make them all
-        full_step(model, micro)
-    assert widest.rows == micro[0][0].numel()
+        # never more than a chunk's logits at once; with a softcap, its derivative beside them
+        assert widest.rows == rows and widest.peak <= 2 * rows, (chunk, budget, widest.rows, widest.peak)
 
 
 def test_positions_without_a_target_never_reach_the_output_layer(saved):

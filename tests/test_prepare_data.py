@@ -17,6 +17,13 @@ from dialogues import format_dialogue, read_dialogues, split_key, write_dialogue
 
 SHIPPED = os.path.join(ROOT, "llm_train_text.json")
 
+
+def shipped():
+    """The dataset the repository ships. Missing, the tests on it fail (never skip): a skip passes unnoticed."""
+    assert os.path.isfile(SHIPPED), f"{SHIPPED} is missing: it is part of the repository (git checkout it)"
+    return SHIPPED
+
+
 HELLO = [("Alex", "Hi!"), ("Bob", "Hello.")]
 HOW = [("Alex", "How are you?"), ("Bob", "Fine, thanks.")]
 
@@ -404,9 +411,8 @@ def digests(tmp_path):
                  for name in ("train_data.txt", "val_data.txt"))
 
 
-@pytest.mark.skipif(not os.path.exists(SHIPPED), reason="llm_train_text.json not shipped yet")
 def test_shipped_dataset_gives_the_same_files_as_before_streaming(script, tmp_path):
-    ok(prepare(script, tmp_path, SHIPPED))
+    ok(prepare(script, tmp_path, shipped()))
     assert digests(tmp_path) == BEFORE_STREAMING["shipped"]
 
 
@@ -468,9 +474,8 @@ def test_a_tiny_file_crosses_over_as_before_streaming(script, tmp_path, case):
 # ---------------------------------------------------------------------------------------------------------------------
 # 7. the shipped dataset
 
-@pytest.mark.skipif(not os.path.exists(SHIPPED), reason="llm_train_text.json not shipped yet")
 def test_shipped_dataset_prepares_cleanly(script, tmp_path):
-    result = ok(prepare(script, tmp_path, SHIPPED))
+    result = ok(prepare(script, tmp_path, shipped()))
     s = summary(result)
     assert s["read"] >= 200
     assert os.path.getsize(tmp_path / "train_data.txt") > 0 and os.path.getsize(tmp_path / "val_data.txt") > 0

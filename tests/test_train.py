@@ -27,8 +27,8 @@ import step
 import tiny
 import train
 from batching import IGNORE, collate, count, epoch_order, eval_batches, make_blocks
-from conftest import (ROOT, in_background, in_process, one_error_line, run_main, run_script_env, script_env,
-                      train_args)
+from conftest import (ROOT, in_background, in_process, one_error_line, patched_train, run_main, run_script_env,
+                      script_env, train_args)
 from dialogues import read_dialogues
 from render import render
 from tiny import EOS_ID, curve, gpt2_tokenizer, max_diff, metrics, save_tiny_gpt2, synthetic, weights, write_split
@@ -79,7 +79,7 @@ PROXIES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def processes(request, tmp_path_factory, dropout_model):
+def processes(request, tmp_path_factory, dropout_model, tiny_model):
     """test name -> Future of its run of train.py."""
     env = script_env(ENV)  # made now: the tests in this process change os.environ meanwhile
     # the Hub asked for real, where nothing listens (port 9), with no proxy in between
@@ -89,7 +89,7 @@ def processes(request, tmp_path_factory, dropout_model):
     jobs = {"test_resume_after_kill": (killed_run, d("killed"), dropout_model, env),
             "test_scratch_end_to_end": (train_py, d("scratch"), SCRATCH_DATA, SCRATCH_ARGS, env),
             "test_missing_model": (train_py, d("missing"), RESUME_DATA, missing, env),  # HF_HUB_OFFLINE=1: no Hub
-            "test_an_unreachable_hub_is_asked_once": (train_py, d("hub"), RESUME_DATA, missing, hub, 40)}
+            "test_an_unreachable_hub_is_asked_once": (hub_run, d("hub"), tiny_model, hub)}
     with in_background(request, jobs) as started:
         yield started
 
@@ -99,6 +99,44 @@ def train_py(d, data, args, env, timeout=600):
     CompletedProcess."""
     write_split(d, *data)
     return d, run_script_env(env, "train.py", *args, cwd=d, timeout=timeout)
+
+
+# train.py with the count of the connections modeling's probe of the Hub makes (its module's socket, not the Hub
+# client's) and which loads asked whether to keep to the local cache, written to hub.json as it exits
+COUNTED = """import atexit, json, socket, types
+asked, loads = [], []
+def create_connection(address, *args, **kwargs):
+    asked.append(list(address))
+    return socket.create_connection(address, *args, **kwargs)
+modeling.socket = types.SimpleNamespace(create_connection=create_connection)
+cache_only = modeling.cache_only
+def noted(name):
+    loads.append(sys._getframe(1).f_code.co_name)
+    return cache_only(name)
+modeling.cache_only = noted
+atexit.register(lambda: open("hub.json", "w").write(json.dumps({"asked": asked, "loads": loads})))
+"""
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_run(d, model, env):
+    """train.py on MODEL=no-such-org/no-such-model with the Hub unreachable, as COUNTED counts. The Hub cache holds
+    that model's tokenizer and config, not its weights: the tokenizer loads from it, and then the model's load asks
+    too. Returns d and the CompletedProcess."""
+    repo = d / "hub" / "models--no-such-org--no-such-model"
+    (repo / "snapshots" / COMMIT).mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(model, name), repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    # what a download leaves where the Hub had no adapter_config.json: without it, transformers 5.25 looks for one on
+    # the Hub (local_files_only or not) and retries for 20 s
+    (repo / ".no_exist" / COMMIT).mkdir(parents=True)
+    (repo / ".no_exist" / COMMIT / "adapter_config.json").touch()
+    write_split(d, *RESUME_DATA)
+    script = patched_train(d, "counted.py", COUNTED)
+    return d, run_script_env({**env, "HF_HUB_CACHE": str(d / "hub")}, script,
+                             *train_args("no-such-org/no-such-model"), cwd=d, timeout=60)
 
 
 def test_tokenizer_is_real_gpt2():
@@ -425,7 +463,8 @@ def test_missing_model(processes):
 
 def test_an_unreachable_hub_is_asked_once(processes, monkeypatch):
     """Offline, the Hub client retries for most of a minute; a connect that is refused (nothing listens on port 9)
-    is noticed at once, and the model then comes from the local cache or not at all: the same one-line error."""
+    is noticed at once, and the model then comes from the local cache or not at all: the same one-line error. The
+    probe connects once a run: the tokenizer's load and the model's both ask, the second taking the first's answer."""
     for name in PROXIES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(modeling.hub_constants, "HF_HUB_OFFLINE", False)
@@ -435,8 +474,11 @@ def test_an_unreachable_hub_is_asked_once(processes, monkeypatch):
         assert modeling.hub_reachable() is False
     finally:
         modeling.hub_reachable.cache_clear()  # nor may this one's answer outlive the settings patched here
-    _, p = processes["test_an_unreachable_hub_is_asked_once"].result()  # train.py, asking the Hub there
+    d, p = processes["test_an_unreachable_hub_is_asked_once"].result()  # train.py, asking the Hub there
     assert "scratch" in one_error_line(p)
+    counted = json.loads((d / "hub.json").read_text())
+    assert counted["loads"] == ["load_tokenizer", "load"]  # the tokenizer came from the cache; the model asked next
+    assert counted["asked"] == [["127.0.0.1", 9]]  # once for both
 
 
 # ---------------------------------------------------------------------------------------------------------------------
