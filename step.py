@@ -29,9 +29,10 @@ def set_lr(optimizer, lr):
 def train_step(layout, optimizer, scaler, micro, grad_clip):
     """One optimizer step on `micro`, this rank's micro-batches of it: forward and backward, then clip, update and
     zero the gradients. Returns (the mean loss, trained tokens, both over all ranks, and why no update was made: a
-    loss or gradients that are not finite; else None)."""
+    loss or gradients that are not finite; else None). A step not taken leaves no gradients behind."""
     loss, n_targets = forward_backward(layout, micro, scaler)
     if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
         return loss, n_targets, f"the loss is {loss}"
     if not optimizer_step(layout.model, optimizer, scaler, grad_clip):
         return loss, n_targets, "the gradients are not finite"
