@@ -373,8 +373,8 @@ def test_evaluate_report(run, procs):
     speakers = [s for s in per if s != "(others)"]
     blocks = batching.make_blocks(tok, val, 64, speakers=speakers)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(run / "out" / "best"))
-    overall, by_tag = modeling.evaluate(model, batching.eval_batches(blocks, 4, EOS_ID, 64), torch.device("cpu"),
-                                        None, groups=batching.eval_groups(blocks, 4, 64))
+    overall, by_tag = step.evaluate(tiny.single(model), batching.eval_batches(blocks, 4, EOS_ID, 64),
+                                    groups=batching.eval_groups(blocks, 4, 64))
     assert report["val_loss"] == pytest.approx(overall, abs=1e-4)
     assert list(per.values()) == pytest.approx([by_tag[i] for i in range(1, len(per) + 1)], abs=1e-4)
     assert report["sample_dialogue"].startswith(cli.defaults()["SAMPLE_PROMPT"])
