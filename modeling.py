@@ -146,8 +146,14 @@ def adapt(model, cfg, adapter=None):
 
 
 def cache_only(name):
-    """Offline, a Hub model loads from the local cache at once, or not at all (the client's retries take a minute)."""
-    return not os.path.isdir(name) and not hub_reachable()
+    """Offline, a Hub model loads from the local cache at once, or not at all (the client's retries take a minute).
+    A Hub found unreachable puts the Hub client in offline mode for the rest of the process, as HF_HUB_OFFLINE=1
+    would: local_files_only alone leaves requests that still retry for 20 s each (transformers looking for a LoRA
+    adapter's config beside a cached model, the client fetching its own registry)."""
+    if os.path.isdir(name) or hub_reachable():
+        return False
+    hub_constants.HF_HUB_OFFLINE = True
+    return True
 
 
 @functools.lru_cache(maxsize=None)  # asked once a run: the tokenizer's load and the model's

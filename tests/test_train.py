@@ -101,14 +101,14 @@ def train_py(d, data, args, env, timeout=600):
     return d, run_script_env(env, "train.py", *args, cwd=d, timeout=timeout)
 
 
-# train.py with the count of the connections modeling's probe of the Hub makes (its module's socket, not the Hub
-# client's) and which loads asked whether to keep to the local cache, written to hub.json as it exits
-COUNTED = """import atexit, json, socket, types
-asked, loads = [], []
-def create_connection(address, *args, **kwargs):
+# train.py with the count of the connections it makes, by anything in it (modeling's probe, the Hub client,
+# transformers), and which loads asked whether to keep to the local cache, written to hub.json as it exits
+COUNTED = """import atexit, json, socket
+asked, loads, connect = [], [], socket.socket.connect
+def counted(self, address):
     asked.append(list(address))
-    return socket.create_connection(address, *args, **kwargs)
-modeling.socket = types.SimpleNamespace(create_connection=create_connection)
+    return connect(self, address)
+socket.socket.connect = counted
 cache_only = modeling.cache_only
 def noted(name):
     loads.append(sys._getframe(1).f_code.co_name)
@@ -122,17 +122,15 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 def hub_run(d, model, env):
     """train.py on MODEL=no-such-org/no-such-model with the Hub unreachable, as COUNTED counts. The Hub cache holds
     that model's tokenizer and config, not its weights: the tokenizer loads from it, and then the model's load asks
-    too. Returns d and the CompletedProcess."""
+    too. As a cache filled by `hf download` would, it does not know that the model has no adapter_config.json:
+    transformers then looks for one on the Hub, local_files_only or not, and the client retries for 20 s, unless it
+    is offline. Returns d and the CompletedProcess."""
     repo = d / "hub" / "models--no-such-org--no-such-model"
     (repo / "snapshots" / COMMIT).mkdir(parents=True)
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(model, name), repo / "snapshots" / COMMIT)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
-    # what a download leaves where the Hub had no adapter_config.json: without it, transformers 5.25 looks for one on
-    # the Hub (local_files_only or not) and retries for 20 s
-    (repo / ".no_exist" / COMMIT).mkdir(parents=True)
-    (repo / ".no_exist" / COMMIT / "adapter_config.json").touch()
     write_split(d, *RESUME_DATA)
     script = patched_train(d, "counted.py", COUNTED)
     return d, run_script_env({**env, "HF_HUB_CACHE": str(d / "hub")}, script,
@@ -478,7 +476,7 @@ def test_an_unreachable_hub_is_asked_once(processes, monkeypatch):
     assert "scratch" in one_error_line(p)
     counted = json.loads((d / "hub.json").read_text())
     assert counted["loads"] == ["load_tokenizer", "load"]  # the tokenizer came from the cache; the model asked next
-    assert counted["asked"] == [["127.0.0.1", 9]]  # once for both
+    assert counted["asked"] == [["127.0.0.1", 9]]  # once for both, and nothing else asks after it
 
 
 # ---------------------------------------------------------------------------------------------------------------------
