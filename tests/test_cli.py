@@ -108,3 +108,53 @@ def test_outside_torchrun_an_error_is_printed(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         cli.run(main)
     assert e.value.code == 2 and capsys.readouterr().err == "error: boom\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a run's settings: one rule for resume, evaluate.py and chat.py
+
+RUN = {**cli.defaults(), "MODEL": "scratch", "TRAIN_SPEAKERS": ["Bob"], "BLOCK_SIZE": 64, "BETAS": [0.9, 0.98],
+       "TEMPERATURE": 0.3, "NUM_REPLIES": 7, "OUT_DIR": "elsewhere", "global_batch": 8}
+
+
+def settings(args, saved=RUN, fixed=()):
+    given, said = set(), []
+    cfg = cli.load_config(args, given=given)
+    out, taken = cli.run_settings(cfg, given, saved, "out/config.json", said.append, fixed)
+    return out, taken, said
+
+
+def test_the_run_s_own_settings_are_taken_and_the_scripts_own_are_not():
+    cfg, taken, said = settings([])
+    assert (cfg.MODEL, cfg.TRAIN_SPEAKERS, cfg.BLOCK_SIZE, cfg.BETAS) == ("scratch", ["Bob"], 64, (0.9, 0.98))
+    assert taken == ["MODEL", "BLOCK_SIZE", "BETAS", "TRAIN_SPEAKERS"]  # config.py's order
+    # where the run is and what evaluate.py and chat.py generate are this command's, never the run's
+    assert (cfg.OUT_DIR, cfg.TEMPERATURE, cfg.NUM_REPLIES) == ("out", 0.8, 20)
+    assert said == [] and "global_batch" not in vars(cfg)  # nothing overridden; config.json's extras stay there
+
+
+def test_the_command_line_overrides_the_run_and_says_so():
+    cfg, taken, said = settings(["--train_speakers=['Alex']", "--block_size=64", "--temperature=0.5"])
+    assert cfg.TRAIN_SPEAKERS == ["Alex"] and cfg.BLOCK_SIZE == 64 and cfg.TEMPERATURE == 0.5
+    assert said == ["the command line overrides the run's settings (out/config.json): --train_speakers=['Alex'] "
+                    "(the run has --train_speakers=['Bob'])"]  # the same value as the run's, or a script's own: no
+    assert "TRAIN_SPEAKERS" not in taken
+
+
+def test_a_setting_newer_than_the_run_is_config_py_s():
+    saved = {k: v for k, v in RUN.items() if k != "VAL_MAX_TOKENS"}
+    cfg, _, said = settings(["--val_max_tokens=5"], saved)
+    assert cfg.VAL_MAX_TOKENS == 5 and said and "(the run has --val_max_tokens=100000)" in said[0]
+
+
+def test_no_run_no_change():
+    cfg, taken, said = settings(["--block_size=32"], saved={})
+    assert cfg.BLOCK_SIZE == 32 and cfg.MODEL == "distilgpt2" and taken == [] and said == []
+
+
+def test_fixed_settings_are_refused_all_named_and_nothing_said():
+    with pytest.raises(cli.UserError) as e:
+        settings(["--block_size=32", "--model=gpt2", "--epochs=9"], fixed=["MODEL", "BLOCK_SIZE"])
+    assert ("--block_size=32 (the run has --block_size=64), --model='gpt2' (the run has --model='scratch')"
+            in str(e.value))
+    assert "--epochs" not in str(e.value)
