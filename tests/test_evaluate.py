@@ -503,12 +503,16 @@ def llama_run(tmp_path_factory):
 FEW = ["--device=cpu", "--checkpoint=model", "--num_replies=1", "--max_new_tokens=2", "--sample_max_new_tokens=2"]
 
 
-def test_the_token_cache_is_keyed_by_the_roles_it_was_rendered_with(llama_run, monkeypatch):
-    """--roles overrides the run's ROLES; the cache entry that says it holds those roles' rendering must hold it."""
+def test_the_token_cache_is_keyed_by_the_roles_it_was_rendered_with(llama_run, monkeypatch, capsys):
+    """--roles overrides the run's ROLES, with a line saying so; the cache entry that says it holds those roles'
+    rendering must hold it."""
     monkeypatch.chdir(llama_run)
     other = {"Alex": "assistant", "*": "user"}
     monkeypatch.setattr(sys, "argv", ["evaluate.py", *FEW, f"--roles={json.dumps(other)}", "--cache_dir=cache"])
     evaluate.main()
+    said = capsys.readouterr().out.splitlines()[0]
+    assert said.startswith("the command line overrides the run's settings (out/config.json): ") and (
+        "--roles={'Alex': 'assistant', '*': 'user'} (the run has --roles={'Alex': 'user', '*': 'assistant'})" in said)
     (entry,) = (llama_run / "cache").iterdir()
     meta = json.loads((entry / "meta.json").read_text())
     stored = np.fromfile(entry / "ids.bin", dtype=meta["dtype"]).tolist()
