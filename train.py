@@ -311,9 +311,10 @@ def build(run, layout, say):
         raise UserError(f"BLOCK_SIZE={cfg.BLOCK_SIZE} is beyond the model's context of "
                         f"{modeling.context_size(model)} tokens")
     loss.use_chunk(cfg.LOSS_CHUNK)
-    for note in (layout.wrap(model.train(), cfg), layout.preflight(cfg)):  # a step that cannot fit stops here
-        if note:
-            say(note)
+    if note := layout.wrap(model.train(), cfg):
+        say(note)
+    if note := layout.preflight(cfg):  # a step that cannot fit stops here
+        say(note)
     if layout.master:
         n_params, n_trained = modeling.parameters(model)
         checkpoints.check_space(cfg.OUT_DIR, n_trained, n_params, cfg.KEEP_CHECKPOINTS)
