@@ -35,7 +35,6 @@ import json
 import os
 import random
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -93,28 +92,6 @@ def matmul_peak(device, dtype, n, seconds=2.0):
         sync(device)
         best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t))
     return best
-
-
-def peak_memory_mb(device):
-    """The peak since reset_peak_memory: allocated on CUDA, resident (VmHWM) on a Linux CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux, bytes on macOS
-
-
-def reset_peak_memory(device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:  # Linux: "5" resets the process's peak resident size to its current size
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
 
 
 class OurLoop:
@@ -614,15 +591,15 @@ def train_speed(model, init, config, blocks, dialogues, tokenizer, args, device,
     # peak memory with gradient checkpointing first: with keep_freed_memory the heap keeps its high-water mark, so the
     # run that needs more must come second
     modeling.adapt(model, argparse.Namespace(GRADIENT_CHECKPOINTING=True, LORA_R=0))
-    reset_peak_memory(device)
+    hardware.reset_peak_memory(device)
     OurLoop(model, blocks, args, device, dtype).run(2, timed=False)
-    memory_gc = peak_memory_mb(device)
+    memory_gc = hardware.peak_memory_mb(device)
     getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
     model.load_state_dict(init)
-    reset_peak_memory(device)
+    hardware.reset_peak_memory(device)
     loop = OurLoop(torch.compile(model) if args.compile else model, blocks, args, device, dtype)
     loop.run(args.warmup, timed=False)
-    memory = peak_memory_mb(device)  # before the Trainer's model exists
+    memory = hardware.peak_memory_mb(device)  # before the Trainer's model exists
     hf = None
     if args.compare_hf:
         standard = GPT2LMHeadModel(config).to(device)  # the standard model, with the same starting weights

@@ -5,6 +5,8 @@ Run: .venv/bin/python -m pytest -q tests/test_bench.py
 """
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -138,6 +140,16 @@ def test_precision_on_cpu(precision, dtype):
 def test_unsupported_precision_is_a_user_error(precision):
     with pytest.raises(UserError, match="PRECISION"):
         hardware.pick("cpu", precision)
+
+
+def test_peak_memory_is_the_processs_own():
+    # a child of a process that has touched 1 GB: Linux carries ru_maxrss over across exec, so it would say 1 GB
+    child = "import hardware; print(hardware.peak_rss_mb())"
+    parent = f"import subprocess, sys; big = b'x' * (1 << 30); subprocess.run([sys.executable, '-c', {child!r}])"
+    p = subprocess.run([sys.executable, "-c", parent], cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert 50 < float(p.stdout) < 700, p.stdout  # its own: importing torch takes ~300 MB
 
 
 # ---------------------------------------------------------------------------------------------------------------------
