@@ -36,7 +36,6 @@ import os
 import random
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +53,7 @@ import hardware
 import processes
 import step
 import tiny
+from launch import last_line, measure
 
 
 def read_any(path):
@@ -205,39 +205,6 @@ def write_corpus(path, n, seed=0):
             turns = [{"speaker": pair[i % 2], "text": " ".join(rng.choices(words, k=rng.randint(24, 44)))}
                      for i in range(rng.randint(8, 12))]
             f.write(json.dumps(turns) + "\n")
-
-
-# Linux starts a process's peak resident size at its parent's (it carries across fork and exec), and this process
-# holds torch and a tokenizer: so each script is started by this small launcher, which reports that script's own peak
-# (os.wait4 gives one child's rusage; RUSAGE_CHILDREN is a max over every child) and wall time. Its floor: ~10 MB.
-LAUNCHER = """import json, os, sys, time
-t = time.perf_counter()
-pid = os.posix_spawn(sys.executable, [sys.executable] + sys.argv[2:], os.environ)
-_, status, usage = os.wait4(pid, 0)
-with open(sys.argv[1], "w") as f:
-    json.dump({"s": time.perf_counter() - t, "rss_kb": usage.ru_maxrss, "rc": os.waitstatus_to_exitcode(status)}, f)
-"""
-
-
-def measure(argv, cwd, log):
-    """Run `python argv...` from cwd, its stdout and stderr to log.out and log.err. Returns its wall time, its own
-    peak RSS (ru_maxrss: KB on Linux), its exit code and what it printed."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # the model is local: ask no Hub
-    with open(log + ".out", "w") as out, open(log + ".err", "w") as err:
-        subprocess.run([sys.executable, "-c", LAUNCHER, log + ".json", *argv], cwd=cwd, stdout=out, stderr=err,
-                       env=env)
-    try:
-        with open(log + ".json") as f:
-            r = json.load(f)
-    except (OSError, ValueError):
-        raise UserError(f"could not run {' '.join(argv)[:200]} (see {log}.err)") from None
-    with open(log + ".out") as out, open(log + ".err") as err:
-        return {"s": r["s"], "rss_mb": r["rss_kb"] / 1024, "rc": r["rc"], "stdout": out.read(), "stderr": err.read()}
-
-
-def last_line(text):
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "(no output)"
 
 
 def number(text):

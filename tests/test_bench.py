@@ -152,6 +152,19 @@ def test_peak_memory_is_the_processs_own():
     assert 50 < float(p.stdout) < 700, p.stdout  # its own: importing torch takes ~300 MB
 
 
+def test_measure_gives_the_childs_own_figures(tmp_path):
+    # measured from a process that has touched 1 GB: a child started straight from it would carry that over
+    child = "import sys; b = b'x' * (100 << 20); print('done'); sys.exit(3)"
+    parent = (f"import json, launch; big = b'x' * (1 << 30); "
+              f"print(json.dumps(launch.measure(['-c', {child!r}], {str(tmp_path)!r}, {str(tmp_path / 'child')!r})))")
+    p = subprocess.run([sys.executable, "-c", parent], cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    figures = json.loads(p.stdout)
+    assert figures["rc"] == 3 and figures["stdout"] == "done\n" and figures["s"] > 0
+    assert 100 < figures["rss_mb"] < 200, figures["rss_mb"]  # its 100 MB and Python's own
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the bench.py runs started with the module
 
