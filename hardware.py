@@ -1,5 +1,6 @@
 """Where this process computes, decided once per script: the device and precision, the CPU threads, the C library's
-handling of freed memory, and how much memory the device has left. Nothing here knows about models."""
+handling of freed memory; and the memory: how much the device has left, and the most this process has taken. Nothing
+here knows about models."""
 
 import contextlib
 import ctypes
