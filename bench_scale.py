@@ -152,7 +152,7 @@ def scale_row(scale, workdir, model_dir, tokenizer, model_rss_mb):
         shutil.rmtree(out, ignore_errors=True)  # a new run each time; the cache stays
         r = runs[run_name] = measure(train, d, os.path.join(d, f"train-{run_name}"))
         say(f"[{name}] train.py, {run_name} cache: {r['s']:.1f}s, peak RSS {r['rss_mb']:,.0f} MB"
-            + (f"; FAILED (exit {r['rc']}): {last_line(r['stderr'])}" if r["rc"] else ""))
+            + (f"; failed (exit {r['rc']}): {last_line(r['stderr'])}" if r["rc"] else ""))
     cold, cold_startup, _ = parse_train(runs["cold"]["stdout"]) if not runs["cold"]["rc"] else (None,) * 3
     _, warm_startup, warm_rss = parse_train(runs["warm"]["stdout"]) if not runs["warm"]["rc"] else (None,) * 3
     row["train_tokens"] = cold and cold["tokens"]
