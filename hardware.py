@@ -1,9 +1,11 @@
 """Where this process computes, decided once per script: the device and precision, the CPU threads, the C library's
-handling of freed memory, and how much memory the device has left. Nothing here knows about models."""
+handling of freed memory; and the memory: how much the device has left, and the most this process has taken. Nothing
+here knows about models."""
 
 import contextlib
 import ctypes
 import os
+import sys
 
 import torch
 
@@ -108,6 +110,36 @@ def return_freed_memory():
         libc.mallopt(-1, 32 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+def peak_rss_mb():
+    """This process's own peak resident memory, in MB: VmHWM where Linux's /proc is. Not ru_maxrss there: Linux
+    carries that over from the parent across fork and exec, so a script started by a big process (a test, a
+    benchmark) said its parent's peak. Elsewhere ru_maxrss, which macOS does not carry over."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 1024)
+
+
+def peak_memory_mb(device):
+    """The peak since reset_peak_memory: allocated on CUDA, this process's resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return peak_rss_mb()
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: "5" resets the process's peak resident size to its current size
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
 
 
 def available_memory(device, processes=1):

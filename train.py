@@ -14,7 +14,6 @@ state.pt: optimizer, step, RNG states, config), metrics.jsonl and config.json.
 import json
 import math
 import os
-import resource
 import shlex
 import shutil
 import signal
@@ -495,6 +494,7 @@ def main():
     quiet_libraries()
     if cfg.SHOW_EXAMPLE:
         return show_example(cfg)
+    import hardware
     from batching import Steps
     from step import set_lr, train_step
     run, layout = setup(cfg, given)
@@ -508,7 +508,7 @@ def main():
     end_step = total_steps(cfg, s, steps, len(data.train))
     say(describe(cfg, layout.model, data, steps, end_step))
     say(f"start-up: {time.time() - t_main:.1f}s (data {data.seconds:.1f}s, the rest mostly imports and the model); "
-        f"peak memory so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
+        f"peak memory so far {hardware.peak_rss_mb():,.0f} MB")
     if nothing_left(run, s, end_step, say):
         return layout.close()
     if master:  # every check passed: the run's files begin here

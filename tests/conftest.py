@@ -37,7 +37,7 @@ def script():
 
 
 def train_args(model, *extra):
-    """train.py's arguments for a short offline run of `model` (a directory from tests/tiny.py) into out/."""
+    """train.py's arguments for a short offline run of `model` (a directory from tiny.py) into out/."""
     return [f"--model={model}", "--device=cpu", "--out_dir=out", "--learning_rate=1e-3", "--warmup_steps=2", *extra]
 
 

@@ -8,8 +8,6 @@ import errno
 import os
 import random
 import re
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -19,6 +17,7 @@ import batching
 import cache
 import checkpoints
 import cli
+import launch
 import modeling
 import train
 from batching import make_blocks, pack_tokens
@@ -145,16 +144,10 @@ def corpus(n, seed):
     return [[(s, f"{t} ({i})") for s, t in rng.choice(shipped)] for i in range(n)]
 
 
-# train.py's figure is its ru_maxrss, which Linux starts from its launcher's: started by Python's subprocess (vfork)
-# from the test process, it is that process's peak, hundreds of MB, more than train.py's own. Both runs then said the
-# same number (556 MB each in a full run of the suite), whatever the corpus. A small Python in between starts it, so
-# the figure is train.py's own.
-LAUNCH = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
-
-
 def test_start_up_memory_does_not_grow_with_the_corpus(tmp_path):
-    """train.py's own peak at the end of its start-up, with a warm cache, on 1x and 20x the shipped data's size: the
-    warm runs are processes of their own, side by side; the cache is built in this process."""
+    """train.py's own peak at the end of its start-up (its start-up line: hardware.peak_rss_mb), with a warm cache,
+    on 1x and 20x the shipped data's size: the warm runs are processes of their own (launch.measure, as the
+    benchmarks start them), side by side; the cache is built in this process."""
     model = save_tiny_gpt2(str(tmp_path / "tiny"))
     args = [f"--model={model}", "--device=cpu", "--max_steps=1", "--eval_interval=0", "--checkpoint_interval=0",
             "--block_size=128"]
@@ -165,13 +158,13 @@ def test_start_up_memory_does_not_grow_with_the_corpus(tmp_path):
         write_split(d, dialogues, dialogues[:20])
         assert run_main(train.main, d, [*args, "--out_dir=cold"]).returncode == 0  # builds the cache
     with ThreadPoolExecutor(len(dirs)) as pool:
-        warm = dict(zip(dirs, pool.map(lambda d: subprocess.run(
-            [sys.executable, "-c", LAUNCH, sys.executable, os.path.join(ROOT, "train.py"), *args, "--out_dir=warm"],
-            cwd=d, env=script_env(ENV), capture_output=True, text=True, timeout=600), dirs.values())))
+        warm = dict(zip(dirs, pool.map(lambda d: launch.measure(
+            [os.path.join(ROOT, "train.py"), *args, "--out_dir=warm"], str(d), str(d / "warm"), env=script_env(ENV)),
+            dirs.values())))
     rss = {}
     for scale, p in warm.items():
-        assert p.returncode == 0 and "tokenizing" not in p.stdout, p.stdout + p.stderr
-        rss[scale] = float(re.search(r"^start-up: .*peak memory so far ([\d,]+) MB", p.stdout, re.M).group(1)
+        assert p["rc"] == 0 and "tokenizing" not in p["stdout"], p["stdout"] + p["stderr"]
+        rss[scale] = float(re.search(r"^start-up: .*peak memory so far ([\d,]+) MB", p["stdout"], re.M).group(1)
                            .replace(",", ""))
     tokens = os.path.getsize(next((tmp_path / "x20" / "cache").glob("train_data.txt-*")) / "ids.bin") // 2
     assert tokens > 800_000  # 20x the shipped data: the old in-memory lists took ~250 bytes a token, ~200 MB here

@@ -1,4 +1,4 @@
-"""Faults a long training run meets (issue 7), offline, with a tiny GPT-2 from tests/tiny.py: SIGKILLs at random
+"""Faults a long training run meets (issue 7), offline, with a tiny GPT-2 from tiny.py: SIGKILLs at random
 moments and in the middle of checkpoint writes, damaged checkpoints and model files, a non-finite loss, an OUT_DIR
 that takes no writes, a disk that fills up during a save, and checkpoints holding a pickle that would run code.
 Whatever happens, a resumed run ends with the weights of an uninterrupted one, and nothing half-written or unsafe is

@@ -1,5 +1,5 @@
 """Model families other than GPT-2, the chat-template format, LoRA and gradient checkpointing, offline, with tiny
-Llama (an instruct model's tokenizer: BOS, ChatML template), GPT-NeoX and GPT-2 models from tests/tiny.py.
+Llama (an instruct model's tokenizer: BOS, ChatML template), GPT-NeoX and GPT-2 models from tiny.py.
 
 Run: .venv/bin/python -m pytest -q tests/test_models.py
 """

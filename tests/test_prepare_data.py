@@ -5,13 +5,12 @@ import json
 import os
 import re
 import stat
-import subprocess
-import sys
 
 import pytest
 
 import cli
 import config
+import launch
 from conftest import ROOT, script_env
 from dialogues import format_dialogue, read_dialogues, split_key, write_dialogue
 
@@ -425,26 +424,15 @@ def test_generated_corpus_gives_the_same_files_as_before_streaming(script, tmp_p
     assert digests(tmp_path) == BEFORE_STREAMING[" ".join(("corpus",) + args)]
 
 
-# prepare_data.py as __main__, then its peak resident memory (VmHWM, in KiB) to peak_kb.txt. Read in the process itself:
-# the kernel's count for a child (wait4's ru_maxrss) includes the memory of the test process that forked it.
-PEAK = """import atexit, os, runpy, sys
-atexit.register(lambda: open("peak_kb.txt", "w").write(
-    next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))))
-sys.argv = sys.argv[1:]
-sys.path.insert(0, os.path.dirname(sys.argv[0]))
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 def peak_mb(tmp_path, data):
-    """Run prepare_data.py on data; its peak resident memory in MB."""
-    result = subprocess.run([sys.executable, "-c", PEAK, os.path.join(ROOT, "prepare_data.py"), f"--data_file={data}"],
-                            cwd=tmp_path, env=script_env(), capture_output=True, text=True)
-    ok(result)
-    return int((tmp_path / "peak_kb.txt").read_text()) / 1024
+    """Run prepare_data.py on data; its own peak resident memory in MB (launch.measure)."""
+    result = launch.measure([os.path.join(ROOT, "prepare_data.py"), f"--data_file={data}"], str(tmp_path),
+                            str(tmp_path / "prepare"), env=script_env())
+    assert result["rc"] == 0 and "Traceback" not in result["stderr"], result["stderr"]
+    return result["rss_mb"]
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux's /proc")
+@pytest.mark.skipif(not hasattr(os, "wait4"), reason="launch.measure needs os.wait4 (POSIX)")
 def test_memory_grows_with_the_longest_record_not_the_file(tmp_path):
     # 24 MB of JSON Lines. Read whole, it took 105 MB more than a small file; streamed, what stays per dialogue is a
     # 16-byte digest (about 1 MB for these 12,000)

