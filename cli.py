@@ -129,11 +129,12 @@ def unless_given(cfg, given, values):
 
 
 # A script's own settings, never a run's: what prepare_data.py reads and writes, what evaluate.py and chat.py
-# generate, and what this command is asked to do. A script that works on a run (run_settings) takes these from
-# config.py and its command line, and every other setting from the run.
+# generate, what this command is asked to do, and the benchmarks' (BENCH_*). A script that works on a run
+# (run_settings) takes these from config.py and its command line, and every other setting from the run.
 OWN_SETTINGS = ("DATA_FILE", "DATA_SPLIT", "VAL_FRACTION", "CHECKPOINT", "NUM_REPLIES", "TEMPERATURE", "TOP_K",
                 "TOP_P", "REPETITION_PENALTY", "MAX_NEW_TOKENS", "SAMPLE_PROMPT", "SAMPLE_MAX_NEW_TOKENS",
-                "USER_NAME", "BOT_NAME", "SHOW_EXAMPLE", "OUT_DIR", "RESUME")
+                "USER_NAME", "BOT_NAME", "SHOW_EXAMPLE", "OUT_DIR", "RESUME",
+                *(k for k in vars(config) if k.startswith("BENCH_")))
 
 
 def run_settings(cfg, given, saved, source, say, fixed=()):
