@@ -87,7 +87,7 @@ BENCH_COMPARE_HF = False  # bench.py: also a Hugging Face Trainer on packed sequ
 #                           ours (pip install accelerate)
 BENCH_VOCAB = 128_256  # bench_loss.py: its model's vocabulary; Llama 3's, where the full logits cost gigabytes
 BENCH_SCALES = (1, 10, 100)  # bench_scale.py: corpus sizes in multiples of a public chitchat corpus (5,356
-#                              dialogues, ~3.1M tokens); one scale is --bench_scales=10,
+#                              dialogues, ~3.1M tokens); a single scale takes a trailing comma: (10,)
 BENCH_WORKDIR = None  # bench_scale.py keeps its corpora, caches and logs here; None = a temp directory, removed after
 BENCH_SMOKE = False  # a tiny model and a few steps, seconds long: checks that a benchmark runs (CI). Settings given
 #                      on the command line still count
