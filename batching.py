@@ -54,11 +54,11 @@ def best_fit(lengths, block_size):
     return blocks
 
 
-def make_blocks(tokenizer, dialogues, block_size, train_speakers=None, roles=None, source="data", speakers=None):
-    """Dialogues -> packed Blocks of (ids, mask), each at most block_size + 1 long. With `roles` (see role_map) they
+def make_blocks(tokenizer, dialogues, block_size, train_speakers=None, roles_of=None, source="data", speakers=None):
+    """Dialogues -> packed Blocks of (ids, mask), each at most block_size + 1 long. With `roles_of` (render.role_map) they
     are rendered with the model's chat template, else in the speaker format. With `speakers`, the mask says whose
     turn each trained token is in (see Tokens.tagged)."""
-    tokens = tokenize(tokenizer, dialogues, train_speakers, roles, source)
+    tokens = tokenize(tokenizer, dialogues, train_speakers, roles_of, source)
     return pack_tokens(tokens.tagged(speakers) if speakers else tokens, block_size)
 
 
@@ -115,10 +115,10 @@ def token_dtype(tokenizer):
     return np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
 
 
-def render_arrays(tokenizer, dialogues, train_speakers=None, roles=None, source="data", stats=None):
+def render_arrays(tokenizer, dialogues, train_speakers=None, roles_of=None, source="data", stats=None):
     """Some dialogues rendered (render_any) as flat arrays: (ids, mask, tokens per turn, turns per dialogue, each
     turn's speaker)."""
-    rendered = render_any(tokenizer, dialogues, train_speakers, roles, source, stats)
+    rendered = render_any(tokenizer, dialogues, train_speakers, roles_of, source, stats)
     ids = np.fromiter((t for d in rendered for tid, _ in d for t in tid), dtype=np.int64)
     mask = np.fromiter((m for d in rendered for _, tm in d for m in tm), dtype=np.uint8, count=len(ids))
     lengths = np.fromiter((len(tid) for d in rendered for tid, _ in d), dtype=np.int64)
@@ -126,13 +126,13 @@ def render_arrays(tokenizer, dialogues, train_speakers=None, roles=None, source=
     return ids.astype(token_dtype(tokenizer)), mask, lengths, turns, [s for d in dialogues for s, _ in d]
 
 
-def tokenize(tokenizer, dialogues, train_speakers=None, roles=None, source="data"):
+def tokenize(tokenizer, dialogues, train_speakers=None, roles_of=None, source="data"):
     """Dialogues (a list) as Tokens in memory."""
-    ids, mask, lengths, turns, names = render_arrays(tokenizer, dialogues, train_speakers, roles, source)
+    ids, mask, lengths, turns, names = render_arrays(tokenizer, dialogues, train_speakers, roles_of, source)
     speakers = list(dict.fromkeys(names))
     index = {s: i for i, s in enumerate(speakers)}
     return Tokens(ids, mask, np.cumsum(lengths), np.cumsum(turns), np.array([index[s] for s in names], np.int32),
-                  speakers, context_token(tokenizer, roles))
+                  speakers, context_token(tokenizer, roles_of))
 
 
 def pieces(tokens, block_size, per_pass=10000):

@@ -64,8 +64,8 @@ def sha256(path):
     """A file's sha256, read in pieces: never the whole file in memory."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            h.update(piece)
     return h.hexdigest()
 
 

@@ -89,11 +89,11 @@ def set_cpu_threads(processes=1):
 # memory
 
 def keep_freed_memory():
-    """On CPU, glibc hands every freed block over 32 MB (logits, gradients) straight back to the OS, and the next step
+    """On CPU, glibc hands every freed allocation over 32 MB (logits, gradients) straight back to the OS, and the next step
     page-faults the same sizes back in, zero-filled: a fifth of a distilgpt2 step here. Keep them in the heap."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GB come from the heap, not fresh mappings
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: allocations up to 1 GB come from the heap, not fresh mappings
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: give memory back only when 1 GB is free at the top
     except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to tune
         pass
@@ -102,7 +102,7 @@ def keep_freed_memory():
 def return_freed_memory():
     """FSDP on a CPU wants the opposite: its gathered weights and reduced gradients are freed layer by layer, every
     step, and kept in the heap they fragment it until a rank takes DDP's memory (GPT-2 124M on 2 ranks: 2.5 GB of
-    RSS for 0.7 GB of tensors). Blocks over 1 MB come from fresh mappings again and go back to the OS when freed,
+    RSS for 0.7 GB of tensors). Allocations over 1 MB come from fresh mappings again and go back to the OS when freed,
     which halves the memory and costs the page faults keep_freed_memory saves."""
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -25,7 +25,7 @@ CHECKPOINT_BYTES = 16
 # layer, measured. Elsewhere (CUDA, or no attention dropout) attention is O(T): no term.
 SCORE_BYTES = 16
 # ... under GRADIENT_CHECKPOINTING on CPU, a layer's recomputed scores are freed, but into glibc's heap, which
-# keep_freed_memory keeps from the OS, and where blocks this size fragment: 8 bytes a score a layer, measured.
+# keep_freed_memory keeps from the OS, and where allocations this size fragment: 8 bytes a score a layer, measured.
 SCORE_CHECKPOINT_BYTES = 8
 # The logits (positions x vocabulary, fp32), their log-softmax and its gradient: 2.9 copies, measured with the full
 # logits; the chunked loss holds them for one chunk of positions at a time.
