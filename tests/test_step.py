@@ -137,3 +137,32 @@ def test_the_lr_is_set_on_every_group():
     assert all(p.dim() < 2 for p in optimizer.param_groups[1]["params"])
     assert step.set_lr(optimizer, 5e-4) == 5e-4
     assert [g["lr"] for g in optimizer.param_groups] == [5e-4, 5e-4]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the optimizer: fused AdamW computes what the plain one does
+
+def test_fused_adamw_matches_the_plain_one():
+    torch.manual_seed(0)
+    plain = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=100, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0)).double()  # float64: only real differences show
+    fused = transformers.GPT2LMHeadModel(plain.config).double()
+    fused.load_state_dict(plain.state_dict())
+    cpu = torch.device("cpu")
+    opt_fused = step.make_optimizer(fused, 1e-2, 0.1, (0.9, 0.99))
+    assert all(group["fused"] for group in opt_fused.param_groups)
+    groups = [{"params": [p for p in plain.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in plain.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    opt_plain = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.99), foreach=False)
+    x = torch.randint(0, 100, (2, 16))
+    for _ in range(3):
+        for model, opt in ((plain, opt_plain), (fused, opt_fused)):
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    diff = max((a - b).abs().max().item() for a, b in zip(plain.parameters(), fused.parameters()))
+    assert diff < 1e-9
+    moved = max((a - b).abs().max().item()
+                for a, b in zip(plain.parameters(), transformers.GPT2LMHeadModel(plain.config).parameters()))
+    assert moved > 1e-3  # the steps did something

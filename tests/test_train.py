@@ -11,7 +11,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import time
 
 import pytest
@@ -27,8 +26,7 @@ import step
 import tiny
 import train
 from batching import IGNORE, collate, count, epoch_order, eval_batches, make_blocks
-from conftest import (ROOT, in_background, in_process, one_error_line, patched_train, run_main, run_script_env,
-                      script_env, train_args)
+from conftest import command, in_background, one_error_line, run, script_env, train_args
 from dialogues import read_dialogues
 from render import render
 from tiny import EOS_ID, curve, gpt2_tokenizer, max_diff, metrics, save_tiny_gpt2, synthetic, weights, write_split
@@ -37,15 +35,15 @@ from tiny import EOS_ID, curve, gpt2_tokenizer, max_diff, metrics, save_tiny_gpt
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers
 
-# One thread: tiny models gain nothing from a second one, and the arithmetic is that of the in-process runs (run_main,
-# in_process), which take one too.
+# One thread: tiny models gain nothing from a second one, and the arithmetic is that of the runs in this process,
+# which take one too.
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def run_all(jobs):
     """train.py's main() once per (cwd, args), in this process: most of a script's run would be its imports. The
     real script runs in test_resume_after_kill, test_scratch_end_to_end and test_missing_model."""
-    return [run_main(train.main, cwd, args) for cwd, args in jobs]
+    return [run("train.py", *args, cwd=cwd) for cwd, args in jobs]
 
 
 def snapshot(path):
@@ -81,29 +79,36 @@ PROXIES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 @pytest.fixture(scope="module", autouse=True)
 def processes(request, tmp_path_factory, dropout_model, tiny_model):
     """test name -> Future of its run of train.py."""
-    env = script_env(ENV)  # made now: the tests in this process change os.environ meanwhile
     # the Hub asked for real, where nothing listens (port 9), with no proxy in between
-    hub = {k: v for k, v in script_env({**ENV, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
-                                        "HF_ENDPOINT": "http://127.0.0.1:9"}).items() if k not in PROXIES}
+    hub = {**ENV, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9",
+           **dict.fromkeys(PROXIES)}
     d, missing = tmp_path_factory.mktemp, train_args("no-such-org/no-such-model")
-    jobs = {"test_resume_after_kill": (killed_run, d("killed"), dropout_model, env),
-            "test_scratch_end_to_end": (train_py, d("scratch"), SCRATCH_DATA, SCRATCH_ARGS, env),
-            "test_missing_model": (train_py, d("missing"), RESUME_DATA, missing, env),  # HF_HUB_OFFLINE=1: no Hub
-            "test_an_unreachable_hub_is_asked_once": (hub_run, d("hub"), tiny_model, hub)}
+    jobs = {"test_resume_after_kill": (killed_run, d("killed"), dropout_model),
+            "test_scratch_end_to_end": (train_py, d("scratch"), SCRATCH_DATA, SCRATCH_ARGS),
+            "test_missing_model": (train_py, d("missing"), RESUME_DATA, missing),  # HF_HUB_OFFLINE=1: no Hub
+            "test_an_unreachable_hub_is_asked_once": (hub_run, d("hub"), tiny_model, hub),
+            "test_an_absurd_block_size_is_refused_in_seconds": (
+                train_py, d("absurd"), (synthetic(20, seed=1), synthetic(5, seed=2)),
+                ["--model=scratch", "--block_size=100000", "--scratch_vocab=300", "--device=cpu"], 300),
+            "test_train_in_a_log_has_no_bar_frames": (
+                train_py, d("log"), (synthetic(40, seed=2), synthetic(8, seed=3)),
+                [f"--model={tiny_model}", "--device=cpu", "--max_steps=20", "--block_size=64", "--batch_size=2",
+                 "--eval_interval=10", "--learning_rate=1e-3"], 300)}
     with in_background(request, jobs) as started:
         yield started
 
 
-def train_py(d, data, args, env, timeout=600):
-    """train.py run as a user runs it, from d, which holds `data`'s train and val files. Returns d and the
+def train_py(d, data, args, timeout=600):
+    """train.py run as a user runs it, a process, from d, which holds `data`'s train and val files. Returns d and the
     CompletedProcess."""
     write_split(d, *data)
-    return d, run_script_env(env, "train.py", *args, cwd=d, timeout=timeout)
+    return d, run("train.py", *args, cwd=d, env=ENV, process=True, timeout=timeout)
 
 
 # train.py with the count of the connections it makes, by anything in it (modeling's probe, the Hub client,
 # transformers), and which loads asked whether to keep to the local cache, written to hub.json as it exits
 COUNTED = """import atexit, json, socket
+import modeling
 asked, loads, connect = [], [], socket.socket.connect
 def counted(self, address):
     asked.append(list(address))
@@ -132,9 +137,8 @@ def hub_run(d, model, env):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
     write_split(d, *RESUME_DATA)
-    script = patched_train(d, "counted.py", COUNTED)
-    return d, run_script_env({**env, "HF_HUB_CACHE": str(d / "hub")}, script,
-                             *train_args("no-such-org/no-such-model"), cwd=d, timeout=60)
+    return d, run("train.py", *train_args("no-such-org/no-such-model"), cwd=d,
+                  env={**env, "HF_HUB_CACHE": str(d / "hub")}, patch=COUNTED, timeout=60)
 
 
 def test_tokenizer_is_real_gpt2():
@@ -152,9 +156,9 @@ def trained(tmp_path_factory, tiny_model):
     d = tmp_path_factory.mktemp("trained")
     write_split(d, synthetic(100, seed=2, max_turns=12), synthetic(20, seed=3, max_turns=12))
     # lr 1e-2: a 32-wide model moves its 50257 logits slowly at 1e-3
-    p = run_main(train.main, d, train_args(tiny_model, "--learning_rate=1e-2", "--block_size=64", "--batch_size=4",
-                                           "--epochs=1", "--log_interval=1", "--eval_interval=10",
-                                           "--checkpoint_interval=10", "--keep_checkpoints=10"))
+    p = run("train.py", *train_args(tiny_model, "--learning_rate=1e-2", "--block_size=64", "--batch_size=4",
+                                    "--epochs=1", "--log_interval=1", "--eval_interval=10", "--checkpoint_interval=10",
+                                    "--keep_checkpoints=10"), cwd=d)
     assert p.returncode == 0, p.stderr
     return d / "out", p
 
@@ -302,7 +306,7 @@ def run_a(tmp_path_factory, dropout_model):
     """An uninterrupted run, with dropout so that the RNG state matters."""
     d = tmp_path_factory.mktemp("run_a")
     write_split(d, *RESUME_DATA)
-    p = run_main(train.main, d, resume_args(dropout_model))
+    p = run("train.py", *resume_args(dropout_model), cwd=d)
     assert p.returncode == 0, p.stderr
     assert re.search(r"\b5 steps/epoch\b", p.stdout), p.stdout  # so resuming from step 8 crosses into epoch 3
     return d / "out"
@@ -345,12 +349,12 @@ def test_resume_gives_the_same_weights(resumed, run_a):
     assert sorted(os.listdir(out / "checkpoints")) == sorted(os.listdir(run_a / "checkpoints"))
 
 
-def killed_run(tmp_path, dropout_model, env):
+def killed_run(tmp_path, dropout_model):
     """Run A's settings in a fresh train.py, killed once its first checkpoint is written (or, if quicker, ended).
     Returns tmp_path and its exit code."""
     write_split(tmp_path, *RESUME_DATA)
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *resume_args(dropout_model)],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command("train.py", resume_args(dropout_model)), cwd=tmp_path, env=script_env(ENV),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = tmp_path / "out" / "checkpoints"
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:
@@ -362,10 +366,10 @@ def killed_run(tmp_path, dropout_model, env):
     return tmp_path, proc.returncode
 
 
-def test_resume_after_kill(processes, monkeypatch, capfd, run_a, dropout_model):
+def test_resume_after_kill(processes, run_a, dropout_model):
     tmp_path, returncode = processes["test_resume_after_kill"].result()
     if returncode == -signal.SIGKILL:
-        p = in_process(train.main, tmp_path, [*resume_args(dropout_model), "--resume=True"], monkeypatch, capfd)
+        p = run("train.py", *resume_args(dropout_model), "--resume=True", cwd=tmp_path)
         assert p.returncode == 0, p.stderr
         assert "resuming from" in p.stdout
     else:  # it finished before the kill landed
@@ -431,20 +435,14 @@ BAD_CONFIG = ["learning_rate_0", "batch_size_0", "block_beyond_model", "no_train
 
 
 @pytest.mark.parametrize("case", [*BAD_CONFIG, "unknown_train_speaker", "empty_model_dir"])
-def test_rejected_in_one_line(case, tmp_path, monkeypatch, capfd, tiny_model, dropout_model, run_a):
-    # In-process (train.py's main() under cli.run, as its __main__ runs it) to save an interpreter start per case;
-    # test_missing_model goes through the real script.
+def test_rejected_in_one_line(case, tmp_path, tiny_model, dropout_model, run_a):
+    # In this process, to save an interpreter start per case; test_missing_model goes through the real script.
     args, setup, word = error_cases(tiny_model, dropout_model, run_a)[case]
     write_split(tmp_path, *RESUME_DATA)
     if setup:
         setup(tmp_path)
     before = snapshot(tmp_path / "out")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["train.py", *args])
-    with pytest.raises(SystemExit) as e:
-        cli.run(train.main)
-    out, err = capfd.readouterr()
-    line = one_error_line(subprocess.CompletedProcess(args, e.value.code, out, err))
+    line = one_error_line(run("train.py", *args, cwd=tmp_path))
     assert word in line
     if case in BAD_CONFIG:
         if case in ("resume_other_block_size", "existing_run"):
@@ -554,14 +552,14 @@ def test_resume_extends_a_finished_run(resume_cases):
     assert (out / "checkpoints" / "step-00000014").is_dir()
 
 
-def test_resume_refuses_other_settings_naming_them_all(tmp_path, monkeypatch, capfd, run_a, dropout_model):
+def test_resume_refuses_other_settings_naming_them_all(tmp_path, run_a, dropout_model):
     write_split(tmp_path, *RESUME_DATA)
     shutil.copytree(run_a, tmp_path / "out")
     crash_after_step_8(tmp_path / "out")
     before = snapshot(tmp_path / "out")
     # --max_steps may change; --device=cpu and --batch_size=2 are the run's own values: none of them is refused
-    p = in_process(train.main, tmp_path, [*resume_args(dropout_model), "--resume=True", "--block_size=64",
-                                          "--seed=7", "--lr_schedule=linear", "--max_steps=13"], monkeypatch, capfd)
+    p = run("train.py", *resume_args(dropout_model), "--resume=True", "--block_size=64", "--seed=7",
+            "--lr_schedule=linear", "--max_steps=13", cwd=tmp_path)
     line = one_error_line(p)
     for flag in ("--block_size=64 (the run has --block_size=32)", "--seed=7 (the run has --seed=1337)",
                  "--lr_schedule='linear' (the run has --lr_schedule='cosine')"):
@@ -571,15 +569,15 @@ def test_resume_refuses_other_settings_naming_them_all(tmp_path, monkeypatch, ca
 
 
 @pytest.mark.parametrize("case", ["past_the_end", "complete"])
-def test_resume_with_nothing_left_changes_nothing(case, tmp_path, monkeypatch, capfd, run_a):
+def test_resume_with_nothing_left_changes_nothing(case, tmp_path, run_a):
     write_split(tmp_path, *RESUME_DATA)
     shutil.copytree(run_a, tmp_path / "out")  # finished: its last checkpoint is step 12, of MAX_STEPS=12
     before = snapshot(tmp_path / "out")
     if case == "past_the_end":  # the run's end moved before its checkpoint: say so, train nothing, exit 2
-        p = in_process(train.main, tmp_path, ["--resume=True", "--max_steps=10"], monkeypatch, capfd)
+        p = run("train.py", "--resume=True", "--max_steps=10", cwd=tmp_path)
         assert "is at step 12, past the end of this run at step 10" in one_error_line(p)
     else:
-        p = in_process(train.main, tmp_path, ["--resume=True"], monkeypatch, capfd)
+        p = run("train.py", "--resume=True", cwd=tmp_path)
         assert p.returncode == 0 and "is complete (step 12 of 12" in p.stdout, p.stdout + p.stderr
     assert snapshot(tmp_path / "out") == before
 
@@ -587,13 +585,13 @@ def test_resume_with_nothing_left_changes_nothing(case, tmp_path, monkeypatch, c
 # ---------------------------------------------------------------------------------------------------------------------
 # issue 12: VAL_MAX_TOKENS caps what validation costs, the same way in train.py and evaluate.py
 
-def test_validation_is_capped(tmp_path, monkeypatch, capfd, tiny_model):
+def test_validation_is_capped(tmp_path, tiny_model):
     val = synthetic(8, seed=6)
     write_split(tmp_path, synthetic(12, seed=5, max_turns=4), val)
     tok = gpt2_tokenizer()
     cap = sum(len(ids) for turns in render(tok, val[:3]) for ids, _ in turns)
-    p = in_process(train.main, tmp_path, train_args(tiny_model, "--block_size=32", "--max_steps=1",
-                                                    f"--val_max_tokens={cap}"), monkeypatch, capfd)
+    p = run("train.py", *train_args(tiny_model, "--block_size=32", "--max_steps=1", f"--val_max_tokens={cap}"),
+            cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "validation on 3 dialogues" in p.stdout
     first = metrics(tmp_path / "out")[0]
@@ -623,16 +621,16 @@ def test_resume_config_the_run_of_the_issue():
                                   "ckpt", print)
 
 
-def test_tensorboard_curves_go_on_without_duplicates_after_a_resume(tmp_path, monkeypatch, capfd, tiny_model):
+def test_tensorboard_curves_go_on_without_duplicates_after_a_resume(tmp_path, tiny_model):
     """REPORT_TO="tensorboard" writes metrics.jsonl's figures as events; a run killed after its step-8 checkpoint
     and resumed purges the events after step 8, so TensorBoard's own reader sees each step once, with the values of
     metrics.jsonl."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     write_split(tmp_path, *RESUME_DATA)
     args = [*resume_args(tiny_model), "--report_to=tensorboard", "--log_interval=1"]
-    assert in_process(train.main, tmp_path, args, monkeypatch, capfd).returncode == 0
+    assert run("train.py", *args, cwd=tmp_path).returncode == 0
     crash_after_step_8(tmp_path / "out")
-    p = in_process(train.main, tmp_path, [*args, "--resume=True"], monkeypatch, capfd)
+    p = run("train.py", *args, "--resume=True", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     events = EventAccumulator(str(tmp_path / "out" / "tensorboard")).Reload()
     assert {"train/loss", "train/lr", "train/tokens_per_s", "val/val_loss", "val/val_ppl"} <= set(
@@ -645,8 +643,33 @@ def test_tensorboard_curves_go_on_without_duplicates_after_a_resume(tmp_path, mo
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
 
 
-def test_resume_with_no_run_to_resume_is_refused(tmp_path, monkeypatch, capfd, tiny_model):
+def test_resume_with_no_run_to_resume_is_refused(tmp_path, tiny_model):
     write_split(tmp_path, *RESUME_DATA)
-    p = in_process(train.main, tmp_path, [*resume_args(tiny_model), "--resume=True"], monkeypatch, capfd)
+    p = run("train.py", *resume_args(tiny_model), "--resume=True", cwd=tmp_path)
     assert "--resume=True, but OUT_DIR 'out' holds no run to resume" in one_error_line(p)
     assert sorted(os.listdir(tmp_path)) == ["train_data.txt", "val_data.txt"]  # no out/, no cache: nothing written
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# at a user's edges: the memory preflight, and progress in a log (the real script's, started with the module)
+
+def test_an_absurd_block_size_is_refused_in_seconds(processes):
+    """--model=scratch --block_size=100000 was killed by the kernel at 18 GB with no message."""
+    tmp_path, p = processes["test_an_absurd_block_size_is_refused_in_seconds"].result()
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith("error: a training step of BATCH_SIZE=8 x BLOCK_SIZE=100000 needs about")
+    assert "these would fit: " in lines[0] and "--block_size=" in lines[0]
+    assert "--lora_r" not in lines[0]  # a scratch model cannot take LoRA
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_in_a_log_has_no_bar_frames(processes):
+    _, p = processes["test_train_in_a_log_has_no_bar_frames"].result()  # 20 steps, stderr to a pipe
+    assert p.returncode == 0, p.stderr
+    assert "\r" not in p.stderr and "\x1b" not in p.stderr
+    lines = p.stderr.splitlines()
+    assert [line.split()[1] for line in lines] == [f"{10 * k}%" for k in range(1, 11)], p.stderr
+    assert all(line.startswith("train: ") and " loss=" in line for line in lines)
+    assert "step 10: val loss" in p.stdout and "1 thread (OMP_NUM_THREADS)" in p.stdout
