@@ -141,13 +141,6 @@ def hub_run(d, model, env):
                   env={**env, "HF_HUB_CACHE": str(d / "hub")}, patch=COUNTED, timeout=60)
 
 
-def test_tokenizer_is_real_gpt2():
-    tok = gpt2_tokenizer()
-    assert tok("Hello world")["input_ids"] == [15496, 995]
-    assert tok.eos_token_id == EOS_ID == 50256
-    assert len(tok) == 50257
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # 1 and 4: one real training run on a mixed set, one epoch
 
