@@ -1,5 +1,10 @@
-"""Tests for what every script does at its edges (cli.py), and for how fast it answers: settings are parsed and checked
-before torch or transformers is imported. Run: .venv/bin/python -m pytest -q tests/test_cli.py"""
+"""Tests for cli.py, what every script does at its edges: --name=value settings (names, values, types, a mistyped or
+abbreviated one, --help with each setting's comment from config.py), how fast a script answers (settings are checked
+before torch or transformers is imported), one-line errors, a run's own settings, and progress on a terminal or in a
+log.
+
+Run: .venv/bin/python -m pytest -q tests/test_cli.py
+"""
 
 import json
 import os
@@ -51,6 +56,57 @@ def test_which_model_is_one_rule_for_evaluate_and_chat(tmp_path, monkeypatch):
     assert cli.which_model(cfg()) == os.path.join("out", "best")
     assert cli.which_model(cfg("--checkpoint=mine")) == "mine"
     assert cli.which_model(cfg("--out_dir=elsewhere", "--checkpoint=mine")) == "mine"  # CHECKPOINT wins
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --name=value: names, values, types
+
+@pytest.mark.parametrize("arg", ["--VAL_FRACTION=0.5", "--val_fraction=0.5", "--Val-Fraction=0.5"])
+def test_setting_names_are_case_insensitive(arg):
+    assert cli.load_config([arg]).VAL_FRACTION == 0.5
+
+
+def test_overrides_do_not_leak_into_the_next_load():
+    cli.load_config(["--seed=7"])
+    assert cli.load_config([]).SEED == config.SEED
+
+
+def test_values_are_python_literals():
+    cfg = cli.load_config(["--seed=42", "--compile=True", "--betas=(0.8, 0.95)", "--train_speakers=['Bob']",
+                           "--data_file='my data.json'"])
+    assert cfg.SEED == 42 and type(cfg.SEED) is int
+    assert cfg.COMPILE is True
+    assert cfg.BETAS == (0.8, 0.95)
+    assert cfg.TRAIN_SPEAKERS == ["Bob"]
+    assert cfg.DATA_FILE == "my data.json"
+
+
+@pytest.mark.parametrize("value", ["mydata", "dir/my data.jsonl", "x.json"])
+def test_a_bare_word_is_a_string(value):
+    assert cli.load_config([f"--data_file={value}"]).DATA_FILE == value
+
+
+def test_an_int_for_a_float_setting_becomes_a_float():
+    value = cli.load_config(["--val_fraction=1"]).VAL_FRACTION
+    assert value == 1.0 and type(value) is float
+
+
+@pytest.mark.parametrize("arg", ["--val_fraction=abc", "--seed=1.5", "--seed=True", "--compile=1", "--model=3"])
+def test_a_type_mismatch_is_rejected(arg):
+    with pytest.raises(cli.UserError, match="expected a"):
+        cli.load_config([arg])
+
+
+def test_an_unknown_name_suggests_the_closest():
+    with pytest.raises(cli.UserError, match="--val_fractoin") as e:
+        cli.load_config(["--val_fractoin=0.1"])
+    assert "--val_fraction" in str(e.value)
+
+
+@pytest.mark.parametrize("arg", ["--val_fraction", "val_fraction=0.5", "-seed=1"])
+def test_an_argument_without_name_equals_value_is_rejected(arg):
+    with pytest.raises(cli.UserError, match="--name=value"):
+        cli.load_config([arg])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -185,7 +241,7 @@ def test_settings_are_checked_before_torch_is_imported(tmp_path):
         assert heavy == [], f"{script} {' '.join(args)} imported {heavy} before answering"
     errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == sum(args != ["--help"] for _, args in EARLY)  # one line per mistake
-    # 9: a CHECKPOINT that is not there is named; passing --checkpoint is not suggested to someone who just did
+    # a CHECKPOINT that is not there is named; passing --checkpoint is not suggested to someone who just did
     missing = [e for e in errors if "/nonexistent" in e]
     assert len(missing) == 2 and all("--checkpoint" not in e for e in missing)
 
