@@ -1,5 +1,6 @@
-"""Tests for memory.py: what a training step will need (the estimate), the preflight that refuses, warns or passes,
-and the settings it suggests.
+"""Tests for memory.py: what a training step will need (the estimate, a rank's share of it under DDP and FSDP), the
+preflight that refuses, warns or passes, the settings it suggests, and whether FSDP's gradients stay unsharded
+between micro-batches.
 
 Run: .venv/bin/python -m pytest -q tests/test_memory.py
 """
@@ -95,3 +96,35 @@ def test_the_settings_suggested_do_fit():
     assert need(8, block) <= room < need(8, block + 8) and block % 8 == 0
     # nothing fits where even one short sequence does not
     assert memory.fitting_settings(shape, cfg, 1000, False) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# several ranks: each one's share, under DDP and FSDP
+
+def test_the_memory_estimate_counts_a_rank_s_share():
+    shape = {"params": 8_000_000_000, "trained": 8_000_000_000, "layers": 32, "width": 4096, "heads": 32,
+             "vocab": 128_256, "cpu": False, "chunk": 2000, "scores": False}
+    ddp = memory.step_memory(shape, 1, 2048, True, True, ranks=8)
+    fsdp = memory.step_memory({**shape, "sharded": True}, 1, 2048, True, True, ranks=8)
+    assert ddp["gradients and AdamW state"] == 16 * 8e9  # a full copy on each rank, and DDP's buckets
+    assert fsdp["gradients and AdamW state"] == 12 * 8e9 / 8 and fsdp["weights"] == 4 * 8e9 / 8
+    assert fsdp["gathered layers"] == 2 * 4 * 8e9 / 32  # two layers' weights at a time
+    accumulating = memory.step_memory({**shape, "sharded": True}, 1, 2048, True, True, ranks=8, accumulating=True)
+    assert accumulating["unsharded gradients"] == 4 * 8e9
+
+
+def test_gradients_stay_unsharded_between_micro_batches_only_where_they_fit(monkeypatch):
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=512, n_positions=64, n_embd=64, n_layer=2,
+                                                                 n_head=2))
+    cfg = cli.load_config(["--fsdp=True", "--grad_accum_steps=4", "--batch_size=2", "--block_size=64"])
+    cpu = torch.device("cpu")
+    terms = memory.estimate(model, cfg, cpu, ranks=1, sharded=True)
+    need, unsharded = sum(terms.values()) - terms["weights"], terms["unsharded gradients"]
+    assert unsharded == 0  # one process: no shards, nothing to hold unsharded
+    terms = memory.estimate(model, cfg, cpu, ranks=2, sharded=True)
+    need, unsharded = sum(terms.values()) - terms["weights"], terms["unsharded gradients"]
+    assert unsharded == 4 * modeling.parameters(model)[1]
+    for room, keeps in [(need / 0.8 + 1, True), (need / 0.8 - 1, False)]:
+        monkeypatch.setattr(hardware, "available_memory", lambda device, processes=1: (room, "test"))
+        assert memory.keeps_gradients(model, cfg, cpu, ranks=2) is keeps
+    assert memory.keeps_gradients(model, cli.load_config(["--fsdp=True"]), cpu, ranks=2)  # no accumulation: no question
