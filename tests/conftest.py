@@ -130,6 +130,22 @@ def captured():
             f.close()
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A tiny GPT-2 (base/) fine-tuned for 6 steps in out/, for the tests of what train.py saves, evaluate.py and
+    chat.py. BLOCK_SIZE=64 is below the model's context of 256 and below the longest dialogues, so evaluate.py must
+    take the run's block size from OUT_DIR/config.json to score what training scored. Its directory: only
+    test_evaluate's real evaluate.py writes there (its report); the other tests read it, or copy it first."""
+    from tiny import save_tiny_gpt2, synthetic, write_split
+    d = tmp_path_factory.mktemp("run")
+    save_tiny_gpt2(str(d / "base"))
+    write_split(d, synthetic(32, seed=1), synthetic(8, seed=2, min_turns=2))
+    p = run("train.py", "--device=cpu", "--model=base", "--block_size=64", "--batch_size=4", "--max_steps=6",
+            "--eval_interval=2", "--learning_rate=1e-3", "--warmup_steps=1", "--log_interval=1", cwd=d)
+    assert p.returncode == 0, p.stderr
+    return d
+
+
 def train_args(model, *extra):
     """train.py's arguments for a short offline run of `model` (a directory from tiny.py) into out/."""
     return [f"--model={model}", "--device=cpu", "--out_dir=out", "--learning_rate=1e-3", "--warmup_steps=2", *extra]

@@ -382,7 +382,7 @@ def test_merged_turns_train_only_where_every_speaker_is_trained():
 
 @pytest.fixture(scope="module")
 def speaker_tok():
-    """GPT-2's tokenizer as train.py saves it with FORMAT="speaker" (test_evaluate checks a saved one is this)."""
+    """GPT-2's tokenizer as train.py saves it with FORMAT="speaker" (test_train checks a saved one is this)."""
     tok = gpt2_bpe()
     tok.chat_template = CHAT_TEMPLATE
     return tok

@@ -1,19 +1,26 @@
-"""step.py: one training step (token-weighted over micro-batches and ranks, clip, update) and the validation pass
-(token-weighted, per group from the same pass, shared over the ranks).
+"""Tests for step.py: one training step (token-weighted over micro-batches and ranks, clip, update; one that is not
+finite changes nothing), the optimizer (fused AdamW, the lr), and the validation pass (the plain per-token mean of
+-log p(next token), per group from the same pass, shared over the ranks, every token of a windowed dialogue once).
 
 Run: .venv/bin/python -m pytest -q tests/test_step.py
 """
 
 import math
+from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 import transformers
 
+import batching
 import processes
 import step
 import tiny
 from batching import IGNORE
+from dialogues import format_dialogue
+from render import render
+from tiny import EOS_ID, gpt2_tokenizer
 
 
 def gpt2(dropout=0.0):
@@ -42,6 +49,9 @@ def reference(model, data):
                   for x, y in data]
     return torch.cat(losses)
 
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the validation pass
 
 def test_validation_is_token_weighted_and_leaves_the_model_as_it_was():
     model = gpt2(dropout=0.1).eval()
@@ -98,6 +108,99 @@ def test_each_rank_scores_its_share_and_together_they_score_each_target_once(n_b
     assert total[0].sum().item() / total[1].sum().item() == pytest.approx(every.mean().item(), rel=1e-6)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# the validation loss by hand, on dialogues rendered as training renders them
+
+DIALOGUES = [
+    [("Alex", "Hello there, how was the garden today?"), ("Bob", "Quite sunny, the dog sat under the table.")],
+    [("Cara", "Did you see the big cat on the roof?"), ("Dan", "Yes!"), ("Cara", "It ran home later, very happy.")],
+    [("Bob", "We want to go home now, please."), ("Alex", "Maybe tomorrow, it is late and quite dark.")],
+]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    torch.manual_seed(0)
+    # wide initialisation: a near-uniform model would hide a target lost or added in the noise
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                                     initializer_range=0.5)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def rendered_ids(tok, turns):
+    """A dialogue's tokens as training renders them: label and text tokenized apart, EOS at the end."""
+    ids = []
+    for s, t in turns:
+        for piece in (f"{s}:", f" {t}\n"):
+            ids += tok(piece, add_special_tokens=False)["input_ids"]
+    return ids + [EOS_ID]
+
+
+def hand_nll(model, tok, dialogues):
+    """-log p of every next token, each dialogue run on its own from its leading EOS."""
+    nll = []
+    with torch.no_grad():
+        for turns in dialogues:
+            ids = tok(tok.eos_token + format_dialogue(turns) + tok.eos_token)["input_ids"]
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), -1)
+            nll += (-logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]).tolist()
+    return nll
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_loss_equals_hand_computation(lm, batch_size):
+    tok = gpt2_tokenizer()
+    for d in DIALOGUES:  # the whole text tokenizes as training's label/text pieces do, EOS included
+        assert tok(tok.eos_token + format_dialogue(d) + tok.eos_token)["input_ids"] == [EOS_ID] + rendered_ids(tok, d)
+    block_size = 32
+    blocks = batching.make_blocks(tok, DIALOGUES, block_size)
+    sizes = [len(rendered_ids(tok, d)) for d in DIALOGUES]
+    # each dialogue fits a block and no two share one, so each is scored on its own as the hand computation does
+    assert len(blocks) == len(DIALOGUES) and max(sizes) <= block_size < 2 * min(sizes)
+    loss = step.evaluate(tiny.single(lm), batching.eval_batches(blocks, batch_size, EOS_ID))
+    nll = hand_nll(lm, tok, DIALOGUES)
+    expected = sum(nll) / len(nll)
+    assert loss == pytest.approx(expected, abs=1e-4)
+    assert math.exp(loss) == pytest.approx(math.exp(expected), rel=1e-4)
+    # the test can tell: leaving out one target (the last EOS) moves the mean well beyond the tolerance
+    assert abs(sum(nll[:-1]) / (len(nll) - 1) - expected) > 1e-3
+
+
+@pytest.mark.parametrize("block_size", [16, 64])  # 16: dialogues cut into windows; 64: several packed in a block
+def test_per_speaker_losses_come_from_the_same_pass(lm, block_size):
+    tok, cpu, speakers = gpt2_tokenizer(), torch.device("cpu"), ["Alex", "Cara"]
+    blocks = batching.make_blocks(tok, DIALOGUES, block_size, speakers=speakers)
+    groups = batching.eval_groups(blocks, 2, block_size)
+    overall, per = step.evaluate(tiny.single(lm), batching.eval_batches(blocks, 2, EOS_ID, block_size), groups=groups)
+    plain = batching.eval_batches(batching.make_blocks(tok, DIALOGUES, block_size), 2, EOS_ID, block_size)
+    assert overall == pytest.approx(step.evaluate(tiny.single(lm), plain), rel=1e-6)
+    # each group's loss by hand: the same blocks, trained only where a turn is that speaker's (or no listed one's)
+    for tag, name in enumerate([*speakers, None], 1):
+        keep = lambda s: s == name or (name is None and s not in speakers)
+        only = batching.tokenize(tok, DIALOGUES)
+        only.mask = np.array([m if keep(s) else 0 for turns, d in zip(render(tok, DIALOGUES), DIALOGUES)
+                              for (_, mask), (s, _) in zip(turns, d) for m in mask], np.uint8)
+        by_hand = batching.eval_batches(batching.pack_tokens(only, block_size), 2, EOS_ID, block_size)
+        assert per[tag] == pytest.approx(step.evaluate(tiny.single(lm), by_hand), rel=1e-5), name
+    assert sorted(per) == [1, 2, 3]
+
+
+def test_windowed_loss_covers_every_token_once(lm):
+    tok = gpt2_tokenizer()
+    everything = Counter(t for d in DIALOGUES for t in rendered_ids(tok, d))
+    for block_size in (8, 12):  # cuts at turn boundaries and inside long turns
+        blocks = batching.make_blocks(tok, DIALOGUES, block_size)
+        assert len(blocks) > len(DIALOGUES)
+        batches = batching.eval_batches(blocks, 4, EOS_ID)
+        targets = Counter(int(t) for _, y in batches for t in y[y != batching.IGNORE])
+        assert targets == everything
+        assert sum(everything.values()) == sum(int((y != batching.IGNORE).sum()) for _, y in batches)
+        assert math.isfinite(step.evaluate(tiny.single(lm), batches))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a training step
+
 def test_k_micro_batches_equal_one_batch_of_all_of_them():
     data = batches(3, seed=5, rows=2) + batches(1, seed=6, rows=1)
     one, many = gpt2(), gpt2()
@@ -130,6 +233,26 @@ def test_a_step_that_is_not_finite_changes_nothing():
     assert not torch.equal(before["lm_head.weight"], model.lm_head.weight)
 
 
+def test_non_finite_gradients_are_not_applied():
+    # a finite loss can still give an infinite gradient: the step must not write it into the weights (nor into a
+    # checkpoint after it)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    optimizer = step.make_optimizer(layer, 1e-2, 0.0, (0.9, 0.999))
+    layer(torch.ones(1, 4)).sum().backward()
+    layer.weight.grad[0, 0] = float("inf")
+    assert step.optimizer_step(layer, optimizer, None, grad_clip=1.0) is False
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+    assert layer.weight.grad is None  # and nothing is left to add to the next step's
+    layer(torch.ones(1, 4)).sum().backward()
+    assert step.optimizer_step(layer, optimizer, None, grad_clip=1.0) is True
+    assert not torch.equal(before["weight"], layer.weight)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the optimizer
+
 def test_the_lr_is_set_on_every_group():
     model = gpt2()
     optimizer = step.make_optimizer(model, 1e-3, 0.1, (0.9, 0.999))
@@ -138,9 +261,6 @@ def test_the_lr_is_set_on_every_group():
     assert step.set_lr(optimizer, 5e-4) == 5e-4
     assert [g["lr"] for g in optimizer.param_groups] == [5e-4, 5e-4]
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# the optimizer: fused AdamW computes what the plain one does
 
 def test_fused_adamw_matches_the_plain_one():
     torch.manual_seed(0)

@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -27,8 +28,8 @@ import tiny
 import train
 from batching import IGNORE, collate, count, epoch_order, eval_batches, make_blocks
 from conftest import command, in_background, one_error_line, run, script_env, train_args
-from dialogues import read_dialogues
-from render import render
+from dialogues import format_dialogue, read_dialogues
+from render import CHAT_TEMPLATE, render
 from tiny import EOS_ID, curve, gpt2_tokenizer, max_diff, metrics, save_tiny_gpt2, synthetic, weights, write_split
 
 
@@ -221,6 +222,33 @@ def test_epoch_line_counts_the_positions_collate_pads_to(trained):
     order = epoch_order(blocks, 16 * 4, cli.defaults()["SEED"])
     steps = [[blocks[j] for j in order[i:i + 4]] for i in range(0, len(order), 4)]
     assert positions == sum(collate(step, EOS_ID, 64)[0].numel() for step in steps)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the saved model speaks the training format in Hugging Face's tools: its chat template, pipeline()
+
+CHAT = [("Alex", "Hi there, how are you?"), ("Bob", "Fine, thanks."), ("Alex", "Good to hear.")]
+
+
+@pytest.fixture(scope="module")
+def trained_tok(trained_run):
+    return AutoTokenizer.from_pretrained(str(trained_run / "out" / "best"))
+
+
+def test_saved_tokenizer_has_the_chat_template(trained_tok):
+    assert trained_tok.chat_template == CHAT_TEMPLATE  # what test_render checks the template on
+    messages = [{"role": "user" if s == "Alex" else "assistant", "name": s, "content": t} for s, t in CHAT]
+    text = trained_tok.apply_chat_template(messages, tokenize=False)
+    assert text == trained_tok.eos_token + format_dialogue(CHAT) + trained_tok.eos_token
+
+
+def test_pipeline_generates(trained_run):
+    pipe = transformers.pipeline("text-generation", model=str(trained_run / "out" / "best"), device="cpu")
+    prompt = "Alex: Hi, how are you?\nBob:"
+    out = pipe(prompt, max_new_tokens=4, do_sample=False)
+    assert isinstance(out[0]["generated_text"], str) and out[0]["generated_text"].startswith(prompt)
+    new = pipe(prompt, max_new_tokens=4, do_sample=False, return_full_text=False)[0]["generated_text"]
+    assert out[0]["generated_text"] == prompt + new
 
 
 # ---------------------------------------------------------------------------------------------------------------------
