@@ -7,8 +7,40 @@ Run: .venv/bin/python -m pytest -q tests/test_checkpoints.py
 
 import pytest
 
+import checkpoints
 import cli
 from checkpoints import split_batch
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# resuming: the run's own settings, and the ones that may change
+
+def test_resume_config_keeps_the_run_s_own_settings():
+    """A 10-epoch run resumed with `--resume=True` alone stays a 10-epoch run (config.py says EPOCHS=3); --epochs may
+    extend it; a setting newer than the run is protected too: the run had config.py's value."""
+    saved = {**cli.defaults(), "EPOCHS": 10, "BETAS": [0.9, 0.98], "RESUME": False, "OUT_DIR": "elsewhere"}
+    del saved["VAL_MAX_TOKENS"]  # as if the run were older than this setting
+    given = set()
+    cfg, taken = checkpoints.resume_config(cli.load_config(["--resume=True"], given=given), given, saved, "ckpt", print)
+    assert cfg.EPOCHS == 10 and cfg.BETAS == (0.9, 0.98) and cfg.RESUME is True and cfg.OUT_DIR == "out"
+    assert taken == ["BETAS", "EPOCHS"]
+    given = set()
+    cfg, _ = checkpoints.resume_config(cli.load_config(["--resume=True", "--epochs=12", "--log_interval=1"],
+                                                       given=given), given, saved, "ckpt", print)
+    assert cfg.EPOCHS == 12 and cfg.LOG_INTERVAL == 1
+    given = set()
+    with pytest.raises(cli.UserError, match=r"--val_max_tokens=5 \(the run has --val_max_tokens=100000\)"):
+        checkpoints.resume_config(cli.load_config(["--resume=True", "--val_max_tokens=5"], given=given), given, saved,
+                                  "ckpt", print)
+
+
+def test_loss_chunk_may_change_on_resume():
+    """How the loss is chunked changes its memory, not its numbers (to rounding): a resumed run may take another."""
+    saved = {**cli.defaults(), "LOSS_CHUNK": 64}
+    given = set()
+    cfg, _ = checkpoints.resume_config(cli.load_config(["--resume=True", "--loss_chunk=8"], given=given), given, saved,
+                                       "ck", print)
+    assert cfg.LOSS_CHUNK == 8
 
 
 # ---------------------------------------------------------------------------------------------------------------------

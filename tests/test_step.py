@@ -14,13 +14,14 @@ import torch
 import transformers
 
 import batching
+import loss
 import processes
 import step
 import tiny
-from batching import IGNORE
+from batching import IGNORE, collate, count, make_blocks
 from dialogues import format_dialogue
 from render import render
-from tiny import EOS_ID, gpt2_tokenizer
+from tiny import EOS_ID, gpt2_tokenizer, synthetic
 
 
 def gpt2(dropout=0.0):
@@ -157,11 +158,11 @@ def test_loss_equals_hand_computation(lm, batch_size):
     sizes = [len(rendered_ids(tok, d)) for d in DIALOGUES]
     # each dialogue fits a block and no two share one, so each is scored on its own as the hand computation does
     assert len(blocks) == len(DIALOGUES) and max(sizes) <= block_size < 2 * min(sizes)
-    loss = step.evaluate(tiny.single(lm), batching.eval_batches(blocks, batch_size, EOS_ID))
+    mean = step.evaluate(tiny.single(lm), batching.eval_batches(blocks, batch_size, EOS_ID))
     nll = hand_nll(lm, tok, DIALOGUES)
     expected = sum(nll) / len(nll)
-    assert loss == pytest.approx(expected, abs=1e-4)
-    assert math.exp(loss) == pytest.approx(math.exp(expected), rel=1e-4)
+    assert mean == pytest.approx(expected, abs=1e-4)
+    assert math.exp(mean) == pytest.approx(math.exp(expected), rel=1e-4)
     # the test can tell: leaving out one target (the last EOS) moves the mean well beyond the tolerance
     assert abs(sum(nll[:-1]) / (len(nll) - 1) - expected) > 1e-3
 
@@ -213,6 +214,48 @@ def test_k_micro_batches_equal_one_batch_of_all_of_them():
     assert loss1 == pytest.approx(reference(one.eval(), [(x, y)]).mean().item(), rel=1e-5)
     diff = max((a.grad - b.grad).abs().max().item() for a, b in zip(one.parameters(), many.parameters()))
     assert diff < 1e-6
+
+
+def test_accumulation_equals_one_batch_in_process():
+    tok = gpt2_tokenizer()
+    blocks = sorted(make_blocks(tok, synthetic(12, seed=8, max_turns=6), 32), key=lambda b: -len(b[0]))
+    four = [blocks[0], blocks[1], blocks[-2], blocks[-1]]  # two long, two short: the micro-batches differ in size
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0)).double().train()
+    cpu = torch.device("cpu")
+
+    def step_grads(micro_batches, per_micro_mean=False):
+        """Gradients of one optimizer step, as train.py takes it: every micro-batch's summed loss over the whole
+        step's target count, backward per micro-batch (or, per_micro_mean, the naive mean of means)."""
+        model.zero_grad(set_to_none=True)
+        batches = [collate(b, EOS_ID) for b in micro_batches]
+        n_targets = sum(int((y != IGNORE).sum()) for _, y in batches)
+        total = 0.0
+        for x, y in batches:
+            mean = loss.model_loss(model, x, y) / (int((y != IGNORE).sum()) * len(batches) if per_micro_mean
+                                                   else n_targets)
+            mean.backward()
+            total += mean.item()
+        return total, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    def grad_diff(g1, g2):
+        return max((g1[k] - g2[k]).abs().max().item() for k in g1)
+
+    loss1, g1 = step_grads([four])
+    loss2, g2 = step_grads([four[:2], four[2:]])
+    assert loss1 == pytest.approx(loss2, rel=1e-6)  # model_loss takes the cross-entropy in fp32
+    assert grad_diff(g1, g2) < 1e-5
+    assert grad_diff(g1, step_grads([four[:2], four[2:]], per_micro_mean=True)[1]) > 1e-3  # the test can tell
+
+    # train.py's own step function, on the same micro-batches
+    for micro_batches in ([four], [four[:2], four[2:]]):
+        model.zero_grad(set_to_none=True)
+        mean, n_targets = step.forward_backward(tiny.single(model), [collate(b, EOS_ID) for b in micro_batches])
+        assert mean == pytest.approx(loss1, rel=1e-6)
+        assert n_targets == count(four)[0]  # every trained token of these blocks, each once
+        assert grad_diff(g1, {k: p.grad for k, p in model.named_parameters()}) < 1e-5
 
 
 def test_a_step_that_is_not_finite_changes_nothing():
