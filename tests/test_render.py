@@ -158,7 +158,7 @@ def test_roles_refused():
         role_map({"Alex": "user"})(DIALOGUE)
     with pytest.raises(cli.UserError, match=r"3 speakers \(Alex, Bob, Cara\).*set ROLES"):
         role_map()(DIALOGUE + [("Cara", "Hi.")])
-    # what the pipeline can't mend (roles that repeat are merged, see test_templates.py): one line naming the dialogue
+    # what the pipeline can't mend (roles that repeat are merged: see the families below): one line naming the dialogue
     template = ("{%- if messages | length > 2 -%}{{ raise_exception('At most one exchange, please') }}{%- endif -%}"
                 "{%- for m in messages -%}{{ m.content }}{%- endfor -%}")
     with pytest.raises(cli.UserError, match=r"val\.txt: dialogue 2: the model's chat template refused it: "
