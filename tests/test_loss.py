@@ -12,6 +12,7 @@ import torch
 import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import cli
 import loss
 import modeling
 import step
@@ -159,8 +160,8 @@ def test_positions_without_a_target_never_reach_the_output_layer(saved):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_lora(saved, family):
-    cfg = type("Cfg", (), dict(GRADIENT_CHECKPOINTING=True, LORA_R=4, LORA_ALPHA=8, LORA_DROPOUT=0.0,
-                               LORA_TARGETS=None, SEED=0))
+    cfg = cli.load_config(["--gradient_checkpointing=True", "--lora_r=4", "--lora_alpha=8", "--lora_dropout=0.0",
+                           "--seed=0"])
     model = modeling.adapt(modeling.load(saved[family])[1], cfg).train()
     with torch.no_grad():  # peft starts B at zero: give the adapters something to say
         for name, p in model.named_parameters():
@@ -225,8 +226,8 @@ def test_a_model_it_cannot_take_apart_takes_the_full_logits_with_a_line(capsys):
 
 
 def test_lora_on_the_output_layer_takes_the_full_logits(saved, capsys):
-    cfg = type("Cfg", (), dict(GRADIENT_CHECKPOINTING=False, LORA_R=4, LORA_ALPHA=8, LORA_DROPOUT=0.0,
-                               LORA_TARGETS=["q_proj", "lm_head"], SEED=0))
+    cfg = cli.load_config(["--lora_r=4", "--lora_alpha=8", "--lora_dropout=0.0", "--lora_targets=['q_proj', 'lm_head']",
+                           "--seed=0"])
     model = modeling.adapt(modeling.load(saved["llama"])[1], cfg).train()
     x, y = batch(11)
     total = loss.model_loss(model, x, y)

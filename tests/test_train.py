@@ -80,7 +80,7 @@ def dropout_model(tmp_path_factory):
 
 
 # The real train.py processes of this module: started from its start, one after another in a thread, while the tests
-# before theirs run in this process (each mostly waits on its own process).
+# before theirs run in this process (each mostly waits on its own process). Their tests are last in the file.
 
 PROXIES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
