@@ -26,7 +26,7 @@ import tempfile
 import time
 
 from cli import UserError, atomic_write, load_config, quiet_libraries, run, unless_given
-from dialogues import format_dialogue, parse_record, read_dialogues, read_records
+from dialogues import format_dialogue, parse_record, read_dialogues, read_records, sources
 
 SMOKE = {"BENCH_SHAPE": (2, 64, 2), "BENCH_STEPS": 3, "BENCH_WARMUP": 2, "BENCH_GEN_TOKENS": 8}
 # the run that measures the peak with gradient checkpointing: full fine-tuning, as the other, and not compiled (a
@@ -52,9 +52,10 @@ def check(cfg):
 def read_any(cfg):
     """DATA_FILE's dialogues, whatever prepare_data.py reads (JSON, JSON Lines, Parquet, datasets), or a text file
     that it wrote (train_data.txt)."""
-    if cfg.DATA_FILE.endswith(".txt"):
+    if isinstance(cfg.DATA_FILE, str) and cfg.DATA_FILE.endswith(".txt"):
         return read_dialogues(cfg.DATA_FILE)
-    return [t for t in (parse_record(r, where) for r, where in read_records(cfg.DATA_FILE, cfg.DATA_SPLIT)) if t]
+    return [turns for s in sources(cfg.DATA_FILE, cfg.DATA_SPLIT) for record, where in read_records(s.path, s.split)
+            if (turns := parse_record(record, where, cfg.USE_CHOSEN)[1])]
 
 
 def gpt2_tokenizer(cfg, dialogues):

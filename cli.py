@@ -131,8 +131,8 @@ def unless_given(cfg, given, values):
 # A script's own settings, never a run's: what prepare_data.py reads and writes, what evaluate.py and chat.py
 # generate, what this command is asked to do, and the benchmarks' (BENCH_*). A script that works on a run
 # (run_settings) takes these from config.py and its command line, and every other setting from the run.
-OWN_SETTINGS = ("DATA_FILE", "DATA_SPLIT", "VAL_FRACTION", "CHECKPOINT", "NUM_REPLIES", "TEMPERATURE", "TOP_K",
-                "TOP_P", "REPETITION_PENALTY", "MAX_NEW_TOKENS", "SAMPLE_PROMPT", "SAMPLE_MAX_NEW_TOKENS",
+OWN_SETTINGS = ("DATA_FILE", "DATA_SPLIT", "USE_CHOSEN", "VAL_FRACTION", "CHECKPOINT", "NUM_REPLIES", "TEMPERATURE",
+                "TOP_K", "TOP_P", "REPETITION_PENALTY", "MAX_NEW_TOKENS", "SAMPLE_PROMPT", "SAMPLE_MAX_NEW_TOKENS",
                 "USER_NAME", "BOT_NAME", "SHOW_EXAMPLE", "OUT_DIR", "RESUME",
                 *(k for k in vars(config) if k.startswith("BENCH_")))
 
@@ -232,12 +232,15 @@ def config_comments():
     return notes, groups
 
 
+MORE_TYPES = {"DATA_FILE": (list,)}  # types a setting takes besides its default's; its user checks the value
+
+
 def _parse_value(key, text, default):
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         value = text  # a bare word like --model=gpt2 is a string
-    if default is None:
+    if default is None or type(value) in MORE_TYPES.get(key, ()):
         return value  # a setting that is off by default (TRAIN_SPEAKERS) takes any value; its user checks it
     if type(default) is float and type(value) is int:
         return float(value)  # --learning_rate=1 means 1.0

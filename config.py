@@ -3,8 +3,12 @@ line as --name=value (case-insensitive), e.g. `python train.py --model=scratch -
 
 # data
 DATA_FILE = "llm_train_text.json"  # dialogues in: JSON array or JSON Lines, Parquet, a dataset directory in the Hub's
-#                                     layout, or a Hub dataset id ("owner/name"); four record formats (see README)
+#                                     layout, or a Hub dataset id ("owner/name"); dialogue, instruction and
+#                                     prompt/completion records (see README). Or a list of them, each a path or
+#                                     {"path": ..., "split": ..., "weight": 0.5} (or "dialogues": 1000 to take the first)
 DATA_SPLIT = "train"  # which split of a dataset directory or Hub dataset to read (they come split; we re-split by hash)
+USE_CHOSEN = False  # preference records (prompt, chosen, rejected): True trains the prompt and its chosen reply (the
+#                     rejected one dropped); False refuses them
 TRAIN_FILE = "train_data.txt"  # "Speaker: text" lines, a blank line between dialogues
 VAL_FILE = "val_data.txt"  # the held-out dialogues, in the same format: validation loss and evaluate.py
 VAL_FRACTION = 0.2  # share of dialogues held out; decided per dialogue from a hash, so appending data moves none

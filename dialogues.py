@@ -1,13 +1,15 @@
-"""Dialogues: reading them from the four record formats (in JSON, Parquet, a dataset directory or a Hub dataset), the
+"""Dialogues: reading them from the record formats (in JSON, Parquet, a dataset directory or a Hub dataset), the
 "Speaker: text" text format the later stages train on (written, read and parsed here, prompts included), and the hash
 split. A dialogue is a list of (speaker, text) turns."""
 
+import dataclasses
 import hashlib
 import itertools
 import json
 import os
 import re
 
+import hub as hubs
 from cli import UserError
 
 FORMATS = ('an object mapping speaker to text, a list of {"speaker", "text"} turns (bare or under "turns" or '
@@ -132,6 +134,8 @@ def _sniff(path, lines):
         more = next((line for line in lines if line[1].strip(_JSON_SPACE)), None)
     except _TooLong:
         return "whole", None
+    if more is None and isinstance(value, dict):
+        return "lines", [first]  # one object on one line: JSON Lines with one record
     return ("one value", value) if more is None else ("lines", [first, more])
 
 
@@ -172,8 +176,9 @@ def _whole(f, path):
 
 def _array(path, data):
     if not isinstance(data, list):
-        raise UserError(f"{path}: the top level is {_kind(data)}; expected a list of dialogues (a JSON array) "
-                        f"or one dialogue per line (JSON Lines)")
+        keys = f" with keys {', '.join(map(repr, list(data)[:8]))}" if isinstance(data, dict) and data else ""
+        raise UserError(f"{path}: the top level is {_kind(data)}{keys} over several lines; expected a list of records "
+                        f"(a JSON array) or one record per line (JSON Lines)")
     for i, r in enumerate(data):
         yield r, f"{path}: record {i + 1}"
 
@@ -301,13 +306,16 @@ def _directory(path, split, bar):
 def _stream(name, split, bar, hub):
     """A dataset's split streamed by `datasets` (load_dataset(..., streaming=True)): rows arrive as they are read, so
     a dataset of any size never sits in memory. Rows are numbered in the split, from 1."""
-    import datasets
     label = f"{name}[{split}]"
+    offline = hub and hubs.offline_unless_reachable()  # else the client retries, a line a try, for 24 s
+    import datasets
+    datasets.logging.set_verbosity_error()
     try:
         rows = datasets.load_dataset(name, split=split, streaming=True)
     except Exception as e:
-        where = "no local file or directory of that name, and the Hub dataset can't be loaded" if hub else \
-            "cannot load the dataset"
+        where = ("cannot load the dataset" if not hub else
+                 "no local file or directory of that name, and the Hub dataset can't be loaded" +
+                 (" (the Hub is unreachable: offline?)" if offline else ""))
         raise UserError(f"{label}: {where}: {_first_line(e)}") from None
     known = rows.info.splits and rows.info.splits.get(split)  # the row count, where the dataset's card gives it
     if bar is not None and known and known.num_examples:
@@ -351,26 +359,110 @@ def _present(value):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Records to turns
+# DATA_FILE: one source, or a list of them, each read in its own format
 
-def parse_record(record, where):
-    """One record, in any of the four formats, as a list of (speaker, text) turns; empty turns are left out."""
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One entry of DATA_FILE: a path or Hub id, its split, and how much of it to take: `weight` copies of each
+    dialogue in the train file (a fraction: that share of the dialogues, chosen by hash) or its first `dialogues`."""
+    path: str
+    split: str
+    weight: float = 1.0
+    dialogues: int = 0
+
+    def __str__(self):
+        return self.path if source(self.path) in ("json", "parquet") else f"{self.path}[{self.split}]"
+
+
+def sources(data_file, split):
+    """DATA_FILE as a list of Sources: a path or Hub id, or a list of them, each a string or {"path": ...,
+    "split": ..., "weight": ... or "dialogues": ...}; `split` (DATA_SPLIT) where an entry names none."""
+    entries = data_file if isinstance(data_file, list) else [data_file]
+    if not entries:
+        raise UserError("DATA_FILE is an empty list; expected a path, a Hub dataset id, or a list of them")
+    out = []
+    for i, entry in enumerate(entries, 1):
+        where = "DATA_FILE" if not isinstance(data_file, list) else f"DATA_FILE entry {i}"
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"].strip():
+            raise UserError(f"{where}: {entry!r}: expected a path or Hub id, or {{'path': ..., 'split': ..., "
+                            f"'weight': ... or 'dialogues': ...}}")
+        unknown = set(entry) - {"path", "split", "weight", "dialogues"}
+        if unknown:
+            raise UserError(f"{where}: unknown key {sorted(unknown)[0]!r}; an entry takes 'path', 'split', 'weight' "
+                            f"or 'dialogues'")
+        if "weight" in entry and "dialogues" in entry:
+            raise UserError(f"{where}: give 'weight' or 'dialogues', not both")
+        weight, count = entry.get("weight", 1.0), entry.get("dialogues", 0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < 1000:
+            raise UserError(f"{where}: 'weight' must be a number above 0 (0.5 takes half the dialogues, 2 each one "
+                            f"twice), got {weight!r}")
+        if "dialogues" in entry and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise UserError(f"{where}: 'dialogues' must be a whole number above 0, got {count!r}")
+        if not isinstance(entry.get("split", split), str):
+            raise UserError(f"{where}: 'split' must be a string, got {entry['split']!r}")
+        out.append(Source(entry["path"], entry.get("split", split), float(weight), count))
+    return out
+
+
+def copies(turns, seed, weight):
+    """How many times a dialogue goes into the train file under its source's `weight`: the whole part, and one more
+    for the fraction of dialogues a hash of its content picks (as the split, independent of what else is read)."""
+    h = hashlib.sha256(f"{seed}\nweight\n{format_dialogue(turns)}".encode()).digest()
+    return int(weight) + (int.from_bytes(h[:8], "big") / 2 ** 64 < weight - int(weight))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Records to turns. A record is a dialogue in one of four formats, or an SFT record (instruction; prompt/completion)
+# whose turns are spoken by the chat roles: user, assistant, and system where it has one. See README.md: Data.
+
+USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
+INSTRUCTION, OUTPUT, INPUT = ("instruction",), ("output", "response"), ("input", "context")  # Alpaca's, Dolly's
+# Keys that name a field of some record format, never a speaker: a mapping record {"text": ...} or {"question": ...,
+# "answer": ...} is not a dialogue of speakers called "text" or "question".
+FIELD_KEYS = {*LIST_KEYS, *INSTRUCTION, *OUTPUT, *INPUT, "prompt", "completion", "chosen", "rejected", "text",
+              "history", "question", "answer", "query", "id", "label", "category", "source", "score"}
+RECORD_FORMATS = FORMATS + ('; or SFT records: {"instruction", "input", "output"} (Alpaca; Dolly\'s "context" and '
+                            '"response"), {"prompt", "completion"} (strings or message lists)')
+
+
+def parse_record(record, where, use_chosen=False):
+    """One record as (its format's name, a list of (speaker, text) turns); empty turns are left out. `use_chosen`:
+    a preference record (prompt, chosen, rejected) is its prompt and chosen reply, else it is refused."""
     if isinstance(record, list):
-        pairs, keys = record, ("speaker", "text")
-    elif isinstance(record, dict) and isinstance(record.get("messages"), list):
-        pairs, keys = record["messages"], ("role", "content")
-    elif isinstance(record, dict) and isinstance(record.get("conversations"), list):
-        pairs, keys = record["conversations"], ("from", "value")
-    elif isinstance(record, dict) and isinstance(record.get("turns", record.get("dialogue")), list):
-        pairs, keys = record.get("turns", record.get("dialogue")), ("speaker", "text")
-    elif isinstance(record, dict) and (key := next((k for k in LIST_KEYS if k in record), None)):
+        return "turns", _turns(record, ("speaker", "text"), where)
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: {_kind(record)} is not a dialogue; expected {FORMATS}")
+    for key, keys, name in (("messages", ("role", "content"), "messages"),
+                            ("conversations", ("from", "value"), "conversations"),
+                            ("turns", ("speaker", "text"), "turns"), ("dialogue", ("speaker", "text"), "turns")):
+        if isinstance(record.get(key), list):
+            return name, _turns(record[key], keys, where)
+    if key := next((k for k in LIST_KEYS if k in record), None):
         # {"messages": "hi"} is not one turn by a speaker called "messages": the format is right, the value wrong
         raise UserError(f"{where}: {key!r} is {_kind(record[key])}; expected a list of turns")
-    elif isinstance(record, dict) and any(isinstance(v, str) for _, v in getattr(record, "pairs", record.items())):
+    if "chosen" in record or "rejected" in record:
+        return "preference", _preference(record, where, use_chosen)
+    if "prompt" in record or "completion" in record:
+        return "prompt/completion", _prompt_completion(record, where)
+    if any(k in record for k in INSTRUCTION):
+        return "instruction", _instruction(record, where)
+    fields = [k for k in record if k.strip().lower() in FIELD_KEYS]
+    if "text" in (k.strip().lower() for k in fields):
+        raise UserError(f"{where}: a plain-text record ({{'text': ...}}): text to continue, not a dialogue of "
+                        f"turns; expected {RECORD_FORMATS}")
+    if fields:
+        raise UserError(f"{where}: keys {', '.join(map(repr, list(record)[:8]))} match no record format (a speaker is "
+                        f"never named {fields[0]!r}); expected {RECORD_FORMATS}")
+    if any(isinstance(v, str) for _, v in getattr(record, "pairs", record.items())):
         pairs = getattr(record, "pairs", record.items())  # every turn, a repeated speaker's too
-        return [t for t in (_turn(s, v, where, f"speaker {s[:60]!r}") for s, v in pairs) if t]
-    else:
-        raise UserError(f"{where}: {_kind(record)} is not a dialogue; expected {FORMATS}")
+        return "mapping", [t for t in (_turn(s, v, where, f"speaker {s[:60]!r}") for s, v in pairs) if t]
+    keys = f" with keys {', '.join(map(repr, list(record)[:8]))}" if record else ""
+    raise UserError(f"{where}: {_kind(record)}{keys} is not a dialogue; expected {RECORD_FORMATS}")
+
+
+def _turns(pairs, keys, where):
     turns = []
     for i, item in enumerate(pairs, 1):
         missing = [k for k in keys if not isinstance(item, dict) or k not in item]
@@ -386,6 +478,69 @@ def parse_record(record, where):
         if turn:
             turns.append(turn)
     return turns
+
+
+def _field(record, names, where, what, required=True):
+    """The string under the first of `names` in the record ("" where absent and not `required`)."""
+    key = next((k for k in names if k in record), None)
+    if key is None:
+        if required:
+            raise UserError(f"{where}: {what} without {' or '.join(map(repr, names))}; expected {RECORD_FORMATS}")
+        return ""
+    if not isinstance(record[key], str):
+        raise UserError(f"{where}: {key!r} is {_kind(record[key])}, expected a string")
+    return record[key]
+
+
+def _said(record, key, role, where, what):
+    """A prompt or completion: a string (one turn by `role`) or a list of messages ({"role", "content"})."""
+    if key not in record:
+        raise UserError(f"{where}: {what} without {key!r}; expected {RECORD_FORMATS}")
+    value = record[key]
+    if isinstance(value, str):
+        turn = _turn(role, value, where, repr(key))
+        return [turn] if turn else []
+    if isinstance(value, list):
+        return _turns(value, ("role", "content"), f"{where}: {key!r}")
+    raise UserError(f"{where}: {key!r} is {_kind(value)}; expected a string or a list of messages")
+
+
+def _instruction(record, where):
+    """Alpaca: the instruction (and the input, where there is one) is the user's turn, the output the assistant's;
+    `system` a system turn first, `history` ([[question, answer], ...]) the exchanges before."""
+    what = "an instruction record"
+    turns = []
+    if "system" in record:
+        turns.append(_turn(SYSTEM, _field(record, ("system",), where, what), where, "'system'"))
+    history = record.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(h, list) and len(h) == 2 for h in history):
+        raise UserError(f"{where}: 'history' is {_kind(history)}; expected a list of [question, answer] pairs")
+    for i, (question, answer) in enumerate(history, 1):
+        turns += [_turn(USER, question, where, f"history {i}"), _turn(ASSISTANT, answer, where, f"history {i}")]
+    asked = "\n\n".join(t for t in (_field(record, INSTRUCTION, where, what),
+                                      _field(record, INPUT, where, what, required=False)) if t.strip())
+    turns += [_turn(USER, asked, where, "the instruction"),
+              _turn(ASSISTANT, _field(record, OUTPUT, where, what), where, repr(next(k for k in OUTPUT if k in record)))]
+    return [t for t in turns if t]
+
+
+def _prompt_completion(record, where):
+    """TRL's: the prompt (a user turn, or messages) is the context, the completion (an assistant turn, or messages)
+    the reply."""
+    what = "a prompt/completion record"
+    return _said(record, "prompt", USER, where, what) + _said(record, "completion", ASSISTANT, where, what)
+
+
+def _preference(record, where, use_chosen):
+    """A preference pair: refused, unless `use_chosen`, then the prompt (explicit, or the chosen conversation's own
+    turns) and the chosen reply."""
+    if not use_chosen:
+        raise UserError(f"{where}: a preference record (chosen/rejected): it ranks two replies, it is not one "
+                        f"dialogue; to train on the prompt and its chosen reply, dropping the rejected one, set "
+                        f"--use_chosen=True")
+    what = "a preference record"
+    prompt = _said(record, "prompt", USER, where, what) if "prompt" in record else []
+    return prompt + _said(record, "chosen", ASSISTANT, where, what)
 
 
 def _turn(speaker, text, where, which):

@@ -3,20 +3,16 @@ GPT-2 with a BPE tokenizer trained on the data), and adapting it for training (L
 Where it runs is hardware.py's; saving a model, like every directory we write, is checkpoints.py's."""
 
 import contextlib
-import functools
 import os
 import re
-import socket
-import threading
 import warnings
-from urllib.parse import urlparse
 
 import torch
-from huggingface_hub import constants as hub_constants
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel,
                           PreTrainedTokenizerFast)
 from transformers.activations import GELUTanh, NewGELUActivation
 
+import hub
 from checkpoints import check_manifest
 from cli import UserError, no_such
 
@@ -145,39 +141,10 @@ def adapt(model, cfg, adapter=None):
 
 
 def cache_only(name):
-    """Offline, a Hub model loads from the local cache at once, or not at all (the client's retries take a minute).
-    A Hub found unreachable puts the Hub client in offline mode for the rest of the process, as HF_HUB_OFFLINE=1
-    would: local_files_only alone leaves requests that still retry for 20 s each (transformers looking for a LoRA
-    adapter's config beside a cached model, the client fetching its own registry)."""
-    if os.path.isdir(name) or hub_reachable():
-        return False
-    hub_constants.HF_HUB_OFFLINE = True
-    return True
-
-
-@functools.lru_cache(maxsize=None)  # asked once a run: the tokenizer's load and the model's
-def hub_reachable(timeout=3.0):
-    """Whether the Hugging Face Hub answers a connection within `timeout` seconds. Offline, the Hub client retries
-    for most of a minute before it gives up; this asks once. True where HF_HUB_OFFLINE is set (the client then never
-    asks) or a proxy is set (only the client knows how to go through it)."""
-    if hub_constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY",
-                                                                            "all_proxy")):
-        return True
-    url = urlparse(hub_constants.ENDPOINT)
-    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
-    result = []
-
-    def connect():  # in a thread: a name lookup has no timeout of its own
-        try:
-            socket.create_connection(address, timeout).close()
-            result.append(True)
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result)
+    """Offline, a Hub model loads from the local cache at once, or not at all (hub.py): local_files_only alone
+    leaves requests that still retry for 20 s each (transformers looking for a LoRA adapter's config beside a cached
+    model, the client fetching its own registry)."""
+    return not os.path.isdir(name) and hub.offline_unless_reachable()
 
 
 def fused_gelu(model):

@@ -16,7 +16,7 @@ import pytest
 
 import cli
 import launch
-from conftest import ROOT, run, script_env
+from conftest import ROOT, one_error_line, run, script_env
 from dialogues import read_dialogues, split_key
 
 SHIPPED = os.path.join(ROOT, "llm_train_text.json")
@@ -93,7 +93,7 @@ def ok(result):
 
 def summary(result):
     m = re.search(r"read (\d+) dialogues .*kept (\d+), dropped (\d+) \((\d+) empty, (\d+) duplicate\); "
-                  r"train (\d+) / val (\d+) dialogues", result.stdout)
+                  r"(?:[\d,]+ left out by weight; )?train (\d+) / val (\d+) dialogues", result.stdout)
     assert m, result.stdout
     return dict(zip(["read", "kept", "dropped", "empty", "duplicate", "train", "val"], map(int, m.groups())))
 
@@ -119,6 +119,156 @@ def test_formats_can_be_mixed_in_one_file(tmp_path):
     ok(prepare(tmp_path, data))
     train, val = outputs(tmp_path)
     assert sorted(train + val) == sorted(dialogues)
+
+
+# SFT records: each (record, the dialogue it becomes), its turns spoken by the chat roles. One format per file, as a
+# Parquet table has one schema (test_prepare_data_datasets.py reads them as Parquet).
+SYS = [{"role": "system", "content": "Be brief."}]
+SFT = {
+    "alpaca": ([{"instruction": "Say hi", "input": "", "output": "hi"},
+                {"instruction": "Translate to English.", "input": "Bonjour", "output": "Hello"}],
+               [[("user", "Say hi"), ("assistant", "hi")],
+                [("user", "Translate to English. Bonjour"), ("assistant", "Hello")]]),
+    "alpaca with system and history": (
+        [{"system": "Be brief.", "instruction": "And 3+3?", "input": "", "output": "6",
+          "history": [["2+2?", "4"], ["And 3+2?", "5"]]},
+         {"system": "", "instruction": "Name a color.", "input": "", "output": "Red", "history": []}],
+        [[("system", "Be brief."), ("user", "2+2?"), ("assistant", "4"), ("user", "And 3+2?"), ("assistant", "5"),
+          ("user", "And 3+3?"), ("assistant", "6")], [("user", "Name a color."), ("assistant", "Red")]]),
+    "dolly": ([{"instruction": "Who wrote it?", "context": "Hamlet is a play.", "response": "Shakespeare.",
+                "category": "closed_qa"},
+               {"instruction": "Name a fruit.", "context": "", "response": "Apple.", "category": "brainstorming"}],
+              [[("user", "Who wrote it? Hamlet is a play."), ("assistant", "Shakespeare.")],
+               [("user", "Name a fruit."), ("assistant", "Apple.")]]),
+    "prompt/completion strings": ([{"prompt": "The sky is", "completion": " blue."},
+                                   {"prompt": "Grass is", "completion": " green."}],
+                                  [[("user", "The sky is"), ("assistant", "blue.")],
+                                   [("user", "Grass is"), ("assistant", "green.")]]),
+    "prompt/completion messages": (
+        [{"prompt": SYS + [{"role": "user", "content": "Hi?"}],
+          "completion": [{"role": "assistant", "content": "Hello."}]},
+         {"prompt": SYS + [{"role": "user", "content": "Bye?"}],
+          "completion": [{"role": "assistant", "content": "Bye."}]}],
+        [[("system", "Be brief."), ("user", "Hi?"), ("assistant", "Hello.")],
+         [("system", "Be brief."), ("user", "Bye?"), ("assistant", "Bye.")]]),
+}
+# preference pairs, read with --use_chosen=True: the prompt and the chosen reply, never the rejected one
+CHOSEN = {
+    "explicit prompt": ([{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
+                         {"prompt": "Bye", "chosen": "See you!", "rejected": "Finally."}],
+                        [[("user", "Hi"), ("assistant", "Hello!")], [("user", "Bye"), ("assistant", "See you!")]]),
+    "implicit prompt": ([{"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+                          "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "No."}]},
+                         {"chosen": [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ciao!"}],
+                          "rejected": [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ugh."}]}],
+                        [[("user", "Hi"), ("assistant", "Hello!")], [("user", "Bye"), ("assistant", "Ciao!")]]),
+}
+
+
+@pytest.mark.parametrize("writer", [write_array, write_jsonl], ids=["array", "jsonl"])
+@pytest.mark.parametrize("fmt", SFT)
+def test_sft_records_become_dialogues_of_roles(tmp_path, fmt, writer):
+    records, expected = SFT[fmt]
+    result = ok(prepare(tmp_path, writer(tmp_path / "data.json", records)))
+    train, val = outputs(tmp_path)
+    assert sorted(train + val) == sorted(expected)
+    kind = "instruction" if "completion" not in fmt else "prompt/completion"
+    assert f"formats: {kind} 2;" in result.stdout
+    assert "the replies are the 'assistant' turns: train.py --train_speakers='[\"assistant\"]'" in result.stdout
+
+
+@pytest.mark.parametrize("writer", [write_array, write_jsonl], ids=["array", "jsonl"])
+@pytest.mark.parametrize("case", CHOSEN)
+def test_preference_records_are_their_chosen_dialogue_when_asked(tmp_path, case, writer):
+    records, expected = CHOSEN[case]
+    data = writer(tmp_path / "data.json", records)
+    refused = prepare(tmp_path, data)
+    assert "a preference record" in one_error_line(refused)
+    assert sorted(os.listdir(tmp_path)) == ["data.json"]
+    result = ok(prepare(tmp_path, data, "--use_chosen=True"))
+    train, val = outputs(tmp_path)
+    assert sorted(train + val) == sorted(expected)
+    assert "formats: preference 2;" in result.stdout
+
+
+def test_the_summary_names_the_formats_and_the_speakers(tmp_path):
+    records = ([record(d, "messages") for d in synthetic(3)] + [dict(d) for d in synthetic(2, start=3)]
+               + SFT["alpaca"][0])
+    result = ok(prepare(tmp_path, write_jsonl(tmp_path / "data.jsonl", records)))
+    found = result.stdout.strip().splitlines()[-1]
+    # the most frequent first (a tie in the order found): Alex speaks twice in a message list, once in a mapping
+    assert found.startswith("formats: messages 3, mapping 2, instruction 2; speakers (turns): Alex 8, Bob 5, "
+                            "user 2, assistant 2;"), found
+    mapping_only = ok(prepare(tmp_path, write_jsonl(tmp_path / "data.jsonl", [dict(d) for d in synthetic(4)])))
+    assert mapping_only.stdout.strip().splitlines()[-1] == "formats: mapping 4; speakers (turns): Alex 4, Bob 4"
+
+
+def test_a_json_lines_file_of_one_record_is_read(tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", [record(synthetic(1)[0] + HELLO + HOW, "messages")])
+    line = one_error_line(prepare(tmp_path, data))
+    assert "1 usable dialogue(s) of 1 records" in line  # the record was read: one dialogue is too few to split
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# several sources
+
+def test_sources_are_mixed_each_in_its_own_format(tmp_path):
+    chats = write_jsonl(tmp_path / "chats.jsonl", [record(d, "sharegpt") for d in synthetic(40)])
+    alpaca = write_array(tmp_path / "alpaca.json", [{"instruction": f"Say {i}", "input": "", "output": f"{i}!"}
+                                                    for i in range(40)])
+    result = ok(prepare(tmp_path, f'["{chats}", "{alpaca}"]'))
+    train, val = outputs(tmp_path)
+    assert len(train) + len(val) == 80
+    alone = {}
+    for name in ("chats", "alpaca"):  # each dialogue on the side it takes alone: the split is per dialogue
+        d = tmp_path / name
+        d.mkdir()
+        ok(prepare(d, tmp_path / f"{name}{'.jsonl' if name == 'chats' else '.json'}"))
+        alone[name] = outputs(d)
+    assert as_set(train) == as_set(alone["chats"][0] + alone["alpaca"][0])
+    assert as_set(val) == as_set(alone["chats"][1] + alone["alpaca"][1])
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"  {chats}: read 40, kept 40 (0 empty, 0 duplicate); train ")
+    assert lines[1].startswith(f"  {alpaca}: read 40, kept 40 (0 empty, 0 duplicate); train ")
+    assert summary(result)["kept"] == 80 and "from 2 sources" in lines[2]
+    assert lines[3].startswith("formats: conversations 40, instruction 40;")
+
+
+def test_a_weight_takes_a_share_or_copies_and_dialogues_the_first(tmp_path):
+    chats = write_jsonl(tmp_path / "chats.jsonl", [record(d, "messages") for d in synthetic(200)])
+    more = write_jsonl(tmp_path / "more.jsonl", [record(d, "messages") for d in synthetic(100, start=500)])
+    half = ok(prepare(tmp_path, f'[{{"path": "{chats}", "weight": 0.5}}]'))
+    n = summary(half)
+    assert 70 <= n["kept"] <= 130  # a hash picks about half
+    kept = as_set(sum(outputs(tmp_path), []))
+    assert kept < as_set(synthetic(200)) and "left out by weight" in half.stdout
+    again = ok(prepare(tmp_path, f'[{{"path": "{chats}", "weight": 0.5}}, "{more}"]'))
+    assert as_set(sum(outputs(tmp_path), [])) == kept | as_set(synthetic(100, start=500))  # the same half
+    twice = ok(prepare(tmp_path, f'[{{"path": "{more}", "weight": 2}}, {{"path": "{chats}", "dialogues": 30}}]'))
+    train, val = outputs(tmp_path)
+    more_train = [d for d in train if d in synthetic(100, start=500)]
+    assert len(more_train) == 2 * len(as_set(more_train))  # each twice in the train file
+    assert len(val) == len(as_set(val))  # once in the validation file
+    assert as_set(d for d in train + val if d in synthetic(200)) == as_set(synthetic(30))  # the first 30
+    assert f"  {more}: read 100, kept 100" in twice.stdout and "more copies" in twice.stdout
+    assert f"  {chats}: read 30, kept 30" in twice.stdout  # the rest is never read
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("[]", "DATA_FILE is an empty list"),
+    ('["a.json", 5]', "DATA_FILE entry 2: 5: expected a path or Hub id"),
+    ('[{"path": "a.json", "weight": 0}]', "DATA_FILE entry 1: 'weight' must be a number above 0"),
+    ('[{"path": "a.json", "weight": 2, "dialogues": 5}]', "DATA_FILE entry 1: give 'weight' or 'dialogues', not both"),
+    ('[{"path": "a.json", "dialogues": 0.5}]', "DATA_FILE entry 1: 'dialogues' must be a whole number above 0"),
+    ('[{"path": "a.json", "wieght": 2}]', "DATA_FILE entry 1: unknown key 'wieght'"),
+    ('["a.json", "a.json"]', "DATA_FILE names a.json twice"),
+    ('["a.json", "missing.json"]', "missing.json: no such file"),
+])
+def test_bad_sources_are_one_line(tmp_path, value, fragment):
+    write_jsonl(tmp_path / "a.json", [dict(d) for d in synthetic(5)])
+    line = one_error_line(prepare(tmp_path, value))
+    assert fragment in line
+    assert sorted(os.listdir(tmp_path)) == ["a.json"]
 
 
 def test_speakers_trimmed_colons_removed_and_whitespace_collapsed(tmp_path):
@@ -259,7 +409,7 @@ def test_empty_turns_are_skipped_and_empty_dialogues_dropped(tmp_path):
 def test_summary_line_reports_counts(tmp_path):
     data = write_array(tmp_path / "data.json", [dict(HELLO), dict(HOW), dict(HELLO), {"Alex": " "}, {"Cy": "Yo"}])
     result = ok(prepare(tmp_path, data))
-    assert len(result.stdout.strip().splitlines()) == 1
+    assert len(result.stdout.strip().splitlines()) == 2  # the counts, then what was read
     s = summary(result)
     assert s == {"read": 5, "kept": 3, "dropped": 2, "empty": 1, "duplicate": 1,
                  "train": s["train"], "val": 3 - s["train"]}
@@ -295,7 +445,7 @@ BAD = {
     "invalid json": (b'[{"Alex": "Hi"},\n {"Bob": }]', ["line 2", "column"]),
     "broken second json line": (b'{"Alex": "Hi", "Bob": "Yo"}\n{"Alex": "oops"\n{"Alex": "x", "Bob": "y"}\n',
                                 ["line 2"]),
-    "top level object": (b'{"Alex": "Hi", "Bob": "Yo"}', ["top level", "object"]),
+    "top level object": (b'{"Alex": "Hi", "Bob": "Yo"}', ["1 usable dialogue(s) of 1 records"]),  # JSON Lines
     "top level number": (b"42", ["top level", "number"]),
     "record is a number": (b'[{"Alex": "Hi"}, 7, {"Bob": "Yo"}]', ["record 2", "number", "expected", "speaker"]),
     "record of no known format": (b'[{"Alex": "Hi"}, {"x": 1}, {"Bob": "Yo"}]', ["record 2", "expected", "messages"]),

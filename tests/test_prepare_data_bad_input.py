@@ -99,7 +99,9 @@ def generated():
 
     for value, kind in WRONG:
         name = kind.split()[-1]
-        if not isinstance(value, list):  # a list is the right type for the whole file
+        if isinstance(value, dict):  # an object on one line is JSON Lines of one record
+            cases[f"top level is {name}"] = json.dumps(value).encode(), reject(f"line 1: {kind} is not a dialogue")
+        elif not isinstance(value, list):  # a list is the right type for the whole file
             cases[f"top level is {name}"] = json.dumps(value).encode(), reject("the top level is " + kind)
         add(f"record is {name}", value,
             accept(HELLO, HOW) if value == [] else  # a bare list of no turns: an empty dialogue, dropped
@@ -267,6 +269,48 @@ HAND = {
         reject("invalid JSON at line 11, column 1", "Extra data")),
     "trailing comma in a JSON array": (
         b'[\n{"Alex": "Hi", "Bob": "Yo"},\n{"Alex": "x", "Bob": "y"},\n]', reject("invalid JSON at line 4, column 1")),
+    # records that are not dialogues or SFT records: never read as speakers named after their keys
+    "a preference record": (
+        around({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}),
+        reject("record 2: a preference record (chosen/rejected)", "--use_chosen=True")),
+    "a preference record with messages and an implicit prompt": (
+        around_lines({"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+                      "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "No."}]}),
+        reject("line 2: a preference record (chosen/rejected)")),
+    "a plain-text record": (
+        around({"text": "Once upon a time there was a dialogue."}), reject("record 2: a plain-text record")),
+    "a plain-text record with an id": (
+        around_lines({"id": "7", "text": "Once upon a time."}), reject("line 2: a plain-text record")),
+    "question and answer keys": (
+        around({"question": "Why?", "answer": "Because."}),
+        reject("record 2: keys 'question', 'answer' match no record format", "expected an object mapping speaker",
+               '{"instruction", "input", "output"}', '{"prompt", "completion"}')),
+    "a mapping with a speaker called output": (
+        around({"Alex": "Hi", "output": "Yo"}), reject("record 2: keys 'Alex', 'output' match no record format")),
+    "an instruction without its output": (
+        around({"instruction": "Say hi", "input": ""}),
+        reject("record 2: an instruction record without 'output' or 'response'")),
+    "an instruction whose output is a list": (
+        around_lines({"instruction": "Say hi", "output": ["hi"]}), reject("line 2: 'output' is a list, expected a string")),
+    "an instruction with a history that is no pairs": (
+        around({"instruction": "Say hi", "output": "hi", "history": ["Hello?"]}),
+        reject("record 2: 'history' is a list; expected a list of [question, answer] pairs")),
+    "a prompt without its completion": (
+        around({"prompt": "Say hi"}), reject("record 2: a prompt/completion record without 'completion'")),
+    "a completion that is a number": (
+        around({"prompt": "Say hi", "completion": 5}),
+        reject("record 2: 'completion' is a number; expected a string or a list of messages")),
+    "a completion message without its content": (
+        around({"prompt": "Say hi", "completion": [{"role": "assistant"}]}),
+        reject("record 2: 'completion': turn 1 is an object without 'content'")),
+
+    # one record
+    "JSON Lines of one record": (  # read, as one record (it was refused as "the top level is an object")
+        lines({"instruction": "Say hi", "output": "hi"}), reject("1 usable dialogue(s) of 1 records")),
+    "one object over several lines": (
+        json.dumps({"instruction": "Say hi", "output": "hi"}, indent=2).encode(),
+        reject("data.json: the top level is an object with keys 'instruction', 'output' over several lines")),
+
     "turn without its text": (
         around([{"speaker": "Alex", "text": "Hi"}, {"speaker": "Bob"}]),
         reject("record 2: turn 2 is an object without 'text'; expected")),

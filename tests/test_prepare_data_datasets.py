@@ -13,7 +13,8 @@ import pytest
 
 from conftest import run
 from dialogues import read_dialogues
-from test_prepare_data import HELLO, HOW, everything, ok, outputs, record, summary, synthetic, write_jsonl
+from test_prepare_data import (CHOSEN, HELLO, HOW, SFT, everything, ok, outputs, record, summary, synthetic,
+                               write_jsonl)
 
 # datasets keeps lock files under HF_HOME even when it streams: the tests' go to their own directory
 ENV_HOME = "HF_HOME"
@@ -159,6 +160,34 @@ def test_a_directory_of_several_configs_is_one_line_naming_them(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# SFT records and sources in Parquet
+
+@pytest.mark.parametrize("fmt", list(SFT))
+def test_sft_records_in_parquet(tmp_path, fmt):
+    records, expected = SFT[fmt]
+    ok(prepare(tmp_path, write_parquet(tmp_path / "data.parquet", records)))
+    train, val = outputs(tmp_path)
+    assert sorted(train + val) == sorted(expected)
+
+
+def test_preference_records_in_parquet_are_refused_unless_asked(tmp_path):
+    records, expected = CHOSEN["explicit prompt"]
+    data = write_parquet(tmp_path / "data.parquet", records)
+    assert "data.parquet: row 1: a preference record (chosen/rejected)" in one_error(prepare(tmp_path, data))
+    ok(prepare(tmp_path, data, "--use_chosen=True"))
+    assert sorted(sum(outputs(tmp_path), [])) == sorted(expected)
+
+
+def test_a_parquet_file_and_a_dataset_directory_mixed(tmp_path):
+    table = write_parquet(tmp_path / "a.parquet", [record(d, "messages") for d in synthetic(6)])
+    write_parquet(tmp_path / "chats/data/train-00000-of-00001.parquet", SFT["alpaca"][0])
+    write_parquet(tmp_path / "chats/data/test-00000-of-00001.parquet", SFT["dolly"][0])
+    result = ok(prepare(tmp_path, f'["{table}", {{"path": "chats", "split": "test"}}]'))
+    assert sorted(sum(outputs(tmp_path), [])) == sorted(synthetic(6) + SFT["dolly"][1])
+    assert "  chats[test]: read 2, kept 2" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Hub ids, offline
 
 def test_a_hub_id_offline_is_one_clear_line(tmp_path):
@@ -166,6 +195,21 @@ def test_a_hub_id_offline_is_one_clear_line(tmp_path):
     assert line.startswith("error: someone/chats[train_sft]: no local file or directory of that name, and the Hub "
                            "dataset can't be loaded: ")
     assert "offline" in line.lower()
+    assert everything(tmp_path).keys() <= {".hf"}
+
+
+PROXIES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def test_an_unreachable_hub_is_one_line_at_once(tmp_path):
+    """Without HF_HUB_OFFLINE, where nothing answers (port 9, no proxy): the client would retry for 24 s, a line a
+    try; the Hub is asked once, found unreachable, and the dataset then comes from the local cache or not at all."""
+    hub = {"HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None, "HF_DATASETS_OFFLINE": None, "HF_ENDPOINT": "http://127.0.0.1:9",
+           **dict.fromkeys(PROXIES), ENV_HOME: str(tmp_path / ".hf")}
+    result = run("prepare_data.py", "--data_file=someone/chats", cwd=tmp_path, env=hub, process=True)
+    line = one_error(result)
+    assert line.startswith("error: someone/chats[train]: no local file or directory of that name, and the Hub "
+                           "dataset can't be loaded (the Hub is unreachable: offline?): ")
     assert everything(tmp_path).keys() <= {".hf"}
 
 

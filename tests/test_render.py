@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 import cli
 from batching import collate, make_blocks
-from dialogues import clean_text, format_dialogue
+from dialogues import clean_text, format_dialogue, parse_record
 from render import (CHAT_TEMPLATE, SYSTEM, encode, prompt, render, render_chat, role_map, start_id, template_rules,
                     with_system)
 from tiny import EOS_ID, chat_tokenizer, gpt2_bpe, gpt2_tokenizer, synthetic
@@ -314,6 +314,25 @@ def test_ids_are_the_templates_and_the_mask_is_the_assistants_text_and_end(name)
         assert trained_runs(tok, rendered) == [f"{t}{end}" for s, t in EXCHANGE[:-1] if s == "Jordan"] + \
             [EXCHANGE[-1][1] + last]
         assert "Be brief" not in "".join(trained_runs(tok, render_chat(tok, [turns], roles)[0]))  # never trained
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_sft_records_render_as_their_roles_and_train_the_replies_alone(name):
+    """An instruction or prompt/completion record is a dialogue of the roles themselves (prepare_data.py): in a chat
+    template, with TRAIN_SPEAKERS=["assistant"] as prepare_data.py's summary suggests, the ids are the template's for
+    those messages and only the replies (and their end of turn) are trained."""
+    tok, end = family(name), FAMILIES[name][-1]
+    alpaca = {"instruction": "And 3+3?", "input": "", "output": "6", "history": [["2+2?", "4"]]}
+    if template_rules(tok)[1]:  # a template with no system slot: where it goes is test_the_system_message_goes_...
+        alpaca["system"] = "Be brief."
+    chat = {"prompt": [{"role": "user", "content": "Hi?"}], "completion": [{"role": "assistant", "content": "Hey."}]}
+    for record, replies in ((alpaca, ["4", "6"]), (chat, ["Hey."])):
+        _, turns = parse_record(record, "record")
+        rendered = render_chat(tok, [turns], role_map(None, ["assistant"]), train_speakers=["assistant"])[0]
+        msgs = [{"role": s, "content": t} for s, t in turns]
+        assert [t for tid, _ in rendered for t in tid] == template_ids(tok, msgs), name
+        last = end + (tok.eos_token if name == "phi3" else "")
+        assert trained_runs(tok, rendered) == [f"{r}{end}" for r in replies[:-1]] + [replies[-1] + last]
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cache
 import cli
+import hub
 import launch
 import loss
 import modeling
@@ -366,7 +367,7 @@ def test_the_cached_pipeline_trains_the_same_weights(tmp_path):
 
 def corpus(n, seed):
     """n distinct dialogues in the shipped data's style: its dialogues, each turn numbered."""
-    shipped = [parse_record(r, where) for r, where in load_records(os.path.join(ROOT, "llm_train_text.json"))]
+    shipped = [parse_record(r, where)[1] for r, where in load_records(os.path.join(ROOT, "llm_train_text.json"))]
     rng = random.Random(seed)
     return [[(s, f"{t} ({i})") for s, t in rng.choice(shipped)] for i in range(n)]
 
@@ -690,13 +691,14 @@ def test_an_unreachable_hub_is_asked_once(processes, monkeypatch):
     probe connects once a run: the tokenizer's load and the model's both ask, the second taking the first's answer."""
     for name in PROXIES:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(modeling.hub_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(modeling.hub_constants, "ENDPOINT", "http://127.0.0.1:9")
-    modeling.hub_reachable.cache_clear()  # an answer cached by an earlier test would make this one prove nothing
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    hub.reachable.cache_clear()  # an answer cached by an earlier test would make this one prove nothing
     try:
-        assert modeling.hub_reachable() is False
+        assert hub.reachable() is False
     finally:
-        modeling.hub_reachable.cache_clear()  # nor may this one's answer outlive the settings patched here
+        hub.reachable.cache_clear()  # nor may this one's answer outlive the settings patched here
     d, p = processes["test_an_unreachable_hub_is_asked_once"].result()  # train.py, asking the Hub there
     assert "scratch" in one_error_line(p)
     counted = json.loads((d / "hub.json").read_text())
