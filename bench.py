@@ -101,9 +101,10 @@ def matmul_peak(device, dtype, n, seconds):
 class Loop:
     """train.py's steps, timed: its data order (batching.Steps, from the first step of the first epoch) and its step
     (step.train_step) on a one-process layout. run() takes more steps, timed or not, so that they can alternate with
-    the Hugging Face Trainer's."""
+    another's; run(shared=True) takes the step with the pieces of a packed block seeing each other, as train.py did
+    before masks.py (the same model and optimizer: the figures are times and memory), timed apart."""
 
-    def __init__(self, model, blocks, cfg, pad, device, dtype, shared=False):
+    def __init__(self, model, blocks, cfg, pad, device, dtype):
         import torch
 
         import masks
@@ -116,18 +117,16 @@ class Loop:
         self.scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
         self.steps = Steps(blocks, cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS, cfg.BLOCK_SIZE, cfg.SEED, pad,
                            split=masks.form(model) is None)
-        self.shared = shared  # the pieces of a block see each other: the step as it was before masks.py
         self.blocks, self.grad_clip, self.device = blocks, cfg.GRAD_CLIP, device
         self.epoch = self.offset = 0
-        self.trained = self.positions = self.real = 0
-        self.elapsed = 0.0
+        self.timed = {False: [0.0, 0, 0, 0], True: [0.0, 0, 0, 0]}  # shared or not: seconds, trained, positions, real
 
-    def run(self, n, timed=True):
+    def run(self, n, timed=True, shared=False):
         import step
         from batching import count
         for _ in range(n):
             blocks, micro, positions = self.steps.at(self.epoch, self.offset)
-            if self.shared:
+            if shared:
                 micro = [(x, y, None) for x, y, _ in micro]
             sync(self.device)
             t = time.perf_counter()
@@ -138,13 +137,14 @@ class Loop:
             if self.offset >= len(self.blocks):  # as train.py goes on: the next epoch, in an order of its own
                 self.epoch, self.offset = self.epoch + 1, 0
             if timed:  # untimed warm-up steps pay for allocation, page faults and kernel selection
-                self.elapsed += seconds
-                self.trained, self.positions = self.trained + trained, self.positions + positions
-                self.real += count(blocks)[1]
+                figures = self.timed[shared]
+                for k, v in enumerate((seconds, trained, positions, count(blocks)[1])):
+                    figures[k] += v
 
-    def figures(self):
-        return {"train_tokens_per_s": self.trained / self.elapsed, "all_tokens_per_s": self.positions / self.elapsed,
-                "padding": 1 - self.real / self.positions}
+    def figures(self, shared=False):
+        seconds, trained, positions, real = self.timed[shared]
+        return {"train_tokens_per_s": trained / seconds, "all_tokens_per_s": positions / seconds,
+                "padding": 1 - real / positions}
 
 
 def train_speed(model, blocks, dialogues, tokenizer, cfg, device, dtype):
@@ -163,23 +163,20 @@ def train_speed(model, blocks, dialogues, tokenizer, cfg, device, dtype):
     Loop(model, blocks, checkpointed, pad, device, dtype).run(2, timed=False)
     memory_gc = hardware.peak_memory_mb(device)
     getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
-    other = None
-    if cfg.BENCH_COMPARE_SHARED:  # the same model, stepped by both loops: their figures are times and memory
-        model.load_state_dict(init)
-        hardware.reset_peak_memory(device)
-        other = Loop(model, blocks, cfg, pad, device, dtype, shared=True)
-        other.run(cfg.BENCH_WARMUP, timed=False)
-        other_memory = hardware.peak_memory_mb(device)
     model.load_state_dict(init)
+    loop, other = Loop(model, blocks, cfg, pad, device, dtype), None
+    if cfg.BENCH_COMPARE_SHARED:
+        hardware.reset_peak_memory(device)
+        loop.run(cfg.BENCH_WARMUP, timed=False, shared=True)
+        other = {"peak_memory_mb": hardware.peak_memory_mb(device)}
     hardware.reset_peak_memory(device)
-    loop = Loop(model, blocks, cfg, pad, device, dtype)
     loop.run(cfg.BENCH_WARMUP, timed=False)
     memory = hardware.peak_memory_mb(device)  # before the Trainer's model exists
     if other is not None:
-        for _ in range(cfg.BENCH_STEPS):
-            other.run(1)
+        for _ in range(cfg.BENCH_STEPS):  # a step of each in turn: both see the same machine
+            loop.run(1, shared=True)
             loop.run(1)
-        other = {**other.figures(), "peak_memory_mb": other_memory}
+        other.update(loop.figures(shared=True))
     elif cfg.BENCH_COMPARE_HF:
         standard = type(model)(model.config).to(device)  # the standard model (GELU as GPT-2's), the same weights
         standard.load_state_dict(init)
