@@ -1,29 +1,19 @@
-"""The benchmarks (bench.py, bench_scale.py, bench_loss.py, and launch.py, which measures their processes) and the
-speed-ups train.py relies on: smoke runs of the benchmarks (figures present and sane, not timed), bench.py's steps
-against train.py's, and checks that each speed-up computes what the plain version does.
+"""The benchmarks, bench.py, bench_scale.py and bench_loss.py: smoke runs (figures present and sane, not timed), their
+settings checked in one line, and bench.py's steps against train.py's. The speed-ups they measure are checked where
+they live: test_modeling (fused GELU), test_step (fused AdamW), test_hardware (precision).
 
 Run: .venv/bin/python -m pytest -q tests/test_bench.py
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
-from transformers.activations import NewGELUActivation
 
-import bench
-import bench_loss
 import bench_scale
-import hardware
 import loss
-import modeling
 import step
-import train
-from cli import UserError
-from conftest import ROOT, in_background, in_process, run_script_env, script_env
+from conftest import ROOT, in_background, run
 from tiny import save_tiny_gpt2, synthetic, write_split
 
 
@@ -33,8 +23,8 @@ from tiny import save_tiny_gpt2, synthetic, write_split
 @pytest.fixture(scope="module", autouse=True)
 def benches(request, tmp_path_factory):
     """test name -> (its directory, the Future of its benchmark's run)."""
-    env, dirs = script_env(), {name: tmp_path_factory.mktemp(name) for name in ("scale", "loss")}
-    script = lambda *args: run_script_env(env, *args, cwd=ROOT)
+    dirs = {name: tmp_path_factory.mktemp(name) for name in ("scale", "loss")}
+    script = lambda *args: run(*args, cwd=ROOT, process=True)
     jobs = {"test_scale_smoke_prints_the_table": (
                 script, "bench_scale.py", "--bench_smoke=True", "--bench_scales=0.01,",
                 f"--bench_json={dirs['scale'] / 'scale.json'}", f"--bench_workdir={dirs['scale'] / 'work'}"),
@@ -44,12 +34,11 @@ def benches(request, tmp_path_factory):
         yield {name: (d, started.get(name)) for name, d in zip(jobs, dirs.values())}
 
 
-# bench.py's main() in this process (as its __main__ runs it, under cli.run): an interpreter start and torch's
-# import would cost seconds each run.
+# bench.py in this process: an interpreter start and torch's import would cost seconds each run.
 
-def test_bench_smoke_prints_the_table_and_sane_figures(tmp_path, monkeypatch, capfd):
-    result = in_process(bench.main, ROOT, ["--bench_smoke=True", f"--bench_json={tmp_path / 'bench.json'}",
-                                           "--device=cpu", "--block_size=128"], monkeypatch, capfd)
+def test_bench_smoke_prints_the_table_and_sane_figures(tmp_path):
+    result = run("bench.py", "--bench_smoke=True", f"--bench_json={tmp_path / 'bench.json'}", "--device=cpu",
+                 "--block_size=128", cwd=ROOT)
     assert result.returncode == 0, result.stderr
     for row in ("train tokens/s (trained)", "padding", "dataset trained per epoch", "MFU", "peak memory",
                 "generation tokens/s"):
@@ -68,7 +57,7 @@ def test_bench_smoke_prints_the_table_and_sane_figures(tmp_path, monkeypatch, ca
     assert ours["dataset_trained_per_epoch"] == pytest.approx(1.0)
 
 
-def test_bench_trains_train_pys_steps(tmp_path, monkeypatch, capfd):
+def test_bench_trains_train_pys_steps(tmp_path, monkeypatch):
     """The micro-batches bench.py trains on are the ones train.py trains on, step for step, with the same settings:
     these 5 dialogues make 14 blocks of 16, so that five steps of four blocks (two micro-batches of two) cross an
     epoch's end, where a step has two; and many blocks are full, so that the order depends on the seed."""
@@ -79,13 +68,12 @@ def test_bench_trains_train_pys_steps(tmp_path, monkeypatch, capfd):
     monkeypatch.setattr(step, "train_step", lambda layout, optimizer, scaler, micro, clip: (
         taken.append(micro), train_step(layout, optimizer, scaler, micro, clip))[1])
     model = save_tiny_gpt2(str(tmp_path / "tiny"))
-    result = in_process(train.main, tmp_path, [*settings, f"--model={model}", "--max_steps=5", "--eval_interval=0",
-                                               "--checkpoint_interval=0"], monkeypatch, capfd)
+    result = run("train.py", *settings, f"--model={model}", "--max_steps=5", "--eval_interval=0",
+                 "--checkpoint_interval=0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "epoch 1:" in result.stdout and "14 blocks" in result.stdout
     trains, taken[:] = taken[:], []
-    result = in_process(bench.main, tmp_path, [*settings, "--bench_smoke=True", "--data_file=train_data.txt"],
-                        monkeypatch, capfd)
+    result = run("bench.py", *settings, "--bench_smoke=True", "--data_file=train_data.txt", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     # bench.py: two steps with gradient checkpointing, then BENCH_WARMUP + BENCH_STEPS (2 + 3), each from the start
     assert len(trains) == 5 and len(taken) == 7
@@ -96,16 +84,16 @@ def test_bench_trains_train_pys_steps(tmp_path, monkeypatch, capfd):
 
 
 @pytest.mark.parametrize("script, args, words", [
-    (bench, ["--bench_smoke=True", "--block_size=0"], "BLOCK_SIZE"),
-    (bench, ["--bench_shape=(2, 64, 3)"], "BENCH_SHAPE=(2, 64, 3): expected (layers, width, heads)"),
-    (bench, ["--smoke"], "argument '--smoke': expected --name=value"),  # the old flags, one line each
-    (bench, ["--compare_hf=True"], "did you mean --bench_compare_hf"),
-    (bench_scale, ["--bench_scale=1,"], "did you mean --bench_scales,"),
-    (bench_scale, ["--bench_scales=10"], "expected a tuple like (1, 10, 100), got an int"),
-    (bench_scale, ["--bench_scales=(0,)"], "BENCH_SCALES=(0,): expected multiples of the chitchat corpus"),
-    (bench_loss, ["--bench_warmup=-1"], "BENCH_WARMUP >= 0")])
-def test_bench_settings_are_checked_in_one_line(script, args, words, monkeypatch, capfd):
-    result = in_process(script.main, ROOT, args, monkeypatch, capfd)
+    ("bench.py", ["--bench_smoke=True", "--block_size=0"], "BLOCK_SIZE"),
+    ("bench.py", ["--bench_shape=(2, 64, 3)"], "BENCH_SHAPE=(2, 64, 3): expected (layers, width, heads)"),
+    ("bench.py", ["--smoke"], "argument '--smoke': expected --name=value"),  # the old flags, one line each
+    ("bench.py", ["--compare_hf=True"], "did you mean --bench_compare_hf"),
+    ("bench_scale.py", ["--bench_scale=1,"], "did you mean --bench_scales,"),
+    ("bench_scale.py", ["--bench_scales=10"], "expected a tuple like (1, 10, 100), got an int"),
+    ("bench_scale.py", ["--bench_scales=(0,)"], "BENCH_SCALES=(0,): expected multiples of the chitchat corpus"),
+    ("bench_loss.py", ["--bench_warmup=-1"], "BENCH_WARMUP >= 0")])
+def test_bench_settings_are_checked_in_one_line(script, args, words):
+    result = run(script, *args, cwd=ROOT)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and words in result.stderr
 
@@ -128,81 +116,6 @@ def test_synthetic_corpus_is_deterministic_and_nested(tmp_path):
     assert b[:20] == a and len(set(b)) == 30
     turns = json.loads(a[0])
     assert 8 <= len(turns) <= 12 and len({t["speaker"] for t in turns}) == 2
-
-
-def test_fused_gelu_computes_what_gelu_new_does():
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100)).eval()
-    x = torch.randint(0, 100, (2, 16))
-    with torch.no_grad():
-        before = model(input_ids=x).logits
-        assert any(isinstance(m, NewGELUActivation) for m in model.modules())
-        modeling.fused_gelu(model)
-        assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
-        after = model(input_ids=x).logits
-    assert (before - after).abs().max().item() < 1e-5
-    assert model.config.activation_function == "gelu_new"  # what is saved is unchanged
-
-
-def test_fused_adamw_matches_the_plain_one():
-    torch.manual_seed(0)
-    plain = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, resid_pdrop=0.0,
-                                       embd_pdrop=0.0, attn_pdrop=0.0)).double()  # float64: only real
-    fused = GPT2LMHeadModel(plain.config).double()                                # differences show
-    fused.load_state_dict(plain.state_dict())
-    cpu = torch.device("cpu")
-    opt_fused = step.make_optimizer(fused, 1e-2, 0.1, (0.9, 0.99))
-    assert all(group["fused"] for group in opt_fused.param_groups)
-    groups = [{"params": [p for p in plain.parameters() if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in plain.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-    opt_plain = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.99), foreach=False)
-    x = torch.randint(0, 100, (2, 16))
-    for _ in range(3):
-        for model, opt in ((plain, opt_plain), (fused, opt_fused)):
-            model(input_ids=x, labels=x).loss.backward()
-            opt.step()
-            opt.zero_grad()
-    diff = max((a - b).abs().max().item() for a, b in zip(plain.parameters(), fused.parameters()))
-    assert diff < 1e-9
-    moved = max((a - b).abs().max().item() for a, b in zip(plain.parameters(),
-                                                            GPT2LMHeadModel(plain.config).parameters()))
-    assert moved > 1e-3  # the steps did something
-
-
-@pytest.mark.parametrize("precision, dtype", [("auto", None), ("fp32", None), ("bf16", torch.bfloat16)])
-def test_precision_on_cpu(precision, dtype):
-    device, chosen, note = hardware.pick("cpu", precision)
-    assert device.type == "cpu" and chosen == dtype
-    assert ("autocast" in note) == (dtype is not None)
-
-
-@pytest.mark.parametrize("precision", ["fp16", "half", "FP32"])
-def test_unsupported_precision_is_a_user_error(precision):
-    with pytest.raises(UserError, match="PRECISION"):
-        hardware.pick("cpu", precision)
-
-
-def test_peak_memory_is_the_processs_own():
-    # a child of a process that has touched 1 GB: Linux carries ru_maxrss over across exec, so it would say 1 GB
-    child = "import hardware; print(hardware.peak_rss_mb())"
-    parent = f"import subprocess, sys; big = b'x' * (1 << 30); subprocess.run([sys.executable, '-c', {child!r}])"
-    p = subprocess.run([sys.executable, "-c", parent], cwd=ROOT, env=script_env(), capture_output=True, text=True,
-                       timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert 50 < float(p.stdout) < 700, p.stdout  # its own: importing torch takes ~300 MB
-
-
-def test_measure_gives_the_childs_own_figures(tmp_path):
-    # measured from a process that has touched 1 GB: a child started straight from it would carry that over
-    child = "import sys; b = b'x' * (100 << 20); print('done'); sys.exit(3)"
-    parent = (f"import json, launch; big = b'x' * (1 << 30); "
-              f"print(json.dumps(launch.measure(['-c', {child!r}], {str(tmp_path)!r}, {str(tmp_path / 'child')!r})))")
-    p = subprocess.run([sys.executable, "-c", parent], cwd=ROOT, env=script_env(), capture_output=True, text=True,
-                       timeout=120)
-    assert p.returncode == 0, p.stderr
-    figures = json.loads(p.stdout)
-    assert figures["rc"] == 3 and figures["stdout"] == "done\n" and figures["s"] > 0
-    assert 100 < figures["rss_mb"] < 200, figures["rss_mb"]  # its 100 MB and Python's own
 
 
 # ---------------------------------------------------------------------------------------------------------------------

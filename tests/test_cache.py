@@ -1,14 +1,12 @@
-"""The token cache and the array-backed blocks: the same training as in memory, invalidated by a changed file or
-tokenizer, rebuilt when damaged, never left half-written, and memory flat in the corpus size.
+"""Tests for cache.py: the token cache and the array-backed blocks, the same as in memory, invalidated by a changed
+file or tokenizer, rebuilt when damaged, never left half-written. train.py's runs on it (the same weights cold and
+warm, start-up memory flat in the corpus size) are in test_train.py.
 
 Run: .venv/bin/python -m pytest -q tests/test_cache.py
 """
 
 import errno
 import os
-import random
-import re
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -17,16 +15,9 @@ import batching
 import cache
 import checkpoints
 import cli
-import launch
-import modeling
-import train
 from batching import make_blocks, pack_tokens
-from conftest import ROOT, run_main, script_env
-from dialogues import load_records, parse_record, read_dialogues
 from render import Rendering, render, role_map
-from tiny import chat_tokenizer, gpt2_tokenizer, max_diff, save_tiny_gpt2, synthetic, weights, write_split, write_text
-
-ENV = {"OMP_NUM_THREADS": "1"}
+from tiny import chat_tokenizer, gpt2_tokenizer, synthetic, write_text
 
 
 def cached_tokens(tmp_path, tokenizer, dialogues=None, said=None, format="speaker", train_speakers=None):
@@ -61,26 +52,6 @@ def test_chat_template_tokens_need_32_bits_only_beyond_65536_ids(tmp_path):
     assert t.ids.dtype == np.uint16 and t.start is None  # a dialogue's first token is its context
     roles = role_map(None, ["Bob"])
     assert list(cache.blocks(t, 64, print)) == list(make_blocks(tok, dialogues, 64, ["Bob"], roles))
-
-
-def test_the_cached_pipeline_trains_the_same_weights(tmp_path):
-    """Cold (tokenizes and packs into the cache), warm (maps it), and with the cache deleted half way (resumed)."""
-    model = save_tiny_gpt2(str(tmp_path / "tiny"), dropout=0.1)
-    write_split(tmp_path, synthetic(40, seed=5, max_turns=8), synthetic(8, seed=6))
-    args = [f"--model={model}", "--device=cpu", "--block_size=32", "--batch_size=2", "--max_steps=6",
-            "--checkpoint_interval=3", "--learning_rate=1e-3", "--log_interval=1"]
-    # in-process (no cache lives in memory between runs: a run finds the cache on disk or not at all)
-    cold = run_main(train.main, tmp_path, [*args, "--out_dir=cold"])
-    assert cold.returncode == 0, cold.stderr
-    assert "tokenized train_data.txt: " in cold.stdout and "start-up: " in cold.stdout
-    warm = run_main(train.main, tmp_path, [*args, "--out_dir=warm"])
-    assert warm.returncode == 0, warm.stderr
-    assert "tokenized" not in warm.stdout
-    assert max_diff(weights(tmp_path / "cold" / "final"), weights(tmp_path / "warm" / "final")) == 0
-    # in memory: make_blocks over the dialogues, the loop as train.py runs it (test_train checks that loop further)
-    t = cached_tokens(tmp_path, modeling.load_tokenizer(model))
-    assert list(cache.blocks(t, 32, print)) == list(make_blocks(gpt2_tokenizer(), read_dialogues(
-        tmp_path / "train_data.txt"), 32))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -132,40 +103,3 @@ def test_a_full_disk_leaves_no_cache_behind(tmp_path, monkeypatch):
     with pytest.raises(cli.UserError, match=r"cannot write the token cache .*No space left on device; nothing "):
         cached_tokens(tmp_path, gpt2_tokenizer(), synthetic(5))
     assert os.listdir(tmp_path / "cache") == []  # no directory, not even a temp one, that a later run could map
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# memory: flat in the corpus size
-
-def corpus(n, seed):
-    """n distinct dialogues in the shipped data's style: its dialogues, each turn numbered."""
-    shipped = [parse_record(r, where) for r, where in load_records(os.path.join(ROOT, "llm_train_text.json"))]
-    rng = random.Random(seed)
-    return [[(s, f"{t} ({i})") for s, t in rng.choice(shipped)] for i in range(n)]
-
-
-def test_start_up_memory_does_not_grow_with_the_corpus(tmp_path):
-    """train.py's own peak at the end of its start-up (its start-up line: hardware.peak_rss_mb), with a warm cache,
-    on 1x and 20x the shipped data's size: the warm runs are processes of their own (launch.measure, as the
-    benchmarks start them), side by side; the cache is built in this process."""
-    model = save_tiny_gpt2(str(tmp_path / "tiny"))
-    args = [f"--model={model}", "--device=cpu", "--max_steps=1", "--eval_interval=0", "--checkpoint_interval=0",
-            "--block_size=128"]
-    dirs = {scale: tmp_path / f"x{scale}" for scale in (1, 20)}
-    for scale, d in dirs.items():
-        d.mkdir()
-        dialogues = corpus(216 * scale, seed=scale)
-        write_split(d, dialogues, dialogues[:20])
-        assert run_main(train.main, d, [*args, "--out_dir=cold"]).returncode == 0  # builds the cache
-    with ThreadPoolExecutor(len(dirs)) as pool:
-        warm = dict(zip(dirs, pool.map(lambda d: launch.measure(
-            [os.path.join(ROOT, "train.py"), *args, "--out_dir=warm"], str(d), str(d / "warm"), env=script_env(ENV)),
-            dirs.values())))
-    rss = {}
-    for scale, p in warm.items():
-        assert p["rc"] == 0 and "tokenizing" not in p["stdout"], p["stdout"] + p["stderr"]
-        rss[scale] = float(re.search(r"^start-up: .*peak memory so far ([\d,]+) MB", p["stdout"], re.M).group(1)
-                           .replace(",", ""))
-    tokens = os.path.getsize(next((tmp_path / "x20" / "cache").glob("train_data.txt-*")) / "ids.bin") // 2
-    assert tokens > 800_000  # 20x the shipped data: the old in-memory lists took ~250 bytes a token, ~200 MB here
-    assert rss[20] - rss[1] < 40, rss

@@ -1,14 +1,21 @@
-"""Tests for what every script does at its edges (cli.py), and for how fast it answers: settings are parsed and checked
-before torch or transformers is imported. Run: .venv/bin/python -m pytest -q tests/test_cli.py"""
+"""Tests for cli.py, what every script does at its edges: --name=value settings (names, values, types, a mistyped or
+abbreviated one, --help with each setting's comment from config.py), how fast a script answers (settings are checked
+before torch or transformers is imported), one-line errors, a run's own settings, and progress on a terminal or in a
+log.
+
+Run: .venv/bin/python -m pytest -q tests/test_cli.py
+"""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 import cli
+import config
 from conftest import ROOT, script_env
 
 
@@ -36,7 +43,6 @@ def test_a_missing_path_is_shown_absolute(tmp_path, monkeypatch):
     assert cli.no_such("CHECKPOINT", "/nonexistent") == "CHECKPOINT '/nonexistent' does not exist"
 
 
-
 def test_which_model_is_one_rule_for_evaluate_and_chat(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = lambda *args: cli.load_config(list(args))
@@ -50,6 +56,145 @@ def test_which_model_is_one_rule_for_evaluate_and_chat(tmp_path, monkeypatch):
     assert cli.which_model(cfg()) == os.path.join("out", "best")
     assert cli.which_model(cfg("--checkpoint=mine")) == "mine"
     assert cli.which_model(cfg("--out_dir=elsewhere", "--checkpoint=mine")) == "mine"  # CHECKPOINT wins
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --name=value: names, values, types
+
+@pytest.mark.parametrize("arg", ["--VAL_FRACTION=0.5", "--val_fraction=0.5", "--Val-Fraction=0.5"])
+def test_setting_names_are_case_insensitive(arg):
+    assert cli.load_config([arg]).VAL_FRACTION == 0.5
+
+
+def test_overrides_do_not_leak_into_the_next_load():
+    cli.load_config(["--seed=7"])
+    assert cli.load_config([]).SEED == config.SEED
+
+
+def test_values_are_python_literals():
+    cfg = cli.load_config(["--seed=42", "--compile=True", "--betas=(0.8, 0.95)", "--train_speakers=['Bob']",
+                           "--data_file='my data.json'"])
+    assert cfg.SEED == 42 and type(cfg.SEED) is int
+    assert cfg.COMPILE is True
+    assert cfg.BETAS == (0.8, 0.95)
+    assert cfg.TRAIN_SPEAKERS == ["Bob"]
+    assert cfg.DATA_FILE == "my data.json"
+
+
+@pytest.mark.parametrize("value", ["mydata", "dir/my data.jsonl", "x.json"])
+def test_a_bare_word_is_a_string(value):
+    assert cli.load_config([f"--data_file={value}"]).DATA_FILE == value
+
+
+def test_an_int_for_a_float_setting_becomes_a_float():
+    value = cli.load_config(["--val_fraction=1"]).VAL_FRACTION
+    assert value == 1.0 and type(value) is float
+
+
+@pytest.mark.parametrize("arg", ["--val_fraction=abc", "--seed=1.5", "--seed=True", "--compile=1", "--model=3"])
+def test_a_type_mismatch_is_rejected(arg):
+    with pytest.raises(cli.UserError, match="expected a"):
+        cli.load_config([arg])
+
+
+def test_an_unknown_name_suggests_the_closest():
+    with pytest.raises(cli.UserError, match="--val_fractoin") as e:
+        cli.load_config(["--val_fractoin=0.1"])
+    assert "--val_fraction" in str(e.value)
+
+
+@pytest.mark.parametrize("arg", ["--val_fraction", "val_fraction=0.5", "-seed=1"])
+def test_an_argument_without_name_equals_value_is_rejected(arg):
+    with pytest.raises(cli.UserError, match="--name=value"):
+        cli.load_config([arg])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --help: each setting with its comment from config.py
+
+def config_py():
+    """config.py read plainly, line by line (not as cli.config_comments reads it): [heading, NAME, comment] in file
+    order. A heading is a comment line after a blank one; a setting's comment is what follows "  # " on its line, and
+    the comment-only lines right below it go on with it."""
+    out, heading, going_on, after_blank = [], None, False, True
+    with open(config.__file__, encoding="utf-8") as f:
+        for line in f.read().splitlines():
+            setting = re.match(r"([A-Z_]+) = .*?  # (.*)", line)
+            if setting:
+                out.append([heading, setting[1], setting[2].strip()])
+            elif line.startswith("# ") and after_blank:
+                heading = line[2:].strip()
+            elif line.lstrip().startswith("#") and going_on:
+                out[-1][2] += " " + line.lstrip().lstrip("#").strip()
+            going_on, after_blank = bool(setting) or (going_on and line.lstrip().startswith("#")), not line.strip()
+    return out
+
+
+def help_sections(out):
+    """--help's settings as [heading, the setting's text with its comment, unwrapped], in the order printed."""
+    lines = out.splitlines()
+    heading, sections = None, []
+    for line in lines[lines.index("settings (override with --name=value; from config.py, which says why):") + 1:]:
+        if line.startswith("  --"):
+            sections.append([heading, line])
+        elif line.startswith(" "):
+            sections[-1][1] += "\n" + line
+        elif line:
+            heading = line
+    return sections
+
+
+def test_help_shows_each_settings_comment(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")  # the terminal's width: comments wrap, and SAMPLE_PROMPT's goes below it
+    with pytest.raises(SystemExit) as e:
+        cli.load_config(["--help"], doc="train.py: the doc")
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("train.py: the doc\n\nsettings (override with --name=value")
+    settings = config_py()
+    assert [name for _, name, _ in settings] == list(cli.defaults()), "settings without a comment in config.py"
+    # textwrap breaks lines at spaces and after hyphens ("fine-" / "tuning"), so the text is compared without them
+    bare = lambda text: "".join(text.split())
+    shown = help_sections(out)
+    assert [(h, bare(text)) for h, text in shown] == [
+        (h, bare(f"--{name.lower()}={getattr(config, name)!r} {comment}")) for h, name, comment in settings]
+    # wrapped to the terminal: no line wider than 79, each comment's next lines indented under the flags
+    assert max(map(len, out.splitlines())) <= 79
+    wrapped = [text for _, text in shown if "\n" in text]
+    assert len(wrapped) > 10 and all(line.startswith(" " * 8) and not line.startswith(" " * 8 + "--")
+                                     for text in wrapped for line in text.split("\n")[1:])
+    prompt = next(text for _, text in shown if text.startswith("  --sample_prompt="))
+    assert prompt.split("\n")[:2] == ["  --sample_prompt='Alex: Hi, how are you?\\nBob:'",
+                                       "          a conversation in the training format, ending with a label"]
+    # as a reader sees them: a comment that goes on below its setting is kept whole, a heading is a line of its own
+    said = " ".join(out.split())
+    assert "--learning_rate=5e-05 peak lr; right for" in said and "\noptimization\n" in out
+    assert ("--roles=None chat_template: speaker -> role, e.g. {\"Bob\": \"assistant\", \"*\": \"user\"}; None: "
+            "TRAIN_SPEAKERS are the assistant") in said
+    assert "dialogues up to this many tokens, in train.py and evaluate.py alike: a cap on each pass's cost" in said
+    # what --help is built from: cli's reading of config.py is the plain one
+    notes, groups = cli.config_comments()
+    assert notes == {name: comment for _, name, comment in settings}
+    assert groups == {name: h for i, (h, name, _) in enumerate(settings) if i == 0 or settings[i - 1][0] != h}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a mistyped or abbreviated setting
+
+@pytest.mark.parametrize("flag, meant", [("--lr", "--learning_rate"), ("--bs", "--batch_size"),
+                                         ("--batch", "--batch_size"), ("--epoch", "--epochs"),
+                                         ("--steps", "--max_steps"), ("--lora", "--lora_r"),
+                                         ("--output_dir", "--out_dir"), ("--learning_rat", "--learning_rate")])
+def test_abbreviations_suggest_the_setting_meant(flag, meant):
+    with pytest.raises(cli.UserError) as e:
+        cli.load_config([f"{flag}=1"])
+    assert str(e.value).endswith(f"did you mean {meant}?") or f"did you mean {meant}," in str(e.value)
+
+
+def test_aliases_name_real_settings():
+    names = set(cli.defaults())
+    assert set(cli.ALIASES.values()) <= names and not set(cli.ALIASES) & names
+    assert cli.load_config(["--epochs=1"]).EPOCHS == 1  # a real setting is never taken for an abbreviation
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -96,7 +241,7 @@ def test_settings_are_checked_before_torch_is_imported(tmp_path):
         assert heavy == [], f"{script} {' '.join(args)} imported {heavy} before answering"
     errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == sum(args != ["--help"] for _, args in EARLY)  # one line per mistake
-    # 9: a CHECKPOINT that is not there is named; passing --checkpoint is not suggested to someone who just did
+    # a CHECKPOINT that is not there is named; passing --checkpoint is not suggested to someone who just did
     missing = [e for e in errors if "/nonexistent" in e]
     assert len(missing) == 2 and all("--checkpoint" not in e for e in missing)
 
@@ -161,3 +306,23 @@ def test_fixed_settings_are_refused_all_named_and_nothing_said():
     assert ("--block_size=32 (the run has --block_size=64), --model='gpt2' (the run has --model='scratch')"
             in str(e.value))
     assert "--epochs" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# progress: a bar on a terminal, plain lines in a log
+
+def test_a_log_gets_a_line_every_tenth(capsys):
+    bar = cli.progress(total=20, desc="train", unit="step")
+    assert isinstance(bar, cli.LogProgress)  # capsys: stderr is not a terminal
+    with bar:
+        for i in range(20):
+            bar.set_postfix(loss=f"{i:.1f}")
+            bar.update(1)
+        bar.write("a line of its own")
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert len(lines) == 10 and lines[0].startswith("train: 10% 2/20 step [00:00") and lines[0].endswith("loss=1.0")
+    assert lines[-1].startswith("train: 100% 20/20 step") and out == "a line of its own\n"
+    assert list(cli.progress(range(5), desc="validation", leave=False)) == list(range(5))
+    assert list(cli.progress(range(5), desc="hidden", disable=True)) == list(range(5))
+    assert capsys.readouterr().err == ""  # a transient bar under 10 s, and a disabled one: nothing

@@ -1,73 +1,68 @@
-"""Tests for the evaluation stage: the validation loss, reply generation and its stopping rules, the chat template,
-chat.py and evaluate.py. Run: .venv/bin/python -m pytest -q tests/test_evaluate.py"""
+"""evaluate.py end to end: its report on conftest's trained_run (the figures of its replies, its losses against
+training's, per speaker), a scratch run, a model in its own chat template, bad input, and a damaged or unsafe model
+refused; and the report as a function of the figures alone.
 
-import io
+Run: .venv/bin/python -m pytest -q tests/test_evaluate.py
+"""
+
 import json
 import math
 import os
-import re
 import shutil
-import sys
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 import transformers
 
 import batching
-import chat
 import cli
 import evaluate
 import generation
-import modeling
 import step
 import tiny
-import train
-from conftest import in_background, in_process, one_error_line, run_main, run_script_env, script_env
-from dialogues import format_dialogue, read_dialogues
-from render import CHAT_TEMPLATE, render, role_map
-from tiny import EOS_ID, gpt2_tokenizer, metrics, save_tiny_gpt2, save_tiny_llama, synthetic, write_split
+from conftest import in_background, last_error_line, one_error_line, run
+from dialogues import read_dialogues
+from render import render, role_map
+from test_train_faults import evil, put_pickle, truncate  # evil: a fixture, found here by pytest
+from tiny import EOS_ID, metrics, save_tiny_gpt2, save_tiny_llama, synthetic, write_split
 
 FAST = ["--num_replies=4", "--max_new_tokens=12", "--sample_max_new_tokens=20"]
-# one thread per process: the processes run side by side on few cores, and torch's threads fighting over them made
-# token-by-token sampling several times slower
+# one thread: the process runs beside this one, and torch's threads fighting over few cores made token-by-token
+# sampling several times slower
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# one trained run, shared
+def evaluate_py(run_dir):
+    """evaluate.py as a user runs it, a process, from the run's directory."""
+    return run("evaluate.py", "--device=cpu", *FAST, cwd=run_dir, env=ENV, process=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def processes(request, trained_run):
+    """The real evaluate.py, started once the run is trained, while the tests before the ones that look at it run in
+    this process. name -> Future of its CompletedProcess."""
+    with in_background(request, {"evaluated": (evaluate_py, trained_run)}) as started:
+        yield started
+
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """The tiny GPT-2 fine-tuned for 6 steps. BLOCK_SIZE=64 is below the model's context of 256 and below the longest
-    dialogues, so evaluate.py must take the run's block size from OUT_DIR/config.json to score what training scored."""
-    d = tmp_path_factory.mktemp("run")
-    save_tiny_gpt2(str(d / "base"))
-    write_split(d, synthetic(32, seed=1), synthetic(8, seed=2, min_turns=2))
-    proc = run_main(train.main, d, ["--device=cpu", "--model=base", "--block_size=64", "--batch_size=4",
-                                    "--max_steps=6", "--eval_interval=2", "--learning_rate=1e-3", "--warmup_steps=1",
-                                    "--log_interval=1"])
-    assert proc.returncode == 0, proc.stderr
-    return d
+def evaluated(processes):
+    """evaluate.py's run on the trained run, as a user runs it: its CompletedProcess, once done."""
+    return processes["evaluated"].result()
 
 
 @pytest.fixture(scope="module")
 def scratch_run(tmp_path_factory):
-    """A scratch model trained, then evaluated as evaluate.py --checkpoint=out/final, both in-process: no start-up."""
+    """A scratch model trained, then evaluated as evaluate.py --checkpoint=out/final, both in this process."""
     d = tmp_path_factory.mktemp("scratch")
     write_split(d, synthetic(24, seed=5), synthetic(6, seed=6, min_turns=2))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(d)
-        mp.setenv("TOKENIZERS_PARALLELISM", "false")  # scripts are forked later; tokenizers would warn in them
-        mp.setattr(sys, "argv", ["train.py", "--device=cpu", "--model=scratch", "--scratch_layers=2",
-                                 "--scratch_heads=2", "--scratch_embd=32", "--scratch_vocab=512", "--block_size=128",
-                                 "--batch_size=4", "--max_steps=4", "--eval_interval=2", "--learning_rate=1e-3",
-                                 "--warmup_steps=1"])
-        train.main()
-        mp.setattr(sys, "argv", ["evaluate.py", "--device=cpu", "--checkpoint=out/final", *FAST])
-        evaluate.main()
+    p = run("train.py", "--device=cpu", "--model=scratch", "--scratch_layers=2", "--scratch_heads=2",
+            "--scratch_embd=32", "--scratch_vocab=512", "--block_size=128", "--batch_size=4", "--max_steps=4",
+            "--eval_interval=2", "--learning_rate=1e-3", "--warmup_steps=1", cwd=d)
+    assert p.returncode == 0, p.stderr
+    p = run("evaluate.py", "--device=cpu", "--checkpoint=out/final", *FAST, cwd=d)
+    assert p.returncode == 0, p.stderr
     return d
 
 
@@ -76,244 +71,8 @@ def tiny64(tmp_path_factory):
     return save_tiny_gpt2(str(tmp_path_factory.mktemp("tiny64") / "model"), n_positions=64)
 
 
-LONG_CHAT = "".join(f"Line {i}: " + "the cat sat on the garden table today and was very happy " * 2 + "\n"
-                    for i in range(15)) + "/quit\n"
-
-
-def real_scripts(run, env):
-    """evaluate.py and chat.py run as a user runs them, side by side, from the run's directory."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        started = {
-            "evaluate": pool.submit(run_script_env, env, "evaluate.py", "--device=cpu", *FAST, cwd=run),
-            "chat": pool.submit(run_script_env, env, "chat.py", "--device=cpu", "--max_new_tokens=12", cwd=run,
-                                stdin="Hi there\nHow are you?\n/reset\nHello again\n/quit\n")}
-        return {name: p.result() for name, p in started.items()}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def scripts(request, run):
-    """procs' real scripts, started in the background once the run is trained, while the tests before the ones that
-    look at them run in this process."""
-    with in_background(request, {"procs": (real_scripts, run, script_env(ENV))}) as started:
-        yield started
-
-
-@pytest.fixture(scope="module")
-def procs(run, tiny64, scripts):
-    """The script runs the tests look at: evaluate.py and chat.py as the real scripts (scripts), and the other cases
-    as the scripts' main() in this process (an interpreter start costs seconds)."""
-    cpu = "--device=cpu"
-    mains = {
-        "chat sam": (chat.main, [cpu, "--max_new_tokens=12", "--bot_name=Sam"], "Hi there\n\nHow are you?\n"),
-        # greedy: this one is about the context, and sampling over GPT-2's 50k vocabulary is the slow part
-        "chat long": (chat.main, [cpu, f"--checkpoint={tiny64}", "--max_new_tokens=12", "--temperature=0"],
-                      LONG_CHAT),
-    }
-    done = {name: run_main(main, run, args, stdin) for name, (main, args, stdin) in mains.items()}
-    return {**done, **scripts["procs"].result()}
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# 1. the validation loss is the plain per-token mean of -log p(next token)
-
-DIALOGUES = [
-    [("Alex", "Hello there, how was the garden today?"), ("Bob", "Quite sunny, the dog sat under the table.")],
-    [("Cara", "Did you see the big cat on the roof?"), ("Dan", "Yes!"), ("Cara", "It ran home later, very happy.")],
-    [("Bob", "We want to go home now, please."), ("Alex", "Maybe tomorrow, it is late and quite dark.")],
-]
-
-
-@pytest.fixture(scope="module")
-def lm():
-    torch.manual_seed(0)
-    # wide initialisation: a near-uniform model would hide a target lost or added in the noise
-    config = transformers.GPT2Config(vocab_size=50257, n_positions=128, n_embd=32, n_layer=2, n_head=2,
-                                     initializer_range=0.5)
-    return transformers.GPT2LMHeadModel(config).eval()
-
-
-def rendered_ids(tok, turns):
-    """A dialogue's tokens as training renders them: label and text tokenized apart, EOS at the end."""
-    ids = []
-    for s, t in turns:
-        for piece in (f"{s}:", f" {t}\n"):
-            ids += tok(piece, add_special_tokens=False)["input_ids"]
-    return ids + [EOS_ID]
-
-
-def hand_nll(model, tok, dialogues):
-    """-log p of every next token, each dialogue run on its own from its leading EOS."""
-    nll = []
-    with torch.no_grad():
-        for turns in dialogues:
-            ids = tok(tok.eos_token + format_dialogue(turns) + tok.eos_token)["input_ids"]
-            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), -1)
-            nll += (-logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]).tolist()
-    return nll
-
-
-@pytest.mark.parametrize("batch_size", [1, 2, 3])
-def test_loss_equals_hand_computation(lm, batch_size):
-    tok = gpt2_tokenizer()
-    for d in DIALOGUES:  # the whole text tokenizes as training's label/text pieces do, EOS included
-        assert tok(tok.eos_token + format_dialogue(d) + tok.eos_token)["input_ids"] == [EOS_ID] + rendered_ids(tok, d)
-    block_size = 32
-    blocks = batching.make_blocks(tok, DIALOGUES, block_size)
-    sizes = [len(rendered_ids(tok, d)) for d in DIALOGUES]
-    # each dialogue fits a block and no two share one, so each is scored on its own as the hand computation does
-    assert len(blocks) == len(DIALOGUES) and max(sizes) <= block_size < 2 * min(sizes)
-    loss = step.evaluate(tiny.single(lm), batching.eval_batches(blocks, batch_size, EOS_ID))
-    nll = hand_nll(lm, tok, DIALOGUES)
-    expected = sum(nll) / len(nll)
-    assert loss == pytest.approx(expected, abs=1e-4)
-    assert math.exp(loss) == pytest.approx(math.exp(expected), rel=1e-4)
-    # the test can tell: leaving out one target (the last EOS) moves the mean well beyond the tolerance
-    assert abs(sum(nll[:-1]) / (len(nll) - 1) - expected) > 1e-3
-
-
-@pytest.mark.parametrize("block_size", [16, 64])  # 16: dialogues cut into windows; 64: several packed in a block
-def test_per_speaker_losses_come_from_the_same_pass(lm, block_size):
-    tok, cpu, speakers = gpt2_tokenizer(), torch.device("cpu"), ["Alex", "Cara"]
-    blocks = batching.make_blocks(tok, DIALOGUES, block_size, speakers=speakers)
-    groups = batching.eval_groups(blocks, 2, block_size)
-    overall, per = step.evaluate(tiny.single(lm), batching.eval_batches(blocks, 2, EOS_ID, block_size), groups=groups)
-    plain = batching.eval_batches(batching.make_blocks(tok, DIALOGUES, block_size), 2, EOS_ID, block_size)
-    assert overall == pytest.approx(step.evaluate(tiny.single(lm), plain), rel=1e-6)
-    # each group's loss by hand: the same blocks, trained only where a turn is that speaker's (or no listed one's)
-    for tag, name in enumerate([*speakers, None], 1):
-        keep = lambda s: s == name or (name is None and s not in speakers)
-        only = batching.tokenize(tok, DIALOGUES)
-        only.mask = np.array([m if keep(s) else 0 for turns, d in zip(render(tok, DIALOGUES), DIALOGUES)
-                              for (_, mask), (s, _) in zip(turns, d) for m in mask], np.uint8)
-        by_hand = batching.eval_batches(batching.pack_tokens(only, block_size), 2, EOS_ID, block_size)
-        assert per[tag] == pytest.approx(step.evaluate(tiny.single(lm), by_hand), rel=1e-5), name
-    assert sorted(per) == [1, 2, 3]
-
-
-def test_windowed_loss_covers_every_token_once(lm):
-    tok = gpt2_tokenizer()
-    everything = Counter(t for d in DIALOGUES for t in rendered_ids(tok, d))
-    for block_size in (8, 12):  # cuts at turn boundaries and inside long turns
-        blocks = batching.make_blocks(tok, DIALOGUES, block_size)
-        assert len(blocks) > len(DIALOGUES)
-        batches = batching.eval_batches(blocks, 4, EOS_ID)
-        targets = Counter(int(t) for _, y in batches for t in y[y != batching.IGNORE])
-        assert targets == everything
-        assert sum(everything.values()) == sum(int((y != batching.IGNORE).sum()) for _, y in batches)
-        assert math.isfinite(step.evaluate(tiny.single(lm), batches))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 3. the chat template speaks the training format
-
-CHAT = [("Alex", "Hi there, how are you?"), ("Bob", "Fine, thanks."), ("Alex", "Good to hear.")]
-
-
-@pytest.fixture(scope="module")
-def trained_tok(run):
-    return transformers.AutoTokenizer.from_pretrained(str(run / "out" / "best"))
-
-
-def test_saved_tokenizer_has_the_chat_template(trained_tok):
-    assert trained_tok.chat_template == CHAT_TEMPLATE  # what test_render checks the template on
-    messages = [{"role": "user" if s == "Alex" else "assistant", "name": s, "content": t} for s, t in CHAT]
-    text = trained_tok.apply_chat_template(messages, tokenize=False)
-    assert text == trained_tok.eos_token + format_dialogue(CHAT) + trained_tok.eos_token
-
-
-def test_pipeline_generates(run):
-    pipe = transformers.pipeline("text-generation", model=str(run / "out" / "best"), device="cpu")
-    prompt = "Alex: Hi, how are you?\nBob:"
-    out = pipe(prompt, max_new_tokens=4, do_sample=False)
-    assert isinstance(out[0]["generated_text"], str) and out[0]["generated_text"].startswith(prompt)
-    new = pipe(prompt, max_new_tokens=4, do_sample=False, return_full_text=False)[0]["generated_text"]
-    assert out[0]["generated_text"] == prompt + new
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 4. chat.py
-
-def test_chat_answers_each_line_and_resets(procs):
-    proc = procs["chat"]
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.rstrip("\n").split("\n")
-    assert [line.startswith("Bob: ") for line in lines] == [True, True, False, True]
-    assert lines[2] == "(new conversation)"
-
-
-def test_chat_bot_name_and_end_of_input(procs):
-    proc = procs["chat sam"]
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.rstrip("\n").split("\n")
-    assert len(lines) == 2 and all(line.startswith("Sam: ") for line in lines)  # the blank line is no turn
-
-
-def test_chat_beyond_the_context_answers_every_line(procs):
-    proc = procs["chat long"]
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.rstrip("\n").split("\n")
-    assert len(lines) == 15 and all(line.startswith("Bob: ") for line in lines)
-
-
-def test_chat_missing_model(run, monkeypatch, capfd):
-    assert "nowhere" in one_error_line(in_process(chat.main, run, ["--device=cpu", "--out_dir=nowhere"], monkeypatch,
-                                                  capfd))
-
-
-def test_chat_history(run, monkeypatch):
-    seen = []
-
-    def fake_reply(model, tokenizer, turns, speaker, cfg, generator, context, roles):
-        assert roles is None  # a model trained in the speaker format
-        seen.append((list(turns), speaker))
-        return f"answer {len(seen)}", True, 3
-
-    monkeypatch.setattr(generation, "reply", fake_reply)  # chat.main imports it when it starts
-    monkeypatch.setattr(sys, "argv", ["chat.py", f"--checkpoint={run / 'out' / 'best'}", "--user_name=Maya"])
-    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi  there\n   \nMore\tthings\n/reset\nAgain\n"))
-    chat.main()
-    assert seen == [([("Maya", "Hi there")], "Bob"),
-                    ([("Maya", "Hi there"), ("Bob", "answer 1"), ("Maya", "More things")], "Bob"),
-                    ([("Maya", "Again")], "Bob")]
-
-
-def test_chat_commands_and_seed(run, monkeypatch, capsys):
-    seeds = []
-
-    def fake_reply(model, tokenizer, turns, speaker, cfg, generator, context, roles):
-        seeds.append(generator.initial_seed())
-        return "fine", True, 1
-
-    monkeypatch.setattr(generation, "reply", fake_reply)
-    for args in ([], [], ["--seed=5"]):
-        monkeypatch.setattr(sys, "argv", ["chat.py", f"--checkpoint={run / 'out' / 'best'}", *args])
-        monkeypatch.setattr(sys, "stdin", io.StringIO("/help\nHi\n/quit\n"))
-        chat.main()
-    out = capsys.readouterr().out
-    assert out.count("(unknown command /help; commands: /reset") == 3 and out.count("Bob: fine") == 3
-    assert seeds[2] == 5 and seeds[0] != seeds[1]  # each session its own sampling, unless SEED is given
-
-
-def test_chat_ctrl_d_ends_the_prompt_line(run, monkeypatch, capsys):
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
-    monkeypatch.setattr(generation, "reply", lambda *a: ("fine", True, 1))
-    monkeypatch.setattr(sys, "argv", ["chat.py", f"--checkpoint={run / 'out' / 'best'}"])
-    monkeypatch.setattr(sys, "stdin", Terminal("Hi\n"))  # then Ctrl-D: end of input
-    chat.main()
-    assert capsys.readouterr().out.endswith("Bob: fine\nAlex: \n")
-
-
-def test_chat_same_names(monkeypatch, tmp_path):
-    monkeypatch.setattr(sys, "argv", ["chat.py", f"--checkpoint={tmp_path}", "--user_name=Bob"])
-    with pytest.raises(cli.UserError, match="two different names"):
-        chat.main()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 5. evaluate.py on the trained run
+# the reply figures: words, token F1 and distinct-n by hand, and what the replies say
 
 def f1_by_hand(pred, ref):
     """Word-overlap F1 as multisets: the harmonic mean of the shares of each side's words found in the other."""
@@ -339,63 +98,17 @@ def test_words_f1_and_distinct_by_hand():
     assert evaluate.distinct([""], 2) == 0.0
 
 
-def test_evaluate_report(run, procs):
-    proc = procs["evaluate"]
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads((run / "out" / "eval_report.json").read_text())
-    assert report["val_ppl"] == pytest.approx(math.exp(report["val_loss"]), rel=1e-9)
-    assert report["base_val_ppl"] == pytest.approx(math.exp(report["base_val_loss"]), rel=1e-9)
-    val = [[tuple(t) for t in d] for d in read_dialogues(run / "val_data.txt")]
-    samples = report["samples"]
-    assert len(samples) == report["replies"] == 4  # NUM_REPLIES
-    for s in samples:
-        assert [tuple(t) for t in s["context"]] + [(s["speaker"], s["real"])] in val  # the last turn of a real one
-        assert isinstance(s["generated"], str) and "\n" not in s["generated"]
-        assert s["f1"] == pytest.approx(f1_by_hand(s["generated"], s["real"]))
-        assert 1 <= s["new_tokens"] <= 12 and (s["ended"] or s["new_tokens"] == 12)  # MAX_NEW_TOKENS, unless it ended
-    # the reply figures are those of the replies in the report
-    texts = [s["generated"] for s in samples]
-    assert report["stop_rate"] == sum(s["ended"] for s in samples) / 4
-    assert report["mean_words"] == pytest.approx(sum(len(evaluate.words(t)) for t in texts) / 4)
-    assert report["distinct_1"] == pytest.approx(distinct_by_hand(texts, 1))
-    assert report["distinct_2"] == pytest.approx(distinct_by_hand(texts, 2))
-    assert report["token_f1"] == pytest.approx(sum(f1_by_hand(s["generated"], s["real"]) for s in samples) / 4)
-    # the overall loss is the per-speaker losses weighted by each speaker's targets: every token of their turns
-    tok = transformers.AutoTokenizer.from_pretrained(str(run / "out" / "best"))
-    per, targets = report["per_speaker_loss"], Counter()
-    for turns, rendered in zip(val, render(tok, val)):
-        for (speaker, _), (ids, _) in zip(turns, rendered):
-            targets[speaker if speaker in per else "(others)"] += len(ids)
-    assert set(targets) == set(per) and len(per) >= 2 and sum(targets.values()) == report["val_tokens"]
-    assert sum(per[s] * n for s, n in targets.items()) / report["val_tokens"] == pytest.approx(report["val_loss"],
-                                                                                               rel=1e-5)
-    # and both come out again from the model and the dialogues, at the run's block size, without the token cache
-    speakers = [s for s in per if s != "(others)"]
-    blocks = batching.make_blocks(tok, val, 64, speakers=speakers)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(run / "out" / "best"))
-    overall, by_tag = step.evaluate(tiny.single(model), batching.eval_batches(blocks, 4, EOS_ID, 64),
-                                    groups=batching.eval_groups(blocks, 4, 64))
-    assert report["val_loss"] == pytest.approx(overall, abs=1e-4)
-    assert list(per.values()) == pytest.approx([by_tag[i] for i in range(1, len(per) + 1)], abs=1e-4)
-    assert report["sample_dialogue"].startswith(cli.defaults()["SAMPLE_PROMPT"])
-    md = (run / "out" / "eval_report.md").read_text()
-    assert f"fine-tuning took validation perplexity from {report['base_val_ppl']:.2f} to {report['val_ppl']:.2f}" in md
-    assert (run / "out" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("fine-tuning took validation perplexity from") and "eval_report.md" in last
-
-
 # Replies put in generate()'s place, unlike one another, so that each figure has a value a slip would change:
 # 10 words, 5 distinct; 7 bigrams, 4 distinct; half of them ended.
 SCRIPTED = [("the cat sat", True, 4), ("The cat sat on the cat!", False, 12), ("", False, 12), ("Dog.", True, 2)]
 
 
-def test_the_reply_figures_are_what_the_replies_say(run, tmp_path, monkeypatch, capfd):
+def test_the_reply_figures_are_what_the_replies_say(trained_run, tmp_path, monkeypatch):
     """evaluate.py on the run with generation scripted: the figures are those of the replies it was given."""
     for name in ("out/config.json", "out/metrics.jsonl", "val_data.txt"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
-        shutil.copy(run / name, tmp_path / name)
-    (tmp_path / "base").symlink_to(run / "base")  # the run's MODEL, relative to where it ran
+        shutil.copy(trained_run / name, tmp_path / name)
+    (tmp_path / "base").symlink_to(trained_run / "base")  # the run's MODEL, relative to where it ran
     asked = []
 
     def scripted(model, tokenizer, asks, *args, **kwargs):
@@ -403,8 +116,8 @@ def test_the_reply_figures_are_what_the_replies_say(run, tmp_path, monkeypatch, 
         return SCRIPTED[:len(asks)]
 
     monkeypatch.setattr(generation, "replies", scripted)
-    p = in_process(evaluate.main, tmp_path, ["--device=cpu", f"--checkpoint={run / 'out' / 'best'}", "--num_replies=4",
-                                             "--sample_max_new_tokens=8"], monkeypatch, capfd)
+    p = run("evaluate.py", "--device=cpu", f"--checkpoint={trained_run / 'out' / 'best'}", "--num_replies=4",
+            "--sample_max_new_tokens=8", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     report = json.loads((tmp_path / "out" / "eval_report.json").read_text())
     assert len(asked) == 4 and [s["generated"] for s in report["samples"]] == [t for t, _, _ in SCRIPTED]
@@ -419,19 +132,8 @@ def test_the_reply_figures_are_what_the_replies_say(run, tmp_path, monkeypatch, 
         tmp_path / "out" / "eval_report.md").read_text()
 
 
-def test_evaluate_loss_matches_training(run, procs):
-    report = json.loads((run / "out" / "eval_report.json").read_text())
-    vals = [m for m in metrics(run / "out") if "val_loss" in m]
-    best = min((m for m in vals if m["step"] > 0), key=lambda m: m["val_loss"])
-    assert report["val_loss"] == pytest.approx(best["val_loss"], abs=1e-4)
-    # the base model, loaded from the run's MODEL, is the model train.py scored at step 0
-    step0 = next(m for m in vals if m["step"] == 0)
-    assert report["base_val_loss"] == pytest.approx(step0["val_loss"], abs=1e-4)
-    # the whole validation set is scored: every rendered token is a target once
-    tok = transformers.AutoTokenizer.from_pretrained(str(run / "out" / "best"))
-    rendered = render(tok, read_dialogues(run / "val_data.txt"))
-    assert report["val_tokens"] == sum(len(ids) for d in rendered for ids, _ in d)
-
+# ---------------------------------------------------------------------------------------------------------------------
+# a run trained from scratch
 
 def test_evaluate_final_checkpoint_of_a_scratch_run(scratch_run):
     report = json.loads((scratch_run / "out" / "eval_report.json").read_text())
@@ -445,11 +147,10 @@ def test_evaluate_final_checkpoint_of_a_scratch_run(scratch_run):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 6. bad input
+# bad input
 
-def test_evaluate_missing_model(run, monkeypatch, capfd):
-    assert "fresh" in one_error_line(in_process(evaluate.main, run, ["--device=cpu", "--out_dir=fresh"], monkeypatch,
-                                                capfd))
+def test_evaluate_missing_model(trained_run):
+    assert "fresh" in one_error_line(run("evaluate.py", "--device=cpu", "--out_dir=fresh", cwd=trained_run))
 
 
 @pytest.fixture(scope="module")
@@ -467,7 +168,7 @@ def bad(tiny64, tmp_path_factory):
 LONG_PROMPT = "Alex: " + "word " * 200 + "\nBob:"
 
 
-# In-process through cli.run, which is all `python evaluate.py` adds around main(): a process each costs seconds.
+# In this process: a process each costs seconds.
 @pytest.mark.parametrize("case, args, mentions", [
     ("incomplete model", ["--checkpoint=half"], "incomplete"),
     ("missing val", ["--checkpoint=TINY", "--val_file=nope.txt"], "nope.txt"),
@@ -478,14 +179,59 @@ LONG_PROMPT = "Alex: " + "word " * 200 + "\nBob:"
     ("prompt off the format", ["--checkpoint=TINY", "--sample_prompt=Hello there\nBob:"],
      "SAMPLE_PROMPT: line 1: expected 'Speaker: text', got 'Hello there'"),
 ])
-def test_evaluate_bad_input(bad, tiny64, monkeypatch, capfd, case, args, mentions):
-    p = in_process(evaluate.main, bad, ["--device=cpu", *[a.replace("TINY", tiny64) for a in args]], monkeypatch,
-                   capfd)
+def test_evaluate_bad_input(bad, tiny64, case, args, mentions):
+    p = run("evaluate.py", "--device=cpu", *[a.replace("TINY", tiny64) for a in args], cwd=bad)
     assert mentions in one_error_line(p)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 7. a model in its own chat template: the settings it is rendered with, and SAMPLE_PROMPT read as the text format
+# a damaged model is refused; a pickle is never loaded
+
+EVAL_FAST = ["--device=cpu", "--num_replies=1", "--max_new_tokens=4", "--sample_max_new_tokens=4"]
+LAST = os.path.join("checkpoints", "step-00000006")  # the trained run's last checkpoint
+
+
+def copy_of_the_run(trained_run, d):
+    """In d, what evaluate.py reads of the trained run, copied, for a test to damage: its data, settings, metrics,
+    best/ and last checkpoint, and its MODEL (linked, relative to where it ran). The run's directory is left alone,
+    where evaluate.py's real run writes its report meanwhile."""
+    (d / "out" / "checkpoints").mkdir(parents=True)
+    for name in ("train_data.txt", "val_data.txt", "out/config.json", "out/metrics.jsonl"):
+        shutil.copy(trained_run / name, d / name)
+    for name in ("best", LAST):
+        shutil.copytree(trained_run / "out" / name, d / "out" / name)
+    (d / "base").symlink_to(trained_run / "base")
+    return d / "out"
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json"])
+def test_evaluate_refuses_a_truncated_model(name, tmp_path, trained_run):
+    copy_of_the_run(trained_run, tmp_path)
+    truncate(tmp_path / "out" / "best" / name)
+    p = run("evaluate.py", *EVAL_FAST, "--checkpoint=out/best", cwd=tmp_path)
+    line = last_error_line(p)
+    assert len(p.stderr.splitlines()) == 1
+    assert "'out/best'" in line and f"{name} is" in line and "truncated" in line, line
+    assert not (tmp_path / "out" / "eval_report.json").exists()
+
+
+def test_evaluate_never_unpickles(tmp_path, trained_run, evil):
+    d = copy_of_the_run(trained_run, tmp_path) / LAST
+    put_pickle(d, evil)
+    put_pickle(d, evil, "pytorch_model.bin")  # weights as a pickle beside model.safetensors: never the ones read
+    p = run("evaluate.py", *EVAL_FAST, f"--checkpoint={d}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert not evil[1].exists(), "evaluate.py unpickled a file of the checkpoint"
+    assert json.loads((tmp_path / "out" / "eval_report.json").read_text())["model"] == str(d)
+
+    (d / "model.safetensors").unlink()  # only the pickle left: refused, not loaded
+    p = run("evaluate.py", *EVAL_FAST, f"--checkpoint={d}", cwd=tmp_path)
+    assert "no model.safetensors" in last_error_line(p)
+    assert not evil[1].exists(), "evaluate.py unpickled pytorch_model.bin"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a model in its own chat template: the settings it is rendered with, and SAMPLE_PROMPT read as the text format
 
 @pytest.fixture(scope="module")
 def llama_run(tmp_path_factory):
@@ -503,14 +249,13 @@ def llama_run(tmp_path_factory):
 FEW = ["--device=cpu", "--checkpoint=model", "--num_replies=1", "--max_new_tokens=2", "--sample_max_new_tokens=2"]
 
 
-def test_the_token_cache_is_keyed_by_the_roles_it_was_rendered_with(llama_run, monkeypatch, capsys):
+def test_the_token_cache_is_keyed_by_the_roles_it_was_rendered_with(llama_run):
     """--roles overrides the run's ROLES, with a line saying so; the cache entry that says it holds those roles'
     rendering must hold it."""
-    monkeypatch.chdir(llama_run)
     other = {"Alex": "assistant", "*": "user"}
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", *FEW, f"--roles={json.dumps(other)}", "--cache_dir=cache"])
-    evaluate.main()
-    said = capsys.readouterr().out.splitlines()[0]
+    p = run("evaluate.py", *FEW, f"--roles={json.dumps(other)}", "--cache_dir=cache", cwd=llama_run)
+    assert p.returncode == 0, p.stderr
+    said = p.stdout.splitlines()[0]
     assert said.startswith("the command line overrides the run's settings (out/config.json): ") and (
         "--roles={'Alex': 'assistant', '*': 'user'} (the run has --roles={'Alex': 'user', '*': 'assistant'})" in said)
     (entry,) = (llama_run / "cache").iterdir()
@@ -527,11 +272,9 @@ def test_the_token_cache_is_keyed_by_the_roles_it_was_rendered_with(llama_run, m
     ("Hello there\nBob:", "SAMPLE_PROMPT: line 1: expected 'Speaker: text', got 'Hello there'"),
     ("Alex: Hi\nBob: I think", "SAMPLE_PROMPT: its last line must be the label of who speaks next"),
 ])
-def test_the_sample_prompt_is_read_as_the_text_format(llama_run, monkeypatch, sample_prompt, says):
-    monkeypatch.chdir(llama_run)
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", *FEW, f"--sample_prompt={sample_prompt}"])
-    with pytest.raises(cli.UserError, match=re.escape(says)):
-        evaluate.main()
+def test_the_sample_prompt_is_read_as_the_text_format(llama_run, sample_prompt, says):
+    p = run("evaluate.py", *FEW, f"--sample_prompt={sample_prompt}", cwd=llama_run)
+    assert says in one_error_line(p)
 
 
 # A Gemma-like template on chat_tokenizer's tokens: BOS, `model` for the assistant, roles must alternate, no system role
@@ -542,7 +285,7 @@ STRICT = ("{{- bos_token -}}{%- for m in messages -%}"
           "{{ '\\n' }}{%- endfor -%}{%- if add_generation_prompt -%}<|im_start|>model{{ '\\n' }}{%- endif -%}")
 
 
-def test_a_run_of_other_speakers_in_a_strict_template_is_evaluated(tmp_path, monkeypatch, capsys):
+def test_a_run_of_other_speakers_in_a_strict_template_is_evaluated(tmp_path):
     """Speakers other than SAMPLE_PROMPT's Alex and Bob, who often talk twice in a row, a template that wants roles to
     alternate and has no system role, and a SYSTEM_PROMPT: evaluate.py renders all of it and writes its report."""
     model = save_tiny_llama(str(tmp_path / "model"), template=STRICT)
@@ -552,9 +295,8 @@ def test_a_run_of_other_speakers_in_a_strict_template_is_evaluated(tmp_path, mon
     (tmp_path / "out" / "config.json").write_text(json.dumps({
         "FORMAT": "chat_template", "MODEL": model, "BLOCK_SIZE": 64, "TRAIN_SPEAKERS": ["Jordan"],
         "ROLES": {"Riley": "user", "Jordan": "assistant"}, "SYSTEM_PROMPT": "Be kind."}))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", *FEW, "--cache_dir=cache"])
-    evaluate.main()
+    p = run("evaluate.py", *FEW, "--cache_dir=cache", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
     report = json.loads((tmp_path / "out" / "eval_report.json").read_text())
     # the sample prompt's Alex is the user, Bob's answer the assistant's; the system prompt folded into the user turn
     assert report["sample_dialogue"].startswith("<|begin_of_text|><|im_start|>user\nBe kind.\n\nHi, how are you?"
@@ -566,7 +308,7 @@ def test_a_run_of_other_speakers_in_a_strict_template_is_evaluated(tmp_path, mon
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 8. the report is a function of the figures alone
+# the report is a function of the figures alone
 
 FIGURES = {"model": "out/best", "base_model": "gpt2", "val_file": "val.txt", "val_tokens": 1234, "val_loss": 2.0,
            "base_val_loss": 3.0, "base_note": "", "per_speaker_loss": {"Alex": 1.9, "(others)": 2.1}, "replies": 2,
@@ -656,3 +398,66 @@ def test_the_headline_says_what_the_base_was():
     assert data["base_val_loss"] is None and json.loads(json.dumps(data)) == data
     assert "| base `gpt2` | - | - |" in md and "Per speaker" not in md and "*no metrics*" in md
     assert "loss_curve.png" not in md
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# evaluate.py on the trained run, as a user runs it: the real script, started with the module
+
+def test_evaluate_report(trained_run, evaluated):
+    proc = evaluated
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((trained_run / "out" / "eval_report.json").read_text())
+    assert report["val_ppl"] == pytest.approx(math.exp(report["val_loss"]), rel=1e-9)
+    assert report["base_val_ppl"] == pytest.approx(math.exp(report["base_val_loss"]), rel=1e-9)
+    val = [[tuple(t) for t in d] for d in read_dialogues(trained_run / "val_data.txt")]
+    samples = report["samples"]
+    assert len(samples) == report["replies"] == 4  # NUM_REPLIES
+    for s in samples:
+        assert [tuple(t) for t in s["context"]] + [(s["speaker"], s["real"])] in val  # the last turn of a real one
+        assert isinstance(s["generated"], str) and "\n" not in s["generated"]
+        assert s["f1"] == pytest.approx(f1_by_hand(s["generated"], s["real"]))
+        assert 1 <= s["new_tokens"] <= 12 and (s["ended"] or s["new_tokens"] == 12)  # MAX_NEW_TOKENS, unless it ended
+    # the reply figures are those of the replies in the report
+    texts = [s["generated"] for s in samples]
+    assert report["stop_rate"] == sum(s["ended"] for s in samples) / 4
+    assert report["mean_words"] == pytest.approx(sum(len(evaluate.words(t)) for t in texts) / 4)
+    assert report["distinct_1"] == pytest.approx(distinct_by_hand(texts, 1))
+    assert report["distinct_2"] == pytest.approx(distinct_by_hand(texts, 2))
+    assert report["token_f1"] == pytest.approx(sum(f1_by_hand(s["generated"], s["real"]) for s in samples) / 4)
+    # the overall loss is the per-speaker losses weighted by each speaker's targets: every token of their turns
+    tok = transformers.AutoTokenizer.from_pretrained(str(trained_run / "out" / "best"))
+    per, targets = report["per_speaker_loss"], Counter()
+    for turns, rendered in zip(val, render(tok, val)):
+        for (speaker, _), (ids, _) in zip(turns, rendered):
+            targets[speaker if speaker in per else "(others)"] += len(ids)
+    assert set(targets) == set(per) and len(per) >= 2 and sum(targets.values()) == report["val_tokens"]
+    assert sum(per[s] * n for s, n in targets.items()) / report["val_tokens"] == pytest.approx(report["val_loss"],
+                                                                                               rel=1e-5)
+    # and both come out again from the model and the dialogues, at the run's block size, without the token cache
+    speakers = [s for s in per if s != "(others)"]
+    blocks = batching.make_blocks(tok, val, 64, speakers=speakers)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(trained_run / "out" / "best"))
+    overall, by_tag = step.evaluate(tiny.single(model), batching.eval_batches(blocks, 4, EOS_ID, 64),
+                                    groups=batching.eval_groups(blocks, 4, 64))
+    assert report["val_loss"] == pytest.approx(overall, abs=1e-4)
+    assert list(per.values()) == pytest.approx([by_tag[i] for i in range(1, len(per) + 1)], abs=1e-4)
+    assert report["sample_dialogue"].startswith(cli.defaults()["SAMPLE_PROMPT"])
+    md = (trained_run / "out" / "eval_report.md").read_text()
+    assert f"fine-tuning took validation perplexity from {report['base_val_ppl']:.2f} to {report['val_ppl']:.2f}" in md
+    assert (trained_run / "out" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("fine-tuning took validation perplexity from") and "eval_report.md" in last
+
+
+def test_evaluate_loss_matches_training(trained_run, evaluated):
+    report = json.loads((trained_run / "out" / "eval_report.json").read_text())
+    vals = [m for m in metrics(trained_run / "out") if "val_loss" in m]
+    best = min((m for m in vals if m["step"] > 0), key=lambda m: m["val_loss"])
+    assert report["val_loss"] == pytest.approx(best["val_loss"], abs=1e-4)
+    # the base model, loaded from the run's MODEL, is the model train.py scored at step 0
+    step0 = next(m for m in vals if m["step"] == 0)
+    assert report["base_val_loss"] == pytest.approx(step0["val_loss"], abs=1e-4)
+    # the whole validation set is scored: every rendered token is a target once
+    tok = transformers.AutoTokenizer.from_pretrained(str(trained_run / "out" / "best"))
+    rendered = render(tok, read_dialogues(trained_run / "val_data.txt"))
+    assert report["val_tokens"] == sum(len(ids) for d in rendered for ids, _ in d)

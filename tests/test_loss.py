@@ -5,8 +5,6 @@ chunk's logits; the full logits, with a line, for a model it cannot take apart.
 Run: .venv/bin/python -m pytest -q tests/test_loss.py
 """
 
-import json
-import os
 import weakref
 
 import pytest
@@ -14,14 +12,13 @@ import torch
 import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import cli
 import loss
 import modeling
 import step
 import tiny
-import train
-from conftest import in_process
-from batching import IGNORE, eval_batches, make_blocks
-from tiny import EOS_ID, gpt2_tokenizer, metrics, save_tiny_gpt2, synthetic, write_split
+from batching import IGNORE
+from tiny import gpt2_tokenizer, save_tiny_gpt2
 
 V = 50257  # GPT-2's vocabulary: the tokenizer saved beside each model
 SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -163,8 +160,8 @@ def test_positions_without_a_target_never_reach_the_output_layer(saved):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_lora(saved, family):
-    cfg = type("Cfg", (), dict(GRADIENT_CHECKPOINTING=True, LORA_R=4, LORA_ALPHA=8, LORA_DROPOUT=0.0,
-                               LORA_TARGETS=None, SEED=0))
+    cfg = cli.load_config(["--gradient_checkpointing=True", "--lora_r=4", "--lora_alpha=8", "--lora_dropout=0.0",
+                           "--seed=0"])
     model = modeling.adapt(modeling.load(saved[family])[1], cfg).train()
     with torch.no_grad():  # peft starts B at zero: give the adapters something to say
         for name, p in model.named_parameters():
@@ -229,8 +226,8 @@ def test_a_model_it_cannot_take_apart_takes_the_full_logits_with_a_line(capsys):
 
 
 def test_lora_on_the_output_layer_takes_the_full_logits(saved, capsys):
-    cfg = type("Cfg", (), dict(GRADIENT_CHECKPOINTING=False, LORA_R=4, LORA_ALPHA=8, LORA_DROPOUT=0.0,
-                               LORA_TARGETS=["q_proj", "lm_head"], SEED=0))
+    cfg = cli.load_config(["--lora_r=4", "--lora_alpha=8", "--lora_dropout=0.0", "--lora_targets=['q_proj', 'lm_head']",
+                           "--seed=0"])
     model = modeling.adapt(modeling.load(saved["llama"])[1], cfg).train()
     x, y = batch(11)
     total = loss.model_loss(model, x, y)
@@ -250,45 +247,3 @@ def test_chunk_size_from_the_vocabulary_and_loss_chunk():
     for bad in (-1, 1.5, "8", True):
         with pytest.raises(modeling.UserError, match="LOSS_CHUNK"):
             loss.use_chunk(bad)
-
-
-def test_train_py_validation_loss_is_the_full_logits_one(tmp_path, monkeypatch, capfd):
-    """A short train.py run (its main(), in-process) in chunks of 5 positions: its validation losses are those of the
-    full logits."""
-    model_dir = save_tiny_gpt2(str(tmp_path / "tiny"))
-    val = synthetic(6, seed=2)
-    write_split(tmp_path, synthetic(10, seed=1, max_turns=4), val)
-    p = in_process(train.main, tmp_path, [f"--model={model_dir}", "--device=cpu", "--out_dir=out", "--block_size=32",
-                                          "--batch_size=4", "--max_steps=2", "--eval_interval=1", "--loss_chunk=5"],
-                   monkeypatch, capfd)
-    assert p.returncode == 0, p.stderr
-    logged = {m["step"]: m["val_loss"] for m in metrics(tmp_path / "out") if "val_loss" in m}
-    assert sorted(logged) == [0, 1, 2]
-    batches = eval_batches(make_blocks(gpt2_tokenizer(), val, 32), 4, EOS_ID, 32)
-    for step, path in ((0, model_dir), (2, tmp_path / "out" / "final")):
-        model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-        with torch.no_grad():
-            total = sum(loss.full_losses(model, x, y).item() for x, y in batches)
-        n = sum(int((y != IGNORE).sum()) for _, y in batches)
-        assert logged[step] == pytest.approx(total / n, rel=1e-5, abs=1e-5), step
-    with open(tmp_path / "out" / "config.json") as f:
-        assert json.load(f)["LOSS_CHUNK"] == 5
-
-
-def test_bad_loss_chunk_is_one_line(tmp_path, script):
-    write_split(tmp_path, synthetic(4, seed=1), synthetic(2, seed=2))
-    p = script("train.py", "--model=scratch", "--loss_chunk=-3", cwd=tmp_path)
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert p.stderr.strip() == "error: LOSS_CHUNK must be a number of positions >= 1, or 0 for automatic, got -3"
-    assert not os.path.exists(os.path.join(tmp_path, "out"))
-
-
-def test_loss_chunk_may_change_on_resume():
-    """How the loss is chunked changes its memory, not its numbers (to rounding): a resumed run may take another."""
-    import checkpoints
-    import cli
-    saved = {**cli.defaults(), "LOSS_CHUNK": 64}
-    given = set()
-    cfg, _ = checkpoints.resume_config(cli.load_config(["--resume=True", "--loss_chunk=8"], given=given), given, saved,
-                                       "ck", print)
-    assert cfg.LOSS_CHUNK == 8

@@ -1,6 +1,6 @@
 """processes.py: the job's processes and the layout that holds the model (one process, DDP or FSDP), decided once.
-Layouts of a world of one here (DDP and FSDP in a group of one, gloo); tests/test_distributed.py and test_fsdp.py run
-them on two ranks with torchrun.
+Layouts of a world of one here (DDP and FSDP in a group of one, gloo); tests/test_train_torchrun.py runs them on two
+ranks with torchrun.
 
 Run: .venv/bin/python -m pytest -q tests/test_processes.py
 """

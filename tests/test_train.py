@@ -1,4 +1,8 @@
-"""Tests for train.py, offline, with tiny GPT-2 models from tiny.py.
+"""train.py end to end, offline, with tiny GPT-2 models from tiny.py: a run's outputs, its loss and logged figures, the
+model it saves in Hugging Face's tools, gradient accumulation, validation, the token cache, the lr schedule, resuming
+with the run's own settings, mistakes in one line, scratch mode, the Hub unreachable, the memory preflight and
+progress in a log. Other model families, formats and LoRA: test_train_families.py; faults: test_train_faults.py;
+torchrun: test_train_torchrun.py.
 
 Run: .venv/bin/python -m pytest -q tests/test_train.py
 """
@@ -6,46 +10,49 @@ Run: .venv/bin/python -m pytest -q tests/test_train.py
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
 import stat
 import subprocess
-import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import checkpoints
+import cache
 import cli
+import launch
 import loss
 import modeling
 import step
 import tiny
 import train
-from batching import IGNORE, collate, count, epoch_order, eval_batches, make_blocks
-from conftest import (ROOT, in_background, in_process, one_error_line, patched_train, run_main, run_script_env,
-                      script_env, train_args)
-from dialogues import read_dialogues
-from render import render
+from batching import IGNORE, collate, epoch_order, eval_batches, make_blocks
+from conftest import ROOT, command, in_background, one_error_line, run, script_env, train_args
+from dialogues import format_dialogue, load_records, parse_record, read_dialogues
+from render import CHAT_TEMPLATE, render
+from test_cache import cached_tokens
 from tiny import EOS_ID, curve, gpt2_tokenizer, max_diff, metrics, save_tiny_gpt2, synthetic, weights, write_split
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers
 
-# One thread: tiny models gain nothing from a second one, and the arithmetic is that of the in-process runs (run_main,
-# in_process), which take one too.
+# One thread: tiny models gain nothing from a second one, and the arithmetic is that of the runs in this process,
+# which take one too.
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def run_all(jobs):
-    """train.py's main() once per (cwd, args), in this process: most of a script's run would be its imports. The
-    real script runs in test_resume_after_kill, test_scratch_end_to_end and test_missing_model."""
-    return [run_main(train.main, cwd, args) for cwd, args in jobs]
+    """train.py once per (cwd, args), in this process: most of a script's run would be its imports. The real script
+    runs in the tests at the end of the file."""
+    return [run("train.py", *args, cwd=cwd) for cwd, args in jobs]
 
 
 def snapshot(path):
@@ -73,7 +80,7 @@ def dropout_model(tmp_path_factory):
 
 
 # The real train.py processes of this module: started from its start, one after another in a thread, while the tests
-# before theirs run in this process (each mostly waits on its own process).
+# before theirs run in this process (each mostly waits on its own process). Their tests are last in the file.
 
 PROXIES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
@@ -81,29 +88,36 @@ PROXIES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 @pytest.fixture(scope="module", autouse=True)
 def processes(request, tmp_path_factory, dropout_model, tiny_model):
     """test name -> Future of its run of train.py."""
-    env = script_env(ENV)  # made now: the tests in this process change os.environ meanwhile
     # the Hub asked for real, where nothing listens (port 9), with no proxy in between
-    hub = {k: v for k, v in script_env({**ENV, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
-                                        "HF_ENDPOINT": "http://127.0.0.1:9"}).items() if k not in PROXIES}
+    hub = {**ENV, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9",
+           **dict.fromkeys(PROXIES)}
     d, missing = tmp_path_factory.mktemp, train_args("no-such-org/no-such-model")
-    jobs = {"test_resume_after_kill": (killed_run, d("killed"), dropout_model, env),
-            "test_scratch_end_to_end": (train_py, d("scratch"), SCRATCH_DATA, SCRATCH_ARGS, env),
-            "test_missing_model": (train_py, d("missing"), RESUME_DATA, missing, env),  # HF_HUB_OFFLINE=1: no Hub
-            "test_an_unreachable_hub_is_asked_once": (hub_run, d("hub"), tiny_model, hub)}
+    jobs = {"test_resume_after_kill": (killed_run, d("killed"), dropout_model),
+            "test_scratch_end_to_end": (train_py, d("scratch"), SCRATCH_DATA, SCRATCH_ARGS),
+            "test_missing_model": (train_py, d("missing"), RESUME_DATA, missing),  # HF_HUB_OFFLINE=1: no Hub
+            "test_an_unreachable_hub_is_asked_once": (hub_run, d("hub"), tiny_model, hub),
+            "test_an_absurd_block_size_is_refused_in_seconds": (
+                train_py, d("absurd"), (synthetic(20, seed=1), synthetic(5, seed=2)),
+                ["--model=scratch", "--block_size=100000", "--scratch_vocab=300", "--device=cpu"], 300),
+            "test_train_in_a_log_has_no_bar_frames": (
+                train_py, d("log"), (synthetic(40, seed=2), synthetic(8, seed=3)),
+                [f"--model={tiny_model}", "--device=cpu", "--max_steps=20", "--block_size=64", "--batch_size=2",
+                 "--eval_interval=10", "--learning_rate=1e-3"], 300)}
     with in_background(request, jobs) as started:
         yield started
 
 
-def train_py(d, data, args, env, timeout=600):
-    """train.py run as a user runs it, from d, which holds `data`'s train and val files. Returns d and the
+def train_py(d, data, args, timeout=600):
+    """train.py run as a user runs it, a process, from d, which holds `data`'s train and val files. Returns d and the
     CompletedProcess."""
     write_split(d, *data)
-    return d, run_script_env(env, "train.py", *args, cwd=d, timeout=timeout)
+    return d, run("train.py", *args, cwd=d, env=ENV, process=True, timeout=timeout)
 
 
 # train.py with the count of the connections it makes, by anything in it (modeling's probe, the Hub client,
 # transformers), and which loads asked whether to keep to the local cache, written to hub.json as it exits
 COUNTED = """import atexit, json, socket
+import modeling
 asked, loads, connect = [], [], socket.socket.connect
 def counted(self, address):
     asked.append(list(address))
@@ -132,29 +146,44 @@ def hub_run(d, model, env):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
     write_split(d, *RESUME_DATA)
-    script = patched_train(d, "counted.py", COUNTED)
-    return d, run_script_env({**env, "HF_HUB_CACHE": str(d / "hub")}, script,
-                             *train_args("no-such-org/no-such-model"), cwd=d, timeout=60)
+    return d, run("train.py", *train_args("no-such-org/no-such-model"), cwd=d,
+                  env={**env, "HF_HUB_CACHE": str(d / "hub")}, patch=COUNTED, timeout=60)
 
 
-def test_tokenizer_is_real_gpt2():
-    tok = gpt2_tokenizer()
-    assert tok("Hello world")["input_ids"] == [15496, 995]
-    assert tok.eos_token_id == EOS_ID == 50256
-    assert len(tok) == 50257
+SCRATCH_DATA = (synthetic(30, seed=10), synthetic(5, seed=11))
+SCRATCH_ARGS = ["--model=scratch", "--scratch_layers=1", "--scratch_embd=32", "--scratch_heads=2",
+                "--scratch_vocab=300", "--block_size=64", "--max_steps=5", "--device=cpu", "--out_dir=out",
+                "--learning_rate=1e-3"]
+
+
+def killed_run(tmp_path, dropout_model):
+    """Run A's settings in a fresh train.py, killed once its first checkpoint is written (or, if quicker, ended).
+    Returns tmp_path and its exit code."""
+    write_split(tmp_path, *RESUME_DATA)
+    proc = subprocess.Popen(command("train.py", resume_args(dropout_model)), cwd=tmp_path, env=script_env(ENV),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "out" / "checkpoints"
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if ckpts.is_dir() and any(n.startswith("step-") for n in os.listdir(ckpts)):
+            break
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait()
+    return tmp_path, proc.returncode
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 1 and 4: one real training run on a mixed set, one epoch
+# one real training run on a mixed set, one epoch
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model):
     d = tmp_path_factory.mktemp("trained")
     write_split(d, synthetic(100, seed=2, max_turns=12), synthetic(20, seed=3, max_turns=12))
     # lr 1e-2: a 32-wide model moves its 50257 logits slowly at 1e-3
-    p = run_main(train.main, d, train_args(tiny_model, "--learning_rate=1e-2", "--block_size=64", "--batch_size=4",
-                                           "--epochs=1", "--log_interval=1", "--eval_interval=10",
-                                           "--checkpoint_interval=10", "--keep_checkpoints=10"))
+    p = run("train.py", *train_args(tiny_model, "--learning_rate=1e-2", "--block_size=64", "--batch_size=4",
+                                    "--epochs=1", "--log_interval=1", "--eval_interval=10", "--checkpoint_interval=10",
+                                    "--keep_checkpoints=10"), cwd=d)
     assert p.returncode == 0, p.stderr
     return d / "out", p
 
@@ -227,48 +256,34 @@ def test_epoch_line_counts_the_positions_collate_pads_to(trained):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 5: gradient accumulation is the same step as one big batch
+# the saved model speaks the training format in Hugging Face's tools: its chat template, pipeline()
 
-def test_accumulation_equals_one_batch_in_process():
-    tok = gpt2_tokenizer()
-    blocks = sorted(make_blocks(tok, synthetic(12, seed=8, max_turns=6), 32), key=lambda b: -len(b[0]))
-    four = [blocks[0], blocks[1], blocks[-2], blocks[-1]]  # two long, two short: the micro-batches differ in size
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).double().train()
-    cpu = torch.device("cpu")
+CHAT = [("Alex", "Hi there, how are you?"), ("Bob", "Fine, thanks."), ("Alex", "Good to hear.")]
 
-    def step_grads(micro_batches, per_micro_mean=False):
-        """Gradients of one optimizer step, as train.py takes it: every micro-batch's summed loss over the whole
-        step's target count, backward per micro-batch (or, per_micro_mean, the naive mean of means)."""
-        model.zero_grad(set_to_none=True)
-        batches = [collate(b, EOS_ID) for b in micro_batches]
-        n_targets = sum(int((y != IGNORE).sum()) for _, y in batches)
-        total = 0.0
-        for x, y in batches:
-            mean = loss.model_loss(model, x, y) / (int((y != IGNORE).sum()) * len(batches) if per_micro_mean
-                                                   else n_targets)
-            mean.backward()
-            total += mean.item()
-        return total, {k: p.grad.clone() for k, p in model.named_parameters()}
 
-    def grad_diff(g1, g2):
-        return max((g1[k] - g2[k]).abs().max().item() for k in g1)
+@pytest.fixture(scope="module")
+def trained_tok(trained_run):
+    return AutoTokenizer.from_pretrained(str(trained_run / "out" / "best"))
 
-    loss1, g1 = step_grads([four])
-    loss2, g2 = step_grads([four[:2], four[2:]])
-    assert loss1 == pytest.approx(loss2, rel=1e-6)  # model_loss takes the cross-entropy in fp32
-    assert grad_diff(g1, g2) < 1e-5
-    assert grad_diff(g1, step_grads([four[:2], four[2:]], per_micro_mean=True)[1]) > 1e-3  # the test can tell
 
-    # train.py's own step function, on the same micro-batches
-    for micro_batches in ([four], [four[:2], four[2:]]):
-        model.zero_grad(set_to_none=True)
-        mean, n_targets = step.forward_backward(tiny.single(model), [collate(b, EOS_ID) for b in micro_batches])
-        assert mean == pytest.approx(loss1, rel=1e-6)
-        assert n_targets == count(four)[0]  # every trained token of these blocks, each once
-        assert grad_diff(g1, {k: p.grad for k, p in model.named_parameters()}) < 1e-5
+def test_saved_tokenizer_has_the_chat_template(trained_tok):
+    assert trained_tok.chat_template == CHAT_TEMPLATE  # what test_render checks the template on
+    messages = [{"role": "user" if s == "Alex" else "assistant", "name": s, "content": t} for s, t in CHAT]
+    text = trained_tok.apply_chat_template(messages, tokenize=False)
+    assert text == trained_tok.eos_token + format_dialogue(CHAT) + trained_tok.eos_token
 
+
+def test_pipeline_generates(trained_run):
+    pipe = transformers.pipeline("text-generation", model=str(trained_run / "out" / "best"), device="cpu")
+    prompt = "Alex: Hi, how are you?\nBob:"
+    out = pipe(prompt, max_new_tokens=4, do_sample=False)
+    assert isinstance(out[0]["generated_text"], str) and out[0]["generated_text"].startswith(prompt)
+    new = pipe(prompt, max_new_tokens=4, do_sample=False, return_full_text=False)[0]["generated_text"]
+    assert out[0]["generated_text"] == prompt + new
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# gradient accumulation is the same step as one big batch (step.py's own check: test_step)
 
 def test_accumulation_equals_one_batch_in_train_py(tmp_path, tiny_model):
     one, two = tmp_path / "one", tmp_path / "two"
@@ -285,7 +300,128 @@ def test_accumulation_equals_one_batch_in_train_py(tmp_path, tiny_model):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 7, 8: resuming continues the same run
+# validation: VAL_MAX_TOKENS caps what it costs, the same way in train.py and evaluate.py; in chunks, the loss of
+# the full logits
+
+def test_validation_is_capped(tmp_path, tiny_model):
+    val = synthetic(8, seed=6)
+    write_split(tmp_path, synthetic(12, seed=5, max_turns=4), val)
+    tok = gpt2_tokenizer()
+    cap = sum(len(ids) for turns in render(tok, val[:3]) for ids, _ in turns)
+    p = run("train.py", *train_args(tiny_model, "--block_size=32", "--max_steps=1", f"--val_max_tokens={cap}"),
+            cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "validation on 3 dialogues" in p.stdout
+    first = metrics(tmp_path / "out")[0]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    batches = eval_batches(make_blocks(tok, val[:3], 32), 8, EOS_ID, 32)
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(
+        step.evaluate(tiny.single(model), batches), rel=1e-5)
+    assert re.search(r"epoch 1 \(the run ends inside it\): [\d,]+ tokens trained .* padding", p.stdout), p.stdout
+
+
+def test_train_py_validation_loss_is_the_full_logits_one(tmp_path):
+    """A short train.py run in chunks of 5 positions (loss.py): its validation losses are those of the full logits."""
+    model_dir = save_tiny_gpt2(str(tmp_path / "tiny"))
+    val = synthetic(6, seed=2)
+    write_split(tmp_path, synthetic(10, seed=1, max_turns=4), val)
+    p = run("train.py", f"--model={model_dir}", "--device=cpu", "--out_dir=out", "--block_size=32", "--batch_size=4",
+            "--max_steps=2", "--eval_interval=1", "--loss_chunk=5", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    logged = {m["step"]: m["val_loss"] for m in metrics(tmp_path / "out") if "val_loss" in m}
+    assert sorted(logged) == [0, 1, 2]
+    batches = eval_batches(make_blocks(gpt2_tokenizer(), val, 32), 4, EOS_ID, 32)
+    for at, path in ((0, model_dir), (2, tmp_path / "out" / "final")):
+        model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+        with torch.no_grad():
+            total = sum(loss.full_losses(model, x, y).item() for x, y in batches)
+        n = sum(int((y != IGNORE).sum()) for _, y in batches)
+        assert logged[at] == pytest.approx(total / n, rel=1e-5, abs=1e-5), at
+    with open(tmp_path / "out" / "config.json") as f:
+        assert json.load(f)["LOSS_CHUNK"] == 5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the token cache: the same weights from a cold one and a warm one; start-up memory flat in the corpus
+
+def test_the_cached_pipeline_trains_the_same_weights(tmp_path):
+    """Cold (tokenizes and packs into the cache), warm (maps it), and with the cache deleted half way (resumed)."""
+    model = save_tiny_gpt2(str(tmp_path / "tiny"), dropout=0.1)
+    write_split(tmp_path, synthetic(40, seed=5, max_turns=8), synthetic(8, seed=6))
+    args = [f"--model={model}", "--device=cpu", "--block_size=32", "--batch_size=2", "--max_steps=6",
+            "--checkpoint_interval=3", "--learning_rate=1e-3", "--log_interval=1"]
+    # in this process (no cache lives in memory between runs: a run finds the cache on disk or not at all)
+    cold = run("train.py", *args, "--out_dir=cold", cwd=tmp_path)
+    assert cold.returncode == 0, cold.stderr
+    assert "tokenized train_data.txt: " in cold.stdout and "start-up: " in cold.stdout
+    warm = run("train.py", *args, "--out_dir=warm", cwd=tmp_path)
+    assert warm.returncode == 0, warm.stderr
+    assert "tokenized" not in warm.stdout
+    assert max_diff(weights(tmp_path / "cold" / "final"), weights(tmp_path / "warm" / "final")) == 0
+    # in memory: make_blocks over the dialogues, the loop as train.py runs it (test_train checks that loop further)
+    t = cached_tokens(tmp_path, modeling.load_tokenizer(model))
+    assert list(cache.blocks(t, 32, print)) == list(make_blocks(gpt2_tokenizer(), read_dialogues(
+        tmp_path / "train_data.txt"), 32))
+
+
+def corpus(n, seed):
+    """n distinct dialogues in the shipped data's style: its dialogues, each turn numbered."""
+    shipped = [parse_record(r, where) for r, where in load_records(os.path.join(ROOT, "llm_train_text.json"))]
+    rng = random.Random(seed)
+    return [[(s, f"{t} ({i})") for s, t in rng.choice(shipped)] for i in range(n)]
+
+
+def test_start_up_memory_does_not_grow_with_the_corpus(tmp_path):
+    """train.py's own peak at the end of its start-up (its start-up line: hardware.peak_rss_mb), with a warm cache,
+    on 1x and 20x the shipped data's size: the warm runs are processes of their own (launch.measure, as the
+    benchmarks start them), side by side; the cache is built in this process."""
+    model = save_tiny_gpt2(str(tmp_path / "tiny"))
+    args = [f"--model={model}", "--device=cpu", "--max_steps=1", "--eval_interval=0", "--checkpoint_interval=0",
+            "--block_size=128"]
+    dirs = {scale: tmp_path / f"x{scale}" for scale in (1, 20)}
+    for scale, d in dirs.items():
+        d.mkdir()
+        dialogues = corpus(216 * scale, seed=scale)
+        write_split(d, dialogues, dialogues[:20])
+        assert run("train.py", *args, "--out_dir=cold", cwd=d).returncode == 0  # builds the cache
+    with ThreadPoolExecutor(len(dirs)) as pool:
+        warm = dict(zip(dirs, pool.map(lambda d: launch.measure(
+            command("train.py", [*args, "--out_dir=warm"])[1:], str(d), str(d / "warm"), env=script_env(ENV)),
+            dirs.values())))
+    rss = {}
+    for scale, p in warm.items():
+        assert p["rc"] == 0 and "tokenizing" not in p["stdout"], p["stdout"] + p["stderr"]
+        rss[scale] = float(re.search(r"^start-up: .*peak memory so far ([\d,]+) MB", p["stdout"], re.M).group(1)
+                           .replace(",", ""))
+    tokens = os.path.getsize(next((tmp_path / "x20" / "cache").glob("train_data.txt-*")) / "ids.bin") // 2
+    assert tokens > 800_000  # 20x the shipped data: the old in-memory lists took ~250 bytes a token, ~200 MB here
+    assert rss[20] - rss[1] < 40, rss
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the learning-rate schedule
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_get_lr(schedule):
+    cfg = cli.load_config(["--learning_rate=1e-3", "--warmup_steps=10", "--min_lr_fraction=0.1",
+                           f"--lr_schedule={schedule}"])
+    total = 100
+    lrs = [train.get_lr(step, cfg, total) for step in range(total)]  # the steps of a 100-step run: 0..99
+    assert lrs[:10] == pytest.approx([1e-4 * (s + 1) for s in range(10)])
+    assert max(lrs) == pytest.approx(1e-3) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-2] > lrs[-1]
+    if schedule == "linear":
+        drops = [a - b for a, b in zip(lrs[10:], lrs[11:])]
+        assert max(drops) == pytest.approx(min(drops))
+    else:
+        assert lrs[10] - lrs[11] < lrs[50] - lrs[51]  # cosine: slow, fast, slow
+    # the last optimizer step of the run (step index total - 1) decays all the way to LEARNING_RATE * MIN_LR_FRACTION
+    assert lrs[-1] == pytest.approx(1e-3 * 0.1), f"lr at the last step {total - 1}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# resuming continues the same run, with the run's own settings
 
 RESUME_DATA = (synthetic(12, seed=5, max_turns=4), synthetic(4, seed=6))  # 10 blocks of 32: 5 steps per epoch
 
@@ -302,7 +438,7 @@ def run_a(tmp_path_factory, dropout_model):
     """An uninterrupted run, with dropout so that the RNG state matters."""
     d = tmp_path_factory.mktemp("run_a")
     write_split(d, *RESUME_DATA)
-    p = run_main(train.main, d, resume_args(dropout_model))
+    p = run("train.py", *resume_args(dropout_model), cwd=d)
     assert p.returncode == 0, p.stderr
     assert re.search(r"\b5 steps/epoch\b", p.stdout), p.stdout  # so resuming from step 8 crosses into epoch 3
     return d / "out"
@@ -345,35 +481,6 @@ def test_resume_gives_the_same_weights(resumed, run_a):
     assert sorted(os.listdir(out / "checkpoints")) == sorted(os.listdir(run_a / "checkpoints"))
 
 
-def killed_run(tmp_path, dropout_model, env):
-    """Run A's settings in a fresh train.py, killed once its first checkpoint is written (or, if quicker, ended).
-    Returns tmp_path and its exit code."""
-    write_split(tmp_path, *RESUME_DATA)
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *resume_args(dropout_model)],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = tmp_path / "out" / "checkpoints"
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline:
-        if ckpts.is_dir() and any(n.startswith("step-") for n in os.listdir(ckpts)):
-            break
-        time.sleep(0.002)
-    proc.kill()
-    proc.wait()
-    return tmp_path, proc.returncode
-
-
-def test_resume_after_kill(processes, monkeypatch, capfd, run_a, dropout_model):
-    tmp_path, returncode = processes["test_resume_after_kill"].result()
-    if returncode == -signal.SIGKILL:
-        p = in_process(train.main, tmp_path, [*resume_args(dropout_model), "--resume=True"], monkeypatch, capfd)
-        assert p.returncode == 0, p.stderr
-        assert "resuming from" in p.stdout
-    else:  # it finished before the kill landed
-        assert returncode == 0
-    assert max_diff(weights(tmp_path / "out" / "final"), weights(run_a / "final")) < 1e-6
-    assert curve(tmp_path / "out") == pytest.approx(curve(run_a), rel=1e-5)
-
-
 def test_half_written_checkpoint_is_ignored(resumed, run_a):
     out, p = resumed["half_written"]
     assert p.returncode == 0, p.stderr
@@ -381,128 +488,6 @@ def test_half_written_checkpoint_is_ignored(resumed, run_a):
     assert not (out / "checkpoints" / ".tmp-step-00000099").exists()
     assert max_diff(weights(out / "final"), weights(run_a / "final")) < 1e-6
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 9: scratch mode needs no network and no model files
-
-SCRATCH_DATA = (synthetic(30, seed=10), synthetic(5, seed=11))
-SCRATCH_ARGS = ["--model=scratch", "--scratch_layers=1", "--scratch_embd=32", "--scratch_heads=2",
-                "--scratch_vocab=300", "--block_size=64", "--max_steps=5", "--device=cpu", "--out_dir=out",
-                "--learning_rate=1e-3"]
-
-
-def test_scratch_end_to_end(processes):
-    tmp_path, p = processes["test_scratch_end_to_end"].result()  # train.py on SCRATCH_DATA with SCRATCH_ARGS
-    assert p.returncode == 0, p.stderr
-    final = tmp_path / "out" / "final"
-    model = AutoModelForCausalLM.from_pretrained(final)
-    tok = AutoTokenizer.from_pretrained(final)
-    line = "Alex: The cat sat under the table today!\n"
-    assert tok.decode(tok(line, add_special_tokens=False)["input_ids"]) == line
-    assert tok.eos_token is not None and tok.eos_token_id is not None
-    assert model.config.vocab_size == len(tok) <= 300 and model.config.n_layer == 1
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 6, 10, 11: mistakes are one line on stderr, exit code 2, and leave OUT_DIR as it was
-
-def error_cases(tiny_model, dropout_model, run_a):
-    """name -> (train.py arguments, what to do to the run directory first, a word the error line must hold)."""
-    copy_a = lambda d: shutil.copytree(run_a, d / "out")
-    return {
-        # 10: bad configuration
-        "learning_rate_0": (train_args(tiny_model, "--learning_rate=0"), None, "LEARNING_RATE"),
-        "batch_size_0": (train_args(tiny_model, "--batch_size=0"), None, "BATCH_SIZE"),
-        "block_beyond_model": (train_args(tiny_model, "--block_size=100000"), None, "100000"),  # 256 positions
-        "no_train_file": (train_args(tiny_model), lambda d: os.remove(d / "train_data.txt"), "train_data.txt"),
-        "empty_train_file": (train_args(tiny_model), lambda d: (d / "train_data.txt").write_text(""),
-                             "train_data.txt"),
-        "resume_other_block_size": ([*resume_args(dropout_model), "--block_size=64", "--resume=True"], copy_a,
-                                    "--block_size=32"),  # how to resume it right
-        "existing_run": (resume_args(dropout_model), copy_a, "already holds a run"),
-        # 6 and 11
-        "unknown_train_speaker": (train_args(tiny_model, "--train_speakers=['Nobody']"), None, "Nobody"),
-        "empty_model_dir": (train_args("empty_model"), lambda d: (d / "empty_model").mkdir(), "incomplete"),
-    }
-
-
-BAD_CONFIG = ["learning_rate_0", "batch_size_0", "block_beyond_model", "no_train_file", "empty_train_file",
-              "resume_other_block_size", "existing_run"]
-
-
-@pytest.mark.parametrize("case", [*BAD_CONFIG, "unknown_train_speaker", "empty_model_dir"])
-def test_rejected_in_one_line(case, tmp_path, monkeypatch, capfd, tiny_model, dropout_model, run_a):
-    # In-process (train.py's main() under cli.run, as its __main__ runs it) to save an interpreter start per case;
-    # test_missing_model goes through the real script.
-    args, setup, word = error_cases(tiny_model, dropout_model, run_a)[case]
-    write_split(tmp_path, *RESUME_DATA)
-    if setup:
-        setup(tmp_path)
-    before = snapshot(tmp_path / "out")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["train.py", *args])
-    with pytest.raises(SystemExit) as e:
-        cli.run(train.main)
-    out, err = capfd.readouterr()
-    line = one_error_line(subprocess.CompletedProcess(args, e.value.code, out, err))
-    assert word in line
-    if case in BAD_CONFIG:
-        if case in ("resume_other_block_size", "existing_run"):
-            assert before is not None
-        assert snapshot(tmp_path / "out") == before, f"OUT_DIR changed after: {line}"
-    if case == "unknown_train_speaker":
-        assert not (tmp_path / "cache").exists()  # said before anything was tokenized
-
-
-def test_missing_model(processes):
-    _, p = processes["test_missing_model"].result()  # script_env's HF_HUB_OFFLINE=1 makes the Hub unreachable
-    assert "scratch" in one_error_line(p)
-
-
-def test_an_unreachable_hub_is_asked_once(processes, monkeypatch):
-    """Offline, the Hub client retries for most of a minute; a connect that is refused (nothing listens on port 9)
-    is noticed at once, and the model then comes from the local cache or not at all: the same one-line error. The
-    probe connects once a run: the tokenizer's load and the model's both ask, the second taking the first's answer."""
-    for name in PROXIES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(modeling.hub_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(modeling.hub_constants, "ENDPOINT", "http://127.0.0.1:9")
-    modeling.hub_reachable.cache_clear()  # an answer cached by an earlier test would make this one prove nothing
-    try:
-        assert modeling.hub_reachable() is False
-    finally:
-        modeling.hub_reachable.cache_clear()  # nor may this one's answer outlive the settings patched here
-    d, p = processes["test_an_unreachable_hub_is_asked_once"].result()  # train.py, asking the Hub there
-    assert "scratch" in one_error_line(p)
-    counted = json.loads((d / "hub.json").read_text())
-    assert counted["loads"] == ["load_tokenizer", "load"]  # the tokenizer came from the cache; the model asked next
-    assert counted["asked"] == [["127.0.0.1", 9]]  # once for both, and nothing else asks after it
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 12: the learning-rate schedule
-
-@pytest.mark.parametrize("schedule", ["cosine", "linear"])
-def test_get_lr(schedule):
-    cfg = cli.load_config(["--learning_rate=1e-3", "--warmup_steps=10", "--min_lr_fraction=0.1",
-                           f"--lr_schedule={schedule}"])
-    total = 100
-    lrs = [train.get_lr(step, cfg, total) for step in range(total)]  # the steps of a 100-step run: 0..99
-    assert lrs[:10] == pytest.approx([1e-4 * (s + 1) for s in range(10)])
-    assert max(lrs) == pytest.approx(1e-3) and lrs[9] == pytest.approx(1e-3)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
-    assert lrs[-2] > lrs[-1]
-    if schedule == "linear":
-        drops = [a - b for a, b in zip(lrs[10:], lrs[11:])]
-        assert max(drops) == pytest.approx(min(drops))
-    else:
-        assert lrs[10] - lrs[11] < lrs[50] - lrs[51]  # cosine: slow, fast, slow
-    # the last optimizer step of the run (step index total - 1) decays all the way to LEARNING_RATE * MIN_LR_FRACTION
-    assert lrs[-1] == pytest.approx(1e-3 * 0.1), f"lr at the last step {total - 1}"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# issue 12: a resume continues the run it names, with the run's own settings
 
 @pytest.fixture(scope="module")
 def resume_cases(tmp_path_factory, run_a):
@@ -554,14 +539,14 @@ def test_resume_extends_a_finished_run(resume_cases):
     assert (out / "checkpoints" / "step-00000014").is_dir()
 
 
-def test_resume_refuses_other_settings_naming_them_all(tmp_path, monkeypatch, capfd, run_a, dropout_model):
+def test_resume_refuses_other_settings_naming_them_all(tmp_path, run_a, dropout_model):
     write_split(tmp_path, *RESUME_DATA)
     shutil.copytree(run_a, tmp_path / "out")
     crash_after_step_8(tmp_path / "out")
     before = snapshot(tmp_path / "out")
     # --max_steps may change; --device=cpu and --batch_size=2 are the run's own values: none of them is refused
-    p = in_process(train.main, tmp_path, [*resume_args(dropout_model), "--resume=True", "--block_size=64",
-                                          "--seed=7", "--lr_schedule=linear", "--max_steps=13"], monkeypatch, capfd)
+    p = run("train.py", *resume_args(dropout_model), "--resume=True", "--block_size=64", "--seed=7",
+            "--lr_schedule=linear", "--max_steps=13", cwd=tmp_path)
     line = one_error_line(p)
     for flag in ("--block_size=64 (the run has --block_size=32)", "--seed=7 (the run has --seed=1337)",
                  "--lr_schedule='linear' (the run has --lr_schedule='cosine')"):
@@ -571,68 +556,29 @@ def test_resume_refuses_other_settings_naming_them_all(tmp_path, monkeypatch, ca
 
 
 @pytest.mark.parametrize("case", ["past_the_end", "complete"])
-def test_resume_with_nothing_left_changes_nothing(case, tmp_path, monkeypatch, capfd, run_a):
+def test_resume_with_nothing_left_changes_nothing(case, tmp_path, run_a):
     write_split(tmp_path, *RESUME_DATA)
     shutil.copytree(run_a, tmp_path / "out")  # finished: its last checkpoint is step 12, of MAX_STEPS=12
     before = snapshot(tmp_path / "out")
     if case == "past_the_end":  # the run's end moved before its checkpoint: say so, train nothing, exit 2
-        p = in_process(train.main, tmp_path, ["--resume=True", "--max_steps=10"], monkeypatch, capfd)
+        p = run("train.py", "--resume=True", "--max_steps=10", cwd=tmp_path)
         assert "is at step 12, past the end of this run at step 10" in one_error_line(p)
     else:
-        p = in_process(train.main, tmp_path, ["--resume=True"], monkeypatch, capfd)
+        p = run("train.py", "--resume=True", cwd=tmp_path)
         assert p.returncode == 0 and "is complete (step 12 of 12" in p.stdout, p.stdout + p.stderr
     assert snapshot(tmp_path / "out") == before
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# issue 12: VAL_MAX_TOKENS caps what validation costs, the same way in train.py and evaluate.py
-
-def test_validation_is_capped(tmp_path, monkeypatch, capfd, tiny_model):
-    val = synthetic(8, seed=6)
-    write_split(tmp_path, synthetic(12, seed=5, max_turns=4), val)
-    tok = gpt2_tokenizer()
-    cap = sum(len(ids) for turns in render(tok, val[:3]) for ids, _ in turns)
-    p = in_process(train.main, tmp_path, train_args(tiny_model, "--block_size=32", "--max_steps=1",
-                                                    f"--val_max_tokens={cap}"), monkeypatch, capfd)
-    assert p.returncode == 0, p.stderr
-    assert "validation on 3 dialogues" in p.stdout
-    first = metrics(tmp_path / "out")[0]
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    batches = eval_batches(make_blocks(tok, val[:3], 32), 8, EOS_ID, 32)
-    assert first["step"] == 0 and first["val_loss"] == pytest.approx(
-        step.evaluate(tiny.single(model), batches), rel=1e-5)
-    assert re.search(r"epoch 1 \(the run ends inside it\): [\d,]+ tokens trained .* padding", p.stdout), p.stdout
-
-
-def test_resume_config_the_run_of_the_issue():
-    """A 10-epoch run resumed with `--resume=True` alone stays a 10-epoch run (config.py says EPOCHS=3); --epochs may
-    extend it; a setting newer than the run is protected too: the run had config.py's value."""
-    saved = {**cli.defaults(), "EPOCHS": 10, "BETAS": [0.9, 0.98], "RESUME": False, "OUT_DIR": "elsewhere"}
-    del saved["VAL_MAX_TOKENS"]  # as if the run were older than this setting
-    given = set()
-    cfg, taken = checkpoints.resume_config(cli.load_config(["--resume=True"], given=given), given, saved, "ckpt", print)
-    assert cfg.EPOCHS == 10 and cfg.BETAS == (0.9, 0.98) and cfg.RESUME is True and cfg.OUT_DIR == "out"
-    assert taken == ["BETAS", "EPOCHS"]
-    given = set()
-    cfg, _ = checkpoints.resume_config(cli.load_config(["--resume=True", "--epochs=12", "--log_interval=1"],
-                                                       given=given), given, saved, "ckpt", print)
-    assert cfg.EPOCHS == 12 and cfg.LOG_INTERVAL == 1
-    given = set()
-    with pytest.raises(cli.UserError, match=r"--val_max_tokens=5 \(the run has --val_max_tokens=100000\)"):
-        checkpoints.resume_config(cli.load_config(["--resume=True", "--val_max_tokens=5"], given=given), given, saved,
-                                  "ckpt", print)
-
-
-def test_tensorboard_curves_go_on_without_duplicates_after_a_resume(tmp_path, monkeypatch, capfd, tiny_model):
+def test_tensorboard_curves_go_on_without_duplicates_after_a_resume(tmp_path, tiny_model):
     """REPORT_TO="tensorboard" writes metrics.jsonl's figures as events; a run killed after its step-8 checkpoint
     and resumed purges the events after step 8, so TensorBoard's own reader sees each step once, with the values of
     metrics.jsonl."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     write_split(tmp_path, *RESUME_DATA)
     args = [*resume_args(tiny_model), "--report_to=tensorboard", "--log_interval=1"]
-    assert in_process(train.main, tmp_path, args, monkeypatch, capfd).returncode == 0
+    assert run("train.py", *args, cwd=tmp_path).returncode == 0
     crash_after_step_8(tmp_path / "out")
-    p = in_process(train.main, tmp_path, [*args, "--resume=True"], monkeypatch, capfd)
+    p = run("train.py", *args, "--resume=True", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     events = EventAccumulator(str(tmp_path / "out" / "tensorboard")).Reload()
     assert {"train/loss", "train/lr", "train/tokens_per_s", "val/val_loss", "val/val_ppl"} <= set(
@@ -645,8 +591,136 @@ def test_tensorboard_curves_go_on_without_duplicates_after_a_resume(tmp_path, mo
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
 
 
-def test_resume_with_no_run_to_resume_is_refused(tmp_path, monkeypatch, capfd, tiny_model):
+def test_resume_with_no_run_to_resume_is_refused(tmp_path, tiny_model):
     write_split(tmp_path, *RESUME_DATA)
-    p = in_process(train.main, tmp_path, [*resume_args(tiny_model), "--resume=True"], monkeypatch, capfd)
+    p = run("train.py", *resume_args(tiny_model), "--resume=True", cwd=tmp_path)
     assert "--resume=True, but OUT_DIR 'out' holds no run to resume" in one_error_line(p)
     assert sorted(os.listdir(tmp_path)) == ["train_data.txt", "val_data.txt"]  # no out/, no cache: nothing written
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# mistakes are one line on stderr, exit code 2, and leave OUT_DIR as it was
+
+def error_cases(tiny_model, dropout_model, run_a):
+    """name -> (train.py arguments, what to do to the run directory first, a word the error line must hold)."""
+    copy_a = lambda d: shutil.copytree(run_a, d / "out")
+    return {
+        # bad configuration
+        "learning_rate_0": (train_args(tiny_model, "--learning_rate=0"), None, "LEARNING_RATE"),
+        "batch_size_0": (train_args(tiny_model, "--batch_size=0"), None, "BATCH_SIZE"),
+        "block_beyond_model": (train_args(tiny_model, "--block_size=100000"), None, "100000"),  # 256 positions
+        "no_train_file": (train_args(tiny_model), lambda d: os.remove(d / "train_data.txt"), "train_data.txt"),
+        "empty_train_file": (train_args(tiny_model), lambda d: (d / "train_data.txt").write_text(""),
+                             "train_data.txt"),
+        "resume_other_block_size": ([*resume_args(dropout_model), "--block_size=64", "--resume=True"], copy_a,
+                                    "--block_size=32"),  # how to resume it right
+        "existing_run": (resume_args(dropout_model), copy_a, "already holds a run"),
+        # a speaker with no turns, a model directory without a model
+        "unknown_train_speaker": (train_args(tiny_model, "--train_speakers=['Nobody']"), None, "Nobody"),
+        "empty_model_dir": (train_args("empty_model"), lambda d: (d / "empty_model").mkdir(), "incomplete"),
+    }
+
+
+BAD_CONFIG = ["learning_rate_0", "batch_size_0", "block_beyond_model", "no_train_file", "empty_train_file",
+              "resume_other_block_size", "existing_run"]
+
+
+@pytest.mark.parametrize("case", [*BAD_CONFIG, "unknown_train_speaker", "empty_model_dir"])
+def test_rejected_in_one_line(case, tmp_path, tiny_model, dropout_model, run_a):
+    # In this process, to save an interpreter start per case; test_missing_model goes through the real script.
+    args, setup, word = error_cases(tiny_model, dropout_model, run_a)[case]
+    write_split(tmp_path, *RESUME_DATA)
+    if setup:
+        setup(tmp_path)
+    before = snapshot(tmp_path / "out")
+    line = one_error_line(run("train.py", *args, cwd=tmp_path))
+    assert word in line
+    if case in BAD_CONFIG:
+        if case in ("resume_other_block_size", "existing_run"):
+            assert before is not None
+        assert snapshot(tmp_path / "out") == before, f"OUT_DIR changed after: {line}"
+    if case == "unknown_train_speaker":
+        assert not (tmp_path / "cache").exists()  # said before anything was tokenized
+
+
+def test_bad_loss_chunk_is_one_line(tmp_path):
+    write_split(tmp_path, synthetic(4, seed=1), synthetic(2, seed=2))
+    p = run("train.py", "--model=scratch", "--loss_chunk=-3", cwd=tmp_path, process=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip() == "error: LOSS_CHUNK must be a number of positions >= 1, or 0 for automatic, got -3"
+    assert not os.path.exists(os.path.join(tmp_path, "out"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the real script as a user runs it, started with the module (processes): a run killed and resumed, scratch mode
+# with no network, a model that is nowhere, the Hub unreachable, the memory preflight, and progress in a log
+
+def test_resume_after_kill(processes, run_a, dropout_model):
+    tmp_path, returncode = processes["test_resume_after_kill"].result()
+    if returncode == -signal.SIGKILL:
+        p = run("train.py", *resume_args(dropout_model), "--resume=True", cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+        assert "resuming from" in p.stdout
+    else:  # it finished before the kill landed
+        assert returncode == 0
+    assert max_diff(weights(tmp_path / "out" / "final"), weights(run_a / "final")) < 1e-6
+    assert curve(tmp_path / "out") == pytest.approx(curve(run_a), rel=1e-5)
+
+
+def test_scratch_end_to_end(processes):
+    tmp_path, p = processes["test_scratch_end_to_end"].result()  # train.py on SCRATCH_DATA with SCRATCH_ARGS
+    assert p.returncode == 0, p.stderr
+    final = tmp_path / "out" / "final"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    line = "Alex: The cat sat under the table today!\n"
+    assert tok.decode(tok(line, add_special_tokens=False)["input_ids"]) == line
+    assert tok.eos_token is not None and tok.eos_token_id is not None
+    assert model.config.vocab_size == len(tok) <= 300 and model.config.n_layer == 1
+
+
+def test_missing_model(processes):
+    _, p = processes["test_missing_model"].result()  # script_env's HF_HUB_OFFLINE=1 makes the Hub unreachable
+    assert "scratch" in one_error_line(p)
+
+
+def test_an_unreachable_hub_is_asked_once(processes, monkeypatch):
+    """Offline, the Hub client retries for most of a minute; a connect that is refused (nothing listens on port 9)
+    is noticed at once, and the model then comes from the local cache or not at all: the same one-line error. The
+    probe connects once a run: the tokenizer's load and the model's both ask, the second taking the first's answer."""
+    for name in PROXIES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(modeling.hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(modeling.hub_constants, "ENDPOINT", "http://127.0.0.1:9")
+    modeling.hub_reachable.cache_clear()  # an answer cached by an earlier test would make this one prove nothing
+    try:
+        assert modeling.hub_reachable() is False
+    finally:
+        modeling.hub_reachable.cache_clear()  # nor may this one's answer outlive the settings patched here
+    d, p = processes["test_an_unreachable_hub_is_asked_once"].result()  # train.py, asking the Hub there
+    assert "scratch" in one_error_line(p)
+    counted = json.loads((d / "hub.json").read_text())
+    assert counted["loads"] == ["load_tokenizer", "load"]  # the tokenizer came from the cache; the model asked next
+    assert counted["asked"] == [["127.0.0.1", 9]]  # once for both, and nothing else asks after it
+
+
+def test_an_absurd_block_size_is_refused_in_seconds(processes):
+    """--model=scratch --block_size=100000 was killed by the kernel at 18 GB with no message."""
+    tmp_path, p = processes["test_an_absurd_block_size_is_refused_in_seconds"].result()
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith("error: a training step of BATCH_SIZE=8 x BLOCK_SIZE=100000 needs about")
+    assert "these would fit: " in lines[0] and "--block_size=" in lines[0]
+    assert "--lora_r" not in lines[0]  # a scratch model cannot take LoRA
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_in_a_log_has_no_bar_frames(processes):
+    _, p = processes["test_train_in_a_log_has_no_bar_frames"].result()  # 20 steps, stderr to a pipe
+    assert p.returncode == 0, p.stderr
+    assert "\r" not in p.stderr and "\x1b" not in p.stderr
+    lines = p.stderr.splitlines()
+    assert [line.split()[1] for line in lines] == [f"{10 * k}%" for k in range(1, 11)], p.stderr
+    assert all(line.startswith("train: ") and " loss=" in line for line in lines)
+    assert "step 10: val loss" in p.stdout and "1 thread (OMP_NUM_THREADS)" in p.stdout

@@ -1,7 +1,9 @@
-"""Model families other than GPT-2, the chat-template format, LoRA and gradient checkpointing, offline, with tiny
-Llama (an instruct model's tokenizer: BOS, ChatML template), GPT-NeoX and GPT-2 models from tiny.py.
+"""train.py end to end on model families other than GPT-2, in the chat-template format, with LoRA and gradient
+checkpointing, offline, with tiny Llama (an instruct model's tokenizer: BOS, ChatML template), GPT-NeoX and GPT-2
+models from tiny.py: each family through prepare -> train -> resume -> evaluate -> chat; --show_example; settings
+a model cannot take.
 
-Run: .venv/bin/python -m pytest -q tests/test_models.py
+Run: .venv/bin/python -m pytest -q tests/test_train_families.py
 """
 
 import json
@@ -14,89 +16,13 @@ import transformers
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import chat
-import checkpoints
-import cli
-import evaluate
-import modeling
-import prepare_data
-import step
-import tiny
-import train
-from batching import collate, make_blocks
-from conftest import in_process, one_error_line, run_main
+from batching import make_blocks
+from conftest import one_error_line, run
 from render import CHAT_TEMPLATE, role_map
-from tiny import (CHATML, chat_tokenizer, gpt2_tokenizer, max_diff, save_tiny_gpt2, save_tiny_llama,
-                  save_tiny_neox, synthetic, weights, write_split)
+from tiny import (CHATML, chat_tokenizer, max_diff, save_tiny_gpt2, save_tiny_llama, save_tiny_neox, synthetic,
+                  weights, write_split)
 
 DIALOGUE = [("Alex", "Hi there."), ("Bob", "Hello, Alex!"), ("Alex", "Bye <|im_end|> now.")]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# LoRA and gradient checkpointing, in process
-
-def lora_cfg(**kw):
-    return cli.load_config([f"--{k}={v!r}" for k, v in {"lora_r": 4, "lora_dropout": 0.0, **kw}.items()])
-
-
-@pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
-def test_lora_trains_only_the_adapter(tmp_path, family):
-    path = {"gpt2": save_tiny_gpt2, "llama": save_tiny_llama, "neox": save_tiny_neox}[family](str(tmp_path / "m"))
-    tok, model = modeling.load(path)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    model = modeling.adapt(model, lora_cfg())
-    trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
-    assert any("mlp" in n for n in trained) and any("attn" in n or "attention" in n for n in trained)
-    opt = step.make_optimizer(model, 1e-2, 0.0, (0.9, 0.999))
-    x, y = collate(make_blocks(tok, synthetic(8), 32)[:4], tok.eos_token_id)
-    layout = tiny.single(model.train())
-    for _ in range(2):
-        step.train_step(layout, opt, None, [(x, y)], 1.0)
-    assert sum(len(s) > 0 for s in opt.state.values()) == len(trained)  # optimizer state for the adapter only
-    merged = checkpoints.merged_state_dict(model)
-    assert merged.keys() == before.keys()
-    changed = {k for k in before if not torch.equal(before[k], merged[k])}
-    assert changed and all(k.endswith("weight") for k in changed)
-    for k, v in model.get_base_model().state_dict().items():  # the base weights themselves never moved
-        if "lora_" not in k:
-            assert torch.equal(before[k.replace(".base_layer.", ".")], v)
-    plain = modeling.load(path)[1]  # the merged weights in the base architecture compute what the adapted model does
-    plain.load_state_dict(merged)
-    model.eval()
-    with torch.no_grad():
-        assert torch.allclose(plain.eval()(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5)
-
-
-def test_lora_targets_naming_no_module():
-    _, model = modeling.build_scratch(cli.load_config(["--scratch_layers=1", "--scratch_embd=16"]), ["a b"],
-                                      gpt2_tokenizer())
-    with pytest.raises(cli.UserError, match=r"LORA_TARGETS=\['q_proj'\]: .*not found"):
-        modeling.adapt(model, lora_cfg(lora_targets=["q_proj"]))
-
-
-@pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path, family):
-    path = {"gpt2": save_tiny_gpt2, "llama": save_tiny_llama, "neox": save_tiny_neox}[family](str(tmp_path / "m"))
-    grads = []
-    for on in (False, True):
-        tok, model = modeling.load(path)
-        model = modeling.adapt(model, cli.load_config([f"--gradient_checkpointing={on}"])).train()
-        assert getattr(model, "is_activation_checkpointing", model.is_gradient_checkpointing) == on
-        x, y = collate(make_blocks(tok, synthetic(8), 32)[:4], tok.eos_token_id)
-        loss, _ = step.forward_backward(tiny.single(model), [(x, y)])
-        grads.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (l0, g0), (l1, g1) = grads
-    assert l0 == pytest.approx(l1, rel=1e-6)
-    assert max((g0[n] - g1[n]).abs().max().item() for n in g0) < 1e-6
-
-
-@pytest.mark.parametrize("family", ["llama", "neox"])
-def test_architecture_specific_code_leaves_other_families_alone(tmp_path, family):
-    path = {"llama": save_tiny_llama, "neox": save_tiny_neox}[family](str(tmp_path / "m"))
-    x = torch.randint(0, 50257, (2, 16))
-    ours, plain = modeling.load(path)[1].eval(), AutoModelForCausalLM.from_pretrained(path).eval()
-    assert torch.equal(ours(x).logits, plain(x).logits)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -130,18 +56,18 @@ def family(request, tmp_path_factory):
         json.dump([[{"speaker": s, "text": t} for s, t in turns] for turns in synthetic(60, 4, 2, speakers=speakers)],
                   f)
     args = family_args(model, extra)
-    # each script's main() in this process, as its __main__ runs it: the stages are the point here, and each
-    # interpreter start would cost seconds (test_train and test_evaluate run the real scripts)
-    procs = {"prepare": run_main(prepare_data.main, d, ["--data_file=data.json"])}
-    procs["train"] = run_main(train.main, d, args)
+    # each script in this process: the stages are the point here, and each interpreter start would cost seconds
+    # (test_train and test_evaluate run the real scripts)
+    procs = {"prepare": run("prepare_data.py", "--data_file=data.json", cwd=d)}
+    procs["train"] = run("train.py", *args, cwd=d)
     assert procs["train"].returncode == 0, procs["train"].stderr
     shutil.copytree(d / "out", d / "resumed")
     for sub in ("best", "final", "checkpoints/step-00000006"):
         shutil.rmtree(d / "resumed" / sub)
-    procs["resume"] = run_main(train.main, d, [*args, "--out_dir=resumed", "--resume=True"])
-    procs["evaluate"] = run_main(evaluate.main, d, args)
-    procs["chat"] = run_main(chat.main, d, [*args, "--user_name=Alex", "--bot_name=Bob"],
-                             stdin="Hi there!\nHow are you?\n/quit\n")
+    procs["resume"] = run("train.py", *args, "--out_dir=resumed", "--resume=True", cwd=d)
+    procs["evaluate"] = run("evaluate.py", *args, cwd=d)
+    procs["chat"] = run("chat.py", *args, "--user_name=Alex", "--bot_name=Bob", cwd=d,
+                        stdin="Hi there!\nHow are you?\n/quit\n")
     return d, model, name, procs
 
 
@@ -191,12 +117,12 @@ def test_lora_saves_merged_models_that_load_without_peft(family, which):
 # ---------------------------------------------------------------------------------------------------------------------
 # --show_example and bad input: one line, exit 2, nothing written
 
-def test_show_example(tmp_path, monkeypatch, capfd):
+def test_show_example(tmp_path):
     model = save_tiny_llama(str(tmp_path / "m"))
     write_split(tmp_path, [DIALOGUE[:2]], [DIALOGUE])
     before = sorted(os.listdir(tmp_path))
-    p = in_process(train.main, tmp_path, [f"--model={model}", "--format=chat_template", "--train_speakers=['Bob']",
-                                          "--show_example=True"], monkeypatch, capfd)
+    p = run("train.py", f"--model={model}", "--format=chat_template", "--train_speakers=['Bob']",
+            "--show_example=True", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert sorted(os.listdir(tmp_path)) == before
     assert "<|begin_of_text|><|im_start|>system\n" in p.stdout
@@ -212,15 +138,15 @@ def test_show_example(tmp_path, monkeypatch, capfd):
     ("format", ["--format=chatml"], "FORMAT must be"),
     ("scratch", ["--lora_r=4", "--model=scratch"], "a scratch model"),
 ])
-def test_bad_settings(tmp_path, monkeypatch, capfd, case, args, mentions):
+def test_bad_settings(tmp_path, case, args, mentions):
     model = (save_tiny_gpt2 if case == "no template" else save_tiny_llama)(str(tmp_path / "m"))
     write_split(tmp_path, synthetic(6, speakers=["Alex", "Bob"]), synthetic(2, speakers=["Alex", "Bob"]))
-    p = in_process(train.main, tmp_path, [f"--model={model}", "--device=cpu", *args], monkeypatch, capfd)
+    p = run("train.py", f"--model={model}", "--device=cpu", *args, cwd=tmp_path)
     assert mentions in one_error_line(p)
     assert not (tmp_path / "out").exists()
 
 
-def test_lora_and_full_checkpoints_do_not_mix(family, tmp_path, monkeypatch, capfd):
+def test_lora_and_full_checkpoints_do_not_mix(family, tmp_path):
     """Each family's checkpoint resumed as the other kind: LoRA as full fine-tuning, full fine-tuning as LoRA."""
     d, model, name, _ = family
     lora = "--lora_r=4" in FAMILIES[name][1]
@@ -230,19 +156,8 @@ def test_lora_and_full_checkpoints_do_not_mix(family, tmp_path, monkeypatch, cap
     shutil.copy(d / "val_data.txt", tmp_path)
     before = sorted(str(p.stat().st_mtime_ns) + str(p) for p in (tmp_path / "out").rglob("*"))
     extra = [a for a in FAMILIES[name][1] if not a.startswith("--lora_r")]
-    p = in_process(train.main, tmp_path, [*family_args(model, extra), f"--lora_r={4 if resume_with == 'lora' else 0}",
-                                          "--resume=True"], monkeypatch, capfd)
+    p = run("train.py", *family_args(model, extra), f"--lora_r={4 if resume_with == 'lora' else 0}", "--resume=True",
+            cwd=tmp_path)
     line = one_error_line(p)
     assert f"(the run has --lora_r={4 if lora else 0})" in line
     assert sorted(str(p.stat().st_mtime_ns) + str(p) for p in (tmp_path / "out").rglob("*")) == before
-
-
-def test_a_model_saved_in_several_files_loads(tmp_path):
-    """Big models come as model-0000N-of-0000M.safetensors with an index, not one model.safetensors."""
-    _, model = modeling.load(save_tiny_gpt2(str(tmp_path / "one")))
-    model.save_pretrained(tmp_path / "split", max_shard_size="2MB")
-    gpt2_tokenizer().save_pretrained(tmp_path / "split")
-    assert not (tmp_path / "split" / "model.safetensors").exists()
-    assert len(list((tmp_path / "split").glob("model-*-of-*.safetensors"))) > 1
-    _, loaded = modeling.load(str(tmp_path / "split"))
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))

@@ -1,8 +1,8 @@
-"""Malformed dataset files (issue 7). Each one is either prepared correctly, or rejected with exit code 2 and exactly
-one stderr line "error: data.json: ..." naming the problem and where (record N, line N), with no traceback, the
-train/val files of an earlier good run left byte for byte as they were, and no other file left behind.
+"""prepare_data.py end to end on malformed dataset files. Each one is either prepared correctly, or rejected with exit
+code 2 and exactly one stderr line "error: data.json: ..." naming the problem and where (record N, line N), with no
+traceback, the train/val files of an earlier good run left byte for byte as they were, and no other file left behind.
 
-    .venv/bin/python -m pytest -q tests/test_bad_input.py
+    .venv/bin/python -m pytest -q tests/test_prepare_data_bad_input.py
 
 The cases: a generator that puts each wrong-typed value at each node of a valid record of each format, and hand-written
 ones (deep nesting, huge strings, JSON Lines records over the size limit, control characters, bad UTF-8, byte-order
@@ -24,8 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import cli
-import prepare_data
-from conftest import in_process, one_error_line, run_script
+from conftest import one_error_line, run
 from dialogues import MAX_RECORD_MB, read_dialogues
 from test_prepare_data import FORMATS, HELLO, HOW, record
 
@@ -296,7 +295,7 @@ def run_case(d, content, earlier):
         (d / name).write_bytes(data)
     content(d / "data.json") if callable(content) else (d / "data.json").write_bytes(content)
     before = snapshot(d)
-    result = run_script("prepare_data.py", "--data_file=data.json", cwd=d)
+    result = run("prepare_data.py", "--data_file=data.json", cwd=d, process=True)
     return types.SimpleNamespace(dir=d, result=result, before=before, after=snapshot(d))
 
 
@@ -310,7 +309,7 @@ def results(request):
         top = Path(top)
         (top / "earlier").mkdir()
         (top / "earlier" / "data.json").write_bytes(array(*map(dict, EARLIER)))
-        assert run_script("prepare_data.py", "--data_file=data.json", cwd=top / "earlier").returncode == 0
+        assert run("prepare_data.py", "--data_file=data.json", cwd=top / "earlier", process=True).returncode == 0
         earlier = {n: (top / "earlier" / n).read_bytes() for n in OUTPUTS}
         with ThreadPoolExecutor(os.cpu_count()) as pool:
             done = dict(zip(names, pool.map(lambda i, n: run_case(top / str(i), CASES[n][0], earlier),
@@ -393,22 +392,22 @@ SLOW = {**{case: ("data.json", CASES[case][0], CASES[case][1][1]) for case in [
 
 
 @pytest.mark.parametrize("slow", SLOW)  # not "case": the results fixture would run those cases too
-def test_a_slow_machine_prints_the_one_line_too(slow, tmp_path, monkeypatch, capfd):
+def test_a_slow_machine_prints_the_one_line_too(slow, tmp_path, monkeypatch):
     name, content, fragments = SLOW[slow]
     content(tmp_path / name) if callable(content) else (tmp_path / name).write_bytes(content)
     monkeypatch.setattr(cli, "time", SlowClock())
-    p = in_process(prepare_data.main, tmp_path, [f"--data_file={name}"], monkeypatch, capfd)
+    p = run("prepare_data.py", f"--data_file={name}", cwd=tmp_path)
     line = one_error_line(p)
     assert all(fragment in line for fragment in fragments), line
 
 
 @pytest.mark.parametrize("content", [lines(dict(HELLO), dict(HOW), {"Cy": "Hey"}), array(dict(HELLO), dict(HOW))],
                          ids=["JSON Lines", "array"])
-def test_a_slow_machine_still_shows_progress(content, tmp_path, monkeypatch, capfd):
+def test_a_slow_machine_still_shows_progress(content, tmp_path, monkeypatch):
     """The bar's quiet start has passed: a good file's progress is shown, up to 100%."""
     (tmp_path / "data.json").write_bytes(content)
     monkeypatch.setattr(cli, "time", SlowClock())
-    p = in_process(prepare_data.main, tmp_path, ["--data_file=data.json"], monkeypatch, capfd)
+    p = run("prepare_data.py", "--data_file=data.json", cwd=tmp_path)
     assert p.returncode == 0 and p.stdout.startswith("read "), p.stderr
     shown = p.stderr.splitlines()
     assert shown and all(s.startswith("prepare: ") for s in shown) and shown[-1].startswith("prepare: 100% "), shown

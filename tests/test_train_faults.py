@@ -1,10 +1,10 @@
-"""Faults a long training run meets (issue 7), offline, with a tiny GPT-2 from tiny.py: SIGKILLs at random
-moments and in the middle of checkpoint writes, damaged checkpoints and model files, a non-finite loss, an OUT_DIR
-that takes no writes, a disk that fills up during a save, and checkpoints holding a pickle that would run code.
-Whatever happens, a resumed run ends with the weights of an uninterrupted one, and nothing half-written or unsafe is
-ever loaded.
+"""train.py end to end against the faults a long training run meets, offline, with a tiny GPT-2 from tiny.py: SIGKILLs
+at random moments and in the middle of checkpoint writes, Ctrl-C and SIGTERM, damaged checkpoints, checkpoints
+holding a pickle that would run code, a non-finite loss, an OUT_DIR that takes no writes, and a disk that fills up
+during a save. Whatever happens, a resumed run ends with the weights of an uninterrupted one, and nothing
+half-written or unsafe is ever loaded. (evaluate.py's refusal of a damaged model is in test_evaluate.py.)
 
-Run: .venv/bin/python -m pytest -q tests/test_faults.py
+Run: .venv/bin/python -m pytest -q tests/test_train_faults.py
 """
 
 import hashlib
@@ -17,7 +17,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from concurrent import futures
 
@@ -25,12 +24,7 @@ import pytest
 import torch
 
 import checkpoints
-import evaluate
-import modeling
-import step
-import train
-from conftest import (ROOT, in_background, in_process, last_error_line, patched_train, run_main, script_env,
-                      train_args)
+from conftest import command, in_background, last_error_line, run, script_env, train_args
 from tiny import curve, max_diff, save_tiny_gpt2, synthetic, weights, write_split
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -60,7 +54,7 @@ def model(tmp_path_factory):
 def reference(tmp_path_factory, model):
     d = tmp_path_factory.mktemp("reference")
     write_split(d, *DATA)
-    p = run_main(train.main, d, fault_args(model))  # in-process, on one thread: the arithmetic of the processes
+    p = run("train.py", *fault_args(model), cwd=d)  # in this process, on one thread: the arithmetic of the processes
     assert p.returncode == 0, p.stderr
     return d / "out"
 
@@ -70,11 +64,10 @@ def processes(request, tmp_path_factory, model):
     """The runs this module kills and signals: real processes, started one after another in a thread from the
     module's start while its other tests run in this process. Their tests, last in the file, check them. test name ->
     Future."""
-    env = script_env(ENV)  # made now: the tests in this process change os.environ meanwhile
     d = tmp_path_factory.mktemp
-    jobs = {"test_ctrl_c_finishes_the_step_and_resumes_exactly": (signalled_run, d("ctrl"), model, env, "SIGINT", 1, 7),
-            "test_a_second_sigterm_stops_at_once": (signalled_run, d("term"), model, env, "SIGTERM", 2, 3),
-            "test_sigkill_at_random_moments": (sigkill_starts, d("kill"), model, env)}
+    jobs = {"test_ctrl_c_finishes_the_step_and_resumes_exactly": (signalled_run, d("ctrl"), model, "SIGINT", 1, 7),
+            "test_a_second_sigterm_stops_at_once": (signalled_run, d("term"), model, "SIGTERM", 2, 3),
+            "test_sigkill_at_random_moments": (sigkill_starts, d("kill"), model)}
     with in_background(request, jobs) as started:
         yield started
 
@@ -134,6 +127,7 @@ def new_entries(path, before, prefix):
 # before it is renamed into place. The k-th such write whose temp name starts with PREFIX kills the process there.
 KILL_IN_WRITE = """
 import signal
+import checkpoints
 writes = [0]
 
 def kill_in_write(tmp):
@@ -146,19 +140,19 @@ checkpoints.before_rename = kill_in_write
 """
 
 
-def start_train(tmp_path, n, kind, k, model, log, env):
+def start_train(tmp_path, n, kind, k, model, log):
     """Start n of the run: killed from inside its k-th checkpoint write ("write") or the write of final/ ("final"),
     or a plain train.py (killed from outside at a random moment, or left to finish)."""
     args = [*fault_args(model), *(["--resume=True"] if n else [])]
-    script = os.path.join(ROOT, "train.py")
+    patch = None
     if kind in ("write", "final"):
         prefix, k = (".tmp-step-", k) if kind == "write" else (".tmp-final-", 1)
-        script = patched_train(tmp_path, f"start-{n}.py", KILL_IN_WRITE.format(prefix=prefix, k=k))
-    return subprocess.Popen([sys.executable, script, *args], cwd=tmp_path, env=env, stdout=log,
+        patch = KILL_IN_WRITE.format(prefix=prefix, k=k)
+    return subprocess.Popen(command("train.py", args, patch), cwd=tmp_path, env=script_env(ENV), stdout=log,
                             stderr=subprocess.STDOUT)
 
 
-def sigkill_starts(tmp_path, model, env):
+def sigkill_starts(tmp_path, model):
     """The starts of one run in tmp_path, each killed as the plan says and checked at its end. Returns tmp_path, the
     kills and what each start printed."""
     write_split(tmp_path, *DATA)
@@ -175,7 +169,7 @@ def sigkill_starts(tmp_path, model, env):
         k = 1 if n == 0 else rng.randint(1, 3)
         delay = rng.uniform(0, 0.5)
         with open(log_path, "w") as log:
-            proc = start_train(tmp_path, n, kind, k, model, log, env)
+            proc = start_train(tmp_path, n, kind, k, model, log)
         set_up, deadline = None, time.time() + 120
         while kind == "random" and proc.poll() is None and time.time() < deadline:
             if set_up is None and re.search(r"^model: ", log_path.read_text(), re.M):
@@ -255,11 +249,11 @@ DAMAGE = {  # case -> (what to do to the newest checkpoint, what the message mus
 
 
 @pytest.mark.parametrize("case", DAMAGE)
-def test_damaged_checkpoint_is_skipped(case, tmp_path, monkeypatch, capfd, model, reference, evil):
+def test_damaged_checkpoint_is_skipped(case, tmp_path, model, reference, evil):
     out = crashed_copy(reference, tmp_path)
     damage, message = DAMAGE[case]
     damage(ckpt(out, STEPS), evil)
-    p = in_process(train.main, tmp_path, [*fault_args(model), "--resume=True"], monkeypatch, capfd)
+    p = run("train.py", *fault_args(model), "--resume=True", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert not evil[1].exists(), "unpickling state.pt ran code"
     assert re.search(rf"skipping damaged checkpoint \S*step-{STEPS:08d}: {message}", p.stdout), p.stdout
@@ -268,7 +262,7 @@ def test_damaged_checkpoint_is_skipped(case, tmp_path, monkeypatch, capfd, model
     assert_same_run(out, reference)
 
 
-def test_no_intact_checkpoint_starts_again(tmp_path, monkeypatch, capfd, model, reference):
+def test_no_intact_checkpoint_starts_again(tmp_path, monkeypatch, model, reference):
     out = crashed_copy(reference, tmp_path)
     truncate(ckpt(out, STEPS) / "model.safetensors")
     flip_byte(ckpt(out, STEPS - 1) / "state.pt")
@@ -280,59 +274,27 @@ def test_no_intact_checkpoint_starts_again(tmp_path, monkeypatch, capfd, model, 
         if state["step"] == 3:
             raise KeyboardInterrupt  # a Ctrl-C right after the step-3 checkpoint
     monkeypatch.setattr(checkpoints, "save", save_then_crash)
-    p = in_process(train.main, tmp_path, [*fault_args(model), "--resume=True"], monkeypatch, capfd)
+    p = run("train.py", *fault_args(model), "--resume=True", cwd=tmp_path)
     assert p.returncode == 130, p.stderr
     assert "no intact checkpoint in out: starting the run again" in p.stdout
     assert len(re.findall("skipping damaged checkpoint", p.stdout)) == 2
     assert intact(ckpt(out, 3))
 
     monkeypatch.setattr(checkpoints, "save", real_save)
-    p = in_process(train.main, tmp_path, [*fault_args(model), "--resume=True"], monkeypatch, capfd)
+    p = run("train.py", *fault_args(model), "--resume=True", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert re.search(r"resuming from \S*step-00000003 \(step 3\)", p.stdout), p.stdout
     assert_same_run(out, reference)
 
 
-EVAL_FAST = ["--device=cpu", "--num_replies=1", "--max_new_tokens=4", "--sample_max_new_tokens=4"]
-
-
-@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json"])
-def test_evaluate_refuses_a_truncated_model(name, tmp_path, monkeypatch, capfd, reference):
-    write_split(tmp_path, *DATA)
-    shutil.copytree(reference, tmp_path / "out")
-    truncate(tmp_path / "out" / "best" / name)
-    p = in_process(evaluate.main, tmp_path, [*EVAL_FAST, "--checkpoint=out/best"], monkeypatch, capfd)
-    line = last_error_line(p)
-    assert len(p.stderr.splitlines()) == 1
-    assert "'out/best'" in line and f"{name} is" in line and "truncated" in line, line
-    assert not (tmp_path / "out" / "eval_report.json").exists()
-
-
-def test_evaluate_never_unpickles(tmp_path, monkeypatch, capfd, reference, evil):
-    write_split(tmp_path, *DATA)
-    shutil.copytree(reference, tmp_path / "out")
-    d = ckpt(tmp_path / "out", STEPS)
-    put_pickle(d, evil)
-    put_pickle(d, evil, "pytorch_model.bin")  # weights as a pickle beside model.safetensors: never the ones read
-    p = in_process(evaluate.main, tmp_path, [*EVAL_FAST, f"--checkpoint={d}"], monkeypatch, capfd)
-    assert p.returncode == 0, p.stderr
-    assert not evil[1].exists(), "evaluate.py unpickled a file of the checkpoint"
-    assert json.loads((tmp_path / "out" / "eval_report.json").read_text())["model"] == str(d)
-
-    (d / "model.safetensors").unlink()  # only the pickle left: refused, not loaded
-    p = in_process(evaluate.main, tmp_path, [*EVAL_FAST, f"--checkpoint={d}"], monkeypatch, capfd)
-    assert "no model.safetensors" in last_error_line(p)
-    assert not evil[1].exists(), "evaluate.py unpickled pytorch_model.bin"
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # a non-finite loss
 
-def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, capfd, model):
+def test_non_finite_loss_stops_the_run(tmp_path, model):
     write_split(tmp_path, *DATA)
     # lr 1e6, reached after a warmup so that checkpoints come first, throws the weights beyond float32's range
     args = fault_args(model, "--learning_rate=1e6", "--warmup_steps=4")
-    p = in_process(train.main, tmp_path, args, monkeypatch, capfd)
+    p = run("train.py", *args, cwd=tmp_path)
     line = last_error_line(p)
     m = re.fullmatch(r"error: step (\d+): the loss is (nan|inf|-inf); stopped before the update\. The last good "
                      r"checkpoint is (\S+); try a lower LEARNING_RATE", line)
@@ -344,38 +306,21 @@ def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, capfd, model):
     assert not (tmp_path / "out" / "final").exists()
 
     # the same settings resume from it and meet the same loss at the same step: it loaded, and nothing was lost
-    p = in_process(train.main, tmp_path, [*args, "--resume=True"], monkeypatch, capfd)
+    p = run("train.py", *args, "--resume=True", cwd=tmp_path)
     assert f"resuming from {os.path.join('out', 'checkpoints', last.name)} (step {step - 1})" in p.stdout
     assert last_error_line(p) == line
     assert intact(last)
-
-
-def test_non_finite_gradients_are_not_applied():
-    # a finite loss can still give an infinite gradient: the step must not write it into the weights (nor into a
-    # checkpoint after it)
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(4, 4)
-    before = {k: v.clone() for k, v in layer.state_dict().items()}
-    optimizer = step.make_optimizer(layer, 1e-2, 0.0, (0.9, 0.999))
-    layer(torch.ones(1, 4)).sum().backward()
-    layer.weight.grad[0, 0] = float("inf")
-    assert step.optimizer_step(layer, optimizer, None, grad_clip=1.0) is False
-    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
-    assert layer.weight.grad is None  # and nothing is left to add to the next step's
-    layer(torch.ones(1, 4)).sum().backward()
-    assert step.optimizer_step(layer, optimizer, None, grad_clip=1.0) is True
-    assert not torch.equal(before["weight"], layer.weight)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # OUT_DIR takes no writes (a disk that fills up during a save: at the end of the file)
 
 @pytest.mark.parametrize("out_dir", ["blocker", "blocker/out"])
-def test_out_dir_cannot_be_made(out_dir, tmp_path, monkeypatch, capfd, model):
+def test_out_dir_cannot_be_made(out_dir, tmp_path, model):
     # a regular file where OUT_DIR or a folder above it would be: refused even as root, which chmod does not stop
     write_split(tmp_path, *DATA)
     (tmp_path / "blocker").write_text("not a directory")
-    p = in_process(train.main, tmp_path, fault_args(model, f"--out_dir={out_dir}"), monkeypatch, capfd)
+    p = run("train.py", *fault_args(model, f"--out_dir={out_dir}"), cwd=tmp_path)
     line = last_error_line(p)
     assert len(p.stderr.splitlines()) == 1
     assert f"OUT_DIR {out_dir!r}" in line, line
@@ -384,13 +329,13 @@ def test_out_dir_cannot_be_made(out_dir, tmp_path, monkeypatch, capfd, model):
     assert (tmp_path / "blocker").read_text() == "not a directory"
 
 
-def test_out_dir_read_only(tmp_path, monkeypatch, capfd, model):
+def test_out_dir_read_only(tmp_path, model):
     write_split(tmp_path, *DATA)
     (tmp_path / "out").mkdir(mode=0o500)
     if os.access(tmp_path / "out", os.W_OK):
         pytest.skip("chmod 0o500 does not stop this user's writes (root); test_out_dir_cannot_be_made covers root")
     try:
-        p = in_process(train.main, tmp_path, fault_args(model), monkeypatch, capfd)
+        p = run("train.py", *fault_args(model), cwd=tmp_path)
     finally:
         (tmp_path / "out").chmod(0o700)
     line = last_error_line(p)
@@ -403,6 +348,7 @@ def test_out_dir_read_only(tmp_path, monkeypatch, capfd, model):
 
 SIGNALLED = """
 import signal
+import step
 calls, train_step = [0], step.train_step
 
 def signalled(*args, **kwargs):
@@ -415,16 +361,15 @@ step.train_step = signalled
 """
 
 
-def signalled_run(tmp_path, model, env, sig, times, at):
+def signalled_run(tmp_path, model, sig, times, at):
     """A run in tmp_path sent signal `sig` `times` times as its step `at` begins; checkpoints only at epoch ends
     (steps 5, 10, ...). Returns tmp_path and the CompletedProcess."""
     write_split(tmp_path, *DATA)
-    script = patched_train(tmp_path, f"{sig}.py", SIGNALLED.format(times=times, at=at, sig=sig))
-    return tmp_path, subprocess.run([sys.executable, script, *fault_args(model, "--checkpoint_interval=0")],
-                                    cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return tmp_path, run("train.py", *fault_args(model, "--checkpoint_interval=0"), cwd=tmp_path, env=ENV,
+                         patch=SIGNALLED.format(times=times, at=at, sig=sig), timeout=300)
 
 
-def test_ctrl_c_finishes_the_step_and_resumes_exactly(processes, monkeypatch, capfd, reference):
+def test_ctrl_c_finishes_the_step_and_resumes_exactly(processes, reference):
     tmp_path, p = processes["test_ctrl_c_finishes_the_step_and_resumes_exactly"].result()  # SIGINT as step 7 begins
     assert p.returncode == 130, p.stderr
     m = re.search(r"^interrupted \(SIGINT\) after step 7: checkpoint out/checkpoints/step-00000007\. Resume with: "
@@ -434,7 +379,7 @@ def test_ctrl_c_finishes_the_step_and_resumes_exactly(processes, monkeypatch, ca
     assert intact(ckpt(tmp_path / "out", 7))
     # the command it gives, as given (its arguments to train.py's main() here), continues the run to the weights of one
     # never stopped
-    resumed = in_process(train.main, tmp_path, shlex.split(m.group(1))[1:], monkeypatch, capfd)
+    resumed = run("train.py", *shlex.split(m.group(1))[1:], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from out/checkpoints/step-00000007 (step 7)" in resumed.stdout
     assert max_diff(weights(tmp_path / "out" / "final"), weights(reference / "final")) < 1e-6
@@ -482,7 +427,7 @@ def test_sigkill_at_random_moments(processes, reference):
 # holds for this whole process while it is set, and a process started meanwhile would inherit it: so this test comes
 # last, once the processes of `processes` are done.
 @pytest.mark.parametrize("limit_mb, fails", [(1, "model.safetensors"), (9, "state.pt")])
-def test_disk_full_during_a_checkpoint(limit_mb, fails, tmp_path, monkeypatch, capfd, model, reference, processes):
+def test_disk_full_during_a_checkpoint(limit_mb, fails, tmp_path, monkeypatch, model, reference, processes):
     futures.wait(processes.values())  # done by now, unless a -k left out the tests that wait for them
     out = crashed_copy(reference, tmp_path, last=STEPS - 1)
     sizes = {f.name: f.stat().st_size for f in ckpt(reference, STEPS).iterdir()}
@@ -498,14 +443,14 @@ def test_disk_full_during_a_checkpoint(limit_mb, fails, tmp_path, monkeypatch, c
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     monkeypatch.setattr(checkpoints, "save", save_on_a_full_disk)
-    p = in_process(train.main, tmp_path, [*fault_args(model), "--resume=True"], monkeypatch, capfd)
+    p = run("train.py", *fault_args(model), "--resume=True", cwd=tmp_path)
     line = last_error_line(p)
     assert f"could not write out/checkpoints/step-{STEPS:08d}" in line and "intact" in line, line
     assert sorted(os.listdir(out / "checkpoints")) == [f"step-{STEPS - 1:08d}"]  # no leftovers, the last one kept
     assert intact(ckpt(out, STEPS - 1))
 
     monkeypatch.setattr(checkpoints, "save", real_save)  # space again
-    p = in_process(train.main, tmp_path, [*fault_args(model), "--resume=True"], monkeypatch, capfd)
+    p = run("train.py", *fault_args(model), "--resume=True", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert re.search(rf"resuming from \S*step-{STEPS - 1:08d} ", p.stdout), p.stdout
     assert_same_run(out, reference)
