@@ -3,17 +3,25 @@ attends only to itself and counts its positions from 0, exactly as it does alone
 dialogue in the middle of a block reads the ones before it and starts at position 200.
 
 collate gives each input position the number of its piece within the row (`seg`); `inputs` makes of it the
-position ids and the block-diagonal causal mask, in the form the model's attention takes. That form is found once per
-model by a probe that runs three short pieces packed and alone: a boolean mask (SDPA's), an additive one (eager
-attention adds the mask to its scores: Gemma 2's, for one), or none that gives the pieces' own logits (an attention
-that ignores a mask of ours), in which case collate gives each piece a row of its own (`split`) and the model's causal
-mask is exact."""
+position ids and what keeps the pieces apart, in the form the model's attention takes. That form is found once per
+model by a probe that runs three short pieces packed and alone, trying in turn:
+
+    PIECES    SDPA's causal kernel on each piece apart (`pieces_attention`, registered with transformers as an
+              attention implementation): no block x block mask, and each piece costs its own length squared
+    BOOL      a boolean block-diagonal causal mask, [batch, block, block], for any SDPA model
+    ADDITIVE  the same as an additive mask, for eager attention, which adds the mask to its scores (Gemma 2's)
+
+A model none of them gives its pieces' own logits (an attention that ignores a mask of ours) takes a piece a row:
+collate's `split`, where the model's own causal mask is exact."""
 
 import weakref
 
 import torch
+import torch.nn.functional as F
 
+PIECES = "each piece's attention computed apart (SDPA's causal kernel)"
 BOOL, ADDITIVE = "a boolean block-diagonal mask", "an additive block-diagonal mask"
+IMPLEMENTATION = "dialogue_finetune_pieces"  # pieces_attention's name among transformers' attention implementations
 _forms = weakref.WeakKeyDictionary()  # Hugging Face model -> BOOL, ADDITIVE, or None: a piece a row
 
 
@@ -36,6 +44,8 @@ def inputs(seg, form):
     starts = torch.ones_like(seg, dtype=torch.bool)
     starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
     positions = at - torch.cummax(torch.where(starts, at, 0), dim=1).values  # from each piece's first position
+    if form == PIECES:  # the pieces themselves, [batch, 1, 1, width]: a 4D mask transformers hands on as it is
+        return {"position_ids": positions, "attention_mask": seg[:, None, None, :].long()}
     keep = (seg[:, :, None] == seg[:, None, :]) & (at[:, None] >= at[None, :])  # [batch, query, key]
     if form == ADDITIVE:
         keep = torch.zeros(keep.shape, device=seg.device).masked_fill_(~keep, torch.finfo(torch.float32).min)
@@ -55,14 +65,18 @@ def form(model):
 def trust(model, verdict):
     """form()'s verdict for `model` taken from elsewhere: under FSDP rank 0 probes the whole model, and the other
     ranks, which hold only its shape until the weights are sent, take its word."""
-    _forms[hf_model(model)] = verdict
+    hf = hf_model(model)
+    if verdict == PIECES:
+        use_pieces(hf)
+    _forms[hf] = verdict
 
 
 @torch.no_grad()
 def probe(hf):
-    """BOOL or ADDITIVE where three short pieces packed in one row give the logits each gives alone (fp32, dropout
-    off), trying BOOL first; else None."""
-    was = hf.training
+    """PIECES, BOOL or ADDITIVE, the first with which three short pieces packed in one row give the logits each
+    gives alone (fp32, dropout off); else None. PIECES is tried on an SDPA model only, which keeps it where it
+    works."""
+    was, implementation = hf.training, hf.config._attn_implementation
     hf.eval()
     try:
         device = next(hf.parameters()).device
@@ -75,17 +89,63 @@ def probe(hf):
                                for piece in ids.split(lengths, dim=1)], dim=1).float()
             finite = alone[torch.isfinite(alone)]  # a diverged model's logits overflow: compared as they are
             atol = 1e-4 * (1 + (float(finite.abs().max()) if finite.numel() else 0.0))
-            for f in (BOOL, ADDITIVE):
+            for f in ((PIECES,) if implementation == "sdpa" else ()) + (BOOL, ADDITIVE):
                 try:
+                    if f == PIECES:
+                        use_pieces(hf)
                     packed = hf(input_ids=ids, use_cache=False, **inputs(seg, f)).logits.float()
                 except Exception:  # a mask or positions of a shape the model does not take
-                    continue
-                if packed.shape == alone.shape and torch.allclose(packed, alone, rtol=1e-4, atol=atol,
-                                                                  equal_nan=True):
+                    packed = None
+                if packed is not None and packed.shape == alone.shape and torch.allclose(
+                        packed, alone, rtol=1e-4, atol=atol, equal_nan=True):
                     return f
+                if f == PIECES:
+                    hf.set_attn_implementation(implementation)
         return None
     finally:
         hf.train(was)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PIECES: SDPA on each piece apart
+
+def use_pieces(hf):
+    """The model's attention becomes pieces_attention, under a name of its own among transformers' implementations
+    (it is not saved with the model: a saved model loads with its own). Any mask but the pieces of `inputs` takes
+    the SDPA path it took before, so generation is as it was."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(IMPLEMENTATION, pieces_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+    hf.set_attn_implementation(IMPLEMENTATION)
+
+
+def pieces_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' attention interface: (module, query, key, value [batch, heads, width, dim], mask) -> (output
+    [batch, width, heads, dim], None). Where `attention_mask` is the pieces of `inputs` ([batch, 1, 1, width], long),
+    every piece's queries, keys and values are gathered into a row of their own, padded on the right to the longest
+    piece, SDPA's causal kernel runs on those rows, and the outputs go back to their places: each piece attends to
+    itself alone, at the cost of its own length squared, with no block x block mask. Any other mask: SDPA's own
+    path."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    if attention_mask is None or attention_mask.dtype != torch.long:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    seg = attention_mask[:, 0, 0, :]
+    rows, heads, width, dim = query.shape
+    key, value = (repeat_kv(t, heads // t.shape[1]) for t in (key, value))  # grouped-query attention's heads
+    starts = torch.ones_like(seg, dtype=torch.bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    first = starts.flatten().nonzero()[:, 0]  # each piece's first position, in the rows laid end to end
+    lengths = torch.diff(first, append=first.new_tensor([rows * width]))
+    at = torch.arange(int(lengths.max()), device=seg.device)
+    real = at[None, :] < lengths[:, None]  # [pieces, longest]
+    where = torch.where(real, first[:, None] + at[None, :], 0)
+    gather = lambda t: t.transpose(1, 2).reshape(rows * width, heads, -1)[where].transpose(1, 2)
+    out = F.scaled_dot_product_attention(gather(query), gather(key), gather(value), dropout_p=dropout,
+                                         is_causal=True, scale=scaling).transpose(1, 2)  # [pieces, longest, h, d]
+    flat = out.new_zeros(rows * width, heads, out.shape[-1]).index_copy(0, where[real], out[real])
+    return flat.view(rows, width, heads, -1), None
 
 
 def describe(model):

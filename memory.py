@@ -35,9 +35,9 @@ LOGIT_COPIES = 3
 # 1.3x at distilgpt2's shape after 5 steps (4.66 GB against 3.59 GB without it), up to 1.9x with a small model and
 # long blocks. Counted as this share of the logits, activations and scores.
 HEAP_SLACK = 0.3
-# The block-diagonal mask that keeps packed pieces apart (masks.py), [batch, block, block]: a boolean one and the
-# comparison it is made from (2 bytes a query-key pair), or an additive fp32 one besides (6).
-MASK_BYTES = {masks.BOOL: 2, masks.ADDITIVE: 6, None: 0}
+# The block-diagonal mask that keeps packed pieces apart (masks.py), [batch, block, block]: none for PIECES; a boolean
+# one and the comparison it is made from (2 bytes a query-key pair); or an additive fp32 one besides (6).
+MASK_BYTES = {masks.PIECES: 0, masks.BOOL: 2, masks.ADDITIVE: 6, None: 0}
 
 
 def model_shape(model, device, sharded=False):
