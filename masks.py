@@ -22,7 +22,7 @@ import torch.nn.functional as F
 PIECES = "each piece's attention computed apart (SDPA's causal kernel)"
 BOOL, ADDITIVE = "a boolean block-diagonal mask", "an additive block-diagonal mask"
 IMPLEMENTATION = "dialogue_finetune_pieces"  # pieces_attention's name among transformers' attention implementations
-_forms = weakref.WeakKeyDictionary()  # Hugging Face model -> BOOL, ADDITIVE, or None: a piece a row
+_forms = weakref.WeakKeyDictionary()  # Hugging Face model -> PIECES, BOOL, ADDITIVE, or None: a piece a row
 
 
 def hf_model(model):
@@ -54,7 +54,7 @@ def inputs(seg, form):
 
 @torch.compiler.disable
 def form(model):
-    """The form of mask that keeps packed pieces apart in `model` (BOOL or ADDITIVE), found by probe() once per
+    """How packed pieces are kept apart in `model` (PIECES, BOOL or ADDITIVE), found by probe() once per
     model; None where none does: give each piece a row of its own."""
     hf = hf_model(model)
     if hf not in _forms:

@@ -47,13 +47,15 @@ def model_shape(model, device, sharded=False):
     c = base.config
     dropout = next((float(v) for v in (getattr(c, k, None) for k in ("attn_pdrop", "attention_dropout",
                                                                      "attention_probs_dropout_prob")) if v), 0.0)
+    form = masks.form(model)  # first: the probe may make the attention pieces_attention, SDPA's kernel on each piece
     impl = getattr(c, "_attn_implementation", None) or "eager"
+    impl = "sdpa" if impl == masks.IMPLEMENTATION else impl
     params, trained = parameters(model)
     return {"params": params, "trained": trained,
             "layers": c.num_hidden_layers, "width": c.hidden_size, "heads": c.num_attention_heads,
             "vocab": c.vocab_size, "cpu": device.type == "cpu", "chunk": chunk_size(c.vocab_size, device),
             "scores": impl == "eager" or (impl == "sdpa" and device.type == "cpu" and dropout > 0),
-            "mask": MASK_BYTES[masks.form(model)], "sharded": sharded}
+            "mask": MASK_BYTES[form], "sharded": sharded}
 
 
 def step_memory(shape, batch, block, checkpointing, half=False, trained=None, ranks=1, accumulating=False):
