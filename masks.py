@@ -123,29 +123,53 @@ def use_pieces(hf):
 def pieces_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention interface: (module, query, key, value [batch, heads, width, dim], mask) -> (output
     [batch, width, heads, dim], None). Where `attention_mask` is the pieces of `inputs` ([batch, 1, 1, width], long),
-    every piece's queries, keys and values are gathered into a row of their own, padded on the right to the longest
-    piece, SDPA's causal kernel runs on those rows, and the outputs go back to their places: each piece attends to
-    itself alone, at the cost of its own length squared, with no block x block mask. Any other mask: SDPA's own
-    path."""
+    the pieces' queries, keys and values are gathered into rows of their own, a row a piece, pieces of about the same
+    length together (groups()); SDPA's causal kernel runs on each group, and the outputs go back to their places: each
+    piece attends to itself alone, at about the cost of its own length squared, with no block x block mask. Any
+    other mask: SDPA's own path."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
     if attention_mask is None or attention_mask.dtype != torch.long:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    seg = attention_mask[:, 0, 0, :]
-    rows, heads, width, dim = query.shape
+    rows, heads, width, _ = query.shape
     key, value = (repeat_kv(t, heads // t.shape[1]) for t in (key, value))  # grouped-query attention's heads
+    flat = [t.transpose(1, 2).reshape(rows * width, heads, -1) for t in (query, key, value)]  # rows end to end
+    places, outs = [], []
+    for where, real in groups(attention_mask):
+        q, k, v = (t[where].transpose(1, 2) for t in flat)  # [pieces, heads, longest, dim]
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+        places.append(where[real])
+        outs.append(out.transpose(1, 2)[real])  # the real positions, [n, heads, dim]
+    out = flat[0].new_zeros(rows * width, heads, value.shape[-1]).index_copy(0, torch.cat(places), torch.cat(outs))
+    return out.view(rows, width, heads, -1), None
+
+
+_groups = [None, None]  # the last mask groups() was asked for, and its answer: every layer gets the same mask
+
+
+@torch.compiler.disable
+def groups(pieces):
+    """The pieces of `inputs`' mask ([batch, 1, 1, width]) as groups of pieces of about the same length (within a
+    factor of 2), each (where, real): `where` [pieces, longest] the index of each of a piece's positions in the rows
+    laid end to end (padded on the right with 0), `real` which of them are the piece's. Padding every piece to the
+    longest of the block would cost several times the attention of the pieces themselves."""
+    if _groups[0] is pieces:
+        return _groups[1]
+    seg = pieces[:, 0, 0, :]
+    rows, width = seg.shape
     starts = torch.ones_like(seg, dtype=torch.bool)
     starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
     first = starts.flatten().nonzero()[:, 0]  # each piece's first position, in the rows laid end to end
     lengths = torch.diff(first, append=first.new_tensor([rows * width]))
-    at = torch.arange(int(lengths.max()), device=seg.device)
-    real = at[None, :] < lengths[:, None]  # [pieces, longest]
-    where = torch.where(real, first[:, None] + at[None, :], 0)
-    gather = lambda t: t.transpose(1, 2).reshape(rows * width, heads, -1)[where].transpose(1, 2)
-    out = F.scaled_dot_product_attention(gather(query), gather(key), gather(value), dropout_p=dropout,
-                                         is_causal=True, scale=scaling).transpose(1, 2)  # [pieces, longest, h, d]
-    flat = out.new_zeros(rows * width, heads, out.shape[-1]).index_copy(0, where[real], out[real])
-    return flat.view(rows, width, heads, -1), None
+    size = torch.ceil(torch.log2(lengths.float())).long()  # 1, 2, 3-4, 5-8, ... tokens: a group each
+    out = []
+    for s in size.unique().tolist():
+        pick = (size == s).nonzero()[:, 0]
+        at = torch.arange(int(lengths[pick].max()), device=seg.device)
+        real = at[None, :] < lengths[pick, None]
+        out.append((torch.where(real, first[pick, None] + at[None, :], 0), real))
+    _groups[:] = [pieces, out]
+    return out
 
 
 def describe(model):
