@@ -127,17 +127,17 @@ def pieces_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     length together (groups()); SDPA's causal kernel runs on each group, and the outputs go back to their places: each
     piece attends to itself alone, at about the cost of its own length squared, with no block x block mask. Any
     other mask: SDPA's own path."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     if attention_mask is None or attention_mask.dtype != torch.long:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     rows, heads, width, _ = query.shape
-    key, value = (repeat_kv(t, heads // t.shape[1]) for t in (key, value))  # grouped-query attention's heads
-    flat = [t.transpose(1, 2).reshape(rows * width, heads, -1) for t in (query, key, value)]  # rows end to end
+    flat = [t.transpose(1, 2).reshape(rows * width, t.shape[1], -1) for t in (query, key, value)]  # rows end to end
     places, outs = [], []
     for where, real in groups(attention_mask):
         q, k, v = (t[where].transpose(1, 2) for t in flat)  # [pieces, heads, longest, dim]
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
+                                             enable_gqa=k.shape[1] != heads)  # grouped-query attention's heads
         places.append(where[real])
         outs.append(out.transpose(1, 2)[real])  # the real positions, [n, heads, dim]
     out = flat[0].new_zeros(rows * width, heads, value.shape[-1]).index_copy(0, torch.cat(places), torch.cat(outs))
