@@ -167,8 +167,9 @@ def pieces(tokens, block_size, per_pass=10000):
 
 class Blocks:
     """Packed blocks as offsets into a Tokens' arrays: block j is pieces ends[j - 1]:ends[j], piece p the context
-    token ctx[p], then ids[a[p]:b[p]] (mask 0, then mask[a[p]:b[p]]). A block is sliced from the arrays, as Python
-    lists (ids, mask), only when it is asked for."""
+    token ctx[p], then ids[a[p]:b[p]] (mask 0, then mask[a[p]:b[p]]). A block is sliced from the arrays only when it
+    is asked for, as Python lists (ids, mask, starts): `starts`, where each piece begins in it, keeps the pieces apart
+    in training (collate, masks.py)."""
 
     def __init__(self, tokens, a, b, ctx, ends):
         self.tokens, self.a, self.b, self.ctx, self.ends = tokens, a, b, ctx, ends
@@ -184,12 +185,13 @@ class Blocks:
         if not -len(self) <= j < len(self):
             raise IndexError(j)
         j %= len(self)
-        ids, mask = [], []
+        ids, mask, starts = [], [], []
         for p in range(int(self.ends[j - 1]) if j else 0, int(self.ends[j])):
             a, b = int(self.a[p]), int(self.b[p])
+            starts.append(len(ids))
             ids += [int(self.ctx[p]), *self.tokens.ids[a:b].tolist()]
             mask += [0, *self.tokens.mask[a:b].tolist()]
-        return ids, mask
+        return ids, mask, starts
 
     def __iter__(self):
         return (self[j] for j in range(len(self)))
@@ -222,44 +224,67 @@ def step_batches(blocks, batch_size, world):
             for m in range(0, len(blocks), per)]
 
 
-def collate(blocks, pad_id, block_size=None):
-    """Blocks -> (x, y) tensors, padded on the right to the longest block. y[t] is the target for x[t]: the next
-    token where it is trained, else IGNORE. With right padding and a causal model, real positions never attend to
-    padding, so no attention mask is needed and the fast causal attention path stays on.
+def rows(blocks, split=False):
+    """The rows a batch of these blocks takes: the blocks themselves, or with `split` each piece of each a row of its
+    own (for a model whose attention cannot keep packed pieces apart: masks.py). A block is (ids, mask, starts), or
+    (ids, mask): one piece."""
+    if not split:
+        return list(blocks)
+    out = []
+    for ids, mask, *starts in blocks:
+        bounds = [*(starts[0] if starts else [0]), len(ids)]
+        out += [(ids[a:b], mask[a:b]) for a, b in zip(bounds, bounds[1:])]
+    return out
+
+
+def collate(blocks, pad_id, block_size=None, split=False):
+    """Blocks -> (x, y, seg) tensors, padded on the right to the longest row (see rows for `split`). y[t] is the
+    target for x[t]: the next token where it is trained, else IGNORE; a piece's last target is never the next piece's
+    first token, whose mask is 0. seg[t] is the piece x[t] belongs to in its row (numbered from 0; the padding a piece
+    of its own), which keeps the pieces apart (masks.inputs); seg is None where no row holds more than one piece, and
+    the model's own causal mask is then exact: with right padding, real positions never attend to padding.
     Given block_size, the width is rounded up to a multiple of 8 (at most block_size): a handful of shapes instead of
     one per length, so kernels chosen or compiled per shape (oneDNN on CPU, torch.compile) are reused, not rebuilt."""
+    blocks = rows(blocks, split)
     T = width(blocks, block_size)
     x = torch.full((len(blocks), T), pad_id, dtype=torch.long)
     y = torch.full((len(blocks), T), IGNORE, dtype=torch.long)
-    for i, (ids, mask) in enumerate(blocks):
+    seg = torch.zeros((len(blocks), T), dtype=torch.long)
+    for i, (ids, mask, *starts) in enumerate(blocks):
         n = len(ids) - 1
         x[i, :n] = torch.tensor(ids[:-1])
         target = torch.tensor(ids[1:])
         y[i, :n] = torch.where(torch.tensor(mask[1:], dtype=torch.bool), target, IGNORE)
-    return x, y
+        starts = starts[0] if starts else [0]
+        for k, start in enumerate(starts[1:], 1):
+            seg[i, start:] = k
+        seg[i, n:] = len(starts)
+    return x, y, seg if any(len(b[2]) > 1 for b in blocks if len(b) > 2) else None
 
 
 def width(blocks, block_size=None):
-    """The input positions of collate's batch of these blocks: the longest block's, rounded up to a multiple of 8 (at
+    """The input positions of collate's batch of these rows: the longest row's, rounded up to a multiple of 8 (at
     most block_size) given block_size."""
-    T = max(len(ids) for ids, _ in blocks) - 1
+    T = max(len(ids) for ids, *_ in blocks) - 1
     return min(-(-T // 8) * 8, block_size) if block_size else T
 
 
-def eval_batches(blocks, batch_size, pad_id, block_size=None):
-    """Batches for a loss over a whole set: sorted by length (order does not change a sum, and sorted barely pads)."""
-    blocks = sorted(blocks, key=lambda b: len(b[0]))
+def eval_batches(blocks, batch_size, pad_id, block_size=None, split=False):
+    """Batches for a loss over a whole set: its rows sorted by length (order does not change a sum, and sorted
+    barely pads)."""
+    blocks = sorted(rows(blocks, split), key=lambda b: len(b[0]))
     return [collate(blocks[i:i + batch_size], pad_id, block_size) for i in range(0, len(blocks), batch_size)]
 
 
-def eval_groups(blocks, batch_size, block_size=None):
+def eval_groups(blocks, batch_size, block_size=None, split=False):
     """For eval_batches' batches of the same blocks (made with `speakers`), a tensor per batch shaped like its y
     holding each target's speaker tag (0 where no target)."""
-    blocks = sorted(blocks, key=lambda b: len(b[0]))
+    blocks = sorted(rows(blocks, split), key=lambda b: len(b[0]))
     out = []
     for i in range(0, len(blocks), batch_size):
         # collate's y for blocks whose ids are their tags: the tag where there is a target, else IGNORE (-> 0)
-        out.append(collate([(mask, mask) for _, mask in blocks[i:i + batch_size]], 0, block_size)[1].clamp(min=0))
+        out.append(collate([(mask, mask) for _, mask, *_ in blocks[i:i + batch_size]], 0, block_size)[1]
+                   .clamp(min=0))
     return out
 
 
@@ -268,7 +293,7 @@ def count(blocks):
     Blocks of some Tokens, without slicing a single block: every token is in exactly one of them."""
     if isinstance(blocks, Blocks):
         return blocks.tokens.count_trained(), int(blocks.lengths.sum()) - len(blocks)
-    return sum(sum(1 for x in m if x) for _, m in blocks), sum(len(ids) - 1 for ids, _ in blocks)
+    return sum(sum(1 for x in m if x) for _, m, *_ in blocks), sum(len(ids) - 1 for ids, *_ in blocks)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -277,11 +302,12 @@ def count(blocks):
 class Steps:
     """The training blocks step by step: each epoch in its epoch_order, a global batch of blocks a step, as one
     micro-batch per GRAD_ACCUM_STEPS for this rank (step_batches: N ranks see what one process would). The order is
-    a function of the seed and the epoch alone, so a resumed run, and every rank, finds the same."""
+    a function of the seed and the epoch alone, so a resumed run, and every rank, finds the same. `split`: each piece
+    a row of its own (rows)."""
 
-    def __init__(self, blocks, batch_size, accum_steps, block_size, seed, pad, rank=0, ranks=1):
+    def __init__(self, blocks, batch_size, accum_steps, block_size, seed, pad, rank=0, ranks=1, split=False):
         self.blocks, self.batch_size, self.block_size, self.seed, self.pad = blocks, batch_size, block_size, seed, pad
-        self.rank, self.ranks = rank, ranks
+        self.rank, self.ranks, self.split = rank, ranks, split
         self.per_step = batch_size * accum_steps * ranks
         self.per_epoch = -(-len(blocks) // self.per_step)
         self.order, self.order_epoch = None, None
@@ -296,6 +322,7 @@ class Steps:
         # a rank left without blocks at an epoch's end still runs forward/backward (DDP needs every rank's gradients)
         # on a block whose targets are all masked: it adds nothing
         dummy = (blocks[0][0], [0] * len(blocks[0][0]))
-        micro = [collate(slot[self.rank] or [dummy], self.pad, self.block_size) for slot in slots]
-        positions = sum(len(b) * width(b, self.block_size) for slot in slots for b in slot if b)
+        micro = [collate(slot[self.rank] or [dummy], self.pad, self.block_size, self.split) for slot in slots]
+        positions = sum(len(r) * width(r, self.block_size) for r in (rows(b, self.split) for slot in slots
+                                                                      for b in slot if b))
         return blocks, micro, positions

@@ -47,6 +47,10 @@ def check(cfg):
         raise UserError("BLOCK_SIZE, BATCH_SIZE, GRAD_ACCUM_STEPS, BENCH_STEPS and BENCH_GEN_TOKENS must be >= 1")
     if cfg.BENCH_WARMUP < 0:
         raise UserError(f"BENCH_WARMUP={cfg.BENCH_WARMUP}: must be >= 0")
+    if cfg.BENCH_FAMILY not in ("gpt2", "llama"):
+        raise UserError(f"BENCH_FAMILY={cfg.BENCH_FAMILY!r}: expected 'gpt2' or 'llama'")
+    if cfg.BENCH_COMPARE_SHARED and cfg.BENCH_COMPARE_HF:
+        raise UserError("BENCH_COMPARE_SHARED and BENCH_COMPARE_HF: one comparison a run")
 
 
 def read_any(cfg):
@@ -98,11 +102,13 @@ def matmul_peak(device, dtype, n, seconds):
 class Loop:
     """train.py's steps, timed: its data order (batching.Steps, from the first step of the first epoch) and its step
     (step.train_step) on a one-process layout. run() takes more steps, timed or not, so that they can alternate with
-    the Hugging Face Trainer's."""
+    another's; run(shared=True) takes the step with the pieces of a packed block seeing each other, as train.py did
+    before masks.py (the same model and optimizer: the figures are times and memory), timed apart."""
 
     def __init__(self, model, blocks, cfg, pad, device, dtype):
         import torch
 
+        import masks
         import processes
         import step
         from batching import Steps
@@ -110,17 +116,19 @@ class Loop:
         self.layout.wrap(model.train(), cfg)  # compiled where COMPILE, as train.py's
         self.optimizer = step.make_optimizer(model, cfg.LEARNING_RATE, cfg.WEIGHT_DECAY, cfg.BETAS)
         self.scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-        self.steps = Steps(blocks, cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS, cfg.BLOCK_SIZE, cfg.SEED, pad)
+        self.steps = Steps(blocks, cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS, cfg.BLOCK_SIZE, cfg.SEED, pad,
+                           split=masks.form(model) is None)
         self.blocks, self.grad_clip, self.device = blocks, cfg.GRAD_CLIP, device
         self.epoch = self.offset = 0
-        self.trained = self.positions = self.real = 0
-        self.elapsed = 0.0
+        self.timed = {False: [0.0, 0, 0, 0], True: [0.0, 0, 0, 0]}  # shared or not: seconds, trained, positions, real
 
-    def run(self, n, timed=True):
+    def run(self, n, timed=True, shared=False):
         import step
         from batching import count
         for _ in range(n):
             blocks, micro, positions = self.steps.at(self.epoch, self.offset)
+            if shared:
+                micro = [(x, y, None) for x, y, _ in micro]
             sync(self.device)
             t = time.perf_counter()
             _, trained, _ = step.train_step(self.layout, self.optimizer, self.scaler, micro, self.grad_clip)
@@ -130,23 +138,26 @@ class Loop:
             if self.offset >= len(self.blocks):  # as train.py goes on: the next epoch, in an order of its own
                 self.epoch, self.offset = self.epoch + 1, 0
             if timed:  # untimed warm-up steps pay for allocation, page faults and kernel selection
-                self.elapsed += seconds
-                self.trained, self.positions = self.trained + trained, self.positions + positions
-                self.real += count(blocks)[1]
+                figures = self.timed[shared]
+                for k, v in enumerate((seconds, trained, positions, count(blocks)[1])):
+                    figures[k] += v
 
-    def figures(self):
-        return {"train_tokens_per_s": self.trained / self.elapsed, "all_tokens_per_s": self.positions / self.elapsed,
-                "padding": 1 - self.real / self.positions}
+    def figures(self, shared=False):
+        seconds, trained, positions, real = self.timed[shared]
+        return {"train_tokens_per_s": trained / seconds, "all_tokens_per_s": positions / seconds,
+                "padding": 1 - real / positions}
 
 
 def train_speed(model, blocks, dialogues, tokenizer, cfg, device, dtype):
-    """Our step's figures (peak memory with and without GRADIENT_CHECKPOINTING, then steady-state speed) and, with
-    BENCH_COMPARE_HF, the Hugging Face Trainer's, their steps taken in turn with ours."""
+    """Our step's figures (peak memory with and without GRADIENT_CHECKPOINTING, then steady-state speed) and the
+    figures of the step it is compared with, if any, their steps taken in turn with ours: BENCH_COMPARE_SHARED, ours
+    with the pieces of a block seeing each other; BENCH_COMPARE_HF, the Hugging Face Trainer's. Returns (ours, the
+    other's or None)."""
     import hardware
     import modeling
     pad, init = tokenizer.eos_token_id, {k: v.clone() for k, v in model.state_dict().items()}
-    # peak memory with gradient checkpointing first: with keep_freed_memory the heap keeps its high-water mark, so the
-    # run that needs more must come second
+    # the peaks first, the smallest first: with keep_freed_memory the heap keeps its high-water mark, so a run that
+    # needs more must come after one that needs less (gradient checkpointing; no packing mask; ours)
     checkpointed = type(cfg)(**{**vars(cfg), **CHECKPOINTED})
     modeling.adapt(model, checkpointed)
     hardware.reset_peak_memory(device)
@@ -154,25 +165,33 @@ def train_speed(model, blocks, dialogues, tokenizer, cfg, device, dtype):
     memory_gc = hardware.peak_memory_mb(device)
     getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
     model.load_state_dict(init)
+    loop, other = Loop(model, blocks, cfg, pad, device, dtype), None
+    if cfg.BENCH_COMPARE_SHARED:
+        hardware.reset_peak_memory(device)
+        loop.run(cfg.BENCH_WARMUP, timed=False, shared=True)
+        other = {"peak_memory_mb": hardware.peak_memory_mb(device)}
     hardware.reset_peak_memory(device)
-    loop = Loop(model, blocks, cfg, pad, device, dtype)
     loop.run(cfg.BENCH_WARMUP, timed=False)
     memory = hardware.peak_memory_mb(device)  # before the Trainer's model exists
-    hf = None
-    if cfg.BENCH_COMPARE_HF:
+    if other is not None:
+        for _ in range(cfg.BENCH_STEPS):  # a step of each in turn: both see the same machine
+            loop.run(1, shared=True)
+            loop.run(1)
+        other.update(loop.figures(shared=True))
+    elif cfg.BENCH_COMPARE_HF:
         standard = type(model)(model.config).to(device)  # the standard model (GELU as GPT-2's), the same weights
         standard.load_state_dict(init)
         # step by step: one of the Trainer's, one of ours, ...
-        hf = bench_hf(standard, dialogues, tokenizer, cfg, device, dtype,
-                      between=lambda step: loop.run(1, timed=step > cfg.BENCH_WARMUP))
+        other = bench_hf(standard, dialogues, tokenizer, cfg, device, dtype,
+                         between=lambda step: loop.run(1, timed=step > cfg.BENCH_WARMUP))
         del standard
-        if hf is None:
+        if other is None:
             say("BENCH_COMPARE_HF skipped: the Hugging Face Trainer needs `pip install accelerate`")
         else:
-            hf["dataset_trained_per_epoch"] = 1.0  # packing drops the stream's tail (< one block)
-    if hf is None:
+            other["dataset_trained_per_epoch"] = 1.0  # packing drops the stream's tail (< one block)
+    if other is None:
         loop.run(cfg.BENCH_STEPS)
-    return {**loop.figures(), "peak_memory_mb": memory, "peak_memory_gc_mb": memory_gc}, hf
+    return {**loop.figures(), "peak_memory_mb": memory, "peak_memory_gc_mb": memory_gc}, other
 
 
 def bench_hf(model, dialogues, tokenizer, cfg, device, dtype, between):
@@ -268,24 +287,32 @@ def main():
     blocks = make_blocks(tokenizer, dialogues, cfg.BLOCK_SIZE)
     dataset_tokens = sum(len(ids) for d in render(tokenizer, dialogues) for ids, _ in d)
     layers, width, heads = cfg.BENCH_SHAPE
-    # distilgpt2's dropout (0.1), which costs time; GELU fused, as modeling.load does for train.py
-    model = modeling.fused_gelu(tiny.gpt2(layers, width, heads, max(1024, cfg.BLOCK_SIZE), dropout=0.1).to(device))
+    if cfg.BENCH_FAMILY == "llama":  # SmolLM's: no dropout
+        model = tiny.llama(layers, width, heads, max(2048, cfg.BLOCK_SIZE), len(tokenizer)).to(device)
+    else:  # distilgpt2's dropout (0.1), which costs time; GELU fused, as modeling.load does for train.py
+        model = modeling.fused_gelu(tiny.gpt2(layers, width, heads, max(1024, cfg.BLOCK_SIZE), dropout=0.1)
+                                    .to(device))
     loss.use_chunk(cfg.LOSS_CHUNK)
     n_params = modeling.parameters(model)[0]
-    say(f"{note}; {n_params / 1e6:.1f}M parameters ({layers} layers, {width} wide, {heads} heads); {tok_note}; "
+    say(f"{note}; {cfg.BENCH_FAMILY}, {n_params / 1e6:.1f}M parameters ({layers} layers, {width} wide, {heads} heads); "
+        f"{tok_note}; "
         f"{len(dialogues)} dialogues, {dataset_tokens:,} tokens -> {len(blocks)} blocks of <= {cfg.BLOCK_SIZE}; "
         f"batch {cfg.BATCH_SIZE} x {cfg.GRAD_ACCUM_STEPS}; {cfg.BENCH_WARMUP} + {cfg.BENCH_STEPS} steps")
     peak = matmul_peak(device, dtype, 512 if cfg.BENCH_SMOKE else 8192 if device.type == "cuda" else 2048,
                        seconds=0.5 if cfg.BENCH_SMOKE else 3.0)
-    ours, hf = train_speed(model, blocks, dialogues, tokenizer, cfg, device, dtype)
-    for figures in filter(None, (ours, hf)):
+    ours, other = train_speed(model, blocks, dialogues, tokenizer, cfg, device, dtype)
+    for figures in filter(None, (ours, other)):
         figures["mfu"] = 6 * n_params * figures["all_tokens_per_s"] / peak
     ours["dataset_trained_per_epoch"] = count(blocks)[0] / dataset_tokens
+    if cfg.BENCH_COMPARE_SHARED:
+        other["dataset_trained_per_epoch"] = ours["dataset_trained_per_epoch"]
     ours["generation_tokens_per_s"] = generation_speed(model, tokenizer, dialogues[0], cfg, device)
-    report(ours, hf, peak, dtype, device, n_params, cfg)
+    report(ours, other, peak, dtype, device, n_params, cfg)
 
 
-def report(ours, hf, peak, dtype, device, n_params, cfg):
+def report(ours, other, peak, dtype, device, n_params, cfg):
+    """The table of our figures beside the other step's, if any; BENCH_JSON, the same as JSON (the other's under "hf"
+    or "shared")."""
     import torch
     rows = [("train tokens/s (trained)", "train_tokens_per_s", "{:,.0f}"),
             ("train tokens/s (all positions)", "all_tokens_per_s", "{:,.0f}"),
@@ -297,17 +324,20 @@ def report(ours, hf, peak, dtype, device, n_params, cfg):
             ("generation tokens/s (KV cache)", "generation_tokens_per_s", "{:,.1f}")]
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     print(f"\nmatmul peak measured here: {peak / 1e9:,.1f} GFLOP/s ({precision})")
-    print(f"{'':36}{'ours':>14}" + (f"{'HF Trainer':>14}" if hf else ""))
+    name = "HF Trainer" if cfg.BENCH_COMPARE_HF else "pieces shared"  # BENCH_COMPARE_SHARED
+    print(f"{'':36}{'ours':>14}" + (f"{name:>14}" if other else ""))
     for label, key, fmt in rows:
-        cells = [fmt.format(ours[key])] + ([fmt.format(hf[key]) if key in hf else "-"] if hf else [])
+        cells = [fmt.format(ours[key])] + ([fmt.format(other[key]) if key in other else "-"] if other else [])
         print(f"{label:36}" + "".join(f"{c:>14}" for c in cells))
     result = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
               else f"cpu x{torch.get_num_threads()} threads", "parameters": n_params, "shape": cfg.BENCH_SHAPE,
               "block_size": cfg.BLOCK_SIZE, "batch_size": cfg.BATCH_SIZE, "grad_accum_steps": cfg.GRAD_ACCUM_STEPS,
-              "steps": cfg.BENCH_STEPS, "precision": precision, "matmul_peak_flops": peak, "ours": ours, "hf": hf}
-    if hf:
-        result["ratio"] = ours["train_tokens_per_s"] / hf["train_tokens_per_s"]
-        print(f"ratio ours / HF Trainer (trained tokens/s): {result['ratio']:.2f}")
+              "family": cfg.BENCH_FAMILY, "steps": cfg.BENCH_STEPS, "precision": precision, "matmul_peak_flops": peak,
+              "ours": ours, "hf": other if cfg.BENCH_COMPARE_HF else None,
+              "shared": other if cfg.BENCH_COMPARE_SHARED else None}
+    if other:
+        result["ratio"] = ours["train_tokens_per_s"] / other["train_tokens_per_s"]
+        print(f"ratio ours / {name} (trained tokens/s): {result['ratio']:.2f}")
     if cfg.BENCH_JSON:
         with atomic_write(cfg.BENCH_JSON) as f:
             json.dump(result, f, indent=2)

@@ -56,7 +56,7 @@ def worker(model_dir, path, block, batch, steps, warmup, seed, out):
     for i in range(warmup + steps):
         t = time.perf_counter()
         if path == "chunked":
-            value, _ = step.forward_backward(layout, [(x, y)])
+            value, _ = step.forward_backward(layout, [(x, y, None)])
         elif path == "full":  # what loss_sum did before: model(x).logits, in fp32, cross_entropy
             value = loss.full_losses(model, x, y) / y.numel()
             value.backward()

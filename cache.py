@@ -28,7 +28,8 @@ from cli import UserError, progress
 from dialogues import iter_dialogues
 from render import context_token, with_system
 
-VERSION = 2  # bumped when what is stored, or how it is rendered, changes (2: a chat template's exact tokens, counts)
+VERSION = 3  # bumped when what is stored, or how it is rendered, changes (2: a chat template's exact tokens, counts;
+#             3: nothing after a turn's end token is a target)
 ARRAYS = {"ids": None, "mask": np.uint8, "turn_ends": np.int64, "dialogue_ends": np.int64, "turn_speaker": np.int32}
 BLOCK_ARRAYS = {"a": np.int64, "b": np.int64, "ctx": np.int64, "ends": np.int64}
 PER_PASS = 2048  # dialogues tokenized together: big enough for the fast tokenizer's batching, small in memory

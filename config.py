@@ -85,10 +85,14 @@ RESUME = False  # continue the run in OUT_DIR from its latest complete checkpoin
 # benchmarks (bench.py, bench_scale.py, bench_loss.py)
 BENCH_STEPS = 20  # timed training steps a figure is taken over, after BENCH_WARMUP untimed ones
 BENCH_WARMUP = 5  # untimed steps first: they pay for allocation, page faults and kernel choice
-BENCH_SHAPE = (6, 768, 12)  # bench.py's GPT-2 (random weights: offline): layers, width, heads; distilgpt2's, 82M
+BENCH_FAMILY = "gpt2"  # bench.py's model (random weights: offline): "gpt2" or "llama" (MLP 8/3 wide, a third as many
+#                       key-value heads: SmolLM's; BENCH_SHAPE=(30, 576, 9) is SmolLM-135M's)
+BENCH_SHAPE = (6, 768, 12)  # bench.py's model: layers, width, heads; distilgpt2's, 82M
 BENCH_GEN_TOKENS = 64  # bench.py: the length of the reply whose generation is timed, in tokens
 BENCH_COMPARE_HF = False  # bench.py: also a Hugging Face Trainer on packed sequences, its steps taken in turn with
 #                           ours (pip install accelerate)
+BENCH_COMPARE_SHARED = False  # bench.py: also our step with the pieces of a packed block seeing each other (what
+#                               train.py did before masks.py), in turn with ours: the price of keeping them apart
 BENCH_VOCAB = 128_256  # bench_loss.py: its model's vocabulary; Llama 3's, where the full logits cost gigabytes
 BENCH_SCALES = (1, 10, 100)  # bench_scale.py: corpus sizes in multiples of a public chitchat corpus (5,356
 #                              dialogues, ~3.1M tokens); a single scale takes a trailing comma: (10,)

@@ -124,6 +124,7 @@ def validation(ev):
     turn they are in. Returns (batches, the dialogues scored, tokens scored, loss, {speaker: loss})."""
     import cache
     import checkpoints
+    import masks
     import step
     from batching import eval_batches, eval_groups, pack_tokens
     from dialogues import iter_dialogues
@@ -138,11 +139,12 @@ def validation(ev):
     speakers = [s for s, n in seen.most_common(5)
                 if n >= RECURRING and (speakers_trained is None or s in speakers_trained)]
     blocks = pack_tokens(val_tok.tagged(speakers) if speakers else val_tok, block_size)  # anyone else: the last tag
-    val = eval_batches(blocks, cfg.BATCH_SIZE, ev.tokenizer.eos_token_id, block_size)
-    n_tokens = sum(int((y != -100).sum()) for _, y in val)
+    split = masks.form(ev.model) is None  # each piece a row of its own, where the model cannot keep them apart
+    val = eval_batches(blocks, cfg.BATCH_SIZE, ev.tokenizer.eos_token_id, block_size, split)
+    n_tokens = sum(int((y != -100).sum()) for _, y, _ in val)
     print(f"validation: {len(scored)} of {len(all_val)} dialogues in {cfg.VAL_FILE}, {n_tokens:,} tokens")
     val_loss, by_tag = step.evaluate(ev.layout, val, desc="validation (model)",
-                                     groups=eval_groups(blocks, cfg.BATCH_SIZE, block_size))
+                                     groups=eval_groups(blocks, cfg.BATCH_SIZE, block_size, split))
     per_speaker = {name: by_tag[i + 1] for i, name in enumerate(speakers + ["(others)"]) if i + 1 in by_tag}
     if len(per_speaker) < 2:
         per_speaker = {}  # one speaker's loss is the overall loss

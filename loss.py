@@ -18,6 +18,7 @@ from torch import nn
 
 from batching import IGNORE
 from cli import UserError
+from masks import form, hf_model, inputs
 
 CHUNK = 0  # positions per chunk (LOSS_CHUNK, set by the script through use_chunk); 0 = chosen by chunk_size
 # A chunk's fp32 logits take at most this many bytes; the softmax and the gradient take their place (a softcapped
@@ -62,8 +63,9 @@ class Head:
     def __init__(self, body, linear, scale=1.0, cap=None):
         self.body, self.linear, self.scale, self.cap = body, linear, scale, cap
 
-    def hidden(self, x):
-        return self.body(input_ids=x, use_cache=False)[0]
+    def hidden(self, x, **extra):
+        """The hidden states of input ids x; `extra`, the model's other inputs (masks.inputs)."""
+        return self.body(input_ids=x, use_cache=False, **extra)[0]
 
     def logits(self, h):
         """fp32 logits of hidden states h, transformed as the model does: the reference the probe compares with."""
@@ -71,12 +73,6 @@ class Head:
 
 
 _heads = weakref.WeakKeyDictionary()  # model -> Head, or None where the model takes the full logits
-
-
-def hf_model(model):
-    """The Hugging Face model inside the wrappers: torch.compile's and peft's (whose LoRA layers sit inside it)."""
-    model = getattr(model, "_orig_mod", model)
-    return model.get_base_model() if hasattr(model, "peft_config") else model
 
 
 @torch.compiler.disable
@@ -250,26 +246,29 @@ def head_loss(head, hidden, y, reduction="sum"):
     return chunked_losses(h, weight, bias, t, head.scale, head.cap, chunk).sum()
 
 
-def full_losses(model, x, y, reduction="sum"):
-    """The plain loss, from the full logits: for a model whose output layer head_of cannot take apart."""
-    logits = model(input_ids=x).logits
+def full_losses(model, x, y, reduction="sum", **extra):
+    """The plain loss, from the full logits: for a model whose output layer head_of cannot take apart. `extra`: the
+    model's other inputs (masks.inputs)."""
+    logits = model(input_ids=x, **extra).logits
     losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE,
                              reduction=reduction)
     return losses if reduction == "sum" else losses[y.reshape(-1) != IGNORE]
 
 
-def model_loss(model, x, y, reduction="sum"):
+def model_loss(model, x, y, reduction="sum", seg=None):
     """A model's loss on a batch: the sum over its targets, or (reduction="none") each target's in the order of
-    y[y != IGNORE]; chunked wherever head_of can take the model apart."""
+    y[y != IGNORE]; chunked wherever head_of can take the model apart. `seg`: each position's piece in a packed row
+    (batching.collate), kept apart from the others (masks.py); None where every row is one piece."""
+    extra = {} if seg is None else inputs(seg, form(model))
     head = head_of(model)
     if head is None:
-        return full_losses(model, x, y, reduction)
-    return head_loss(head, head.hidden(x), y, reduction)
+        return full_losses(model, x, y, reduction, **extra)
+    return head_loss(head, head.hidden(x, **extra), y, reduction)
 
 
 class ChunkedLoss(nn.Module):
-    """A model and its loss as one module: forward(x, y) is model_loss's, the summed loss over the targets (or each
-    target's, reduction="none"). It exists for DDP: DDP syncs the gradients of what runs inside its own forward, and
+    """A model and its loss as one module: forward(x, y, seg) is model_loss's, the summed loss over the targets (or
+    each target's, reduction="none"). It exists for DDP: DDP syncs the gradients of what runs inside its own forward, and
     the chunked loss runs the model's body and output layer apart, so it is this module that a layout hands to DDP,
     FSDP and torch.compile (processes.py)."""
 
@@ -277,5 +276,5 @@ class ChunkedLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x, y, reduction="sum"):
-        return model_loss(self.model, x, y, reduction)
+    def forward(self, x, y, seg=None, reduction="sum"):
+        return model_loss(self.model, x, y, reduction, seg)

@@ -3,6 +3,7 @@ checked against what the device has left before the first step. Better one line 
 hour in, or at once with no message: 18 GB for --model=scratch --block_size=100000."""
 
 import hardware
+import masks
 from cli import UserError
 from loss import chunk_size
 from modeling import parameters
@@ -34,22 +35,27 @@ LOGIT_COPIES = 3
 # 1.3x at distilgpt2's shape after 5 steps (4.66 GB against 3.59 GB without it), up to 1.9x with a small model and
 # long blocks. Counted as this share of the logits, activations and scores.
 HEAP_SLACK = 0.3
+# The block-diagonal mask that keeps packed pieces apart (masks.py), [batch, block, block]: none for PIECES; a boolean
+# one and the comparison it is made from (2 bytes a query-key pair); or an additive fp32 one besides (6).
+MASK_BYTES = {masks.PIECES: 0, masks.BOOL: 2, masks.ADDITIVE: 6, None: 0}
 
 
 def model_shape(model, device, sharded=False):
-    """What step_memory needs to know of a model: its sizes, whether its attention materializes the scores, and
-    whether it is sharded over the ranks (FSDP)."""
+    """What step_memory needs to know of a model: its sizes, whether its attention materializes the scores, the
+    bytes of its packing mask per query-key pair, and whether it is sharded over the ranks (FSDP)."""
     base = model.get_base_model() if hasattr(model, "peft_config") else model
     c = base.config
     dropout = next((float(v) for v in (getattr(c, k, None) for k in ("attn_pdrop", "attention_dropout",
                                                                      "attention_probs_dropout_prob")) if v), 0.0)
+    form = masks.form(model)  # first: the probe may make the attention pieces_attention, SDPA's kernel on each piece
     impl = getattr(c, "_attn_implementation", None) or "eager"
+    impl = "sdpa" if impl == masks.IMPLEMENTATION else impl
     params, trained = parameters(model)
     return {"params": params, "trained": trained,
             "layers": c.num_hidden_layers, "width": c.hidden_size, "heads": c.num_attention_heads,
             "vocab": c.vocab_size, "cpu": device.type == "cpu", "chunk": chunk_size(c.vocab_size, device),
             "scores": impl == "eager" or (impl == "sdpa" and device.type == "cpu" and dropout > 0),
-            "sharded": sharded}
+            "mask": MASK_BYTES[form], "sharded": sharded}
 
 
 def step_memory(shape, batch, block, checkpointing, half=False, trained=None, ranks=1, accumulating=False):
@@ -75,7 +81,8 @@ def step_memory(shape, batch, block, checkpointing, half=False, trained=None, ra
     terms = {**weights,
              "logits": LOGIT_COPIES * 4 * min(tokens, s.get("chunk") or tokens) * s["vocab"],
              "activations": per_unit * tokens * s["width"] // (2 if half else 1),
-             "attention scores": per_score * batch * s["heads"] * block ** 2 if s["scores"] else 0}
+             "attention scores": per_score * batch * s["heads"] * block ** 2 if s["scores"] else 0,
+             "packing mask": s.get("mask", 0) * batch * block ** 2}
     if s["cpu"]:
         terms["heap slack"] = int(HEAP_SLACK * (terms["logits"] + terms["activations"] + terms["attention scores"]))
     return terms

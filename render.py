@@ -306,8 +306,11 @@ def render_chat(tokenizer, dialogues, roles_of, train_speakers=None, source="dat
     """As render, through the chat template: each turn is (header + text + footer, mask). Trained: everything but
     system text and the very first token (which only gives context), or with TRAIN_SPEAKERS, a message's text and
     footer (the end-of-turn token, so the model learns to stop) where every speaker of it is trained, never a header
-    (the prompt at generation time), a system message or the context a template that wants the user first got."""
-    out = []
+    (the prompt at generation time), a system message or the context a template that wants the user first got. Of a
+    footer, only what the model writes is trained: up to its first special token (<|im_end|>, <|eot_id|>, ...),
+    where generation stops; what the template writes after it (ChatML's newline) the model never writes, and
+    scoring it would make the loss read better than the model is."""
+    special, out = special_ids(tokenizer), []
     for d in chat_pieces(tokenizer, dialogues, roles_of, source, stats):
         rendered = []
         for header, text, footer, (system, context, speakers) in d:
@@ -316,7 +319,10 @@ def render_chat(tokenizer, dialogues, roles_of, train_speakers=None, source="dat
             else:
                 on = bool(speakers) and not context and all(s in train_speakers for s in speakers)
             head = int(train_speakers is None)
-            mask = [head] * len(header) + [int(on and not system)] * len(text) + [int(on)] * len(footer)
+            # of the footer, what the model writes: up to and including its first special token
+            end = next((k + 1 for k, t in enumerate(footer) if t in special), len(footer))
+            mask = ([head] * len(header) + [int(on and not system)] * len(text) + [int(on)] * end
+                    + [0] * (len(footer) - end))
             rendered.append((header + text + footer, mask))
         if rendered and rendered[0][1]:
             rendered[0][1][0] = 0  # the first token is the first window's context, never a target

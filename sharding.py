@@ -36,7 +36,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 import checkpoints
 from cli import UserError
-from loss import head_of, hf_model, trust_head
+import masks
+from loss import head_of, trust_head
+from masks import hf_model
 
 # ---------------------------------------------------------------------------------------------------------------------
 # sharding the model
@@ -57,14 +59,15 @@ def shard(net, model, device, dtype):
     weights gathered for its forward and backward, then freed), the root the rest (embeddings, final norm, output
     layer). In bf16 (CUDA's default), the weights are kept in fp32 and computed in bf16, the gradients reduced in
     fp32. Rank 0 holds the weights (the other ranks may hold the model's shape alone, on the meta device:
-    modeling.load_shape) and sends each rank its part; it checks the chunked loss on the whole model first
-    (loss.probe), and the others take its word."""
+    modeling.load_shape) and sends each rank its part; it checks the chunked loss and the packing masks on the whole
+    model first (loss.probe, masks.probe), and the others take its word."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     master, ranks = dist.get_rank() == 0, dist.get_world_size()
-    verdict = [head_of(model) is not None if master else None]
+    verdict = [(head_of(model) is not None, masks.form(model)) if master else None]
     dist.broadcast_object_list(verdict)
-    trust_head(model, verdict[0])
+    trust_head(model, verdict[0][0])
+    masks.trust(model, verdict[0][1])
     full = net.state_dict() if master and ranks > 1 else {}
     mesh = init_device_mesh(device.type, (ranks,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \

@@ -40,16 +40,18 @@ def train_step(layout, optimizer, scaler, micro, grad_clip):
 
 
 def forward_backward(layout, micro, scaler=None):
-    """Forward and backward over one optimizer step's micro-batches. The loss is token-weighted over the whole step
+    """Forward and backward over one optimizer step's micro-batches, each (x, y, seg) as batching.collate makes
+    them. The loss is token-weighted over the whole step
     (every micro-batch's summed loss / the step's target count, over all ranks), so K micro-batches of B, or N ranks
     of B, equal one batch of K*B or N*B. Returns the step's mean loss and its target count, both over all ranks."""
     device, world = layout.device, layout.world
-    n_targets = int(world.sum(torch.tensor(sum(int((y != IGNORE).sum()) for _, y in micro), device=device)))
+    n_targets = int(world.sum(torch.tensor(sum(int((y != IGNORE).sum()) for _, y, _ in micro), device=device)))
     total = torch.zeros((), device=device)
-    for m, (x, y) in enumerate(micro):
+    for m, (x, y, seg) in enumerate(micro):
         with layout.micro_batch(last=m == len(micro) - 1):
             with layout.autocast():
-                loss = layout.net(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                loss = layout.net(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                                  None if seg is None else seg.to(device, non_blocking=True))
             loss = loss / max(n_targets, 1)
             scaled = loss * world.size  # DDP and FSDP average the gradients over the ranks; the loss is over all
             (scaler.scale(scaled) if scaler else scaled).backward()
@@ -82,8 +84,8 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
 
 @torch.no_grad()
 def evaluate(layout, batches, desc=None, groups=None):
-    """Token-weighted mean loss over a set's batches: the sum of the targets' losses / their number, padding never
-    counted. Every rank of the layout scores its share of the batches (each as many, for FSDP's collectives). With
+    """Token-weighted mean loss over a set's batches ((x, y, seg), batching.eval_batches'): the sum of the targets'
+    losses / their number, padding never counted. Every rank of the layout scores its share of the batches (each as many, for FSDP's collectives). With
     `desc`, a progress bar of that name. With `groups` (batching.eval_groups: each target's group number, 0 for
     none), each group's mean from the same pass too: returns (loss, {group: loss}) then, else the loss."""
     scorer, device, world = layout.scorer, layout.device, layout.world
@@ -92,18 +94,19 @@ def evaluate(layout, batches, desc=None, groups=None):
     n_groups = 1 + max((int(g.max()) for g in groups if g.numel()), default=0) if groups is not None else 1
     jobs = list(zip(batches, groups if groups is not None else [None] * len(batches)))
     if world.size > 1:
-        x0, y0 = batches[0]
-        idle = ((x0, torch.full_like(y0, IGNORE)), None)  # a rank whose share is one short scores no targets
+        x0, y0, seg0 = batches[0]
+        idle = ((x0, torch.full_like(y0, IGNORE), seg0), None)  # a rank whose share is one short scores no targets
         jobs = (jobs[world.rank::world.size] + [idle])[:math.ceil(len(jobs) / world.size)]
     sums = torch.zeros(2, n_groups, dtype=torch.float64, device=device)  # [loss, targets] by group; 0: all
-    for (x, y), g in progress(jobs, desc=desc, disable=desc is None or not world.master, leave=False, unit="batch"):
-        x, y = x.to(device), y.to(device)
+    for (x, y, seg), g in progress(jobs, desc=desc, disable=desc is None or not world.master, leave=False,
+                                   unit="batch"):
+        x, y, seg = x.to(device), y.to(device), None if seg is None else seg.to(device)
         with layout.autocast():
             if g is None:
-                sums[0, 0] += scorer(x, y).double()
+                sums[0, 0] += scorer(x, y, seg).double()
                 sums[1, 0] += (y != IGNORE).sum()
             else:  # each target's loss, in the order of y[y != IGNORE], added to its group's
-                losses = scorer(x, y, reduction="none").double()
+                losses = scorer(x, y, seg, reduction="none").double()
                 tags = g.to(device)[y != IGNORE]
                 sums[0].index_add_(0, tags, losses)
                 sums[1].index_add_(0, tags, torch.ones_like(losses))

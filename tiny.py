@@ -47,6 +47,18 @@ def gpt2(n_layer=2, n_embd=32, n_head=2, n_positions=256, dropout=0.0):
     return transformers.GPT2LMHeadModel(config)
 
 
+def llama(layers=2, width=32, heads=4, positions=256, vocab=50257):
+    """A randomly initialised (seed 0) Llama with GPT-2's vocabulary, in memory, its MLP 8/3 as wide and a third as
+    many key-value heads (bench.py's, at SmolLM-135M's shape: 30 layers, 576 wide, 9 heads)."""
+    mlp = max(64, round(width * 8 / 3 / 64) * 64)  # 1,536 at 576 wide
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=mlp,
+                                      num_hidden_layers=layers, num_attention_heads=heads,
+                                      num_key_value_heads=max(1, heads // 3), max_position_embeddings=positions,
+                                      tie_word_embeddings=True, bos_token_id=EOS_ID, eos_token_id=EOS_ID)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
 def save_tiny_gpt2(path, n_layer=2, n_embd=32, n_head=2, n_positions=256, dropout=0.0):
     """gpt2(), saved with its tokenizer as a model directory that --model=PATH and from_pretrained load. Returns
     path."""

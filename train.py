@@ -221,7 +221,8 @@ class Data:
     train_tokens: object  # batching.Tokens, memory-mapped from the token cache
     train: object  # batching.Blocks: what an epoch trains on
     val_tokens: object  # the validation dialogues that VAL_MAX_TOKENS keeps
-    val: list  # their (x, y) batches
+    val: list  # their (x, y, seg) batches
+    split: bool  # each piece a row of its own: the model's attention cannot keep packed pieces apart (masks.py)
     sha256: str  # TRAIN_FILE's: a resume must find the same file
     seconds: float  # what loading them took at start-up
 
@@ -293,6 +294,7 @@ def build(run, layout, say):
     """The model and tokenizer the run trains, held by the layout on its device, and the run's data: (tokenizer,
     Data)."""
     import loss
+    import masks
     import modeling
     cfg = run.cfg
     train_sha = checkpoints.sha256(cfg.TRAIN_FILE)  # read in pieces: never the whole file in memory
@@ -314,6 +316,7 @@ def build(run, layout, say):
         say(note)
     if note := layout.preflight(cfg):  # a step that cannot fit stops here
         say(note)
+    say(masks.describe(model))
     if layout.master:
         n_params, n_trained = modeling.parameters(model)
         checkpoints.check_space(cfg.OUT_DIR, n_trained, n_params, cfg.KEEP_CHECKPOINTS)
@@ -346,10 +349,12 @@ def check_data(cfg):
 
 
 def load_data(cfg, tokenizer, rendering, train_sha, layout, say):
-    """The token cache: tokenized once (rank 0 builds it, the others wait), memory-mapped by every later start."""
+    """The token cache: tokenized once (rank 0 builds it, the others wait), memory-mapped by every later start; the
+    validation batches, with each packed piece kept apart as the model allows (masks.py)."""
     t0 = time.time()
 
     import cache
+    import masks
     from batching import count, eval_batches, pack_tokens
 
     def cached(build):
@@ -367,9 +372,10 @@ def load_data(cfg, tokenizer, rendering, train_sha, layout, say):
     val_blocks = pack_tokens(val_tok, cfg.BLOCK_SIZE)
     if count(val_blocks)[0] == 0:
         raise UserError(f"{cfg.VAL_FILE} has no turns by TRAIN_SPEAKERS {cfg.TRAIN_SPEAKERS}, so nothing to validate")
+    split = masks.form(layout.model) is None
     # any pad id will do: padded positions are never targets and never attended to
-    val = eval_batches(val_blocks, cfg.BATCH_SIZE, tokenizer.eos_token_id, cfg.BLOCK_SIZE)
-    return Data(train_tok, train_blocks, val_tok, val, train_sha, time.time() - t0)
+    val = eval_batches(val_blocks, cfg.BATCH_SIZE, tokenizer.eos_token_id, cfg.BLOCK_SIZE, split)
+    return Data(train_tok, train_blocks, val_tok, val, split, train_sha, time.time() - t0)
 
 
 def restore(run, layout, optimizer, scaler):
@@ -504,7 +510,7 @@ def main():
     optimizer, scaler = optimization(layout, cfg)
     s = restore(run, layout, optimizer, scaler)
     steps = Steps(data.train, cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS, cfg.BLOCK_SIZE, cfg.SEED,
-                  tokenizer.eos_token_id, layout.rank, layout.size)
+                  tokenizer.eos_token_id, layout.rank, layout.size, data.split)
     end_step = total_steps(cfg, s, steps, len(data.train))
     say(describe(cfg, layout.model, data, steps, end_step))
     say(f"start-up: {time.time() - t_main:.1f}s (data {data.seconds:.1f}s, the rest mostly imports and the model); "
@@ -588,7 +594,7 @@ def describe(cfg, model, data, steps, end_step):
             f"{len(data.train_tokens):,} train dialogues -> {data.train_tokens.count_trained():,} tokens in "
             f"{len(data.train)} blocks of <= {cfg.BLOCK_SIZE}; {steps.per_epoch} steps/epoch of {steps.per_step} "
             f"blocks, {end_step} steps; validation on {len(data.val_tokens):,} dialogues, "
-            f"{sum(int((y != IGNORE).sum()) for _, y in data.val):,} tokens{changed}")
+            f"{sum(int((y != IGNORE).sum()) for _, y, _ in data.val):,} tokens{changed}")
 
 
 def summary(cfg, model, s, start_step, seconds, first_val):

@@ -22,10 +22,10 @@ def test_labels_by_position_and_padding_on_the_right():
     tok = gpt2_tokenizer()
     blocks = make_blocks(tok, synthetic(30, seed=6, max_turns=8), 64)
     pad = tok.eos_token_id  # as train.py pads: the same id as the EOS that must be learned
-    x, y = collate(blocks, pad)
-    assert x.shape == y.shape == (len(blocks), max(len(ids) for ids, _ in blocks) - 1)
+    x, y, _ = collate(blocks, pad)
+    assert x.shape == y.shape == (len(blocks), max(len(ids) for ids, *_ in blocks) - 1)
     padded = 0
-    for i, (ids, mask) in enumerate(blocks):
+    for i, (ids, mask, _) in enumerate(blocks):
         n = len(ids) - 1
         assert x[i, :n].tolist() == ids[:-1]
         assert y[i, :n].tolist() == [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
@@ -76,10 +76,10 @@ def test_pack_tokens_by_hand():
     # block 4: the windows (START 10 11) (11 12 13 14) | (START 20) | (START 30 31 32 33) (33 34 35), each after its
     # context token; packed longest first into blocks of 5 ids, the 2 into the later of the two blocks with 2 left
     blocks = batching.pack_tokens(tokens_of(dialogues, START), 4)
-    assert list(blocks) == [([START, 30, 31, 32, 33], [0, 1, 1, 1, 1]),
-                            ([11, 12, 13, 14], [0, 0, 0, 0]),
-                            ([START, 10, 11], [0, 1, 1]),
-                            ([33, 34, 35, START, 20], [0, 1, 1, 0, 1])]
+    assert list(blocks) == [([START, 30, 31, 32, 33], [0, 1, 1, 1, 1], [0]),
+                            ([11, 12, 13, 14], [0, 0, 0, 0], [0]),
+                            ([START, 10, 11], [0, 1, 1], [0]),
+                            ([33, 34, 35, START, 20], [0, 1, 1, 0, 1], [0, 3])]  # where each piece starts
     assert blocks.lengths.tolist() == [5, 4, 3, 5] and count(blocks) == (9, 13)
 
 
@@ -90,9 +90,9 @@ def test_pack_tokens_by_hand_in_a_chat_template():
                  [([30, 31, 32, 33, 34, 35], [0] + [1] * 5)]]
     # block 4: (10 11 12 13 14) | (20 21) | (30 31 32 33 34) (34 35)
     blocks = batching.pack_tokens(tokens_of(dialogues, None), 4)
-    assert list(blocks) == [([10, 11, 12, 13, 14], [0, 1, 1, 1, 1]),
-                            ([30, 31, 32, 33, 34], [0, 1, 1, 1, 1]),
-                            ([20, 21, 34, 35], [0, 1, 0, 1])]
+    assert list(blocks) == [([10, 11, 12, 13, 14], [0, 1, 1, 1, 1], [0]),
+                            ([30, 31, 32, 33, 34], [0, 1, 1, 1, 1], [0]),
+                            ([20, 21, 34, 35], [0, 1, 0, 1], [0, 2])]
     assert count(blocks) == (10, 11)
 
 
@@ -162,8 +162,9 @@ def test_windows_on_random_dialogues(block_size, start):
     # the pieces of each block, read off the block alone: every token here is trained (a tag 1-3), so mask 0 is
     # exactly a piece's context token
     pieces = []  # (block, context token, targets)
-    for j, (ids, mask) in enumerate(blocks):
+    for j, (ids, mask, starts) in enumerate(blocks):
         assert len(ids) == len(mask) == blocks.lengths[j] <= block_size + 1 and mask[0] == 0
+        assert starts == [k for k, m in enumerate(mask) if not m]  # the block says where its pieces start
         for t, m in zip(ids, mask):
             if m:
                 assert m == tokens.mask[t]  # a target keeps its mask (its speaker's tag)
@@ -216,7 +217,7 @@ def test_windows_on_random_dialogues(block_size, start):
 def test_every_trained_token_is_a_target_once_an_epoch(start):
     dialogues = random_dialogues(7, 8, start is None, trained=0.6)
     blocks = batching.pack_tokens(tokens_of(dialogues, start), 8)
-    targets = Counter((t, m) for ids, mask in blocks for t, m in zip(ids, mask) if m)  # (position, tag)
+    targets = Counter((t, m) for ids, mask, _ in blocks for t, m in zip(ids, mask) if m)  # (position, tag)
     trained = Counter((t, m) for d in dialogues for ids, mask in d for t, m in zip(ids, mask) if m)
     assert targets == trained  # each position once: the ids are positions
     assert count(blocks)[0] == len(trained) and count(blocks) == count(list(blocks))
@@ -233,13 +234,13 @@ def test_windows_of_real_dialogues_cover_every_token_once():
     assert sum(sum(len(t) for t, _ in r) > block for r in rendered) >= 5
     assert max(len(t) for r in rendered for t, _ in r) > block
     blocks = make_blocks(tok, dialogues, block)
-    assert all(len(ids) <= block + 1 and len(ids) == len(m) for ids, m in blocks)
-    trained = Counter(t for ids, m in blocks for t, k in zip(ids, m) if k)
+    assert all(len(ids) <= block + 1 and len(ids) == len(m) for ids, m, _ in blocks)
+    trained = Counter(t for ids, m, _ in blocks for t, k in zip(ids, m) if k)
     assert trained == Counter(t for r in rendered for tid, _ in r for t in tid)
     assert count(blocks)[0] == sum(trained.values())
     # every token is trained here but the context token before each window: EOS before a dialogue's first, else the
     # token before it, which is never an EOS (EOS only ends a dialogue)
-    contexts = [t for ids, m in blocks for t, k in zip(ids, m) if not k]
+    contexts = [t for ids, m, _ in blocks for t, k in zip(ids, m) if not k]
     assert len(contexts) == sum(len(batching.cut_points([len(t) for t, _ in r], block)) - 1 for r in rendered)
     assert contexts.count(EOS_ID) == len(dialogues)
 
@@ -264,10 +265,12 @@ def test_an_epoch_of_steps_pads_under_3_percent(batch_size, accum, ranks):
         for rank, s in enumerate(per_rank):
             _, micro, _ = s.at(0, offset)
             assert len(micro) == -(-len(step_blocks) // (batch_size * ranks))
-            for m, (x, y) in enumerate(micro):
+            for m, (x, y, seg) in enumerate(micro):
                 mine = step_blocks[(m * ranks + rank) * batch_size:][:batch_size]
                 if mine:  # a rank left with none at the epoch's end trains a block with no targets
-                    assert torch.equal(x, collate(mine, tok.eos_token_id, 128)[0])
+                    want = collate(mine, tok.eos_token_id, 128)
+                    assert torch.equal(x, want[0])
+                    assert (seg is want[2] is None) or torch.equal(seg, want[2])  # its pieces kept apart
                     processed += x.numel()
                 else:
                     assert (y == IGNORE).all()
@@ -281,7 +284,7 @@ def test_an_epoch_of_steps_pads_under_3_percent(batch_size, accum, ranks):
 def test_collate_rounds_the_width_up_to_8_within_the_block(longest, block_size, width):
     # a few shapes instead of one per length (kernels picked or compiled per shape are reused), never past the block
     blocks = [([1] * longest, [True] * longest), ([2] * 5, [True] * 5)]
-    x, y = collate(blocks, EOS_ID, block_size)
+    x, y, _ = collate(blocks, EOS_ID, block_size)
     assert x.shape == y.shape == (2, width)
     assert (y[0, longest - 1:] == IGNORE).all() and (y[1, 4:] == IGNORE).all() and (y[1, :4] == 2).all()
     assert collate(blocks, EOS_ID)[0].shape == (2, longest - 1)  # without a block size: the longest, exactly

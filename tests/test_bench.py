@@ -77,8 +77,9 @@ def test_bench_trains_train_pys_steps(tmp_path, monkeypatch):
     assert result.returncode == 0, result.stderr
     # bench.py: two steps with gradient checkpointing, then BENCH_WARMUP + BENCH_STEPS (2 + 3), each from the start
     assert len(trains) == 5 and len(taken) == 7
-    same = lambda a, b: len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb)
-                                                      for (xa, ya), (xb, yb) in zip(a, b))
+    same = lambda a, b: len(a) == len(b) and all(
+        torch.equal(xa, xb) and torch.equal(ya, yb) and (sa is sb is None or torch.equal(sa, sb))
+        for (xa, ya, sa), (xb, yb, sb) in zip(a, b))
     assert all(same(a, b) for a, b in zip(taken[:2], trains))
     assert all(same(a, b) for a, b in zip(taken[2:], trains))
 

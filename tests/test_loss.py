@@ -59,16 +59,16 @@ def batch(seed, rows=3, width=40, masked=0.3):
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randint(0, V, (rows, width), generator=g), torch.randint(0, V, (rows, width), generator=g)
     y[torch.rand(rows, width, generator=g) < masked] = IGNORE
-    return x, y
+    return x, y, None  # a batch as collate makes one: every row one piece
 
 
 def full_step(model, micro):
     """The reference: every micro-batch's full-logits loss over the step's target count, backward; (mean loss,
     gradients)."""
     model.zero_grad(set_to_none=True)
-    n = sum(int((y != IGNORE).sum()) for _, y in micro)
+    n = sum(int((y != IGNORE).sum()) for _, y, _ in micro)
     total = 0.0
-    for x, y in micro:
+    for x, y, _ in micro:
         part = loss.full_losses(model, x, y) / n
         part.backward()
         total += part.item()
@@ -121,7 +121,7 @@ def test_same_loss_and_gradients_as_the_full_logits(saved, family, monkeypatch):
         assert head.scale == 0.25
     # two micro-batches of different sizes (token weighting); the first has 256 positions, a fifth of them targets
     micro = [batch(1, rows=4, width=64, masked=0.8), batch(2, rows=2, width=24)]
-    most = max(int((y != IGNORE).sum()) for _, y in micro)  # the targets of one micro-batch, the most one chunk holds
+    most = max(int((y != IGNORE).sum()) for _, y, _ in micro)  # the targets of one micro-batch, the most one chunk holds
     with Widest() as full:
         want_mean, want_g = full_step(model, micro)
     assert full.rows == 256 and full.peak >= 2 * 256  # the reference makes them all: the logits, then log-softmax
@@ -135,7 +135,7 @@ def test_same_loss_and_gradients_as_the_full_logits(saved, family, monkeypatch):
         model.zero_grad(set_to_none=True)
         with Widest() as widest:
             mean, n = step.forward_backward(tiny.single(model), micro)
-        assert n == sum(int((y != IGNORE).sum()) for _, y in micro)
+        assert n == sum(int((y != IGNORE).sum()) for _, y, _ in micro)
         close(mean, want_mean, grads(model), want_g)
         # never more than a chunk's logits at once; with a softcap, its derivative beside them
         assert widest.rows == rows and widest.peak <= 2 * rows, (chunk, budget, widest.rows, widest.peak)
@@ -143,14 +143,14 @@ def test_same_loss_and_gradients_as_the_full_logits(saved, family, monkeypatch):
 
 def test_positions_without_a_target_never_reach_the_output_layer(saved):
     model = modeling.load(saved["llama"])[1].train()
-    x, y = batch(3, masked=1.0)
+    x, y, _ = batch(3, masked=1.0)
     y[0, 5], y[2, 30] = 11, 12  # two targets in 120 positions
     loss.head_of(model)  # its probe runs the model's own forward, once
     with Widest() as widest:
         total, n = loss.model_loss(model, x, y), (y != IGNORE).sum()
         total.backward()
     assert int(n) == 2 and widest.rows == 2
-    x, y = batch(4, masked=1.0)  # none at all (a rank's dummy batch under DDP): nothing, and every weight a gradient
+    x, y, _ = batch(4, masked=1.0)  # none at all (a rank's dummy batch under DDP): nothing, and every weight a gradient
     model.zero_grad(set_to_none=True)
     total, n = loss.model_loss(model, x, y), (y != IGNORE).sum()
     total.backward()
@@ -180,7 +180,7 @@ def test_lora(saved, family):
 
 def test_bf16_autocast_matches_the_full_logits_in_bf16(saved):
     model = modeling.load(saved["llama"])[1].train()
-    x, y = batch(7)
+    x, y, _ = batch(7)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = loss.full_losses(model, x, y)
         loss.use_chunk(16)
@@ -191,12 +191,12 @@ def test_bf16_autocast_matches_the_full_logits_in_bf16(saved):
 def test_validation_and_per_group_losses(saved):
     model = modeling.load(saved["gemma2"])[1]
     batches = [batch(8), batch(9, rows=2)]
-    groups = [torch.where(y != IGNORE, (x % 3) + 1, 0) for x, y in batches]
+    groups = [torch.where(y != IGNORE, (x % 3) + 1, 0) for x, y, _ in batches]
     loss.use_chunk(6)
     overall, per = step.evaluate(tiny.single(model), batches, groups=groups)
     with torch.no_grad():
-        every = torch.cat([loss.full_losses(model, x, y, reduction="none") for x, y in batches])
-    tags = torch.cat([g[y != IGNORE] for g, (_, y) in zip(groups, batches)])
+        every = torch.cat([loss.full_losses(model, x, y, reduction="none") for x, y, _ in batches])
+    tags = torch.cat([g[y != IGNORE] for g, (_, y, _) in zip(groups, batches)])
     assert overall == pytest.approx(every.mean().item(), rel=1e-5)
     assert per.keys() == {1, 2, 3}
     for k, value in per.items():
@@ -216,7 +216,7 @@ class Doubled(transformers.LlamaForCausalLM):
 def test_a_model_it_cannot_take_apart_takes_the_full_logits_with_a_line(capsys):
     torch.manual_seed(0)
     model = Doubled(transformers.LlamaConfig(**SMALL)).train()
-    x, y = batch(10)
+    x, y, _ = batch(10)
     total, n = loss.model_loss(model, x, y), (y != IGNORE).sum()
     assert capsys.readouterr().out.count("loss: Doubled: its logits are not") == 1
     assert loss.head_of(model) is None
@@ -229,7 +229,7 @@ def test_lora_on_the_output_layer_takes_the_full_logits(saved, capsys):
     cfg = cli.load_config(["--lora_r=4", "--lora_alpha=8", "--lora_dropout=0.0", "--lora_targets=['q_proj', 'lm_head']",
                            "--seed=0"])
     model = modeling.adapt(modeling.load(saved["llama"])[1], cfg).train()
-    x, y = batch(11)
+    x, y, _ = batch(11)
     total = loss.model_loss(model, x, y)
     assert "not a linear layer; the loss takes the full logits" in capsys.readouterr().out
     assert total.item() == pytest.approx(loss.full_losses(model, x, y).item(), rel=1e-6)

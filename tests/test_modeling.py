@@ -85,10 +85,10 @@ def test_lora_trains_only_the_adapter(tmp_path, family):
     assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
     assert any("mlp" in n for n in trained) and any("attn" in n or "attention" in n for n in trained)
     opt = step.make_optimizer(model, 1e-2, 0.0, (0.9, 0.999))
-    x, y = collate(make_blocks(tok, synthetic(8), 32)[:4], tok.eos_token_id)
+    x, y, _ = collate(make_blocks(tok, synthetic(8), 32)[:4], tok.eos_token_id)
     layout = tiny.single(model.train())
     for _ in range(2):
-        step.train_step(layout, opt, None, [(x, y)], 1.0)
+        step.train_step(layout, opt, None, [(x, y, None)], 1.0)
     assert sum(len(s) > 0 for s in opt.state.values()) == len(trained)  # optimizer state for the adapter only
     merged = checkpoints.merged_state_dict(model)
     assert merged.keys() == before.keys()
@@ -122,8 +122,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path, fami
         tok, model = modeling.load(path)
         model = modeling.adapt(model, cli.load_config([f"--gradient_checkpointing={on}"])).train()
         assert getattr(model, "is_activation_checkpointing", model.is_gradient_checkpointing) == on
-        x, y = collate(make_blocks(tok, synthetic(8), 32)[:4], tok.eos_token_id)
-        loss, _ = step.forward_backward(tiny.single(model), [(x, y)])
+        x, y, _ = collate(make_blocks(tok, synthetic(8), 32)[:4], tok.eos_token_id)
+        loss, _ = step.forward_backward(tiny.single(model), [(x, y, None)])
         grads.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
     (l0, g0), (l1, g1) = grads
     assert l0 == pytest.approx(l1, rel=1e-6)

@@ -145,7 +145,7 @@ def test_a_checkpoint_of_one_process_resumes_in_one_process(tmp_path):
     layout.wrap(gpt2().train())
     optimizer = step.make_optimizer(layout.model, 1e-3, 0.0, (0.9, 0.999))
     x = torch.randint(0, 50257, (2, 8))
-    step.train_step(layout, optimizer, None, [(x, x)], 1.0)
+    step.train_step(layout, optimizer, None, [(x, x, None)], 1.0)
     layout.save_checkpoint(str(tmp_path), gpt2_tokenizer(), optimizer, {"step": 1}, 2)
     state = torch.load(os.path.join(tmp_path, "checkpoints", "step-00000001", "state.pt"), weights_only=True)
     other = processes.Single(processes.World(), CPU)

@@ -42,7 +42,7 @@ def test_eos_ends_every_dialogue_and_is_a_target():
         assert ids[-1] == EOS_ID and EOS_ID not in ids[:-1]
         assert tok.decode(ids[:-1]) == format_dialogue(d)
     blocks = make_blocks(tok, dialogues, 64)
-    x, y = collate(blocks, tok.eos_token_id)
+    x, y, _ = collate(blocks, tok.eos_token_id)
     assert int((y == EOS_ID).sum()) == len(dialogues)  # the context EOS before each dialogue is never one
 
 
@@ -104,18 +104,22 @@ def test_chat_render_matches_a_hand_written_expectation():
         (header0 + plain("Hi there.") + [im_end] + special(tok, "\n"),
          [0] * (len(header0) + len(plain("Hi there.")) + 2)),
         (special(tok, "<|im_start|>assistant\n") + plain("Hello, Alex!") + [im_end] + special(tok, "\n"),
-         [0] * len(special(tok, "<|im_start|>assistant\n")) + [1] * (len(plain("Hello, Alex!")) + 2)),
+         [0] * len(special(tok, "<|im_start|>assistant\n")) + [1] * (len(plain("Hello, Alex!")) + 1) + [0]),
         (special(tok, "<|im_start|>user\n") + plain("Bye <|im_end|> now.") + [im_end] + special(tok, "\n"),
          [0] * (len(special(tok, "<|im_start|>user\n")) + len(plain("Bye <|im_end|> now.")) + 2))]
     assert im_end not in plain("Bye <|im_end|> now.")  # a turn's text is plain text: it can't end the turn early
 
     # the whole dialogue, BOS first as the context token, is exactly the template's own text, and nothing more
-    (ids, mask), = make_blocks(tok, [DIALOGUE], 256, ["Bob"], role_map())
+    (ids, mask, starts), = make_blocks(tok, [DIALOGUE], 256, ["Bob"], role_map())
+    assert starts == [0]
     assert ids == [t for tid, _ in turns for t in tid] and ids[0] == tok.bos_token_id and mask[0] == 0
     assert tok.decode(ids) == tok.apply_chat_template(messages(DIALOGUE, ["user", "assistant", "user"]),
                                                       tokenize=False)
-    everything = render_chat(tok, [DIALOGUE], role_map())[0]  # no TRAIN_SPEAKERS: every token but the first
-    assert [m for _, tm in everything for m in tm] == [0] + [1] * (sum(len(t) for t, _ in everything) - 1)
+    # no TRAIN_SPEAKERS: every token but the first, and but each turn's last, the newline after its <|im_end|>
+    everything = render_chat(tok, [DIALOGUE], role_map())[0]
+    assert all(tid[-2:] == [im_end, *special(tok, "\n")] for tid, _ in everything)
+    assert [m for _, tm in everything for m in tm] == [0] + [1] * (len(everything[0][0]) - 2) + [0] + [
+        m for tid, _ in everything[1:] for m in [1] * (len(tid) - 1) + [0]]
 
 
 def test_chat_render_ends_with_eos_only_where_the_template_ends_turns_with_no_special_token():
@@ -124,7 +128,7 @@ def test_chat_render_ends_with_eos_only_where_the_template_ends_turns_with_no_sp
     tok = chat_tokenizer(eos="<|endoftext|>")
     turns = render_chat(tok, [DIALOGUE[:2]], role_map(), ["Bob"])[0]
     assert turns[-1][0][-2:] == [tok.convert_tokens_to_ids("<|im_end|>"), *special(tok, "\n")]
-    assert EOS_ID not in turns[-1][0] and turns[-1][1][-2:] == [1, 1]
+    assert EOS_ID not in turns[-1][0] and turns[-1][1][-2:] == [1, 0]  # not the newline: the model never writes it
     # a template that ends a turn with plain text: EOS ends the dialogue, trained, so the model learns to stop
     tok = chat_tokenizer("{%- for m in messages -%}{{ m.role }}: {{ m.content }}{{ '\\n' }}{%- endfor -%}")
     turns = render_chat(tok, [DIALOGUE[:2]], role_map(), ["Bob"])[0]
@@ -170,7 +174,7 @@ def test_roles_refused():
 def test_context_token_is_bos_where_the_model_has_one():
     llama, gpt2 = chat_tokenizer(), gpt2_tokenizer()
     assert start_id(llama) == llama.bos_token_id != llama.eos_token_id and start_id(gpt2) == EOS_ID
-    (ids, mask), = make_blocks(llama, [[("Alex", "hi")]], 32)  # the speaker format, as training packs it
+    (ids, mask, _), = make_blocks(llama, [[("Alex", "hi")]], 32)  # the speaker format, as training packs it
     assert ids == [llama.bos_token_id, *encode(llama, ["Alex: hi\n"])[0], llama.eos_token_id] and mask[0] == 0
     llama.chat_template = CHAT_TEMPLATE  # the speaker format's template opens with the same token
     assert llama.apply_chat_template([{"role": "user", "name": "Alex", "content": "hi"}], tokenize=False) == \
@@ -233,16 +237,16 @@ MISTRAL = ("{{- bos_token -}}"
 PHI3 = ("{%- for m in messages -%}<|{{ m.role }}|>" + NL + "{{ m.content }}<|end|>" + NL + "{%- endfor -%}"
         "{%- if add_generation_prompt -%}<|assistant|>" + NL + "{%- else -%}{{ eos_token }}{%- endif -%}")
 
-# name: (template, special tokens, BOS, EOS, other added tokens, what ends an assistant turn)
+# name: (template, special tokens, BOS, EOS, other added tokens, what ends an assistant turn: what the model writes,
+# not the newline some templates write after it)
 FAMILIES = {
-    "qwen3": (QWEN3, ["<|im_start|>", "<|im_end|>"], None, "<|im_end|>", ["<think>", "</think>"], "<|im_end|>\n"),
+    "qwen3": (QWEN3, ["<|im_start|>", "<|im_end|>"], None, "<|im_end|>", ["<think>", "</think>"], "<|im_end|>"),
     "llama3": (LLAMA3, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
                "<|begin_of_text|>", "<|eot_id|>", [], "<|eot_id|>"),
-    "gemma": (GEMMA, ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", [],
-              "<end_of_turn>\n"),
+    "gemma": (GEMMA, ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", [], "<end_of_turn>"),
     "mistral": (MISTRAL, ["<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>", [], "</s>"),
     "phi3": (PHI3, ["<s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "<s>", "<|endoftext|>", [],
-             "<|end|>\n"),
+             "<|end|>"),
 }
 
 
@@ -308,11 +312,11 @@ def test_ids_are_the_templates_and_the_mask_is_the_assistants_text_and_end(name)
         rendered = render_chat(tok, [turns], roles, train_speakers=["Jordan"])[0]
         ids = [t for tid, _ in rendered for t in tid]
         assert ids == template_ids(tok, reference(tok, turns)), name
-        (block, mask), = make_blocks(tok, [turns], 256, ["Jordan"], roles)
+        (block, mask, _), = make_blocks(tok, [turns], 256, ["Jordan"], roles)
         assert block == ids and mask[0] == 0  # packed, the sequence is the template's: no token before it
-        last = end + (tok.eos_token if name == "phi3" else "")  # Phi-3's template writes EOS after the last message
-        assert trained_runs(tok, rendered) == [f"{t}{end}" for s, t in EXCHANGE[:-1] if s == "Jordan"] + \
-            [EXCHANGE[-1][1] + last]
+        # Phi-3's template writes a newline and EOS after the last message: the model stops at <|end|>, and they are
+        # not trained
+        assert trained_runs(tok, rendered) == [f"{t}{end}" for s, t in EXCHANGE if s == "Jordan"]
         assert "Be brief" not in "".join(trained_runs(tok, render_chat(tok, [turns], roles)[0]))  # never trained
 
 
@@ -391,9 +395,9 @@ def test_merged_turns_train_only_where_every_speaker_is_trained():
     roles = role_map({"Riley": "user", "Jordan": "assistant", "Sam": "assistant"})
     turns = [("Riley", "Hi"), ("Jordan", "One"), ("Sam", "Two"), ("Riley", "Ok"), ("Jordan", "Three")]
     rendered = render_chat(tok, [turns], roles, ["Jordan"])[0]
-    assert trained_runs(tok, rendered) == ["Three<|im_end|>\n"]  # Jordan+Sam's message is not all Jordan's
+    assert trained_runs(tok, rendered) == ["Three<|im_end|>"]  # Jordan+Sam's message is not all Jordan's
     rendered = render_chat(tok, [turns], roles, ["Jordan", "Sam"])[0]
-    assert trained_runs(tok, rendered) == ["One\nTwo<|im_end|>\n", "Three<|im_end|>\n"]
+    assert trained_runs(tok, rendered) == ["One\nTwo<|im_end|>", "Three<|im_end|>"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -441,3 +445,17 @@ def test_chat_template_prompt_label_matches_the_speakers_line(speaker_tok):
     text = speaker_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text.startswith(speaker_tok.eos_token + "Alex: Hi\n")
     assert text.endswith("\nAlex:")
+
+
+def test_what_follows_the_end_of_turn_is_no_target():
+    tok = chat_tokenizer()
+    turns = [("Alex", "Hi there."), ("Bob", "Hello!"), ("Alex", "Bye."), ("Bob", "See you.")]
+    (rendered,) = render_chat(tok, [turns], role_map(None, ["Bob"]), ["Bob"])
+    ids = [t for tid, _ in rendered for t in tid]
+    mask = [m for _, tm in rendered for m in tm]
+    trained = tok.decode([t for t, m in zip(ids, mask) if m])
+    assert trained == "Hello!<|im_end|>See you.<|im_end|>"  # the newline after each <|im_end|> is not
+    newline = tok.convert_tokens_to_ids(tok.tokenize("\n"))[0]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    after = [m for k, m in enumerate(mask[1:], 1) if ids[k] == newline and ids[k - 1] == end]
+    assert after and not any(after)

@@ -52,7 +52,7 @@ def sharded_gradients(micro, dtype=None, every=False):
 def micro():
     torch.manual_seed(0)
     x = torch.randint(0, 512, (4, 2, 16))
-    return [(x[i], torch.where(x[i] % 5 == 0, IGNORE, x[i])) for i in range(4)]
+    return [(x[i], torch.where(x[i] % 5 == 0, IGNORE, x[i]), None) for i in range(4)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

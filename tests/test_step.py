@@ -38,7 +38,7 @@ def batches(n, seed, rows=2, width=16):
         x = torch.randint(0, 97, (rows, width), generator=g)
         y = torch.where(torch.rand(rows, width, generator=g) < 0.3, IGNORE, torch.randint(0, 97, (rows, width),
                                                                                           generator=g))
-        out.append((x, y))
+        out.append((x, y, None))  # as collate makes a batch: every row one piece
     return out
 
 
@@ -47,7 +47,7 @@ def reference(model, data):
     with torch.no_grad():
         losses = [torch.nn.functional.cross_entropy(model(input_ids=x).logits.flatten(0, 1).double(),
                                                     y.flatten(), ignore_index=IGNORE, reduction="none")[y.flatten() != IGNORE]
-                  for x, y in data]
+                  for x, y, _ in data]
     return torch.cat(losses)
 
 
@@ -70,10 +70,10 @@ def test_validation_is_token_weighted_and_leaves_the_model_as_it_was():
 def test_per_group_losses_come_from_the_same_pass():
     model = gpt2().eval()
     data = batches(4, seed=3)
-    groups = [torch.where(y != IGNORE, x % 3 + 1, 0) for x, y in data]  # every target in group 1, 2 or 3
+    groups = [torch.where(y != IGNORE, x % 3 + 1, 0) for x, y, _ in data]  # every target in group 1, 2 or 3
     overall, per = step.evaluate(tiny.single(model), data, groups=groups)
     every = reference(model, data)
-    tags = torch.cat([g[y != IGNORE] for g, (_, y) in zip(groups, data)])
+    tags = torch.cat([g[y != IGNORE] for g, (_, y, _) in zip(groups, data)])
     assert overall == pytest.approx(every.mean().item(), rel=1e-6)
     assert per.keys() == {1, 2, 3}
     for k, value in per.items():
@@ -97,14 +97,14 @@ class Ranks(processes.World):
 def test_each_rank_scores_its_share_and_together_they_score_each_target_once(n_batches, size):
     model = gpt2().eval()
     data = batches(n_batches, seed=4)
-    groups = [torch.where(y != IGNORE, x % 2 + 1, 0) for x, y in data]
+    groups = [torch.where(y != IGNORE, x % 2 + 1, 0) for x, y, _ in data]
     sent = []
     for rank in range(size):
         layout = processes.Single(Ranks(rank, size, sent), torch.device("cpu"))
         layout.wrap(model)
         step.evaluate(layout, data, groups=groups)
     total = sum(sent)  # what every rank gets back from the all-reduce: [loss, targets] by group
-    every, tags = reference(model, data), torch.cat([g[y != IGNORE] for g, (_, y) in zip(groups, data)])
+    every, tags = reference(model, data), torch.cat([g[y != IGNORE] for g, (_, y, _) in zip(groups, data)])
     assert total[1, 1:].tolist() == [float((tags == k).sum()) for k in (1, 2)]  # each target counted once
     assert total[0].sum().item() / total[1].sum().item() == pytest.approx(every.mean().item(), rel=1e-6)
 
@@ -193,9 +193,9 @@ def test_windowed_loss_covers_every_token_once(lm):
         blocks = batching.make_blocks(tok, DIALOGUES, block_size)
         assert len(blocks) > len(DIALOGUES)
         batches = batching.eval_batches(blocks, 4, EOS_ID)
-        targets = Counter(int(t) for _, y in batches for t in y[y != batching.IGNORE])
+        targets = Counter(int(t) for _, y, _ in batches for t in y[y != batching.IGNORE])
         assert targets == everything
-        assert sum(everything.values()) == sum(int((y != batching.IGNORE).sum()) for _, y in batches)
+        assert sum(everything.values()) == sum(int((y != batching.IGNORE).sum()) for _, y, _ in batches)
         assert math.isfinite(step.evaluate(tiny.single(lm), batches))
 
 
@@ -207,11 +207,11 @@ def test_k_micro_batches_equal_one_batch_of_all_of_them():
     one, many = gpt2(), gpt2()
     x = torch.cat([torch.nn.functional.pad(b[0], (0, 0)) for b in data])
     y = torch.cat([b[1] for b in data])
-    loss1, n1 = step.forward_backward(tiny.single(one.train()), [(x, y)])
+    loss1, n1 = step.forward_backward(tiny.single(one.train()), [(x, y, None)])
     loss2, n2 = step.forward_backward(tiny.single(many.train()), data)
     assert n1 == n2 == int((y != IGNORE).sum())
     assert loss1 == pytest.approx(loss2, rel=1e-6)
-    assert loss1 == pytest.approx(reference(one.eval(), [(x, y)]).mean().item(), rel=1e-5)
+    assert loss1 == pytest.approx(reference(one.eval(), [(x, y, None)]).mean().item(), rel=1e-5)
     diff = max((a.grad - b.grad).abs().max().item() for a, b in zip(one.parameters(), many.parameters()))
     assert diff < 1e-6
 
@@ -231,11 +231,11 @@ def test_accumulation_equals_one_batch_in_process():
         step's target count, backward per micro-batch (or, per_micro_mean, the naive mean of means)."""
         model.zero_grad(set_to_none=True)
         batches = [collate(b, EOS_ID) for b in micro_batches]
-        n_targets = sum(int((y != IGNORE).sum()) for _, y in batches)
+        n_targets = sum(int((y != IGNORE).sum()) for _, y, _ in batches)
         total = 0.0
-        for x, y in batches:
-            mean = loss.model_loss(model, x, y) / (int((y != IGNORE).sum()) * len(batches) if per_micro_mean
-                                                   else n_targets)
+        for x, y, seg in batches:
+            mean = loss.model_loss(model, x, y, seg=seg) / (int((y != IGNORE).sum()) * len(batches) if per_micro_mean
+                                                            else n_targets)
             mean.backward()
             total += mean.item()
         return total, {k: p.grad.clone() for k, p in model.named_parameters()}
@@ -263,15 +263,15 @@ def test_a_step_that_is_not_finite_changes_nothing():
     layout = tiny.single(model)
     optimizer = step.make_optimizer(model, 1e-2, 0.0, (0.9, 0.999))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    x, y = batches(1, seed=7)[0]
+    x, y, _ = batches(1, seed=7)[0]
     with torch.no_grad():
         model.transformer.wte.weight[0, 0] = float("nan")
-    mean, n, problem = step.train_step(layout, optimizer, None, [(x, y)], 1.0)
+    mean, n, problem = step.train_step(layout, optimizer, None, [(x, y, None)], 1.0)
     assert math.isnan(mean) and problem == "the loss is nan" and n == int((y != IGNORE).sum())
     model.transformer.wte.weight.data[0, 0] = before["transformer.wte.weight"][0, 0]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not optimizer.state  # no update was made
-    mean, _, problem = step.train_step(layout, optimizer, None, [(x, y)], 1.0)
+    mean, _, problem = step.train_step(layout, optimizer, None, [(x, y, None)], 1.0)
     assert math.isfinite(mean) and problem is None
     assert not torch.equal(before["lm_head.weight"], model.lm_head.weight)
 

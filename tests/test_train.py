@@ -30,6 +30,7 @@ import cli
 import hub
 import launch
 import loss
+import masks
 import modeling
 import step
 import tiny
@@ -39,7 +40,8 @@ from conftest import ROOT, command, in_background, one_error_line, run, script_e
 from dialogues import format_dialogue, load_records, parse_record, read_dialogues
 from render import CHAT_TEMPLATE, render
 from test_cache import cached_tokens
-from tiny import EOS_ID, curve, gpt2_tokenizer, max_diff, metrics, save_tiny_gpt2, synthetic, weights, write_split
+from tiny import (EOS_ID, chat_tokenizer, curve, gpt2_tokenizer, max_diff, metrics, save_tiny_gpt2, save_tiny_llama,
+                  synthetic, weights, write_split)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -335,11 +337,92 @@ def test_train_py_validation_loss_is_the_full_logits_one(tmp_path):
     for at, path in ((0, model_dir), (2, tmp_path / "out" / "final")):
         model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
         with torch.no_grad():
-            total = sum(loss.full_losses(model, x, y).item() for x, y in batches)
-        n = sum(int((y != IGNORE).sum()) for _, y in batches)
+            total = sum(loss.full_losses(model, x, y, **masks.inputs(seg, masks.form(model))).item()
+                    for x, y, seg in batches)
+        n = sum(int((y != IGNORE).sum()) for _, y, _ in batches)
         assert logged[at] == pytest.approx(total / n, rel=1e-5, abs=1e-5), at
     with open(tmp_path / "out" / "config.json") as f:
         assert json.load(f)["LOSS_CHUNK"] == 5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the validation loss is the per-dialogue score: each dialogue alone, its targets what the model writes, computed
+# here without any of the project's rendering or batching
+
+def alternating(n, seed):
+    """Two-speaker dialogues that alternate (no turns to merge), Alex first: ChatML's user and assistant."""
+    return [[("Alex" if i % 2 == 0 else "Bob", text) for i, (_, text) in enumerate(d)]
+            for d in synthetic(n, seed=seed, min_turns=2, max_turns=6, max_words=10)]
+
+
+def per_dialogue_score(model_dir, dialogues, end="<|im_end|>", newline=False):
+    """The mean loss over Bob's (the assistant's) text and the end-of-turn token after each, each dialogue alone
+    through the tokenizer's own chat template; `newline`: the template's newline after that token as well."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    total, n = 0.0, 0
+    for d in dialogues:
+        messages = [{"role": "assistant" if s == "Bob" else "user", "content": t} for s, t in d]
+        text = tok.apply_chat_template(messages, tokenize=False)
+        spans, at = [], 0
+        for m in messages:
+            start = text.index(m["content"], at)
+            at = start + len(m["content"])
+            if m["role"] == "assistant":
+                stop = text.index(end, at) + len(end) + newline * len("\n")
+                spans.append((start, stop))
+        encoded = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoded["input_ids"]
+        targets = [k for k, (a, b) in enumerate(encoded["offset_mapping"])
+                   if k > 0 and any(s <= a and b <= e for s, e in spans)]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+        total -= sum(logp[k - 1, ids[k]].item() for k in targets)
+        n += len(targets)
+    return total / n
+
+
+def save_chat_gpt2(path):
+    """A tiny GPT-2 with the ChatML tokenizer: learned absolute positions, which a piece that does not start at 0
+    reads wrong."""
+    import transformers
+    tok = chat_tokenizer()
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def chat_trained(tmp_path_factory, request):
+    """A tiny ChatML model trained a little on alternating dialogues (its final/): a model that has learned where a
+    turn ends, and what the template writes after it."""
+    d = tmp_path_factory.mktemp("separation")
+    write_split(d, alternating(80, seed=1), alternating(16, seed=2))
+    (save_tiny_llama if request.param == "llama" else save_chat_gpt2)(str(d / "model"))
+    args = train_args(str(d / "model"), "--format=chat_template", "--train_speakers=['Bob']", "--block_size=256",
+                      "--batch_size=4", "--max_steps=120", "--learning_rate=5e-3", "--eval_interval=0")
+    assert run("train.py", *args, cwd=d).returncode == 0
+    return d
+
+
+def test_the_step_0_validation_loss_is_the_per_dialogue_score(chat_trained):
+    d = chat_trained
+    val = alternating(16, seed=2)
+    args = train_args(str(d / "out" / "final"), "--format=chat_template", "--train_speakers=['Bob']",
+                      "--block_size=256", "--batch_size=4", "--max_steps=1", "--out_dir=again")
+    p = run("train.py", *args, cwd=d)
+    assert p.returncode == 0, p.stderr
+    logged = next(json.loads(line)["val_loss"] for line in open(d / "again" / "metrics.jsonl")
+                  if json.loads(line).get("step") == 0)
+    reference = per_dialogue_score(str(d / "out" / "final"), val)
+    # exact but for rounding: every dialogue fits a block, so each is scored as it is alone (pieces that saw each
+    # other read 0.14% to 0.2% off here, scoring the template's newline too 12%)
+    assert logged == pytest.approx(reference, rel=1e-5)
+    # the reference can tell: the newline after <|im_end|> is what the trained model finds easiest
+    assert abs(per_dialogue_score(str(d / "out" / "final"), val, newline=True) / reference - 1) > 0.01
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -126,7 +126,7 @@ def test_show_example(tmp_path):
     assert p.returncode == 0, p.stderr
     assert sorted(os.listdir(tmp_path)) == before
     assert "<|begin_of_text|><|im_start|>system\n" in p.stdout
-    assert "<|im_start|>assistant\n\u27e6Hello, Alex!<|im_end|>\n\u27e7" in p.stdout
+    assert "<|im_start|>assistant\n\u27e6Hello, Alex!<|im_end|>\u27e7\n" in p.stdout  # not the newline after it
     ids = make_blocks(chat_tokenizer(), [DIALOGUE[:2]], 256, ["Bob"], role_map())[0]
     assert f"{len(ids[0])} tokens, {sum(ids[1])} trained (" in p.stdout
 
