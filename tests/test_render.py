@@ -327,7 +327,7 @@ def test_sft_records_render_as_their_roles_and_train_the_replies_alone(name):
     those messages and only the replies (and their end of turn) are trained."""
     tok, end = family(name), FAMILIES[name][-1]
     alpaca = {"instruction": "And 3+3?", "input": "", "output": "6", "history": [["2+2?", "4"]]}
-    if template_rules(tok)[1]:  # a template with no system slot: where it goes is test_the_system_message_goes_...
+    if template_rules(tok)[1]:  # a system slot (where a system message goes otherwise: test_the_system_message_...)
         alpaca["system"] = "Be brief."
     chat = {"prompt": [{"role": "user", "content": "Hi?"}], "completion": [{"role": "assistant", "content": "Hey."}]}
     for record, replies in ((alpaca, ["4", "6"]), (chat, ["Hey."])):
@@ -335,8 +335,7 @@ def test_sft_records_render_as_their_roles_and_train_the_replies_alone(name):
         rendered = render_chat(tok, [turns], role_map(None, ["assistant"]), train_speakers=["assistant"])[0]
         msgs = [{"role": s, "content": t} for s, t in turns]
         assert [t for tid, _ in rendered for t in tid] == template_ids(tok, msgs), name
-        last = end + (tok.eos_token if name == "phi3" else "")
-        assert trained_runs(tok, rendered) == [f"{r}{end}" for r in replies[:-1]] + [replies[-1] + last]
+        assert trained_runs(tok, rendered) == [f"{r}{end}" for r in replies]  # what follows the end is no target
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
