@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-from cli import UserError, atomic_write, load_config, quiet_libraries, run, unless_given
+from cli import UserError, atomic_write, bench_config, quiet_libraries, run
 from dialogues import format_dialogue, parse_record, read_dialogues, read_records, sources
 
 SMOKE = {"BENCH_SHAPE": (2, 64, 2), "BENCH_STEPS": 3, "BENCH_WARMUP": 2, "BENCH_GEN_TOKENS": 8}
@@ -266,10 +266,7 @@ def generation_speed(model, tokenizer, dialogue, cfg, device):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def main():
-    given = set()
-    cfg = load_config(doc=__doc__, given=given)
-    if cfg.BENCH_SMOKE:
-        cfg = unless_given(cfg, given, SMOKE)
+    cfg = bench_config(__doc__, SMOKE)
     check(cfg)
     # the heavy imports wait until the settings are checked: --help and a mistyped setting answer at once
     quiet_libraries()

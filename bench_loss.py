@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 
-from cli import UserError, atomic_write, load_config, quiet_libraries, run, unless_given
+from cli import UserError, atomic_write, bench_config, quiet_libraries, run
 from launch import last_line, measure
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -77,10 +77,7 @@ def check(cfg):
 
 
 def main():
-    given = set()
-    cfg = load_config(doc=__doc__, given=given)
-    if cfg.BENCH_SMOKE:
-        cfg = unless_given(cfg, given, SMOKE)
+    cfg = bench_config(__doc__, SMOKE)
     check(cfg)
     quiet_libraries()
     import tiny

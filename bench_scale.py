@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from cli import UserError, atomic_write, load_config, quiet_libraries, run, unless_given
+from cli import UserError, atomic_write, bench_config, quiet_libraries, run
 from dialogues import format_dialogue, iter_dialogues
 from launch import last_line, measure
 
@@ -92,10 +92,7 @@ def check(cfg):
 
 
 def main():
-    given = set()
-    cfg = load_config(doc=__doc__, given=given)
-    if cfg.BENCH_SMOKE:
-        cfg = unless_given(cfg, given, SMOKE)
+    cfg = bench_config(__doc__, SMOKE)
     check(cfg)
     quiet_libraries()
     import hardware

@@ -122,10 +122,14 @@ def load_config(argv=None, doc=None, given=None):
     return types.SimpleNamespace(**cfg)
 
 
-def unless_given(cfg, given, values):
-    """cfg with `values` for the settings that the command line did not give (`given`, from load_config): what a
-    benchmark's smoke run makes small, unless told otherwise."""
-    return type(cfg)(**{**vars(cfg), **{k: v for k, v in values.items() if k not in given}})
+def bench_config(doc, smoke):
+    """A benchmark's settings: config.py's and the command line's, and where BENCH_SMOKE, `smoke`'s values (a tiny
+    model, a few steps) for those the command line does not give."""
+    given = set()
+    cfg = load_config(doc=doc, given=given)
+    if cfg.BENCH_SMOKE:
+        cfg = type(cfg)(**{**vars(cfg), **{k: v for k, v in smoke.items() if k not in given}})
+    return cfg
 
 
 # A script's own settings, never a run's: what prepare_data.py reads and writes, what evaluate.py and chat.py
