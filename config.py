@@ -5,7 +5,7 @@ line as --name=value (case-insensitive), e.g. `python train.py --model=scratch -
 DATA_FILE = "llm_train_text.json"  # dialogues in: JSON array or JSON Lines, Parquet, a dataset directory in the Hub's
 #                                     layout, or a Hub dataset id ("owner/name"); dialogue, instruction and
 #                                     prompt/completion records (see README). Or a list of them, each a path or
-#                                     {"path": ..., "split": ..., "weight": 0.5} (or "dialogues": 1000 to take the first)
+#                                     {"path": ..., "split": ..., "weight": 0.5}; "dialogues": 1000 takes the first
 DATA_SPLIT = "train"  # which split of a dataset directory or Hub dataset to read (they come split; we re-split by hash)
 USE_CHOSEN = False  # preference records (prompt, chosen, rejected): True trains the prompt and its chosen reply (the
 #                     rejected one dropped); False refuses them

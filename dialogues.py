@@ -519,8 +519,8 @@ def _instruction(record, where):
         turns += [_turn(USER, question, where, f"history {i}"), _turn(ASSISTANT, answer, where, f"history {i}")]
     asked = "\n\n".join(t for t in (_field(record, INSTRUCTION, where, what),
                                       _field(record, INPUT, where, what, required=False)) if t.strip())
-    turns += [_turn(USER, asked, where, "the instruction"),
-              _turn(ASSISTANT, _field(record, OUTPUT, where, what), where, repr(next(k for k in OUTPUT if k in record)))]
+    output = _field(record, OUTPUT, where, what)
+    turns += [_turn(USER, asked, where, "the instruction"), _turn(ASSISTANT, output, where, "the output")]
     return [t for t in turns if t]
 
 

@@ -145,8 +145,8 @@ def count(found, fmt, turns):
 
 
 def found_line(found):
-    """What was read, in one line: the record formats and the most frequent speakers, with counts; where the records
-    were instructions or prompts with replies, how to train the replies alone."""
+    """What was read, in one line: the record formats and the most frequent speakers, with counts; where every record
+    was an instruction or a prompt with its reply, how to train the replies alone."""
     formats = ", ".join(f"{f} {c:,}" for f, c in found["formats"].most_common())
     speakers = found["speakers"]
     others = speakers.pop(None, 0)
@@ -154,8 +154,10 @@ def found_line(found):
     rest = len(speakers) - len(top)
     line = (f"formats: {formats}; speakers (turns): {', '.join(f'{s} {c:,}' for s, c in top)}"
             + (f" and {rest:,} more" if rest else "") + (f" (and others, {others:,} turns)" if others else ""))
-    if any(f in found["formats"] for f in REPLY_FORMATS) and ASSISTANT in speakers:
-        line += f"; the replies are the {ASSISTANT!r} turns: train.py --train_speakers='[\"{ASSISTANT}\"]' trains them alone"
+    # only where every record had a reply: mixed with dialogues, the setting would leave their speakers untrained
+    if set(found["formats"]) <= set(REPLY_FORMATS) and ASSISTANT in speakers:
+        line += (f"; the replies are the {ASSISTANT!r} turns: train.py --train_speakers='[\"{ASSISTANT}\"]' trains "
+                 f"them alone")
     return line
 
 if __name__ == "__main__":

@@ -198,7 +198,8 @@ def test_the_summary_names_the_formats_and_the_speakers(tmp_path):
     found = result.stdout.strip().splitlines()[-1]
     # the most frequent first (a tie in the order found): Alex speaks twice in a message list, once in a mapping
     assert found.startswith("formats: messages 3, mapping 2, instruction 2; speakers (turns): Alex 8, Bob 5, "
-                            "user 2, assistant 2;"), found
+                            "user 2, assistant 2"), found
+    assert "--train_speakers" not in found  # mixed with dialogues, training the assistant alone is no advice
     mapping_only = ok(prepare(tmp_path, write_jsonl(tmp_path / "data.jsonl", [dict(d) for d in synthetic(4)])))
     assert mapping_only.stdout.strip().splitlines()[-1] == "formats: mapping 4; speakers (turns): Alex 4, Bob 4"
 
