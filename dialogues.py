@@ -417,7 +417,8 @@ def copies(turns, seed, weight):
 # Records to turns. A record is a dialogue in one of four formats, or an SFT record (instruction; prompt/completion)
 # whose turns are spoken by the chat roles: user, assistant, and system where it has one. See README.md: Data.
 
-USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
+USER, ASSISTANT = "user", "assistant"
+SYSTEM = "system"  # the speaker a system message is: messages' and ShareGPT's `system` role, an SFT record's system
 INSTRUCTION, OUTPUT, INPUT = ("instruction",), ("output", "response"), ("input", "context")  # Alpaca's, Dolly's
 # Keys that name a field of some record format, never a speaker: a mapping record {"text": ...} or {"question": ...,
 # "answer": ...} is not a dialogue of speakers called "text" or "question".

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cli import UserError
-from dialogues import clean_text, format_dialogue
+from dialogues import SYSTEM, clean_text, format_dialogue  # SYSTEM: the speaker a system message is
 
-SYSTEM = "system"  # the speaker a system message is (prepare_data.py keeps a `system` role of messages and ShareGPT)
 
 # The chat template saved with every model trained in the speaker format: apply_chat_template(messages) renders the
 # training text exactly (BOS, or EOS where the model has no BOS, then "Speaker: text" lines, then EOS); with
