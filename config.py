@@ -67,7 +67,7 @@ VAL_MAX_TOKENS = 100_000  # validation scores the first VAL_FILE dialogues up to
 
 # evaluate.py and chat.py
 CHECKPOINT = None  # the model directory evaluate.py and chat.py load; None = OUT_DIR/best
-NUM_REPLIES = 20  # validation dialogues whose last turn evaluate.py generates and compares
+NUM_REPLIES = 20  # turns of the trained speaker(s) evaluate.py generates and compares, spread over VAL_FILE
 TEMPERATURE = 0.8  # sampling; 0 = greedy
 TOP_K = 50  # sample among the k likeliest tokens; 0 = all
 TOP_P = 0.95  # ... and among the smallest set holding this much probability; 1.0 = all

@@ -7,7 +7,8 @@ Reads the model (CHECKPOINT, else OUT_DIR/best), VAL_FILE, and OUT_DIR's metrics
 the run's settings, which it takes as its own (one given on the command line overrides the run's, with a line saying
 so). Computes validation loss and perplexity exactly as training does (token-weighted, padding excluded, the same
 VAL_MAX_TOKENS cap) for the fine-tuned model and the base model it started from, per-speaker loss where speakers recur
-(from the same pass), and generated replies for the last turn of NUM_REPLIES validation dialogues. Writes
+(from the same pass), and generated replies at NUM_REPLIES turns where the model speaks (the trained speakers'),
+spread over the validation dialogues. Writes
 OUT_DIR/eval_report.json, eval_report.md and loss_curve.png.
 """
 
@@ -179,24 +180,52 @@ def base_validation(ev, val):
         return cfg.MODEL, None, f" (base not evaluated: {e})"
 
 
+def reply_turns(ev, dialogues):
+    """Where the model speaks in each dialogue, as training rendered it: [(the turns before, the speaker, the real
+    reply)] per dialogue. In the speaker format, every turn of a trained speaker (TRAIN_SPEAKERS, or anyone) with a
+    turn before it; in a chat template, every assistant message of trained speakers (a speaker's turns in a row are
+    one message, its texts the real reply) that is not kept as context."""
+    from render import SYSTEM, messages, template_rules, with_system
+
+    train, out = ev.rendering.train_speakers, []
+    for d in dialogues:
+        turns = with_system(d, ev.rendering.system_prompt)
+        if ev.roles_of is None:
+            runs = [[i] for i, (s, _) in enumerate(turns) if s != SYSTEM and (train is None or s in train)]
+        else:
+            runs = [idx for role, idx, context in messages(ev.roles_of(turns), *template_rules(ev.tokenizer))
+                    if role == "assistant" and not context and (train is None or
+                                                                all(turns[i][0] in train for i in idx))]
+        out.append([(turns[:idx[0]], turns[idx[0]][0], " ".join(turns[i][1] for i in idx)) for idx in runs
+                    if any(s != SYSTEM for s, _ in turns[:idx[0]])])
+    return out
+
+
+def spread(candidates, n, seed):
+    """Up to n of the candidates (a list per dialogue), spread over the dialogues: in a seeded order, one of each
+    dialogue's (taken at random) per round."""
+    rng = random.Random(seed)
+    lists = [rng.sample(c, len(c)) for c in candidates if c]
+    rng.shuffle(lists)
+    return [x for round_ in itertools.zip_longest(*lists) for x in round_ if x is not None][:n]
+
+
 def reply_figures(ev, scored, generator):
-    """The last turn of NUM_REPLIES validated dialogues (VAL_MAX_TOKENS caps this too), generated BATCH_SIZE at a
-    time and compared with the real one: (the replies, their figures)."""
+    """Replies at up to NUM_REPLIES of the turns where the model speaks in the validated dialogues (VAL_MAX_TOKENS
+    caps this too), generated BATCH_SIZE at a time and compared with the real one: (the replies, their figures)."""
     from generation import replies
-    from render import with_system
 
     cfg = ev.cfg
-    candidates = [d for d in scored if len(d) >= 2]
-    chosen = random.Random(cfg.SEED).sample(candidates, min(cfg.NUM_REPLIES, len(candidates)))
+    chosen = spread(reply_turns(ev, scored), cfg.NUM_REPLIES, cfg.SEED)
     t = time.perf_counter()
-    system = ev.rendering.system_prompt  # as training rendered them
-    made = replies(ev.model, ev.tokenizer, [(with_system(d[:-1], system), d[-1][0]) for d in chosen], cfg, generator,
+    made = replies(ev.model, ev.tokenizer, [(turns, speaker) for turns, speaker, _ in chosen], cfg, generator,
                    ev.context, ev.roles_of, batch_size=cfg.BATCH_SIZE, desc="replies")
     seconds = time.perf_counter() - t
-    out = [{"context": d[:-1], "speaker": d[-1][0], "real": d[-1][1], "generated": text, "ended": ended,
-            "new_tokens": n_new, "f1": token_f1(text, d[-1][1])} for d, (text, ended, n_new) in zip(chosen, made)]
-    print(f"replies: {len(out)} in {seconds:.1f}s ({sum(r['new_tokens'] for r in out) / seconds:,.0f} new tokens/s, "
-          f"batches of {cfg.BATCH_SIZE})")
+    out = [{"context": turns, "speaker": speaker, "real": real, "generated": text, "ended": ended,
+            "new_tokens": n_new, "f1": token_f1(text, real)}
+           for (turns, speaker, real), (text, ended, n_new) in zip(chosen, made)]
+    print(f"replies: {len(out)} in {seconds:.1f}s ({sum(r['new_tokens'] for r in out) / max(seconds, 1e-9):,.0f} "
+          f"new tokens/s, batches of {cfg.BATCH_SIZE})")
     texts = [r["generated"] for r in out]
     return out, {
         "replies": len(out),

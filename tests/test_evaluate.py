@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import types
 from collections import Counter
 
 import numpy as np
@@ -23,9 +24,9 @@ import step
 import tiny
 from conftest import in_background, last_error_line, one_error_line, run
 from dialogues import read_dialogues
-from render import render, role_map
+from render import Rendering, chat_pieces, prompt, render, role_map
 from test_train_faults import evil, put_pickle, truncate  # evil: a fixture, found here by pytest
-from tiny import EOS_ID, metrics, save_tiny_gpt2, save_tiny_llama, synthetic, write_split
+from tiny import EOS_ID, chat_tokenizer, metrics, save_tiny_gpt2, save_tiny_llama, synthetic, write_split
 
 FAST = ["--num_replies=4", "--max_new_tokens=12", "--sample_max_new_tokens=20"]
 # one thread: the process runs beside this one, and torch's threads fighting over few cores made token-by-token
@@ -130,6 +131,50 @@ def test_the_reply_figures_are_what_the_replies_say(trained_run, tmp_path, monke
     assert report["token_f1"] == pytest.approx(sum(f1) / 4)
     assert "stop rate 50%, mean length 2.5 words, distinct-1 0.50, distinct-2 0.57" in (
         tmp_path / "out" / "eval_report.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# where the model speaks: the turns replies are asked at
+
+RILEY_JORDAN = [[("Riley", "Hi."), ("Jordan", "Hey."), ("Jordan", "You there?"), ("Riley", "Yes."), ("Riley", "Bye.")],
+                [("Jordan", "Morning."), ("Riley", "Hello."), ("Jordan", "Tea?"), ("Riley", "Please.")]]
+
+
+def asked_at(fmt, roles=None, tokenizer=None, system=None, train=("Jordan",)):
+    rendering = Rendering(fmt, roles, train, system)
+    ev = types.SimpleNamespace(rendering=rendering, roles_of=rendering.roles_of, tokenizer=tokenizer)
+    return evaluate.reply_turns(ev, RILEY_JORDAN)
+
+
+def test_replies_are_asked_only_at_the_trained_speakers_turns():
+    """Dialogues whose speakers repeat and whose last turns are the user's: the speaker format asks at each of
+    Jordan's turns with one before it; a chat template at each of Jordan's messages, a run of turns being one."""
+    speaker = asked_at("speaker")
+    assert [[(len(t), s, r) for t, s, r in d] for d in speaker] == [[(1, "Jordan", "Hey."), (2, "Jordan", "You there?")],
+                                                                    [(2, "Jordan", "Tea?")]]
+    assert speaker[0][1][0] == RILEY_JORDAN[0][:2]  # the real conversation before it
+    tok = chat_tokenizer()
+    roles = {"Riley": "user", "Jordan": "assistant"}
+    chat = asked_at("chat_template", roles, tok)
+    assert [[(len(t), s, r) for t, s, r in d] for d in chat] == [[(1, "Jordan", "Hey. You there?")],
+                                                                 [(2, "Jordan", "Tea?")]]
+    assert asked_at("chat_template", roles, tok, train=None) == chat  # the assistant's, whoever is trained
+    # the prompt is the training sequence up to the header of Jordan's message: what training rendered
+    (pieces,) = chat_pieces(tok, [RILEY_JORDAN[0]], role_map(roles))
+    trained = [t for h, x, f, _ in pieces[:1] for t in h + x + f] + pieces[1][0]
+    turns, who, _ = chat[0][0]
+    assert prompt(tok, turns, who, role_map(roles)) == trained
+    assert prompt(tok, RILEY_JORDAN[0][:2], "Jordan", role_map(roles)) != trained  # where the old code asked
+    # a system prompt is part of the context, as trained, and never asked for
+    assert [t[:1] for d in asked_at("speaker", system="Be kind.") for t, _, _ in d] == [[("system", "Be kind.")]] * 3
+
+
+def test_the_turns_asked_are_spread_over_the_dialogues_and_seeded():
+    candidates = [[("a", i) for i in range(5)], [("b", 0)], [("c", i) for i in range(3)]]
+    picked = evaluate.spread(candidates, 3, seed=1)
+    assert sorted(x[0] for x in picked) == ["a", "b", "c"]  # one of each before a second of any
+    assert picked == evaluate.spread(candidates, 3, seed=1) and len(evaluate.spread(candidates, 99, 1)) == 9
+    assert {tuple(evaluate.spread(candidates, 3, seed=s)) for s in range(10)} != {tuple(picked)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -413,7 +458,8 @@ def test_evaluate_report(trained_run, evaluated):
     samples = report["samples"]
     assert len(samples) == report["replies"] == 4  # NUM_REPLIES
     for s in samples:
-        assert [tuple(t) for t in s["context"]] + [(s["speaker"], s["real"])] in val  # the last turn of a real one
+        asked = [tuple(t) for t in s["context"]] + [(s["speaker"], s["real"])]
+        assert asked in [d[:len(asked)] for d in val]  # a real turn, after the real conversation before it
         assert isinstance(s["generated"], str) and "\n" not in s["generated"]
         assert s["f1"] == pytest.approx(f1_by_hand(s["generated"], s["real"]))
         assert 1 <= s["new_tokens"] <= 12 and (s["ended"] or s["new_tokens"] == 12)  # MAX_NEW_TOKENS, unless it ended
