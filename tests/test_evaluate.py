@@ -100,37 +100,49 @@ def test_words_f1_and_distinct_by_hand():
 
 
 # Replies put in generate()'s place, unlike one another, so that each figure has a value a slip would change:
-# 10 words, 5 distinct; 7 bigrams, 4 distinct; half of them ended.
-SCRIPTED = [("the cat sat", True, 4), ("The cat sat on the cat!", False, 12), ("", False, 12), ("Dog.", True, 2)]
+# 10 words, 5 distinct; 7 bigrams, 4 distinct; two stopped, one empty (though it ended), one cut at the limit.
+SCRIPTED = [("the cat sat", True, 4), ("The cat sat on the cat!", False, 12), ("", True, 1), ("Dog.", True, 2)]
+BASE_SCRIPTED = [("cat", True, 2), ("", True, 1), ("", False, 12), ("the mat", False, 12)]
 
 
 def test_the_reply_figures_are_what_the_replies_say(trained_run, tmp_path, monkeypatch):
-    """evaluate.py on the run with generation scripted: the figures are those of the replies it was given."""
+    """evaluate.py on the run with generation scripted: the figures are those of the replies it was given, the base's
+    beside the fine-tuned model's, on the same prompts and sampling seed."""
     for name in ("out/config.json", "out/metrics.jsonl", "val_data.txt"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         shutil.copy(trained_run / name, tmp_path / name)
     (tmp_path / "base").symlink_to(trained_run / "base")  # the run's MODEL, relative to where it ran
-    asked = []
+    calls = []
 
-    def scripted(model, tokenizer, asks, *args, **kwargs):
-        asked.extend(asks)
-        return SCRIPTED[:len(asks)]
+    def scripted(model, tokenizer, asks, cfg, generator, *args, desc=None, **kwargs):
+        calls.append((desc, list(asks), generator.initial_seed()))
+        return (BASE_SCRIPTED if desc == "replies (base)" else SCRIPTED)[:len(asks)]
 
     monkeypatch.setattr(generation, "replies", scripted)
     p = run("evaluate.py", "--device=cpu", f"--checkpoint={trained_run / 'out' / 'best'}", "--num_replies=4",
-            "--sample_max_new_tokens=8", cwd=tmp_path)
+            "--sample_max_new_tokens=8", "--seed=7", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     report = json.loads((tmp_path / "out" / "eval_report.json").read_text())
+    (base_desc, asked, base_seed), (_, asked_again, seed) = calls
+    assert base_desc == "replies (base)" and asked_again == asked and base_seed == seed == 7
     assert len(asked) == 4 and [s["generated"] for s in report["samples"]] == [t for t, _, _ in SCRIPTED]
     assert [(s["ended"], s["new_tokens"]) for s in report["samples"]] == [(e, n) for _, e, n in SCRIPTED]
     assert [tuple(map(tuple, s["context"])) for s in report["samples"]] == [tuple(turns) for turns, _ in asked]
-    assert report["replies"] == 4 and report["stop_rate"] == 0.5 and report["mean_words"] == 2.5
+    assert report["replies"] == 4 and report["mean_words"] == 2.5
+    # the empty reply ended, and still is no proper stop
+    assert (report["stop_rate"], report["empty_rate"], report["cut_rate"]) == (0.5, 0.25, 0.25)
     assert report["distinct_1"] == 0.5 and report["distinct_2"] == pytest.approx(4 / 7)
+    real_words = sum(len(evaluate.words(s["real"])) for s in report["samples"]) / 4
+    assert real_words > 0 and report["real_mean_words"] == pytest.approx(real_words)
     f1 = [f1_by_hand(t, s["real"]) for (t, _, _), s in zip(SCRIPTED, report["samples"])]
     assert [s["f1"] for s in report["samples"]] == pytest.approx(f1)
     assert report["token_f1"] == pytest.approx(sum(f1) / 4)
-    assert "stop rate 50%, mean length 2.5 words, distinct-1 0.50, distinct-2 0.57" in (
-        tmp_path / "out" / "eval_report.md").read_text()
+    base = report["base_replies"]
+    assert (base["stop_rate"], base["empty_rate"], base["cut_rate"], base["mean_words"]) == (0.25, 0.5, 0.25, 0.75)
+    base_f1 = sum(f1_by_hand(t, s["real"]) for (t, _, _), s in zip(BASE_SCRIPTED, report["samples"])) / 4
+    assert base["token_f1"] == pytest.approx(base_f1) and base["real_mean_words"] == report["real_mean_words"]
+    md = (tmp_path / "out" / "eval_report.md").read_text()
+    assert "| fine-tuned | 50% | 25% | 25% | 2.5 | " in md and "| base `base` | 25% | 50% | 25% | 0.8 | " in md
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -357,7 +369,10 @@ def test_a_run_of_other_speakers_in_a_strict_template_is_evaluated(tmp_path):
 
 FIGURES = {"model": "out/best", "base_model": "gpt2", "val_file": "val.txt", "val_tokens": 1234, "val_loss": 2.0,
            "base_val_loss": 3.0, "base_note": "", "per_speaker_loss": {"Alex": 1.9, "(others)": 2.1}, "replies": 2,
-           "stop_rate": 0.5, "mean_words": 3.0, "distinct_1": 0.9, "distinct_2": 1.0, "token_f1": 0.25,
+           "stop_rate": 0.5, "empty_rate": 0.25, "cut_rate": 0.25, "mean_words": 3.0, "real_mean_words": 1.0,
+           "distinct_1": 0.9, "distinct_2": 1.0, "token_f1": 0.25,
+           "base_replies": {"replies": 2, "stop_rate": 0.0, "empty_rate": 1.0, "cut_rate": 0.0, "mean_words": 0.0,
+                            "real_mean_words": 1.0, "distinct_1": 0.0, "distinct_2": 0.0, "token_f1": 0.0},
            "samples": [{"context": [["Alex", "Hi"]], "speaker": "Bob", "real": "Yo", "generated": "Hey", "ended": True,
                         "new_tokens": 2, "f1": 0.0},
                        {"context": [["Cara", "So?"]], "speaker": "Dan", "real": "Well", "generated": "Well well",
@@ -366,8 +381,9 @@ FIGURES = {"model": "out/best", "base_model": "gpt2", "val_file": "val.txt", "va
 
 
 HEADLINE = "fine-tuning took validation perplexity from 20.09 to 7.39"
-STATS = ("stop rate 50%, mean length 3.0 words, distinct-1 0.90, distinct-2 1.00, token F1 vs the real reply "
-         "0.250")
+STATS = "| fine-tuned | 50% | 25% | 25% | 3.0 | 0.250 | 0.90 | 1.00 |"
+BASE_ROW = "| base `gpt2` | 0% | 100% | 0% | 0.0 | 0.000 | 0.00 | 0.00 |"
+REAL_ROW = "| real replies | | | | 1.0 | | | |"
 OVER = "Over 1,234 validation tokens of val.txt, token-weighted, padding excluded."
 # a figure changed -> (the JSON report's keys that change, the markdown lines that change, as they then read). Each
 # new value is unlike every other figure, so a figure shown in another's place shows.
@@ -379,16 +395,22 @@ CHANGES = {
                        "| base `gpt2` | 3.5000 | 33.12 |"]),
     "base_note": (" (from metrics.jsonl)", set(), [HEADLINE + " (from metrics.jsonl)."]),
     "model": ("out/final", {"model"}, ["# Evaluation of `out/final`"]),
-    "base_model": ("gpt2-medium", {"base_model"}, ["| base `gpt2-medium` | 3.0000 | 20.09 |"]),
+    "base_model": ("gpt2-medium", {"base_model"}, ["| base `gpt2-medium` | 3.0000 | 20.09 |",
+                                                   BASE_ROW.replace("gpt2", "gpt2-medium")]),
     "val_file": ("other.txt", {"val_file"}, [OVER.replace("val.txt", "other.txt")]),
     "val_tokens": (56789, {"val_tokens"}, [OVER.replace("1,234", "56,789")]),
     "per_speaker_loss": ({"Alex": 1.8, "(others)": 2.1}, {"per_speaker_loss"}, ["| Alex | 1.8000 | 6.05 |"]),
-    "replies": (3, {"replies"}, ["## Replies (3 validation dialogues)"]),
-    "stop_rate": (0.25, {"stop_rate"}, [STATS.replace("50%", "25%")]),
-    "mean_words": (4.5, {"mean_words"}, [STATS.replace("3.0 words", "4.5 words")]),
-    "distinct_1": (0.8, {"distinct_1"}, [STATS.replace("distinct-1 0.90", "distinct-1 0.80")]),
-    "distinct_2": (0.7, {"distinct_2"}, [STATS.replace("distinct-2 1.00", "distinct-2 0.70")]),
+    "replies": (3, {"replies"}, ["## Replies (3 turns where the model speaks)"]),
+    "stop_rate": (0.3, {"stop_rate"}, [STATS.replace("50%", "30%")]),
+    "empty_rate": (0.4, {"empty_rate"}, [STATS.replace("50% | 25% | 25%", "50% | 40% | 25%")]),
+    "cut_rate": (0.6, {"cut_rate"}, [STATS.replace("50% | 25% | 25%", "50% | 25% | 60%")]),
+    "mean_words": (4.5, {"mean_words"}, [STATS.replace("3.0", "4.5")]),
+    "real_mean_words": (7.5, {"real_mean_words"}, [REAL_ROW.replace("1.0", "7.5")]),
+    "distinct_1": (0.8, {"distinct_1"}, [STATS.replace("0.90", "0.80")]),
+    "distinct_2": (0.7, {"distinct_2"}, [STATS.replace("1.00", "0.70")]),
     "token_f1": (0.125, {"token_f1"}, [STATS.replace("0.250", "0.125")]),
+    "base_replies": ({**FIGURES["base_replies"], "stop_rate": 0.75}, {"base_replies"},
+                     [BASE_ROW.replace("| 0% | 100%", "| 75% | 100%")]),
     "sample_dialogue": ("Alex: Hi\nBob: Bye.", {"sample_dialogue"}, ["Alex: Hi", "Bob: Bye."]),
     "plot_note": ("no plot here", set(), ["*no plot here*"]),
 }
@@ -404,7 +426,8 @@ def test_the_report_shows_each_figure():
     lines = md.split("\n")
     assert lines[:3] == ["# Evaluation of `out/best`", "", headline + "."]
     for line in ("| base `gpt2` | 3.0000 | 20.09 |", "| fine-tuned | 2.0000 | 7.39 |", "| Alex | 1.9000 | 6.69 |",
-                 "| (others) | 2.1000 | 8.17 |", OVER, "## Replies (2 validation dialogues)", STATS,
+                 "| (others) | 2.1000 | 8.17 |", OVER, "## Replies (2 turns where the model speaks)", STATS, BASE_ROW,
+                 REAL_ROW,
                  "- real: **Bob:** Yo", "- generated: **Bob:** Hey", "- real: **Dan:** Well",
                  "- generated: **Dan:** Well well *(did not end)*", "Alex: Hi, how are you?", "Bob: Fine.",
                  "![loss curve](loss_curve.png)"):
@@ -435,13 +458,15 @@ def test_the_headline_says_what_the_base_was():
     _, md, headline = evaluate.report({**FIGURES, "base_model": "scratch"})
     assert headline == "trained from scratch: validation perplexity went from 20.09 (untrained) to 7.39"
     assert "| trained | 2.0000 | 7.39 |" in md and "| base `scratch` | 3.0000 | 20.09 |" in md
+    assert STATS.replace("fine-tuned", "trained") in md
     assert "| fine-tuned |" not in md
 
     data, md, headline = evaluate.report({**FIGURES, "base_val_loss": None, "base_note": " (base not evaluated: x)",
-                                          "per_speaker_loss": {}, "plot_note": "no metrics"})
+                                          "per_speaker_loss": {}, "plot_note": "no metrics", "base_replies": None})
     assert headline == "validation perplexity 7.39 (base not evaluated: x)" and data["base_val_ppl"] is None
     assert data["base_val_loss"] is None and json.loads(json.dumps(data)) == data
-    assert "| base `gpt2` | - | - |" in md and "Per speaker" not in md and "*no metrics*" in md
+    assert "| base `gpt2` | - | - |" in md and "| base `gpt2` | - | - | - | - | - | - | - |" in md
+    assert "Per speaker" not in md and "*no metrics*" in md
     assert "loss_curve.png" not in md
 
 
@@ -465,7 +490,9 @@ def test_evaluate_report(trained_run, evaluated):
         assert 1 <= s["new_tokens"] <= 12 and (s["ended"] or s["new_tokens"] == 12)  # MAX_NEW_TOKENS, unless it ended
     # the reply figures are those of the replies in the report
     texts = [s["generated"] for s in samples]
-    assert report["stop_rate"] == sum(s["ended"] for s in samples) / 4
+    assert report["stop_rate"] == sum(s["ended"] and bool(s["generated"].strip()) for s in samples) / 4
+    assert report["stop_rate"] + report["empty_rate"] + report["cut_rate"] == pytest.approx(1)
+    assert report["base_replies"]["replies"] == 4  # the base model's, on the same prompts
     assert report["mean_words"] == pytest.approx(sum(len(evaluate.words(t)) for t in texts) / 4)
     assert report["distinct_1"] == pytest.approx(distinct_by_hand(texts, 1))
     assert report["distinct_2"] == pytest.approx(distinct_by_hand(texts, 2))
