@@ -8,8 +8,9 @@ the run's settings, which it takes as its own (one given on the command line ove
 so). Computes validation loss and perplexity exactly as training does (token-weighted, padding excluded, the same
 VAL_MAX_TOKENS cap) for the fine-tuned model and the base model it started from, per-speaker loss where speakers recur
 (from the same pass), and generated replies at NUM_REPLIES turns where the model speaks (the trained speakers'),
-spread over the validation dialogues. Writes
-OUT_DIR/eval_report.json, eval_report.md and loss_curve.png.
+spread over the validation dialogues. Writes eval_report.json, eval_report.md and loss_curve.png to
+OUT_DIR/eval/<the model directory's name>, one report per model; the base model's figures are kept in
+CACHE_DIR/base_figures and reused while its weights, the validation data and the generation settings are unchanged.
 """
 
 import collections
@@ -189,6 +190,58 @@ def base_figures(ev, val, asked):
     return cfg.MODEL, loss, "", figures
 
 
+GENERATION = ("NUM_REPLIES", "SEED", "TEMPERATURE", "TOP_K", "TOP_P", "REPETITION_PENALTY", "MAX_NEW_TOKENS",
+              "BATCH_SIZE")  # what the base's replies depend on besides the prompts (sampling draws by batch)
+
+
+def base_identity(cfg, model):
+    """What names the base model's weights: a local directory's files by content; the untrained model of
+    MODEL="scratch" by the seed and the architecture; a Hub id by the id."""
+    import checkpoints
+    import modeling
+
+    if cfg.MODEL == "scratch":
+        return ["scratch", cfg.SEED, model.config.to_json_string()]
+    try:
+        path = modeling.local_path(cfg.MODEL)
+    except UserError:
+        return [cfg.MODEL]
+    if not os.path.isdir(path):
+        return [cfg.MODEL]
+    return [cfg.MODEL] + [(f, checkpoints.sha256(os.path.join(path, f))) for f in sorted(os.listdir(path))
+                          if f.endswith((".safetensors", ".json"))]
+
+
+def base_key(ev, val, asked):
+    """The key the base model's figures are kept under: its weights, the validation batches (their tokens and
+    targets: the data, the tokenizer and how it renders), the turns asked, the generation settings and the device."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([base_identity(ev.cfg, ev.model), asked, [getattr(ev.cfg, k) for k in GENERATION],
+                                   str(ev.layout.device), str(ev.layout.dtype), ev.tokenizer.chat_template],
+                                  default=str).encode())
+    for x, y, _ in val:
+        h.update(x.cpu().numpy().tobytes())
+        h.update(y.cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def cached_base_figures(ev, val, asked):
+    """base_figures, kept in CACHE_DIR/base_figures and reused while what they depend on (base_key) is unchanged:
+    evaluating another checkpoint, or another run of the same base on the same data, scores the base once."""
+    path = os.path.join(ev.cfg.CACHE_DIR, "base_figures", base_key(ev, val, asked) + ".json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            print(f"base model: its figures from {path} (the same weights, validation data and settings)")
+            return tuple(json.load(f))
+    figures = base_figures(ev, val, asked)
+    if figures[2] == "":  # measured here, not a fallback
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic_write(path) as out:
+            json.dump(figures, out)
+    return figures
+
+
 def reply_turns(ev, dialogues):
     """Where the model speaks in each dialogue, as training rendered it: [(the turns before, the speaker, the real
     reply)] per dialogue. In the speaker format, every turn of a trained speaker (TRAIN_SPEAKERS, or anyone) with a
@@ -339,16 +392,32 @@ def report(f):
     return data, "\n".join(md), headline
 
 
+def report_dir(cfg, model_dir):
+    """Where an evaluated model's report goes: OUT_DIR/eval/<name>, named by the model directory (best, final,
+    step-00000171 for those in OUT_DIR; another's path from here, or from /, its separators as dashes), so no report
+    overwrites another's."""
+    inside = lambda rel: rel != os.curdir and not rel.startswith(os.pardir)
+    rel = os.path.relpath(model_dir, cfg.OUT_DIR)
+    if inside(rel):
+        name = os.path.basename(rel)
+    else:
+        rel = os.path.relpath(model_dir)
+        name = (rel if inside(rel) else os.path.abspath(model_dir).strip(os.sep)).replace(os.sep, "-")
+    return os.path.join(cfg.OUT_DIR, "eval", name)
+
+
 def write_report(ev, figures):
-    """The loss curve, eval_report.json and eval_report.md in OUT_DIR, and the summary on stdout."""
+    """The loss curve, eval_report.json and eval_report.md in the model's report_dir, and the summary on stdout."""
     cfg = ev.cfg
+    out_dir = report_dir(cfg, ev.model_dir)
+    os.makedirs(out_dir, exist_ok=True)
     title = f"{os.path.abspath(cfg.OUT_DIR)}: {figures['base_model']} on {cfg.TRAIN_FILE}"
-    figures["plot_note"] = plot_loss_curve(ev.metrics, os.path.join(cfg.OUT_DIR, "loss_curve.png"), title) \
+    figures["plot_note"] = plot_loss_curve(ev.metrics, os.path.join(out_dir, "loss_curve.png"), title) \
         if ev.metrics else "loss_curve.png not written: no metrics.jsonl in OUT_DIR"
     data, md, headline = report(figures)
-    with atomic_write(os.path.join(cfg.OUT_DIR, "eval_report.json")) as out:
+    with atomic_write(os.path.join(out_dir, "eval_report.json")) as out:
         json.dump(data, out, indent=2)
-    with atomic_write(os.path.join(cfg.OUT_DIR, "eval_report.md")) as out:
+    with atomic_write(os.path.join(out_dir, "eval_report.md")) as out:
         out.write(md)
     for r in figures["samples"][:3]:
         print("\n" + "\n".join(f"  {s}: {t}" for s, t in r["context"][-2:]))
@@ -362,7 +431,7 @@ def write_report(ev, figures):
           f"{figures['empty_rate']:.0%}{then('empty_rate', '.0%')}, cut {figures['cut_rate']:.0%}, "
           f"{figures['mean_words']:.1f} words (real {figures['real_mean_words']:.1f}), "
           f"F1 {figures['token_f1']:.3f}{then('token_f1', '.3f')}; "
-          f"report in {os.path.join(cfg.OUT_DIR, 'eval_report.md')}")
+          f"report in {os.path.join(out_dir, 'eval_report.md')}")
 
 
 def main():
@@ -372,7 +441,7 @@ def main():
 
     val, scored, n_tokens, val_loss, per_speaker = validation(ev)
     asked = asked_turns(ev, scored)
-    base_name, base_loss, base_note, base_replies = base_figures(ev, val, asked)
+    base_name, base_loss, base_note, base_replies = cached_base_figures(ev, val, asked)
     generator = torch.Generator().manual_seed(cfg.SEED)  # replies and sample dialogue: the same SEED, the same text
     samples, figures = reply_figures(ev, ev.model, asked, generator=generator)
     sample_text = sample_dialogue(ev, generator)

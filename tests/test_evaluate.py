@@ -122,7 +122,9 @@ def test_the_reply_figures_are_what_the_replies_say(trained_run, tmp_path, monke
     p = run("evaluate.py", "--device=cpu", f"--checkpoint={trained_run / 'out' / 'best'}", "--num_replies=4",
             "--sample_max_new_tokens=8", "--seed=7", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
-    report = json.loads((tmp_path / "out" / "eval_report.json").read_text())
+    (report_dir,) = (tmp_path / "out" / "eval").iterdir()  # named by the path of the run's best/
+    assert report_dir.name.endswith("-out-best")
+    report = json.loads((report_dir / "eval_report.json").read_text())
     (base_desc, asked, base_seed), (_, asked_again, seed) = calls
     assert base_desc == "replies (base)" and asked_again == asked and base_seed == seed == 7
     assert len(asked) == 4 and [s["generated"] for s in report["samples"]] == [t for t, _, _ in SCRIPTED]
@@ -141,7 +143,7 @@ def test_the_reply_figures_are_what_the_replies_say(trained_run, tmp_path, monke
     assert (base["stop_rate"], base["empty_rate"], base["cut_rate"], base["mean_words"]) == (0.25, 0.5, 0.25, 0.75)
     base_f1 = sum(f1_by_hand(t, s["real"]) for (t, _, _), s in zip(BASE_SCRIPTED, report["samples"])) / 4
     assert base["token_f1"] == pytest.approx(base_f1) and base["real_mean_words"] == report["real_mean_words"]
-    md = (tmp_path / "out" / "eval_report.md").read_text()
+    md = (report_dir / "eval_report.md").read_text()
     assert "| fine-tuned | 50% | 25% | 25% | 2.5 | " in md and "| base `base` | 25% | 50% | 25% | 0.8 | " in md
 
 
@@ -193,14 +195,46 @@ def test_the_turns_asked_are_spread_over_the_dialogues_and_seeded():
 # a run trained from scratch
 
 def test_evaluate_final_checkpoint_of_a_scratch_run(scratch_run):
-    report = json.loads((scratch_run / "out" / "eval_report.json").read_text())
+    report = json.loads((scratch_run / "out" / "eval" / "final" / "eval_report.json").read_text())
     assert report["model"] == "out/final" and report["base_model"] == "scratch"
     vals = [m for m in metrics(scratch_run / "out") if "val_loss" in m]
     assert report["val_loss"] == pytest.approx(max(vals, key=lambda m: m["step"])["val_loss"], abs=1e-4)
     # the base is rebuilt from the run's seed: it must be the very model train.py scored at step 0
     assert report["base_val_loss"] == pytest.approx(next(m for m in vals if m["step"] == 0)["val_loss"], abs=1e-4)
-    md = (scratch_run / "out" / "eval_report.md").read_text()
+    md = (scratch_run / "out" / "eval" / "final" / "eval_report.md").read_text()
     assert "trained from scratch: validation perplexity went from" in md
+
+
+def test_each_checkpoint_gets_its_own_report_and_the_base_is_scored_once(scratch_run):
+    """out/final was evaluated (scratch_run); out/best now: two reports, and the base's figures read back from
+    CACHE_DIR, not computed again, until a generation setting changes."""
+    p = run("evaluate.py", "--device=cpu", "--checkpoint=out/best", *FAST, cwd=scratch_run)
+    assert p.returncode == 0, p.stderr
+    final, best = (json.loads((scratch_run / "out" / "eval" / name / "eval_report.json").read_text())
+                   for name in ("final", "best"))
+    assert (final["model"], best["model"]) == ("out/final", "out/best")
+    assert "its figures from" in p.stdout and best["base_val_loss"] == final["base_val_loss"]
+    assert best["base_replies"] == final["base_replies"] is not None
+    # what is read back is what the cache holds: a figure put there shows in the report
+    (entry,) = (scratch_run / "cache" / "base_figures").iterdir()
+    name, _, note, replies = json.loads(entry.read_text())
+    entry.write_text(json.dumps([name, 9.5, note, replies]))
+    p = run("evaluate.py", "--device=cpu", "--checkpoint=out/best", *FAST, cwd=scratch_run)
+    assert json.loads((scratch_run / "out" / "eval" / "best" / "eval_report.json").read_text())["base_val_loss"] == 9.5
+    # another generation setting: the base's replies are no longer those, and it is scored again
+    p = run("evaluate.py", "--device=cpu", "--checkpoint=out/best", *FAST, "--max_new_tokens=6", cwd=scratch_run)
+    assert p.returncode == 0 and "its figures from" not in p.stdout
+    assert len(list((scratch_run / "cache" / "base_figures").iterdir())) == 2
+    entry.write_text(json.dumps([name, final["base_val_loss"], note, replies]))  # as it was, for whoever comes next
+
+
+def test_a_report_is_named_by_its_model_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = types.SimpleNamespace(OUT_DIR="out")
+    named = lambda d: os.path.relpath(evaluate.report_dir(cfg, d), os.path.join("out", "eval"))
+    assert [named(d) for d in ("out/best", "out/checkpoints/step-00000171", "model", "runs/b/out/best")] == [
+        "best", "step-00000171", "model", "runs-b-out-best"]
+    assert named("/elsewhere/x/best") == "elsewhere-x-best"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -269,7 +303,7 @@ def test_evaluate_refuses_a_truncated_model(name, tmp_path, trained_run):
     line = last_error_line(p)
     assert len(p.stderr.splitlines()) == 1
     assert "'out/best'" in line and f"{name} is" in line and "truncated" in line, line
-    assert not (tmp_path / "out" / "eval_report.json").exists()
+    assert not (tmp_path / "out" / "eval").exists()
 
 
 def test_evaluate_never_unpickles(tmp_path, trained_run, evil):
@@ -279,7 +313,7 @@ def test_evaluate_never_unpickles(tmp_path, trained_run, evil):
     p = run("evaluate.py", *EVAL_FAST, f"--checkpoint={d}", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert not evil[1].exists(), "evaluate.py unpickled a file of the checkpoint"
-    assert json.loads((tmp_path / "out" / "eval_report.json").read_text())["model"] == str(d)
+    assert json.loads((tmp_path / "out" / "eval" / "step-00000006" / "eval_report.json").read_text())["model"] == str(d)
 
     (d / "model.safetensors").unlink()  # only the pickle left: refused, not loaded
     p = run("evaluate.py", *EVAL_FAST, f"--checkpoint={d}", cwd=tmp_path)
@@ -315,7 +349,7 @@ def test_the_token_cache_is_keyed_by_the_roles_it_was_rendered_with(llama_run):
     said = p.stdout.splitlines()[0]
     assert said.startswith("the command line overrides the run's settings (out/config.json): ") and (
         "--roles={'Alex': 'assistant', '*': 'user'} (the run has --roles={'Alex': 'user', '*': 'assistant'})" in said)
-    (entry,) = (llama_run / "cache").iterdir()
+    (entry,) = [e for e in (llama_run / "cache").iterdir() if e.name != "base_figures"]  # the token cache's
     meta = json.loads((entry / "meta.json").read_text())
     stored = np.fromfile(entry / "ids.bin", dtype=meta["dtype"]).tolist()
     tok = transformers.AutoTokenizer.from_pretrained(str(llama_run / "model"))
@@ -354,12 +388,12 @@ def test_a_run_of_other_speakers_in_a_strict_template_is_evaluated(tmp_path):
         "ROLES": {"Riley": "user", "Jordan": "assistant"}, "SYSTEM_PROMPT": "Be kind."}))
     p = run("evaluate.py", *FEW, "--cache_dir=cache", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
-    report = json.loads((tmp_path / "out" / "eval_report.json").read_text())
+    report = json.loads((tmp_path / "out" / "eval" / "model" / "eval_report.json").read_text())
     # the sample prompt's Alex is the user, Bob's answer the assistant's; the system prompt folded into the user turn
     assert report["sample_dialogue"].startswith("<|begin_of_text|><|im_start|>user\nBe kind.\n\nHi, how are you?"
                                                 "<|im_end|>\n<|im_start|>model\n")
-    assert report["replies"] == 1 and (tmp_path / "out" / "eval_report.md").is_file()
-    (entry,) = (tmp_path / "cache").iterdir()
+    assert report["replies"] == 1 and (tmp_path / "out" / "eval" / "model" / "eval_report.md").is_file()
+    (entry,) = [e for e in (tmp_path / "cache").iterdir() if e.name != "base_figures"]
     meta = json.loads((entry / "meta.json").read_text())
     assert meta["system_prompt"] == "Be kind." and meta["merged"] > 0 and meta["start"] is None
 
@@ -476,7 +510,7 @@ def test_the_headline_says_what_the_base_was():
 def test_evaluate_report(trained_run, evaluated):
     proc = evaluated
     assert proc.returncode == 0, proc.stderr
-    report = json.loads((trained_run / "out" / "eval_report.json").read_text())
+    report = json.loads((trained_run / "out" / "eval" / "best" / "eval_report.json").read_text())
     assert report["val_ppl"] == pytest.approx(math.exp(report["val_loss"]), rel=1e-9)
     assert report["base_val_ppl"] == pytest.approx(math.exp(report["base_val_loss"]), rel=1e-9)
     val = [[tuple(t) for t in d] for d in read_dialogues(trained_run / "val_data.txt")]
@@ -515,15 +549,15 @@ def test_evaluate_report(trained_run, evaluated):
     assert report["val_loss"] == pytest.approx(overall, abs=1e-4)
     assert list(per.values()) == pytest.approx([by_tag[i] for i in range(1, len(per) + 1)], abs=1e-4)
     assert report["sample_dialogue"].startswith(cli.defaults()["SAMPLE_PROMPT"])
-    md = (trained_run / "out" / "eval_report.md").read_text()
+    md = (trained_run / "out" / "eval" / "best" / "eval_report.md").read_text()
     assert f"fine-tuning took validation perplexity from {report['base_val_ppl']:.2f} to {report['val_ppl']:.2f}" in md
-    assert (trained_run / "out" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (trained_run / "out" / "eval" / "best" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("fine-tuning took validation perplexity from") and "eval_report.md" in last
 
 
 def test_evaluate_loss_matches_training(trained_run, evaluated):
-    report = json.loads((trained_run / "out" / "eval_report.json").read_text())
+    report = json.loads((trained_run / "out" / "eval" / "best" / "eval_report.json").read_text())
     vals = [m for m in metrics(trained_run / "out") if "val_loss" in m]
     best = min((m for m in vals if m["step"] > 0), key=lambda m: m["val_loss"])
     assert report["val_loss"] == pytest.approx(best["val_loss"], abs=1e-4)
