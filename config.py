@@ -19,7 +19,8 @@ ROLES = None  # chat_template: speaker -> role, e.g. {"Bob": "assistant", "*": "
 SYSTEM_PROMPT = None  # a system message for every dialogue that has none, e.g. "You are Bob, a friendly barista.":
 #                       what the model will be told at use, given in training too (never trained itself); None = none
 SHOW_EXAMPLE = False  # train.py: print the first training example as the model sees it (trained parts marked), exit
-CACHE_DIR = "cache"  # token cache: each text file tokenized once, memory-mapped by later runs; safe to delete
+CACHE_DIR = "cache"  # token cache: each text file tokenized once, memory-mapped by later runs; and evaluate.py's
+#                     base-model figures (base_figures/), scored once per base, data and settings; safe to delete
 
 # model
 MODEL = "distilgpt2"  # a Hugging Face Hub id, a local model directory, or "scratch" (fully offline, see below)
@@ -67,7 +68,7 @@ VAL_MAX_TOKENS = 100_000  # validation scores the first VAL_FILE dialogues up to
 
 # evaluate.py and chat.py
 CHECKPOINT = None  # the model directory evaluate.py and chat.py load; None = OUT_DIR/best
-NUM_REPLIES = 20  # validation dialogues whose last turn evaluate.py generates and compares
+NUM_REPLIES = 20  # turns of the trained speaker(s) evaluate.py generates and compares, spread over VAL_FILE
 TEMPERATURE = 0.8  # sampling; 0 = greedy
 TOP_K = 50  # sample among the k likeliest tokens; 0 = all
 TOP_P = 0.95  # ... and among the smallest set holding this much probability; 1.0 = all

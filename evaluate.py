@@ -7,8 +7,10 @@ Reads the model (CHECKPOINT, else OUT_DIR/best), VAL_FILE, and OUT_DIR's metrics
 the run's settings, which it takes as its own (one given on the command line overrides the run's, with a line saying
 so). Computes validation loss and perplexity exactly as training does (token-weighted, padding excluded, the same
 VAL_MAX_TOKENS cap) for the fine-tuned model and the base model it started from, per-speaker loss where speakers recur
-(from the same pass), and generated replies for the last turn of NUM_REPLIES validation dialogues. Writes
-OUT_DIR/eval_report.json, eval_report.md and loss_curve.png.
+(from the same pass), and generated replies at NUM_REPLIES turns where the model speaks (the trained speakers'),
+spread over the validation dialogues. Writes eval_report.json, eval_report.md and loss_curve.png to
+OUT_DIR/eval/<the model directory's name>, one report per model; the base model's figures are kept in
+CACHE_DIR/base_figures and reused while its weights, the validation data and the generation settings are unchanged.
 """
 
 import collections
@@ -151,59 +153,165 @@ def validation(ev):
     return val, scored, n_tokens, val_loss, per_speaker
 
 
-def base_validation(ev, val):
-    """The base model's loss on the same batches: (its name, loss or None, a note on where the figure came from).
-    A base that can't be loaded here falls back on what train.py measured at step 0."""
+def load_base(ev):
+    """The model the run started from, on the fine-tuned model's device: the untrained one for MODEL="scratch" (the
+    same architecture, initialised with the run's seed). Raises UserError where it can't be loaded here."""
     import torch
 
     import modeling
     import processes
+
+    if ev.cfg.MODEL == "scratch":
+        torch.manual_seed(ev.cfg.SEED)
+        base = type(ev.model)(ev.model.config)
+    else:
+        base = modeling.load(ev.cfg.MODEL)[1]
+    layout = processes.Single(processes.World(), ev.layout.device, ev.layout.dtype)
+    layout.wrap(base.eval())
+    return layout, base
+
+
+def base_figures(ev, val, asked):
+    """The base model's loss on the same batches and its replies to the same prompts with the same sampling seed:
+    (its name, loss or None, a note on where the loss came from, its reply figures or None). A base that can't be
+    loaded here falls back on what train.py measured at step 0, and has no reply figures."""
     import step
 
     cfg = ev.cfg
     try:
-        if cfg.MODEL == "scratch":  # the untrained model: the same architecture, initialised with the run's seed
-            torch.manual_seed(cfg.SEED)
-            base = type(ev.model)(ev.model.config)
-        else:
-            base = modeling.load(cfg.MODEL)[1]
-        layout = processes.Single(processes.World(), ev.layout.device, ev.layout.dtype)
-        layout.wrap(base.eval())
-        loss = step.evaluate(layout, val, desc="validation (base)")
-        del base, layout
-        return cfg.MODEL, loss, ""
+        layout, base = load_base(ev)
     except UserError as e:
         step0 = [m["val_loss"] for m in ev.metrics if m.get("step") == 0 and "val_loss" in m]
         if step0:
-            return cfg.MODEL, step0[0], " (base not loadable here; its loss from metrics.jsonl step 0)"
-        return cfg.MODEL, None, f" (base not evaluated: {e})"
+            return cfg.MODEL, step0[0], " (base not loadable here; its loss from metrics.jsonl step 0)", None
+        return cfg.MODEL, None, f" (base not evaluated: {e})", None
+    loss = step.evaluate(layout, val, desc="validation (base)")
+    _, figures = reply_figures(ev, base, asked, "replies (base)")
+    return cfg.MODEL, loss, "", figures
 
 
-def reply_figures(ev, scored, generator):
-    """The last turn of NUM_REPLIES validated dialogues (VAL_MAX_TOKENS caps this too), generated BATCH_SIZE at a
-    time and compared with the real one: (the replies, their figures)."""
+GENERATION = ("NUM_REPLIES", "SEED", "TEMPERATURE", "TOP_K", "TOP_P", "REPETITION_PENALTY", "MAX_NEW_TOKENS",
+              "BATCH_SIZE")  # what the base's replies depend on besides the prompts (sampling draws by batch)
+
+
+def base_identity(cfg, model):
+    """What names the base model's weights: a local directory's files by content; the untrained model of
+    MODEL="scratch" by the seed and the architecture; a Hub id by the id."""
+    import checkpoints
+    import modeling
+
+    if cfg.MODEL == "scratch":
+        return ["scratch", cfg.SEED, model.config.to_json_string()]
+    try:
+        path = modeling.local_path(cfg.MODEL)
+    except UserError:
+        return [cfg.MODEL]
+    if not os.path.isdir(path):
+        return [cfg.MODEL]
+    return [cfg.MODEL] + [(f, checkpoints.sha256(os.path.join(path, f))) for f in sorted(os.listdir(path))
+                          if f.endswith((".safetensors", ".json"))]
+
+
+def base_key(ev, val, asked):
+    """The key the base model's figures are kept under: its weights, the validation batches (their tokens and
+    targets: the data, the tokenizer and how it renders), the turns asked, the generation settings and the device."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([base_identity(ev.cfg, ev.model), asked, [getattr(ev.cfg, k) for k in GENERATION],
+                                   str(ev.layout.device), str(ev.layout.dtype), ev.tokenizer.chat_template],
+                                  default=str).encode())
+    for x, y, _ in val:
+        h.update(x.cpu().numpy().tobytes())
+        h.update(y.cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def cached_base_figures(ev, val, asked):
+    """base_figures, kept in CACHE_DIR/base_figures and reused while what they depend on (base_key) is unchanged:
+    evaluating another checkpoint, or another run of the same base on the same data, scores the base once."""
+    path = os.path.join(ev.cfg.CACHE_DIR, "base_figures", base_key(ev, val, asked) + ".json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            print(f"base model: its figures from {path} (the same weights, validation data and settings)")
+            return tuple(json.load(f))
+    figures = base_figures(ev, val, asked)
+    if figures[2] == "":  # measured here, not a fallback
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic_write(path) as out:
+            json.dump(figures, out)
+    return figures
+
+
+def reply_turns(ev, dialogues):
+    """Where the model speaks in each dialogue, as training rendered it: [(the turns before, the speaker, the real
+    reply)] per dialogue. In the speaker format, every turn of a trained speaker (TRAIN_SPEAKERS, or anyone) with a
+    turn before it; in a chat template, every assistant message of trained speakers (a speaker's turns in a row are
+    one message, its texts the real reply) that is not kept as context."""
+    from render import SYSTEM, messages, template_rules, with_system
+
+    train, out = ev.rendering.train_speakers, []
+    for d in dialogues:
+        turns = with_system(d, ev.rendering.system_prompt)
+        if ev.roles_of is None:
+            runs = [[i] for i, (s, _) in enumerate(turns) if s != SYSTEM and (train is None or s in train)]
+        else:
+            runs = [idx for role, idx, context in messages(ev.roles_of(turns), *template_rules(ev.tokenizer))
+                    if role == "assistant" and not context and (train is None or
+                                                                all(turns[i][0] in train for i in idx))]
+        out.append([(turns[:idx[0]], turns[idx[0]][0], " ".join(turns[i][1] for i in idx)) for idx in runs
+                    if any(s != SYSTEM for s, _ in turns[:idx[0]])])
+    return out
+
+
+def spread(candidates, n, seed):
+    """Up to n of the candidates (a list per dialogue), spread over the dialogues: in a seeded order, one of each
+    dialogue's (taken at random) per round."""
+    rng = random.Random(seed)
+    lists = [rng.sample(c, len(c)) for c in candidates if c]
+    rng.shuffle(lists)
+    return [x for round_ in itertools.zip_longest(*lists) for x in round_ if x is not None][:n]
+
+
+def asked_turns(ev, scored):
+    """The turns replies are asked at: up to NUM_REPLIES of reply_turns, spread over the dialogues from SEED."""
+    return spread(reply_turns(ev, scored), ev.cfg.NUM_REPLIES, ev.cfg.SEED)
+
+
+def reply_figures(ev, model, asked, desc="replies", generator=None):
+    """`model`'s replies at the turns `asked`, generated BATCH_SIZE at a time with a generator seeded by SEED (or the
+    one given) and compared with the real ones: (the replies, their figures)."""
+    import torch
+
     from generation import replies
-    from render import with_system
 
     cfg = ev.cfg
-    candidates = [d for d in scored if len(d) >= 2]
-    chosen = random.Random(cfg.SEED).sample(candidates, min(cfg.NUM_REPLIES, len(candidates)))
+    generator = generator or torch.Generator().manual_seed(cfg.SEED)
     t = time.perf_counter()
-    system = ev.rendering.system_prompt  # as training rendered them
-    made = replies(ev.model, ev.tokenizer, [(with_system(d[:-1], system), d[-1][0]) for d in chosen], cfg, generator,
-                   ev.context, ev.roles_of, batch_size=cfg.BATCH_SIZE, desc="replies")
+    made = replies(model, ev.tokenizer, [(turns, speaker) for turns, speaker, _ in asked], cfg, generator,
+                   ev.context, ev.roles_of, batch_size=cfg.BATCH_SIZE, desc=desc)
     seconds = time.perf_counter() - t
-    out = [{"context": d[:-1], "speaker": d[-1][0], "real": d[-1][1], "generated": text, "ended": ended,
-            "new_tokens": n_new, "f1": token_f1(text, d[-1][1])} for d, (text, ended, n_new) in zip(chosen, made)]
-    print(f"replies: {len(out)} in {seconds:.1f}s ({sum(r['new_tokens'] for r in out) / seconds:,.0f} new tokens/s, "
-          f"batches of {cfg.BATCH_SIZE})")
-    texts = [r["generated"] for r in out]
-    return out, {
+    out = [{"context": turns, "speaker": speaker, "real": real, "generated": text, "ended": ended,
+            "new_tokens": n_new, "f1": token_f1(text, real)}
+           for (turns, speaker, real), (text, ended, n_new) in zip(asked, made)]
+    print(f"{desc}: {len(out)} in {seconds:.1f}s ({sum(r['new_tokens'] for r in out) / max(seconds, 1e-9):,.0f} "
+          f"new tokens/s, batches of {cfg.BATCH_SIZE})")
+    return out, reply_stats(out)
+
+
+def reply_stats(out):
+    """The figures of some replies. Each is one of three: empty (nothing but whitespace, however it ended), stopped
+    (ended at its turn's end with something said) or cut at MAX_NEW_TOKENS; the three rates add up to 1."""
+    n, texts = max(len(out), 1), [r["generated"] for r in out]
+    empty = [not t.strip() for t in texts]
+    return {
         "replies": len(out),
-        "stop_rate": sum(r["ended"] for r in out) / max(len(out), 1),
-        "mean_words": sum(len(words(t)) for t in texts) / max(len(texts), 1),
+        "stop_rate": sum(r["ended"] and not e for r, e in zip(out, empty)) / n,
+        "empty_rate": sum(empty) / n,
+        "cut_rate": sum(not r["ended"] and not e for r, e in zip(out, empty)) / n,
+        "mean_words": sum(len(words(t)) for t in texts) / n,
+        "real_mean_words": sum(len(words(r["real"])) for r in out) / n,
         "distinct_1": distinct(texts, 1), "distinct_2": distinct(texts, 2),
-        "token_f1": sum(r["f1"] for r in out) / max(len(out), 1),
+        "token_f1": sum(r["f1"] for r in out) / n,
     }
 
 
@@ -224,18 +332,29 @@ def sample_dialogue(ev, generator):
 # ---------------------------------------------------------------------------------------------------------------------
 # the report: a function of the figures alone
 
+REPLY_FIGURES = ("replies", "stop_rate", "empty_rate", "cut_rate", "mean_words", "real_mean_words", "distinct_1",
+                 "distinct_2", "token_f1")
+
+
+def reply_row(name, r):
+    """A model's reply figures as a row of the report's table; dashes where it has none."""
+    if r is None:
+        return f"| {name} | - | - | - | - | - | - | - |"
+    return (f"| {name} | {r['stop_rate']:.0%} | {r['empty_rate']:.0%} | {r['cut_rate']:.0%} | {r['mean_words']:.1f} "
+            f"| {r['token_f1']:.3f} | {r['distinct_1']:.2f} | {r['distinct_2']:.2f} |")
+
+
 def report(f):
     """The report of an evaluation's figures `f` (a dict: model, base_model, val_file, val_tokens, val_loss,
-    base_val_loss, base_note, per_speaker_loss, the reply figures, samples, sample_dialogue, plot_note): (the JSON
-    report, the markdown, the headline)."""
+    base_val_loss, base_note, per_speaker_loss, the reply figures (REPLY_FIGURES), base_replies (the base's, or
+    None), samples, sample_dialogue, plot_note): (the JSON report, the markdown, the headline)."""
     from step import ppl
 
     base, loss, base_loss = f["base_model"], f["val_loss"], f["base_val_loss"]
     data = {k: f[k] for k in ("model", "base_model", "val_file", "val_tokens", "val_loss")}
     data.update(val_ppl=ppl(loss), base_val_loss=base_loss, base_val_ppl=ppl(base_loss) if base_loss is not None
                 else None, per_speaker_loss=f["per_speaker_loss"],
-                **{k: f[k] for k in ("replies", "stop_rate", "mean_words", "distinct_1", "distinct_2", "token_f1",
-                                     "samples", "sample_dialogue")})
+                **{k: f[k] for k in REPLY_FIGURES + ("base_replies", "samples", "sample_dialogue")})
     if base_loss is None:
         headline = f"validation perplexity {ppl(loss):.2f}{f['base_note']}"
     elif base == "scratch":  # nothing was fine-tuned: the base is the untrained model
@@ -256,10 +375,14 @@ def report(f):
                "and some below.", "",
                "| speaker | val loss | perplexity |", "|---|---|---|",
                *[f"| {s} | {v:.4f} | {ppl(v):.2f} |" for s, v in f["per_speaker_loss"].items()], ""]
-    md += [f"## Replies ({f['replies']} validation dialogues)", "",
-           f"stop rate {f['stop_rate']:.0%}, mean length {f['mean_words']:.1f} words, "
-           f"distinct-1 {f['distinct_1']:.2f}, distinct-2 {f['distinct_2']:.2f}, "
-           f"token F1 vs the real reply {f['token_f1']:.3f}", ""]
+    fine_tuned = "trained" if base == "scratch" else "fine-tuned"
+    md += [f"## Replies ({f['replies']} turns where the model speaks)", "",
+           "The same prompts and sampling seed for both models. Each reply stopped at its turn's end, came out empty, "
+           "or was cut at MAX_NEW_TOKENS; word F1 is against the real reply.", "",
+           "| model | stopped | empty | cut at limit | mean words | word F1 | distinct-1 | distinct-2 |",
+           "|---|---|---|---|---|---|---|---|",
+           reply_row(f"base `{base}`", f["base_replies"]), reply_row(fine_tuned, f),
+           f"| real replies | | | | {f['real_mean_words']:.1f} | | | |", ""]
     for r in f["samples"][:5]:
         md += ["```", *[f"{s}: {t}" for s, t in r["context"][-3:]], "```",
                f"- real: **{r['speaker']}:** {r['real']}", f"- generated: **{r['speaker']}:** {r['generated']}"
@@ -269,16 +392,32 @@ def report(f):
     return data, "\n".join(md), headline
 
 
+def report_dir(cfg, model_dir):
+    """Where an evaluated model's report goes: OUT_DIR/eval/<name>, named by the model directory (best, final,
+    step-00000171 for those in OUT_DIR; another's path from here, or from /, its separators as dashes), so no report
+    overwrites another's."""
+    inside = lambda rel: rel != os.curdir and not rel.startswith(os.pardir)
+    rel = os.path.relpath(model_dir, cfg.OUT_DIR)
+    if inside(rel):
+        name = os.path.basename(rel)
+    else:
+        rel = os.path.relpath(model_dir)
+        name = (rel if inside(rel) else os.path.abspath(model_dir).strip(os.sep)).replace(os.sep, "-")
+    return os.path.join(cfg.OUT_DIR, "eval", name)
+
+
 def write_report(ev, figures):
-    """The loss curve, eval_report.json and eval_report.md in OUT_DIR, and the summary on stdout."""
+    """The loss curve, eval_report.json and eval_report.md in the model's report_dir, and the summary on stdout."""
     cfg = ev.cfg
+    out_dir = report_dir(cfg, ev.model_dir)
+    os.makedirs(out_dir, exist_ok=True)
     title = f"{os.path.abspath(cfg.OUT_DIR)}: {figures['base_model']} on {cfg.TRAIN_FILE}"
-    figures["plot_note"] = plot_loss_curve(ev.metrics, os.path.join(cfg.OUT_DIR, "loss_curve.png"), title) \
+    figures["plot_note"] = plot_loss_curve(ev.metrics, os.path.join(out_dir, "loss_curve.png"), title) \
         if ev.metrics else "loss_curve.png not written: no metrics.jsonl in OUT_DIR"
     data, md, headline = report(figures)
-    with atomic_write(os.path.join(cfg.OUT_DIR, "eval_report.json")) as out:
+    with atomic_write(os.path.join(out_dir, "eval_report.json")) as out:
         json.dump(data, out, indent=2)
-    with atomic_write(os.path.join(cfg.OUT_DIR, "eval_report.md")) as out:
+    with atomic_write(os.path.join(out_dir, "eval_report.md")) as out:
         out.write(md)
     for r in figures["samples"][:3]:
         print("\n" + "\n".join(f"  {s}: {t}" for s, t in r["context"][-2:]))
@@ -286,9 +425,13 @@ def write_report(ev, figures):
     print(f"\nsample dialogue:\n{figures['sample_dialogue']}\n")
     if figures["plot_note"]:
         print(figures["plot_note"])
-    print(f"{headline}; replies: stop rate {figures['stop_rate']:.0%}, {figures['mean_words']:.1f} words, "
-          f"distinct-2 {figures['distinct_2']:.2f}, F1 {figures['token_f1']:.3f}; "
-          f"report in {os.path.join(cfg.OUT_DIR, 'eval_report.md')}")
+    b = figures["base_replies"] or {}
+    then = lambda k, form: f" (base {format(b[k], form)})" if k in b else ""
+    print(f"{headline}; replies: stopped {figures['stop_rate']:.0%}{then('stop_rate', '.0%')}, empty "
+          f"{figures['empty_rate']:.0%}{then('empty_rate', '.0%')}, cut {figures['cut_rate']:.0%}, "
+          f"{figures['mean_words']:.1f} words (real {figures['real_mean_words']:.1f}), "
+          f"F1 {figures['token_f1']:.3f}{then('token_f1', '.3f')}; "
+          f"report in {os.path.join(out_dir, 'eval_report.md')}")
 
 
 def main():
@@ -297,13 +440,14 @@ def main():
     import torch
 
     val, scored, n_tokens, val_loss, per_speaker = validation(ev)
-    base_name, base_loss, base_note = base_validation(ev, val)
+    asked = asked_turns(ev, scored)
+    base_name, base_loss, base_note, base_replies = cached_base_figures(ev, val, asked)
     generator = torch.Generator().manual_seed(cfg.SEED)  # replies and sample dialogue: the same SEED, the same text
-    samples, figures = reply_figures(ev, scored, generator)
+    samples, figures = reply_figures(ev, ev.model, asked, generator=generator)
     sample_text = sample_dialogue(ev, generator)
     write_report(ev, {"model": ev.model_dir, "base_model": base_name, "val_file": cfg.VAL_FILE,
                       "val_tokens": n_tokens, "val_loss": val_loss, "base_val_loss": base_loss, "base_note": base_note,
-                      "per_speaker_loss": per_speaker, **figures, "samples": samples,
+                      "per_speaker_loss": per_speaker, **figures, "base_replies": base_replies, "samples": samples,
                       "sample_dialogue": sample_text})
 
 

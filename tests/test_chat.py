@@ -6,6 +6,7 @@ Run: .venv/bin/python -m pytest -q tests/test_chat.py
 """
 
 import io
+import json
 
 import pytest
 
@@ -49,7 +50,8 @@ def test_chat_bot_name_and_end_of_input(trained_run):
                stdin="Hi there\n\nHow are you?\n")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.rstrip("\n").split("\n")
-    assert len(lines) == 2 and all(line.startswith("Sam: ") for line in lines)  # the blank line is no turn
+    assert lines[0::2] == ["Alex: Hi there", "Alex: How are you?"]  # piped: both sides; the blank line is no turn
+    assert len(lines) == 4 and all(line.startswith("Sam: ") for line in lines[1::2])
 
 
 def test_chat_beyond_the_context_answers_every_line(trained_run, tiny64):
@@ -58,7 +60,8 @@ def test_chat_beyond_the_context_answers_every_line(trained_run, tiny64):
                cwd=trained_run, stdin=LONG_CHAT)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.rstrip("\n").split("\n")
-    assert len(lines) == 15 and all(line.startswith("Bob: ") for line in lines)
+    assert len(lines) == 30 and all(line.startswith("Bob: ") for line in lines[1::2])
+    assert [line.split(":")[:2] for line in lines[0::2]] == [["Alex", f" Line {i}"] for i in range(15)]
 
 
 def test_chat_missing_model(trained_run):
@@ -83,6 +86,30 @@ def test_chat_history(trained_run, tmp_path, monkeypatch):
     assert seen == [([("Maya", "Hi there")], "Bob"),
                     ([("Maya", "Hi there"), ("Bob", "answer 1"), ("Maya", "More things")], "Bob"),
                     ([("Maya", "Again")], "Bob")]
+
+
+@pytest.mark.parametrize("run_settings, args, expected", [
+    ({"TRAIN_SPEAKERS": ["Farid", "Gail"]}, [], ("Hana", "Farid")),  # the other: VAL_FILE's commonest
+    ({"ROLES": {"Riley": "user", "Jordan": "assistant", "*": "user"}}, [], ("Riley", "Jordan")),
+    ({"TRAIN_SPEAKERS": ["Farid"]}, ["--user_name=Maya"], ("Maya", "Farid")),
+    ({"TRAIN_SPEAKERS": ["Farid"]}, ["--bot_name=Sam"], ("Alex", "Sam")),
+    ({}, [], ("Alex", "Bob")),  # no trained speaker named: USER_NAME and BOT_NAME
+])
+def test_chat_speaks_as_the_runs_trained_speaker(trained_run, tmp_path, monkeypatch, run_settings, args, expected):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text(json.dumps(run_settings))
+    (tmp_path / "val_data.txt").write_text("Farid: Hi.\nHana: Hey.\nIvo: Yo.\n\nHana: So?\nFarid: Well.\n")
+    seen = []
+
+    def fake_reply(model, tokenizer, turns, speaker, cfg, generator, context, roles):
+        seen.append((turns[-1][0], speaker))
+        return "fine", True, 1
+
+    monkeypatch.setattr(generation, "reply", fake_reply)
+    p = run("chat.py", f"--checkpoint={trained_run / 'out' / 'best'}", *args, cwd=tmp_path, stdin="Hi\n")
+    assert p.returncode == 0, p.stderr
+    user, bot = expected
+    assert seen == [expected] and p.stdout == f"{user}: Hi\n{bot}: fine\n"
 
 
 def test_chat_commands_and_seed(trained_run, tmp_path, monkeypatch):
@@ -127,5 +154,6 @@ def test_chat_answers_each_line_and_resets(processes):
     proc = processes["test_chat_answers_each_line_and_resets"].result()
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.rstrip("\n").split("\n")
-    assert [line.startswith("Bob: ") for line in lines] == [True, True, False, True]
-    assert lines[2] == "(new conversation)"
+    assert [line.split(":")[0] for line in lines] == ["Alex", "Bob", "Alex", "Bob", "(new conversation)", "Alex",
+                                                      "Bob"]
+    assert [lines[i] for i in (0, 2, 5)] == ["Alex: Hi there", "Alex: How are you?", "Alex: Hello again"]

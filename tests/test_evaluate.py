@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import types
 from collections import Counter
 
 import numpy as np
@@ -23,9 +24,9 @@ import step
 import tiny
 from conftest import in_background, last_error_line, one_error_line, run
 from dialogues import read_dialogues
-from render import render, role_map
+from render import Rendering, chat_pieces, prompt, render, role_map
 from test_train_faults import evil, put_pickle, truncate  # evil: a fixture, found here by pytest
-from tiny import EOS_ID, metrics, save_tiny_gpt2, save_tiny_llama, synthetic, write_split
+from tiny import EOS_ID, chat_tokenizer, metrics, save_tiny_gpt2, save_tiny_llama, synthetic, write_split
 
 FAST = ["--num_replies=4", "--max_new_tokens=12", "--sample_max_new_tokens=20"]
 # one thread: the process runs beside this one, and torch's threads fighting over few cores made token-by-token
@@ -99,51 +100,141 @@ def test_words_f1_and_distinct_by_hand():
 
 
 # Replies put in generate()'s place, unlike one another, so that each figure has a value a slip would change:
-# 10 words, 5 distinct; 7 bigrams, 4 distinct; half of them ended.
-SCRIPTED = [("the cat sat", True, 4), ("The cat sat on the cat!", False, 12), ("", False, 12), ("Dog.", True, 2)]
+# 10 words, 5 distinct; 7 bigrams, 4 distinct; two stopped, one empty (though it ended), one cut at the limit.
+SCRIPTED = [("the cat sat", True, 4), ("The cat sat on the cat!", False, 12), ("", True, 1), ("Dog.", True, 2)]
+BASE_SCRIPTED = [("cat", True, 2), ("", True, 1), ("", False, 12), ("the mat", False, 12)]
 
 
 def test_the_reply_figures_are_what_the_replies_say(trained_run, tmp_path, monkeypatch):
-    """evaluate.py on the run with generation scripted: the figures are those of the replies it was given."""
+    """evaluate.py on the run with generation scripted: the figures are those of the replies it was given, the base's
+    beside the fine-tuned model's, on the same prompts and sampling seed."""
     for name in ("out/config.json", "out/metrics.jsonl", "val_data.txt"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         shutil.copy(trained_run / name, tmp_path / name)
     (tmp_path / "base").symlink_to(trained_run / "base")  # the run's MODEL, relative to where it ran
-    asked = []
+    calls = []
 
-    def scripted(model, tokenizer, asks, *args, **kwargs):
-        asked.extend(asks)
-        return SCRIPTED[:len(asks)]
+    def scripted(model, tokenizer, asks, cfg, generator, *args, desc=None, **kwargs):
+        calls.append((desc, list(asks), generator.initial_seed()))
+        return (BASE_SCRIPTED if desc == "replies (base)" else SCRIPTED)[:len(asks)]
 
     monkeypatch.setattr(generation, "replies", scripted)
     p = run("evaluate.py", "--device=cpu", f"--checkpoint={trained_run / 'out' / 'best'}", "--num_replies=4",
-            "--sample_max_new_tokens=8", cwd=tmp_path)
+            "--sample_max_new_tokens=8", "--seed=7", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
-    report = json.loads((tmp_path / "out" / "eval_report.json").read_text())
+    (report_dir,) = (tmp_path / "out" / "eval").iterdir()  # named by the path of the run's best/
+    assert report_dir.name.endswith("-out-best")
+    report = json.loads((report_dir / "eval_report.json").read_text())
+    (base_desc, asked, base_seed), (_, asked_again, seed) = calls
+    assert base_desc == "replies (base)" and asked_again == asked and base_seed == seed == 7
     assert len(asked) == 4 and [s["generated"] for s in report["samples"]] == [t for t, _, _ in SCRIPTED]
     assert [(s["ended"], s["new_tokens"]) for s in report["samples"]] == [(e, n) for _, e, n in SCRIPTED]
     assert [tuple(map(tuple, s["context"])) for s in report["samples"]] == [tuple(turns) for turns, _ in asked]
-    assert report["replies"] == 4 and report["stop_rate"] == 0.5 and report["mean_words"] == 2.5
+    assert report["replies"] == 4 and report["mean_words"] == 2.5
+    # the empty reply ended, and still is no proper stop
+    assert (report["stop_rate"], report["empty_rate"], report["cut_rate"]) == (0.5, 0.25, 0.25)
     assert report["distinct_1"] == 0.5 and report["distinct_2"] == pytest.approx(4 / 7)
+    real_words = sum(len(evaluate.words(s["real"])) for s in report["samples"]) / 4
+    assert real_words > 0 and report["real_mean_words"] == pytest.approx(real_words)
     f1 = [f1_by_hand(t, s["real"]) for (t, _, _), s in zip(SCRIPTED, report["samples"])]
     assert [s["f1"] for s in report["samples"]] == pytest.approx(f1)
     assert report["token_f1"] == pytest.approx(sum(f1) / 4)
-    assert "stop rate 50%, mean length 2.5 words, distinct-1 0.50, distinct-2 0.57" in (
-        tmp_path / "out" / "eval_report.md").read_text()
+    base = report["base_replies"]
+    assert (base["stop_rate"], base["empty_rate"], base["cut_rate"], base["mean_words"]) == (0.25, 0.5, 0.25, 0.75)
+    base_f1 = sum(f1_by_hand(t, s["real"]) for (t, _, _), s in zip(BASE_SCRIPTED, report["samples"])) / 4
+    assert base["token_f1"] == pytest.approx(base_f1) and base["real_mean_words"] == report["real_mean_words"]
+    md = (report_dir / "eval_report.md").read_text()
+    assert "| fine-tuned | 50% | 25% | 25% | 2.5 | " in md and "| base `base` | 25% | 50% | 25% | 0.8 | " in md
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# where the model speaks: the turns replies are asked at
+
+RILEY_JORDAN = [[("Riley", "Hi."), ("Jordan", "Hey."), ("Jordan", "You there?"), ("Riley", "Yes."), ("Riley", "Bye.")],
+                [("Jordan", "Morning."), ("Riley", "Hello."), ("Jordan", "Tea?"), ("Riley", "Please.")]]
+
+
+def asked_at(fmt, roles=None, tokenizer=None, system=None, train=("Jordan",)):
+    rendering = Rendering(fmt, roles, train, system)
+    ev = types.SimpleNamespace(rendering=rendering, roles_of=rendering.roles_of, tokenizer=tokenizer)
+    return evaluate.reply_turns(ev, RILEY_JORDAN)
+
+
+def test_replies_are_asked_only_at_the_trained_speakers_turns():
+    """Dialogues whose speakers repeat and whose last turns are the user's: the speaker format asks at each of
+    Jordan's turns with one before it; a chat template at each of Jordan's messages, a run of turns being one."""
+    speaker = asked_at("speaker")
+    assert [[(len(t), s, r) for t, s, r in d] for d in speaker] == [[(1, "Jordan", "Hey."), (2, "Jordan", "You there?")],
+                                                                    [(2, "Jordan", "Tea?")]]
+    assert speaker[0][1][0] == RILEY_JORDAN[0][:2]  # the real conversation before it
+    tok = chat_tokenizer()
+    roles = {"Riley": "user", "Jordan": "assistant"}
+    chat = asked_at("chat_template", roles, tok)
+    assert [[(len(t), s, r) for t, s, r in d] for d in chat] == [[(1, "Jordan", "Hey. You there?")],
+                                                                 [(2, "Jordan", "Tea?")]]
+    assert asked_at("chat_template", roles, tok, train=None) == chat  # the assistant's, whoever is trained
+    # the prompt is the training sequence up to the header of Jordan's message: what training rendered
+    (pieces,) = chat_pieces(tok, [RILEY_JORDAN[0]], role_map(roles))
+    trained = [t for h, x, f, _ in pieces[:1] for t in h + x + f] + pieces[1][0]
+    turns, who, _ = chat[0][0]
+    assert prompt(tok, turns, who, role_map(roles)) == trained
+    assert prompt(tok, RILEY_JORDAN[0][:2], "Jordan", role_map(roles)) != trained  # where the old code asked
+    # a system prompt is part of the context, as trained, and never asked for
+    assert [t[:1] for d in asked_at("speaker", system="Be kind.") for t, _, _ in d] == [[("system", "Be kind.")]] * 3
+
+
+def test_the_turns_asked_are_spread_over_the_dialogues_and_seeded():
+    candidates = [[("a", i) for i in range(5)], [("b", 0)], [("c", i) for i in range(3)]]
+    picked = evaluate.spread(candidates, 3, seed=1)
+    assert sorted(x[0] for x in picked) == ["a", "b", "c"]  # one of each before a second of any
+    assert picked == evaluate.spread(candidates, 3, seed=1) and len(evaluate.spread(candidates, 99, 1)) == 9
+    assert {tuple(evaluate.spread(candidates, 3, seed=s)) for s in range(10)} != {tuple(picked)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # a run trained from scratch
 
 def test_evaluate_final_checkpoint_of_a_scratch_run(scratch_run):
-    report = json.loads((scratch_run / "out" / "eval_report.json").read_text())
+    report = json.loads((scratch_run / "out" / "eval" / "final" / "eval_report.json").read_text())
     assert report["model"] == "out/final" and report["base_model"] == "scratch"
     vals = [m for m in metrics(scratch_run / "out") if "val_loss" in m]
     assert report["val_loss"] == pytest.approx(max(vals, key=lambda m: m["step"])["val_loss"], abs=1e-4)
     # the base is rebuilt from the run's seed: it must be the very model train.py scored at step 0
     assert report["base_val_loss"] == pytest.approx(next(m for m in vals if m["step"] == 0)["val_loss"], abs=1e-4)
-    md = (scratch_run / "out" / "eval_report.md").read_text()
+    md = (scratch_run / "out" / "eval" / "final" / "eval_report.md").read_text()
     assert "trained from scratch: validation perplexity went from" in md
+
+
+def test_each_checkpoint_gets_its_own_report_and_the_base_is_scored_once(scratch_run):
+    """out/final was evaluated (scratch_run); out/best now: two reports, and the base's figures read back from
+    CACHE_DIR, not computed again, until a generation setting changes."""
+    p = run("evaluate.py", "--device=cpu", "--checkpoint=out/best", *FAST, cwd=scratch_run)
+    assert p.returncode == 0, p.stderr
+    final, best = (json.loads((scratch_run / "out" / "eval" / name / "eval_report.json").read_text())
+                   for name in ("final", "best"))
+    assert (final["model"], best["model"]) == ("out/final", "out/best")
+    assert "its figures from" in p.stdout and best["base_val_loss"] == final["base_val_loss"]
+    assert best["base_replies"] == final["base_replies"] is not None
+    # what is read back is what the cache holds: a figure put there shows in the report
+    (entry,) = (scratch_run / "cache" / "base_figures").iterdir()
+    name, _, note, replies = json.loads(entry.read_text())
+    entry.write_text(json.dumps([name, 9.5, note, replies]))
+    p = run("evaluate.py", "--device=cpu", "--checkpoint=out/best", *FAST, cwd=scratch_run)
+    assert json.loads((scratch_run / "out" / "eval" / "best" / "eval_report.json").read_text())["base_val_loss"] == 9.5
+    # another generation setting: the base's replies are no longer those, and it is scored again
+    p = run("evaluate.py", "--device=cpu", "--checkpoint=out/best", *FAST, "--max_new_tokens=6", cwd=scratch_run)
+    assert p.returncode == 0 and "its figures from" not in p.stdout
+    assert len(list((scratch_run / "cache" / "base_figures").iterdir())) == 2
+    entry.write_text(json.dumps([name, final["base_val_loss"], note, replies]))  # as it was, for whoever comes next
+
+
+def test_a_report_is_named_by_its_model_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = types.SimpleNamespace(OUT_DIR="out")
+    named = lambda d: os.path.relpath(evaluate.report_dir(cfg, d), os.path.join("out", "eval"))
+    assert [named(d) for d in ("out/best", "out/checkpoints/step-00000171", "model", "runs/b/out/best")] == [
+        "best", "step-00000171", "model", "runs-b-out-best"]
+    assert named("/elsewhere/x/best") == "elsewhere-x-best"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -212,7 +303,7 @@ def test_evaluate_refuses_a_truncated_model(name, tmp_path, trained_run):
     line = last_error_line(p)
     assert len(p.stderr.splitlines()) == 1
     assert "'out/best'" in line and f"{name} is" in line and "truncated" in line, line
-    assert not (tmp_path / "out" / "eval_report.json").exists()
+    assert not (tmp_path / "out" / "eval").exists()
 
 
 def test_evaluate_never_unpickles(tmp_path, trained_run, evil):
@@ -222,7 +313,7 @@ def test_evaluate_never_unpickles(tmp_path, trained_run, evil):
     p = run("evaluate.py", *EVAL_FAST, f"--checkpoint={d}", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert not evil[1].exists(), "evaluate.py unpickled a file of the checkpoint"
-    assert json.loads((tmp_path / "out" / "eval_report.json").read_text())["model"] == str(d)
+    assert json.loads((tmp_path / "out" / "eval" / "step-00000006" / "eval_report.json").read_text())["model"] == str(d)
 
     (d / "model.safetensors").unlink()  # only the pickle left: refused, not loaded
     p = run("evaluate.py", *EVAL_FAST, f"--checkpoint={d}", cwd=tmp_path)
@@ -258,7 +349,7 @@ def test_the_token_cache_is_keyed_by_the_roles_it_was_rendered_with(llama_run):
     said = p.stdout.splitlines()[0]
     assert said.startswith("the command line overrides the run's settings (out/config.json): ") and (
         "--roles={'Alex': 'assistant', '*': 'user'} (the run has --roles={'Alex': 'user', '*': 'assistant'})" in said)
-    (entry,) = (llama_run / "cache").iterdir()
+    (entry,) = [e for e in (llama_run / "cache").iterdir() if e.name != "base_figures"]  # the token cache's
     meta = json.loads((entry / "meta.json").read_text())
     stored = np.fromfile(entry / "ids.bin", dtype=meta["dtype"]).tolist()
     tok = transformers.AutoTokenizer.from_pretrained(str(llama_run / "model"))
@@ -297,12 +388,12 @@ def test_a_run_of_other_speakers_in_a_strict_template_is_evaluated(tmp_path):
         "ROLES": {"Riley": "user", "Jordan": "assistant"}, "SYSTEM_PROMPT": "Be kind."}))
     p = run("evaluate.py", *FEW, "--cache_dir=cache", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
-    report = json.loads((tmp_path / "out" / "eval_report.json").read_text())
+    report = json.loads((tmp_path / "out" / "eval" / "model" / "eval_report.json").read_text())
     # the sample prompt's Alex is the user, Bob's answer the assistant's; the system prompt folded into the user turn
     assert report["sample_dialogue"].startswith("<|begin_of_text|><|im_start|>user\nBe kind.\n\nHi, how are you?"
                                                 "<|im_end|>\n<|im_start|>model\n")
-    assert report["replies"] == 1 and (tmp_path / "out" / "eval_report.md").is_file()
-    (entry,) = (tmp_path / "cache").iterdir()
+    assert report["replies"] == 1 and (tmp_path / "out" / "eval" / "model" / "eval_report.md").is_file()
+    (entry,) = [e for e in (tmp_path / "cache").iterdir() if e.name != "base_figures"]
     meta = json.loads((entry / "meta.json").read_text())
     assert meta["system_prompt"] == "Be kind." and meta["merged"] > 0 and meta["start"] is None
 
@@ -312,7 +403,10 @@ def test_a_run_of_other_speakers_in_a_strict_template_is_evaluated(tmp_path):
 
 FIGURES = {"model": "out/best", "base_model": "gpt2", "val_file": "val.txt", "val_tokens": 1234, "val_loss": 2.0,
            "base_val_loss": 3.0, "base_note": "", "per_speaker_loss": {"Alex": 1.9, "(others)": 2.1}, "replies": 2,
-           "stop_rate": 0.5, "mean_words": 3.0, "distinct_1": 0.9, "distinct_2": 1.0, "token_f1": 0.25,
+           "stop_rate": 0.5, "empty_rate": 0.25, "cut_rate": 0.25, "mean_words": 3.0, "real_mean_words": 1.0,
+           "distinct_1": 0.9, "distinct_2": 1.0, "token_f1": 0.25,
+           "base_replies": {"replies": 2, "stop_rate": 0.0, "empty_rate": 1.0, "cut_rate": 0.0, "mean_words": 0.0,
+                            "real_mean_words": 1.0, "distinct_1": 0.0, "distinct_2": 0.0, "token_f1": 0.0},
            "samples": [{"context": [["Alex", "Hi"]], "speaker": "Bob", "real": "Yo", "generated": "Hey", "ended": True,
                         "new_tokens": 2, "f1": 0.0},
                        {"context": [["Cara", "So?"]], "speaker": "Dan", "real": "Well", "generated": "Well well",
@@ -321,8 +415,9 @@ FIGURES = {"model": "out/best", "base_model": "gpt2", "val_file": "val.txt", "va
 
 
 HEADLINE = "fine-tuning took validation perplexity from 20.09 to 7.39"
-STATS = ("stop rate 50%, mean length 3.0 words, distinct-1 0.90, distinct-2 1.00, token F1 vs the real reply "
-         "0.250")
+STATS = "| fine-tuned | 50% | 25% | 25% | 3.0 | 0.250 | 0.90 | 1.00 |"
+BASE_ROW = "| base `gpt2` | 0% | 100% | 0% | 0.0 | 0.000 | 0.00 | 0.00 |"
+REAL_ROW = "| real replies | | | | 1.0 | | | |"
 OVER = "Over 1,234 validation tokens of val.txt, token-weighted, padding excluded."
 # a figure changed -> (the JSON report's keys that change, the markdown lines that change, as they then read). Each
 # new value is unlike every other figure, so a figure shown in another's place shows.
@@ -334,16 +429,22 @@ CHANGES = {
                        "| base `gpt2` | 3.5000 | 33.12 |"]),
     "base_note": (" (from metrics.jsonl)", set(), [HEADLINE + " (from metrics.jsonl)."]),
     "model": ("out/final", {"model"}, ["# Evaluation of `out/final`"]),
-    "base_model": ("gpt2-medium", {"base_model"}, ["| base `gpt2-medium` | 3.0000 | 20.09 |"]),
+    "base_model": ("gpt2-medium", {"base_model"}, ["| base `gpt2-medium` | 3.0000 | 20.09 |",
+                                                   BASE_ROW.replace("gpt2", "gpt2-medium")]),
     "val_file": ("other.txt", {"val_file"}, [OVER.replace("val.txt", "other.txt")]),
     "val_tokens": (56789, {"val_tokens"}, [OVER.replace("1,234", "56,789")]),
     "per_speaker_loss": ({"Alex": 1.8, "(others)": 2.1}, {"per_speaker_loss"}, ["| Alex | 1.8000 | 6.05 |"]),
-    "replies": (3, {"replies"}, ["## Replies (3 validation dialogues)"]),
-    "stop_rate": (0.25, {"stop_rate"}, [STATS.replace("50%", "25%")]),
-    "mean_words": (4.5, {"mean_words"}, [STATS.replace("3.0 words", "4.5 words")]),
-    "distinct_1": (0.8, {"distinct_1"}, [STATS.replace("distinct-1 0.90", "distinct-1 0.80")]),
-    "distinct_2": (0.7, {"distinct_2"}, [STATS.replace("distinct-2 1.00", "distinct-2 0.70")]),
+    "replies": (3, {"replies"}, ["## Replies (3 turns where the model speaks)"]),
+    "stop_rate": (0.3, {"stop_rate"}, [STATS.replace("50%", "30%")]),
+    "empty_rate": (0.4, {"empty_rate"}, [STATS.replace("50% | 25% | 25%", "50% | 40% | 25%")]),
+    "cut_rate": (0.6, {"cut_rate"}, [STATS.replace("50% | 25% | 25%", "50% | 25% | 60%")]),
+    "mean_words": (4.5, {"mean_words"}, [STATS.replace("3.0", "4.5")]),
+    "real_mean_words": (7.5, {"real_mean_words"}, [REAL_ROW.replace("1.0", "7.5")]),
+    "distinct_1": (0.8, {"distinct_1"}, [STATS.replace("0.90", "0.80")]),
+    "distinct_2": (0.7, {"distinct_2"}, [STATS.replace("1.00", "0.70")]),
     "token_f1": (0.125, {"token_f1"}, [STATS.replace("0.250", "0.125")]),
+    "base_replies": ({**FIGURES["base_replies"], "stop_rate": 0.75}, {"base_replies"},
+                     [BASE_ROW.replace("| 0% | 100%", "| 75% | 100%")]),
     "sample_dialogue": ("Alex: Hi\nBob: Bye.", {"sample_dialogue"}, ["Alex: Hi", "Bob: Bye."]),
     "plot_note": ("no plot here", set(), ["*no plot here*"]),
 }
@@ -359,7 +460,8 @@ def test_the_report_shows_each_figure():
     lines = md.split("\n")
     assert lines[:3] == ["# Evaluation of `out/best`", "", headline + "."]
     for line in ("| base `gpt2` | 3.0000 | 20.09 |", "| fine-tuned | 2.0000 | 7.39 |", "| Alex | 1.9000 | 6.69 |",
-                 "| (others) | 2.1000 | 8.17 |", OVER, "## Replies (2 validation dialogues)", STATS,
+                 "| (others) | 2.1000 | 8.17 |", OVER, "## Replies (2 turns where the model speaks)", STATS, BASE_ROW,
+                 REAL_ROW,
                  "- real: **Bob:** Yo", "- generated: **Bob:** Hey", "- real: **Dan:** Well",
                  "- generated: **Dan:** Well well *(did not end)*", "Alex: Hi, how are you?", "Bob: Fine.",
                  "![loss curve](loss_curve.png)"):
@@ -390,13 +492,15 @@ def test_the_headline_says_what_the_base_was():
     _, md, headline = evaluate.report({**FIGURES, "base_model": "scratch"})
     assert headline == "trained from scratch: validation perplexity went from 20.09 (untrained) to 7.39"
     assert "| trained | 2.0000 | 7.39 |" in md and "| base `scratch` | 3.0000 | 20.09 |" in md
+    assert STATS.replace("fine-tuned", "trained") in md
     assert "| fine-tuned |" not in md
 
     data, md, headline = evaluate.report({**FIGURES, "base_val_loss": None, "base_note": " (base not evaluated: x)",
-                                          "per_speaker_loss": {}, "plot_note": "no metrics"})
+                                          "per_speaker_loss": {}, "plot_note": "no metrics", "base_replies": None})
     assert headline == "validation perplexity 7.39 (base not evaluated: x)" and data["base_val_ppl"] is None
     assert data["base_val_loss"] is None and json.loads(json.dumps(data)) == data
-    assert "| base `gpt2` | - | - |" in md and "Per speaker" not in md and "*no metrics*" in md
+    assert "| base `gpt2` | - | - |" in md and "| base `gpt2` | - | - | - | - | - | - | - |" in md
+    assert "Per speaker" not in md and "*no metrics*" in md
     assert "loss_curve.png" not in md
 
 
@@ -406,20 +510,23 @@ def test_the_headline_says_what_the_base_was():
 def test_evaluate_report(trained_run, evaluated):
     proc = evaluated
     assert proc.returncode == 0, proc.stderr
-    report = json.loads((trained_run / "out" / "eval_report.json").read_text())
+    report = json.loads((trained_run / "out" / "eval" / "best" / "eval_report.json").read_text())
     assert report["val_ppl"] == pytest.approx(math.exp(report["val_loss"]), rel=1e-9)
     assert report["base_val_ppl"] == pytest.approx(math.exp(report["base_val_loss"]), rel=1e-9)
     val = [[tuple(t) for t in d] for d in read_dialogues(trained_run / "val_data.txt")]
     samples = report["samples"]
     assert len(samples) == report["replies"] == 4  # NUM_REPLIES
     for s in samples:
-        assert [tuple(t) for t in s["context"]] + [(s["speaker"], s["real"])] in val  # the last turn of a real one
+        asked = [tuple(t) for t in s["context"]] + [(s["speaker"], s["real"])]
+        assert asked in [d[:len(asked)] for d in val]  # a real turn, after the real conversation before it
         assert isinstance(s["generated"], str) and "\n" not in s["generated"]
         assert s["f1"] == pytest.approx(f1_by_hand(s["generated"], s["real"]))
         assert 1 <= s["new_tokens"] <= 12 and (s["ended"] or s["new_tokens"] == 12)  # MAX_NEW_TOKENS, unless it ended
     # the reply figures are those of the replies in the report
     texts = [s["generated"] for s in samples]
-    assert report["stop_rate"] == sum(s["ended"] for s in samples) / 4
+    assert report["stop_rate"] == sum(s["ended"] and bool(s["generated"].strip()) for s in samples) / 4
+    assert report["stop_rate"] + report["empty_rate"] + report["cut_rate"] == pytest.approx(1)
+    assert report["base_replies"]["replies"] == 4  # the base model's, on the same prompts
     assert report["mean_words"] == pytest.approx(sum(len(evaluate.words(t)) for t in texts) / 4)
     assert report["distinct_1"] == pytest.approx(distinct_by_hand(texts, 1))
     assert report["distinct_2"] == pytest.approx(distinct_by_hand(texts, 2))
@@ -442,15 +549,15 @@ def test_evaluate_report(trained_run, evaluated):
     assert report["val_loss"] == pytest.approx(overall, abs=1e-4)
     assert list(per.values()) == pytest.approx([by_tag[i] for i in range(1, len(per) + 1)], abs=1e-4)
     assert report["sample_dialogue"].startswith(cli.defaults()["SAMPLE_PROMPT"])
-    md = (trained_run / "out" / "eval_report.md").read_text()
+    md = (trained_run / "out" / "eval" / "best" / "eval_report.md").read_text()
     assert f"fine-tuning took validation perplexity from {report['base_val_ppl']:.2f} to {report['val_ppl']:.2f}" in md
-    assert (trained_run / "out" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (trained_run / "out" / "eval" / "best" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("fine-tuning took validation perplexity from") and "eval_report.md" in last
 
 
 def test_evaluate_loss_matches_training(trained_run, evaluated):
-    report = json.loads((trained_run / "out" / "eval_report.json").read_text())
+    report = json.loads((trained_run / "out" / "eval" / "best" / "eval_report.json").read_text())
     vals = [m for m in metrics(trained_run / "out") if "val_loss" in m]
     best = min((m for m in vals if m["step"] > 0), key=lambda m: m["val_loss"])
     assert report["val_loss"] == pytest.approx(best["val_loss"], abs=1e-4)

@@ -81,7 +81,7 @@ def test_family_end_to_end(family):
     with open(d / "out" / "metrics.jsonl") as a, open(d / "resumed" / "metrics.jsonl") as b:
         strip = lambda f: [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in f]
         assert strip(a) == strip(b)
-    report = json.loads((d / "out" / "eval_report.json").read_text())
+    report = json.loads((d / "out" / "eval" / "best" / "eval_report.json").read_text())
     assert report["val_loss"] < report["base_val_loss"]  # it learned something
     assert procs["chat"].stdout.count("Bob:") == 2
     tok = AutoTokenizer.from_pretrained(d / "out" / "best")
