@@ -6,6 +6,7 @@ rest of the process, as HF_HUB_OFFLINE=1 would: what is cached loads at once, wh
 import functools
 import os
 import socket
+import sys
 import threading
 from urllib.parse import urlparse
 
@@ -19,7 +20,6 @@ def offline_unless_reachable():
         return False
     constants.HF_HUB_OFFLINE = True
     os.environ["HF_HUB_OFFLINE"] = "1"  # what `datasets` reads when it is imported
-    import sys
     if "datasets" in sys.modules:
         sys.modules["datasets"].config.HF_HUB_OFFLINE = True
     return True

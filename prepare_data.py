@@ -68,16 +68,14 @@ def main():
             print(f"  {s}: read {c['read']:,}, kept {c['kept']:,} ({dropped(c)}); train {c['train']:,}{extra} / "
                   f"val {c['val']:,}")
     name = str(inputs[0]) if len(inputs) == 1 else f"{len(inputs)} sources"
-    print(f"read {n['read']} dialogues from {name}: kept {n['kept']}, dropped {n['empty'] + n['duplicate']} "
-          f"({n['empty']} empty, {n['duplicate']} duplicate); "
-          + (f"{n['weighted out']:,} left out by weight; " if n["weighted out"] else "")
-          + f"train {n['train']} / val {n['val']} dialogues, "
-          f"{n['train turns']:,} / {n['val turns']:,} turns -> {cfg.TRAIN_FILE}, {cfg.VAL_FILE}")
+    print(f"read {n['read']} dialogues from {name}: kept {n['kept']}, dropped {n['read'] - n['kept']} ({dropped(n)}); "
+          f"train {n['train']} / val {n['val']} dialogues, {n['train turns']:,} / {n['val turns']:,} turns -> "
+          f"{cfg.TRAIN_FILE}, {cfg.VAL_FILE}")
     print(found_line(found))
 
 
 def dropped(n):
-    """What a source's counts say was not kept."""
+    """Why the records of some counts that were not kept were not: every one is empty, a duplicate or left out."""
     out = f"{n['empty']} empty, {n['duplicate']} duplicate"
     return out + (f", {n['weighted out']} left out by weight" if n["weighted out"] else "")
 

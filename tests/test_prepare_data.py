@@ -92,8 +92,8 @@ def ok(result):
 
 
 def summary(result):
-    m = re.search(r"read (\d+) dialogues .*kept (\d+), dropped (\d+) \((\d+) empty, (\d+) duplicate\); "
-                  r"(?:[\d,]+ left out by weight; )?train (\d+) / val (\d+) dialogues", result.stdout)
+    m = re.search(r"read (\d+) dialogues .*kept (\d+), dropped (\d+) \((\d+) empty, (\d+) duplicate"
+                  r"(?:, [\d,]+ left out by weight)?\); train (\d+) / val (\d+) dialogues", result.stdout)
     assert m, result.stdout
     return dict(zip(["read", "kept", "dropped", "empty", "duplicate", "train", "val"], map(int, m.groups())))
 
@@ -241,6 +241,7 @@ def test_a_weight_takes_a_share_or_copies_and_dialogues_the_first(tmp_path):
     half = ok(prepare(tmp_path, f'[{{"path": "{chats}", "weight": 0.5}}]'))
     n = summary(half)
     assert 70 <= n["kept"] <= 130  # a hash picks about half
+    assert n["dropped"] == 200 - n["kept"] and n["empty"] == n["duplicate"] == 0  # the rest left out by weight
     kept = as_set(sum(outputs(tmp_path), []))
     assert kept < as_set(synthetic(200)) and "left out by weight" in half.stdout
     again = ok(prepare(tmp_path, f'[{{"path": "{chats}", "weight": 0.5}}, "{more}"]'))
