@@ -25,7 +25,7 @@ CHUNK = 0  # positions per chunk (LOSS_CHUNK, set by the script through use_chun
 # model's derivative, and autocast's bf16 copies, up to 1.5x more).
 # Each chunk reads the output layer's weight twice and its gradient once, so a chunk must be tall enough for that to
 # be small beside its own [positions, vocab] work: measured on a CPU with a 128k vocabulary, 64 MB chunks (130
-# positions) were ~20% slower than 128 MB ones (261), and 256 MB ones (520) no faster (README, Performance).
+# positions) were ~20% slower than 128 MB ones (261), and 256 MB ones (520) no faster (docs/performance.md).
 CPU_BUDGET = 128 << 20
 CUDA_SHARE = 64  # on CUDA, 1/64 of the device's memory (375 MB on a 24 GB card: 730 positions at 128k) ...
 CUDA_BUDGET = 1 << 30  # ... up to 1 GB (2,000 positions at 128k: a GPU's matmuls are saturated well before)
