@@ -84,7 +84,7 @@ def init_processes(backend, rank, world):
     """torch.distributed's process group, from torchrun's environment. Under --max-restarts, the store torchrun
     shares with its workers outlives a restart and still holds the dead attempt's addresses, which the new one can
     read before they are replaced (pytorch/pytorch#135712: a restart fails at random). On one machine every rank has
-    the same restart count, so each attempt takes keys of its own; across machines the counts can differ, and the
+    the same restart count, so each attempt takes keys of its own; across machines the counts can differ, and
     the elastic command in docs/distributed.md turns the sharing off instead (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)."""
     env = os.environ
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.get("LOCAL_WORLD_SIZE") != str(world):
