@@ -196,8 +196,10 @@ GENERATION = ("NUM_REPLIES", "SEED", "TEMPERATURE", "TOP_K", "TOP_P", "REPETITIO
 
 def base_identity(cfg, model):
     """What names the base model's weights: a local directory's files by content; the untrained model of
-    MODEL="scratch" by the seed and the architecture; a Hub id by the id."""
+    MODEL="scratch" by the seed and the architecture; a Hub id by the id and the commit it resolves to (hub.revision),
+    so a new revision on the Hub is scored afresh."""
     import checkpoints
+    import hub
     import modeling
 
     if cfg.MODEL == "scratch":
@@ -207,7 +209,7 @@ def base_identity(cfg, model):
     except UserError:
         return [cfg.MODEL]
     if not os.path.isdir(path):
-        return [cfg.MODEL]
+        return [cfg.MODEL, hub.revision(cfg.MODEL)]
     return [cfg.MODEL] + [(f, checkpoints.sha256(os.path.join(path, f))) for f in sorted(os.listdir(path))
                           if f.endswith((".safetensors", ".json"))]
 

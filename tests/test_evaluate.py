@@ -237,6 +237,28 @@ def test_a_report_is_named_by_its_model_directory(tmp_path, monkeypatch):
     assert named("/elsewhere/x/best") == "elsewhere-x-best"
 
 
+def test_a_hub_base_is_keyed_by_the_revision_it_resolves_to(tmp_path, monkeypatch):
+    """A Hub base model's figures are kept under its id and the commit the local cache's refs/main names: a new
+    revision downloaded is another key, and its figures are computed afresh."""
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    for sha in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / sha).mkdir(parents=True)
+        (repo / "snapshots" / sha / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    cfg = types.SimpleNamespace(MODEL="acme/tiny", SEED=1)
+    keys = []
+    for sha in ("a" * 40, "b" * 40):
+        (repo / "refs" / "main").write_text(sha)
+        keys.append(evaluate.base_identity(cfg, None))
+    assert keys == [["acme/tiny", "a" * 40], ["acme/tiny", "b" * 40]]
+    assert evaluate.base_identity(types.SimpleNamespace(MODEL="acme/uncached", SEED=1), None) == ["acme/uncached", None]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # bad input
 
