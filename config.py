@@ -75,7 +75,7 @@ TOP_P = 0.95  # ... and among the smallest set holding this much probability; 1.
 REPETITION_PENALTY = 1.1  # > 1 makes tokens already in the conversation less likely
 MAX_NEW_TOKENS = 60  # per reply; a reply that needs more did not end properly
 SAMPLE_PROMPT = "Alex: Hi, how are you?\nBob:"  # a conversation in the training format, ending with a label
-SAMPLE_MAX_NEW_TOKENS = 120  # the sample dialogue runs on until EOS or this many tokens
+SAMPLE_MAX_NEW_TOKENS = 120  # the sample dialogue runs on until EOS, or the first turn end after this many tokens
 USER_NAME = "Alex"  # chat.py: your speaker label
 BOT_NAME = "Bob"  # chat.py: the model's speaker label
 

@@ -318,17 +318,19 @@ def reply_stats(out):
 
 
 def sample_dialogue(ev, generator):
-    """SAMPLE_PROMPT (checked in setup) continued until EOS or SAMPLE_MAX_NEW_TOKENS."""
+    """SAMPLE_PROMPT (checked in setup) continued until EOS, or the first turn end after SAMPLE_MAX_NEW_TOKENS (with a
+    reply's MAX_NEW_TOKENS more, as the context allows, for that turn to end): never mid-turn."""
     from dialogues import format_dialogue
-    from generation import generate, sampling
+    from generation import dialogue, sampling
 
     cfg, tokenizer = ev.cfg, ev.tokenizer
-    new = generate(ev.model, tokenizer, [ev.sample_ids], cfg.SAMPLE_MAX_NEW_TOKENS, sampling(cfg),
-                   {tokenizer.eos_token_id}, generator)[0]
+    more = min(cfg.MAX_NEW_TOKENS, ev.context - len(ev.sample_ids) - cfg.SAMPLE_MAX_NEW_TOKENS)
+    new = dialogue(ev.model, tokenizer, ev.sample_ids, cfg.SAMPLE_MAX_NEW_TOKENS, more, sampling(cfg), generator,
+                   ev.roles_of)
     if ev.roles_of is not None:  # the template's special tokens shown: what the model sees
         return tokenizer.decode(ev.sample_ids + new)
     turns, speaker = ev.sample_prompt
-    return format_dialogue(turns) + f"{speaker}:" + tokenizer.decode(new, skip_special_tokens=True)
+    return (format_dialogue(turns) + f"{speaker}:" + tokenizer.decode(new, skip_special_tokens=True)).rstrip()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

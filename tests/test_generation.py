@@ -10,7 +10,7 @@ import transformers
 import cli
 import modeling
 from dialogues import format_dialogue
-from generation import cut_reply, generate, replies, reply, sampling
+from generation import cut_reply, dialogue, generate, replies, reply, sampling
 from render import encode, prompt, prompt_ids, role_map
 from tiny import EOS_ID, chat_tokenizer, gpt2_tokenizer, save_tiny_gpt2, save_tiny_llama, synthetic
 
@@ -221,3 +221,33 @@ def test_temperature_top_k_and_top_p_change_what_is_sampled():
     cold, hot = first_tokens("--temperature=0.5"), first_tokens("--temperature=2.0")
     assert hot.count(likeliest) < plain.count(likeliest) < cold.count(likeliest)
     assert set(first_tokens("--temperature=0")) == {likeliest}  # greedy
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a sample dialogue: several turns, ending at the end of one
+
+def run_dialogue(script, after, more):
+    tok = gpt2_tokenizer()
+    ids = prompt(tok, TURNS[:1], "Bob")
+    model = scripted(script)
+    new = dialogue(model, tok, ids, after, more, sampling(cli.load_config(["--temperature=0"])),
+                   torch.Generator().manual_seed(0))
+    return tok.decode(new), len(model.calls)
+
+
+def test_a_dialogue_runs_past_its_budget_to_the_end_of_a_turn():
+    first, second = enc(" Fine, thanks\n"), enc("Alex: And how is the garden these days?\n")
+    text, calls = run_dialogue(first + second + enc("Bob: Green"), after=len(first) + 3, more=30)
+    assert text == " Fine, thanks\nAlex: And how is the garden these days?\n"  # not cut mid-turn at the budget
+    assert calls == len(first + second)  # and nothing made after that turn's end
+
+
+def test_a_dialogue_that_cannot_end_a_turn_in_time_goes_back_to_the_last_turn_end():
+    first = enc(" Fine, thanks\n")
+    text, calls = run_dialogue(first + enc("Alex: And how is the garden these days?"), after=len(first) + 2, more=3)
+    assert text == " Fine, thanks\n" and calls == len(first) + 5
+
+
+def test_a_dialogue_ends_at_eos_within_its_budget():
+    text, _ = run_dialogue(enc(" Fine") + [EOS_ID] + enc("\nAlex: more"), after=10, more=5)
+    assert text == " Fine<|endoftext|>"
