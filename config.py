@@ -68,6 +68,8 @@ VAL_MAX_TOKENS = 100_000  # validation scores the first VAL_FILE dialogues up to
 
 # evaluate.py and chat.py
 CHECKPOINT = None  # the model directory evaluate.py and chat.py load; None = OUT_DIR/best
+COMPARE = None  # evaluate.py: runs and model directories side by side, comma-separated, e.g. "out_a,out_b/final"; a
+# run stands for its best/. Reads their reports, evaluates what is missing; the table goes to OUT_DIR/comparison.md
 NUM_REPLIES = 20  # turns of the trained speaker(s) evaluate.py generates and compares, spread over VAL_FILE
 TEMPERATURE = 0.8  # sampling; 0 = greedy
 TOP_K = 50  # sample among the k likeliest tokens; 0 = all
