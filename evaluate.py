@@ -481,9 +481,8 @@ def evaluate_model(cfg):
 # data or settings
 
 SHARED = ("VAL_FILE", "VAL_MAX_TOKENS", "SEED")  # run settings a comparison holds the same for every model: the data
-# scored and the turns asked (drawn from SEED) and the sampling seed; the generation settings are the command's own
-BASIS = ("NUM_REPLIES", "TEMPERATURE", "TOP_K", "TOP_P", "REPETITION_PENALTY", "MAX_NEW_TOKENS", "SAMPLE_PROMPT",
-         "SAMPLE_MAX_NEW_TOKENS")
+# scored, and the turns asked and the sampling seed (both from SEED); the generation settings are the command's own
+BASIS = GENERATION + ("VAL_MAX_TOKENS", "SAMPLE_PROMPT", "SAMPLE_MAX_NEW_TOKENS")  # the settings a report records
 
 
 def sha256_of(value):
@@ -493,12 +492,12 @@ def sha256_of(value):
 
 def basis(cfg, model_dir):
     """What a model's figures were computed on, besides the model's own settings: the validation data (by content)
-    and its cap, SEED, the generation settings, and the model's files (by its manifest: a run that trained again
+    and its cap, SEED, the generation settings (BATCH_SIZE too: sampling draws by batch), and the model's files (by its manifest: a run that trained again
     into the same directory is another model). Stored in eval_report.json; a comparison reuses only a report whose
     basis is its own."""
     manifest = os.path.join(model_dir, "manifest.json")
     return {"val_file_sha256": sha256(cfg.VAL_FILE) if os.path.isfile(cfg.VAL_FILE) else None,
-            **{k.lower(): getattr(cfg, k) for k in ("VAL_MAX_TOKENS", "SEED") + BASIS},
+            **{k.lower(): getattr(cfg, k) for k in BASIS},
             "model_manifest_sha256": sha256(manifest) if os.path.isfile(manifest) else None}
 
 
