@@ -492,9 +492,9 @@ def sha256_of(value):
 
 def basis(cfg, model_dir):
     """What a model's figures were computed on, besides the model's own settings: the validation data (by content)
-    and its cap, SEED, the generation settings (BATCH_SIZE too: sampling draws by batch), and the model's files (by its manifest: a run that trained again
-    into the same directory is another model). Stored in eval_report.json; a comparison reuses only a report whose
-    basis is its own."""
+    and its cap, SEED, the generation settings (BATCH_SIZE too: sampling draws by batch), and the model's files (by
+    its manifest: a run that trained again into the same directory is another model). Stored in eval_report.json; a
+    comparison reuses only a report whose basis is its own."""
     manifest = os.path.join(model_dir, "manifest.json")
     return {"val_file_sha256": sha256(cfg.VAL_FILE) if os.path.isfile(cfg.VAL_FILE) else None,
             **{k.lower(): getattr(cfg, k) for k in BASIS},
