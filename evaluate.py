@@ -126,14 +126,14 @@ def setup(cfg):
     turns, speaker = parse_prompt(cfg.SAMPLE_PROMPT)  # the sample dialogue's prompt, checked before the passes
     turns = with_system(turns, cfg.SYSTEM_PROMPT)
     # SAMPLE_PROMPT's speakers need not be the run's: in a chat template it asks the assistant to answer the user
-    sample_ids = prompt(tokenizer, turns, speaker,
-                        None if roles_of is None else sample_roles(cfg.ROLES, cfg.TRAIN_SPEAKERS, turns, speaker))
+    sample_roles_of = None if roles_of is None else sample_roles(cfg.ROLES, cfg.TRAIN_SPEAKERS, turns, speaker)
+    sample_ids = prompt(tokenizer, turns, speaker, sample_roles_of)
     if len(sample_ids) + cfg.SAMPLE_MAX_NEW_TOKENS > context:
         raise UserError(f"SAMPLE_PROMPT is {len(sample_ids)} tokens; with SAMPLE_MAX_NEW_TOKENS="
                         f"{cfg.SAMPLE_MAX_NEW_TOKENS} it does not fit the model's context of {context} tokens")
     return types.SimpleNamespace(cfg=cfg, model_dir=model_dir, layout=layout, tokenizer=tokenizer, model=model,
                                  context=context, roles_of=roles_of, rendering=rendering, sample_ids=sample_ids,
-                                 sample_prompt=(turns, speaker),
+                                 sample_prompt=(turns, speaker), sample_roles_of=sample_roles_of,
                                  metrics=read_jsonl(os.path.join(cfg.OUT_DIR, "metrics.jsonl")))
 
 
@@ -339,14 +339,16 @@ def sample_dialogue(ev, generator):
     reply's MAX_NEW_TOKENS more, as the context allows, for that turn to end): never mid-turn."""
     from dialogues import format_dialogue
     from generation import dialogue, sampling
+    from render import turn_closers
 
     cfg, tokenizer = ev.cfg, ev.tokenizer
+    turns, speaker = ev.sample_prompt
+    closers = None if ev.roles_of is None else turn_closers(tokenizer, turns + [(speaker, ".")], ev.sample_roles_of)
     more = min(cfg.MAX_NEW_TOKENS, ev.context - len(ev.sample_ids) - cfg.SAMPLE_MAX_NEW_TOKENS)
     new = dialogue(ev.model, tokenizer, ev.sample_ids, cfg.SAMPLE_MAX_NEW_TOKENS, more, sampling(cfg), generator,
-                   ev.roles_of)
+                   closers)
     if ev.roles_of is not None:  # the template's special tokens shown: what the model sees
         return tokenizer.decode(ev.sample_ids + new)
-    turns, speaker = ev.sample_prompt
     return (format_dialogue(turns) + f"{speaker}:" + tokenizer.decode(new, skip_special_tokens=True)).rstrip()
 
 

@@ -132,12 +132,13 @@ def reply(model, tokenizer, turns, speaker, cfg, generator, context, roles_of=No
     return replies(model, tokenizer, [(turns, speaker)], cfg, generator, context, roles_of)[0]
 
 
-def dialogue(model, tokenizer, ids, max_new_tokens, more, settings, generator, roles_of=None):
+def dialogue(model, tokenizer, ids, max_new_tokens, more, settings, generator, closers=None):
     """The new token ids of a dialogue continued from the prompt `ids`, ending at a turn's end: at EOS, or at the first
     turn end once max_new_tokens are made, with up to `more` tokens beyond for that turn to end. Where none ends
-    within them, the ids up to the last turn end (all of them where no turn ended at all)."""
+    within them, the ids up to the last turn end (all of them where no turn ended at all). A turn ends at a line
+    end in the speaker format, and in a chat template at one of `closers` (render.turn_closers)."""
     eos = tokenizer.eos_token_id
-    end = DialogueEnd(tokenizer, len(ids), max_new_tokens, end_ids(tokenizer, roles_of), roles_of is None)
+    end = DialogueEnd(tokenizer, len(ids), max_new_tokens, closers or (), closers is None)
     new = generate(model, tokenizer, [ids], max_new_tokens + more, settings, {eos}, generator, more=[end])[0]
     if (new and new[-1] == eos) or end.last == len(new):
         return new

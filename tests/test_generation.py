@@ -11,7 +11,7 @@ import cli
 import modeling
 from dialogues import format_dialogue
 from generation import cut_reply, dialogue, generate, replies, reply, sampling
-from render import encode, prompt, prompt_ids, role_map
+from render import encode, prompt, prompt_ids, role_map, turn_closers
 from tiny import EOS_ID, chat_tokenizer, gpt2_tokenizer, save_tiny_gpt2, save_tiny_llama, synthetic
 
 
@@ -226,12 +226,15 @@ def test_temperature_top_k_and_top_p_change_what_is_sampled():
 # ---------------------------------------------------------------------------------------------------------------------
 # a sample dialogue: several turns, ending at the end of one
 
-def run_dialogue(script, after, more):
-    tok = gpt2_tokenizer()
-    ids = prompt(tok, TURNS[:1], "Bob")
-    model = scripted(script)
+def run_dialogue(script, after, more, tok=None, roles_of=None):
+    """A dialogue scripted after Alex's first turn, asking Bob: (its new text, the model's forward calls). With
+    `roles_of`, in `tok`'s chat template."""
+    tok = tok or gpt2_tokenizer()
+    ids = prompt(tok, TURNS[:1], "Bob", roles_of)
+    model = scripted(script, vocab=len(tok))
+    closers = None if roles_of is None else turn_closers(tok, TURNS[:1] + [("Bob", ".")], roles_of)
     new = dialogue(model, tok, ids, after, more, sampling(cli.load_config(["--temperature=0"])),
-                   torch.Generator().manual_seed(0))
+                   torch.Generator().manual_seed(0), closers)
     return tok.decode(new), len(model.calls)
 
 
@@ -251,3 +254,15 @@ def test_a_dialogue_that_cannot_end_a_turn_in_time_goes_back_to_the_last_turn_en
 def test_a_dialogue_ends_at_eos_within_its_budget():
     text, _ = run_dialogue(enc(" Fine") + [EOS_ID] + enc("\nAlex: more"), after=10, more=5)
     assert text == " Fine<|endoftext|>"
+
+
+def test_a_dialogue_in_a_chat_template_ends_where_a_message_closes():
+    """An instruct model whose EOS is not its turn's end (<|endoftext|>, as a base model's): the dialogue runs on
+    through the next message's header, whose <|im_start|> is no turn end, to the <|im_end|> that closes it."""
+    tok = chat_tokenizer(eos="<|endoftext|>")
+    im_start, im_end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    first = enc(" Fine") + [im_end] + enc("\n")
+    second = [im_start] + enc("user\nAnd you?") + [im_end]
+    text, calls = run_dialogue(first + second + enc("\n") + [im_start], after=len(first) + 1, more=20, tok=tok,
+                               roles_of=role_map({"Alex": "user", "Bob": "assistant"}))
+    assert text == " Fine<|im_end|>\n<|im_start|>user\nAnd you?<|im_end|>" and calls == len(first + second)
