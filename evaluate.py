@@ -557,8 +557,10 @@ def read_report(path, want):
     except (OSError, ValueError):
         return None, "its report is unreadable"
     made_on = data.get("basis") if isinstance(data, dict) else None
+    if not isinstance(made_on, dict):
+        return None, "its report does not say what it was made on (an older evaluate.py's)"
     if made_on != want:
-        differ = sorted(k for k in want if not isinstance(made_on, dict) or made_on.get(k) != want[k])
+        differ = sorted(k for k in want if made_on.get(k) != want[k])
         return None, f"its report was made on other data or settings ({', '.join(differ)})"
     return data, None
 
@@ -618,6 +620,7 @@ def compare(cfg, given):
     """COMPARE's models side by side: the table on stdout and in OUT_DIR/comparison.md, their runs' validation
     curves in OUT_DIR/comparison.png."""
     reports, shared, evaluated = compared_reports(cfg, given)
+    many = lambda n, noun: f"{n} {noun}{'' if n == 1 else 's'}"
     lines = ["| model | val loss | val perplexity | per speaker (val loss) | stopped | empty | cut at limit "
              "| mean words (real) | word F1 | distinct-2 |", "|---|---|---|---|---|---|---|---|---|---|",
              *comparison_rows([(label, data) for label, _, data in reports])]
@@ -633,15 +636,15 @@ def compare(cfg, given):
     scored = (f"the first {shared['VAL_MAX_TOKENS']:,} tokens of" if shared["VAL_MAX_TOKENS"] else "all of")
     with atomic_write(md_path) as out:
         out.write("\n".join([
-            f"# {len(reports)} models side by side ({time.strftime('%Y-%m-%d')})", "",
+            f"# {many(len(reports), 'model')} side by side ({time.strftime('%Y-%m-%d')})", "",
             f"Validation loss over {scored} {shared['VAL_FILE']}; replies at up to {cfg.NUM_REPLIES} turns where "
             f"each model speaks (the same turns where runs train the same speakers), SEED={shared['SEED']}, "
             f"TEMPERATURE={cfg.TEMPERATURE}, MAX_NEW_TOKENS={cfg.MAX_NEW_TOKENS}. Mean words: the replies' (the real "
             f"replies').", "", *lines, "", f"*{note}*" if note else "![validation loss](comparison.png)", ""]))
     if note:
         print(note)
-    print(f"compared {len(reports)} models ({evaluated} evaluated now, {len(reports) - evaluated} from their reports); "
-          f"table in {md_path}, validation curves of {len(runs)} runs in {png_path}")
+    print(f"compared {many(len(reports), 'model')} ({evaluated} evaluated now, {len(reports) - evaluated} from their "
+          f"reports); table in {md_path}, validation curves of {many(len(runs), 'run')} in {png_path}")
 
 
 def main():
