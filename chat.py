@@ -10,7 +10,8 @@ Type a line and press enter; /reset starts a new conversation, /quit (or end of 
 starts with a /command is not sent to the model. Piped, it prints both sides of the conversation: a transcript. The
 history is kept up to the model's context: the oldest turns are dropped first (a system message stays: the run's
 SYSTEM_PROMPT, or --system_prompt=...). Replies differ from one session to the next; --seed=N makes them repeatable.
-In a model's own chat template you are the user and the model the assistant, whatever the names.
+In a model's own chat template the run's ROLES say each speaker's role, as training rendered them; a name they do
+not give is the assistant's (the model's) or the user's (yours).
 """
 
 import collections
@@ -39,6 +40,16 @@ def speakers(cfg, given):
     return user, bot
 
 
+def chat_role_names(cfg, user, bot):
+    """The chat roles of a model trained in its own template: the run's ROLES, so that the prompt is the one training
+    rendered (its system speaker's role too); a name ROLES does not give (a --user_name or --bot_name of your own)
+    gets the role it has here, the model's the assistant's and yours ROLES' "*" or the user's."""
+    roles = dict(cfg.ROLES or {})
+    roles.setdefault(bot, "assistant")
+    roles.setdefault(user, roles.get("*", "user"))
+    return roles
+
+
 def main():
     # the run's own settings (its SYSTEM_PROMPT): a line on stderr where the command line overrides one, which a
     # scripted session's transcript on stdout does not show
@@ -60,7 +71,7 @@ def main():
     tokenizer, model = modeling.load(model_dir)
     model.to(device).eval()
     context = modeling.context_size(model)
-    roles_of = chat_roles(tokenizer, {user: "user", bot: "assistant"})  # None: the model speaks the speaker format
+    roles_of = chat_roles(tokenizer, chat_role_names(cfg, user, bot))  # None: the model speaks the speaker format
     system = cfg.SYSTEM_PROMPT
     generator = torch.Generator()
     if "SEED" in given:  # --seed=N replays a session; without it, each session samples afresh

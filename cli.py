@@ -135,9 +135,9 @@ def bench_config(doc, smoke):
 # A script's own settings, never a run's: what prepare_data.py reads and writes, what evaluate.py and chat.py
 # generate, what this command is asked to do, and the benchmarks' (BENCH_*). A script that works on a run
 # (run_settings) takes these from config.py and its command line, and every other setting from the run.
-OWN_SETTINGS = ("DATA_FILE", "DATA_SPLIT", "USE_CHOSEN", "VAL_FRACTION", "CHECKPOINT", "NUM_REPLIES", "TEMPERATURE",
-                "TOP_K", "TOP_P", "REPETITION_PENALTY", "MAX_NEW_TOKENS", "SAMPLE_PROMPT", "SAMPLE_MAX_NEW_TOKENS",
-                "USER_NAME", "BOT_NAME", "SHOW_EXAMPLE", "OUT_DIR", "RESUME",
+OWN_SETTINGS = ("DATA_FILE", "DATA_SPLIT", "USE_CHOSEN", "VAL_FRACTION", "CHECKPOINT", "COMPARE", "NUM_REPLIES",
+                "TEMPERATURE", "TOP_K", "TOP_P", "REPETITION_PENALTY", "MAX_NEW_TOKENS", "SAMPLE_PROMPT",
+                "SAMPLE_MAX_NEW_TOKENS", "USER_NAME", "BOT_NAME", "SHOW_EXAMPLE", "OUT_DIR", "RESUME",
                 *(k for k in vars(config) if k.startswith("BENCH_")))
 
 
@@ -175,8 +175,14 @@ def load_run_settings(doc, say=print):
     Returns (the settings, the names given on the command line)."""
     given = set()
     cfg = load_config(doc=doc, given=given)
+    return settings_of_run(cfg, given, say), given
+
+
+def settings_of_run(cfg, given, say=print):
+    """cfg (config.py with the command line's `given` settings) under the settings of the run in cfg.OUT_DIR
+    (run_settings)."""
     path = os.path.join(cfg.OUT_DIR, "config.json")
-    return run_settings(cfg, given, read_run_config(path), path, say)[0], given
+    return run_settings(cfg, given, read_run_config(path), path, say)[0]
 
 
 def quiet_libraries():

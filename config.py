@@ -68,6 +68,8 @@ VAL_MAX_TOKENS = 100_000  # validation scores the first VAL_FILE dialogues up to
 
 # evaluate.py and chat.py
 CHECKPOINT = None  # the model directory evaluate.py and chat.py load; None = OUT_DIR/best
+COMPARE = None  # evaluate.py: runs and model directories side by side, comma-separated, e.g. "out_a,out_b/final"; a
+# run stands for its best/. Reads their reports, evaluates what is missing; the table goes to OUT_DIR/comparison.md
 NUM_REPLIES = 20  # turns of the trained speaker(s) evaluate.py generates and compares, spread over VAL_FILE
 TEMPERATURE = 0.8  # sampling; 0 = greedy
 TOP_K = 50  # sample among the k likeliest tokens; 0 = all
@@ -75,7 +77,7 @@ TOP_P = 0.95  # ... and among the smallest set holding this much probability; 1.
 REPETITION_PENALTY = 1.1  # > 1 makes tokens already in the conversation less likely
 MAX_NEW_TOKENS = 60  # per reply; a reply that needs more did not end properly
 SAMPLE_PROMPT = "Alex: Hi, how are you?\nBob:"  # a conversation in the training format, ending with a label
-SAMPLE_MAX_NEW_TOKENS = 120  # the sample dialogue runs on until EOS or this many tokens
+SAMPLE_MAX_NEW_TOKENS = 120  # the sample dialogue runs on until EOS, or the first turn end after this many tokens
 USER_NAME = "Alex"  # chat.py: your speaker label
 BOT_NAME = "Bob"  # chat.py: the model's speaker label
 

@@ -2,6 +2,7 @@
 
     python evaluate.py                          # the best model in OUT_DIR
     python evaluate.py --checkpoint=out/final   # another model directory
+    python evaluate.py --compare=out_a,out_b,out_a/checkpoints/step-00000100   # runs and checkpoints side by side
 
 Reads the model (CHECKPOINT, else OUT_DIR/best), VAL_FILE, and OUT_DIR's metrics.jsonl and config.json from train.py:
 the run's settings, which it takes as its own (one given on the command line overrides the run's, with a line saying
@@ -11,6 +12,11 @@ VAL_MAX_TOKENS cap) for the fine-tuned model and the base model it started from,
 spread over the validation dialogues. Writes eval_report.json, eval_report.md and loss_curve.png to
 OUT_DIR/eval/<the model directory's name>, one report per model; the base model's figures are kept in
 CACHE_DIR/base_figures and reused while its weights, the validation data and the generation settings are unchanged.
+
+With COMPARE (runs, each standing for its best/, and model directories inside runs), it compares them on the same
+validation data, SEED and generation settings: each model's figures come from its report where the report was made on
+those, and from an evaluation (the same as above) where it is missing or was made on others. Writes the table (also
+printed) to OUT_DIR/comparison.md and the runs' validation curves from their metrics.jsonl to OUT_DIR/comparison.png.
 """
 
 import collections
@@ -22,7 +28,9 @@ import re
 import time
 import types
 
-from cli import UserError, atomic_write, load_run_settings, no_such, quiet_libraries, read_jsonl, run, which_model
+from checkpoints import sha256
+from cli import (UserError, atomic_write, load_config, no_such, quiet_libraries, read_jsonl, read_run_config, run,
+                 settings_of_run, which_model)
 
 RECURRING = 3  # a speaker in at least this many validation dialogues gets a loss of their own
 
@@ -47,18 +55,17 @@ def distinct(texts, n):
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def plot_loss_curve(metrics, path, title):
-    """Train and validation loss over steps; returns a note when matplotlib is missing."""
+def plot_curves(curves, path, title):
+    """Loss over optimizer steps, one line per (label, [(step, loss)], style) of `curves`, as a PNG at `path`;
+    returns a note when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "loss_curve.png not written: matplotlib is not installed (pip install matplotlib)"
-    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
-    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+        return f"{os.path.basename(path)} not written: matplotlib is not installed (pip install matplotlib)"
     fig, ax = plt.subplots(figsize=(7, 4))
-    for points, label, style in ((train, "train", "-"), (val, "validation", "o-")):
+    for label, points, style in curves:
         if points:
             ax.plot(*zip(*points), style, label=label)
     ax.set_xlabel("optimizer step")
@@ -71,6 +78,16 @@ def plot_loss_curve(metrics, path, title):
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return None
+
+
+def plot_loss_curve(metrics, path, title):
+    """A run's train and validation loss over steps, from its metrics.jsonl records."""
+    return plot_curves([("train", [(m["step"], m["loss"]) for m in metrics if "loss" in m], "-"),
+                        ("validation", val_curve(metrics), "o-")], path, title)
+
+
+def val_curve(metrics):
+    return [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -109,14 +126,14 @@ def setup(cfg):
     turns, speaker = parse_prompt(cfg.SAMPLE_PROMPT)  # the sample dialogue's prompt, checked before the passes
     turns = with_system(turns, cfg.SYSTEM_PROMPT)
     # SAMPLE_PROMPT's speakers need not be the run's: in a chat template it asks the assistant to answer the user
-    sample_ids = prompt(tokenizer, turns, speaker,
-                        None if roles_of is None else sample_roles(cfg.ROLES, cfg.TRAIN_SPEAKERS, turns, speaker))
+    sample_roles_of = None if roles_of is None else sample_roles(cfg.ROLES, cfg.TRAIN_SPEAKERS, turns, speaker)
+    sample_ids = prompt(tokenizer, turns, speaker, sample_roles_of)
     if len(sample_ids) + cfg.SAMPLE_MAX_NEW_TOKENS > context:
         raise UserError(f"SAMPLE_PROMPT is {len(sample_ids)} tokens; with SAMPLE_MAX_NEW_TOKENS="
                         f"{cfg.SAMPLE_MAX_NEW_TOKENS} it does not fit the model's context of {context} tokens")
     return types.SimpleNamespace(cfg=cfg, model_dir=model_dir, layout=layout, tokenizer=tokenizer, model=model,
                                  context=context, roles_of=roles_of, rendering=rendering, sample_ids=sample_ids,
-                                 sample_prompt=(turns, speaker),
+                                 sample_prompt=(turns, speaker), sample_roles_of=sample_roles_of,
                                  metrics=read_jsonl(os.path.join(cfg.OUT_DIR, "metrics.jsonl")))
 
 
@@ -196,8 +213,10 @@ GENERATION = ("NUM_REPLIES", "SEED", "TEMPERATURE", "TOP_K", "TOP_P", "REPETITIO
 
 def base_identity(cfg, model):
     """What names the base model's weights: a local directory's files by content; the untrained model of
-    MODEL="scratch" by the seed and the architecture; a Hub id by the id."""
+    MODEL="scratch" by the seed and the architecture; a Hub id by the id and the commit it resolves to (hub.revision),
+    so a new revision on the Hub is scored afresh."""
     import checkpoints
+    import hub
     import modeling
 
     if cfg.MODEL == "scratch":
@@ -207,7 +226,7 @@ def base_identity(cfg, model):
     except UserError:
         return [cfg.MODEL]
     if not os.path.isdir(path):
-        return [cfg.MODEL]
+        return [cfg.MODEL, hub.revision(cfg.MODEL)]
     return [cfg.MODEL] + [(f, checkpoints.sha256(os.path.join(path, f))) for f in sorted(os.listdir(path))
                           if f.endswith((".safetensors", ".json"))]
 
@@ -316,17 +335,21 @@ def reply_stats(out):
 
 
 def sample_dialogue(ev, generator):
-    """SAMPLE_PROMPT (checked in setup) continued until EOS or SAMPLE_MAX_NEW_TOKENS."""
+    """SAMPLE_PROMPT (checked in setup) continued until EOS, or the first turn end after SAMPLE_MAX_NEW_TOKENS (with a
+    reply's MAX_NEW_TOKENS more, as the context allows, for that turn to end): never mid-turn."""
     from dialogues import format_dialogue
-    from generation import generate, sampling
+    from generation import dialogue, sampling
+    from render import turn_closers
 
     cfg, tokenizer = ev.cfg, ev.tokenizer
-    new = generate(ev.model, tokenizer, [ev.sample_ids], cfg.SAMPLE_MAX_NEW_TOKENS, sampling(cfg),
-                   {tokenizer.eos_token_id}, generator)[0]
+    turns, speaker = ev.sample_prompt
+    closers = None if ev.roles_of is None else turn_closers(tokenizer, turns + [(speaker, ".")], ev.sample_roles_of)
+    more = min(cfg.MAX_NEW_TOKENS, ev.context - len(ev.sample_ids) - cfg.SAMPLE_MAX_NEW_TOKENS)
+    new = dialogue(ev.model, tokenizer, ev.sample_ids, cfg.SAMPLE_MAX_NEW_TOKENS, more, sampling(cfg), generator,
+                   closers)
     if ev.roles_of is not None:  # the template's special tokens shown: what the model sees
         return tokenizer.decode(ev.sample_ids + new)
-    turns, speaker = ev.sample_prompt
-    return format_dialogue(turns) + f"{speaker}:" + tokenizer.decode(new, skip_special_tokens=True)
+    return (format_dialogue(turns) + f"{speaker}:" + tokenizer.decode(new, skip_special_tokens=True)).rstrip()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -406,8 +429,10 @@ def report_dir(cfg, model_dir):
     return os.path.join(cfg.OUT_DIR, "eval", name)
 
 
-def write_report(ev, figures):
-    """The loss curve, eval_report.json and eval_report.md in the model's report_dir, and the summary on stdout."""
+def write_report(ev, figures, made_on):
+    """The loss curve, eval_report.json and eval_report.md in the model's report_dir, and the summary on stdout.
+    `made_on` goes into eval_report.json beside the figures: what they were computed on (basis) and at which
+    prompts."""
     cfg = ev.cfg
     out_dir = report_dir(cfg, ev.model_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -415,6 +440,7 @@ def write_report(ev, figures):
     figures["plot_note"] = plot_loss_curve(ev.metrics, os.path.join(out_dir, "loss_curve.png"), title) \
         if ev.metrics else "loss_curve.png not written: no metrics.jsonl in OUT_DIR"
     data, md, headline = report(figures)
+    data.update(made_on)
     with atomic_write(os.path.join(out_dir, "eval_report.json")) as out:
         json.dump(data, out, indent=2)
     with atomic_write(os.path.join(out_dir, "eval_report.md")) as out:
@@ -434,8 +460,8 @@ def write_report(ev, figures):
           f"report in {os.path.join(out_dir, 'eval_report.md')}")
 
 
-def main():
-    cfg, _ = load_run_settings(__doc__)
+def evaluate_model(cfg):
+    """Evaluate the model `cfg` names (its run's settings, cli.run_settings) and write its report."""
     ev = setup(cfg)
     import torch
 
@@ -445,10 +471,188 @@ def main():
     generator = torch.Generator().manual_seed(cfg.SEED)  # replies and sample dialogue: the same SEED, the same text
     samples, figures = reply_figures(ev, ev.model, asked, generator=generator)
     sample_text = sample_dialogue(ev, generator)
+    prompts = sha256_of([[turns, speaker] for turns, speaker, _ in asked])
     write_report(ev, {"model": ev.model_dir, "base_model": base_name, "val_file": cfg.VAL_FILE,
                       "val_tokens": n_tokens, "val_loss": val_loss, "base_val_loss": base_loss, "base_note": base_note,
                       "per_speaker_loss": per_speaker, **figures, "base_replies": base_replies, "samples": samples,
-                      "sample_dialogue": sample_text})
+                      "sample_dialogue": sample_text}, {"basis": basis(cfg, ev.model_dir), "prompts": prompts})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# runs and checkpoints side by side (COMPARE): what each report holds, evaluated where it is missing or made on other
+# data or settings
+
+SHARED = ("VAL_FILE", "VAL_MAX_TOKENS", "SEED")  # run settings a comparison holds the same for every model: the data
+# scored, and the turns asked and the sampling seed (both from SEED); the generation settings are the command's own
+BASIS = GENERATION + ("VAL_MAX_TOKENS", "SAMPLE_PROMPT", "SAMPLE_MAX_NEW_TOKENS")  # the settings a report records
+
+
+def sha256_of(value):
+    import hashlib
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def basis(cfg, model_dir):
+    """What a model's figures were computed on, besides the model's own settings: the validation data (by content)
+    and its cap, SEED, the generation settings (BATCH_SIZE too: sampling draws by batch), and the model's files (by
+    its manifest: a run that trained again into the same directory is another model). Stored in eval_report.json; a
+    comparison reuses only a report whose basis is its own."""
+    manifest = os.path.join(model_dir, "manifest.json")
+    return {"val_file_sha256": sha256(cfg.VAL_FILE) if os.path.isfile(cfg.VAL_FILE) else None,
+            **{k.lower(): getattr(cfg, k) for k in BASIS},
+            "model_manifest_sha256": sha256(manifest) if os.path.isfile(manifest) else None}
+
+
+def is_run(path):
+    """Whether `path` is a run's directory: a config.json holding train.py's settings (a model's holds its
+    architecture)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and "MODEL" in read_run_config(
+        os.path.join(path, "config.json"))
+
+
+def compared(paths):
+    """[(a label, the run's OUT_DIR, the model directory)] for COMPARE's paths, each checked: a run stands for its
+    best/; a model directory inside a run (best/, final/, checkpoints/step-...) for itself."""
+    if isinstance(paths, str):
+        paths = paths.split(",")
+    if not isinstance(paths, (list, tuple)) or not paths or not all(isinstance(p, str) and p.strip() for p in paths):
+        raise UserError(f"--compare={paths!r}: expected runs or model directories, comma-separated, e.g. "
+                        f"--compare=out_a,out_b,out_a/checkpoints/step-00000100")
+    out = []
+    for label in dict.fromkeys(os.path.normpath(p.strip()) for p in paths):
+        if is_run(label):
+            run_dir, model_dir = label, os.path.join(label, "best")
+            if not os.path.isdir(model_dir):
+                raise UserError(f"COMPARE: run {label!r} has no best/ model yet: let train.py finish, or name one of "
+                                f"its checkpoints")
+        else:
+            model_dir = label
+            parent = os.path.dirname(os.path.abspath(label))
+            model = any(os.path.isfile(os.path.join(label, f)) for f in ("config.json", "adapter_config.json"))
+            runs = [d for d in (parent, os.path.dirname(parent)) if is_run(d)] if model else []
+            if not runs:
+                if not os.path.exists(label):
+                    raise UserError(f"{no_such('COMPARE', label)}: a run or a model directory inside one is expected")
+                raise UserError(f"COMPARE: {label!r} is neither a run (a directory train.py wrote) nor a model "
+                                f"directory inside one (best/, final/, checkpoints/step-...)")
+            run_dir = os.path.relpath(runs[0])
+        out.append((label, run_dir, model_dir))
+    return out
+
+
+def settings_of(cfg, given, run_dir, model_dir, shared):
+    """A compared model's settings: its run's (cli.run_settings), the command line's, and `shared` (SHARED's values,
+    the same for every model) over both."""
+    mine = type(cfg)(**{**vars(cfg), "OUT_DIR": run_dir, "CHECKPOINT": model_dir, "COMPARE": None, **shared})
+    return settings_of_run(mine, given | set(shared), say=lambda line: None)
+
+
+def read_report(path, want):
+    """(the report at `path`, None) where it was made on `want` (its basis), else (None, why it can't be used)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None, "no report yet"
+    except (OSError, ValueError):
+        return None, "its report is unreadable"
+    made_on = data.get("basis") if isinstance(data, dict) else None
+    if not isinstance(made_on, dict):
+        return None, "its report does not say what it was made on (an older evaluate.py's)"
+    if made_on != want:
+        differ = sorted(k for k in want if made_on.get(k) != want[k])
+        return None, f"its report was made on other data or settings ({', '.join(differ)})"
+    return data, None
+
+
+def cell(value, form):
+    return "-" if value is None else format(value, form)
+
+
+def comparison_rows(reports):
+    """The table's rows: each base model once (its figures from the first report that has them), then each model."""
+    from step import ppl
+
+    def row(name, loss, per_speaker, r):
+        r = r or {}
+        speakers = ", ".join(f"{s} {v:.3f}" for s, v in (per_speaker or {}).items()) or "-"
+        return (f"| {name} | {cell(loss, '.4f')} | {cell(None if loss is None else ppl(loss), '.2f')} | {speakers} "
+                f"| {cell(r.get('stop_rate'), '.0%')} | {cell(r.get('empty_rate'), '.0%')} "
+                f"| {cell(r.get('cut_rate'), '.0%')} | {cell(r.get('mean_words'), '.1f')} "
+                f"({cell(r.get('real_mean_words'), '.1f')}) | {cell(r.get('token_f1'), '.3f')} "
+                f"| {cell(r.get('distinct_2'), '.2f')} |")
+
+    bases = {}
+    for _, data in reports:
+        if data["base_model"] not in bases and (data["base_val_loss"] is not None or data["base_replies"]):
+            bases[data["base_model"]] = row(f"base `{data['base_model']}`", data["base_val_loss"], None,
+                                            data["base_replies"])
+    return [*bases.values(), *(row(f"`{label}`", data["val_loss"], data["per_speaker_loss"], data)
+                               for label, data in reports)]
+
+
+def compared_reports(cfg, given):
+    """[(label, its report)] for COMPARE's models, on the same SHARED settings, and how many were evaluated now: a
+    report is read where it was made on this basis, else the model is evaluated (evaluate_model) and it is written.
+    Every path is checked before anything is evaluated."""
+    models = compared(cfg.COMPARE)
+    first = settings_of(cfg, given, models[0][1], models[0][2], {})
+    shared = {k: getattr(first, k) for k in SHARED}  # the command line's, else the first model's run's
+    if not os.path.isfile(shared["VAL_FILE"]):
+        raise UserError(f"{no_such('VAL_FILE', shared['VAL_FILE'])}: run prepare_data.py first")
+    reports, evaluated = [], 0
+    for label, run_dir, model_dir in models:
+        mine = settings_of(cfg, given, run_dir, model_dir, shared)
+        path = os.path.join(report_dir(mine, model_dir), "eval_report.json")
+        data, why = read_report(path, basis(mine, model_dir))
+        if data is None:
+            print(f"{label}: {why}; evaluating it")
+            evaluate_model(mine)
+            data, _ = read_report(path, basis(mine, model_dir))
+            evaluated += 1
+        else:
+            print(f"{label}: its figures from {path}")
+        reports.append((label, run_dir, data))
+    return reports, shared, evaluated
+
+
+def compare(cfg, given):
+    """COMPARE's models side by side: the table on stdout and in OUT_DIR/comparison.md, their runs' validation
+    curves in OUT_DIR/comparison.png."""
+    reports, shared, evaluated = compared_reports(cfg, given)
+    many = lambda n, noun: f"{n} {noun}{'' if n == 1 else 's'}"
+    lines = ["| model | val loss | val perplexity | per speaker (val loss) | stopped | empty | cut at limit "
+             "| mean words (real) | word F1 | distinct-2 |", "|---|---|---|---|---|---|---|---|---|---|",
+             *comparison_rows([(label, data) for label, _, data in reports])]
+    if len({data.get("prompts") for _, _, data in reports}) > 1:
+        lines += ["", "Replies were asked at other turns for some models: their runs train other speakers or render "
+                      "dialogues otherwise (TRAIN_SPEAKERS, ROLES, FORMAT)."]
+    print("\n" + "\n".join(lines) + "\n")
+    os.makedirs(cfg.OUT_DIR, exist_ok=True)
+    md_path, png_path = os.path.join(cfg.OUT_DIR, "comparison.md"), os.path.join(cfg.OUT_DIR, "comparison.png")
+    runs = dict.fromkeys(run_dir for _, run_dir, _ in reports)
+    note = plot_curves([(run_dir, val_curve(read_jsonl(os.path.join(run_dir, "metrics.jsonl"))), "o-")
+                        for run_dir in runs], png_path, "validation loss of each run")
+    scored = (f"the first {shared['VAL_MAX_TOKENS']:,} tokens of" if shared["VAL_MAX_TOKENS"] else "all of")
+    with atomic_write(md_path) as out:
+        out.write("\n".join([
+            f"# {many(len(reports), 'model')} side by side ({time.strftime('%Y-%m-%d')})", "",
+            f"Validation loss over {scored} {shared['VAL_FILE']}; replies at up to {cfg.NUM_REPLIES} turns where "
+            f"each model speaks (the same turns where runs train the same speakers), SEED={shared['SEED']}, "
+            f"TEMPERATURE={cfg.TEMPERATURE}, MAX_NEW_TOKENS={cfg.MAX_NEW_TOKENS}. Mean words: the replies' (the real "
+            f"replies').", "", *lines, "", f"*{note}*" if note else "![validation loss](comparison.png)", ""]))
+    if note:
+        print(note)
+    print(f"compared {many(len(reports), 'model')} ({evaluated} evaluated now, {len(reports) - evaluated} from their "
+          f"reports); table in {md_path}, validation curves of {many(len(runs), 'run')} in {png_path}")
+
+
+def main():
+    given = set()
+    cfg = load_config(doc=__doc__, given=given)
+    if cfg.COMPARE is not None:
+        return compare(cfg, given)
+    evaluate_model(settings_of_run(cfg, given))
 
 
 if __name__ == "__main__":

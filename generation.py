@@ -2,7 +2,8 @@
 come from render.py in the format the model was trained in, several replies are generated together (left-padded,
 with an attention mask), and a reply ends at the end of its speaker's turn: EOS (in a chat template, any special
 token such as <|im_end|>), or, in the speaker format, a line end or another speaker's label. What is ours is the
-cut that keeps a reply from running into the next turn (`cut_reply`) and the stopping criterion that applies it."""
+cut that keeps a reply from running into the next turn (`cut_reply`) and the stopping criterion that applies it; and a
+sample dialogue's, which runs over several turns and stops at the end of one (`dialogue`)."""
 
 import re
 
@@ -58,15 +59,31 @@ class TurnEnd(StoppingCriteria):
         return torch.tensor([i in self.at for i in range(input_ids.shape[0])], device=input_ids.device)
 
 
+class DialogueEnd(StoppingCriteria):
+    """Stops a dialogue (a batch of one) at the first turn end once `after` new tokens are made: a token of `breaks`
+    (a chat template's end-of-turn tokens) or, where `lines` (the speaker format), a token whose text holds a line
+    end. `last` is the number of new tokens up to and including the latest turn end (0: none yet)."""
+
+    def __init__(self, tokenizer, width, after, breaks, lines):
+        self.tokenizer, self.width, self.after, self.breaks, self.lines, self.last = (tokenizer, width, after,
+                                                                                      set(breaks), lines, 0)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        row = input_ids[0, self.width:].tolist()
+        if row[-1] in self.breaks or (self.lines and "\n" in self.tokenizer.decode(row[-1:])):
+            self.last = len(row)
+        return torch.tensor([self.last == len(row) >= self.after], device=input_ids.device)
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens, settings, ends, generator, speakers=None):
+def generate(model, tokenizer, prompts, max_new_tokens, settings, ends, generator, speakers=None, more=()):
     """The new token ids after each prompt (a list of ids), generated together by model.generate() with `settings`
     (see sampling): each up to and including the token that ended it (see TurnEnd), else max_new_tokens long.
     Prompts are padded on the left with the attention mask off there (generate() derives the position ids from
     it); the pad id is the first prompt's first token (the start token, or a chat template's first token, which
     every prompt of the format begins with), so the repetition penalty sees nothing new.
     Sampling draws its seed from `generator`, on a copy of torch's global random state: the same generator gives
-    the same tokens, and nothing else's randomness moves."""
+    the same tokens, and nothing else's randomness moves. `more`: stopping criteria besides TurnEnd (dialogue's)."""
     device = next(model.parameters()).device
     width, pad = max(map(len, prompts)), prompts[0][0]
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
@@ -77,7 +94,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, settings, ends, generato
         torch.manual_seed(seed)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              eos_token_id=sorted(ends), pad_token_id=pad,
-                             stopping_criteria=StoppingCriteriaList([end]), **settings)
+                             stopping_criteria=StoppingCriteriaList([end, *more]), **settings)
     return [row[:end.at.get(i, len(row))] for i, row in enumerate(out[:, width:].tolist())]
 
 
@@ -113,3 +130,16 @@ def reply(model, tokenizer, turns, speaker, cfg, generator, context, roles_of=No
     """Generate `speaker`'s next turn after `turns`: (text, ended properly, number of new tokens). With `roles_of`, in
     the model's own chat template."""
     return replies(model, tokenizer, [(turns, speaker)], cfg, generator, context, roles_of)[0]
+
+
+def dialogue(model, tokenizer, ids, max_new_tokens, more, settings, generator, closers=None):
+    """The new token ids of a dialogue continued from the prompt `ids`, ending at a turn's end: at EOS, or at the first
+    turn end once max_new_tokens are made, with up to `more` tokens beyond for that turn to end. Where none ends
+    within them, the ids up to the last turn end (all of them where no turn ended at all). A turn ends at a line
+    end in the speaker format, and in a chat template at one of `closers` (render.turn_closers)."""
+    eos = tokenizer.eos_token_id
+    end = DialogueEnd(tokenizer, len(ids), max_new_tokens, closers or (), closers is None)
+    new = generate(model, tokenizer, [ids], max_new_tokens + more, settings, {eos}, generator, more=[end])[0]
+    if (new and new[-1] == eos) or end.last == len(new):
+        return new
+    return new[:end.last or len(new)]

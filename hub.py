@@ -47,3 +47,16 @@ def reachable(timeout=3.0):
     thread.start()
     thread.join(timeout)
     return bool(result)
+
+
+def revision(repo_id):
+    """The commit of Hub model `repo_id` that loading it takes: the Hub's newest where the Hub answers, else the one the
+    local cache's refs/main names; None where neither knows the model. Keys what is computed from the model's
+    weights (evaluate.py's base figures), so a new revision on the Hub is not taken for the old one."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    offline_unless_reachable()
+    try:  # the snapshot's directory is named by its commit; config.json alone is fetched, a few hundred bytes
+        return os.path.basename(snapshot_download(repo_id, allow_patterns=["config.json"]))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError):  # not cached, no such model, a bad id
+        return None

@@ -382,6 +382,14 @@ def end_ids(tokenizer, roles_of=None):
     return special_ids(tokenizer)
 
 
+def turn_closers(tokenizer, turns, roles_of):
+    """The special tokens the model's chat template closes a message with (<|im_end|>, <|eot_id|>, <end_of_turn>):
+    those in the footers of `turns` rendered, not the ones that open the next message's header; every special token
+    where the footers hold none."""
+    footers = {t for _, _, footer, _ in chat_pieces(tokenizer, [list(turns)], roles_of)[0] for t in footer}
+    return (footers & special_ids(tokenizer)) or special_ids(tokenizer)
+
+
 def prompt(tokenizer, turns, speaker, roles_of=None):
     """The token ids asking `speaker` to speak after `turns`: the turns as trained, then the speaker's label (in a
     chat template, the header of the speaker's role)."""

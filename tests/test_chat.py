@@ -157,3 +157,28 @@ def test_chat_answers_each_line_and_resets(processes):
     assert [line.split(":")[0] for line in lines] == ["Alex", "Bob", "Alex", "Bob", "(new conversation)", "Alex",
                                                       "Bob"]
     assert [lines[i] for i in (0, 2, 5)] == ["Alex: Hi there", "Alex: How are you?", "Alex: Hello again"]
+
+
+def test_chat_in_a_chat_template_takes_the_runs_roles(tmp_path, monkeypatch):
+    """A chat-template run whose ROLES give the system speaker the user's role (as for a template without a system
+    slot): chat.py's prompt renders each turn in the role training gave it, not a fixed user/assistant pair."""
+    from render import role_map
+    from tiny import save_tiny_llama
+
+    roles = {"Riley": "user", "Jordan": "assistant", "system": "user"}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text(json.dumps({"FORMAT": "chat_template", "ROLES": roles,
+                                                              "SYSTEM_PROMPT": "Be kind."}))
+    save_tiny_llama(str(tmp_path / "model"))
+    seen = []
+
+    def fake_reply(model, tokenizer, turns, speaker, cfg, generator, context, roles_of):
+        seen.append((speaker, roles_of(list(turns) + [(speaker, "")])))
+        return "fine", True, 1
+
+    monkeypatch.setattr(generation, "reply", fake_reply)
+    p = run("chat.py", "--checkpoint=model", cwd=tmp_path, stdin="Hi\n")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "Riley: Hi\nJordan: fine\n"
+    turns = [("system", "Be kind."), ("Riley", "Hi"), ("Jordan", "")]
+    assert seen == [("Jordan", role_map(roles)(turns))] == [("Jordan", ["user", "user", "assistant"])]

@@ -237,6 +237,28 @@ def test_a_report_is_named_by_its_model_directory(tmp_path, monkeypatch):
     assert named("/elsewhere/x/best") == "elsewhere-x-best"
 
 
+def test_a_hub_base_is_keyed_by_the_revision_it_resolves_to(tmp_path, monkeypatch):
+    """A Hub base model's figures are kept under its id and the commit the local cache's refs/main names: a new
+    revision downloaded is another key, and its figures are computed afresh."""
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    for sha in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / sha).mkdir(parents=True)
+        (repo / "snapshots" / sha / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    cfg = types.SimpleNamespace(MODEL="acme/tiny", SEED=1)
+    keys = []
+    for sha in ("a" * 40, "b" * 40):
+        (repo / "refs" / "main").write_text(sha)
+        keys.append(evaluate.base_identity(cfg, None))
+    assert keys == [["acme/tiny", "a" * 40], ["acme/tiny", "b" * 40]]
+    assert evaluate.base_identity(types.SimpleNamespace(MODEL="acme/uncached", SEED=1), None) == ["acme/uncached", None]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # bad input
 
@@ -319,6 +341,96 @@ def test_evaluate_never_unpickles(tmp_path, trained_run, evil):
     p = run("evaluate.py", *EVAL_FAST, f"--checkpoint={d}", cwd=tmp_path)
     assert "no model.safetensors" in last_error_line(p)
     assert not evil[1].exists(), "evaluate.py unpickled pytorch_model.bin"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# runs and checkpoints side by side: --compare
+
+@pytest.fixture(scope="module")
+def two_runs(trained_run, tmp_path_factory):
+    """Two runs, copies of the trained run (run_b's best/ alone, and its validation curve a nat lower), with their
+    data and MODEL beside them; no report."""
+    d = tmp_path_factory.mktemp("compare")
+    shutil.copy(trained_run / "val_data.txt", d / "val_data.txt")
+    (d / "base").symlink_to(trained_run / "base")
+    for name, models in (("run_a", ("best", "final", LAST)), ("run_b", ("best",))):
+        (d / name / "checkpoints").mkdir(parents=True)
+        for log in ("config.json", "metrics.jsonl"):
+            shutil.copy(trained_run / "out" / log, d / name / log)
+        for model in models:
+            shutil.copytree(trained_run / "out" / model, d / name / model)
+    lower = [{**m, "val_loss": m["val_loss"] - 1} if "val_loss" in m else m for m in metrics(d / "run_b")]
+    (d / "run_b" / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lower))
+    return d
+
+
+def compare_py(d, *paths):
+    return run("evaluate.py", "--device=cpu", *FAST, f"--compare={','.join(paths)}", cwd=d)
+
+
+@pytest.mark.parametrize("paths, says", [
+    (["run_a", "nowhere"], "COMPARE 'nowhere' does not exist"),
+    (["run_a", "run_a/checkpoints"], "COMPARE: 'run_a/checkpoints' is neither a run"),
+    (["val_data.txt"], "COMPARE: 'val_data.txt' is neither a run"),
+])
+def test_compare_refuses_what_is_no_run_or_model_before_evaluating_any(two_runs, paths, says):
+    assert says in one_error_line(compare_py(two_runs, *paths))
+    assert not (two_runs / "run_a" / "eval").exists()
+
+
+def rows(p):
+    """The comparison's table on stdout: {the row's first cell: its cells}."""
+    table = [line for line in p.stdout.splitlines() if line.startswith("| ")]
+    return {cells[0]: cells[1:] for cells in (line.strip("| ").split(" | ") for line in table[1:])}, table
+
+
+def test_compare_reads_each_report_and_evaluates_only_what_is_missing(two_runs, monkeypatch):
+    """Two runs and two checkpoints: the figures each report holds (edited ones too), read, not computed again; a
+    checkpoint never evaluated, and one whose report was made on other settings, evaluated through evaluate.py's own
+    evaluation."""
+    evaluated, real = [], evaluate.evaluate_model
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda cfg: (evaluated.append(cfg.CHECKPOINT), real(cfg))[1])
+    p = compare_py(two_runs, "run_a", "run_a/final")
+    assert p.returncode == 0, p.stderr
+    assert evaluated == ["run_a/best", "run_a/final"] and "run_a: no report yet; evaluating it" in p.stdout
+    report = lambda model: two_runs / "run_a" / "eval" / model / "eval_report.json"
+    best = json.loads(report("best").read_text())
+    table, lines = rows(p)
+    assert list(table) == ["base `base`", "`run_a`", "`run_a/final`"]
+    assert table["`run_a`"][:3] == [f"{best['val_loss']:.4f}", f"{best['val_ppl']:.2f}",
+                                    ", ".join(f"{s} {v:.3f}" for s, v in best["per_speaker_loss"].items())]
+    assert table["base `base`"][0] == f"{best['base_val_loss']:.4f}"
+    md = (two_runs / "out" / "comparison.md").read_text().splitlines()
+    assert all(line in md for line in lines) and "![validation loss](comparison.png)" in md
+
+    # run_b's report: run_a's (the same model, data and settings), edited; run_a's edited; run_a/final's made on
+    # other settings; the checkpoint has none
+    shutil.copytree(two_runs / "run_a" / "eval", two_runs / "run_b" / "eval")
+    edit = lambda path, **figures: path.write_text(json.dumps({**json.loads(path.read_text()), **figures}))
+    edit(two_runs / "run_b" / "eval" / "best" / "eval_report.json", val_loss=1.2345, token_f1=0.777,
+         per_speaker_loss={"Zed": 0.5})
+    edit(report("best"), stop_rate=0.123)
+    final = json.loads(report("final").read_text())
+    edit(report("final"), basis={**final["basis"], "num_replies": 99})
+    evaluated.clear()
+    plotted, plot = [], evaluate.plot_curves
+    monkeypatch.setattr(evaluate, "plot_curves", lambda curves, *a: (plotted.append(curves), plot(curves, *a))[1])
+    p = compare_py(two_runs, "run_a", "run_b", "run_a/final", f"run_a/{LAST}")
+    assert p.returncode == 0, p.stderr
+    assert evaluated == ["run_a/final", f"run_a/{LAST}"]
+    assert "run_a/final: its report was made on other data or settings (num_replies); evaluating it" in p.stdout
+    table, _ = rows(p)
+    assert list(table) == ["base `base`", "`run_a`", "`run_b`", "`run_a/final`", f"`run_a/{LAST}`"]
+    assert table["`run_b`"][:3] == ["1.2345", "3.44", "Zed 0.500"] and table["`run_b`"][7] == "0.777"
+    assert table["`run_a`"][3] == "12%" and table["`run_a`"][0] == f"{best['val_loss']:.4f}"
+    last = json.loads((two_runs / "run_a" / "eval" / "step-00000006" / "eval_report.json").read_text())
+    assert table[f"`run_a/{LAST}`"][0] == f"{last['val_loss']:.4f}"
+    assert p.stdout.strip().splitlines()[-1].startswith("compared 4 models (2 evaluated now, 2 from their reports)")
+    # one plot: each run's validation curve, from its metrics.jsonl
+    assert (two_runs / "out" / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curve = lambda run_dir: [(m["step"], m["val_loss"]) for m in metrics(two_runs / run_dir) if "val_loss" in m]
+    assert plotted[-1] == [("run_a", curve("run_a"), "o-"), ("run_b", curve("run_b"), "o-")]  # after the reports'
+    assert curve("run_a") and curve("run_a") != curve("run_b")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import transformers
 import cli
 import modeling
 from dialogues import format_dialogue
-from generation import cut_reply, generate, replies, reply, sampling
-from render import encode, prompt, prompt_ids, role_map
+from generation import cut_reply, dialogue, generate, replies, reply, sampling
+from render import encode, prompt, prompt_ids, role_map, turn_closers
 from tiny import EOS_ID, chat_tokenizer, gpt2_tokenizer, save_tiny_gpt2, save_tiny_llama, synthetic
 
 
@@ -221,3 +221,48 @@ def test_temperature_top_k_and_top_p_change_what_is_sampled():
     cold, hot = first_tokens("--temperature=0.5"), first_tokens("--temperature=2.0")
     assert hot.count(likeliest) < plain.count(likeliest) < cold.count(likeliest)
     assert set(first_tokens("--temperature=0")) == {likeliest}  # greedy
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a sample dialogue: several turns, ending at the end of one
+
+def run_dialogue(script, after, more, tok=None, roles_of=None):
+    """A dialogue scripted after Alex's first turn, asking Bob: (its new text, the model's forward calls). With
+    `roles_of`, in `tok`'s chat template."""
+    tok = tok or gpt2_tokenizer()
+    ids = prompt(tok, TURNS[:1], "Bob", roles_of)
+    model = scripted(script, vocab=len(tok))
+    closers = None if roles_of is None else turn_closers(tok, TURNS[:1] + [("Bob", ".")], roles_of)
+    new = dialogue(model, tok, ids, after, more, sampling(cli.load_config(["--temperature=0"])),
+                   torch.Generator().manual_seed(0), closers)
+    return tok.decode(new), len(model.calls)
+
+
+def test_a_dialogue_runs_past_its_budget_to_the_end_of_a_turn():
+    first, second = enc(" Fine, thanks\n"), enc("Alex: And how is the garden these days?\n")
+    text, calls = run_dialogue(first + second + enc("Bob: Green"), after=len(first) + 3, more=30)
+    assert text == " Fine, thanks\nAlex: And how is the garden these days?\n"  # not cut mid-turn at the budget
+    assert calls == len(first + second)  # and nothing made after that turn's end
+
+
+def test_a_dialogue_that_cannot_end_a_turn_in_time_goes_back_to_the_last_turn_end():
+    first = enc(" Fine, thanks\n")
+    text, calls = run_dialogue(first + enc("Alex: And how is the garden these days?"), after=len(first) + 2, more=3)
+    assert text == " Fine, thanks\n" and calls == len(first) + 5
+
+
+def test_a_dialogue_ends_at_eos_within_its_budget():
+    text, _ = run_dialogue(enc(" Fine") + [EOS_ID] + enc("\nAlex: more"), after=10, more=5)
+    assert text == " Fine<|endoftext|>"
+
+
+def test_a_dialogue_in_a_chat_template_ends_where_a_message_closes():
+    """An instruct model whose EOS is not its turn's end (<|endoftext|>, as a base model's): the dialogue runs on
+    through the next message's header, whose <|im_start|> is no turn end, to the <|im_end|> that closes it."""
+    tok = chat_tokenizer(eos="<|endoftext|>")
+    im_start, im_end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    first = enc(" Fine") + [im_end] + enc("\n")
+    second = [im_start] + enc("user\nAnd you?") + [im_end]
+    text, calls = run_dialogue(first + second + enc("\n") + [im_start], after=len(first) + 1, more=20, tok=tok,
+                               roles_of=role_map({"Alex": "user", "Bob": "assistant"}))
+    assert text == " Fine<|im_end|>\n<|im_start|>user\nAnd you?<|im_end|>" and calls == len(first + second)
