@@ -94,6 +94,13 @@ ALIASES = {"LR": "LEARNING_RATE", "BS": "BATCH_SIZE", "BATCH": "BATCH_SIZE", "EP
            "LOGGING_STEPS": "LOG_INTERVAL", "GRADIENT_CHECKPOINTING_ENABLE": "GRADIENT_CHECKPOINTING"}
 
 
+def closest(key, names):
+    """Up to three of `names` closest to `key`: first those that hold it whole as their words' start or end
+    (--compare_hf means --bench_compare_hf before --compare), then difflib's nearest spellings."""
+    whole = [n for n in names if n.startswith(key + "_") or n.endswith("_" + key)]
+    return list(dict.fromkeys(whole + difflib.get_close_matches(key, names, n=3, cutoff=0.5)))[:3]
+
+
 def defaults():
     return {k: v for k, v in vars(config).items() if k.isupper()}
 
@@ -113,7 +120,7 @@ def load_config(argv=None, doc=None, given=None):
         name, text = arg[2:].split("=", 1)
         key = name.upper().replace("-", "_")
         if key not in cfg:
-            close = [ALIASES[key]] if key in ALIASES else difflib.get_close_matches(key, cfg, n=3, cutoff=0.5)
+            close = [ALIASES[key]] if key in ALIASES else closest(key, cfg)
             hint = f"; did you mean {', '.join('--' + c.lower() for c in close)}?" if close else " (see --help)"
             raise UserError(f"unknown setting --{name}{hint}")
         cfg[key] = _parse_value(key, text, cfg[key])
