@@ -145,6 +145,7 @@ def save_settings(model, tokenizer, roles_of, cfg):
     MAX_NEW_TOKENS), so a reply elsewhere is sampled as evaluate.py and chat.py sample it. `model`: the model that
     save_pretrained saves (a LoRA model's base)."""
     config = model.generation_config
+    config._from_model_config = False  # else generate() may rebuild it from the model's config.json, our ends lost
     ends = turn_end_ids(tokenizer, roles_of)
     config.eos_token_id = ends if len(ends) > 1 else ends[0]
     config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
