@@ -50,6 +50,13 @@ def is_speaker_template(template):
     return bool(template) and template.startswith(SPEAKER_TEMPLATE[:SPEAKER_TEMPLATE.index("-}}") + 3])
 
 
+def template_speakers(tokenizer):
+    """(the user, the trained speaker) that a speaker-format chat template names, read back from what it writes."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    first, label = text[len(tokenizer.bos_token or tokenizer.eos_token):].split("\n")
+    return first.removesuffix(": x"), label.removesuffix(":")
+
+
 def run_speakers(cfg, given=()):
     """(the user's name, the trained speaker's) of a run: the trained speaker is the first of TRAIN_SPEAKERS, else
     the one ROLES makes the assistant; the user the one ROLES makes the user, else VAL_FILE's commonest other

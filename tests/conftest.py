@@ -202,10 +202,11 @@ def replied(n, seed):
 def replying(tmp_path_factory):
     """Tiny models trained to answer REPLY as Bob (TRAIN_SPEAKERS=['Bob'], greedy TEMPERATURE=0 saved in their
     generation settings): {"speaker": a GPT-2 in the speaker format, "chat_template": a Llama in its ChatML template},
-    each the run's directory (its model: out/best). For the tests of what other tools make of a run's files."""
+    each the run's directory (its model: out/best). For the tests of what other tools make of a run's files. The
+    Llama's tokenizer adds no BOS itself (its template writes it), as Qwen's: one llama.cpp's converter knows."""
     from tiny import save_tiny_gpt2, save_tiny_llama, write_split
     runs = {}
-    for fmt, save in (("speaker", save_tiny_gpt2), ("chat_template", save_tiny_llama)):
+    for fmt, save in (("speaker", save_tiny_gpt2), ("chat_template", lambda p: save_tiny_llama(p, add_bos=False))):
         d = tmp_path_factory.mktemp(fmt)
         save(str(d / "base"))
         write_split(d, replied(48, 1), replied(8, 2))
