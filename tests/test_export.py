@@ -6,8 +6,8 @@ the speaker format and a tiny Llama in its own template. Needs convert-hf-to-ggu
 Run: .venv/bin/python -m pytest -q tests/test_export.py
 """
 
+import copy
 import os
-import shutil
 
 import pytest
 import torch
@@ -17,7 +17,7 @@ from conftest import REPLY, one_error_line, run
 from generation import turn_end_id
 from render import prompt, role_map
 
-gguf = pytest.importorskip("gguf")
+pytest.importorskip("gguf")
 pytest.importorskip("conversion")
 
 CHAT = [("Alex", "We like the cat."), ("Bob", REPLY), ("Alex", "The dog ran home today.")]
@@ -37,50 +37,64 @@ def exported(replying):
     return replying
 
 
-def from_gguf(d, name, config):
-    """The model in a GGUF as transformers reads it back. The config is the Hugging Face model's: transformers 5
-    reads GPT-2's context from a GGUF into a name GPT2Config no longer has (n_ctx), and would make a model of 1,024
-    positions; the weights are the GGUF's."""
-    return transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, config=config).eval()
+def read_back(path, model):
+    """What transformers reads from a GGUF (load_gguf_checkpoint, as from_pretrained(gguf_file=...) does): its
+    metadata ("tokenizer", "tokenizer_config": the chat template) and "model", `model`'s architecture with the
+    GGUF's weights. The architecture is the Hugging Face model's: transformers 5 reads GPT-2's context from a GGUF
+    into a name GPT2Config no longer has (n_ctx), and would make a model of 1,024 positions."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)
+    copy = transformers.AutoModelForCausalLM.from_config(model.config).eval()
+    missing, unexpected = copy.load_state_dict(parsed["tensors"], strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # tied to the embedding
+    copy.tie_weights()
+    return {**parsed, "model": copy}
+
+
+@pytest.fixture(scope="module")
+def gguf_models(exported):
+    """format -> read_back of one of its GGUFs (and "type": which), with the Hugging Face model and tokenizer of
+    best/ as "hf" and "hf_tokenizer": GPT-2's f16 and Llama's q8_0. One each: reading a GGUF back costs seconds
+    (GPT-2's 50k tokens and merges, parsed in Python); a Llama whose attention the converter had laid out wrong
+    would be far outside q8_0's tolerance too."""
+    out = {}
+    for fmt, ftype in (("speaker", "f16"), ("chat_template", "q8_0")):
+        best = exported[fmt] / "out" / "best"
+        hf = transformers.AutoModelForCausalLM.from_pretrained(best).eval()
+        out[fmt] = {**read_back(exported[fmt] / "out" / "gguf" / f"best-{ftype}.gguf", hf), "hf": hf, "type": ftype,
+                    "hf_tokenizer": transformers.AutoTokenizer.from_pretrained(best)}
+    return out
 
 
 @pytest.mark.parametrize("fmt", ["speaker", "chat_template"])
-def test_gguf_logits_are_the_models(exported, fmt):
-    best = exported[fmt] / "out" / "best"
-    tok = transformers.AutoTokenizer.from_pretrained(best)
-    model = transformers.AutoModelForCausalLM.from_pretrained(best).eval()
+def test_gguf_logits_are_the_models(gguf_models, fmt):
+    read = gguf_models[fmt]
+    model, tok = read["hf"], read["hf_tokenizer"]
     x = torch.tensor([prompt(tok, CHAT, "Bob", roles_of(fmt))])
-    rounded = transformers.AutoModelForCausalLM.from_pretrained(best).eval()  # f16 is these weights in f16
+    rounded = copy.deepcopy(model)  # f16 is these weights in f16
     with torch.no_grad():
         for p in rounded.parameters():
             if p.dim() > 1:  # the converter keeps norms and biases in f32
                 p.copy_(p.half().float())
-        want, want16 = model(x).logits, rounded(x).logits
-        f16 = from_gguf(exported[fmt] / "out" / "gguf", "best-f16.gguf", model.config)(x).logits
+        want, want16, got = model(x).logits, rounded(x).logits, read["model"](x).logits
     scale = want.abs().max().item()
-    assert (f16 - want16).abs().max() < 1e-3  # measured 1.3e-4 (GPT-2) and 0 (Llama)
-    assert (f16 - want).abs().max() < 1e-3 * scale  # f16's own rounding: measured 2e-4 of the largest logit
-    if fmt == "chat_template":  # q8_0 once: reading a GGUF back costs seconds (50k tokens in Python's reader)
-        with torch.no_grad():
-            q8 = from_gguf(exported[fmt] / "out" / "gguf", "best-q8_0.gguf", model.config)(x).logits
-        assert 0 < (q8 - want).abs().max() < 0.02 * scale  # measured 0.4-0.5% of the largest logit; 0: not q8_0
+    if read["type"] == "f16":
+        assert (got - want16).abs().max() < 1e-3  # measured 1.3e-4 (GPT-2; Llama's: 0)
+        assert (got - want).abs().max() < 1e-3 * scale  # f16's own rounding: measured 2e-4 of the largest logit
+    else:  # q8_0: measured 0.5% of the largest logit (GPT-2's: 0.4%); 0 would be no quantization
+        assert 0 < (got - want).abs().max() < 0.02 * scale
 
 
 @pytest.mark.parametrize("fmt", ["speaker", "chat_template"])
-def test_gguf_chat_template_renders_the_training_prompt_and_ends_the_turn(exported, fmt):
-    best = exported[fmt] / "out" / "best"
-    tok = transformers.AutoTokenizer.from_pretrained(best)
-    reader = gguf.GGUFReader(exported[fmt] / "out" / "gguf" / "best-q8_0.gguf")
-    fields = {k: reader.fields[k].contents() for k in ("tokenizer.chat_template", "tokenizer.ggml.eos_token_id",
-                                                        "tokenizer.ggml.eot_token_id")}
-    template = fields["tokenizer.chat_template"]
+def test_gguf_chat_template_renders_the_training_prompt_and_ends_the_turn(gguf_models, fmt):
+    read = gguf_models[fmt]
+    tok, template = read["hf_tokenizer"], read["tokenizer_config"]["chat_template"]
     messages = [{"role": "user" if s == "Alex" else "assistant", "content": t} for s, t in CHAT]
     # rendered by transformers' jinja, as llama.cpp renders a --jinja chat with it
     ids = tok.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, return_dict=False)
     assert list(ids) == prompt(tok, CHAT, "Bob", roles_of(fmt))
     end = tok.convert_tokens_to_ids("\u010a" if fmt == "speaker" else "<|im_end|>")  # "\n" in GPT-2's BPE
-    assert fields["tokenizer.ggml.eos_token_id"] == fields["tokenizer.ggml.eot_token_id"] == end
-    assert end == turn_end_id(tok, roles_of(fmt))
+    assert read["tokenizer"]["eos_token_id"] == end == turn_end_id(tok, roles_of(fmt))
 
 
 def test_modelfile_prompts_and_stops_as_the_template(exported):
