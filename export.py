@@ -118,9 +118,12 @@ def merged(src, cfg, stack):
 
     import modeling
     from checkpoints import save_model
+    from generation import save_settings
+    from render import chat_roles
     tokenizer = modeling.load_tokenizer(src)
     model = modeling.adapt(modeling.load(cfg.MODEL)[1], cfg,
                            load_file(os.path.join(src, "adapter_model.safetensors")))
+    save_settings(model.get_base_model(), tokenizer, chat_roles(tokenizer), cfg)  # as train.py saves best/
     out = cfg.GGUF_DIR or os.path.join(cfg.OUT_DIR, "gguf")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = stack.enter_context(tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out)),
