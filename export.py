@@ -135,8 +135,8 @@ def merged(src, cfg, stack):
 # ---------------------------------------------------------------------------------------------------------------------
 # the Ollama Modelfile
 
-def go_string(text):
-    """`text` as a Go template string literal (JSON's escapes are Go's)."""
+def quoted(text):
+    """`text` as a Modelfile's quoted value (JSON's quotes and escapes)."""
     return json.dumps(text)
 
 
@@ -164,9 +164,13 @@ def modelfile(src, tokenizer, gguf_name):
         # the model's own template: Ollama reads it from the GGUF (tokenizer.chat_template) and maps known families
         # (ChatML, Llama 3, Gemma, ...) to its own; the end-of-turn token stops the reply
         stops = [tokenizer.convert_ids_to_tokens(turn_end_id(tokenizer, role_map()))]
-    lines += [f"PARAMETER stop {go_string(s)}" for s in dict.fromkeys(stops)]
-    # sampling as the saved generation settings have it (train.py saves the run's), as pipeline() samples
-    gen = GenerationConfig.from_pretrained(src)
+    lines += [f"PARAMETER stop {quoted(s)}" for s in dict.fromkeys(stops)]
+    # sampling as the saved generation settings have it (train.py saves the run's), as pipeline() samples; a model
+    # directory from elsewhere may have none, and Ollama's own defaults then stand
+    try:
+        gen = GenerationConfig.from_pretrained(src)
+    except OSError:
+        return "\n".join(lines) + "\n"
     lines += [f"PARAMETER temperature {gen.temperature if gen.do_sample else 0}", f"PARAMETER top_k {gen.top_k}",
               f"PARAMETER top_p {gen.top_p}", f"PARAMETER repeat_penalty {gen.repetition_penalty}",
               f"PARAMETER num_predict {gen.max_new_tokens or -1}"]
