@@ -14,30 +14,14 @@ In a model's own chat template the run's ROLES say each speaker's role, as train
 not give is the assistant's (the model's) or the user's (yours).
 """
 
-import collections
-import os
 import re
 import sys
 
 from cli import UserError, load_run_settings, quiet_libraries, run, which_model
-from dialogues import SYSTEM, clean_speaker, clean_text, iter_dialogues
+from dialogues import clean_speaker, clean_text
+from render import run_speakers
 
 HELP = "commands: /reset starts a new conversation, /quit leaves"
-
-
-def speakers(cfg, given):
-    """(the user's name, the model's): the run's trained speaker (the first of TRAIN_SPEAKERS, else the one ROLES makes
-    the assistant) and the run's other speaker (the one ROLES makes the user, else the commonest other speaker of
-    VAL_FILE); USER_NAME and BOT_NAME where given on the command line, or where the run names no trained speaker."""
-    named = lambda role: [s for s, r in (cfg.ROLES or {}).items() if r == role and s not in ("*", SYSTEM)]
-    bot = (cfg.TRAIN_SPEAKERS or named("assistant") or [None])[0]
-    if bot is None or "BOT_NAME" in given:
-        return cfg.USER_NAME, cfg.BOT_NAME
-    others = collections.Counter(s for d in (iter_dialogues(cfg.VAL_FILE) if os.path.isfile(cfg.VAL_FILE) else [])
-                                 for s, _ in d if s not in (bot, SYSTEM))
-    user = cfg.USER_NAME if "USER_NAME" in given else (named("user") + [s for s, _ in others.most_common(1)] +
-                                                         [cfg.USER_NAME])[0]
-    return user, bot
 
 
 def chat_role_names(cfg, user, bot):
@@ -55,7 +39,7 @@ def main():
     # scripted session's transcript on stdout does not show
     cfg, given = load_run_settings(__doc__, say=lambda line: print(line, file=sys.stderr))
     model_dir = which_model(cfg)
-    user, bot = (clean_speaker(name) for name in speakers(cfg, given))
+    user, bot = (clean_speaker(name) for name in run_speakers(cfg, given))
     if not user or not bot or user == bot:
         raise UserError(f"USER_NAME and BOT_NAME must be two different names, got {cfg.USER_NAME!r}, {cfg.BOT_NAME!r}")
     # the heavy imports wait until the settings are checked: --help and a mistyped setting answer at once

@@ -144,7 +144,8 @@ def bench_config(doc, smoke):
 # (run_settings) takes these from config.py and its command line, and every other setting from the run.
 OWN_SETTINGS = ("DATA_FILE", "DATA_SPLIT", "USE_CHOSEN", "VAL_FRACTION", "CHECKPOINT", "COMPARE", "NUM_REPLIES",
                 "TEMPERATURE", "TOP_K", "TOP_P", "REPETITION_PENALTY", "MAX_NEW_TOKENS", "SAMPLE_PROMPT",
-                "SAMPLE_MAX_NEW_TOKENS", "USER_NAME", "BOT_NAME", "SHOW_EXAMPLE", "OUT_DIR", "RESUME",
+                "SAMPLE_MAX_NEW_TOKENS", "USER_NAME", "BOT_NAME", "SHOW_EXAMPLE", "OUT_DIR", "RESUME", "GGUF_TYPES",
+                "GGUF_DIR",
                 *(k for k in vars(config) if k.startswith("BENCH_")))
 
 

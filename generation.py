@@ -11,7 +11,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from cli import progress
-from render import end_ids, prompt_ids
+from render import chat_pieces, encode, end_ids, prompt_ids, role_map, special_ids
 
 
 def cut_reply(text, speakers):
@@ -143,3 +143,51 @@ def dialogue(model, tokenizer, ids, max_new_tokens, more, settings, generator, c
     if (new and new[-1] == eos) or end.last == len(new):
         return new
     return new[:end.last or len(new)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the generation settings saved with a model: what generate() does for a tool that passes nothing
+
+def turn_end_id(tokenizer, roles_of=None):
+    """The one token that ends a turn, for a tool that takes one (a GGUF's EOS): in the speaker format the line end
+    as training's turns end with it (GPT-2's BPE writes it as a token of its own), in a chat template the first
+    special token of a turn's end (<|im_end|>, <|eot_id|>, <end_of_turn>), else EOS."""
+    if roles_of is None:
+        return encode(tokenizer, [" Hi\n"])[0][-1]
+    *_, (_, _, footer, _) = chat_pieces(tokenizer, [[("a", "Hi."), ("b", "Hello.")]], role_map())[0]
+    special = special_ids(tokenizer)
+    return next((t for t in footer if t in special), tokenizer.eos_token_id)
+
+
+def turn_end_ids(tokenizer, roles_of=None):
+    """The token ids that end a reply for a tool that has only the saved files (pipeline(), generate() alone,
+    `transformers serve`, a GGUF): EOS, and where a turn is one line (the speaker format) every token whose text
+    holds a line end, since training's turn ends with one ("Bob: text\\n", its newline a token of its own in GPT-2's
+    BPE, or in one with the punctuation before it in Llama 3's); in a chat template, the first special token of a
+    turn's end (<|im_end|>, <|eot_id|>, <end_of_turn>), where training stopped the reply."""
+    ends = {tokenizer.eos_token_id}
+    if roles_of is not None:
+        return sorted(ends | {turn_end_id(tokenizer, roles_of)})
+    # decoding every id costs a second in GPT-2's vocabulary: only those whose stored form can be a line end are
+    # decoded (byte-level BPE writes it "Ċ", SentencePiece's byte fallback "<0x0A>"), and the tokens that training's
+    # own line ends are encoded to go in whatever their form
+    special = special_ids(tokenizer)
+    maybe = [i for t, i in tokenizer.get_vocab().items() if any(c in t for c in ("\n", "\u010a", "<0x0A>"))]
+    lines = {ids[-1] for ids in encode(tokenizer, [" Hi.\n", " hi\n", " Ok!\n", " so?\n", " (yes)\n"])}
+    return sorted(ends | lines | {i for i, t in zip(maybe, tokenizer.batch_decode([[i] for i in maybe]))
+                                  if "\n" in t and i not in special})
+
+
+def save_settings(model, tokenizer, roles_of, cfg):
+    """The model's generation_config as train.py saves it: its turn ends as EOS (turn_end_ids), so any tool stops
+    a reply where training did without being told how, and the run's sampling settings (TEMPERATURE, ...,
+    MAX_NEW_TOKENS), so a reply elsewhere is sampled as evaluate.py and chat.py sample it. `model`: the model that
+    save_pretrained saves (a LoRA model's base)."""
+    config = model.generation_config
+    config._from_model_config = False  # else generate() may rebuild it from the model's config.json, our ends lost
+    ends = turn_end_ids(tokenizer, roles_of)
+    config.eos_token_id = ends if len(ends) > 1 else ends[0]
+    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config.max_new_tokens = cfg.MAX_NEW_TOKENS
+    for name, value in sampling(cfg).items():
+        setattr(config, name, value)

@@ -2,7 +2,7 @@
 generation asks a model to continue in the same format.
 
 The speaker format (`render`, FORMAT="speaker") writes each turn as its text-file line, "Speaker: text\\n", and ends
-the dialogue with EOS; CHAT_TEMPLATE, saved with every model trained in it, renders the same text for any tool that
+the dialogue with EOS; speaker_template, saved with every model trained in it, renders the same text for any tool that
 uses apply_chat_template. The chat-template format (`render_chat`, FORMAT="chat_template") renders the dialogue with
 the model's own template, each speaker as a role (`role_map`), token for token what apply_chat_template writes for
 the messages `messages` makes of the turns (repeated roles merged; see README). Either way the last turn ends with
@@ -12,28 +12,65 @@ at generation), never a system message (the speaker `system`). batching.py cuts 
 generation.py samples after `prompt_ids`.
 """
 
+import collections
+import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from cli import UserError
-from dialogues import SYSTEM, clean_text, format_dialogue  # SYSTEM: the speaker a system message is
+from dialogues import SYSTEM, clean_speaker, clean_text, format_dialogue, iter_dialogues  # SYSTEM: the speaker a system message is
 
 
-# The chat template saved with every model trained in the speaker format: apply_chat_template(messages) renders the
-# training text exactly (BOS, or EOS where the model has no BOS, then "Speaker: text" lines, then EOS); with
-# add_generation_prompt=True it ends with the next speaker's label instead: `next_speaker` if given, else the one who
-# spoke before the last message. A message's speaker is its "name", else its "role".
-CHAT_TEMPLATE = (
+# The chat template saved with every model trained in the speaker format (speaker_template): apply_chat_template
+# renders the training text exactly (BOS, or EOS where the model has no BOS, then "Speaker: text" lines, then EOS).
+# A message's speaker is its "name", else its role: "user" and "assistant" are the run's two speakers (so a tool that
+# knows only roles, pipeline() or `transformers serve`, prompts the model as it was trained), "system" is the
+# speaker `system`, any other role is a speaker's name. add_generation_prompt=True ends with the assistant's label.
+# Every such template starts with the same line (is_speaker_template); jinja string literals take json's escapes.
+SPEAKER_TEMPLATE = (
     "{{- bos_token or eos_token -}}"
-    "{%- for m in messages -%}{{ (m.name or m.role) | replace(':', ' ') | trim }}: "
-    "{{ m.content.split() | join(' ') }}{{ '\\n' }}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{%- if next_speaker is defined and next_speaker -%}{%- set label = next_speaker -%}"
-    "{%- elif messages | length > 1 -%}{%- set label = messages[-2].name or messages[-2].role -%}"
-    "{%- else -%}{%- set label = 'assistant' -%}{%- endif -%}"
-    "{{ label | replace(':', ' ') | trim }}:"
-    "{%- else -%}{{ eos_token }}{%- endif -%}")
+    "{%- for m in messages -%}"
+    "{%- if m.name -%}{%- set s = m.name -%}{%- elif m.role == 'user' -%}{%- set s = USER -%}"
+    "{%- elif m.role == 'assistant' -%}{%- set s = BOT -%}{%- else -%}{%- set s = m.role -%}{%- endif -%}"
+    "{{ s | replace(':', ' ') | trim }}: {{ m.content.split() | join(' ') }}{{ '\\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ BOT }}:{%- else -%}{{ eos_token }}{%- endif -%}")
+
+
+def speaker_template(user, bot):
+    """The speaker format's chat template for a run whose user is `user` and whose trained speaker is `bot`."""
+    user, bot = clean_speaker(user), clean_speaker(bot)  # as their lines in the text files spell them
+    return SPEAKER_TEMPLATE.replace("USER", json.dumps(user)).replace("BOT", json.dumps(bot))
+
+
+def is_speaker_template(template):
+    """Whether a chat template is the speaker format's (of any run, or the one saved before it named the run's
+    speakers, which opened the same way)."""
+    return bool(template) and template.startswith(SPEAKER_TEMPLATE[:SPEAKER_TEMPLATE.index("-}}") + 3])
+
+
+def template_speakers(tokenizer):
+    """(the user, the trained speaker) that a speaker-format chat template names, read back from what it writes."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    first, label = text[len(tokenizer.bos_token or tokenizer.eos_token):].split("\n")
+    return first.removesuffix(": x"), label.removesuffix(":")
+
+
+def run_speakers(cfg, given=()):
+    """(the user's name, the trained speaker's) of a run: the trained speaker is the first of TRAIN_SPEAKERS, else
+    the one ROLES makes the assistant; the user the one ROLES makes the user, else VAL_FILE's commonest other
+    speaker. USER_NAME and BOT_NAME where `given` (on the command line), or where the run names no trained
+    speaker. chat.py talks as these; train.py saves them in the speaker format's template."""
+    named = lambda role: [s for s, r in (cfg.ROLES or {}).items() if r == role and s not in ("*", SYSTEM)]
+    bot = (cfg.TRAIN_SPEAKERS or named("assistant") or [None])[0]
+    if bot is None or "BOT_NAME" in given:
+        return cfg.USER_NAME, cfg.BOT_NAME
+    others = collections.Counter(s for d in (iter_dialogues(cfg.VAL_FILE) if os.path.isfile(cfg.VAL_FILE) else [])
+                                 for s, _ in d if s not in (bot, SYSTEM))
+    user = cfg.USER_NAME if "USER_NAME" in given else (named("user") + [s for s, _ in others.most_common(1)] +
+                                                         [cfg.USER_NAME])[0]
+    return user, bot
 
 
 def start_id(tokenizer):
@@ -369,7 +406,7 @@ def chat_roles(tokenizer, roles=None, train_speakers=None):
     """None for a model that speaks the speaker format (our template, or none), else the function from turns to
     roles (role_map of ROLES and TRAIN_SPEAKERS) its own chat template is prompted with: a model saved by train.py
     keeps its own template only when FORMAT="chat_template"."""
-    if not tokenizer.chat_template or tokenizer.chat_template == CHAT_TEMPLATE:
+    if not tokenizer.chat_template or is_speaker_template(tokenizer.chat_template):
         return None
     return role_map(roles, train_speakers)
 

@@ -75,23 +75,25 @@ CHATML = ("{{- bos_token -}}"
           "{%- if add_generation_prompt -%}<|im_start|>assistant{{ '\\n' }}{%- endif -%}")
 
 
-def chat_tokenizer(template=CHATML, eos="<|im_end|>"):
+def chat_tokenizer(template=CHATML, eos="<|im_end|>", add_bos=True):
     """GPT-2's BPE made into an instruct model's tokenizer: special tokens <|begin_of_text|> (BOS, which the
-    tokenizer adds itself, as Llama's do), <|im_start|> and <|im_end|> (EOS, as in Qwen's instruct models), and a
-    chat template."""
+    tokenizer adds itself, as Llama's do; with add_bos=False only the template writes it, and llama.cpp's converter
+    knows the tokenizer for GPT-2's), <|im_start|> and <|im_end|> (EOS, as in Qwen's instruct models), and a chat
+    template."""
     backend = Tokenizer.from_str(gpt2_tokenizer().backend_tokenizer.to_str())
     backend.add_special_tokens(["<|begin_of_text|>", "<|im_start|>", "<|im_end|>"])
     bos = backend.token_to_id("<|begin_of_text|>")
-    backend.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", bos)])
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", bos)])
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token=eos,
                                                 chat_template=template)
 
 
-def save_tiny_llama(path, template=CHATML, dropout=0.0, vocab=None, width=32, mlp=64, positions=256):
+def save_tiny_llama(path, template=CHATML, dropout=0.0, vocab=None, width=32, mlp=64, positions=256, add_bos=True):
     """A randomly initialised 2-layer Llama (seed 0) with chat_tokenizer(), saved as a model directory. `vocab`: a
     vocabulary of that many ids rather than the tokenizer's (bench_loss.py's, Llama 3's 128,256, on random ids)."""
-    tokenizer = chat_tokenizer(template)
+    tokenizer = chat_tokenizer(template, add_bos=add_bos)
     config = transformers.LlamaConfig(vocab_size=vocab or len(tokenizer), hidden_size=width, intermediate_size=mlp,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=positions, attention_dropout=dropout,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import checkpoints
 from cli import UserError, load_config, no_such, progress, quiet_libraries, run
 from dialogues import format_dialogue, iter_dialogues
-from render import CHAT_TEMPLATE, Rendering
+from render import Rendering, run_speakers, speaker_template
 
 
 def get_lr(step, cfg, total_steps):
@@ -92,15 +92,15 @@ def check_config(cfg):
             raise UserError(f"{no_such(name, path)}: run prepare_data.py first")
 
 
-def prepare_tokenizer(tokenizer, rendering, name):
-    """The tokenizer as the run uses and saves it: FORMAT="speaker" gives it our template (so apply_chat_template
-    and pipeline() speak the training format); "chat_template" keeps the model's own, which it must have. Returns
-    the rendering's roles_of."""
+def prepare_tokenizer(tokenizer, rendering, name, speakers):
+    """The tokenizer as the run uses and saves it: FORMAT="speaker" gives it our template, its user and assistant
+    being `speakers` (render.run_speakers), so apply_chat_template, pipeline() and `transformers serve` speak the
+    training format; "chat_template" keeps the model's own, which it must have. Returns the rendering's roles_of."""
     if rendering.format == "chat_template" and not tokenizer.chat_template:
         raise UserError(f"MODEL {name!r} has no chat template of its own; FORMAT='chat_template' renders dialogues "
                         f"with it (use FORMAT='speaker', or an instruct model)")
     if rendering.format == "speaker":
-        tokenizer.chat_template = CHAT_TEMPLATE
+        tokenizer.chat_template = speaker_template(*speakers)
     return rendering.roles_of
 
 
@@ -115,7 +115,7 @@ def show_example(cfg):
         tokenizer = modeling.scratch_tokenizer(cfg, (format_dialogue(d) for d in iter_dialogues(cfg.TRAIN_FILE)))
     else:
         tokenizer = modeling.load_tokenizer(cfg.MODEL)
-    roles_of = prepare_tokenizer(tokenizer, Rendering.of(cfg), cfg.MODEL)
+    roles_of = prepare_tokenizer(tokenizer, Rendering.of(cfg), cfg.MODEL, run_speakers(cfg))
     first = with_system(first, cfg.SYSTEM_PROMPT)
     turns = render_any(tokenizer, [first], cfg.TRAIN_SPEAKERS, roles_of, cfg.TRAIN_FILE)[0]
     start = context_token(tokenizer, roles_of)  # a chat template's own first token is the context: nothing before it
@@ -290,12 +290,14 @@ def setup(cfg, given):
     return run, layout
 
 
-def build(run, layout, say):
+def build(run, layout, say, given=()):
     """The model and tokenizer the run trains, held by the layout on its device, and the run's data: (tokenizer,
-    Data)."""
+    Data). `given`: the settings named on the command line (a --user_name or --bot_name names the saved template's
+    speakers)."""
     import loss
     import masks
     import modeling
+    from generation import save_settings
     cfg = run.cfg
     train_sha = checkpoints.sha256(cfg.TRAIN_FILE)  # read in pieces: never the whole file in memory
     if run.state is not None and run.state["train_sha256"] != train_sha:
@@ -307,7 +309,9 @@ def build(run, layout, say):
     if run.state is not None:
         say(f"resuming from {run.resume_from} (step {run.state['step']})")
     rendering = Rendering.of(cfg)
-    prepare_tokenizer(tokenizer, rendering, cfg.MODEL)
+    roles_of = prepare_tokenizer(tokenizer, rendering, cfg.MODEL, run_speakers(cfg, given))
+    # what best/ and final/ tell other tools: where a reply ends, and how to sample it
+    save_settings(model.get_base_model() if hasattr(model, "peft_config") else model, tokenizer, roles_of, cfg)
     if cfg.BLOCK_SIZE > modeling.context_size(model):
         raise UserError(f"BLOCK_SIZE={cfg.BLOCK_SIZE} is beyond the model's context of "
                         f"{modeling.context_size(model)} tokens")
@@ -506,7 +510,7 @@ def main():
     run, layout = setup(cfg, given)
     cfg, master = run.cfg, layout.master
     say = print if master else silent
-    tokenizer, data = build(run, layout, say)
+    tokenizer, data = build(run, layout, say, given)
     optimizer, scaler = optimization(layout, cfg)
     s = restore(run, layout, optimizer, scaler)
     steps = Steps(data.train, cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS, cfg.BLOCK_SIZE, cfg.SEED,

@@ -184,3 +184,35 @@ def in_background(request, jobs, workers=1):
                 for name in (getattr(i, "originalname", i.name), *getattr(i, "fixturenames", ()))}
     with ThreadPoolExecutor(max_workers=workers) as pool:
         yield {name: pool.submit(*job) for name, job in jobs.items() if name in selected}
+
+
+# The trained speaker's one reply in `replied`'s dialogues: a tiny model learns it in a few dozen steps, so a test can
+# tell a reply that stops at its turn's end from one that runs on.
+REPLY = "Fine thanks."
+
+
+def replied(n, seed):
+    """n two-speaker dialogues (Alex, then Bob, 2 to 6 turns) in which Bob always says REPLY."""
+    from tiny import synthetic
+    return [[(s, REPLY if s == "Bob" else t) for s, t in d]
+            for d in synthetic(n, seed=seed, min_turns=2, max_turns=6, speakers=["Alex", "Bob"])]
+
+
+@pytest.fixture(scope="session")
+def replying(tmp_path_factory):
+    """Tiny models trained to answer REPLY as Bob (TRAIN_SPEAKERS=['Bob'], greedy TEMPERATURE=0 saved in their
+    generation settings): {"speaker": a GPT-2 in the speaker format, "chat_template": a Llama in its ChatML template},
+    each the run's directory (its model: out/best). For the tests of what other tools make of a run's files. The
+    Llama's tokenizer adds no BOS itself (its template writes it), as Qwen's: one llama.cpp's converter knows."""
+    from tiny import save_tiny_gpt2, save_tiny_llama, write_split
+    runs = {}
+    for fmt, save in (("speaker", save_tiny_gpt2), ("chat_template", lambda p: save_tiny_llama(p, add_bos=False))):
+        d = tmp_path_factory.mktemp(fmt)
+        save(str(d / "base"))
+        write_split(d, replied(48, 1), replied(8, 2))
+        p = run("train.py", *train_args("base", f"--format={fmt}", "--train_speakers=['Bob']", "--temperature=0",
+                                        "--block_size=64", "--batch_size=8", "--max_steps=30", "--learning_rate=1e-2",
+                                        "--eval_interval=0", "--max_new_tokens=12"), cwd=d)
+        assert p.returncode == 0, p.stderr
+        runs[fmt] = d
+    return runs

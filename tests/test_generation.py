@@ -10,7 +10,8 @@ import transformers
 import cli
 import modeling
 from dialogues import format_dialogue
-from generation import cut_reply, dialogue, generate, replies, reply, sampling
+from conftest import REPLY
+from generation import cut_reply, dialogue, generate, replies, reply, sampling, turn_end_ids
 from render import encode, prompt, prompt_ids, role_map, turn_closers
 from tiny import EOS_ID, chat_tokenizer, gpt2_tokenizer, save_tiny_gpt2, save_tiny_llama, synthetic
 
@@ -266,3 +267,47 @@ def test_a_dialogue_in_a_chat_template_ends_where_a_message_closes():
     text, calls = run_dialogue(first + second + enc("\n") + [im_start], after=len(first) + 1, more=20, tok=tok,
                                roles_of=role_map({"Alex": "user", "Bob": "assistant"}))
     assert text == " Fine<|im_end|>\n<|im_start|>user\nAnd you?<|im_end|>" and calls == len(first + second)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the saved files alone: pipeline() and generate() with the saved generation_config stop at the turn's end
+
+def test_turn_end_ids_are_the_tokens_that_hold_a_line_end():
+    tok = gpt2_tokenizer()
+    ends = turn_end_ids(tok)
+    assert EOS_ID in ends and encode(tok, [" Fine thanks.\n"])[0][-1] in ends
+    assert all("\n" in tok.decode([i]) for i in ends if i != EOS_ID)
+    assert turn_end_ids(chat_tokenizer(), role_map()) == [chat_tokenizer().convert_tokens_to_ids("<|im_end|>")]
+
+
+CHAT = [{"role": "user", "content": "We like the cat."}, {"role": "assistant", "content": REPLY},
+        {"role": "user", "content": "The dog ran home today."}]
+
+
+@pytest.fixture(scope="module")
+def saved(replying):
+    """format -> (tokenizer, model) of each `replying` run's best/, as any tool loads them."""
+    return {fmt: (transformers.AutoTokenizer.from_pretrained(d / "out" / "best"),
+                  transformers.AutoModelForCausalLM.from_pretrained(d / "out" / "best"))
+            for fmt, d in replying.items()}
+
+
+@pytest.mark.parametrize("fmt", ["speaker", "chat_template"])
+def test_pipeline_chat_reply_ends_at_the_turns_end(saved, fmt):
+    tok, model = saved[fmt]
+    pipe = transformers.pipeline("text-generation", model=model, tokenizer=tok, device="cpu")
+    answer = pipe(CHAT)[0]["generated_text"][-1]
+    # the speaker format's reply is the training text after "Bob:", its line end included: " Fine thanks.\n"
+    assert answer["role"] == "assistant" and answer["content"] == (f" {REPLY}\n" if fmt == "speaker" else REPLY)
+
+
+@pytest.mark.parametrize("fmt", ["speaker", "chat_template"])
+def test_generate_with_the_saved_config_alone_stops_where_training_did(saved, fmt):
+    tok, model = saved[fmt]
+    ids = tok.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=False)
+    turns = [("Alex" if m["role"] == "user" else "Bob", m["content"]) for m in CHAT]
+    roles_of = role_map(train_speakers=["Bob"]) if fmt == "chat_template" else None
+    assert list(ids) == prompt(tok, turns, "Bob", roles_of)  # the prompt is what training rendered
+    out = model.generate(torch.tensor([ids]))[0, len(ids):].tolist()
+    assert out[-1] in model.generation_config.eos_token_id if fmt == "speaker" else out[-1] == tok.eos_token_id
+    assert tok.decode(out, skip_special_tokens=True) == (f" {REPLY}\n" if fmt == "speaker" else REPLY)

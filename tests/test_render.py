@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 import cli
 from batching import collate, make_blocks
 from dialogues import clean_text, format_dialogue, parse_record
-from render import (CHAT_TEMPLATE, SYSTEM, encode, prompt, render, render_chat, role_map, start_id, template_rules,
+from render import (SYSTEM, speaker_template, encode, prompt, render, render_chat, role_map, start_id, template_rules,
                     with_system)
 from tiny import EOS_ID, chat_tokenizer, gpt2_bpe, gpt2_tokenizer, synthetic
 
@@ -176,7 +176,7 @@ def test_context_token_is_bos_where_the_model_has_one():
     assert start_id(llama) == llama.bos_token_id != llama.eos_token_id and start_id(gpt2) == EOS_ID
     (ids, mask, _), = make_blocks(llama, [[("Alex", "hi")]], 32)  # the speaker format, as training packs it
     assert ids == [llama.bos_token_id, *encode(llama, ["Alex: hi\n"])[0], llama.eos_token_id] and mask[0] == 0
-    llama.chat_template = CHAT_TEMPLATE  # the speaker format's template opens with the same token
+    llama.chat_template = speaker_template("Alex", "Bob")  # the speaker format's template opens with the same token
     assert llama.apply_chat_template([{"role": "user", "name": "Alex", "content": "hi"}], tokenize=False) == \
         "<|begin_of_text|>Alex: hi\n<|im_end|>"
 
@@ -404,9 +404,10 @@ def test_merged_turns_train_only_where_every_speaker_is_trained():
 
 @pytest.fixture(scope="module")
 def speaker_tok():
-    """GPT-2's tokenizer as train.py saves it with FORMAT="speaker" (test_train checks a saved one is this)."""
+    """GPT-2's tokenizer as train.py saves it with FORMAT="speaker" for a run of Alex and Bob (test_train checks a
+    saved one is this)."""
     tok = gpt2_bpe()
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = speaker_template("Alex", "Bob")
     return tok
 
 
@@ -423,8 +424,20 @@ def test_chat_template_generation_prompt(speaker_tok):
     messages = [{"role": "user", "name": s, "content": t} for s, t in CHAT]
     body = speaker_tok.eos_token + format_dialogue(CHAT)
     assert speaker_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == body + "Bob:"
-    assert speaker_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                           next_speaker="Cara") == body + "Cara:"
+
+
+def test_chat_template_roles_are_the_runs_speakers():
+    # a tool that knows only roles (pipeline(), transformers serve) gets the training text, the run's trained
+    # speaker answering, with no variable of ours
+    tok = gpt2_bpe()
+    tok.chat_template = speaker_template("Hana", "Farid:")
+    roles = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi there."},
+             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye."}]
+    text = tok.apply_chat_template(roles, tokenize=False, add_generation_prompt=True)
+    turns = [(SYSTEM, "Be kind."), ("Hana", "Hi there."), ("Farid", "Hello."), ("Hana", "Bye.")]
+    assert text == tok.eos_token + format_dialogue(turns) + "Farid:"
+    ids = tok.apply_chat_template(roles[:3], tokenize=True, return_dict=False)
+    assert list(ids) == [tok.eos_token_id] + [t for ids, _ in render(tok, [turns[:3]])[0] for t in ids]
 
 
 def test_chat_template_collapses_multiline_content(speaker_tok):
@@ -436,14 +449,12 @@ def test_chat_template_collapses_multiline_content(speaker_tok):
     assert clean_text(content) == "First line second line third"
 
 
-def test_chat_template_prompt_label_matches_the_speakers_line(speaker_tok):
-    # A name is cleaned (":" to space, trimmed) where the message is written; the label the generation prompt asks
-    # for must be that same speaker, or the model is prompted with a label it never saw.
+def test_chat_template_names_are_cleaned_as_the_speakers_lines(speaker_tok):
+    # A name is cleaned (":" to space, trimmed) where the message is written, as the text files spell it.
     messages = [{"role": "user", "name": "Alex ", "content": "Hi"},
                 {"role": "assistant", "name": "Bob", "content": "Yo"}]
     text = speaker_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text.startswith(speaker_tok.eos_token + "Alex: Hi\n")
-    assert text.endswith("\nAlex:")
+    assert text == speaker_tok.eos_token + "Alex: Hi\nBob: Yo\nBob:"
 
 
 def test_what_follows_the_end_of_turn_is_no_target():

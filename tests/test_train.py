@@ -38,7 +38,7 @@ import train
 from batching import IGNORE, collate, epoch_order, eval_batches, make_blocks
 from conftest import ROOT, command, in_background, one_error_line, run, script_env, train_args
 from dialogues import format_dialogue, load_records, parse_record, read_dialogues
-from render import CHAT_TEMPLATE, render
+from render import render, speaker_template
 from test_cache import cached_tokens
 from tiny import (EOS_ID, chat_tokenizer, curve, gpt2_tokenizer, max_diff, metrics, save_tiny_gpt2, save_tiny_llama,
                   synthetic, weights, write_split)
@@ -270,7 +270,8 @@ def trained_tok(trained_run):
 
 
 def test_saved_tokenizer_has_the_chat_template(trained_tok):
-    assert trained_tok.chat_template == CHAT_TEMPLATE  # what test_render checks the template on
+    # what test_render checks the template on: the run names no trained speaker, so USER_NAME and BOT_NAME
+    assert trained_tok.chat_template == speaker_template("Alex", "Bob")
     messages = [{"role": "user" if s == "Alex" else "assistant", "name": s, "content": t} for s, t in CHAT]
     text = trained_tok.apply_chat_template(messages, tokenize=False)
     assert text == trained_tok.eos_token + format_dialogue(CHAT) + trained_tok.eos_token
