@@ -231,7 +231,7 @@ def prune(out_dir, path, keep):
 # resume takes it from the checkpoint, so a setting added to config.py is protected without being listed anywhere.
 # (The scripts' own settings, cli.OWN_SETTINGS, are never a run's.)
 MAY_CHANGE_ON_RESUME = ["EPOCHS", "MAX_STEPS", "EVAL_INTERVAL", "CHECKPOINT_INTERVAL", "KEEP_CHECKPOINTS",
-                        "LOG_INTERVAL", "REPORT_TO", "DEVICE", "CACHE_DIR",
+                        "LOG_INTERVAL", "REPORT_TO", "DEVICE", "CACHE_DIR", "EARLY_STOP_EVALS",
                         "GRADIENT_CHECKPOINTING",  # recomputing activations gives the same loss and gradients
                         "FSDP",  # as does sharding them (the checkpoints of either kind resume under the other)
                         "LOSS_CHUNK",  # as does the loss taken in other chunks (to rounding)

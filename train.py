@@ -284,7 +284,8 @@ def setup(cfg, given):
     check_config(run.cfg)
     if run.cfg.REPORT_TO == "tensorboard":
         open_board(None, 0)
-    device, dtype, device_note = hardware.pick(world.device or run.cfg.DEVICE, run.cfg.PRECISION, world.local_size)
+    device, dtype, device_note = hardware.pick(run.cfg.DEVICE, run.cfg.PRECISION, world.local_size,
+                                               run.cfg.CPU_THREADS, world.device)
     layout = processes.layout(world, run.cfg.FSDP, device, dtype)
     say(device_note + layout.describe())
     return run, layout
