@@ -106,10 +106,10 @@ def defaults():
     return {k: v for k, v in vars(config).items() if k.isupper()}
 
 
-HELP = ("settings (override with --name=value or --name value; --flag and --no_flag for True and False. An experiment "
-        "file on the command line, `python train.py experiments/small_lr.py`, sets them too: NAME = value lines read as "
-        "literals, never run, or a run's own config.json to repeat that run; the command line overrides the file, and "
-        "the file config.py. From config.py, which says why):")
+HELP = ("settings (override with --name=value or --name value; --flag and --no_flag for True and False. An "
+        "experiment file on the command line, `python train.py experiments/small_lr.py`, sets them too: NAME = value "
+        "lines read as literals, never run, or a run's own config.json to repeat that run; the command line overrides "
+        "the file, and the file config.py. From config.py, which says why):")
 
 
 def load_config(argv=None, doc=None, given=None):
@@ -222,12 +222,13 @@ def assignments(source, path):
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
             continue  # a docstring
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            raise UserError(f"{path}:{node.lineno}: expected NAME = value, got {ast.get_source_segment(source, node)!r}")
+            raise UserError(f"{path}:{node.lineno}: expected NAME = value, got "
+                            f"{ast.get_source_segment(source, node)!r}")
         try:
             value = ast.literal_eval(node.value)
         except ValueError:
-            raise UserError(f"{path}:{node.lineno}: {node.targets[0].id}'s value must be a literal (a number, a string, "
-                            f"a list...): {ast.get_source_segment(source, node.value)!r}") from None
+            raise UserError(f"{path}:{node.lineno}: {node.targets[0].id}'s value must be a literal (a number, a "
+                            f"string, a list...): {ast.get_source_segment(source, node.value)!r}") from None
         yield node.targets[0].id, value, node
 
 
@@ -347,7 +348,8 @@ def config_comments():
     return notes, groups
 
 
-MORE_TYPES = {"DATA_FILE": (list,)}  # types a setting takes besides its default's; its user checks the value
+# types a setting takes besides its default's; its user checks the value
+MORE_TYPES = {"DATA_FILE": (list,), "REPORT_TO": (list, tuple)}
 
 
 def _parse_value(key, text, default, shown):
