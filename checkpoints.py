@@ -3,7 +3,6 @@ whole or not at all, with a manifest that later reads verify; and a training run
 find the latest intact one, load it, prune), and the rules for starting a run in OUT_DIR or resuming the one there.
 
     OUT_DIR/config.json                    the run's settings, written once when it starts
-    OUT_DIR/.lock                          held by the process that runs the run: a second one is refused
     OUT_DIR/checkpoints/step-NNNNNNNN/     the model (a LoRA run: the adapter alone), state.pt, manifest.json
     OUT_DIR/best/, OUT_DIR/final/          Hugging Face model directories, with manifest.json
 
@@ -290,7 +289,7 @@ def open_run(cfg, given, world, say):
                             f"config.json); nothing was written. Start a new run without --resume=True, or point "
                             f"--out_dir at the run")
         say(f"no checkpoint in {cfg.OUT_DIR} to resume from: starting the run")  # killed before its first one
-    elif cfg.OVERWRITE and os.path.isdir(cfg.OUT_DIR) and set(os.listdir(cfg.OUT_DIR)) - {".lock"}:
+    elif cfg.OVERWRITE and os.path.isdir(cfg.OUT_DIR) and os.listdir(cfg.OUT_DIR):
         last = f" (its checkpoints up to step {int(os.path.basename(checkpoints[-1])[5:])})" if checkpoints else ""
         say(f"--overwrite=True: the run in {cfg.OUT_DIR}{last} is deleted, all of it, once every check has passed")
     elif not cfg.RESUME and (checkpoints or os.path.exists(os.path.join(cfg.OUT_DIR, "final"))):
@@ -309,29 +308,32 @@ def open_run(cfg, given, world, say):
     return run
 
 
-_held = {}  # this process's run locks, by path: a run started again in this process (a test) holds its lock already
+_held = {}  # the run locks this process holds: OUT_DIR's real path -> its open directory
 
 
 def hold(out_dir):
-    """Claim the run in OUT_DIR for this process, or a UserError where another process runs it: a POSIX lock on
-    OUT_DIR/.lock, which the OS lets go when the process ends, however it ends (a kill leaves no stale lock). Where
-    OUT_DIR is not there yet there is nothing to claim: begin() claims it once it has made it."""
-    if fcntl is None or not os.path.isdir(out_dir):
+    """Claim the run in OUT_DIR for this process, or a UserError where another process runs it: a lock on the
+    directory itself (flock), so nothing is written for it, and the OS lets go of it when the process ends, however
+    it ends (a kill leaves no stale lock). Where OUT_DIR is not there yet there is nothing to claim: begin() claims it
+    once it has made it."""
+    path = os.path.realpath(out_dir)
+    if fcntl is None or path in _held or not os.path.isdir(path):
         return
-    path = os.path.realpath(os.path.join(out_dir, ".lock"))
-    if path in _held:
-        return
+    fd = os.open(path, os.O_RDONLY)
     try:
-        f = open(path, "a+")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        return  # a read-only OUT_DIR: check_writable says so
-    try:
-        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
+        os.close(fd)
         raise UserError(f"OUT_DIR {out_dir!r} is in use: another process is running the run there; wait for it to "
                         f"end, stop it (Ctrl-C), or choose another --out_dir") from None
-    _held[path] = f
+    _held[path] = fd
+
+
+def release():
+    """Let go of this process's run locks (train.py's main, however it ends: a test runs one run after another in
+    its own process)."""
+    while _held:
+        os.close(_held.popitem()[1])
 
 
 def torchrun_restart(cfg, config_json, world, say):
@@ -451,7 +453,7 @@ def begin(run, extra):
         raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} cannot be made: {e.strerror}") from None
     hold(cfg.OUT_DIR)
     if cfg.OVERWRITE:
-        for name in set(os.listdir(cfg.OUT_DIR)) - {".lock"}:
+        for name in os.listdir(cfg.OUT_DIR):
             path = os.path.join(cfg.OUT_DIR, name)
             if os.path.isdir(path) and not os.path.islink(path):
                 remove_dir(path)

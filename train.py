@@ -505,6 +505,15 @@ def stopped(run, s, problem):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def main():
+    """A run of train.py; the run's lock on OUT_DIR is let go however it ends (a process lets go of it as it exits,
+    but a test runs one run after another in its own)."""
+    try:
+        train()
+    finally:
+        checkpoints.release()
+
+
+def train():
     t_main = time.time()
     given = set()
     cfg = load_config(doc=__doc__, given=given)
