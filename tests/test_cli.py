@@ -253,7 +253,9 @@ EARLY = [("prepare_data.py", ["--help"]), ("prepare_data.py", ["--val_fraction=2
          ("chat.py", ["--help"]), ("chat.py", ["--checkpoint=/nonexistent"]), ("chat.py", ["--bot_name=Alex"]),
          ("bench.py", ["--help"]), ("bench.py", ["--bench_stpes=3"]), ("bench.py", ["--bench_shape=(2, 64, 3)"]),
          ("bench_scale.py", ["--help"]), ("bench_scale.py", ["--bench_scales=(0,)"]),
-         ("bench_loss.py", ["--help"]), ("bench_loss.py", ["--bench_vocab=0"])]
+         ("bench_loss.py", ["--help"]), ("bench_loss.py", ["--bench_vocab=0"]),
+         # every script reads its command line one way: --name value, and other tools' names point to ours
+         ("bench_loss.py", ["--bench_vocab", "0"]), ("bench.py", ["--bf16"]), ("chat.py", ["--temperature", "x"])]
 
 
 def test_settings_are_checked_before_torch_is_imported(tmp_path):
@@ -273,6 +275,9 @@ def test_settings_are_checked_before_torch_is_imported(tmp_path):
     # a CHECKPOINT that is not there is named; passing --checkpoint is not suggested to someone who just did
     missing = [e for e in errors if "/nonexistent" in e]
     assert len(missing) == 2 and all("--checkpoint" not in e for e in missing)
+    assert errors[-3:] == ["error: BENCH_VOCAB, BLOCK_SIZE, BATCH_SIZE and BENCH_STEPS must be >= 1, BENCH_WARMUP >= 0",
+                           "error: unknown setting --bf16; did you mean --precision=bf16?",
+                           "error: --temperature=x: expected a float like 0.8, got a str"]
 
 
 def test_outside_torchrun_an_error_is_printed(capsys, monkeypatch):
