@@ -1,6 +1,6 @@
 """Every setting of the pipeline, in one place. Edit here, or override any name for one run on any script's command
 line as --name=value (case-insensitive), e.g. `python train.py --model=scratch --epochs=1`, or in an experiment file
-of NAME = value lines given first (`python train.py experiments/small_lr.py`). `--help` lists them."""
+of NAME = value lines (`python train.py experiments/small_lr.py`). `--help` lists them."""
 
 # data
 DATA_FILE = "llm_train_text.json"  # dialogues in: JSON array or JSON Lines, Parquet, a dataset directory in the Hub's
