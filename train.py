@@ -414,6 +414,12 @@ def early_stop(cfg, s):
     return bool(cfg.EARLY_STOP_EVALS) and s.stale >= cfg.EARLY_STOP_EVALS
 
 
+def stopped_early(cfg, s, end_step):
+    return (f"stopped early at step {s.step} of {end_step}: {s.stale} validations in a row without a new best "
+            f"(EARLY_STOP_EVALS={cfg.EARLY_STOP_EVALS}); the best, val loss {s.best_val:.4f} at step {s.best_step}, "
+            f"is in {os.path.join(cfg.OUT_DIR, 'best')}")
+
+
 def schedule_change(run, s, steps, n_blocks, end_step):
     """A resumed run whose end moves (a larger EPOCHS or MAX_STEPS) moves its learning-rate curve too: the line that
     says so, with the old and new end and the rate at the resumed step on each; None where the end is the same."""
@@ -591,9 +597,7 @@ def train():
     if s.offset > 0 and s.positions:  # a run that ends inside an epoch: its figures too
         say(s.epoch_line(data.train_tokens.count_trained(), ended=False))
     if early_stop(cfg, s) and s.step < end_step:
-        say(f"stopped early at step {s.step} of {end_step}: {s.stale} validations in a row without a new best "
-            f"(EARLY_STOP_EVALS={cfg.EARLY_STOP_EVALS}); the best, val loss {s.best_val:.4f} at step {s.best_step}, "
-            f"is in {os.path.join(cfg.OUT_DIR, 'best')}")
+        say(stopped_early(cfg, s, end_step))
     layout.save_model(tokenizer, os.path.join(cfg.OUT_DIR, "final"))
     if master:
         run.trackers.close()
