@@ -276,7 +276,7 @@ def main():
     import tiny
     from batching import count, make_blocks
     from render import render
-    device, dtype, note = hardware.pick(cfg.DEVICE, cfg.PRECISION)
+    device, dtype, note = hardware.pick(cfg.DEVICE, cfg.PRECISION, threads=cfg.CPU_THREADS)
     dialogues = read_any(cfg)
     if not dialogues:
         raise UserError(f"{cfg.DATA_FILE}: no dialogues")

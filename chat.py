@@ -51,7 +51,7 @@ def main():
     from generation import reply
     from render import chat_roles, with_system
 
-    device, _, device_note = hardware.pick(cfg.DEVICE, cfg.PRECISION)
+    device, _, device_note = hardware.pick(cfg.DEVICE, cfg.PRECISION, threads=cfg.CPU_THREADS)
     tokenizer, model = modeling.load(model_dir)
     model.to(device).eval()
     context = modeling.context_size(model)

@@ -16,9 +16,15 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
 import tempfile
 from contextlib import contextmanager
+
+try:
+    import fcntl
+except ImportError:  # Windows: no run lock
+    fcntl = None
 
 from cli import UserError, atomic_write, read_jsonl, read_run_config, run_settings, umask
 
@@ -231,7 +237,7 @@ def prune(out_dir, path, keep):
 # resume takes it from the checkpoint, so a setting added to config.py is protected without being listed anywhere.
 # (The scripts' own settings, cli.OWN_SETTINGS, are never a run's.)
 MAY_CHANGE_ON_RESUME = ["EPOCHS", "MAX_STEPS", "EVAL_INTERVAL", "CHECKPOINT_INTERVAL", "KEEP_CHECKPOINTS",
-                        "LOG_INTERVAL", "REPORT_TO", "DEVICE", "CACHE_DIR",
+                        "LOG_INTERVAL", "REPORT_TO", "DEVICE", "CACHE_DIR", "EARLY_STOP_EVALS",
                         "GRADIENT_CHECKPOINTING",  # recomputing activations gives the same loss and gradients
                         "FSDP",  # as does sharding them (the checkpoints of either kind resume under the other)
                         "LOSS_CHUNK",  # as does the loss taken in other chunks (to rounding)
@@ -246,7 +252,8 @@ class Run:
         self.cfg, self.state, self.resume_from, self.job = cfg, state, resume_from, job
         self.config_json = os.path.join(cfg.OUT_DIR, "config.json")
         self.metrics = os.path.join(cfg.OUT_DIR, "metrics.jsonl")
-        self.board = None  # REPORT_TO="tensorboard": rank 0's SummaryWriter
+        self.trackers = None  # rank 0's trackers.Trackers: REPORT_TO's
+        self.id = None  # the run's own id, for a tracker that continues the run on resume
 
 
 def open_run(cfg, given, world, say):
@@ -255,11 +262,14 @@ def open_run(cfg, given, world, say):
     every rank of the `world` (processes.World) calls this and all agree; rank 0 alone mends what a killed run
     left."""
     if world.master:  # a model directory moved aside mid-swap, unfinished temp directories
+        hold(cfg.OUT_DIR)  # first: a running run's temp directories are not a killed one's
         recover_dirs(cfg.OUT_DIR)
         recover_dirs(os.path.join(cfg.OUT_DIR, "checkpoints"))
     world.barrier()
     checkpoints, config_json = find(cfg.OUT_DIR), os.path.join(cfg.OUT_DIR, "config.json")
     job, automatic = torchrun_restart(cfg, config_json, world.size, say)
+    if cfg.OVERWRITE and cfg.RESUME:
+        raise UserError("--overwrite=True starts the run in OUT_DIR over, --resume=True continues it: give one")
     if world.size > 1:  # every rank must take up the run where rank 0 does; on machines that do not share OUT_DIR,
         seen = world.gather([os.path.basename(c) for c in checkpoints])  # not so
         if any(names != seen[0] for names in seen):
@@ -279,15 +289,51 @@ def open_run(cfg, given, world, say):
                             f"config.json); nothing was written. Start a new run without --resume=True, or point "
                             f"--out_dir at the run")
         say(f"no checkpoint in {cfg.OUT_DIR} to resume from: starting the run")  # killed before its first one
+    elif cfg.OVERWRITE and os.path.isdir(cfg.OUT_DIR) and os.listdir(cfg.OUT_DIR):
+        last = f" (its checkpoints up to step {int(os.path.basename(checkpoints[-1])[5:])})" if checkpoints else ""
+        say(f"--overwrite=True: the run in {cfg.OUT_DIR}{last} is deleted, all of it, once every check has passed")
     elif not cfg.RESUME and (checkpoints or os.path.exists(os.path.join(cfg.OUT_DIR, "final"))):
         restarted = (" torchrun restarted the workers, but it continues a run only where the same job began it "
                      "(--standalone, or the same --rdzv-id)." if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
                      != "0" else "")
-        raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} already holds a run:{restarted} continue it with --resume=True, or "
-                        f"choose another --out_dir (nothing there is overwritten)")
+        raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} already holds a run:{restarted} continue it with --resume=True, "
+                        f"start it over with --overwrite=True (deleting it), or choose another --out_dir (nothing "
+                        f"there is overwritten)")
     if cfg.RESUME and (state is not None or os.path.isfile(config_json)):  # the run's settings, not config.py's
         cfg = resumed_settings(cfg, given, state, resume_from, config_json, world.size, say)
-    return Run(cfg, state, resume_from, job)
+    run = Run(cfg, state, resume_from, job)
+    # trackers continue a run under its id (trackers.py): the checkpoint's, else config.json's, else a new one's
+    run.id = ((state or {}).get("run_id") or (cfg.RESUME and read_run_config(config_json).get("run_id"))
+              or secrets.token_hex(6))
+    return run
+
+
+_held = {}  # the run locks this process holds: OUT_DIR's real path -> its open directory
+
+
+def hold(out_dir):
+    """Claim the run in OUT_DIR for this process, or a UserError where another process runs it: a lock on the
+    directory itself (flock), so nothing is written for it, and the OS lets go of it when the process ends, however
+    it ends (a kill leaves no stale lock). Where OUT_DIR is not there yet there is nothing to claim: begin() claims it
+    once it has made it."""
+    path = os.path.realpath(out_dir)
+    if fcntl is None or path in _held or not os.path.isdir(path):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UserError(f"OUT_DIR {out_dir!r} is in use: another process is running the run there; wait for it to "
+                        f"end, stop it (Ctrl-C), or choose another --out_dir") from None
+    _held[path] = fd
+
+
+def release():
+    """Let go of this process's run locks (train.py's main, however it ends: a test runs one run after another in
+    its own process)."""
+    while _held:
+        os.close(_held.popitem()[1])
 
 
 def torchrun_restart(cfg, config_json, world, say):
@@ -298,7 +344,7 @@ def torchrun_restart(cfg, config_json, world, say):
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     automatic = not cfg.RESUME and job != "none" and read_run_config(config_json).get("torchrun_job") == job
     if automatic:
-        cfg.RESUME = True
+        cfg.RESUME, cfg.OVERWRITE = True, False  # OVERWRITE was for the job's first attempt
         say(f"torchrun restarted this run ({restarts} restart{'s' if restarts != 1 else ''}, {world} "
             f"process{'es' if world > 1 else ''}): continuing it from its latest intact checkpoint")
     return job, automatic
@@ -397,12 +443,23 @@ def check_space(out_dir, n_trained, n_params, keep):
 def begin(run, extra):
     """Every check has passed: the run's files begin here (rank 0). A new run writes config.json (its settings, and in
     lower case `extra`: what a restart needs to know); a resumed one keeps its own. metrics.jsonl keeps what came
-    before the resumed step; the run writes later lines again as it redoes them."""
+    before the resumed step; the run writes later lines again as it redoes them. With OVERWRITE, the run that was
+    there goes first, all of it. Returns the last step that metrics.jsonl held before (None: none), which trackers
+    that cannot take a step back need."""
     cfg = run.cfg
     try:
         os.makedirs(cfg.OUT_DIR, exist_ok=True)
     except OSError as e:
         raise UserError(f"OUT_DIR {cfg.OUT_DIR!r} cannot be made: {e.strerror}") from None
+    hold(cfg.OUT_DIR)
+    if cfg.OVERWRITE:
+        for name in os.listdir(cfg.OUT_DIR):
+            path = os.path.join(cfg.OUT_DIR, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                remove_dir(path)
+            else:
+                os.unlink(path)
+    logged = max((m["step"] for m in read_jsonl(run.metrics)), default=None)
     if run.state is None:
         with atomic_write(run.config_json) as f:
             json.dump({**vars(cfg), **extra}, f, indent=2)
@@ -410,3 +467,4 @@ def begin(run, extra):
     lines = [json.dumps(m) + "\n" for m in read_jsonl(run.metrics) if m["step"] <= step] if run.state else []
     with atomic_write(run.metrics) as f:
         f.writelines(lines)
+    return logged

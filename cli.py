@@ -80,18 +80,26 @@ def say_once(line):
         os.close(fd)
 
 
-# Names from other trainers (Hugging Face's Trainer, nanoGPT) and short forms people type, with the setting they mean:
-# spelling alone misleads here (--lr is closest to --lora_r).
+# Names from other trainers (Hugging Face's Trainer, nanoGPT, Axolotl) and short forms people type, with the setting
+# they mean, and where the name says the value too, that value (--bf16 is --precision=bf16): spelling alone misleads
+# here (--lr is closest to --lora_r)
 ALIASES = {"LR": "LEARNING_RATE", "BS": "BATCH_SIZE", "BATCH": "BATCH_SIZE", "EPOCH": "EPOCHS",
-           "NUM_TRAIN_EPOCHS": "EPOCHS", "STEPS": "MAX_STEPS", "MAX_ITERS": "MAX_STEPS", "ITERS": "MAX_STEPS",
-           "LORA": "LORA_R", "LORA_RANK": "LORA_R", "RANK": "LORA_R", "ACCUM": "GRAD_ACCUM_STEPS",
+           "NUM_TRAIN_EPOCHS": "EPOCHS", "NUM_EPOCHS": "EPOCHS", "STEPS": "MAX_STEPS", "MAX_ITERS": "MAX_STEPS",
+           "ITERS": "MAX_STEPS", "LORA": "LORA_R", "LORA_RANK": "LORA_R", "RANK": "LORA_R", "ACCUM": "GRAD_ACCUM_STEPS",
            "GRADIENT_ACCUMULATION_STEPS": "GRAD_ACCUM_STEPS", "PER_DEVICE_TRAIN_BATCH_SIZE": "BATCH_SIZE",
-           "WD": "WEIGHT_DECAY", "WARMUP": "WARMUP_STEPS", "CLIP": "GRAD_CLIP", "MAX_GRAD_NORM": "GRAD_CLIP",
-           "CONTEXT": "BLOCK_SIZE", "CONTEXT_LENGTH": "BLOCK_SIZE", "SEQ_LEN": "BLOCK_SIZE", "MAX_LENGTH": "BLOCK_SIZE",
+           "MICRO_BATCH_SIZE": "BATCH_SIZE", "WD": "WEIGHT_DECAY", "WARMUP": "WARMUP_STEPS", "CLIP": "GRAD_CLIP",
+           "MAX_GRAD_NORM": "GRAD_CLIP", "CONTEXT": "BLOCK_SIZE", "CONTEXT_LENGTH": "BLOCK_SIZE",
+           "SEQ_LEN": "BLOCK_SIZE", "SEQUENCE_LEN": "BLOCK_SIZE", "MAX_LENGTH": "BLOCK_SIZE",
            "MAX_SEQ_LENGTH": "BLOCK_SIZE", "MODEL_NAME": "MODEL", "MODEL_NAME_OR_PATH": "MODEL",
-           "OUTPUT_DIR": "OUT_DIR", "DTYPE": "PRECISION", "BF16": "PRECISION", "FP16": "PRECISION",
-           "TEMP": "TEMPERATURE", "EVAL_STEPS": "EVAL_INTERVAL", "SAVE_STEPS": "CHECKPOINT_INTERVAL",
-           "LOGGING_STEPS": "LOG_INTERVAL", "GRADIENT_CHECKPOINTING_ENABLE": "GRADIENT_CHECKPOINTING"}
+           "BASE_MODEL": "MODEL", "OUTPUT_DIR": "OUT_DIR", "DTYPE": "PRECISION", "BF16": "PRECISION=bf16",
+           "FP16": "PRECISION=fp16", "FP32": "PRECISION=fp32", "TEMP": "TEMPERATURE", "EVAL_STEPS": "EVAL_INTERVAL",
+           "SAVE_STEPS": "CHECKPOINT_INTERVAL", "SAVE_TOTAL_LIMIT": "KEEP_CHECKPOINTS",
+           "LOGGING_STEPS": "LOG_INTERVAL", "GRADIENT_CHECKPOINTING_ENABLE": "GRADIENT_CHECKPOINTING",
+           "LR_SCHEDULER_TYPE": "LR_SCHEDULE", "LEARNING_RATE_SCHEDULE": "LR_SCHEDULE",
+           "RESUME_FROM_CHECKPOINT": "RESUME=True", "OVERWRITE_OUTPUT_DIR": "OVERWRITE=True",
+           "EARLY_STOPPING_PATIENCE": "EARLY_STOP_EVALS", "PATIENCE": "EARLY_STOP_EVALS", "THREADS": "CPU_THREADS",
+           "NUM_THREADS": "CPU_THREADS",
+           "CONFIG": "an experiment file is given as it is, without a name (python train.py experiments/small_lr.py)"}
 
 
 def closest(key, names):
@@ -105,28 +113,130 @@ def defaults():
     return {k: v for k, v in vars(config).items() if k.isupper()}
 
 
+HELP = ("settings (override with --name=value or --name value; --flag and --no_flag for True and False. An "
+        "experiment file on the command line, `python train.py experiments/small_lr.py`, sets them too: NAME = value "
+        "lines read as literals, never run, or a run's own config.json to repeat that run; the command line overrides "
+        "the file, and the file config.py. From config.py, which says why):")
+
+
 def load_config(argv=None, doc=None, given=None):
-    """config.py's names as a namespace, with --name=value overrides from argv (sys.argv[1:] by default). `given`, a
-    set, receives the names set on the command line: a resumed run and chat.py's seed need to tell them apart."""
+    """config.py's names as a namespace, overridden by an experiment file (settings_file) and then by the command
+    line's settings (sys.argv[1:] by default): --name=value, --name value, --flag, --no_flag. `given`, a set, receives
+    the names set by the file or the command line: a resumed run and chat.py's seed need to tell them apart."""
     cfg = defaults()
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print((doc or "").strip() + "\n\nsettings (override with --name=value; from config.py, which says why):")
+        print((doc or "").strip() + "\n\n" + textwrap.fill(HELP, help_width()))
         print_settings(cfg)
         sys.exit(0)
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise UserError(f"argument {arg!r}: expected --name=value, e.g. --epochs=1 (see --help)")
-        name, text = arg[2:].split("=", 1)
-        key = name.upper().replace("-", "_")
-        if key not in cfg:
-            close = [ALIASES[key]] if key in ALIASES else closest(key, cfg)
-            hint = f"; did you mean {', '.join('--' + c.lower() for c in close)}?" if close else " (see --help)"
-            raise UserError(f"unknown setting --{name}{hint}")
-        cfg[key] = _parse_value(key, text, cfg[key])
+    files, settings = read_args(argv, cfg)
+    if len(files) > 1:
+        raise UserError(f"more than one experiment file: {', '.join(map(repr, files))}; give one, and the rest as "
+                        f"--name=value")
+    for key, value in (settings_file(files[0], cfg) if files else []) + settings:
+        cfg[key] = value
         if given is not None:
             given.add(key)
     return types.SimpleNamespace(**cfg)
+
+
+def read_args(argv, cfg):
+    """The command line read: (the experiment files, [(setting, value)]). --name=value and --name value (argparse's
+    habit and the Hugging Face scripts'); a bare --name sets a True/False setting to True, --no_name to False; any
+    other word is an experiment file."""
+    files, settings, i = [], [], 0
+    while i < len(argv):
+        arg, i = argv[i], i + 1
+        if not arg.startswith("--"):
+            if arg.startswith("-") or "=" in arg and not os.path.exists(arg):  # -seed=1, seed=1
+                name = arg.lstrip("-").split("=")[0]
+                raise UserError(f"argument {arg!r}: expected --name=value or --name value, e.g. "
+                                f"--{name}={arg.split('=', 1)[1] if '=' in arg else 'VALUE'} (see --help)")
+            files.append(arg)
+            continue
+        name, eq, text = arg[2:].partition("=")
+        key = name.upper().replace("-", "_")
+        if key not in cfg and key.startswith("NO_") and type(cfg.get(key[3:])) is bool and not eq:
+            settings.append((key[3:], False))
+            continue
+        if key not in cfg:
+            raise UserError(unknown("--" + name, key, cfg))
+        if not eq:
+            follows = argv[i] if i < len(argv) else None
+            if type(cfg[key]) is bool and (follows is None or follows.lower() not in ("true", "false")):
+                settings.append((key, True))
+                continue
+            if follows is None or follows.startswith("--"):
+                raise UserError(f"--{name} needs a value: --{name}=VALUE or --{name} VALUE, e.g. "
+                                f"--{name}={cfg[key]!r}")
+            text, i = follows, i + 1
+        settings.append((key, _parse_value(key, text, cfg[key], f"--{name}={text}")))
+    return files, settings
+
+
+def unknown(name, key, cfg, flag=True):
+    """The line for a setting there is none of (`name` as typed): the setting meant by a name from other tools, else
+    the closest. `flag`: the names are shown as on the command line (--learning_rate), else as in a file."""
+    show = (lambda k: "--" + k.lower()) if flag else (lambda k: k)
+    if key in ALIASES and (ALIASES[key].partition("=")[0] not in cfg):  # a habit with no setting: what to do instead
+        return f"unknown setting {name}: {ALIASES[key]}"
+    if key in ALIASES:
+        meant, _, value = ALIASES[key].partition("=")
+        close = [show(meant) + (f"={value}" if flag else f" = {value!r}") * bool(value)]
+    else:
+        close = list(map(show, closest(key, cfg)))
+    return f"unknown setting {name}" + (f"; did you mean {', '.join(close)}?" if close else " (see --help)")
+
+
+def settings_file(path, cfg):
+    """An experiment's settings: [(setting, value)] from a file of NAME = value lines (read as config.py's source
+    is, by assignments(), each value a Python literal: nothing in it runs), or from a run's own config.json (its
+    settings: the lower-case names are what the run recorded about itself; RESUME and OVERWRITE say what that
+    command was asked to do, not what the run is). A name config.py does not have is refused, with its line."""
+    if not os.path.isfile(path):
+        raise UserError(no_such("experiment file", path))
+    if path.endswith(".json"):
+        saved = read_run_config(path)
+        if not isinstance(saved, dict):
+            raise UserError(f"{path}: expected a run's config.json, a JSON object of settings")
+        pairs = [(k, v, None) for k, v in saved.items() if k.isupper() and k not in ("RESUME", "OVERWRITE")]
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                pairs = list(assignments(f.read(), path))
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} cannot be read ({type(e).__name__})") from None
+    out = []
+    for key, value, node in pairs:
+        where = f"{path}:{node.lineno}" if node else path
+        if key not in cfg:
+            raise UserError(f"{where}: {unknown(key, key, cfg, flag=False)}")
+        if isinstance(cfg[key], tuple) and isinstance(value, list):  # JSON has lists where config.py has tuples
+            value = tuple(value)
+        out.append((key, _check_value(key, value, cfg[key], f"{where}: {key} = {value!r}")))
+    return out
+
+
+def assignments(source, path):
+    """The NAME = value lines of a settings file (config.py, an experiment) as (name, value, ast node), each value a
+    Python literal (ast.literal_eval): a file of settings is read, never run. Anything else is refused with its
+    line."""
+    try:
+        tree = ast.parse(source, path)
+    except SyntaxError as e:
+        raise UserError(f"{path}:{e.lineno}: not a NAME = value line ({e.msg})") from None
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            continue  # a docstring
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise UserError(f"{path}:{node.lineno}: expected NAME = value, got "
+                            f"{ast.get_source_segment(source, node)!r}")
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError:
+            raise UserError(f"{path}:{node.lineno}: {node.targets[0].id}'s value must be a literal (a number, a "
+                            f"string, a list...): {ast.get_source_segment(source, node.value)!r}") from None
+        yield node.targets[0].id, value, node
 
 
 def bench_config(doc, smoke):
@@ -144,8 +254,8 @@ def bench_config(doc, smoke):
 # (run_settings) takes these from config.py and its command line, and every other setting from the run.
 OWN_SETTINGS = ("DATA_FILE", "DATA_SPLIT", "USE_CHOSEN", "VAL_FRACTION", "CHECKPOINT", "COMPARE", "NUM_REPLIES",
                 "TEMPERATURE", "TOP_K", "TOP_P", "REPETITION_PENALTY", "MAX_NEW_TOKENS", "SAMPLE_PROMPT",
-                "SAMPLE_MAX_NEW_TOKENS", "USER_NAME", "BOT_NAME", "SHOW_EXAMPLE", "OUT_DIR", "RESUME", "GGUF_TYPES",
-                "GGUF_DIR",
+                "SAMPLE_MAX_NEW_TOKENS", "USER_NAME", "BOT_NAME", "SHOW_EXAMPLE", "OUT_DIR", "RESUME", "OVERWRITE",
+                "CPU_THREADS", "GGUF_TYPES", "GGUF_DIR",
                 *(k for k in vars(config) if k.startswith("BENCH_")))
 
 
@@ -212,7 +322,7 @@ def quiet_libraries():
 def print_settings(cfg):
     """Each setting as --name=value, with its comment from config.py wrapped to the terminal, under its group."""
     notes, groups = config_comments()
-    width = max(60, shutil.get_terminal_size((120, 24)).columns - 1)
+    width = help_width()
     for k, v in cfg.items():
         if k in groups:
             print(f"\n{groups[k]}")
@@ -222,6 +332,10 @@ def print_settings(cfg):
             flag = ""
         print(textwrap.fill(notes.get(k, ""), width, initial_indent=flag.ljust(8) + "  ", subsequent_indent=" " * 8)
               if notes.get(k) else flag)
+
+
+def help_width():
+    return max(60, shutil.get_terminal_size((120, 24)).columns - 1)
 
 
 def config_comments():
@@ -235,10 +349,8 @@ def config_comments():
                 for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
     alone = lambda n: n in comments and lines[n - 1].lstrip().startswith("#")  # a line that is only a comment
     notes, groups = {}, {}
-    for node in ast.parse(source).body:
-        if not (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)):
-            continue
-        name, end = node.targets[0].id, node.end_lineno
+    for name, _, node in assignments(source, config.__file__):
+        end = node.end_lineno
         parts = [comments[n] for n in range(node.lineno, end + 1) if n in comments]
         while alone(end + 1):
             end += 1
@@ -250,20 +362,30 @@ def config_comments():
     return notes, groups
 
 
-MORE_TYPES = {"DATA_FILE": (list,)}  # types a setting takes besides its default's; its user checks the value
+# types a setting takes besides its default's; its user checks the value
+MORE_TYPES = {"DATA_FILE": (list,), "REPORT_TO": (list, tuple)}
 
 
-def _parse_value(key, text, default):
+def _parse_value(key, text, default, shown):
+    """A command-line value: a Python literal, else the word itself (--model=gpt2 is a string); then _check_value."""
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        value = text  # a bare word like --model=gpt2 is a string
+        value = text
+    if type(default) is bool and text.lower() in ("true", "false"):  # --fsdp true, as other tools take it
+        value = text.lower() == "true"
+    return _check_value(key, value, default, shown)
+
+
+def _check_value(key, value, default, shown):
+    """`value` for setting `key` if it has the default's type (an int for a float is taken as the float); `shown`:
+    where it came from, for the error."""
     if default is None or type(value) in MORE_TYPES.get(key, ()):
         return value  # a setting that is off by default (TRAIN_SPEAKERS) takes any value; its user checks it
     if type(default) is float and type(value) is int:
         return float(value)  # --learning_rate=1 means 1.0
     if type(value) is not type(default):
-        raise UserError(f"--{key.lower()}={text}: expected {_a(type(default).__name__)} like {default!r}, "
+        raise UserError(f"{shown}: expected {_a(type(default).__name__)} like {default!r}, "
                         f"got {_a(type(value).__name__)}")
     return value
 

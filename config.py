@@ -1,5 +1,6 @@
 """Every setting of the pipeline, in one place. Edit here, or override any name for one run on any script's command
-line as --name=value (case-insensitive), e.g. `python train.py --model=scratch --epochs=1`. `--help` lists them."""
+line as --name=value (case-insensitive), e.g. `python train.py --model=scratch --epochs=1`, or in an experiment file
+of NAME = value lines (`python train.py experiments/small_lr.py`). `--help` lists them."""
 
 # data
 DATA_FILE = "llm_train_text.json"  # dialogues in: JSON array or JSON Lines, Parquet, a dataset directory in the Hub's
@@ -62,7 +63,8 @@ CHECKPOINT_INTERVAL = 200  # optimizer steps between checkpoints (also at the en
 KEEP_CHECKPOINTS = 2  # older checkpoints are deleted once a newer one is complete
 LOG_INTERVAL = 10  # optimizer steps between lines in metrics.jsonl
 REPORT_TO = "none"  # "tensorboard": the same figures as TensorBoard events in OUT_DIR/tensorboard as training goes
-#                     (pip install tensorboard; then tensorboard --logdir OUT_DIR)
+#                     (pip install tensorboard; then tensorboard --logdir OUT_DIR); "wandb": as a Weights & Biases run
+#                     (pip install wandb; WANDB_MODE=offline keeps it on disk); or a list: ["tensorboard", "wandb"]
 VAL_MAX_TOKENS = 100_000  # validation scores the first VAL_FILE dialogues up to this many tokens, in train.py and
 # evaluate.py alike: a cap on each pass's cost (750k tokens took 3.5 min a pass with distilgpt2 on a CPU). 0 = all
 
@@ -90,6 +92,12 @@ GGUF_DIR = None  # where they go, with the Modelfile; None = OUT_DIR/gguf. Repla
 # output
 OUT_DIR = "out"  # best/ and final/ models, checkpoints/, metrics.jsonl, config.json
 RESUME = False  # continue the run in OUT_DIR from its latest complete checkpoint
+
+# when a run stops, where it starts over, how many threads it takes
+EARLY_STOP_EVALS = 0  # the run ends after this many validations in a row without a new best (best/ is kept); 0 = off
+OVERWRITE = False  # train.py: a new run replaces the run in OUT_DIR, deleting all of it (refused while one is running)
+CPU_THREADS = 0  # threads on a CPU; 0 = the cores this process may use, fewer where other work keeps them busy (the
+#                  load average): on a busy machine every extra thread waits for the others at each step
 
 # benchmarks (bench.py, bench_scale.py, bench_loss.py)
 BENCH_STEPS = 20  # timed training steps a figure is taken over, after BENCH_WARMUP untimed ones

@@ -111,7 +111,7 @@ def setup(cfg):
 
     if next(iter_dialogues(cfg.VAL_FILE), None) is None:
         raise UserError(f"VAL_FILE {cfg.VAL_FILE!r} holds no dialogues: run prepare_data.py first")
-    device, dtype, device_note = hardware.pick(cfg.DEVICE, cfg.PRECISION)
+    device, dtype, device_note = hardware.pick(cfg.DEVICE, cfg.PRECISION, threads=cfg.CPU_THREADS)
     loss.use_chunk(cfg.LOSS_CHUNK)
     print(device_note)
     tokenizer, model = modeling.load(model_dir)

@@ -14,10 +14,15 @@ from cli import UserError
 TORCH_THREADS = torch.get_num_threads()  # torch's own choice at start-up, before pick() changes it
 
 
-def pick(name, precision="auto", processes=1):
-    """(device, autocast dtype or None for fp32, a line saying what was chosen and why). `processes`: the ranks on
-    this machine (torchrun's LOCAL_WORLD_SIZE), which share its cores."""
-    if name == "auto":
+def pick(name, precision="auto", processes=1, threads=0, rank_device=None):
+    """(device, autocast dtype or None for fp32, a line saying what was chosen and why). `name`: the DEVICE setting;
+    `processes`: the ranks on this machine (torchrun's LOCAL_WORLD_SIZE), which share its cores; `threads`: the
+    CPU_THREADS setting; `rank_device`: the device processes.start gave a torchrun rank, which the setting chose."""
+    if rank_device is not None:  # torchrun: each rank its own GPU where DEVICE allows CUDA, else the CPU
+        why = ("torchrun's LOCAL_RANK" if rank_device.startswith("cuda") else
+               "DEVICE setting" if name == "cpu" else "no CUDA found")
+        name = rank_device
+    elif name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
         why = "CUDA found" if name == "cuda" else "no CUDA found"
     else:
@@ -30,8 +35,10 @@ def pick(name, precision="auto", processes=1):
         if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
             raise UserError(f"DEVICE={name!r}: no such CUDA device here (use --device=auto or --device=cpu)")
     elif device.type == "cpu":
+        if type(threads) is not int or threads < 0:
+            raise UserError(f"CPU_THREADS must be a number of threads, or 0 for automatic, got {threads!r}")
         keep_freed_memory()
-        threads = set_cpu_threads(processes)
+        threads = set_cpu_threads(processes, threads)
     else:
         raise UserError(f"DEVICE={name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if precision == "auto":
@@ -52,15 +59,19 @@ def autocast(device, dtype):
 # ---------------------------------------------------------------------------------------------------------------------
 # CPU threads
 
-def cpu_threads(cores, local_world, env, default):
+def cpu_threads(cores, local_world, env, default, busy=0.0):
     """Intra-op threads for one process: the cores it may use shared among the ranks on this machine (torchrun's
     LOCAL_WORLD_SIZE), at least 1, and never more than torch's own `default` (it counts physical cores where it can
-    tell). None where OMP_NUM_THREADS is set: the user chose, and torch took it at start-up. Every rank taking every
-    core, or a shared machine's busy cores, made a step 10x slower (issue 21: 618 tokens/s with the default threads,
-    5,162 with one, at the same moment)."""
+    tell); fewer where other work keeps `busy` of those cores busy, down to one. None where OMP_NUM_THREADS is set:
+    the user chose, and torch took it at start-up. Every rank taking every core, or a shared machine's busy cores,
+    made a step 10x slower: a thread that waits for a core holds up the others at the end of every operation
+    (issue 21: 618 tokens/s with the default threads, 5,162 with one, at the same moment; issue 32: two epochs in
+    70.6 s with 2 threads, 18.1 s with 1)."""
     if env.get("OMP_NUM_THREADS"):
         return None
-    return max(1, min(cores // max(1, local_world), default))
+    share = max(1, min(cores // max(1, local_world), default))
+    free = int((cores - busy) / max(1, local_world) + 0.5)  # rounded: a core 40% taken by others still serves
+    return max(1, min(share, free))
 
 
 def usable_cores():
@@ -71,17 +82,38 @@ def usable_cores():
         return os.cpu_count() or 1
 
 
-def set_cpu_threads(processes=1):
-    """torch's intra-op threads from cpu_threads(); returns how many, and why, for the device line."""
+def busy_cores(cores):
+    """How many of this process's `cores` other work keeps busy: the last minute's load average, which counts the
+    whole machine's runnable processes, as a share of the machine's cores. 0 where there is none (Windows). Right
+    after other work ends it still counts for a while: a minute's average."""
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return 0.0
+    return min(cores, load * cores / max(os.cpu_count() or cores, cores))
+
+
+def set_cpu_threads(processes=1, setting=0):
+    """torch's intra-op threads: the CPU_THREADS `setting`, else OMP_NUM_THREADS, else cpu_threads(); returns how
+    many, and why, for the device line: where the machine's load made them fewer, with the figures and the way to
+    take more."""
+    if setting:
+        torch.set_num_threads(setting)
+        return f"{setting} thread{'s' if setting > 1 else ''} (CPU_THREADS setting)"
     cores = usable_cores()
-    n = cpu_threads(cores, processes, os.environ, TORCH_THREADS)
+    busy = busy_cores(cores)
+    n = cpu_threads(cores, processes, os.environ, TORCH_THREADS, busy)
     if n is None:
-        n, why = torch.get_num_threads(), "OMP_NUM_THREADS"
-    else:
-        torch.set_num_threads(n)
-        why = f"{cores} core{'s' if cores > 1 else ''} / {processes} process{'es' if processes > 1 else ''}"
-        if n < cores // processes:
-            why += f", torch's default {TORCH_THREADS}"
+        return f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''} (OMP_NUM_THREADS)"
+    torch.set_num_threads(n)
+    quiet = cpu_threads(cores, processes, os.environ, TORCH_THREADS)
+    why = f"{cores} core{'s' if cores > 1 else ''} / {processes} process{'es' if processes > 1 else ''}"
+    if quiet < cores // processes:
+        why += f", torch's default {TORCH_THREADS}"
+    if n < quiet:
+        why += (f"; other work keeps {busy:.1f} of the cores busy (load average {os.getloadavg()[0]:.1f}), and "
+                f"threads that wait for a core slow every step: {n} rather than {quiet}; --cpu_threads={quiet} "
+                f"takes {quiet}")
     return f"{n} thread{'s' if n > 1 else ''} ({why})"
 
 

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 import checkpoints
+import trackers
 from cli import UserError, load_config, no_such, progress, quiet_libraries, run
 from dialogues import format_dialogue, iter_dialogues
 from render import Rendering, run_speakers, speaker_template
@@ -55,6 +56,7 @@ def check_config(cfg):
          f"BETAS must be two numbers in [0, 1), got {cfg.BETAS}"),
         (min(cfg.EVAL_INTERVAL, cfg.CHECKPOINT_INTERVAL, cfg.LOG_INTERVAL) >= 0, "intervals must be >= 0"),
         (cfg.KEEP_CHECKPOINTS >= 1, f"KEEP_CHECKPOINTS must be >= 1, got {cfg.KEEP_CHECKPOINTS}"),
+        (cfg.EARLY_STOP_EVALS >= 0, f"EARLY_STOP_EVALS must be >= 0 (0 = off), got {cfg.EARLY_STOP_EVALS}"),
         (cfg.TRAIN_SPEAKERS is None or (isinstance(cfg.TRAIN_SPEAKERS, (list, tuple)) and cfg.TRAIN_SPEAKERS
                                         and all(isinstance(s, str) for s in cfg.TRAIN_SPEAKERS)),
          f"TRAIN_SPEAKERS must be None or a list of speaker names, got {cfg.TRAIN_SPEAKERS!r}"),
@@ -67,7 +69,6 @@ def check_config(cfg):
         (cfg.ROLES is None or cfg.FORMAT == "chat_template", "ROLES is for FORMAT='chat_template' only"),
         (cfg.SYSTEM_PROMPT is None or isinstance(cfg.SYSTEM_PROMPT, str) and cfg.SYSTEM_PROMPT.strip(),
          f"SYSTEM_PROMPT must be None or some text, got {cfg.SYSTEM_PROMPT!r}"),
-        (cfg.REPORT_TO in ("none", "tensorboard"), f"REPORT_TO must be 'none' or 'tensorboard', got {cfg.REPORT_TO!r}"),
         (isinstance(cfg.LORA_R, int) and cfg.LORA_R >= 0, f"LORA_R must be >= 0 (0 = off), got {cfg.LORA_R!r}"),
         (cfg.LORA_ALPHA > 0, f"LORA_ALPHA must be > 0, got {cfg.LORA_ALPHA}"),
         (0 <= cfg.LORA_DROPOUT < 1, f"LORA_DROPOUT must be in [0, 1), got {cfg.LORA_DROPOUT}"),
@@ -86,6 +87,7 @@ def check_config(cfg):
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    trackers.check(cfg.REPORT_TO, installed=False)
     for name in ("TRAIN_FILE", "VAL_FILE"):
         path = getattr(cfg, name)
         if not os.path.isfile(path):
@@ -176,7 +178,8 @@ def open_model(cfg, resume_from, layout):
 class RunState:
     """Where a run stands; every checkpoint holds it. Optimizer steps taken; the position in the data (the epoch, and
     the blocks of it consumed); the best validation loss so far; this epoch's figures; the training losses since the
-    last line of metrics.jsonl, each (loss, trained tokens, seconds)."""
+    last line of metrics.jsonl, each (loss, trained tokens, seconds); the validations in a row without a new best
+    (EARLY_STOP_EVALS)."""
     step: int = 0
     epoch: int = 0
     offset: int = 0
@@ -186,6 +189,7 @@ class RunState:
     real: int = 0  # its real input positions,
     positions: int = 0  # and all the positions processed, padding included
     recent: list = field(default_factory=list)
+    stale: int = 0
     trained: int = 0  # tokens trained and seconds spent on steps since this process started: its summary line
     train_time: float = 0.0
 
@@ -193,13 +197,13 @@ class RunState:
     def restore(cls, state):
         tokens, real, positions = state["epoch_stats"]
         return cls(state["step"], state["epoch"], state["offset"], state["best_val"], state["best_step"], tokens,
-                   real, positions, state.get("recent", []))
+                   real, positions, state.get("recent", []), state.get("stale", 0))
 
     def saved(self):
         """As a checkpoint's state.pt holds it."""
         return {"step": self.step, "epoch": self.epoch, "offset": self.offset, "best_val": self.best_val,
                 "best_step": self.best_step, "epoch_stats": [self.tokens, self.real, self.positions],
-                "recent": self.recent}
+                "recent": self.recent, "stale": self.stale}
 
     def advance(self, blocks, positions, loss, n_targets, seconds):
         """One step taken on `blocks`: the position in the data moves on, and the figures add up."""
@@ -282,9 +286,9 @@ def setup(cfg, given):
     say = print if world.master else silent
     run = checkpoints.open_run(cfg, given, world, say)
     check_config(run.cfg)
-    if run.cfg.REPORT_TO == "tensorboard":
-        open_board(None, 0)
-    device, dtype, device_note = hardware.pick(world.device or run.cfg.DEVICE, run.cfg.PRECISION, world.local_size)
+    trackers.check(run.cfg.REPORT_TO)
+    device, dtype, device_note = hardware.pick(run.cfg.DEVICE, run.cfg.PRECISION, world.local_size,
+                                               run.cfg.CPU_THREADS, world.device)
     layout = processes.layout(world, run.cfg.FSDP, device, dtype)
     say(device_note + layout.describe())
     return run, layout
@@ -409,9 +413,39 @@ def total_steps(cfg, s, steps, n_blocks):
     return s.step + math.ceil((n_blocks - s.offset) / steps.per_step) + (cfg.EPOCHS - s.epoch - 1) * steps.per_epoch
 
 
+def early_stop(cfg, s):
+    """Whether EARLY_STOP_EVALS validations in a row have brought no new best: the run ends here."""
+    return bool(cfg.EARLY_STOP_EVALS) and s.stale >= cfg.EARLY_STOP_EVALS
+
+
+def stopped_early(cfg, s, end_step):
+    return (f"stopped early at step {s.step} of {end_step}: {s.stale} validations in a row without a new best "
+            f"(EARLY_STOP_EVALS={cfg.EARLY_STOP_EVALS}); the best, val loss {s.best_val:.4f} at step {s.best_step}, "
+            f"is in {os.path.join(cfg.OUT_DIR, 'best')}")
+
+
+def schedule_change(run, s, steps, n_blocks, end_step):
+    """A resumed run whose end moves (a larger EPOCHS or MAX_STEPS) moves its learning-rate curve too: the line that
+    says so, with the old and new end and the rate at the resumed step on each; None where the end is the same."""
+    if run.state is None:
+        return None
+    was = type(run.cfg)(**{**vars(run.cfg), **{k: run.state["config"][k] for k in ("EPOCHS", "MAX_STEPS")}})
+    old_end = total_steps(was, s, steps, n_blocks)
+    if old_end == end_step:
+        return None
+    before, after = get_lr(s.step, was, old_end), get_lr(s.step, run.cfg, end_step)
+    return (f"the schedule changes: the run ended at step {old_end} and now ends at step {end_step}, so the learning "
+            f"rate at step {s.step} goes from {before:.3g} to {after:.3g} and decays over the new length")
+
+
 def nothing_left(run, s, end_step, say):
     """A resumed run already at its end: say so and touch nothing (True); past its end: refused."""
     cfg = run.cfg
+    if run.state is not None and early_stop(cfg, s) and os.path.isdir(os.path.join(cfg.OUT_DIR, "final")):
+        say(f"the run in {cfg.OUT_DIR} stopped early at step {s.step} ({s.stale} validations without a new best, "
+            f"EARLY_STOP_EVALS={cfg.EARLY_STOP_EVALS}); nothing to do. To train on, resume with a larger "
+            f"--early_stop_evals, or 0")
+        return True
     if run.state is None or s.step < end_step:
         return False
     end = f"MAX_STEPS={cfg.MAX_STEPS}" if cfg.MAX_STEPS > 0 else f"EPOCHS={cfg.EPOCHS}"
@@ -429,30 +463,14 @@ def nothing_left(run, s, end_step, say):
 # what the loop does besides the step: log, validate, checkpoint
 
 def log(run, **record):
-    """A line of metrics.jsonl (rank 0), and with REPORT_TO="tensorboard" the same figures as events."""
+    """A line of metrics.jsonl (rank 0), and the same figures to REPORT_TO's trackers."""
     try:
         with open(run.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
     except OSError as e:  # a full disk, say: a torn last line is skipped when the file is read back
         raise UserError(f"cannot write {run.metrics}: {e.strerror}") from None
-    if run.board is not None:
-        for key, value in record.items():
-            if key not in ("step", "epoch"):
-                run.board.add_scalar(f"{'val' if key.startswith('val') else 'train'}/{key}", value, record["step"])
-
-
-def open_board(run, step):
-    """REPORT_TO="tensorboard": a SummaryWriter in OUT_DIR/tensorboard (rank 0), or the line that says what is missing
-    (`run` None: only check, before anything is written). The events after the step a run starts from are purged,
-    as its metrics.jsonl lines are (all of them where it starts again): the curves go on without duplicates."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError("REPORT_TO='tensorboard' needs the tensorboard package: pip install tensorboard (or "
-                        "--report_to=none)") from None
-    if run is not None:
-        return SummaryWriter(os.path.join(run.cfg.OUT_DIR, "tensorboard"), flush_secs=10,
-                             purge_step=step + 1 if run.state is not None else 0)
+    if run.trackers is not None:
+        run.trackers.log(record)
 
 
 def log_train(run, s, lr):
@@ -471,8 +489,10 @@ def validate(run, s, layout, tokenizer, data):
         log(run, step=s.step, epoch=s.epoch + 1 if s.step else 0, val_loss=val_loss, val_ppl=step.ppl(val_loss))
     best = val_loss < s.best_val and s.step > 0
     if best:
-        s.best_val, s.best_step = val_loss, s.step
+        s.best_val, s.best_step, s.stale = val_loss, s.step, 0
         layout.save_model(tokenizer, os.path.join(run.cfg.OUT_DIR, "best"))
+    elif s.step > 0:
+        s.stale += 1
     return val_loss, f"step {s.step}: val loss {val_loss:.4f} (ppl {step.ppl(val_loss):.2f}){' best' * best}"
 
 
@@ -495,6 +515,15 @@ def stopped(run, s, problem):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def main():
+    """A run of train.py; the run's lock on OUT_DIR is let go however it ends (a process lets go of it as it exits,
+    but a test runs one run after another in its own)."""
+    try:
+        train()
+    finally:
+        checkpoints.release()
+
+
+def train():
     t_main = time.time()
     given = set()
     cfg = load_config(doc=__doc__, given=given)
@@ -517,14 +546,16 @@ def main():
                   tokenizer.eos_token_id, layout.rank, layout.size, data.split)
     end_step = total_steps(cfg, s, steps, len(data.train))
     say(describe(cfg, layout.model, data, steps, end_step))
+    if note := schedule_change(run, s, steps, len(data.train), end_step):
+        say(note)
     say(f"start-up: {time.time() - t_main:.1f}s (data {data.seconds:.1f}s, the rest mostly imports and the model); "
         f"peak memory so far {hardware.peak_rss_mb():,.0f} MB")
     if nothing_left(run, s, end_step, say):
         return layout.close()
     if master:  # every check passed: the run's files begin here
-        checkpoints.begin(run, {"global_batch": steps.per_step, "torchrun_job": run.job})
-        run.board = open_board(run, s.step) if cfg.REPORT_TO == "tensorboard" else None
-    extra = {"train_sha256": data.sha256, "global_batch": steps.per_step}  # what each checkpoint also records
+        logged = checkpoints.begin(run, {"global_batch": steps.per_step, "torchrun_job": run.job, "run_id": run.id})
+        run.trackers = trackers.Trackers(cfg, s.step, run.state is not None, logged, run.id)
+    extra = {"train_sha256": data.sha256, "global_batch": steps.per_step, "run_id": run.id}  # each checkpoint's too
 
     # -----------------------------------------------------------------------------------------------------------------
     # the loop: lr, micro-batches (forward, backward), clip, step, log; then validate and checkpoint when due. Every
@@ -537,7 +568,7 @@ def main():
     signum = None
     with Interrupt(master) as stop, progress(total=end_step, initial=s.step, desc="train", unit="step",
                                              disable=not master) as bar:
-        while s.step < end_step and not signum:
+        while s.step < end_step and not signum and not early_stop(cfg, s):
             lr = set_lr(optimizer, get_lr(s.step, cfg, end_step))
             blocks, micro, positions = steps.at(s.epoch, s.offset)
             t0 = time.time()
@@ -561,7 +592,7 @@ def main():
                     bar.write(s.epoch_line(data.train_tokens.count_trained()))
                 s.epoch, s.offset, s.tokens, s.real, s.positions = s.epoch + 1, 0, 0, 0, 0
             signum = stop.asked(layout.world, layout.device)
-            if last or due(s.step, cfg.CHECKPOINT_INTERVAL) or signum:
+            if last or due(s.step, cfg.CHECKPOINT_INTERVAL) or signum or early_stop(cfg, s):
                 save_checkpoint(run, s, layout, tokenizer, optimizer, scaler, extra)
 
     # -----------------------------------------------------------------------------------------------------------------
@@ -569,10 +600,11 @@ def main():
         raise interrupted(run, s, signum, layout)
     if s.offset > 0 and s.positions:  # a run that ends inside an epoch: its figures too
         say(s.epoch_line(data.train_tokens.count_trained(), ended=False))
+    if early_stop(cfg, s) and s.step < end_step:
+        say(stopped_early(cfg, s, end_step))
     layout.save_model(tokenizer, os.path.join(cfg.OUT_DIR, "final"))
     if master:
-        if run.board is not None:
-            run.board.close()
+        run.trackers.close()
         shutil.rmtree(os.path.join(cfg.OUT_DIR, ".tmp-scratch-tokenizer"), ignore_errors=True)
     layout.close()
     say(summary(cfg, layout.model, s, start_step, time.time() - t_start, first_val))

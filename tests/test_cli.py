@@ -103,10 +103,28 @@ def test_an_unknown_name_suggests_the_closest():
     assert "--val_fraction" in str(e.value)
 
 
-@pytest.mark.parametrize("arg", ["--val_fraction", "val_fraction=0.5", "-seed=1"])
-def test_an_argument_without_name_equals_value_is_rejected(arg):
-    with pytest.raises(cli.UserError, match="--name=value"):
-        cli.load_config([arg])
+@pytest.mark.parametrize("args, example", [(["val_fraction=0.5"], "--val_fraction=0.5"), (["-seed=1"], "--seed=1"),
+                                           (["--val_fraction"], "--val_fraction=0.2"),
+                                           (["--epochs", "--seed=1"], "--epochs=3")])
+def test_an_argument_without_a_value_is_rejected_with_an_example_of_its_own_name(args, example):
+    with pytest.raises(cli.UserError, match="--name=value|needs a value") as e:
+        cli.load_config(args)
+    assert f"e.g. {example}" in str(e.value)
+
+
+def test_both_command_line_habits():
+    """--name value as argparse and the Hugging Face scripts take it, a bare --flag for True, --no_flag for False,
+    next to --name=value; and a True/False after a bare flag is its value."""
+    given = set()
+    cfg = cli.load_config(["--epochs", "5", "--lr-schedule", "linear", "--compile", "--no_use_chosen",
+                           "--learning_rate=1e-3", "--betas", "(0.8, 0.9)", "--fsdp", "false", "--resume", "True"],
+                          given=given)
+    assert (cfg.EPOCHS, cfg.LR_SCHEDULE, cfg.COMPILE, cfg.USE_CHOSEN, cfg.LEARNING_RATE, cfg.BETAS, cfg.FSDP,
+            cfg.RESUME) == (5, "linear", True, False, 1e-3, (0.8, 0.9), False, True)
+    assert given == {"EPOCHS", "LR_SCHEDULE", "COMPILE", "USE_CHOSEN", "LEARNING_RATE", "BETAS", "FSDP", "RESUME"}
+    assert cli.load_config(["--max_steps", "-1"]).MAX_STEPS == -1  # a negative number is a value, not a flag
+    with pytest.raises(cli.UserError, match="--no_epochs"):  # --no_ is for True/False settings only
+        cli.load_config(["--no_epochs"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -134,7 +152,8 @@ def help_sections(out):
     """--help's settings as [heading, the setting's text with its comment, unwrapped], in the order printed."""
     lines = out.splitlines()
     heading, sections = None, []
-    for line in lines[lines.index("settings (override with --name=value; from config.py, which says why):") + 1:]:
+    start = next(i for i, line in enumerate(lines) if line.startswith("settings (override"))
+    for line in lines[lines.index("", start) + 1:]:
         if line.startswith("  --"):
             sections.append([heading, line])
         elif line.startswith(" "):
@@ -150,7 +169,8 @@ def test_help_shows_each_settings_comment(capsys, monkeypatch):
         cli.load_config(["--help"], doc="train.py: the doc")
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("train.py: the doc\n\nsettings (override with --name=value")
+    assert out.startswith("train.py: the doc\n\nsettings (override with --name=value or --name value")
+    assert "python train.py experiments/small_lr.py" in " ".join(out.split()) and "to repeat that run" in out
     settings = config_py()
     assert [name for _, name, _ in settings] == list(cli.defaults()), "settings without a comment in config.py"
     # textwrap breaks lines at spaces and after hyphens ("fine-" / "tuning"), so the text is compared without them
@@ -184,7 +204,10 @@ def test_help_shows_each_settings_comment(capsys, monkeypatch):
 @pytest.mark.parametrize("flag, meant", [("--lr", "--learning_rate"), ("--bs", "--batch_size"),
                                          ("--batch", "--batch_size"), ("--epoch", "--epochs"),
                                          ("--steps", "--max_steps"), ("--lora", "--lora_r"),
-                                         ("--output_dir", "--out_dir"), ("--learning_rat", "--learning_rate")])
+                                         ("--output_dir", "--out_dir"), ("--learning_rat", "--learning_rate"),
+                                         ("--bf16", "--precision=bf16"), ("--fp16", "--precision=fp16"),
+                                         ("--num_train_epochs", "--epochs"),
+                                         ("--overwrite_output_dir", "--overwrite=True")])
 def test_abbreviations_suggest_the_setting_meant(flag, meant):
     with pytest.raises(cli.UserError) as e:
         cli.load_config([f"{flag}=1"])
@@ -193,7 +216,13 @@ def test_abbreviations_suggest_the_setting_meant(flag, meant):
 
 def test_aliases_name_real_settings():
     names = set(cli.defaults())
-    assert set(cli.ALIASES.values()) <= names and not set(cli.ALIASES) & names
+    for alias, meant in cli.ALIASES.items():
+        name, _, value = meant.partition("=")
+        assert name in names or alias == "CONFIG", alias
+        assert not value or cli.load_config([f"--{meant.lower()}"])  # --precision=bf16 is a value it takes
+    assert not set(cli.ALIASES) & names
+    with pytest.raises(cli.UserError, match=r"^unknown setting --config: an experiment file is given as it is"):
+        cli.load_config(["--config=experiments/small_lr.py"])
     assert cli.load_config(["--epochs=1"]).EPOCHS == 1  # a real setting is never taken for an abbreviation
 
 
@@ -224,7 +253,9 @@ EARLY = [("prepare_data.py", ["--help"]), ("prepare_data.py", ["--val_fraction=2
          ("chat.py", ["--help"]), ("chat.py", ["--checkpoint=/nonexistent"]), ("chat.py", ["--bot_name=Alex"]),
          ("bench.py", ["--help"]), ("bench.py", ["--bench_stpes=3"]), ("bench.py", ["--bench_shape=(2, 64, 3)"]),
          ("bench_scale.py", ["--help"]), ("bench_scale.py", ["--bench_scales=(0,)"]),
-         ("bench_loss.py", ["--help"]), ("bench_loss.py", ["--bench_vocab=0"])]
+         ("bench_loss.py", ["--help"]), ("bench_loss.py", ["--bench_vocab=0"]),
+         # every script reads its command line one way: --name value, and other tools' names point to ours
+         ("bench_loss.py", ["--bench_vocab", "0"]), ("bench.py", ["--bf16"]), ("chat.py", ["--temperature", "x"])]
 
 
 def test_settings_are_checked_before_torch_is_imported(tmp_path):
@@ -244,6 +275,9 @@ def test_settings_are_checked_before_torch_is_imported(tmp_path):
     # a CHECKPOINT that is not there is named; passing --checkpoint is not suggested to someone who just did
     missing = [e for e in errors if "/nonexistent" in e]
     assert len(missing) == 2 and all("--checkpoint" not in e for e in missing)
+    assert errors[-3:] == ["error: BENCH_VOCAB, BLOCK_SIZE, BATCH_SIZE and BENCH_STEPS must be >= 1, BENCH_WARMUP >= 0",
+                           "error: unknown setting --bf16; did you mean --precision=bf16?",
+                           "error: --temperature=x: expected a float like 0.8, got a str"]
 
 
 def test_outside_torchrun_an_error_is_printed(capsys, monkeypatch):
@@ -326,3 +360,56 @@ def test_a_log_gets_a_line_every_tenth(capsys):
     assert list(cli.progress(range(5), desc="validation", leave=False)) == list(range(5))
     assert list(cli.progress(range(5), desc="hidden", disable=True)) == list(range(5))
     assert capsys.readouterr().err == ""  # a transient bar under 10 s, and a disabled one: nothing
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# an experiment is a file: NAME = value lines, or a run's config.json
+
+def test_an_experiment_file_overrides_config_py_and_the_command_line_overrides_it(tmp_path):
+    exp = tmp_path / "exp.py"
+    exp.write_text('"""my experiment"""\nLEARNING_RATE = 2e-5  # gentler\nEPOCHS = 5\nBETAS = (0.8, 0.9)\n'
+                   'OUT_DIR = "out/exp"\n')
+    given = set()
+    cfg = cli.load_config([str(exp), "--epochs", "2"], given=given)
+    assert (cfg.LEARNING_RATE, cfg.EPOCHS, cfg.BETAS, cfg.OUT_DIR) == (2e-5, 2, (0.8, 0.9), "out/exp")
+    assert cfg.SEED == config.SEED and given == {"LEARNING_RATE", "EPOCHS", "BETAS", "OUT_DIR"}
+    assert cli.load_config(["--epochs=2", str(exp)]).EPOCHS == 2  # wherever the file is on the line
+
+
+@pytest.mark.parametrize("text, words", [
+    ("EPOCHS = 2\nLERNING_RATE = 1e-4\n", r"exp.py:2: unknown setting LERNING_RATE; did you mean LEARNING_RATE"),
+    ("BF16 = True\n", r"exp.py:1: unknown setting BF16; did you mean PRECISION = 'bf16'\?"),
+    ("import os\nEPOCHS = 1\n", r"exp.py:1: expected NAME = value, got 'import os'"),
+    ("EPOCHS = int('3')\n", r"exp.py:1: EPOCHS's value must be a literal .*: \"int\('3'\)\""),
+    ("EPOCHS = 1.5\n", r"exp.py:1: EPOCHS = 1.5: expected an int like 3, got a float"),
+    ("EPOCHS = \n", r"exp.py:1: not a NAME = value line")])
+def test_an_experiment_file_is_read_never_run_and_its_mistakes_name_the_line(tmp_path, text, words):
+    (tmp_path / "exp.py").write_text(text)
+    with pytest.raises(cli.UserError, match=words):
+        cli.load_config([str(tmp_path / "exp.py")])
+
+
+def test_a_run_s_config_json_repeats_the_run(tmp_path):
+    saved = {**cli.defaults(), "EPOCHS": 7, "BETAS": [0.8, 0.9], "RESUME": True, "global_batch": 8,
+             "torchrun_job": "none"}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    cfg = cli.load_config([str(tmp_path / "config.json"), "--out_dir=again"])
+    assert (cfg.EPOCHS, cfg.BETAS, cfg.OUT_DIR, cfg.RESUME) == (7, (0.8, 0.9), "again", False)  # not its RESUME
+    assert "global_batch" not in vars(cfg)
+    (tmp_path / "config.json").write_text(json.dumps({"EPOCHS": 7, "GONE_SETTING": 1}))
+    with pytest.raises(cli.UserError, match=r"config.json: unknown setting GONE_SETTING"):
+        cli.load_config([str(tmp_path / "config.json")])
+
+
+def test_the_shipped_experiments_hold_real_settings():
+    for name in os.listdir(os.path.join(ROOT, "experiments")):
+        cli.load_config([os.path.join(ROOT, "experiments", name)])
+
+
+def test_one_experiment_file_at_a_time(tmp_path):
+    for name in ("a.py", "b.py"):
+        (tmp_path / name).write_text("EPOCHS = 1\n")
+    with pytest.raises(cli.UserError, match="more than one experiment file"):
+        cli.load_config([str(tmp_path / "a.py"), str(tmp_path / "b.py")])
+    with pytest.raises(cli.UserError, match=r"experiment file 'nope.py' does not exist"):
+        cli.load_config(["nope.py"])

@@ -31,6 +31,48 @@ def test_cpu_threads(cores, ranks, env, default, threads):
     assert hardware.cpu_threads(cores, ranks, env, default) == threads
 
 
+@pytest.mark.parametrize("cores, ranks, busy, threads", [
+    (2, 1, 2.0, 1),  # two other processes on two cores: one thread
+    (2, 1, 0.3, 2),  # a quiet machine's background: all of them
+    (2, 1, 0.7, 1),
+    (8, 1, 3.0, 5),
+    (8, 2, 4.0, 2),  # what is left, shared among the ranks
+    (8, 1, 30.0, 1),
+])
+def test_busy_cores_mean_fewer_threads(cores, ranks, busy, threads):
+    assert hardware.cpu_threads(cores, ranks, {}, 64, busy) == threads
+    assert hardware.cpu_threads(cores, ranks, {"OMP_NUM_THREADS": "2"}, 64, busy) is None  # the user's choice wins
+
+
+def test_a_busy_machine_is_said_with_its_figures_and_the_way_to_take_more(monkeypatch, keep_threads):
+    """What the load check reads is the load average: a machine that two other processes keep busy."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(hardware, "usable_cores", lambda: 2)
+    monkeypatch.setattr(hardware, "TORCH_THREADS", 2)
+    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (2.1, 1.5, 0.8))
+    _, _, line = hardware.pick("cpu")
+    assert line == ("device: cpu (DEVICE setting), fp32, 1 thread (2 cores / 1 process; other work keeps 2.0 of the "
+                    "cores busy (load average 2.1), and threads that wait for a core slow every step: 1 rather than "
+                    "2; --cpu_threads=2 takes 2)")
+    assert torch.get_num_threads() == 1
+    _, _, line = hardware.pick("cpu", threads=2)  # the setting wins
+    assert line.endswith("2 threads (CPU_THREADS setting)") and torch.get_num_threads() == 2
+    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 64)  # a big machine's load, of which these 2 cores are
+    assert hardware.pick("cpu")[2].endswith("2 threads (2 cores / 1 process)")  # a small share
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (0.2, 0.1, 0.1))
+    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 2)
+    assert hardware.pick("cpu")[2].endswith("2 threads (2 cores / 1 process)")
+    with pytest.raises(UserError, match="CPU_THREADS must be a number of threads"):
+        hardware.pick("cpu", threads=-1)
+
+
+@pytest.mark.parametrize("setting, rank_device, why", [("auto", "cpu", "no CUDA found"),
+                                                        ("cpu", "cpu", "DEVICE setting"), ("auto", None, "no CUDA found")])
+def test_the_device_line_says_where_the_device_came_from_under_torchrun(setting, rank_device, why, keep_threads):
+    assert hardware.pick(setting, rank_device=rank_device)[2].startswith(f"device: cpu ({why}), fp32")
+
+
 @pytest.fixture
 def keep_threads():
     n = torch.get_num_threads()
@@ -42,6 +84,7 @@ def test_the_device_line_says_how_many_threads(monkeypatch, keep_threads):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(hardware, "usable_cores", lambda: 4)
     monkeypatch.setattr(hardware, "TORCH_THREADS", 64)
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # a quiet machine
     _, _, line = hardware.pick("cpu", processes=2)
     assert line == "device: cpu (DEVICE setting), fp32, 2 threads (4 cores / 2 processes)"
     assert torch.get_num_threads() == 2

@@ -620,6 +620,10 @@ def test_resume_extends_a_finished_run(resume_cases):
     out, p, _ = resume_cases["extend"]
     assert p.returncode == 0, p.stderr
     assert "(step 12)" in p.stdout
+    # the curve that ended at step 12 is stretched to 14: said, with the rate at step 12 on each
+    cfg = cli.load_config(resume_args("m")[1:] + ["--max_steps=14"])
+    assert (f"the schedule changes: the run ended at step 12 and now ends at step 14, so the learning rate at step 12 "
+            f"goes from {train.get_lr(12, cfg, 12):.3g} to {train.get_lr(12, cfg, 14):.3g}") in p.stdout
     assert [m["step"] for m in metrics(out) if "loss" in m][-1] == 14
     assert (out / "checkpoints" / "step-00000014").is_dir()
 
@@ -654,17 +658,57 @@ def test_resume_with_nothing_left_changes_nothing(case, tmp_path, run_a):
     assert snapshot(tmp_path / "out") == before
 
 
-def test_tensorboard_curves_go_on_without_duplicates_after_a_resume(tmp_path, tiny_model):
-    """REPORT_TO="tensorboard" writes metrics.jsonl's figures as events; a run killed after its step-8 checkpoint
-    and resumed purges the events after step 8, so TensorBoard's own reader sees each step once, with the values of
-    metrics.jsonl."""
+def wandb_history(wandb_dir):
+    """What the offline W&B runs under `wandb_dir` logged, from their run-ID.wandb files (W&B's records, framed as
+    LevelDB's log: 32 KiB blocks of pieces with a 7-byte header, after a 7-byte file header), oldest run first:
+    [(run id, [{figure: value, "_step": step}])]."""
+    import glob
+    import struct
+    from wandb.proto import wandb_internal_pb2
+    runs = []
+    for path in sorted(glob.glob(os.path.join(wandb_dir, "wandb", "offline-run-*", "run-*.wandb"))):
+        data, pos, piece, history = open(path, "rb").read(), 7, b"", []
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+                pos += 32768 - pos % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            piece, pos = piece + data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):  # a whole record, or a record's last piece
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(piece)
+                if record.WhichOneof("record_type") == "history":
+                    history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                                    for i in record.history.item})
+                piece = b""
+        runs.append((os.path.basename(path)[4:-6], history))
+    return runs
+
+
+def test_trackers_curves_go_on_without_duplicates_after_a_resume(tmp_path, tiny_model):
+    """REPORT_TO=["tensorboard", "wandb"] writes metrics.jsonl's figures as events and as an (offline) W&B run; a
+    run killed at step 9, after its step-8 checkpoint, and resumed purges the events after step 8, and continues the
+    W&B run under its id with the steps it had not logged, so TensorBoard's own reader, and W&B's records, see each
+    step once, with the values of metrics.jsonl."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     write_split(tmp_path, *RESUME_DATA)
-    args = [*resume_args(tiny_model), "--report_to=tensorboard", "--log_interval=1"]
-    assert run("train.py", *args, cwd=tmp_path).returncode == 0
+    args = [*resume_args(tiny_model), "--report_to", "['tensorboard', 'wandb']", "--log_interval=1"]
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    assert run("train.py", *args, "--max_steps=9", cwd=tmp_path, env=env).returncode == 0  # as if killed at 9
     crash_after_step_8(tmp_path / "out")
-    p = run("train.py", *args, "--resume=True", cwd=tmp_path)
+    p = run("train.py", *args, "--resume=True", cwd=tmp_path, env=env)
     assert p.returncode == 0, p.stderr
+    logged = metrics(tmp_path / "out")
+    (first, before), (again, after) = wandb_history(tmp_path)
+    assert first == again == json.loads((tmp_path / "out" / "config.json").read_text())["run_id"]
+    rows = before + after
+    for key in ("train/loss", "val/val_loss", "train/lr"):
+        steps = [r["_step"] for r in rows if key in r]
+        assert steps == sorted(set(steps)) and steps[-1] == 12
+        want = {m["step"]: m[key.split("/")[1]] for m in logged if key.split("/")[1] in m}
+        assert {r["_step"]: r[key] for r in rows if key in r and r["_step"] != 9} == pytest.approx(
+            {s: v for s, v in want.items() if s != 9}, rel=1e-6)  # step 9's lr: the first process's schedule
+    assert [r["_step"] for r in after if "train/loss" in r] == [10, 11, 12]  # nothing sent twice
     events = EventAccumulator(str(tmp_path / "out" / "tensorboard")).Reload()
     assert {"train/loss", "train/lr", "train/tokens_per_s", "val/val_loss", "val/val_ppl"} <= set(
         events.Tags()["scalars"])
@@ -674,6 +718,54 @@ def test_tensorboard_curves_go_on_without_duplicates_after_a_resume(tmp_path, ti
         assert [e.step for e in scalars] == [m["step"] for m in logged if key in m]  # each step once, in order
         assert [e.value for e in scalars] == pytest.approx([m[key] for m in logged if key in m], rel=1e-6)
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
+
+
+def test_early_stopping_ends_the_run_and_a_resume_knows(tmp_path, tiny_model):
+    """EARLY_STOP_EVALS=2: a rate far too high makes validation worse after the first steps, and two validations
+    without a new best end the run there, with best/ kept and a line that says why; the count is in the checkpoint,
+    so a resume finds the run over."""
+    write_split(tmp_path, *RESUME_DATA)
+    args = train_args(tiny_model, "--block_size=32", "--batch_size=2", "--max_steps=12", "--eval_interval=1",
+                      "--learning_rate=0.5", "--warmup_steps=0", "--early_stop_evals", "2")
+    p = run("train.py", *args, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    vals = [m for m in metrics(tmp_path / "out") if "val_loss" in m and m["step"] > 0]
+    best = min(vals, key=lambda m: m["val_loss"])
+    stop = vals[-1]["step"]
+    assert stop < 12 and [m["step"] for m in vals if m["step"] > best["step"]] == [best["step"] + 1, stop]
+    assert (f"stopped early at step {stop} of 12: 2 validations in a row without a new best (EARLY_STOP_EVALS=2); "
+            f"the best, val loss {best['val_loss']:.4f} at step {best['step']}, is in out/best") in p.stdout
+    assert sorted(os.listdir(tmp_path / "out" / "checkpoints"))[-1] == f"step-{stop:08d}"
+    assert (tmp_path / "out" / "final").is_dir() and (tmp_path / "out" / "best").is_dir()
+    p = run("train.py", *args, "--resume", cwd=tmp_path)
+    assert p.returncode == 0 and f"stopped early at step {stop} (2 validations" in p.stdout, p.stdout + p.stderr
+
+
+def test_overwrite_starts_over_and_is_refused_while_the_run_is_held(tmp_path, tiny_model, run_a):
+    """--overwrite=True replaces a finished run, keeping nothing of it; while another process holds the run (its
+    lock), it is refused and nothing changes."""
+    write_split(tmp_path, *RESUME_DATA)
+    shutil.copytree(run_a, tmp_path / "out")
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    holder = subprocess.Popen(command("checkpoints.py", patch=None)[:1] + [
+        "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import checkpoints; checkpoints.hold('out'); print('held', "
+              f"flush=True); sys.stdin.read()"], cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        before = snapshot(tmp_path / "out")
+        p = run("train.py", *train_args(tiny_model, "--block_size=32", "--max_steps=2", "--overwrite"), cwd=tmp_path)
+        assert "OUT_DIR 'out' is in use: another process is running the run there" in one_error_line(p)
+        assert snapshot(tmp_path / "out") == before
+    finally:
+        holder.communicate("")
+    p = run("train.py", *train_args(tiny_model, "--block_size=32", "--max_steps=2", "--overwrite"), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "--overwrite=True: the run in out (its checkpoints up to step 12) is deleted, all of it" in p.stdout
+    assert sorted(os.listdir(tmp_path / "out" / "checkpoints")) == ["step-00000002"]
+    assert not (tmp_path / "out" / "notes.txt").exists() and metrics(tmp_path / "out")[-1]["step"] == 2
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["MAX_STEPS"] == 2
+    p = run("train.py", *train_args(tiny_model, "--overwrite", "--resume"), cwd=tmp_path)
+    assert "--overwrite=True starts the run in OUT_DIR over, --resume=True continues it" in one_error_line(p)
 
 
 def test_resume_with_no_run_to_resume_is_refused(tmp_path, tiny_model):
