@@ -542,6 +542,7 @@ def _preference(record, where, use_chosen):
     return prompt + chosen
 
 
+OBJECTIVES = ("sft", "dpo", "simpo")  # OBJECTIVE's choices: the last two read preference pairs (preference.py)
 PAIR_FORMATS = ('{"prompt", "chosen", "rejected"} (strings or message lists), or {"chosen", "rejected"}: two '
                 'conversations (message lists, or "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts) whose shared '
                 'opening is the prompt')

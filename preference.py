@@ -28,8 +28,6 @@ from cli import UserError, progress
 from dialogues import SYSTEM, iter_pairs
 from render import context_token, render_any, role_map, with_system
 
-OBJECTIVES = ("sft", "dpo", "simpo")
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the objectives
@@ -66,8 +64,12 @@ FIGURES = ("loss", "reward_acc", "margin", "chosen", "rejected")  # what a step 
 
 
 def figure_sums(losses, rc, rr):
-    """The sums of FIGURES over some pairs, float64 [5]: averaged once every rank's are added."""
-    return torch.stack([losses.sum(), (rc > rr).sum(), (rc - rr).sum(), rc.sum(), rr.sum()]).double()
+    """The sums of FIGURES over some pairs, float64 [5]: averaged once every rank's are added. A pair whose rewards
+    are equal (every pair at the start, where the policy is its reference) counts as half right: a coin toss, so
+    the accuracy starts at 50%, not 0."""
+    right = (rc > rr).double() + 0.5 * (rc == rr).double()
+    return torch.stack([losses.sum().double(), right.sum(), (rc - rr).sum().double(), rc.sum().double(),
+                        rr.sum().double()])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -83,6 +85,10 @@ class Pairs:
 
     def __len__(self):
         return len(self.sequences) // 2
+
+    def count_trained(self):
+        """What an epoch trains: its pairs (train.py's epoch line)."""
+        return len(self)
 
     def scored(self):
         return sum(sum(1 for m in mask if m) for _, mask in self.sequences)
@@ -234,7 +240,7 @@ def reference_key(weights, files, tokenizer, rendering, block_size, dtype):
     return hashlib.sha256(json.dumps(meta, default=str).encode()).hexdigest()[:16]
 
 
-def reference(layout, sets, key, cache_dir, say, batch_size, build=True):
+def reference(layout, sets, key, cache_dir, say, build=True):
     """The reference's log-probabilities [pairs, 2] (float32, CPU) of each set in `sets` (name -> its batches and
     pair count), from CACHE_DIR/reference/<key>/ where they are, else computed now by the layout's model (adapters
     off) and kept there. `build` False: they must be there (a resumed run never computes them again)."""
@@ -242,6 +248,7 @@ def reference(layout, sets, key, cache_dir, say, batch_size, build=True):
     from checkpoints import check_manifest
     d = os.path.join(cache_dir, "reference", key)
     if os.path.isdir(d) and not check_manifest(d, required=True):
+        say(f"reference log-probabilities from {d} (the same reference weights and pairs)")
         return {name: torch.from_numpy(np.load(os.path.join(d, name + ".npy"))) for name in sets}
     if not build:
         raise UserError(f"the reference log-probabilities this run was started with ({d}) are gone: they are not "
