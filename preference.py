@@ -217,12 +217,13 @@ class PairSteps:
 # the reference's log-probabilities, computed once
 
 def weights_key(model):
-    """A digest of the model's weights as they are (LoRA adapters left out: the reference is the model without
-    them): what names the reference."""
+    """A digest of the model's weights as they are (LoRA adapters left out, and peft's names for the weights it wraps
+    taken back: the reference is the model without them, the same as a full fine-tuning run's): what names the
+    reference."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        if "lora_" in name:
-            continue
+    plain = {k.replace("base_model.model.", "", 1).replace(".base_layer.", "."): v
+             for k, v in model.state_dict().items() if "lora_" not in k}
+    for name, t in sorted(plain.items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")

@@ -10,6 +10,7 @@ Run: .venv/bin/python -m pytest -q tests/test_preference.py
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,9 +20,10 @@ import loss
 import preference
 import step
 import tiny
-from batching import IGNORE
+from conftest import one_error_line, run, train_args
 from dialogues import parse_pair
 from render import Rendering
+from test_train_faults import KILL_IN_WRITE
 
 PAIRS = [([("user", "what is the cat doing today")], [("assistant", "the cat sat on the table")],
           [("assistant", "dog")]),
@@ -129,3 +131,102 @@ def test_a_tie_has_no_gradient(batch):
         assert mean > 0.1  # a loss, but no direction to move in
         grads = [p.grad.abs().max().item() for p in model.parameters() if p.grad is not None]
         assert grads and max(grads) < 1e-7
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# prepare_data.py and train.py end to end: a tiny GPT-2 (dropout on, so a resume must restore the random state too)
+
+PAIR_ARGS = ["--objective=dpo", "--beta=0.5", "--block_size=64", "--batch_size=4", "--max_steps=12",
+             "--eval_interval=4", "--checkpoint_interval=4", "--log_interval=2", "--learning_rate=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory):
+    """prepare_data.py's pairs files from 80 synthetic records, and a tiny GPT-2 in base/."""
+    d = tmp_path_factory.mktemp("pairs")
+    tiny.save_tiny_gpt2(str(d / "base"), dropout=0.1)
+    (d / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tiny.synthetic_pairs(80, seed=3)))
+    p = run("prepare_data.py", "--data_file=prefs.jsonl", "--objective=dpo", cwd=d)
+    assert p.returncode == 0, p.stderr
+    assert "train 6" in p.stdout and "preference pairs" in p.stdout  # ~80% of 80 pairs
+    return d
+
+
+@pytest.fixture(scope="module")
+def dpo_run(pairs_dir):
+    """An uninterrupted DPO run in pairs_dir/out."""
+    p = run("train.py", *train_args("base", *PAIR_ARGS), cwd=pairs_dir)
+    assert p.returncode == 0, p.stderr
+    return p
+
+
+def test_prepare_data_writes_pairs_split_by_prompt(pairs_dir):
+    train = [json.loads(line) for line in (pairs_dir / "train_data.txt").read_text().splitlines()]
+    val = [json.loads(line) for line in (pairs_dir / "val_data.txt").read_text().splitlines()]
+    assert len(train) + len(val) == 80
+    assert set(train[0]) == {"prompt", "chosen", "rejected"} and train[0]["prompt"][0]["role"] == "user"
+    assert not {json.dumps(r["prompt"]) for r in train} & {json.dumps(r["prompt"]) for r in val}
+
+
+def test_prepare_data_refuses_a_dialogue_and_drops_ties(tmp_path):
+    records = [*tiny.synthetic_pairs(4), {"prompt": "a", "chosen": "same", "rejected": "same"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    p = run("prepare_data.py", "--data_file=p.jsonl", "--objective=dpo", cwd=tmp_path)
+    assert p.returncode == 0 and "1 tied" in p.stdout, p.stdout + p.stderr
+    (tmp_path / "p.jsonl").write_text(json.dumps({"Alex": "hi", "Bob": "yo"}) + "\n")
+    assert "line 1" in one_error_line(run("prepare_data.py", "--data_file=p.jsonl", "--objective=dpo",
+                                          cwd=tmp_path))
+
+
+def test_show_example_marks_the_scored_reply(pairs_dir):
+    p = run("train.py", "--model=base", "--objective=dpo", "--show_example=True", cwd=pairs_dir)
+    assert p.returncode == 0, p.stderr
+    first = json.loads((pairs_dir / "train_data.txt").read_text().splitlines()[0])
+    for name in ("chosen", "rejected"):
+        reply = first[name][0]["content"]
+        assert f"assistant:\u27e6 {reply}\n<|endoftext|>\u27e7" in p.stdout
+
+
+def test_held_out_accuracy_rises_and_the_margin_grows(dpo_run, pairs_dir):
+    val = [m for m in tiny.metrics(pairs_dir / "out") if "val_reward_acc" in m]
+    assert val[0]["step"] == 0 and val[0]["val_reward_acc"] == 0.5  # policy = reference: every pair a tie
+    assert val[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert val[-1]["val_reward_acc"] >= 0.9
+    margins = [m["val_margin"] for m in val]
+    assert margins == sorted(margins) and margins[-1] > 1
+    train = [m for m in tiny.metrics(pairs_dir / "out") if "reward_acc" in m]
+    assert train and {"loss", "margin", "chosen", "rejected", "pairs_per_s"} <= set(train[-1])
+    assert (pairs_dir / "out" / "best" / "model.safetensors").exists()
+    assert (pairs_dir / "out" / "final" / "model.safetensors").exists()
+
+
+def test_a_dpo_run_resumes_exactly_after_sigkill(dpo_run, pairs_dir, tmp_path):
+    import shutil
+    for name in ("base", "train_data.txt", "val_data.txt", "cache"):
+        (shutil.copytree if name in ("base", "cache") else shutil.copy)(pairs_dir / name, tmp_path / name)
+    shutil.rmtree(tmp_path / "cache" / "reference")  # the first start computes them; the resume must only read them
+    patch = KILL_IN_WRITE.format(prefix=".tmp-step-", k=2)  # killed while writing its second checkpoint
+    p = run("train.py", *train_args("base", *PAIR_ARGS), cwd=tmp_path, patch=patch, env={"OMP_NUM_THREADS": "1"})
+    assert p.returncode == -9, p.stdout + p.stderr
+    assert "reference log-probabilities of" in p.stdout
+    p = run("train.py", *train_args("base", *PAIR_ARGS, "--resume=True"), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "reference log-probabilities from" in p.stdout and "reference log-probabilities of" not in p.stdout
+    assert tiny.max_diff(tiny.weights(tmp_path / "out" / "final"), tiny.weights(pairs_dir / "out" / "final")) < 1e-6
+    assert ([m for m in tiny.metrics(tmp_path / "out") if "val_loss" in m] ==
+            [m for m in tiny.metrics(pairs_dir / "out") if "val_loss" in m])
+
+
+def test_lora_takes_the_model_without_adapters_as_reference(dpo_run, pairs_dir, tmp_path):
+    import shutil
+    for name in ("base", "train_data.txt", "val_data.txt"):
+        (shutil.copytree if name == "base" else shutil.copy)(pairs_dir / name, tmp_path / name)
+    p = run("train.py", *train_args("base", *PAIR_ARGS, "--lora_r=4", "--max_steps=4", "--learning_rate=1e-2"),
+            cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    lora, full = (next((d / "cache" / "reference").iterdir()) for d in (tmp_path, pairs_dir))
+    assert lora.name == full.name  # the same starting weights, the same key
+    assert np.array_equal(np.load(lora / "train.npy"), np.load(full / "train.npy"))
+    val = [m for m in tiny.metrics(tmp_path / "out") if "val_loss" in m]
+    assert val[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6) and val[-1]["val_loss"] < val[0]["val_loss"]
+    assert (tmp_path / "out" / "final" / "adapter").is_dir()
