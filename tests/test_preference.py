@@ -230,3 +230,13 @@ def test_lora_takes_the_model_without_adapters_as_reference(dpo_run, pairs_dir, 
     val = [m for m in tiny.metrics(tmp_path / "out") if "val_loss" in m]
     assert val[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6) and val[-1]["val_loss"] < val[0]["val_loss"]
     assert (tmp_path / "out" / "final" / "adapter").is_dir()
+
+
+def test_evaluate_reports_base_and_tuned_side_by_side(dpo_run, pairs_dir):
+    p = run("evaluate.py", "--out_dir=out", cwd=pairs_dir)
+    assert p.returncode == 0, p.stderr
+    report = json.loads((pairs_dir / "out" / "eval" / "best" / "eval_report.json").read_text())
+    base, tuned = report["models"]
+    assert base["model"] == "base" and "reward_acc" not in base
+    assert tuned["prefers_chosen"] >= 0.9 > base["prefers_chosen"] and tuned["reward_acc"] >= 0.9
+    assert "| `base` |" in (pairs_dir / "out" / "eval" / "best" / "eval_report.md").read_text()
