@@ -160,12 +160,19 @@ def dpo_run(pairs_dir):
     return p
 
 
-def test_prepare_data_writes_pairs_split_by_prompt(pairs_dir):
+def test_prepare_data_writes_pairs_split_by_prompt(pairs_dir, tmp_path):
     train = [json.loads(line) for line in (pairs_dir / "train_data.txt").read_text().splitlines()]
     val = [json.loads(line) for line in (pairs_dir / "val_data.txt").read_text().splitlines()]
     assert len(train) + len(val) == 80
     assert set(train[0]) == {"prompt", "chosen", "rejected"} and train[0]["prompt"][0]["role"] == "user"
-    assert not {json.dumps(r["prompt"]) for r in train} & {json.dumps(r["prompt"]) for r in val}
+    # 40 pairs on 5 prompts: each prompt's pairs all on one side
+    records = [{**r, "prompt": f"question {i % 5}"} for i, r in enumerate(tiny.synthetic_pairs(40, seed=4))]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert run("prepare_data.py", "--data_file=p.jsonl", "--objective=dpo", "--val_fraction=0.4",
+               cwd=tmp_path).returncode == 0
+    prompts = [{json.dumps(json.loads(line)["prompt"]) for line in (tmp_path / name).read_text().splitlines()}
+               for name in ("train_data.txt", "val_data.txt")]
+    assert prompts[0] and prompts[1] and not prompts[0] & prompts[1]
 
 
 def test_prepare_data_refuses_a_dialogue_and_drops_ties(tmp_path):
