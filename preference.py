@@ -293,4 +293,6 @@ def sequence_logps(layout, batches, n, desc=None):
         if live:
             out[index.to(device)] += logps.double().view(-1, 2)
     scorer.train(was)
+    if hasattr(scorer, "reshard"):  # FSDP's root keeps its weights gathered after a forward without a backward: the
+        scorer.reshard()  # optimizer, made after the reference pass, must find (and train) the shards
     return world.sum(out)

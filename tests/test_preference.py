@@ -7,6 +7,7 @@ bit-exact after SIGKILL, LoRA, best/ and final/), prepare_data.py's pairs files,
 Run: .venv/bin/python -m pytest -q tests/test_preference.py
 """
 
+import copy
 import json
 import math
 
@@ -20,8 +21,8 @@ import loss
 import preference
 import step
 import tiny
-from conftest import one_error_line, run, train_args
-from dialogues import parse_pair
+from conftest import in_background, one_error_line, run, train_args
+from dialogues import parse_pair, write_pair
 from render import Rendering
 from test_train_faults import KILL_IN_WRITE
 
@@ -95,7 +96,8 @@ def test_logps_and_gradient_equal_the_full_logits(batch):
     assert seg is not None  # packed: pieces kept apart
     loss.use_chunk(5)  # several chunks per row
     try:
-        got_model, want_model = tiny.gpt2(), tiny.gpt2()
+        got_model = tiny.gpt2()
+        want_model = copy.deepcopy(got_model)
         ref = torch.tensor([[-30.0, -40.0], [-20.0, -25.0], [-10.0, -60.0]])
         dpo = preference.Objective("dpo", 0.1)
         got = loss.ChunkedLoss(got_model)(x, y, seg, which=which, n=6)
@@ -135,6 +137,36 @@ def test_a_tie_has_no_gradient(batch):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # prepare_data.py and train.py end to end: a tiny GPT-2 (dropout on, so a resume must restore the random state too)
+
+def fsdp_runs(d):
+    """In d: a DPO run on 2 ranks under FSDP (two/) and in one process with the same global batch (one/), both real
+    processes (in_background's rule), on a tiny GPT-2 without dropout (its masks differ between layouts)."""
+    from test_train_torchrun import torchrun
+    records = tiny.synthetic_pairs(40, seed=3)
+    for name, part in (("train_data.txt", records[:32]), ("val_data.txt", records[32:])):
+        with open(d / name, "w") as f:
+            for r in part:
+                write_pair(f, parse_pair(r, name))
+    args = ["--model=base", "--objective=dpo", "--beta=0.5", "--block_size=64", "--max_steps=3", "--log_interval=1",
+            "--grad_accum_steps=2", "--learning_rate=3e-3", "--warmup_steps=1"]
+    two = torchrun(2, *args, "--batch_size=2", "--fsdp=True", "--out_dir=two", cwd=d)
+    assert two.returncode == 0, two.stderr
+    one = run("train.py", *args, "--batch_size=4", "--device=cpu", "--out_dir=one", cwd=d, process=True,
+              env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr
+    return d, two
+
+
+@pytest.fixture(scope="module", autouse=True)
+def processes(request, tmp_path_factory):
+    """The torchrun job, in a thread from the module's start while the other tests run here; its test, last in the
+    file, checks it."""
+    d = tmp_path_factory.mktemp("fsdp")
+    tiny.save_tiny_gpt2(str(d / "base"), dropout=0.0)  # here: the thread must not draw from torch's random stream
+    jobs = {"test_fsdp_on_two_ranks_equals_one_process_with_the_global_batch": (fsdp_runs, d)}
+    with in_background(request, jobs) as started:
+        yield started
+
 
 PAIR_ARGS = ["--objective=dpo", "--beta=0.5", "--block_size=64", "--batch_size=4", "--max_steps=12",
              "--eval_interval=4", "--checkpoint_interval=4", "--log_interval=2", "--learning_rate=3e-3"]
@@ -247,3 +279,14 @@ def test_evaluate_reports_base_and_tuned_side_by_side(dpo_run, pairs_dir):
     assert base["model"] == "base" and "reward_acc" not in base
     assert tuned["prefers_chosen"] >= 0.9 > base["prefers_chosen"] and tuned["reward_acc"] >= 0.9
     assert "| `base` |" in (pairs_dir / "out" / "eval" / "best" / "eval_report.md").read_text()
+
+
+def test_fsdp_on_two_ranks_equals_one_process_with_the_global_batch(processes):
+    """2 ranks x 2 pairs x 2 micro-batches, sharded, against 1 process x 4 pairs x 2: the same 8 pairs a step, the
+    same weights and figures. (DDP runs the same forward_backward_pairs; test_train_torchrun.py holds DDP to FSDP.)"""
+    d, two = processes["test_fsdp_on_two_ranks_equals_one_process_with_the_global_batch"].result()
+    assert "2 processes (gloo, FSDP)" in two.stdout
+    assert tiny.max_diff(tiny.weights(d / "one" / "final"), tiny.weights(d / "two" / "final")) < 1e-5
+    figures = [[m.get(k, -1) for m in tiny.metrics(d / run_dir) for k in ("loss", "reward_acc", "val_margin")]
+               for run_dir in ("one", "two")]
+    assert figures[0] == pytest.approx(figures[1], abs=1e-5)
