@@ -91,6 +91,19 @@ def test_only_the_replies_are_scored_each_ending_with_eos(batch):
         assert tok.decode(ids).endswith(f"assistant: {reply[0][1]}\n<|endoftext|>")
 
 
+def test_a_chat_template_renders_the_prompt_as_training_does_system_prompt_included():
+    tok = tiny.chat_tokenizer()
+    prompt, chosen, rejected = PAIRS[2]
+    rendering = Rendering("chat_template", system_prompt="Be kind.")
+    for (ids, mask), reply in zip(preference.render_pair(tok, [PAIRS[2]], rendering), (chosen, rejected)):
+        messages = [{"role": "system", "content": "Be kind."}] + [{"role": r, "content": t} for r, t in prompt + reply]
+        want = tok.apply_chat_template(messages, tokenize=True)
+        want = want["input_ids"] if "input_ids" in want else want  # a BatchEncoding in transformers 5
+        assert ids == list(want)
+        scored = tok.decode([t for t, m in zip(ids, mask) if m])
+        assert scored == f"{reply[0][1]}<|im_end|>"  # the reply and its end of turn; not the header, nor "\n"
+
+
 def test_logps_and_gradient_equal_the_full_logits(batch):
     pairs, (x, y, seg, which, index, _) = batch
     assert seg is not None  # packed: pieces kept apart
@@ -280,6 +293,14 @@ def test_evaluate_reports_base_and_tuned_side_by_side(dpo_run, pairs_dir):
     assert tuned["prefers_chosen"] >= 0.9 > base["prefers_chosen"] and tuned["reward_acc"] >= 0.9
     assert "| `base` |" in (pairs_dir / "out" / "eval" / "best" / "eval_report.md").read_text()
 
+
+def test_train_refuses_a_dialogues_file_for_dpo(tmp_path):
+    tiny.write_split(tmp_path, tiny.synthetic(3), tiny.synthetic(2))
+    line = one_error_line(run("train.py", "--model=base", "--objective=dpo", "--device=cpu", cwd=tmp_path))
+    assert "holds dialogues, not preference pairs: run prepare_data.py --objective=dpo" in line
+
+
+# the torchrun job's check, last in the file: it runs while the tests before it do
 
 def test_fsdp_on_two_ranks_equals_one_process_with_the_global_batch(processes):
     """2 ranks x 2 pairs x 2 micro-batches, sharded, against 1 process x 4 pairs x 2: the same 8 pairs a step, the
