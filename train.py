@@ -348,6 +348,9 @@ def build(run, layout, say):
     reference = None
     if cfg.OBJECTIVE == "dpo":  # what names the reference: the weights as they start (rank 0 has them under FSDP)
         import preference
+        if run.state is not None and not run.state.get("reference_key"):
+            raise UserError(f"{run.resume_from} records no reference log-probabilities, so it is not a DPO run's "
+                            f"checkpoint; resume it with its own OBJECTIVE")
         reference = ("key", run.state["reference_key"]) if run.state is not None else (
             "weights", layout.world.gather(preference.weights_key(model) if layout.master else None)[0])
     if note := layout.wrap(model.train(), cfg):
