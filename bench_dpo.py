@@ -1,18 +1,19 @@
 """How much memory and time does a DPO step take: ours (preference.py, step.train_step) against TRL's DPOTrainer, the
 anchor, on the same model, pairs and batch?
 
-    python bench_dpo.py                                     # a 2-layer Llama with Llama 3's vocabulary, CPU
+    python bench_dpo.py                                     # a 2-layer Llama with Llama 3's vocabulary
     python bench_dpo.py --bench_smoke=True                  # a smaller vocabulary, a few steps: checks it runs
 
 Builds a 2-layer, 64-wide Llama body (tiny.py, GPT-2's BPE and a chat template) with a vocabulary of BENCH_VOCAB ids
 (at least the tokenizer's 50,260), and 2 x BATCH_SIZE x (BENCH_WARMUP + BENCH_STEPS) synthetic pairs of prompts and
-replies of tens of words (SEED), rendered once in the speaker format. Each side trains BENCH_WARMUP untimed then
+replies of tens of words (SEED), rendered once in the speaker format, on DEVICE in PRECISION. Each side trains BENCH_WARMUP untimed then
 BENCH_STEPS timed DPO steps (BETA, batch BATCH_SIZE pairs, AdamW, fp32) in a fresh process of its own
 (launch.measure), the two sides started in turn, twice (ours, TRL, ours, TRL): a shared CPU's speed drifts. TRL gets
 the same tokens as text: each pair's rendered prompt, chosen and rejected replies (it adds the end-of-text token
 itself), with its defaults (a copy of the model as the reference, the full logits, padding to the longer reply); ours
 computes the reference's log-probabilities once before the first step (timed apart) and keeps no second model.
-Prints each side's peak RSS above a process that only loads the model, its best step time and pairs per second.
+Prints each side's peak RSS above a process that only loads the model (on CUDA also the allocator's peak), its best
+step time and pairs per second.
 Needs TRL (pip install trl; bench-only, requirements-dev.txt).
 """
 
@@ -57,27 +58,35 @@ def worker(side, model_dir, pairs_file, cfg_json, out):
     import preference
     from render import Rendering
     cfg = json.loads(cfg_json)
-    hardware.keep_freed_memory()  # as hardware.pick does for train.py on a CPU
+    device, dtype, _ = hardware.pick(cfg["device"], cfg["precision"])
     torch.manual_seed(cfg["seed"])
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pairs = preference.load_pairs(pairs_file, tokenizer, Rendering(), cfg["block"])
     n = cfg["batch"] * (cfg["warmup"] + cfg["steps"])
-    times, extra = (ours if side == "ours" else trl)(model, tokenizer, pairs, n, cfg)
+    times, extra = (ours if side == "ours" else trl)(model, tokenizer, pairs, n, cfg, device, dtype)
+    if device.type == "cuda":  # the figure that counts on a GPU: the allocator's peak, not the process's RSS
+        extra["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     with open(out, "w") as f:
         json.dump({"step_s": times[cfg["warmup"]:], **extra}, f)
 
 
-def ours(model, tokenizer, pairs, n, cfg):
+def sync(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def ours(model, tokenizer, pairs, n, cfg, device, dtype):
     import processes
     import step
     from preference import Objective, PairSteps, pair_batches, sequence_logps
-    import torch
-    layout = processes.Single(processes.World(), torch.device("cpu"))
+    layout = processes.Single(processes.World(), device, dtype)
     layout.wrap(model)
     t = time.perf_counter()
     ref = sequence_logps(layout, pair_batches(pairs, cfg["batch"], tokenizer.eos_token_id, cfg["block"]),
                          len(pairs)).float()
+    sync(device)
     ref_s = time.perf_counter() - t
     optimizer = step.make_optimizer(model, 5e-5, 0.0, (0.9, 0.999))
     steps = PairSteps(pairs, cfg["batch"], 1, cfg["block"], cfg["seed"], tokenizer.eos_token_id)
@@ -86,14 +95,16 @@ def ours(model, tokenizer, pairs, n, cfg):
         taken, micro, _ = steps.at(0, offset)
         t = time.perf_counter()
         step.train_step(layout, optimizer, None, micro, 1.0, (Objective("dpo", cfg["beta"]), ref))
+        sync(device)
         times.append(time.perf_counter() - t)
         offset += len(taken)
     return times, {"reference_s": ref_s, "reference_pairs": len(pairs)}
 
 
-def trl(model, tokenizer, pairs, n, cfg):
-    """TRL's DPOTrainer on the same tokens, as text."""
+def trl(model, tokenizer, pairs, n, cfg, device, dtype):
+    """TRL's DPOTrainer on the same tokens, as text, on the same device and in the same precision."""
     import datasets
+    import torch
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
     rows = []
@@ -110,12 +121,14 @@ def trl(model, tokenizer, pairs, n, cfg):
             self.t = time.perf_counter()
 
         def on_step_end(self, *a, **k):
+            sync(device)
             times.append(time.perf_counter() - self.t)
 
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench-dpo-trl-"), per_device_train_batch_size=cfg["batch"],
                      max_steps=n // cfg["batch"], learning_rate=5e-5, beta=cfg["beta"], max_length=cfg["block"] + 1,
-                     use_cpu=True, report_to=[], save_strategy="no", logging_steps=10 ** 6, seed=cfg["seed"],
+                     use_cpu=device.type == "cpu", bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+                     report_to=[], save_strategy="no", logging_steps=10 ** 6, seed=cfg["seed"],
                      dataloader_num_workers=0, weight_decay=0.0, lr_scheduler_type="constant", max_grad_norm=1.0)
     trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=tokenizer, callbacks=[Timer()])
@@ -143,7 +156,7 @@ def main():
         if base["rc"]:
             raise UserError(f"loading {model_dir} failed: {last_line(base['stderr'])}")
         say(f"model alone: peak RSS {base['rss_mb']:,.0f} MB")
-        settings = json.dumps({"block": cfg.BLOCK_SIZE, "batch": cfg.BATCH_SIZE, "steps": cfg.BENCH_STEPS,
+        settings = json.dumps({"device": cfg.DEVICE, "precision": cfg.PRECISION, "block": cfg.BLOCK_SIZE, "batch": cfg.BATCH_SIZE, "steps": cfg.BENCH_STEPS,
                                "warmup": cfg.BENCH_WARMUP, "beta": cfg.BETA, "seed": cfg.SEED})
         rows = {}
         for k in range(ROUNDS):
@@ -160,6 +173,7 @@ def main():
                 say(f"{SIDES[side]}, run {k + 1}: peak RSS {r['rss_mb']:,.0f} MB, best step {best:.3f} s")
                 row = rows.setdefault(side, {"rss_above_model_mb": [], "step_s_best": [], **got})
                 row["rss_above_model_mb"].append(r["rss_mb"] - base["rss_mb"])
+                row.setdefault("cuda_peak", []).append(got.get("cuda_peak_mb"))
                 row["step_s_best"].append(best)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -169,12 +183,15 @@ def main():
 def report(rows, model_rss_mb, cfg):
     import torch
     print(f"\nLlama body of 2 layers x 64 wide, vocabulary {cfg.BENCH_VOCAB:,}, BLOCK_SIZE {cfg.BLOCK_SIZE}, "
-          f"{cfg.BATCH_SIZE} pairs a step, CPU x{torch.get_num_threads()} threads, fp32; model alone "
+          f"{cfg.BATCH_SIZE} pairs a step, DEVICE={cfg.DEVICE} (CPU x{torch.get_num_threads()} threads), "
+          f"PRECISION={cfg.PRECISION}; model alone "
           f"{model_rss_mb:,.0f} MB peak RSS; best of {ROUNDS} fresh processes a side")
-    print(f"{'':24}{'peak RSS above model, MB':>26}{'step, s':>10}{'pairs/s':>10}")
+    cuda = all(v is not None for row in rows.values() for v in row["cuda_peak"])
+    print(f"{'':24}{'peak RSS above model, MB':>26}{'peak CUDA, MB' if cuda else '':>15}{'step, s':>10}{'pairs/s':>10}")
     for side, row in rows.items():
         step_s = min(row["step_s_best"])
-        print(f"{SIDES[side]:24}{min(row['rss_above_model_mb']):>26,.0f}{step_s:>10.3f}"
+        peak = f"{min(row['cuda_peak']):,.0f}" if cuda else ""
+        print(f"{SIDES[side]:24}{min(row['rss_above_model_mb']):>26,.0f}{peak:>15}{step_s:>10.3f}"
               f"{cfg.BATCH_SIZE / step_s:>10.1f}")
     if "reference_s" in rows.get("ours", {}):
         print(f"ours, the reference pass once before training: {rows['ours']['reference_s']:.2f} s for "

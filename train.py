@@ -5,6 +5,7 @@
     python train.py --resume=True                          # continue the run in OUT_DIR, with its own settings
     python train.py --model=DIR --format=chat_template --lora_r=16 --learning_rate=2e-4   # an instruct model, LoRA
     python train.py --show_example=True                    # print the first example as the model sees it; exit
+    python train.py --objective=dpo --beta=0.1             # preference pairs (prepare_data.py --objective=dpo): DPO
 
 Reads TRAIN_FILE and VAL_FILE (written by prepare_data.py). Writes to OUT_DIR: best/ and final/ (Hugging Face model
 directories: AutoModelForCausalLM.from_pretrained(dir) loads them), checkpoints/step-NNNNNNNN/ (the model plus
