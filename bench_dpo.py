@@ -6,8 +6,8 @@ anchor, on the same model, pairs and batch?
 
 Builds a 2-layer, 64-wide Llama body (tiny.py, GPT-2's BPE and a chat template) with a vocabulary of BENCH_VOCAB ids
 (at least the tokenizer's 50,260), and 2 x BATCH_SIZE x (BENCH_WARMUP + BENCH_STEPS) synthetic pairs of prompts and
-replies of tens of words (SEED), rendered once in the speaker format, on DEVICE in PRECISION. Each side trains BENCH_WARMUP untimed then
-BENCH_STEPS timed DPO steps (BETA, batch BATCH_SIZE pairs, AdamW, fp32) in a fresh process of its own
+replies of tens of words (SEED), rendered once in the speaker format, on DEVICE in PRECISION. Each side trains
+BENCH_WARMUP untimed then BENCH_STEPS timed DPO steps (BETA, batch BATCH_SIZE pairs, AdamW, fp32) in a fresh process of its own
 (launch.measure), the two sides started in turn, twice (ours, TRL, ours, TRL): a shared CPU's speed drifts. TRL gets
 the same tokens as text: each pair's rendered prompt, chosen and rejected replies (it adds the end-of-text token
 itself), with its defaults (a copy of the model as the reference, the full logits, padding to the longer reply); ours
@@ -156,7 +156,8 @@ def main():
         if base["rc"]:
             raise UserError(f"loading {model_dir} failed: {last_line(base['stderr'])}")
         say(f"model alone: peak RSS {base['rss_mb']:,.0f} MB")
-        settings = json.dumps({"device": cfg.DEVICE, "precision": cfg.PRECISION, "block": cfg.BLOCK_SIZE, "batch": cfg.BATCH_SIZE, "steps": cfg.BENCH_STEPS,
+        settings = json.dumps({"device": cfg.DEVICE, "precision": cfg.PRECISION, "block": cfg.BLOCK_SIZE,
+                               "batch": cfg.BATCH_SIZE, "steps": cfg.BENCH_STEPS,
                                "warmup": cfg.BENCH_WARMUP, "beta": cfg.BETA, "seed": cfg.SEED})
         rows = {}
         for k in range(ROUNDS):

@@ -31,8 +31,8 @@ import os
 from collections import Counter
 
 from cli import UserError, atomic_write, load_config, progress, run
-from dialogues import (ASSISTANT, OBJECTIVES, copies, format_dialogue, parse_pair, parse_record, read_records, source, sources,
-                       split_key, write_dialogue, write_pair)
+from dialogues import (ASSISTANT, OBJECTIVES, copies, format_dialogue, parse_pair, parse_record, read_records,
+                       source, sources, split_key, write_dialogue, write_pair)
 
 SPEAKERS_KEPT = 10_000  # distinct speakers counted for the summary; more (a name per dialogue?) are "others"
 REPLY_FORMATS = ("instruction", "prompt/completion", "preference")  # whose replies are the assistant's turns

@@ -642,7 +642,8 @@ def main():
             figures = n if pairs else None
             n = figures["pairs"] if pairs else n
             s.advance(len(blocks), steps.real(blocks), positions, loss, n, time.time() - t0, figures)
-            bar.set_postfix(**{"loss": f"{loss:.3f}", "tok_s" if pairs is None else "pairs_s": f"{tokens_per_s(s.recent):,.0f}"})
+            rate = "tok_s" if pairs is None else "pairs_s"
+            bar.set_postfix(**{"loss": f"{loss:.3f}", rate: f"{tokens_per_s(s.recent):,.0f}"})
             bar.update(1)
             if master and (due(s.step, cfg.LOG_INTERVAL) or s.step == end_step):
                 log_train(run, s, lr)
