@@ -5,11 +5,11 @@ anchor, on the same model, pairs and batch?
     python bench_dpo.py --bench_smoke=True                  # a smaller vocabulary, a few steps: checks it runs
 
 Builds a 2-layer, 64-wide Llama body (tiny.py, GPT-2's BPE and a chat template) with a vocabulary of BENCH_VOCAB ids
-(at least the tokenizer's 50,260), and 2 x BATCH_SIZE x (BENCH_WARMUP + BENCH_STEPS) synthetic pairs of prompts and
-replies of tens of words (SEED), rendered once in the speaker format, on DEVICE in PRECISION. Each side trains
-BENCH_WARMUP untimed then BENCH_STEPS timed DPO steps (BETA, batch BATCH_SIZE pairs, AdamW, fp32) in a fresh process of its own
-(launch.measure), the two sides started in turn, twice (ours, TRL, ours, TRL): a shared CPU's speed drifts. TRL gets
-the same tokens as text: each pair's rendered prompt, chosen and rejected replies (it adds the end-of-text token
+(at least the tokenizer's 50,260), and BATCH_SIZE x (BENCH_WARMUP + BENCH_STEPS) synthetic pairs of prompts and
+replies of tens of words (SEED), rendered once in the speaker format. Each side trains BENCH_WARMUP untimed then
+BENCH_STEPS timed DPO steps (BETA, BATCH_SIZE pairs a step, AdamW) on DEVICE in PRECISION, in a fresh process of its
+own (launch.measure), the two sides started in turn, twice (ours, TRL, ours, TRL): a shared CPU's speed drifts. TRL
+gets the same tokens as text: each pair's rendered prompt, chosen and rejected replies (it adds the end-of-text token
 itself), with its defaults (a copy of the model as the reference, the full logits, padding to the longer reply); ours
 computes the reference's log-probabilities once before the first step (timed apart) and keeps no second model.
 Prints each side's peak RSS above a process that only loads the model (on CUDA also the allocator's peak), its best
