@@ -326,3 +326,7 @@ class Steps:
         positions = sum(len(r) * width(r, self.block_size) for r in (rows(b, self.split) for slot in slots
                                                                       for b in slot if b))
         return blocks, micro, positions
+
+    def real(self, blocks):
+        """The real input positions of some blocks (count)."""
+        return count(blocks)[1]

@@ -57,6 +57,14 @@ COMPILE = False  # torch.compile the model (CUDA); a minute of compile time, the
 FSDP = False  # under torchrun: shard the weights, gradients and AdamW state over the ranks (PyTorch's FSDP2) rather
 #              than keep a full copy on each (DDP): for a model that does not fit on one GPU (README: bigger models)
 
+OBJECTIVE = "sft"  # "sft": learn the replies of TRAIN_FILE's dialogues. "dpo": learn from preference pairs
+#                  (prepare_data.py --objective=dpo writes them) to make each chosen reply likelier than its rejected
+#                  one, relative to the starting model (DPO). "simpo": the same without the starting model (SimPO:
+#                  length-normalised, with a target margin; no reference pass, no bias towards long replies)
+BETA = 0.1  # dpo: how far from the starting model the run may move (0.1 is usual; lower drifts further); simpo: the
+#             reward scale (2.0-2.5 in SimPO's paper: set it, 0.1 is too weak there)
+SIMPO_GAMMA = 0.5  # simpo: the margin by which a chosen reply's reward must beat the rejected one's (SimPO's 0.5-1.5)
+
 # evaluation and checkpoints
 EVAL_INTERVAL = 100  # optimizer steps between validation runs (also at the end of every epoch); 0 = only then
 CHECKPOINT_INTERVAL = 200  # optimizer steps between checkpoints (also at the end of every epoch); 0 = only then

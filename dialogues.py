@@ -533,15 +533,57 @@ def _prompt_completion(record, where):
 
 
 def _preference(record, where, use_chosen):
-    """A preference pair: refused, unless `use_chosen`, then the prompt (explicit, or the chosen conversation's own
-    turns) and the chosen reply."""
+    """A preference pair read as one dialogue: refused, unless `use_chosen`, then the prompt and the chosen reply."""
     if not use_chosen:
         raise UserError(f"{where}: a preference record (chosen/rejected): it ranks two replies, it is not one "
                         f"dialogue; to train on the prompt and its chosen reply, dropping the rejected one, set "
-                        f"--use_chosen=True")
+                        f"--use_chosen=True; to train on the ranking, prepare_data.py --objective=dpo")
+    prompt, chosen, _ = parse_pair(record, where)
+    return prompt + chosen
+
+
+OBJECTIVES = ("sft", "dpo", "simpo")  # OBJECTIVE's choices: the last two read preference pairs (preference.py)
+PAIR_FORMATS = ('{"prompt", "chosen", "rejected"} (strings or message lists), or {"chosen", "rejected"}: two '
+                'conversations (message lists, or "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts) whose shared '
+                'opening is the prompt')
+_TRANSCRIPT = re.compile(r"\n\n(Human|Assistant): ?")  # Anthropic HH's: a conversation in one string
+_TRANSCRIPT_ROLES = {"Human": USER, "Assistant": ASSISTANT}
+
+
+def parse_pair(record, where):
+    """A preference record as (prompt, chosen reply, rejected reply), each a list of (speaker, text) turns: with an
+    explicit `prompt` (a string is a user turn, a reply string an assistant turn), or without one, two whole
+    conversations whose longest shared opening is the prompt and whose rest is each reply."""
+    if not isinstance(record, dict) or "chosen" not in record or "rejected" not in record:
+        keys = f" with keys {', '.join(map(repr, list(record)[:8]))}" if isinstance(record, dict) else ""
+        raise UserError(f"{where}: {_kind(record)}{keys} is not a preference pair; expected {PAIR_FORMATS}")
     what = "a preference record"
-    prompt = _said(record, "prompt", USER, where, what) if "prompt" in record else []
-    return prompt + _said(record, "chosen", ASSISTANT, where, what)
+    if "prompt" in record:
+        return (_said(record, "prompt", USER, where, what), _said(record, "chosen", ASSISTANT, where, what),
+                _said(record, "rejected", ASSISTANT, where, what))
+    chosen, rejected = (_conversation(record, key, where) for key in ("chosen", "rejected"))
+    shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+    if chosen == rejected:
+        return chosen[:-1], chosen[-1:], rejected[-1:]  # a tie: the last turn is each "reply"
+    if shared == len(chosen) or shared == len(rejected):
+        raise UserError(f"{where}: one conversation is the other's opening, so one of them has no reply of its own; "
+                        f"expected two conversations that differ in their last turn(s)")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _conversation(record, key, where):
+    """A whole conversation under `key`: a message list, or a transcript string (Human:/Assistant:)."""
+    value = record[key]
+    if isinstance(value, str):
+        parts = _TRANSCRIPT.split(value)
+        if len(parts) < 3:
+            raise UserError(f"{where}: {key!r} is a string but there is no 'prompt': expected {PAIR_FORMATS}")
+        turns = [_turn(_TRANSCRIPT_ROLES[s], t, where, f"{key!r} turn {i}")
+                 for i, (s, t) in enumerate(zip(parts[1::2], parts[2::2]), 1)]
+        return [t for t in turns if t]
+    if isinstance(value, list):
+        return _turns(value, ("role", "content"), f"{where}: {key!r}")
+    raise UserError(f"{where}: {key!r} is {_kind(value)}; expected a string or a list of messages")
 
 
 def _turn(speaker, text, where, which):
@@ -602,6 +644,27 @@ def parse_prompt(text, what="SAMPLE_PROMPT"):
 def read_dialogues(path):
     """Read a text file written by prepare_data.py back into dialogues."""
     return list(iter_dialogues(path))
+
+
+def write_pair(f, pair):
+    """Append one preference pair to a pairs file (prepare_data.py with OBJECTIVE="dpo" or "simpo"): JSON Lines, one
+    record {"prompt", "chosen", "rejected"} a line, each a list of {"role": speaker, "content": text}, cleaned; the
+    form parse_pair reads back as it was written."""
+    record = {k: [{"role": s, "content": t} for s, t in turns] for k, turns in zip(("prompt", "chosen", "rejected"),
+                                                                                    pair)}
+    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def iter_pairs(path):
+    """The pairs of a pairs file, one at a time, as parse_pair gives them; a file of dialogues ("Speaker: text") is
+    refused with what to run."""
+    with open(path, "rb") as f:
+        head = f.read(1)
+    if head and head != b"{":
+        raise UserError(f"{path} holds dialogues, not preference pairs: run prepare_data.py --objective=dpo on "
+                        f"preference records first")
+    for record, where in load_records(path):
+        yield parse_pair(record, where)
 
 
 def iter_dialogues(path, progress=None):

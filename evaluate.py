@@ -17,6 +17,9 @@ With COMPARE (runs, each standing for its best/, and model directories inside ru
 validation data, SEED and generation settings: each model's figures come from its report where the report was made on
 those, and from an evaluation (the same as above) where it is missing or was made on others. Writes the table (also
 printed) to OUT_DIR/comparison.md and the runs' validation curves from their metrics.jsonl to OUT_DIR/comparison.png.
+
+A preference run's (OBJECTIVE="dpo" or "simpo") VAL_FILE holds pairs: for it, the held-out preference accuracy of the
+base and the tuned model side by side instead (preference_report).
 """
 
 import collections
@@ -460,6 +463,74 @@ def write_report(ev, figures, made_on):
           f"report in {os.path.join(out_dir, 'eval_report.md')}")
 
 
+def preference_report(cfg):
+    """A preference run's held-out pairs scored by the base and the tuned model: how often each gives the chosen reply
+    the higher log-probability (summed, and per token), and the tuned model's reward accuracy and margin with the base
+    as its reference (DPO's, at BETA; what train.py's validation reports for DPO). Written as eval_report.json and
+    .md in the model's report_dir."""
+    quiet_libraries()
+    import hardware
+    import loss
+    import masks
+    import modeling
+    import preference
+    import processes
+    from render import Rendering
+
+    model_dir = which_model(cfg)
+    device, dtype, device_note = hardware.pick(cfg.DEVICE, cfg.PRECISION)
+    print(device_note)
+    loss.use_chunk(cfg.LOSS_CHUNK)
+    tokenizer, model = modeling.load(model_dir)
+    pairs = preference.load_pairs(cfg.VAL_FILE, tokenizer, Rendering.of(cfg), cfg.BLOCK_SIZE)
+    rows, logps = [], {}
+    for name, load in (("base", lambda: modeling.load(cfg.MODEL)[1] if cfg.MODEL != "scratch" else None),
+                       ("tuned", lambda: model)):
+        m = load()
+        if m is None:
+            continue  # a scratch run's base is random weights: nothing to compare with
+        layout = processes.Single(processes.World(), device, dtype)
+        layout.wrap(m.eval())
+        batches = preference.pair_batches(pairs, cfg.BATCH_SIZE, tokenizer.eos_token_id, cfg.BLOCK_SIZE,
+                                          masks.form(m) is None)
+        logps[name] = lp = preference.sequence_logps(layout, batches, len(pairs), desc=f"pairs ({name})").cpu()
+        tokens = torch_lengths(pairs)
+        rows.append({"model": cfg.MODEL if name == "base" else model_dir,
+                     "prefers_chosen": float(((lp[:, 0] > lp[:, 1]).double() + 0.5 * (lp[:, 0] == lp[:, 1])).mean()),
+                     "prefers_chosen_per_token": float((lp[:, 0] / tokens[:, 0] > lp[:, 1] / tokens[:, 1]).double()
+                                                       .mean())})
+    if "base" in logps:
+        dpo = preference.Objective("dpo", float(cfg.BETA))
+        losses, rc, rr = dpo.losses(logps["tuned"].view(-1), logps["base"], None)
+        sums = preference.figure_sums(losses, rc, rr) / len(pairs)
+        rows[-1].update(reward_acc=float(sums[1]), margin=float(sums[2]))
+    out_dir = report_dir(cfg, model_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    md = [f"# Held-out preference accuracy of `{model_dir}`", "",
+          f"{len(pairs):,} pairs of {cfg.VAL_FILE}. Prefers chosen: the share of pairs whose chosen reply the model "
+          f"finds likelier than the rejected one (summed log-probability; per token). Reward accuracy and margin: "
+          f"DPO's, BETA={cfg.BETA}, with the base as the reference.", "",
+          "| model | prefers chosen | per token | reward accuracy | margin |", "|---|---|---|---|---|",
+          *[f"| `{r['model']}` | {r['prefers_chosen']:.1%} | {r['prefers_chosen_per_token']:.1%} | "
+            f"{format(r['reward_acc'], '.1%') if 'reward_acc' in r else '-'} | "
+            f"{format(r['margin'], '.3f') if 'margin' in r else '-'} |" for r in rows], ""]
+    with atomic_write(os.path.join(out_dir, "eval_report.json")) as f:
+        json.dump({"val_file": cfg.VAL_FILE, "pairs": len(pairs), "models": rows}, f, indent=2)
+    with atomic_write(os.path.join(out_dir, "eval_report.md")) as f:
+        f.write("\n".join(md))
+    print("\n".join(md[4:-1]))
+    print(f"held-out preference accuracy over {len(pairs):,} pairs: " + ", ".join(
+        f"{'base' if r['model'] == cfg.MODEL else 'tuned'} {r['prefers_chosen']:.1%}" for r in rows)
+        + f"; report in {os.path.join(out_dir, 'eval_report.md')}")
+
+
+def torch_lengths(pairs):
+    """Each pair's (chosen, rejected) scored tokens, a float tensor [pairs, 2]."""
+    import torch
+    return torch.tensor([sum(1 for m in mask[1:] if m) for _, mask in pairs.sequences],
+                        dtype=torch.float64).view(-1, 2)
+
+
 def evaluate_model(cfg):
     """Evaluate the model `cfg` names (its run's settings, cli.run_settings) and write its report."""
     ev = setup(cfg)
@@ -652,7 +723,10 @@ def main():
     cfg = load_config(doc=__doc__, given=given)
     if cfg.COMPARE is not None:
         return compare(cfg, given)
-    evaluate_model(settings_of_run(cfg, given))
+    cfg = settings_of_run(cfg, given)
+    if cfg.OBJECTIVE != "sft":  # a preference run's VAL_FILE holds pairs
+        return preference_report(cfg)
+    evaluate_model(cfg)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ output transformation (Gemma's final_logit_softcapping, Cohere's logit_scale, Gr
 per chunk, and a probe checks once per model that body + head + transformation give the model's own logits; a model
 that fails it takes the full logits, with a line saying so.
 
-step.py's training step and validation pass run it, through ChunkedLoss."""
+step.py's training step and validation pass run it, through ChunkedLoss; and the sequence log-probabilities that
+the preference objectives (preference.py) compare."""
 
 import weakref
 
@@ -231,6 +232,51 @@ def chunked_losses(h, weight, bias, targets, scale, cap, chunk):
     return out
 
 
+class FusedLogps(torch.autograd.Function):
+    """Log-probabilities of the targets summed per sequence (`which`: each target's sequence, of n): the preference
+    losses' input, a chunk of positions at a time as FusedLoss. Their gradient weighs each target by its sequence's
+    incoming gradient, which only backward() knows, so backward() makes each chunk's logits again (4 head matmuls
+    to FusedLoss's 3); one chunk's logits exist at a time either way."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, which, n, scale, cap, chunk):
+        out = torch.zeros(n, dtype=torch.float32, device=h.device)
+        out.index_add_(0, which, -chunked_losses(h, weight, bias, targets, scale, cap, chunk))
+        ctx.save_for_backward(h, weight, bias, targets, which)
+        ctx.setup = scale, cap, chunk, compute_dtype(weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, bias, targets, which = ctx.saved_tensors
+        (scale, cap, chunk, dtype), (need_h, need_w, need_b) = ctx.setup, ctx.needs_input_grad[:3]
+        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+            for i in range(0, len(h), chunk):
+                hc, t = h[i:i + chunk].to(dtype), targets[i:i + chunk]
+                z, dz = chunk_logits(hc, w, b, scale, cap)
+                g = torch.softmax(z, 1).neg_()  # d log p(t) / d logits = one-hot - softmax
+                g[torch.arange(len(t), device=t.device), t] += 1
+                g *= grad[which[i:i + chunk]].float()[:, None]
+                if dz is not None:
+                    g *= dz
+                elif scale != 1.0:
+                    g *= scale
+                g = g.to(dtype)
+                if need_h:
+                    grad_h[i:i + chunk] = (g @ w).to(h.dtype)
+                if need_w:
+                    grad_w += (g.t() @ hc).float()
+                if need_b:
+                    grad_b += g.sum(0, dtype=torch.float32)
+                del z, dz, g
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None)
+
+
 @torch.compiler.disable  # python loops over data-dependent sizes: torch.compile runs the body, this runs eagerly
 def head_loss(head, hidden, y, reduction="sum"):
     """The loss of hidden states [batch, block, width] against targets y [batch, block]: the sum, or each target's
@@ -266,6 +312,27 @@ def model_loss(model, x, y, reduction="sum", seg=None):
     return head_loss(head, head.hidden(x, **extra), y, reduction)
 
 
+def model_logps(model, x, y, which, n, seg=None):
+    """Each of n sequences' summed log-probability of its targets (`which`: the sequence of each target, in the order
+    of y[y != IGNORE]), with its gradient; chunked wherever head_of can take the model apart, as model_loss."""
+    extra = {} if seg is None else inputs(seg, form(model))
+    head = head_of(model)
+    if head is None:
+        logits = model(input_ids=x, **extra).logits.float()
+        keep = y != IGNORE
+        picked = torch.log_softmax(logits[keep], -1).gather(1, y[keep][:, None])[:, 0]
+        return torch.zeros(n, dtype=torch.float32, device=x.device).index_add(0, which, picked)
+    return head_logps(head, head.hidden(x, **extra), y, which, n)
+
+
+@torch.compiler.disable
+def head_logps(head, hidden, y, which, n):
+    keep = y != IGNORE
+    weight = head.linear.weight
+    return FusedLogps.apply(hidden[keep], weight, head.linear.bias, y[keep], which, n, head.scale, head.cap,
+                            chunk_size(weight.shape[0], weight.device))
+
+
 class ChunkedLoss(nn.Module):
     """A model and its loss as one module: forward(x, y, seg) is model_loss's, the summed loss over the targets (or
     each target's, reduction="none"). It exists for DDP: DDP syncs the gradients of what runs inside its own forward, and
@@ -276,5 +343,8 @@ class ChunkedLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x, y, seg=None, reduction="sum"):
+    def forward(self, x, y, seg=None, reduction="sum", which=None, n=0):
+        """`which` (each target's sequence, of n): each sequence's summed log-probability instead (model_logps)."""
+        if which is not None:
+            return model_logps(self.model, x, y, which, n, seg)
         return model_loss(self.model, x, y, reduction, seg)

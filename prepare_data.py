@@ -5,6 +5,7 @@
     python prepare_data.py --data_file=chats.parquet
     python prepare_data.py --data_file=HuggingFaceH4/ultrachat_200k --data_split=train_sft
     python prepare_data.py --data_file='["chats.jsonl", {"path": "alpaca.json", "weight": 0.5}]'
+    python prepare_data.py --data_file=prefs.jsonl --objective=dpo   # preference pairs -> train/val pairs files
 
 Reads DATA_FILE: a JSON array or JSON Lines file, a Parquet file, a local dataset directory in the Hub's layout, or a
 Hub dataset id (its DATA_SPLIT), or a list of them, each read in its own format and taken as its weight says. Records
@@ -13,6 +14,12 @@ and plain text are refused. Writes TRAIN_FILE and VAL_FILE: one turn per line as
 dialogues. Each dialogue's side is fixed by a hash of its content and SEED, so adding dialogues later never moves an
 existing one across. Exact duplicates are dropped first. The summary says what was read: the formats and the most
 frequent speakers, with counts.
+
+With OBJECTIVE="dpo" or "simpo" the records must be preference pairs (prompt/chosen/rejected, or two conversations
+whose shared opening is the prompt: README, Preference tuning), and TRAIN_FILE and VAL_FILE are pairs files: JSON
+Lines, one {"prompt", "chosen", "rejected"} record of cleaned {"role": speaker, "content": text} turns a line
+(dialogues.write_pair). A pair's side is fixed by its prompt's hash, so pairs on one prompt stay together and the
+held-out accuracy is on prompts never trained on; ties (chosen = rejected) are dropped and counted.
 
 It streams: JSON Lines is read a record at a time, Parquet a batch of rows at a time, a Hub dataset as `datasets`
 streams it, and each dialogue is written as soon as it is read, so memory grows only by a 16-byte digest per dialogue
@@ -24,8 +31,8 @@ import os
 from collections import Counter
 
 from cli import UserError, atomic_write, load_config, progress, run
-from dialogues import (ASSISTANT, copies, format_dialogue, parse_record, read_records, source, sources, split_key,
-                       write_dialogue)
+from dialogues import (ASSISTANT, OBJECTIVES, copies, format_dialogue, parse_pair, parse_record, read_records,
+                       source, sources, split_key, write_dialogue, write_pair)
 
 SPEAKERS_KEPT = 10_000  # distinct speakers counted for the summary; more (a name per dialogue?) are "others"
 REPLY_FORMATS = ("instruction", "prompt/completion", "preference")  # whose replies are the assistant's turns
@@ -33,6 +40,8 @@ REPLY_FORMATS = ("instruction", "prompt/completion", "preference")  # whose repl
 
 def main():
     cfg = load_config(doc=__doc__)
+    if cfg.OBJECTIVE not in OBJECTIVES:
+        raise UserError(f"OBJECTIVE must be one of {', '.join(map(repr, OBJECTIVES))}, got {cfg.OBJECTIVE!r}")
     if not 0 < cfg.VAL_FRACTION < 1:
         raise UserError(f"VAL_FRACTION must be between 0 and 1, got {cfg.VAL_FRACTION}")
     inputs = sources(cfg.DATA_FILE, cfg.DATA_SPLIT)
@@ -68,15 +77,16 @@ def main():
             print(f"  {s}: read {c['read']:,}, kept {c['kept']:,} ({dropped(c)}); train {c['train']:,}{extra} / "
                   f"val {c['val']:,}")
     name = str(inputs[0]) if len(inputs) == 1 else f"{len(inputs)} sources"
-    print(f"read {n['read']} dialogues from {name}: kept {n['kept']}, dropped {n['read'] - n['kept']} ({dropped(n)}); "
-          f"train {n['train']} / val {n['val']} dialogues, {n['train turns']:,} / {n['val turns']:,} turns -> "
+    what = "dialogues" if cfg.OBJECTIVE == "sft" else "preference pairs"
+    print(f"read {n['read']} {what} from {name}: kept {n['kept']}, dropped {n['read'] - n['kept']} ({dropped(n)}); "
+          f"train {n['train']} / val {n['val']} {what}, {n['train turns']:,} / {n['val turns']:,} turns -> "
           f"{cfg.TRAIN_FILE}, {cfg.VAL_FILE}")
-    print(found_line(found))
+    print(found_line(found, hint=cfg.OBJECTIVE == "sft"))
 
 
 def dropped(n):
     """Why the records of some counts that were not kept were not: every one is empty, a duplicate or left out."""
-    out = f"{n['empty']} empty, {n['duplicate']} duplicate"
+    out = f"{n['empty']} empty, {n['duplicate']} duplicate" + (f", {n['tied']} tied" if n["tied"] else "")
     return out + (f", {n['weighted out']} left out by weight" if n["weighted out"] else "")
 
 
@@ -98,11 +108,15 @@ def write_split(cfg, inputs, ft, fv, cross=None):
                       delay=1) as bar:  # none under 1 s
             for record, where in read_records(s.path, s.split, bar):
                 n["read"] += 1
-                fmt, turns = parse_record(record, where, cfg.USE_CHOSEN)
+                fmt, turns, pair = read_one(cfg, record, where)
                 if not turns:
                     n["empty"] += 1
                     continue
-                text = format_dialogue(turns)  # one string per dialogue: "Speaker: text" can't be read two ways
+                if pair and pair[1] == pair[2]:
+                    n["tied"] += 1  # no preference: no signal, and no gradient
+                    continue
+                # one string per dialogue: "Speaker: text" can't be read two ways; nor a pair's three parts as JSON
+                text = format_dialogue(turns) if not pair else repr(pair)
                 digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
                 if digest in seen:
                     n["duplicate"] += 1
@@ -113,14 +127,17 @@ def write_split(cfg, inputs, ft, fv, cross=None):
                     n["weighted out"] += 1
                     continue
                 count(found, fmt, turns)
-                key = split_key(turns, cfg.SEED)
+                key = split_key(pair[0] if pair else turns, cfg.SEED)  # a pair's by its prompt
                 # strictly lower or higher: on a tie the first one wins, as min() and max() did when this kept a list
                 lowest = (key, kept) if key < lowest[0] else lowest
                 highest = (key, kept) if key > highest[0] else highest
                 side = "val" if (key < cfg.VAL_FRACTION) != (kept == cross) else "train"
                 times = times if side == "train" else 1  # a validation dialogue counts once
                 for _ in range(times):
-                    write_dialogue(fv if side == "val" else ft, turns, first=not written[side])
+                    if pair:
+                        write_pair(fv if side == "val" else ft, pair)
+                    else:
+                        write_dialogue(fv if side == "val" else ft, turns, first=not written[side])
                     written[side] += 1
                 n[side] += 1
                 n[side + " turns"] += len(turns)
@@ -130,6 +147,15 @@ def write_split(cfg, inputs, ft, fv, cross=None):
                 if n["kept"] == s.dialogues:
                     break
     return counts, found, lowest[1], highest[1]
+
+
+def read_one(cfg, record, where):
+    """A record as (its format, its turns, None), or with a preference OBJECTIVE (format, every turn of the pair,
+    (prompt, chosen, rejected)); turns empty where a reply (or the dialogue) is."""
+    if cfg.OBJECTIVE == "sft":
+        return (*parse_record(record, where, cfg.USE_CHOSEN), None)
+    pair = parse_pair(record, where)
+    return "preference", pair[0] + pair[1] + pair[2] if pair[1] and pair[2] else [], pair
 
 
 def count(found, fmt, turns):
@@ -142,7 +168,7 @@ def count(found, fmt, turns):
             speakers[None] += 1  # others
 
 
-def found_line(found):
+def found_line(found, hint=True):
     """What was read, in one line: the record formats and the most frequent speakers, with counts; where every record
     was an instruction or a prompt with its reply, how to train the replies alone."""
     formats = ", ".join(f"{f} {c:,}" for f, c in found["formats"].most_common())
@@ -153,7 +179,7 @@ def found_line(found):
     line = (f"formats: {formats}; speakers (turns): {', '.join(f'{s} {c:,}' for s, c in top)}"
             + (f" and {rest:,} more" if rest else "") + (f" (and others, {others:,} turns)" if others else ""))
     # only where every record had a reply: mixed with dialogues, the setting would leave their speakers untrained
-    if set(found["formats"]) <= set(REPLY_FORMATS) and ASSISTANT in speakers:
+    if hint and set(found["formats"]) <= set(REPLY_FORMATS) and ASSISTANT in speakers:
         line += (f"; the replies are the {ASSISTANT!r} turns: train.py --train_speakers='[\"{ASSISTANT}\"]' trains "
                  f"them alone")
     return line

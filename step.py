@@ -26,11 +26,16 @@ def set_lr(optimizer, lr):
     return lr
 
 
-def train_step(layout, optimizer, scaler, micro, grad_clip):
+def train_step(layout, optimizer, scaler, micro, grad_clip, pairs=None):
     """One optimizer step on `micro`, this rank's micro-batches of it: forward and backward, then clip, update and
     zero the gradients. Returns (the mean loss, trained tokens, both over all ranks, and why no update was made: a
-    loss or gradients that are not finite; else None). A step not taken leaves no gradients behind."""
-    loss, n_targets = forward_backward(layout, micro, scaler)
+    loss or gradients that are not finite; else None). A step not taken leaves no gradients behind. `pairs`, an
+    (objective, reference log-probabilities) for a preference objective: micro holds pairs (preference.pair_batch),
+    and in the trained tokens' place come the step's figures (forward_backward_pairs)."""
+    if pairs is None:
+        loss, n_targets = forward_backward(layout, micro, scaler)
+    else:
+        loss, n_targets = forward_backward_pairs(layout, micro, *pairs, scaler)
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         return loss, n_targets, f"the loss is {loss}"
@@ -57,6 +62,34 @@ def forward_backward(layout, micro, scaler=None):
             (scaler.scale(scaled) if scaler else scaled).backward()
         total += loss.detach()
     return world.sum(total).item(), n_targets
+
+
+def forward_backward_pairs(layout, micro, objective, ref, scaler=None):
+    """forward_backward for a preference objective (preference.Objective) on micro-batches of pairs: the loss is the
+    mean over the step's pairs, on all ranks (each micro-batch's summed pair losses / the step's pair count), so
+    every pair weighs the same, however long, and K micro-batches or N ranks equal one batch. `ref`: the reference's
+    log-probabilities of every training pair [pairs, 2], or None. Returns (the mean loss, {figure: mean over the
+    step's pairs} with "pairs": their number)."""
+    from preference import FIGURES, figure_sums
+    device, world = layout.device, layout.world
+    n_pairs = int(world.sum(torch.tensor(sum(len(m[4]) * m[5] for m in micro), device=device)))
+    sums = torch.zeros(len(FIGURES), dtype=torch.float64, device=device)
+    for m, (x, y, seg, which, index, live) in enumerate(micro):
+        which = which.to(device, non_blocking=True)
+        with layout.micro_batch(last=m == len(micro) - 1):
+            with layout.autocast():
+                logps = layout.net(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                                   None if seg is None else seg.to(device, non_blocking=True), which=which,
+                                   n=2 * len(index))
+            lengths = torch.bincount(which, minlength=2 * len(index))
+            losses, rc, rr = objective.losses(logps.float(), None if ref is None else ref[index].to(device), lengths)
+            loss = losses.sum() * (live / max(n_pairs, 1))
+            scaled = loss * world.size  # DDP and FSDP average the gradients over the ranks; the loss is over all
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        if live:
+            sums += figure_sums(losses.detach(), rc.detach(), rr.detach())
+    sums = (world.sum(sums) / max(n_pairs, 1)).tolist()
+    return sums[0], {**dict(zip(FIGURES, sums)), "pairs": n_pairs}
 
 
 def optimizer_step(model, optimizer, scaler, grad_clip):
@@ -116,6 +149,18 @@ def evaluate(layout, batches, desc=None, groups=None):
         return sums[0, 0].item() / max(sums[1, 0].item(), 1)
     total, n = sums[0].sum().item(), sums[1].sum().item()
     return total / max(n, 1), {k: sums[0, k].item() / sums[1, k].item() for k in range(1, n_groups) if sums[1, k]}
+
+
+def evaluate_pairs(layout, batches, n, objective, ref, desc=None):
+    """A preference objective's FIGURES on a whole set of pairs (preference.pair_batches), means by pair, every rank
+    scoring its share; `ref` the reference's log-probabilities of the set [n, 2], or None."""
+    from preference import FIGURES, figure_sums, sequence_logps
+    logps = sequence_logps(layout, batches, n, desc)
+    lengths = torch.zeros(n, 2, dtype=torch.float64)
+    for _, _, _, which, index, _ in batches:
+        lengths[index] = torch.bincount(which, minlength=2 * len(index)).view(-1, 2).double()
+    losses, rc, rr = objective.losses(logps.cpu().view(-1), None if ref is None else ref.double(), lengths.view(-1))
+    return dict(zip(FIGURES, (figure_sums(losses, rc, rr) / max(n, 1)).tolist()))
 
 
 def ppl(loss):

@@ -148,6 +148,22 @@ def synthetic(n, seed=0, min_turns=1, max_turns=6, max_words=12, speakers=SPEAKE
     return out
 
 
+GOOD, BAD = ("glad kind warm bright sunny".split(), "grim cold dark bleak rude".split())
+
+
+def synthetic_pairs(n, seed=0):
+    """n preference records {"prompt", "chosen", "rejected"}: the two replies share their words but the last, which
+    is from GOOD in the chosen one and from BAD in the rejected one. Learnable in a few steps; a model that has not
+    learnt it prefers each at random. Deterministic from the seed."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        body = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6)))
+        out.append({"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8))),
+                    "chosen": f"{body} {rng.choice(GOOD)}", "rejected": f"{body} {rng.choice(BAD)}"})
+    return out
+
+
 def weights(model_dir):
     """A saved model's tensors, by name."""
     return load_file(os.path.join(model_dir, "model.safetensors"))

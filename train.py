@@ -5,6 +5,7 @@
     python train.py --resume=True                          # continue the run in OUT_DIR, with its own settings
     python train.py --model=DIR --format=chat_template --lora_r=16 --learning_rate=2e-4   # an instruct model, LoRA
     python train.py --show_example=True                    # print the first example as the model sees it; exit
+    python train.py --objective=dpo --beta=0.1             # preference pairs (prepare_data.py --objective=dpo): DPO
 
 Reads TRAIN_FILE and VAL_FILE (written by prepare_data.py). Writes to OUT_DIR: best/ and final/ (Hugging Face model
 directories: AutoModelForCausalLM.from_pretrained(dir) loads them), checkpoints/step-NNNNNNNN/ (the model plus
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 import checkpoints
 import trackers
 from cli import UserError, load_config, no_such, progress, quiet_libraries, run
-from dialogues import format_dialogue, iter_dialogues
+from dialogues import OBJECTIVES, format_dialogue, iter_dialogues, iter_pairs
 from render import Rendering, run_speakers, speaker_template
 
 
@@ -83,6 +84,13 @@ def check_config(cfg):
          "FSDP=True computes in bf16 or fp32: fp16 needs a loss scaler that sharded gradients do not have (use "
          "--precision=bf16)"),
         (not (cfg.FSDP and cfg.COMPILE), "COMPILE=True with FSDP=True is not supported yet: use one or the other"),
+        (cfg.OBJECTIVE in OBJECTIVES, f"OBJECTIVE must be one of {', '.join(map(repr, OBJECTIVES))}, got "
+                                      f"{cfg.OBJECTIVE!r}"),
+        (isinstance(cfg.BETA, (int, float)) and cfg.BETA > 0, f"BETA must be a number > 0, got {cfg.BETA!r}"),
+        (isinstance(cfg.SIMPO_GAMMA, (int, float)) and cfg.SIMPO_GAMMA >= 0,
+         f"SIMPO_GAMMA must be a number >= 0, got {cfg.SIMPO_GAMMA!r}"),
+        (cfg.OBJECTIVE == "sft" or cfg.TRAIN_SPEAKERS is None,
+         f"TRAIN_SPEAKERS is for OBJECTIVE='sft': with {cfg.OBJECTIVE!r} the replies of each pair are what is scored"),
     ]
     for ok, message in checks:
         if not ok:
@@ -107,33 +115,57 @@ def prepare_tokenizer(tokenizer, rendering, name, speakers):
 
 
 def show_example(cfg):
-    """--show_example=True: the first training dialogue as the model sees it, with what is trained marked."""
+    """--show_example=True: the first training dialogue (or preference pair) as the model sees it, with what is
+    trained (scored) marked."""
     import modeling
     from render import context_token, render_any, with_system
-    first = next(iter_dialogues(cfg.TRAIN_FILE), None)
+    first = next(training_texts(cfg), None)
     if first is None:
         raise UserError(f"{cfg.TRAIN_FILE} holds no dialogues: run prepare_data.py first")
     if cfg.MODEL == "scratch":
-        tokenizer = modeling.scratch_tokenizer(cfg, (format_dialogue(d) for d in iter_dialogues(cfg.TRAIN_FILE)))
+        tokenizer = modeling.scratch_tokenizer(cfg, training_texts(cfg))
     else:
         tokenizer = modeling.load_tokenizer(cfg.MODEL)
-    roles_of = prepare_tokenizer(tokenizer, Rendering.of(cfg), cfg.MODEL, run_speakers(cfg))
-    first = with_system(first, cfg.SYSTEM_PROMPT)
+    rendering = Rendering.of(cfg)
+    roles_of = prepare_tokenizer(tokenizer, rendering, cfg.MODEL, run_speakers(cfg))
+    if cfg.OBJECTIVE != "sft":
+        import preference
+        pair = next(iter_pairs(cfg.TRAIN_FILE))
+        print(f"the first preference pair of {cfg.TRAIN_FILE}, FORMAT={cfg.FORMAT!r}, as the model sees it (scored "
+              f"tokens between \u27e6 and \u27e7):")
+        for name, (ids, mask) in zip(("chosen", "rejected"), preference.render_pair(tokenizer, [pair], rendering)):
+            print(f"\n{name}:\n{marked(tokenizer, ids, mask)}\n\n{len(ids)} tokens, {sum(mask)} scored"
+                  f"{'; longer than BLOCK_SIZE, so its prompt is cut' if len(ids) - 1 > cfg.BLOCK_SIZE else ''}")
+        return
+    first = with_system(next(iter_dialogues(cfg.TRAIN_FILE)), cfg.SYSTEM_PROMPT)
     turns = render_any(tokenizer, [first], cfg.TRAIN_SPEAKERS, roles_of, cfg.TRAIN_FILE)[0]
     start = context_token(tokenizer, roles_of)  # a chat template's own first token is the context: nothing before it
     ids = [start] * (start is not None) + [t for tid, _ in turns for t in tid]
     mask = [0] * (start is not None) + [m for _, tm in turns for m in tm]  # is ids[j] a target (the context never)
+    print(f"the first training example of {cfg.TRAIN_FILE}, FORMAT={cfg.FORMAT!r}, as the model sees it "
+          f"(trained tokens between \u27e6 and \u27e7):\n")
+    print(marked(tokenizer, ids, mask))
+    cut = f"; longer than BLOCK_SIZE={cfg.BLOCK_SIZE}, so trained in windows" if len(ids) - 1 > cfg.BLOCK_SIZE else ""
+    print(f"\n{len(ids)} tokens, {sum(mask)} trained ({sum(mask) / len(ids):.0%}){cut}")
+
+
+def marked(tokenizer, ids, mask):
+    """Rendered tokens as text, the trained ones between \u27e6 and \u27e7."""
     runs, j = [], 0
     while j < len(ids):  # decode runs of equal mask: a character can span tokens
         k = next((k for k in range(j, len(ids)) if mask[k] != mask[j]), len(ids))
         text = tokenizer.decode(ids[j:k], skip_special_tokens=False)
         runs.append(f"\u27e6{text}\u27e7" if mask[j] else text)
         j = k
-    print(f"the first training example of {cfg.TRAIN_FILE}, FORMAT={cfg.FORMAT!r}, as the model sees it "
-          f"(trained tokens between \u27e6 and \u27e7):\n")
-    print("".join(runs))
-    cut = f"; longer than BLOCK_SIZE={cfg.BLOCK_SIZE}, so trained in windows" if len(ids) - 1 > cfg.BLOCK_SIZE else ""
-    print(f"\n{len(ids)} tokens, {sum(mask)} trained ({sum(mask) / len(ids):.0%}){cut}")
+    return "".join(runs)
+
+
+def training_texts(cfg):
+    """TRAIN_FILE's dialogues as text (a scratch model's tokenizer learns from them): with a preference OBJECTIVE,
+    each pair's prompt with either reply."""
+    if cfg.OBJECTIVE == "sft":
+        return (format_dialogue(d) for d in iter_dialogues(cfg.TRAIN_FILE))
+    return (format_dialogue(prompt + reply) for prompt, *replies in iter_pairs(cfg.TRAIN_FILE) for reply in replies)
 
 
 def open_model(cfg, resume_from, layout):
@@ -157,7 +189,7 @@ def open_model(cfg, resume_from, layout):
     if resume_from:
         tokenizer, model = load(resume_from)
     elif cfg.MODEL == "scratch":
-        texts = (format_dialogue(d) for d in iter_dialogues(cfg.TRAIN_FILE))
+        texts = training_texts(cfg)
         if layout.size > 1:  # one tokenizer for all ranks: rank 0 trains it, the others load it
             shared = os.path.join(cfg.OUT_DIR, ".tmp-scratch-tokenizer")
             if layout.master:
@@ -205,17 +237,17 @@ class RunState:
                 "best_step": self.best_step, "epoch_stats": [self.tokens, self.real, self.positions],
                 "recent": self.recent, "stale": self.stale}
 
-    def advance(self, blocks, positions, loss, n_targets, seconds):
-        """One step taken on `blocks`: the position in the data moves on, and the figures add up."""
-        from batching import count
-        self.step, self.offset = self.step + 1, self.offset + len(blocks)
-        self.tokens, self.real, self.positions = self.tokens + n_targets, self.real + count(blocks)[1], \
-            self.positions + positions
-        self.recent.append((loss, n_targets, seconds))
+    def advance(self, consumed, real, positions, loss, n_targets, seconds, figures=None):
+        """One step taken on `consumed` blocks (or pairs) holding `real` input positions: the position in the data
+        moves on, and the figures add up. `n_targets`: trained tokens (or pairs); `figures`: a preference
+        objective's (step.forward_backward_pairs)."""
+        self.step, self.offset = self.step + 1, self.offset + consumed
+        self.tokens, self.real, self.positions = self.tokens + n_targets, self.real + real, self.positions + positions
+        self.recent.append((loss, n_targets, seconds) + ((figures,) if figures else ()))
         self.trained, self.train_time = self.trained + n_targets, self.train_time + seconds
 
-    def epoch_line(self, train_tokens, ended=True):
-        return (f"epoch {self.epoch + 1}{'' if ended else ' (the run ends inside it)'}: {self.tokens:,} tokens trained "
+    def epoch_line(self, train_tokens, ended=True, unit="tokens"):
+        return (f"epoch {self.epoch + 1}{'' if ended else ' (the run ends inside it)'}: {self.tokens:,} {unit} trained "
                 f"({self.tokens / max(train_tokens, 1):.0%} of the train set), padding "
                 f"{1 - self.real / max(self.positions, 1):.1%} of {self.positions:,} positions")
 
@@ -229,6 +261,8 @@ class Data:
     split: bool  # each piece a row of its own: the model's attention cannot keep packed pieces apart (masks.py)
     sha256: str  # TRAIN_FILE's: a resume must find the same file
     seconds: float  # what loading them took at start-up
+    reference: dict = None  # a preference OBJECTIVE's: the reference's log-probabilities of "train" and "val" pairs
+    reference_key: str = None  # ... and what they are kept under (preference.reference_key)
 
 
 class Interrupt:
@@ -320,6 +354,14 @@ def build(run, layout, say, given=()):
         raise UserError(f"BLOCK_SIZE={cfg.BLOCK_SIZE} is beyond the model's context of "
                         f"{modeling.context_size(model)} tokens")
     loss.use_chunk(cfg.LOSS_CHUNK)
+    reference = None
+    if cfg.OBJECTIVE == "dpo":  # what names the reference: the weights as they start (rank 0 has them under FSDP)
+        import preference
+        if run.state is not None and not run.state.get("reference_key"):
+            raise UserError(f"{run.resume_from} records no reference log-probabilities, so it is not a DPO run's "
+                            f"checkpoint; resume it with its own OBJECTIVE")
+        reference = ("key", run.state["reference_key"]) if run.state is not None else (
+            "weights", layout.world.gather(preference.weights_key(model) if layout.master else None)[0])
     if note := layout.wrap(model.train(), cfg):
         say(note)
     if note := layout.preflight(cfg):  # a step that cannot fit stops here
@@ -328,7 +370,7 @@ def build(run, layout, say, given=()):
     if layout.master:
         n_params, n_trained = modeling.parameters(model)
         checkpoints.check_space(cfg.OUT_DIR, n_trained, n_params, cfg.KEEP_CHECKPOINTS)
-    return tokenizer, load_data(cfg, tokenizer, rendering, train_sha, layout, say)
+    return tokenizer, load_data(cfg, tokenizer, rendering, train_sha, layout, say, reference)
 
 
 def optimization(layout, cfg):
@@ -344,7 +386,7 @@ def optimization(layout, cfg):
 def check_data(cfg):
     """Before the model and the cache: a typo must not cost a tokenizing pass."""
     for path in (cfg.TRAIN_FILE, cfg.VAL_FILE):
-        if next(iter_dialogues(path), None) is None:
+        if next(iter_dialogues(path) if cfg.OBJECTIVE == "sft" else iter_pairs(path), None) is None:
             raise UserError(f"{path} holds no dialogues: run prepare_data.py first")
     if cfg.TRAIN_SPEAKERS is not None:
         unknown = set(cfg.TRAIN_SPEAKERS)
@@ -356,7 +398,7 @@ def check_data(cfg):
             raise UserError(f"TRAIN_SPEAKERS {sorted(unknown)} never speak in {cfg.TRAIN_FILE}")
 
 
-def load_data(cfg, tokenizer, rendering, train_sha, layout, say):
+def load_data(cfg, tokenizer, rendering, train_sha, layout, say, reference=None):
     """The token cache: tokenized once (rank 0 builds it, the others wait), memory-mapped by every later start; the
     validation batches, with each packed piece kept apart as the model allows (masks.py)."""
     t0 = time.time()
@@ -371,6 +413,8 @@ def load_data(cfg, tokenizer, rendering, train_sha, layout, say):
                                say, build)
         return train_tok, val_tok, cache.blocks(train_tok, cfg.BLOCK_SIZE, say, build)
 
+    if cfg.OBJECTIVE != "sft":
+        return load_pairs(cfg, tokenizer, rendering, train_sha, layout, say, reference, t0)
     if layout.master:
         train_tok, val_tok, train_blocks = cached(build=True)
     layout.world.barrier()  # the other ranks map what rank 0 built or checked
@@ -384,6 +428,37 @@ def load_data(cfg, tokenizer, rendering, train_sha, layout, say):
     # any pad id will do: padded positions are never targets and never attended to
     val = eval_batches(val_blocks, cfg.BATCH_SIZE, tokenizer.eos_token_id, cfg.BLOCK_SIZE, split)
     return Data(train_tok, train_blocks, val_tok, val, split, train_sha, time.time() - t0)
+
+
+def load_pairs(cfg, tokenizer, rendering, train_sha, layout, say, reference, t0):
+    """A preference OBJECTIVE's data: the pairs of TRAIN_FILE and VAL_FILE rendered (VAL_MAX_TOKENS caps the
+    validation pairs as it caps dialogues), and for DPO the reference's log-probabilities of every pair. `reference`:
+    ("weights", a digest of the starting weights) for a new run, which computes them (or finds them in CACHE_DIR);
+    ("key", the key its checkpoint recorded) for a resumed run, which only reads them."""
+    import numpy as np
+
+    import masks
+    import preference
+    train = preference.load_pairs(cfg.TRAIN_FILE, tokenizer, rendering, cfg.BLOCK_SIZE)
+    val = preference.load_pairs(cfg.VAL_FILE, tokenizer, rendering, cfg.BLOCK_SIZE)
+    if cfg.VAL_MAX_TOKENS:
+        ends = np.cumsum([len(val.sequences[2 * i][0]) + len(val.sequences[2 * i + 1][0]) for i in range(len(val))])
+        val.sequences = val.sequences[:2 * max(int(np.searchsorted(ends, cfg.VAL_MAX_TOKENS, side="right")), 1)]
+    split = masks.form(layout.model) is None
+    pad = tokenizer.eos_token_id
+    val_batches = preference.pair_batches(val, cfg.BATCH_SIZE, pad, cfg.BLOCK_SIZE, split)
+    data = Data(train, train, val, val_batches, split, train_sha, 0.0)
+    if preference.objective_of(cfg).needs_reference:
+        kind, key = reference
+        if kind == "weights":
+            key = preference.reference_key(key, (cfg.TRAIN_FILE, cfg.VAL_FILE), tokenizer, rendering, cfg.BLOCK_SIZE,
+                                           layout.dtype)
+        sets = {"train": (preference.pair_batches(train, cfg.BATCH_SIZE, pad, cfg.BLOCK_SIZE, split), len(train)),
+                "val": (val_batches, len(val))}
+        data.reference = preference.reference(layout, sets, key, cfg.CACHE_DIR, say, build=kind == "weights")
+        data.reference_key = key
+    data.seconds = time.time() - t0
+    return data
 
 
 def restore(run, layout, optimizer, scaler):
@@ -475,8 +550,13 @@ def log(run, **record):
 
 def log_train(run, s, lr):
     """The training loss, lr and tokens/s since the last line."""
-    log(run, step=s.step, epoch=s.epoch + 1, loss=sum(r[0] for r in s.recent) / len(s.recent), lr=lr,
-        tokens_per_s=tokens_per_s(s.recent))
+    if len(s.recent[0]) > 3:  # a preference objective's figures, means over the pairs since the last line
+        n = max(sum(r[1] for r in s.recent), 1)
+        means = {k: sum(r[3][k] * r[1] for r in s.recent) / n for k in s.recent[0][3] if k != "pairs"}
+        log(run, step=s.step, epoch=s.epoch + 1, **means, lr=lr, pairs_per_s=tokens_per_s(s.recent))
+    else:
+        log(run, step=s.step, epoch=s.epoch + 1, loss=sum(r[0] for r in s.recent) / len(s.recent), lr=lr,
+            tokens_per_s=tokens_per_s(s.recent))
     s.recent = []
 
 
@@ -484,15 +564,28 @@ def validate(run, s, layout, tokenizer, data):
     """The validation loss now, every rank scoring its share of the batches; logged, and best/ saved when it is the
     best so far. Returns (the loss, the line to print)."""
     import step
-    val_loss = step.evaluate(layout, data.val, desc="validation")
-    if layout.master:
-        log(run, step=s.step, epoch=s.epoch + 1 if s.step else 0, val_loss=val_loss, val_ppl=step.ppl(val_loss))
+    from preference import objective_of
+    objective, epoch = objective_of(run.cfg), s.epoch + 1 if s.step else 0
+    if objective is not None:
+        figures = step.evaluate_pairs(layout, data.val, len(data.val_tokens), objective,
+                                      data.reference and data.reference["val"], desc="validation")
+        val_loss = figures["loss"]
+        if layout.master:
+            log(run, step=s.step, epoch=epoch, **{f"val_{k}": v for k, v in figures.items()})
+    else:
+        val_loss = step.evaluate(layout, data.val, desc="validation")
+        if layout.master:
+            log(run, step=s.step, epoch=epoch, val_loss=val_loss, val_ppl=step.ppl(val_loss))
     best = val_loss < s.best_val and s.step > 0
     if best:
         s.best_val, s.best_step, s.stale = val_loss, s.step, 0
         layout.save_model(tokenizer, os.path.join(run.cfg.OUT_DIR, "best"))
     elif s.step > 0:
         s.stale += 1
+    if objective is not None:
+        return val_loss, (f"step {s.step}: val loss {val_loss:.4f}, reward accuracy {figures['reward_acc']:.1%}, "
+                          f"margin {figures['margin']:.3f} (chosen {figures['chosen']:.3f}, rejected "
+                          f"{figures['rejected']:.3f}){' best' * best}")
     return val_loss, f"step {s.step}: val loss {val_loss:.4f} (ppl {step.ppl(val_loss):.2f}){' best' * best}"
 
 
@@ -535,6 +628,7 @@ def train():
         return show_example(cfg)
     import hardware
     from batching import Steps
+    from preference import PairSteps, objective_of
     from step import set_lr, train_step
     run, layout = setup(cfg, given)
     cfg, master = run.cfg, layout.master
@@ -542,8 +636,12 @@ def train():
     tokenizer, data = build(run, layout, say, given)
     optimizer, scaler = optimization(layout, cfg)
     s = restore(run, layout, optimizer, scaler)
-    steps = Steps(data.train, cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS, cfg.BLOCK_SIZE, cfg.SEED,
-                  tokenizer.eos_token_id, layout.rank, layout.size, data.split)
+    objective = objective_of(cfg)
+    steps = (Steps if objective is None else PairSteps)(data.train, cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS,
+                                                        cfg.BLOCK_SIZE, cfg.SEED, tokenizer.eos_token_id,
+                                                        layout.rank, layout.size, data.split)
+    pairs = None if objective is None else (objective, data.reference and data.reference["train"])
+    unit = "tokens" if objective is None else "pairs"
     end_step = total_steps(cfg, s, steps, len(data.train))
     say(describe(cfg, layout.model, data, steps, end_step))
     if note := schedule_change(run, s, steps, len(data.train), end_step):
@@ -555,7 +653,8 @@ def train():
     if master:  # every check passed: the run's files begin here
         logged = checkpoints.begin(run, {"global_batch": steps.per_step, "torchrun_job": run.job, "run_id": run.id})
         run.trackers = trackers.Trackers(cfg, s.step, run.state is not None, logged, run.id)
-    extra = {"train_sha256": data.sha256, "global_batch": steps.per_step, "run_id": run.id}  # each checkpoint's too
+    extra = {"train_sha256": data.sha256, "global_batch": steps.per_step, "run_id": run.id,  # each checkpoint's too
+             "reference_key": data.reference_key}
 
     # -----------------------------------------------------------------------------------------------------------------
     # the loop: lr, micro-batches (forward, backward), clip, step, log; then validate and checkpoint when due. Every
@@ -572,11 +671,14 @@ def train():
             lr = set_lr(optimizer, get_lr(s.step, cfg, end_step))
             blocks, micro, positions = steps.at(s.epoch, s.offset)
             t0 = time.time()
-            loss, n, problem = train_step(layout, optimizer, scaler, micro, cfg.GRAD_CLIP)
+            loss, n, problem = train_step(layout, optimizer, scaler, micro, cfg.GRAD_CLIP, pairs)
             if problem:
                 raise stopped(run, s, problem)
-            s.advance(blocks, positions, loss, n, time.time() - t0)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s(s.recent):,.0f}")
+            figures = n if pairs else None
+            n = figures["pairs"] if pairs else n
+            s.advance(len(blocks), steps.real(blocks), positions, loss, n, time.time() - t0, figures)
+            rate = "tok_s" if pairs is None else "pairs_s"
+            bar.set_postfix(**{"loss": f"{loss:.3f}", rate: f"{tokens_per_s(s.recent):,.0f}"})
             bar.update(1)
             if master and (due(s.step, cfg.LOG_INTERVAL) or s.step == end_step):
                 log_train(run, s, lr)
@@ -589,7 +691,7 @@ def train():
                     bar.write(line)
             if end_of_epoch:
                 if master:
-                    bar.write(s.epoch_line(data.train_tokens.count_trained()))
+                    bar.write(s.epoch_line(data.train_tokens.count_trained(), unit=unit))
                 s.epoch, s.offset, s.tokens, s.real, s.positions = s.epoch + 1, 0, 0, 0, 0
             signum = stop.asked(layout.world, layout.device)
             if last or due(s.step, cfg.CHECKPOINT_INTERVAL) or signum or early_stop(cfg, s):
@@ -599,7 +701,7 @@ def train():
     if signum and s.step < end_step:  # said after the bar is closed
         raise interrupted(run, s, signum, layout)
     if s.offset > 0 and s.positions:  # a run that ends inside an epoch: its figures too
-        say(s.epoch_line(data.train_tokens.count_trained(), ended=False))
+        say(s.epoch_line(data.train_tokens.count_trained(), ended=False, unit=unit))
     if early_stop(cfg, s) and s.step < end_step:
         say(stopped_early(cfg, s, end_step))
     layout.save_model(tokenizer, os.path.join(cfg.OUT_DIR, "final"))
@@ -620,13 +722,20 @@ def describe(cfg, model, data, steps, end_step):
     from batching import IGNORE
     n_params, n_trained = modeling.parameters(model)
     lora = f"LoRA r={cfg.LORA_R} on {cfg.LORA_TARGETS or 'all linear layers'}, " if cfg.LORA_R else ""
+    model_part = (f"model: {cfg.MODEL} ({n_params / 1e6:.1f}M parameters, {lora}{n_trained / 1e6:.2f}M trained"
+                  f"{', gradient checkpointing' if cfg.GRADIENT_CHECKPOINTING else ''}); FORMAT={cfg.FORMAT}; ")
+    if cfg.OBJECTIVE != "sft":
+        train, val = data.train, data.val_tokens
+        cut = f"; {train.cut + val.cut:,} sequences cut to BLOCK_SIZE={cfg.BLOCK_SIZE}" if train.cut + val.cut else ""
+        return (f"{model_part}OBJECTIVE={cfg.OBJECTIVE} (BETA={cfg.BETA}); {len(train):,} train pairs, "
+                f"{train.scored():,} reply tokens scored; {steps.per_epoch} steps/epoch of {steps.per_step} pairs, "
+                f"{end_step} steps; validation on {len(val):,} pairs{cut}")
     notes = data.train_tokens.notes  # what a chat template's rendering changed (render.messages), where any
     changed = "".join([f"; {notes['merged']:,} turns merged into the message before them (same role)"] *
                       bool(notes.get("merged")) + [f"; {notes['context']:,} opening assistant turns kept as untrained "
                                                    f"context (the template wants the user first)"] *
                       bool(notes.get("context")))
-    return (f"model: {cfg.MODEL} ({n_params / 1e6:.1f}M parameters, {lora}{n_trained / 1e6:.2f}M trained"
-            f"{', gradient checkpointing' if cfg.GRADIENT_CHECKPOINTING else ''}); FORMAT={cfg.FORMAT}; "
+    return (f"{model_part}"
             f"{len(data.train_tokens):,} train dialogues -> {data.train_tokens.count_trained():,} tokens in "
             f"{len(data.train)} blocks of <= {cfg.BLOCK_SIZE}; {steps.per_epoch} steps/epoch of {steps.per_step} "
             f"blocks, {end_step} steps; validation on {len(data.val_tokens):,} dialogues, "
@@ -640,9 +749,11 @@ def summary(cfg, model, s, start_step, seconds, first_val):
     n_params, n_trained = modeling.parameters(model)
     trained, train_time = s.trained, s.train_time
     start_val = f"{first_val:.4f} -> " if first_val is not None else ""
-    return (f"trained steps {start_step}->{s.step} in {seconds:.0f}s: {trained:,} tokens at "
-            f"{trained / max(train_time, 1e-9):,.0f} tok/s; val loss {start_val}best {s.best_val:.4f} "
-            f"(ppl {ppl(s.best_val):.2f}) at step {s.best_step}; {n_trained:,} of {n_params:,} parameters "
+    unit, rate = ("tokens", "tok/s") if cfg.OBJECTIVE == "sft" else ("pairs", "pairs/s")
+    return (f"trained steps {start_step}->{s.step} in {seconds:.0f}s: {trained:,} {unit} at "
+            f"{trained / max(train_time, 1e-9):,.0f} {rate}; val loss {start_val}best {s.best_val:.4f} "
+            f"{f'(ppl {ppl(s.best_val):.2f}) ' * (cfg.OBJECTIVE == 'sft')}at step {s.best_step}; "
+            f"{n_trained:,} of {n_params:,} parameters "
             f"trained; models in {cfg.OUT_DIR}/best and {cfg.OUT_DIR}/final"
             f"{' (merged; the LoRA adapter in adapter/ of each)' if cfg.LORA_R else ''}")
 

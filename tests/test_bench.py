@@ -65,8 +65,8 @@ def test_bench_trains_train_pys_steps(tmp_path, monkeypatch):
     write_split(tmp_path, dialogues, dialogues[:3])
     settings = ["--device=cpu", "--block_size=16", "--batch_size=2", "--grad_accum_steps=2", "--seed=5"]
     taken, train_step = [], step.train_step
-    monkeypatch.setattr(step, "train_step", lambda layout, optimizer, scaler, micro, clip: (
-        taken.append(micro), train_step(layout, optimizer, scaler, micro, clip))[1])
+    monkeypatch.setattr(step, "train_step", lambda layout, optimizer, scaler, micro, clip, *pairs: (
+        taken.append(micro), train_step(layout, optimizer, scaler, micro, clip, *pairs))[1])
     model = save_tiny_gpt2(str(tmp_path / "tiny"))
     result = run("train.py", *settings, f"--model={model}", "--max_steps=5", "--eval_interval=0",
                  "--checkpoint_interval=0", cwd=tmp_path)
