@@ -87,7 +87,7 @@ def test_bench_trains_train_pys_steps(tmp_path, monkeypatch):
 @pytest.mark.parametrize("script, args, words", [
     ("bench.py", ["--bench_smoke=True", "--block_size=0"], "BLOCK_SIZE"),
     ("bench.py", ["--bench_shape=(2, 64, 3)"], "BENCH_SHAPE=(2, 64, 3): expected (layers, width, heads)"),
-    ("bench.py", ["--smoke"], "argument '--smoke': expected --name=value"),  # the old flags, one line each
+    ("bench.py", ["--smoke"], "unknown setting --smoke; did you mean --bench_smoke"),  # the old flags, one line each
     ("bench.py", ["--compare_hf=True"], "did you mean --bench_compare_hf"),
     ("bench_scale.py", ["--bench_scale=1,"], "did you mean --bench_scales,"),
     ("bench_scale.py", ["--bench_scales=10"], "expected a tuple like (1, 10, 100), got an int"),

@@ -618,7 +618,7 @@ def test_overrides_through_the_script(tmp_path):
     ("--val_fractoin=0.1", "--val_fraction"),
     ("--seed=1.5", "int like"),
     ("--val_fraction=abc", "float like"),
-    ("--val_fraction", "--name=value"),
+    ("--val_fraction", "--val_fraction needs a value: --val_fraction=VALUE or --val_fraction VALUE"),
     ("--val_fraction=1.5", "between 0 and 1"),
 ])
 def test_bad_overrides_through_the_script(tmp_path, arg, fragment):
