@@ -627,8 +627,6 @@ def train():
     if cfg.SHOW_EXAMPLE:
         return show_example(cfg)
     import hardware
-    from batching import Steps
-    from preference import PairSteps, objective_of
     from step import set_lr, train_step
     run, layout = setup(cfg, given)
     cfg, master = run.cfg, layout.master
@@ -636,12 +634,8 @@ def train():
     tokenizer, data = build(run, layout, say, given)
     optimizer, scaler = optimization(layout, cfg)
     s = restore(run, layout, optimizer, scaler)
-    objective = objective_of(cfg)
-    steps = (Steps if objective is None else PairSteps)(data.train, cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS,
-                                                        cfg.BLOCK_SIZE, cfg.SEED, tokenizer.eos_token_id,
-                                                        layout.rank, layout.size, data.split)
-    pairs = None if objective is None else (objective, data.reference and data.reference["train"])
-    unit = "tokens" if objective is None else "pairs"
+    steps, pairs = data_order(cfg, data, tokenizer, layout)
+    unit = "tokens" if pairs is None else "pairs"
     end_step = total_steps(cfg, s, steps, len(data.train))
     say(describe(cfg, layout.model, data, steps, end_step))
     if note := schedule_change(run, s, steps, len(data.train), end_step):
@@ -650,11 +644,7 @@ def train():
         f"peak memory so far {hardware.peak_rss_mb():,.0f} MB")
     if nothing_left(run, s, end_step, say):
         return layout.close()
-    if master:  # every check passed: the run's files begin here
-        logged = checkpoints.begin(run, {"global_batch": steps.per_step, "torchrun_job": run.job, "run_id": run.id})
-        run.trackers = trackers.Trackers(cfg, s.step, run.state is not None, logged, run.id)
-    extra = {"train_sha256": data.sha256, "global_batch": steps.per_step, "run_id": run.id,  # each checkpoint's too
-             "reference_key": data.reference_key}
+    extra = begin(run, layout, data, steps, s)  # every check passed: the run's files begin here
 
     # -----------------------------------------------------------------------------------------------------------------
     # the loop: lr, micro-batches (forward, backward), clip, step, log; then validate and checkpoint when due. Every
@@ -704,12 +694,39 @@ def train():
         say(s.epoch_line(data.train_tokens.count_trained(), ended=False, unit=unit))
     if early_stop(cfg, s) and s.step < end_step:
         say(stopped_early(cfg, s, end_step))
-    layout.save_model(tokenizer, os.path.join(cfg.OUT_DIR, "final"))
-    if master:
-        run.trackers.close()
-        shutil.rmtree(os.path.join(cfg.OUT_DIR, ".tmp-scratch-tokenizer"), ignore_errors=True)
-    layout.close()
+    finish(run, layout, tokenizer)
     say(summary(cfg, layout.model, s, start_step, time.time() - t_start, first_val))
+
+
+def data_order(cfg, data, tokenizer, layout):
+    """(the run's steps over its data, a step's preference objective with the reference's train log-probabilities, or
+    None for supervised training): blocks of dialogues (batching.Steps) or pairs (preference.PairSteps)."""
+    from batching import Steps
+    from preference import PairSteps, objective_of
+    objective = objective_of(cfg)
+    steps = (Steps if objective is None else PairSteps)(data.train, cfg.BATCH_SIZE, cfg.GRAD_ACCUM_STEPS,
+                                                        cfg.BLOCK_SIZE, cfg.SEED, tokenizer.eos_token_id,
+                                                        layout.rank, layout.size, data.split)
+    return steps, None if objective is None else (objective, data.reference and data.reference["train"])
+
+
+def begin(run, layout, data, steps, s):
+    """The run's files begin (rank 0: config.json, metrics.jsonl cut back to the checkpoint's step, the trackers);
+    returns what each checkpoint records besides the run's state."""
+    if layout.master:
+        logged = checkpoints.begin(run, {"global_batch": steps.per_step, "torchrun_job": run.job, "run_id": run.id})
+        run.trackers = trackers.Trackers(run.cfg, s.step, run.state is not None, logged, run.id)
+    return {"train_sha256": data.sha256, "global_batch": steps.per_step, "run_id": run.id,
+            "reference_key": data.reference_key}
+
+
+def finish(run, layout, tokenizer):
+    """The run's end: final/, the trackers closed, the scratch tokenizer's temp files gone, the processes' group."""
+    layout.save_model(tokenizer, os.path.join(run.cfg.OUT_DIR, "final"))
+    if layout.master:
+        run.trackers.close()
+        shutil.rmtree(os.path.join(run.cfg.OUT_DIR, ".tmp-scratch-tokenizer"), ignore_errors=True)
+    layout.close()
 
 
 def silent(*args, **kwargs):
