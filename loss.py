@@ -168,6 +168,26 @@ def chunk_logits(h, weight, bias, scale, cap):
     return z, (z / cap).square_().neg_().add_(1).mul_(scale)  # d(cap * tanh(u / cap)) / du = 1 - tanh^2
 
 
+def add_chunk_grads(g, dz, scale, dtype, hc, w, rows, grad_h, grad_w, grad_b):
+    """A chunk's share of the head's gradients, from `g` (d loss / d the chunk's fp32 transformed logits, changed in
+    place): back through the transformation (`dz`, or the scalar `scale`), then through h @ W.T + b, into h's `rows`
+    of grad_h and the fp32 sums grad_w and grad_b (each None where not needed)."""
+    if dz is not None:
+        g *= dz
+    elif scale != 1.0:
+        g *= scale
+    g = g.to(dtype)
+    if grad_h is not None:
+        grad_h[rows] = g @ w  # in grad_h's dtype
+    if grad_w is not None:
+        if dtype == torch.float32:
+            grad_w.addmm_(g.t(), hc)
+        else:
+            grad_w += (g.t() @ hc).float()
+    if grad_b is not None:
+        grad_b += g.sum(0, dtype=torch.float32)
+
+
 class FusedLoss(torch.autograd.Function):
     """Summed cross-entropy of transformed logits (h @ W.T + b) against targets, one chunk of positions at a time:
     each chunk's gradients for h, W and b are computed right after its loss, and its logits freed. backward() only
@@ -193,20 +213,7 @@ class FusedLoss(torch.autograd.Function):
                 total += (sums.log() - picked).sum()
                 g /= sums[:, None]  # the softmax: d loss / d logits ...
                 g[torch.arange(len(t), device=t.device), t] -= 1  # ... is softmax - one-hot
-                if dz is not None:
-                    g *= dz
-                elif scale != 1.0:
-                    g *= scale
-                g = g.to(dtype)
-                if need_h:
-                    grad_h[i:i + chunk] = g @ w
-                if need_w:
-                    if dtype == torch.float32:
-                        grad_w.addmm_(g.t(), hc)
-                    else:
-                        grad_w += (g.t() @ hc).float()
-                if need_b:
-                    grad_b += g.sum(0, dtype=torch.float32)
+                add_chunk_grads(g, dz, scale, dtype, hc, w, slice(i, i + chunk), grad_h, grad_w, grad_b)
                 del z, dz, g  # before the next chunk's logits are made
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = h.dtype, weight.dtype, None if bias is None else bias.dtype
@@ -261,17 +268,7 @@ class FusedLogps(torch.autograd.Function):
                 g = torch.softmax(z, 1).neg_()  # d log p(t) / d logits = one-hot - softmax
                 g[torch.arange(len(t), device=t.device), t] += 1
                 g *= grad[which[i:i + chunk]].float()[:, None]
-                if dz is not None:
-                    g *= dz
-                elif scale != 1.0:
-                    g *= scale
-                g = g.to(dtype)
-                if need_h:
-                    grad_h[i:i + chunk] = (g @ w).to(h.dtype)
-                if need_w:
-                    grad_w += (g.t() @ hc).float()
-                if need_b:
-                    grad_b += g.sum(0, dtype=torch.float32)
+                add_chunk_grads(g, dz, scale, dtype, hc, w, slice(i, i + chunk), grad_h, grad_w, grad_b)
                 del z, dz, g
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None)
