@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from batching import best_fit, collate
+from batching import Steps, best_fit, collate
 from cli import UserError, progress
 from dialogues import SYSTEM, iter_pairs
 from render import context_token, render_any, role_map, with_system
@@ -176,17 +176,14 @@ def pair_batches(pairs, batch_size, pad, block_size, split=False):
             for i in range(0, len(pairs), batch_size)]
 
 
-class PairSteps:
+class PairSteps(Steps):
     """The training pairs step by step, as batching.Steps takes blocks: each epoch in an order fixed by the seed and
     the epoch, a global batch of BATCH_SIZE x GRAD_ACCUM_STEPS x ranks pairs a step, rank r's micro-batch m the pairs
     [(m * ranks + r) * BATCH_SIZE:][:BATCH_SIZE] of it, so N ranks see what one process would."""
 
-    def __init__(self, pairs, batch_size, accum_steps, block_size, seed, pad, rank=0, ranks=1, split=False):
-        self.pairs, self.batch_size, self.block_size, self.seed, self.pad = pairs, batch_size, block_size, seed, pad
-        self.rank, self.ranks, self.split = rank, ranks, split
-        self.per_step = batch_size * accum_steps * ranks
-        self.per_epoch = -(-len(pairs) // self.per_step)
-        self.order, self.order_epoch = None, None
+    def __init__(self, pairs, *args, **kwargs):  # Steps's settings and sizes, counted in pairs
+        super().__init__(pairs, *args, **kwargs)
+        self.pairs = pairs
 
     def at(self, epoch, offset):
         """The step that starts `offset` pairs into `epoch`: (its pairs, this rank's micro-batches, the positions all
