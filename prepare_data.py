@@ -78,16 +78,17 @@ def main():
                   f"val {c['val']:,}")
     name = str(inputs[0]) if len(inputs) == 1 else f"{len(inputs)} sources"
     what = "dialogues" if cfg.OBJECTIVE == "sft" else "preference pairs"
-    print(f"read {n['read']} {what} from {name}: kept {n['kept']}, dropped {n['read'] - n['kept']} ({dropped(n)}); "
-          f"train {n['train']} / val {n['val']} {what}, {n['train turns']:,} / {n['val turns']:,} turns -> "
+    print(f"read {n['read']:,} {what} from {name}: kept {n['kept']:,}, dropped {n['read'] - n['kept']:,} "
+          f"({dropped(n)}); train {n['train']:,} / val {n['val']:,} {what}, {n['train turns']:,} / "
+          f"{n['val turns']:,} turns -> "
           f"{cfg.TRAIN_FILE}, {cfg.VAL_FILE}")
     print(found_line(found, hint=cfg.OBJECTIVE == "sft"))
 
 
 def dropped(n):
     """Why the records of some counts that were not kept were not: every one is empty, a duplicate or left out."""
-    out = f"{n['empty']} empty, {n['duplicate']} duplicate" + (f", {n['tied']} tied" if n["tied"] else "")
-    return out + (f", {n['weighted out']} left out by weight" if n["weighted out"] else "")
+    out = f"{n['empty']:,} empty, {n['duplicate']:,} duplicate" + (f", {n['tied']:,} tied" if n["tied"] else "")
+    return out + (f", {n['weighted out']:,} left out by weight" if n["weighted out"] else "")
 
 
 def write_split(cfg, inputs, ft, fv, cross=None):

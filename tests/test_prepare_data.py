@@ -92,10 +92,12 @@ def ok(result):
 
 
 def summary(result):
-    m = re.search(r"read (\d+) dialogues .*kept (\d+), dropped (\d+) \((\d+) empty, (\d+) duplicate"
-                  r"(?:, [\d,]+ left out by weight)?\); train (\d+) / val (\d+) dialogues", result.stdout)
+    n = r"(\d{1,3}(?:,\d{3})*)"  # a count as the summary writes it, thousands separated: 3,000
+    m = re.search(rf"read {n} dialogues .*kept {n}, dropped {n} \({n} empty, {n} duplicate"
+                  rf"(?:, {n} left out by weight)?\); train {n} / val {n} dialogues", result.stdout)
     assert m, result.stdout
-    return dict(zip(["read", "kept", "dropped", "empty", "duplicate", "train", "val"], map(int, m.groups())))
+    counts = [int(g.replace(",", "")) for g in m.groups()[:5] + m.groups()[6:]]
+    return dict(zip(["read", "kept", "dropped", "empty", "duplicate", "train", "val"], counts))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
